@@ -1,0 +1,1 @@
+"""The DAG and the command line."""

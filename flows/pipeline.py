@@ -1,0 +1,38 @@
+"""The FuseChat DAG: dataset → representations → alignment → training → merge → evaluation.
+
+Every stage is a task keyed by its artifact address (``fusechat_core.plan``),
+so running the flow again skips what is finished and resumes what is not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from fusechat_core.config import RunConfig
+from fusechat_core.plan import RunPlan
+from tasks._stage import result_storage_for
+from tasks.dataset import build_dataset
+
+STAGES = ("dataset",)
+
+
+@flow(name="fusechat-pipeline", flow_run_name="fusechat-{until}", validate_parameters=True)
+def fusechat_pipeline(config: dict[str, Any], until: str = "evaluate") -> dict[str, Any]:
+    cfg = RunConfig.model_validate(config)
+    plan = RunPlan(cfg)
+    storage = result_storage_for(cfg.store)
+    config = cfg.model_dump(mode="json")
+    results: dict[str, Any] = {}
+
+    def run(stage: str, task: Any, *args: Any) -> Any:
+        state = task.with_options(result_storage=storage)(*args, return_state=True)
+        ref = state.result()  # raises if the task failed
+        results[stage] = {**ref, "state": state.name}
+        return ref
+
+    run("dataset", build_dataset, config, plan.dataset, cfg.store)
+    if until == "dataset":
+        return results
+    return results

@@ -1,0 +1,311 @@
+"""One config model for a whole fusion run.
+
+Every stage reads its own section; the section (plus upstream addresses and
+the stage version) is what the stage's artifact address is derived from, so a
+field that changes a stage's output must live in that stage's section.
+
+Secrets never live here: store credentials and judge API keys come from the
+environment (see ``store.py`` and ``evaluate``), so a config file, a flow
+parameter and the Prefect database never hold one.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_STORE = "file://./fusechat-artifacts"
+
+# A hub id: "name" or "org/name", letters, digits, '-', '_', '.'.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+# Non-file references resolved by our own loaders: built-in tokenizers shipped
+# with mistral-common, and models produced by the demo stage.
+_SCHEMES = ("builtin:", "demo:")
+
+
+class ConfigError(ValueError):
+    """A bad config: ``str(err)`` is one line naming the field and the problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_model_ref(value: str, *, base_dir: Path | None) -> str:
+    """A model/tokenizer reference is a local folder, a hub id or a scheme."""
+    if value.startswith(_SCHEMES):
+        return value
+    if value.startswith("file://"):
+        value = value[len("file://"):]
+    looks_local = value.startswith(("/", "./", "../", "~")) or value in (".", "..")
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if path.is_dir():
+        return str(path.resolve())
+    if looks_local or path.exists():
+        raise ValueError("no such directory")
+    if not _HUB_ID.match(value):
+        raise ValueError("neither a local directory nor a hub id")
+    return value
+
+
+class ModelSpec(_Section):
+    """The pivot or one source model."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,39}$")
+    path: str
+    revision: str | None = None
+    tokenizer: str | None = None  # defaults to ``path``
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    chat_template: str | None = None  # a registered template name; None: the tokenizer's own
+    trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_paths(cls, data: Any, info: Any) -> Any:
+        if isinstance(data, dict):
+            base = (info.context or {}).get("base_dir") if info.context else None
+            data = dict(data)
+            for key in ("path", "tokenizer"):
+                if isinstance(data.get(key), str):
+                    try:
+                        data[key] = _check_model_ref(data[key], base_dir=base)
+                    except ValueError as exc:
+                        raise _FieldError(key, str(exc)) from None
+        return data
+
+
+class DataSourceSpec(_Section):
+    """One dataset of the mixture."""
+
+    name: str | None = None  # defaults to the path's last component
+    path: str  # hub id, or a local .json/.jsonl/.parquet file or folder
+    format: str = "auto"  # a registered loader name
+    count: int | None = Field(default=None, ge=1)  # None: all rows
+    split: str = "train"
+    subset: str | None = None
+    revision: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_path(cls, data: Any, info: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("path"), str):
+            base = (info.context or {}).get("base_dir") if info.context else None
+            value = data["path"]
+            if value.startswith(_SCHEMES):
+                return data
+            path = Path(value).expanduser()
+            if not path.is_absolute() and base is not None:
+                path = base / path
+            looks_local = value.startswith(("/", "./", "../", "~")) or Path(value).suffix in (
+                ".json", ".jsonl", ".parquet")
+            if path.exists():
+                data = {**data, "path": str(path.resolve())}
+            elif looks_local:
+                raise _FieldError("path", "no such file")
+            elif not _HUB_ID.match(value):
+                raise _FieldError("path", "neither a local file nor a hub id")
+        return data
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).stem.split("/")[-1]
+
+
+class DataConfig(_Section):
+    preset: Literal["fusechat-mixture"] | None = None
+    sources: list[DataSourceSpec] = Field(default_factory=list)
+    max_length: int = Field(default=2048, ge=16)
+    heldout_fraction: float = Field(default=0.02, ge=0.0, lt=1.0)
+    heldout_max: int | None = Field(default=1000, ge=0)
+    dedupe: bool = True
+    template_overhead: int = Field(default=8, ge=0)  # tokens a chat template adds per turn
+
+    @model_validator(mode="after")
+    def _needs_sources(self) -> "DataConfig":
+        if self.preset is None and not self.sources:
+            raise ValueError("give a preset or at least one entry in sources")
+        return self
+
+
+class RepresentConfig(_Section):
+    top_k: int = Field(default=10, ge=1, le=256)
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=2048, ge=16)
+    shards: int = Field(default=1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class AlignConfig(_Section):
+    method: Literal["auto", "offsets", "dtw"] = "auto"
+    vocab_mapping: Literal["mined", "exact"] = "mined"
+    mined_threshold: float | None = None  # max normalised edit distance; None: no limit
+
+
+class TrainConfig(_Section):
+    fusion_function: str = "mince"
+    temperature: float = Field(default=1.0, gt=0)
+    lam: float = Field(default=0.9, ge=0.0, le=1.0)  # λ of L = λ·L_CLM + (1-λ)·L_fuse
+    learning_rate: float = Field(default=5e-6, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    epochs: float = Field(default=3, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=128, ge=1)  # global batch, in sequences
+    micro_batch_size: int = Field(default=2, ge=1)
+    max_length: int = Field(default=2048, ge=16)
+    grad_clip: float = Field(default=1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
+    checkpoint_every: int = Field(default=100, ge=1)
+    clm_baseline: bool = False  # also train the λ = 1 "CLM" row of the paper
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _micro_divides(self) -> "TrainConfig":
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError("batch_size must be a multiple of micro_batch_size")
+        return self
+
+
+class MergeConfig(_Section):
+    method: str = "varm"
+    methods_extra: list[str] = Field(default_factory=list)  # further merges to compare
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    granularity: Literal["matrix", "layer", "model"] = "matrix"
+    mergekit_yaml: str | None = None  # a user's own mergekit config, used as given
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class EvaluateConfig(_Section):
+    mt_bench: bool = False
+    judge_model: str = "gpt-4"
+    judge_base_url: str = "https://api.openai.com/v1"
+    judge_api_key_env: str = "OPENAI_API_KEY"  # the variable's *name*; never the key
+    judge_concurrency: int = Field(default=4, ge=1)
+    mt_bench_data: str | None = None  # folder with question.jsonl etc.; None: FastChat's
+    max_new_tokens: int = Field(default=1024, ge=1)
+    heldout_nll: bool = True
+    models: list[str] = Field(default_factory=list)  # empty: every model of the run
+
+
+class RunnerConfig(_Section):
+    task_runner: Literal["threads", "dask"] = "threads"
+    max_workers: int = Field(default=4, ge=1)
+    dask_address: str | None = None
+    gpu_concurrency: int = Field(default=1, ge=1)
+    gpu_tag: str = "gpu"
+
+
+class RunConfig(_Section):
+    name: str = Field(default="fusechat", pattern=r"^[A-Za-z0-9][\w.\-]*$")
+    store: str = DEFAULT_STORE
+    seed: int = 42
+    pivot: ModelSpec
+    sources: list[ModelSpec] = Field(min_length=1)
+    data: DataConfig
+    represent: RepresentConfig = RepresentConfig()
+    align: AlignConfig = AlignConfig()
+    train: TrainConfig = TrainConfig()
+    merge: MergeConfig = MergeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    runner: RunnerConfig = RunnerConfig()
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        if "://" not in value:
+            value = "file://" + value
+        scheme = value.split("://", 1)[0]
+        if scheme not in ("file", "s3", "memory"):
+            raise ValueError(f"unsupported scheme {scheme!r} (use file:// or s3://)")
+        if scheme == "s3" and not value[len("s3://"):].strip("/"):
+            raise ValueError("s3 URL needs a bucket: s3://bucket/prefix")
+        if re.search(r"://[^/]*:[^/]*@", value):
+            raise ValueError("credentials do not belong in the store URL; use AWS_* variables")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "RunConfig":
+        seen = {self.pivot.name}
+        for i, src in enumerate(self.sources):
+            if src.name in seen:
+                raise _FieldError(f"sources[{i}].name", f"duplicate model name {src.name!r}")
+            seen.add(src.name)
+        return self
+
+    @property
+    def models(self) -> list[ModelSpec]:
+        return [self.pivot, *self.sources]
+
+
+class _FieldError(ValueError):
+    """Raised inside validators to name a sub-field precisely."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ""
+    for part in err["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    msg = err["msg"]
+    ctx_err = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _FieldError):
+        loc = f"{loc}.{ctx_err.field}" if loc else ctx_err.field
+        msg = ctx_err.message
+    else:
+        msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required"
+    extra = len(exc.errors()) - 1
+    more = f" (and {extra} more error{'s' if extra > 1 else ''})" if extra else ""
+    return f"{loc or 'config'}: {msg}{more}"
+
+
+def parse_config(data: Any, *, base_dir: Path | None = None) -> RunConfig:
+    """Validate a config mapping; raise ConfigError with one line on failure."""
+    if not isinstance(data, dict):
+        raise ConfigError("config: must be a mapping at the top level")
+    try:
+        return RunConfig.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def load_config(path: str | Path, *, store: str | None = None) -> RunConfig:
+    """Load a YAML run config; relative paths in it are relative to its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML") from None
+    if store is not None and isinstance(data, dict):
+        data = {**data, "store": store}
+    cfg = parse_config(data, base_dir=path.parent.resolve())
+    return _resolve_local_store(cfg, path.parent.resolve())
+
+
+def _resolve_local_store(cfg: RunConfig, base: Path) -> RunConfig:
+    """A relative file:// store is relative to the working directory, as a user expects."""
+    if cfg.store.startswith("file://"):
+        local = Path(cfg.store[len("file://"):]).expanduser()
+        if not local.is_absolute():
+            local = Path.cwd() / local
+        return cfg.model_copy(update={"store": "file://" + str(local.resolve())})
+    return cfg

@@ -1,0 +1,280 @@
+"""The dataset stage: FuseChat-Mixture from a list of sources (SPEC §1.1).
+
+load → normalise/clean → drop exact duplicates → sample ``count`` per source
+(seeded) → hold out a split → cut long conversations into blocks that fit
+``max_length`` under every model's tokenizer. Every skipped row is counted
+under a reason; the counts go into ``stats.json`` and the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from fusechat_core.config import DataConfig, DataSourceSpec
+from fusechat_core.data import loaders as _loaders  # noqa: F401  (fills LOADERS)
+from fusechat_core.data import synthetic
+from fusechat_core.data.conversation import GPT, HUMAN, LOADERS, MalformedRow, detect_format, normalise
+from fusechat_core.data.presets import PRESETS
+from fusechat_core.store import ArtifactStore, ArtifactWriter
+
+log = logging.getLogger("fusechat.data")
+
+TRAIN_FILE, HELDOUT_FILE, STATS_FILE = "train.parquet", "heldout.parquet", "stats.json"
+
+TokenCounter = Callable[[str], int]
+
+
+class DataError(ValueError):
+    """A data source that cannot be read at all (not a single bad row)."""
+
+
+@dataclass
+class SourceStats:
+    rows_read: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    duplicates: int = 0
+    sampled: int = 0
+    asked: int | None = None
+    heldout: int = 0
+    blocks: int = 0
+    split_conversations: int = 0
+    too_long: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["skipped"] = dict(sorted(self.skipped.items()))
+        d["skipped_total"] = sum(self.skipped.values())
+        return d
+
+
+def sources_of(cfg: DataConfig) -> list[DataSourceSpec]:
+    specs = [DataSourceSpec(**s) for s in PRESETS[cfg.preset]] if cfg.preset else []
+    return specs + list(cfg.sources)
+
+
+# -- reading raw rows ----------------------------------------------------------
+
+def _iter_local(path: Path) -> Iterator[dict | MalformedRow]:
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".parquet")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: no .json, .jsonl or .parquet files")
+    for f in files:
+        if f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+            continue
+        raw = f.read_text(encoding="utf-8", errors="replace")
+        stripped = raw.lstrip()
+        if f.suffix == ".json" and stripped.startswith("["):
+            try:
+                rows = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{f}: not valid JSON (line {exc.lineno})") from None
+            for row in rows:
+                yield row if isinstance(row, dict) else MalformedRow("row_not_an_object")
+            continue
+        for line in raw.splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                yield MalformedRow("invalid_json")
+                continue
+            yield row if isinstance(row, dict) else MalformedRow("row_not_an_object")
+
+
+def _iter_hub(spec: DataSourceSpec) -> Iterator[dict]:
+    import datasets
+
+    ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split, revision=spec.revision)
+    yield from ds
+
+
+def iter_rows(spec: DataSourceSpec, seed: int) -> Iterator[dict | MalformedRow]:
+    if spec.path.startswith("demo:"):
+        yield from synthetic.generate(spec.path[len("demo:"):], spec.count or 1000, seed)
+    elif Path(spec.path).exists():
+        yield from _iter_local(Path(spec.path))
+    else:
+        yield from _iter_hub(spec)
+
+
+def conversation_key(conv: list[dict[str, str]]) -> str:
+    return hashlib.sha256(json.dumps(conv, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+
+def _seeded(seed: int, *parts: str) -> random.Random:
+    return random.Random(int(hashlib.sha256(":".join([str(seed), *parts]).encode()).hexdigest()[:16], 16))
+
+
+# -- splitting long conversations ---------------------------------------------
+
+def split_blocks(conv: list[dict[str, str]], max_length: int, count: TokenCounter,
+                 overhead: int) -> tuple[list[list[dict[str, str]]], int]:
+    """Cut a conversation at exchange boundaries into blocks of at most ``max_length`` tokens.
+
+    Returns (blocks, exchanges dropped because one alone is longer than max_length).
+    """
+    exchanges = [conv[i:i + 2] for i in range(0, len(conv), 2)]
+    blocks: list[list[dict[str, str]]] = []
+    current: list[dict[str, str]] = []
+    used = 0
+    dropped = 0
+    for ex in exchanges:
+        n = sum(count(t["value"]) + overhead for t in ex)
+        if n > max_length:
+            dropped += 1
+            if current:
+                blocks.append(current)
+            current, used = [], 0
+            continue
+        if used + n > max_length and current:
+            blocks.append(current)
+            current, used = [], 0
+        current = current + ex
+        used += n
+    if current:
+        blocks.append(current)
+    return blocks, dropped
+
+
+def token_counter(tokenizers: Iterable[Any]) -> TokenCounter:
+    """Length under every model's tokenizer: the block must fit all of them."""
+    toks = list(tokenizers)
+
+    def count(text: str) -> int:
+        if not toks:
+            return len(text.encode()) // 3 + 1  # no tokenizer: a conservative bytes estimate
+        return max(len(t(text, add_special_tokens=False)["input_ids"]) for t in toks)
+
+    return count
+
+
+# -- the stage -----------------------------------------------------------------
+
+@dataclass
+class Mixture:
+    train: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]
+    stats: dict[str, Any]
+
+
+def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
+                  progress: Callable[[str], None] | None = None) -> Mixture:
+    seen: set[str] = set()
+    per_source: dict[str, SourceStats] = {}
+    train: list[dict[str, Any]] = []
+    heldout: list[dict[str, Any]] = []
+    for spec in sources_of(cfg):
+        label = spec.label
+        if label in per_source:
+            raise DataError(f"data.sources: two sources named {label!r}; give them distinct names")
+        st = per_source[label] = SourceStats(asked=spec.count)
+        if spec.format != "auto" and spec.format not in LOADERS:
+            raise DataError(f"data source {label}: format {spec.format!r} unknown "
+                            f"(known: auto, {', '.join(LOADERS.names())})")
+        convs: list[list[dict[str, str]]] = []
+        for row in iter_rows(spec, seed):
+            st.rows_read += 1
+            try:
+                if isinstance(row, MalformedRow):
+                    raise row
+                fmt = spec.format if spec.format != "auto" else detect_format(row)
+                conv = normalise(LOADERS.get(fmt)(row))
+            except MalformedRow as bad:
+                st.skipped[bad.reason] += 1
+                continue
+            key = conversation_key(conv)
+            if cfg.dedupe and key in seen:
+                st.duplicates += 1
+                continue
+            seen.add(key)
+            convs.append(conv)
+        st.kept = len(convs)
+        rng = _seeded(seed, "sample", label)
+        if spec.count is not None and spec.count < len(convs):
+            idx = sorted(rng.sample(range(len(convs)), spec.count))
+            convs = [convs[i] for i in idx]
+        st.sampled = len(convs)
+        n_held = int(round(len(convs) * cfg.heldout_fraction))
+        held_idx = set(_seeded(seed, "heldout", label).sample(range(len(convs)), n_held)) if n_held else set()
+        st.heldout = len(held_idx)
+        for i, conv in enumerate(convs):
+            if i in held_idx:
+                heldout.append({"id": f"{label}-{i:06d}", "source": label, "conversations": conv})
+                continue
+            blocks, dropped = split_blocks(conv, cfg.max_length, count, cfg.template_overhead)
+            st.too_long += dropped
+            st.split_conversations += len(blocks) > 1
+            for b, block in enumerate(blocks):
+                train.append({"id": f"{label}-{i:06d}-{b}", "source": label, "conversations": block})
+                st.blocks += 1
+        if progress:
+            progress(f"{label}: {st.rows_read} rows read, {st.sampled} sampled, "
+                     f"{sum(st.skipped.values())} malformed skipped")
+        for reason, n in sorted(st.skipped.items()):
+            log.warning("data source %s: skipped %d malformed rows (%s)", label, n, reason)
+        if spec.count is not None and st.kept < spec.count:
+            log.warning("data source %s: asked for %d conversations, only %d usable", label, spec.count, st.kept)
+    if cfg.heldout_max is not None and len(heldout) > cfg.heldout_max:
+        keep = set(_seeded(seed, "heldout-cap").sample(range(len(heldout)), cfg.heldout_max))
+        heldout = [h for i, h in enumerate(heldout) if i in keep]
+    # A fixed, seeded order: training reads rows in this order, so it is part of the result.
+    _seeded(seed, "shuffle").shuffle(train)
+    stats = {
+        "train": len(train),
+        "heldout": len(heldout),
+        "skipped_total": sum(sum(s.skipped.values()) for s in per_source.values()),
+        "duplicates_total": sum(s.duplicates for s in per_source.values()),
+        "sources": {k: v.as_dict() for k, v in per_source.items()},
+    }
+    if not train:
+        raise DataError("the mixture is empty after cleaning: every row was skipped (see the log)")
+    return Mixture(train, heldout, stats)
+
+
+def write_mixture(writer: ArtifactWriter, mix: Mixture) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, rows in ((TRAIN_FILE, mix.train), (HELDOUT_FILE, mix.heldout)):
+            local = Path(tmp) / name
+            _to_dataset(rows).to_parquet(str(local))
+            writer.put_file(name, local)
+    writer.write_json(STATS_FILE, mix.stats)
+
+
+def _to_dataset(rows: list[dict[str, Any]]):
+    import datasets
+
+    features = datasets.Features({
+        "id": datasets.Value("string"),
+        "source": datasets.Value("string"),
+        "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
+    })
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+def read_split(store: ArtifactStore, address: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a built dataset artifact, in their stored order."""
+    import pyarrow.parquet as pq
+
+    name = {"train": TRAIN_FILE, "heldout": HELDOUT_FILE}[split]
+    with store.open(address, name) as fh:
+        return pq.read_table(fh).to_pylist()
+
+
+__all__ = [
+    "GPT", "HUMAN", "DataError", "Mixture", "build_mixture", "read_split", "split_blocks",
+    "token_counter", "write_mixture", "sources_of",
+]

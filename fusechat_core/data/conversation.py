@@ -1,0 +1,92 @@
+"""One conversation shape for every source: ShareGPT's ``from``/``value`` turns.
+
+Loaders turn a raw row into ``[(role, text), ...]``; ``normalise`` maps role
+names, cleans, and checks that the conversation starts with the user and
+alternates. A row that cannot be used raises ``MalformedRow`` with a short
+reason, which the dataset stage counts and reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from fusechat_core.registry import Registry
+
+HUMAN, GPT = "human", "gpt"
+
+_ROLES = {
+    "human": HUMAN, "user": HUMAN, "prompter": HUMAN, "question": HUMAN,
+    "gpt": GPT, "assistant": GPT, "chatgpt": GPT, "bing": GPT, "bard": GPT, "model": GPT,
+    "system": "system",
+}
+
+Loader = Callable[[dict[str, Any]], list[tuple[str, str]]]
+LOADERS: Registry[Loader] = Registry("data loader")
+
+
+class MalformedRow(ValueError):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def field(row: dict[str, Any], *names: str) -> Any:
+    for name in names:
+        if name in row and row[name] is not None:
+            return row[name]
+    raise MalformedRow(f"missing_{names[0]}")
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise MalformedRow("non_text_value")
+    return value
+
+
+def normalise(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """Clean turns into alternating human/gpt, starting with human, ending with gpt."""
+    out: list[dict[str, str]] = []
+    for role, value in turns:
+        mapped = _ROLES.get(str(role).strip().lower())
+        if mapped is None:
+            raise MalformedRow("unknown_role")
+        if mapped == "system":
+            # System prompts are not part of the fusion data: each model's own
+            # chat template supplies its system prompt when the data is rendered.
+            continue
+        value = text(value).strip()
+        if not value:
+            raise MalformedRow("empty_turn")
+        out.append({"from": mapped, "value": value})
+    if not out:
+        raise MalformedRow("empty_conversation")
+    if out[0]["from"] != HUMAN:
+        raise MalformedRow("assistant_first")
+    for prev, cur in zip(out, out[1:]):
+        if prev["from"] == cur["from"]:
+            raise MalformedRow("non_alternating")
+    if out[-1]["from"] == HUMAN:
+        out.pop()  # an unanswered last question supervises nothing
+    if not out:
+        raise MalformedRow("no_assistant_turn")
+    return out
+
+
+def detect_format(row: dict[str, Any]) -> str:
+    """The registered loader for a row's shape (used by ``format: auto``)."""
+    keys = set(row)
+    if "conversations" in keys:
+        return "sharegpt"
+    if "messages" in keys:
+        return "openai"
+    if "conversation" in keys:
+        return "capybara"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if "text" in keys and isinstance(row.get("text"), str) and "<|im_start|>" in row["text"]:
+        return "chatml"
+    for a, b in (("prompt", "response"), ("prompt", "completion"), ("query", "response"),
+                 ("problem", "solution"), ("question", "answer")):
+        if a in keys and b in keys:
+            return "prompt_response"
+    raise MalformedRow("unknown_shape")

@@ -1,0 +1,95 @@
+"""A synthetic chat world generated from a seed: no downloads, known answers.
+
+Domains of different character, so that fusion has something to show:
+``markov`` text whose next word is genuinely uncertain (a fixed Markov chain
+with known transition probabilities), and tasks with one right answer:
+``arithmetic``, ``reverse`` (string transformation) and ``facts`` (lookups in
+a generated fact table). The *world* (chain, fact table) is fixed by
+``WORLD_SEED``; the run seed only picks which examples are drawn, so the
+held-out split and training data come from the same world.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from functools import lru_cache
+from typing import Callable, Iterator
+
+from fusechat_core.registry import Registry
+
+WORLD_SEED = 20240226
+DOMAINS: Registry[Callable[[random.Random], tuple[str, str]]] = Registry("synthetic domain")
+
+_SYLLABLES = ["ka", "lo", "mi", "ra", "ten", "su", "vi", "dor", "pa", "gen", "lu", "sha", "ko", "ber", "ni", "tal"]
+_WORDS = ["the", "river", "stone", "light", "falls", "under", "old", "bright", "wind", "carries",
+          "a", "song", "over", "quiet", "hills", "and", "morning", "rain", "returns", "slowly"]
+
+
+def _rng(seed: int, *parts: str) -> random.Random:
+    return random.Random(int(hashlib.sha256(":".join([str(seed), *parts]).encode()).hexdigest()[:16], 16))
+
+
+def _name(rng: random.Random, n: int = 2) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(n)).capitalize()
+
+
+@lru_cache(maxsize=1)
+def markov_chain() -> dict[str, list[tuple[str, float]]]:
+    """Each word's successors: 3 words with fixed, unequal probabilities."""
+    rng = _rng(WORLD_SEED, "markov")
+    chain = {}
+    for w in _WORDS:
+        nxt = rng.sample(_WORDS, 3)
+        chain[w] = list(zip(nxt, (0.6, 0.3, 0.1)))
+    return chain
+
+
+@lru_cache(maxsize=1)
+def fact_table() -> dict[str, str]:
+    """Country → capital, invented: no model knows it before training on it."""
+    rng = _rng(WORLD_SEED, "facts")
+    table: dict[str, str] = {}
+    while len(table) < 60:
+        table.setdefault(_name(rng, 3), _name(rng, 2))
+    return table
+
+
+@DOMAINS.register("markov")
+def _markov(rng: random.Random) -> tuple[str, str]:
+    chain = markov_chain()
+    word = rng.choice(_WORDS)
+    words = [word]
+    for _ in range(rng.randint(12, 24)):
+        nxt, probs = zip(*chain[words[-1]])
+        words.append(rng.choices(nxt, probs)[0])
+    return f"Continue the story: {word}", " ".join(words[1:]) + "."
+
+
+@DOMAINS.register("arithmetic")
+def _arithmetic(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    op = rng.choice("+-*")
+    val = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return f"What is {a} {op} {b}?", str(val)
+
+
+@DOMAINS.register("reverse")
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    word = _name(rng, rng.randint(2, 3)).lower()
+    return f"Reverse the word: {word}", word[::-1]
+
+
+@DOMAINS.register("facts")
+def _facts(rng: random.Random) -> tuple[str, str]:
+    country, capital = rng.choice(sorted(fact_table().items()))
+    return f"What is the capital of {country}?", capital
+
+
+def generate(domain: str, n: int, seed: int) -> Iterator[dict]:
+    """``n`` ShareGPT rows of one domain; the same (domain, n, seed) gives the same rows."""
+    make = DOMAINS.get(domain)
+    rng = _rng(seed, "sample", domain)
+    for _ in range(n):
+        q, a = make(rng)
+        yield {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}

@@ -1,0 +1,80 @@
+"""Loading tokenizers and causal LMs from a hub id, a local folder or a built-in name.
+
+``builtin:NAME`` tokenizers are real vocabularies shipped inside the
+``mistral-common`` package (no download): ``mistral-v1`` (the 32,000-token
+SentencePiece vocabulary of Mistral-7B, OpenChat-3.5 and Mixtral) and
+``mistral-v3`` (32,768). They are materialised once into a local cache folder
+and loaded with transformers like any other tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+BUILTIN_TOKENIZERS = {
+    "mistral-v1": "tokenizer.model.v1",
+    "mistral-v3": "mistral_instruct_tokenizer_240323.model.v3",
+    "tekken": "tekken_240718.json",
+}
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("FUSECHAT_CACHE", Path(tempfile.gettempdir()) / "fusechat-cache"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def builtin_tokenizer_dir(name: str) -> Path:
+    """A folder ``AutoTokenizer.from_pretrained`` loads, for a built-in vocabulary."""
+    import mistral_common
+
+    if name not in BUILTIN_TOKENIZERS:
+        raise ValueError(f"unknown built-in tokenizer {name!r} (known: {', '.join(BUILTIN_TOKENIZERS)})")
+    src = Path(mistral_common.__file__).parent / "data" / BUILTIN_TOKENIZERS[name]
+    folder = cache_dir() / "tokenizers" / name
+    marker = folder / "tokenizer_config.json"
+    if not marker.exists():
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir()))
+        if src.suffix == ".json":
+            from transformers.integrations.mistral import convert_tekken_tokenizer
+
+            convert_tekken_tokenizer(str(src)).save_pretrained(tmp)
+        else:
+            shutil.copy(src, tmp / "tokenizer.model")
+            (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process won the race; its folder is just as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_ref(ref: str) -> str:
+    """A reference transformers can load: a local folder path or a hub id."""
+    if ref.startswith("builtin:"):
+        return str(builtin_tokenizer_dir(ref[len("builtin:"):]))
+    return ref
+
+
+@lru_cache(maxsize=32)
+def _load_tokenizer(ref: str, revision: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_ref(ref), revision=revision)
+
+
+def load_tokenizer(ref: str, revision: str | None = None) -> Any:
+    """A (cached) tokenizer; treat it as read-only."""
+    return _load_tokenizer(ref, revision)
+
+
+def tokenizer_ref(spec: Any) -> tuple[str, str | None]:
+    """(reference, revision) of a ModelSpec's tokenizer."""
+    return (spec.tokenizer or spec.path), spec.revision

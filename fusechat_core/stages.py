@@ -1,0 +1,78 @@
+"""The one rule for stage addresses.
+
+A stage's address is a hash of (stage name, stage version, the stage's own
+config section, upstream addresses). Same inputs give the same address, so a
+finished stage is found and skipped; any upstream change changes every
+downstream address. Bump a stage's version in ``STAGE_VERSIONS`` when its code
+changes what it writes: that, not the source text, invalidates old artifacts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping
+
+from pydantic import BaseModel
+
+# Bumped by hand when a stage's output format or semantics change.
+STAGE_VERSIONS: dict[str, int] = {
+    "demo_models": 1,
+    "dataset": 1,
+    "represent": 1,
+    "vocab_map": 1,
+    "align": 1,
+    "train": 1,
+    "merge": 1,
+    "evaluate": 1,
+    "report": 1,
+}
+
+
+def canonical(obj: Any) -> Any:
+    """A JSON-ready, order-independent form of configs and plain values."""
+    if isinstance(obj, BaseModel):
+        return canonical(obj.model_dump(mode="json"))
+    if isinstance(obj, Mapping):
+        return {str(k): canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [canonical(v) for v in obj]
+    if isinstance(obj, float) and obj.is_integer():
+        return int(obj)  # 3 and 3.0 in YAML mean the same run
+    return obj
+
+
+def digest(obj: Any) -> str:
+    text = json.dumps(canonical(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def stage_address(
+    stage: str,
+    section: Any,
+    upstream: Mapping[str, str] | None = None,
+    *,
+    key: str | None = None,
+    version: int | None = None,
+) -> str:
+    """``<stage>/<key>-<hash>`` (or ``<stage>/<hash>``): readable and content-derived.
+
+    ``key`` names the instance (a model, a source, a merge method) and is part
+    of the hash too, so two instances never share an address.
+    """
+    if stage not in STAGE_VERSIONS and version is None:
+        raise KeyError(f"unknown stage {stage!r}")
+    payload = {
+        "stage": stage,
+        "version": STAGE_VERSIONS.get(stage) if version is None else version,
+        "key": key,
+        "config": section,
+        "upstream": dict(upstream or {}),
+    }
+    h = digest(payload)[:20]
+    return f"{stage}/{key}-{h}" if key else f"{stage}/{h}"
+
+
+def shard_address(address: str, index: int, count: int) -> str:
+    """Shards are artifacts of their own, each with its own manifest."""
+    return f"{address}/shard-{index:05d}-of-{count:05d}"

@@ -1,0 +1,1 @@
+"""One Prefect task per stage: thin wrappers over ``fusechat_core``."""

@@ -1,0 +1,69 @@
+"""What every stage task shares: the cache policy, result storage, the reference it returns.
+
+A stage task's cache key is its artifact address (SPEC §3), so a rerun in a
+new flow run finds the finished stage and Prefect reports it Cached. Prefect's
+cache record alone is not trusted: when the artifact's manifest is missing or
+fails its check, the record is dropped and the stage runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+from prefect.filesystems import RemoteFileSystem
+
+from fusechat_core.store import ArtifactStore, s3_storage_options
+
+RECORDS_PREFIX = "_prefect-records"
+
+
+def record_key(address: str) -> str:
+    return address.replace("/", "--")
+
+
+def result_storage_for(store_url: str) -> Any:
+    """Prefect result storage inside the artifact store, so the cache outlives any Prefect server."""
+    store = ArtifactStore(store_url)
+    if store.scheme == "file":
+        return Path(store.root) / RECORDS_PREFIX
+    # Only the endpoint goes into the block: credentials stay in the environment.
+    return RemoteFileSystem(basepath=f"s3://{store.root}/{RECORDS_PREFIX}", settings=s3_storage_options())
+
+
+def _drop_record(store: ArtifactStore, key: str) -> None:
+    path = f"{store.root}/{RECORDS_PREFIX}/{key}"
+    with contextlib.suppress(FileNotFoundError):
+        if store.fs.exists(path):
+            store.fs.rm(path)
+
+
+class StageAddressPolicy(CachePolicy):
+    """Cache key = the ``address`` argument of the task; valid only while the artifact is complete."""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        address = inputs["address"]
+        store = ArtifactStore(inputs["store"])
+        key = record_key(address)
+        if not store.is_complete(address):
+            _drop_record(store, key)
+        return key
+
+
+STAGE_POLICY = StageAddressPolicy()
+
+# Options every stage task shares: small JSON results, keyed by address.
+STAGE_TASK_OPTIONS: dict[str, Any] = dict(
+    cache_policy=STAGE_POLICY,
+    persist_result=True,
+    result_serializer="json",
+)
+
+
+def stage_ref(store: ArtifactStore, address: str, **extra: Any) -> dict[str, Any]:
+    """The small reference a stage task returns (never the data itself)."""
+    man = store.require(address)
+    return {"address": address, "store": store.url, "digest": man.digest, "size": man.size, **extra}
