@@ -1,0 +1,54 @@
+"""Tiny real models of the paper's three architectures, for tests and the demo.
+
+``build_tiny_model`` writes a complete Hugging Face folder (config, safetensors
+weights, tokenizer with a chat template) that every stage loads exactly as it
+would load OpenChat-3.5 or Mixtral from the hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from fusechat_core.chat import TEMPLATES
+from fusechat_core.models import load_tokenizer, resolve_ref
+
+Arch = Literal["mistral", "mixtral", "llama"]
+
+
+def tiny_config(arch: Arch, vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                kv_heads: int = 2, intermediate: int = 128, max_positions: int = 1024,
+                bos_token_id: int | None = 1, eos_token_id: int | None = 2) -> Any:
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  intermediate_size=intermediate, max_position_embeddings=max_positions,
+                  bos_token_id=bos_token_id, eos_token_id=eos_token_id, tie_word_embeddings=False)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if arch == "mixtral":
+        return MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    raise ValueError(f"unknown architecture {arch!r}")
+
+
+def build_tiny_model(arch: Arch, tokenizer: str, out_dir: str | Path, *, seed: int = 0,
+                     chat_template: str = "mistral", **shape: Any) -> Path:
+    """A randomly initialised tiny causal LM with a real tokenizer, saved to ``out_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = load_tokenizer(tokenizer)
+    cfg = tiny_config(arch, len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    # a fresh copy: the cached tokenizer is shared and must not be mutated
+    tok = AutoTokenizer.from_pretrained(resolve_ref(tokenizer))
+    tok.chat_template = TEMPLATES.get(chat_template)
+    tok.save_pretrained(out)
+    return out

@@ -1,0 +1,64 @@
+"""Test session set-up: nothing touches the user's home, nothing reaches a hub.
+
+Prefect gets its own PREFECT_HOME; tokenizers and tiny models are built once
+per session into a temporary cache.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="fusechat-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect-home")
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
+os.environ.setdefault("FUSECHAT_CACHE", str(_SESSION_TMP / "cache"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HOME"] = str(_SESSION_TMP / "hf-home")
+os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import pytest  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def session_tmp() -> Path:
+    return _SESSION_TMP
+
+
+@pytest.fixture(scope="session")
+def tiny_models(session_tmp: Path) -> dict[str, Path]:
+    """Three tiny random models of the paper's architectures, three real tokenizers.
+
+    pivot: Mistral + Mistral v1 SentencePiece (32,000); mixtral: Mixtral MoE +
+    Mistral v3 (32,768); llama: Llama + tekken byte-level BPE (131,072).
+    """
+    from fusechat_core.tiny import build_tiny_model
+
+    root = session_tmp / "tiny-models"
+    specs = {"pivot": ("mistral", "builtin:mistral-v1", 0),
+             "mixtral": ("mixtral", "builtin:mistral-v3", 1),
+             "llama": ("llama", "builtin:tekken", 2)}
+    out = {}
+    for name, (arch, tok, seed) in specs.items():
+        folder = root / name
+        if not (folder / "config.json").exists():
+            build_tiny_model(arch, tok, folder, seed=seed)
+        out[name] = folder
+    return out
+
+
+@pytest.fixture(scope="session")
+def mt_bench_dir() -> Path:
+    path = SHARED / "mt_bench"
+    if not path.is_dir():
+        pytest.fail(f"MT-Bench test data not found at {path}")
+    return path
