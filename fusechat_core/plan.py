@@ -13,6 +13,8 @@ from functools import cached_property
 from fusechat_core.config import ModelSpec, RunConfig
 from fusechat_core.stages import shard_address, stage_address
 
+CLM = "clm"  # the λ = 1 baseline target: plain fine-tuning of the pivot
+
 
 def _model_identity(spec: ModelSpec) -> dict:
     # The name is a label, not content: renaming a model must not recompute it.
@@ -24,6 +26,7 @@ class Node:
     stage: str
     key: str | None
     address: str
+    shards: int = 0  # > 0: the artifact is made of that many shard artifacts
 
     @property
     def label(self) -> str:
@@ -33,6 +36,12 @@ class Node:
 class RunPlan:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.cfg.models:
+            if m.name == name:
+                return m
+        raise KeyError(f"no model named {name!r} in this run")
 
     # -- dataset -------------------------------------------------------------
     @cached_property
@@ -45,7 +54,7 @@ class RunPlan:
         }
         return stage_address("dataset", section)
 
-    # -- representations -----------------------------------------------------
+    # -- representations (one per model, pivot included; sharded) --------------
     def represent(self, model: ModelSpec) -> str:
         section = {"model": _model_identity(model), "represent": self.cfg.represent}
         return stage_address("represent", section, {"dataset": self.dataset}, key=model.name)
@@ -53,7 +62,93 @@ class RunPlan:
     def represent_shard(self, model: ModelSpec, index: int) -> str:
         return shard_address(self.represent(model), index, self.cfg.represent.shards)
 
+    # -- alignment (one per source; sharded like the representations) ----------
+    def vocab_map(self, source: ModelSpec) -> str:
+        p = self.cfg.pivot
+        section = {
+            "pivot_tokenizer": (p.tokenizer or p.path, p.revision),
+            "source_tokenizer": (source.tokenizer or source.path, source.revision),
+            "mapping": self.cfg.align.vocab_mapping,
+            "threshold": self.cfg.align.mined_threshold,
+        }
+        return stage_address("vocab_map", section, key=source.name)
+
+    def align(self, source: ModelSpec) -> str:
+        upstream = {"pivot": self.represent(self.cfg.pivot), "source": self.represent(source),
+                    "vocab_map": self.vocab_map(source)}
+        return stage_address("align", self.cfg.align, upstream, key=source.name)
+
+    def align_shard(self, source: ModelSpec, index: int) -> str:
+        return shard_address(self.align(source), index, self.cfg.represent.shards)
+
+    # -- training (one target per source, plus the CLM baseline) ---------------
+    def target_names(self) -> list[str]:
+        names = [s.name for s in self.cfg.sources]
+        return names + [CLM] if self.cfg.train.clm_baseline else names
+
+    def train(self, target: str) -> str:
+        train = self.cfg.train.model_dump(exclude={"clm_baseline"})
+        upstream = {"dataset": self.dataset, "pivot": self.represent(self.cfg.pivot)}
+        if target == CLM:
+            train["lam"] = 1.0  # the paper's "CLM" row: same data and steps, no fusion term
+        else:
+            upstream["aligned"] = self.align(self.model(target))
+        section = {"train": train, "pivot": _model_identity(self.cfg.pivot)}
+        return stage_address("train", section, upstream, key=target)
+
+    # -- merging -----------------------------------------------------------------
+    def merge_methods(self) -> list[str]:
+        m = self.cfg.merge
+        return [m.method] + [x for x in m.methods_extra if x != m.method]
+
+    def merge(self, method: str) -> str:
+        m = self.cfg.merge
+        section = {
+            "method": method,
+            "parameters": m.parameters if method == m.method else {},
+            "granularity": m.granularity,
+            "dtype": m.dtype,
+            "mergekit_yaml": m.mergekit_yaml if method == m.method else None,
+            "pivot": _model_identity(self.cfg.pivot),
+        }
+        # The CLM baseline is a comparison row, never an input to the merge.
+        upstream = {f"target:{s.name}": self.train(s.name) for s in self.cfg.sources}
+        return stage_address("merge", section, upstream, key=method)
+
+    # -- evaluation ------------------------------------------------------------------
+    def evaluated_models(self) -> list[str]:
+        """Names of every model the run evaluates: pivot, sources, targets, merges."""
+        names = [m.name for m in self.cfg.models] + self.target_names()
+        names += [f"merge-{m}" for m in self.merge_methods()]
+        wanted = self.cfg.evaluate.models
+        return [n for n in names if not wanted or n in wanted]
+
+    def model_ref(self, name: str) -> dict:
+        """What a model *is* for evaluation: an external spec or an artifact address."""
+        if name.startswith("merge-"):
+            return {"artifact": self.merge(name[len("merge-"):])}
+        if name in self.target_names():
+            return {"artifact": self.train(name)}
+        return {"model": _model_identity(self.model(name))}
+
+    def evaluate(self, name: str) -> str:
+        upstream = {"dataset": self.dataset, **{k: str(v) for k, v in self.model_ref(name).items()}}
+        return stage_address("evaluate", self.cfg.evaluate, upstream, key=name)
+
+    def report(self) -> str:
+        upstream = {n: self.evaluate(n) for n in self.evaluated_models()}
+        return stage_address("report", {"name": self.cfg.name}, upstream)
+
+    # -- the whole DAG -------------------------------------------------------------------
     def nodes(self) -> list[Node]:
-        """The DAG's artifacts in execution order (stages that exist so far)."""
+        """Every artifact of the run, in execution order."""
+        shards = self.cfg.represent.shards
         out = [Node("dataset", None, self.dataset)]
+        out += [Node("represent", m.name, self.represent(m), shards) for m in self.cfg.models]
+        out += [Node("vocab_map", s.name, self.vocab_map(s)) for s in self.cfg.sources]
+        out += [Node("align", s.name, self.align(s), shards) for s in self.cfg.sources]
+        out += [Node("train", t, self.train(t)) for t in self.target_names()]
+        out += [Node("merge", m, self.merge(m)) for m in self.merge_methods()]
+        out += [Node("evaluate", n, self.evaluate(n)) for n in self.evaluated_models()]
+        out.append(Node("report", None, self.report()))
         return out
