@@ -48,7 +48,7 @@ def _check_model_ref(value: str, *, base_dir: Path | None) -> str:
     if path.is_dir():
         return str(path.resolve())
     if looks_local or path.exists():
-        raise ValueError("no such directory")
+        raise ValueError(f"no such directory: {value}")
     if not _HUB_ID.match(value):
         raise ValueError("neither a local directory nor a hub id")
     return value
@@ -107,7 +107,7 @@ class DataSourceSpec(_Section):
             if path.exists():
                 data = {**data, "path": str(path.resolve())}
             elif looks_local:
-                raise _FieldError("path", "no such file")
+                raise _FieldError("path", f"no such file: {value}")
             elif not _HUB_ID.match(value):
                 raise _FieldError("path", "neither a local file nor a hub id")
         return data
@@ -163,6 +163,11 @@ class TrainConfig(_Section):
     grad_clip: float = Field(default=1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
     checkpoint_every: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)  # newest complete ones kept; older deleted
+    gradient_checkpointing: bool = False  # recompute activations: what lets 7B × 2048 fit
+    # An `accelerate config` file (multi-GPU, FSDP): training then runs under
+    # `accelerate launch` in a child process; None trains in the task's process.
+    accelerate_config: str | None = None
     clm_baseline: bool = False  # also train the λ = 1 "CLM" row of the paper
     seed: int = 42
 
@@ -188,10 +193,21 @@ class EvaluateConfig(_Section):
     judge_base_url: str = "https://api.openai.com/v1"
     judge_api_key_env: str = "OPENAI_API_KEY"  # the variable's *name*; never the key
     judge_concurrency: int = Field(default=4, ge=1)
-    mt_bench_data: str | None = None  # folder with question.jsonl etc.; None: FastChat's
+    mt_bench_data: str | None = None  # folder or http(s) URL with question.jsonl etc.; None: FastChat's
     max_new_tokens: int = Field(default=1024, ge=1)
     heldout_nll: bool = True
     models: list[str] = Field(default_factory=list)  # empty: every model of the run
+    # Held-out sources whose rows have one right answer: greedy answer vs the reference turn.
+    exact_match_sources: list[str] = Field(default_factory=lambda: ["arithmetic", "reverse", "facts"])
+    exact_match_max_new_tokens: int = Field(default=64, ge=1)
+    max_length: int = Field(default=2048, ge=16)  # held-out sequences are cut to this many tokens
+    batch_size: int = Field(default=8, ge=1)  # sequences per forward pass / generate call
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0  # sampling seed for the T > 0 MT-Bench categories
+    judge_max_tokens: int = Field(default=2048, ge=1)
+    judge_timeout_s: float = Field(default=120.0, gt=0)
+    judge_max_retries: int = Field(default=6, ge=0)
+    judge_max_failures: int = Field(default=0, ge=0)  # judge requests allowed to fail before the stage fails
 
 
 class RunnerConfig(_Section):

@@ -116,6 +116,8 @@ class ArtifactStore:
             # No listing cache: another process (a worker, a rerun) may have
             # written since we last looked, and a stale listing would hide it.
             opts.setdefault("use_listings_cache", False)
+            # A fresh client: credentials are read from the environment as it is now.
+            opts.setdefault("skip_instance_cache", True)
             self.fs = fsspec.filesystem("s3", **opts)
         elif self.scheme == "memory":
             self.root = "/" + self.url[len("memory://"):].strip("/")
@@ -269,16 +271,16 @@ class ArtifactStore:
                 if self.fs.exists(self._path(address)):
                     self.fs.rm(self._path(address), recursive=True)
 
-    def invalidate(self, address: str) -> None:
+    def invalidate(self, address: str, *, what: str = "invalidate") -> None:
         """Drop only the manifest: the artifact reads as missing, files stay for inspection."""
-        with self._wrap("invalidate", address):
+        with self._wrap(what, address):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self._path(address, MANIFEST))
 
     @contextlib.contextmanager
     def writer(self, address: str, *, meta: dict[str, Any] | None = None) -> Iterator["ArtifactWriter"]:
         """Write an artifact; the manifest is committed only if the block succeeds."""
-        self.invalidate(address)
+        self.invalidate(address, what="write")
         w = ArtifactWriter(self, address, dict(meta or {}))
         yield w
         w.commit()
@@ -307,6 +309,7 @@ class ArtifactWriter:
         if rel == MANIFEST:
             raise StoreError(f"{MANIFEST} is reserved")
         self._files[rel] = FileEntry(rel, size, sha)
+        _failpoint(rel)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self.store._path(self.address, rel)
@@ -360,6 +363,17 @@ class ArtifactWriter:
                     fh.write(man.to_json().encode())
         self.manifest = man
         return man
+
+
+def _failpoint(rel: str) -> None:
+    """Preemption drill: ``FUSECHAT_KILL_AFTER_FILE=name`` SIGKILLs this process right
+    after a file of that name is written, before its artifact's manifest exists,
+    exactly as a preempted node would die: no cleanup, no exception handlers."""
+    target = os.environ.get("FUSECHAT_KILL_AFTER_FILE")
+    if target and (rel == target or rel.endswith("/" + target)):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _HashingWriter(io.RawIOBase):

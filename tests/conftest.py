@@ -62,3 +62,29 @@ def mt_bench_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"MT-Bench test data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server(session_tmp: Path):
+    """SeaweedFS serving S3 on 127.0.0.1 for the whole session; stopped at the end."""
+    from tests.s3server import SeaweedS3
+
+    server = SeaweedS3(session_tmp / "seaweedfs").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Credentials and endpoint of the test server, in the environment only (as in production)."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+def pytest_unconfigure(config):
+    # Prefect stops its ephemeral server at interpreter exit and logs it to a
+    # stream pytest has already closed; that message is not worth a traceback.
+    import logging
+
+    logging.raiseExceptions = False

@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` runs the whole pipeline on the
+# built-in demo, `make test` runs the tests. Each first creates or updates the
+# virtual environment. A torch already installed there (your CUDA build, say)
+# is kept; otherwise torch==2.13.0 is installed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fusechat-installed
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/fusechat demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) fusechat-artifacts .pytest_cache

@@ -1,0 +1,155 @@
+"""One store test suite, run against file:// and a real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+
+import pytest
+
+from fusechat_core.store import MANIFEST, ArtifactStore, StoreError
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path) -> ArtifactStore:
+    if request.param == "file":
+        return ArtifactStore(f"file://{tmp_path}/artifacts")
+    request.getfixturevalue("s3_env")
+    return ArtifactStore(f"s3://fusechat-test/{uuid.uuid4().hex}")
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_roundtrip_and_manifest_lists_sizes_and_hashes(store):
+    blobs = {"a.bin": b"\x00\x01" * 1000, "sub/b.json": b'{"x": 1}', "empty": b""}
+    with store.writer("stage/abc", meta={"k": 1}) as w:
+        for rel, data in blobs.items():
+            w.write_bytes(rel, data)
+    man = store.manifest("stage/abc")
+    assert man is not None and store.is_complete("stage/abc")
+    assert {f.path: (f.size, f.sha256) for f in man.files} == {
+        rel: (len(d), _sha(d)) for rel, d in blobs.items()}
+    assert man.meta == {"k": 1}
+    for rel, data in blobs.items():
+        assert store.read_bytes("stage/abc", rel) == data
+    # the digest changes with content and only with content
+    with store.writer("stage/abd") as w:
+        for rel, data in blobs.items():
+            w.write_bytes(rel, data)
+    assert store.manifest("stage/abd").digest == man.digest
+    with store.writer("stage/abe") as w:
+        for rel, data in blobs.items():
+            w.write_bytes(rel, data + b"!")
+    assert store.manifest("stage/abe").digest != man.digest
+
+
+def test_streamed_and_uploaded_files_are_hashed(store, tmp_path):
+    local = tmp_path / "big.bin"
+    payload = bytes(range(256)) * 40000
+    local.write_bytes(payload)
+    with store.writer("s/x") as w:
+        w.put_file("big.bin", local)
+        with w.open("stream.bin") as fh:
+            fh.write(b"abc")
+            fh.write(b"def")
+    files = {f.path: f for f in store.manifest("s/x").files}
+    assert files["big.bin"].sha256 == _sha(payload) and files["big.bin"].size == len(payload)
+    assert files["stream.bin"].sha256 == _sha(b"abcdef")
+    assert store.read_bytes("s/x", "stream.bin") == b"abcdef"
+
+
+def test_failed_write_leaves_no_manifest(store):
+    with pytest.raises(RuntimeError):
+        with store.writer("s/partial") as w:
+            w.write_bytes("one", b"1")
+            raise RuntimeError("node died")
+    assert store.manifest("s/partial") is None
+    assert not store.is_complete("s/partial")
+    with pytest.raises(StoreError, match="missing or incomplete"):
+        store.read_bytes("s/partial", "one")
+    assert "s/partial" not in store.list()
+
+
+def test_rewrite_hides_the_old_artifact_until_the_new_one_is_committed(store):
+    with store.writer("s/r") as w:
+        w.write_bytes("f", b"old")
+    with store.writer("s/r") as w:
+        assert not store.is_complete("s/r"), "a reader must not see the artifact mid-rewrite"
+        w.write_bytes("f", b"new")
+    assert store.read_bytes("s/r", "f") == b"new"
+
+
+def test_damaged_files_are_detected(store):
+    with store.writer("s/d") as w:
+        w.write_bytes("f", b"0123456789")
+        w.write_bytes("g", b"abcdef")
+    path = store._path("s/d", "f")
+    with store.fs.open(path, "wb") as fh:  # truncated
+        fh.write(b"01234")
+    assert not store.is_complete("s/d")
+    with store.fs.open(path, "wb") as fh:  # same size, other bytes: only a re-hash sees it
+        fh.write(b"9876543210")
+    assert store.is_complete("s/d")
+    assert not store.is_complete("s/d", verify=True)
+    store.fs.rm(store._path("s/d", "g"))  # missing file
+    assert not store.is_complete("s/d")
+
+
+def test_unreadable_manifest_reads_as_missing(store):
+    with store.writer("s/m") as w:
+        w.write_bytes("f", b"x")
+    with store.fs.open(store._path("s/m", MANIFEST), "wb") as fh:
+        fh.write(b'{"files": [')  # a torn write
+    assert store.manifest("s/m") is None and not store.is_complete("s/m")
+
+
+def test_list_fetch_delete(store, tmp_path):
+    for addr in ("dataset/1", "represent/p-1/shard-00000-of-00002", "represent/p-1/shard-00001-of-00002"):
+        with store.writer(addr) as w:
+            w.write_json("meta.json", {"addr": addr})
+    with pytest.raises(RuntimeError):
+        with store.writer("represent/p-2") as w:
+            w.write_bytes("x", b"x")
+            raise RuntimeError
+    assert store.list() == ["dataset/1", "represent/p-1/shard-00000-of-00002",
+                            "represent/p-1/shard-00001-of-00002"]
+    assert store.list("represent") == ["represent/p-1/shard-00000-of-00002",
+                                       "represent/p-1/shard-00001-of-00002"]
+    local = store.fetch("dataset/1", tmp_path / "fetched" if store.scheme != "file" else None)
+    assert json.loads((local / "meta.json").read_text()) == {"addr": "dataset/1"}
+    store.delete("dataset/1")
+    assert not store.is_complete("dataset/1") and store.list("dataset") == []
+
+
+def test_addresses_cannot_escape_the_root(store):
+    with pytest.raises(StoreError, match="invalid artifact address"):
+        store.manifest("../outside")
+    with pytest.raises(StoreError, match="invalid artifact address"):
+        with store.writer("ok/a") as w:
+            w.write_bytes("../../x", b"")
+
+
+def test_bad_s3_credentials_fail_with_one_line_naming_the_bucket(s3_env, monkeypatch):
+    url = f"s3://fusechat-test/{uuid.uuid4().hex}"
+    good = ArtifactStore(url)
+    with good.writer("s/keep") as w:
+        w.write_bytes("f", b"precious")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-123")
+    bad = ArtifactStore(url)
+    with pytest.raises(StoreError) as err:
+        with bad.writer("s/new") as w:
+            w.write_bytes("f", b"x")
+    msg = str(err.value)
+    assert "fusechat-test" in msg and "\n" not in msg
+    assert "not-the-secret-123" not in msg and s3_env.env()["AWS_SECRET_ACCESS_KEY"] not in msg
+    with pytest.raises(StoreError):
+        with bad.writer("s/keep") as w:  # a failed rewrite must not damage what is stored
+            w.write_bytes("f", b"clobber")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env.env()["AWS_SECRET_ACCESS_KEY"])
+    again = ArtifactStore(url)
+    assert again.manifest("s/new") is None
+    assert again.is_complete("s/keep") and again.read_bytes("s/keep", "f") == b"precious"
+
