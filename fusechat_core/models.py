@@ -78,3 +78,51 @@ def load_tokenizer(ref: str, revision: str | None = None) -> Any:
 def tokenizer_ref(spec: Any) -> tuple[str, str | None]:
     """(reference, revision) of a ModelSpec's tokenizer."""
     return (spec.tokenizer or spec.path), spec.revision
+
+
+class ModelLoadError(RuntimeError):
+    """A causal LM that cannot be loaded; the message is one line naming the model."""
+
+
+def pick_device(device: str = "auto") -> str:
+    """``cuda`` when a GPU is visible and ``auto`` is asked for, else ``cpu``; an explicit
+    ``cuda`` without a GPU is an error, not a silent week on the CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for but no CUDA device is visible")
+    return device
+
+
+def torch_dtype(dtype: str, device: str) -> Any:
+    """The dtype a model computes in: ``auto`` keeps the checkpoint's own on a GPU (bf16 for
+    7B chat models); on the CPU half precision is slow and imprecise, so float32."""
+    import torch
+
+    if dtype == "auto":
+        return "auto" if not device.startswith("cpu") else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of auto, float32, bfloat16, float16") from None
+
+
+def load_causal_lm(spec: Any, device: str = "auto", dtype: str | None = None) -> Any:
+    """A ModelSpec's causal LM (hub id or local folder, any ``AutoModelForCausalLM``
+    architecture) in eval mode on ``device``; ``dtype`` overrides ``spec.dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    if spec.path.startswith("demo:"):
+        raise ModelLoadError(f"model {spec.name!r}: {spec.path!r} is made by the demo stage; "
+                             f"run it first and point path at its folder")
+    device = pick_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_ref(spec.path), revision=spec.revision, dtype=torch_dtype(dtype or spec.dtype, device),
+            trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"model {spec.name!r}: cannot load {spec.path}: {first}") from exc
+    return model.to(device).eval()
