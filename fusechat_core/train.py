@@ -1,0 +1,401 @@
+"""Pairwise fusion training (SPEC §1.4): one target = the pivot fine-tuned with
+
+    L = λ·L_CLM + (1-λ)·L_fuse
+
+where L_fuse distils, per sequence, from the teacher the fusion function picks
+among {pivot, source j}. λ = 1 is the paper's "CLM" baseline row.
+
+Read top to bottom: config in, checkpoints and a Hugging Face model folder
+out. Nothing hides in callbacks; ``on_event`` only reports.
+
+- Devices: accelerate. One process on the CPU or one GPU by default; many GPUs
+  (DDP or FSDP) by running ``python -m fusechat_core.train`` under
+  ``accelerate launch --config_file ...`` (``TrainConfig.accelerate_config``).
+- Data order: fixed by the seed. Epoch e is a permutation drawn from
+  (seed, e); optimizer step s takes the global batch ``s`` of that order, so
+  the step number alone is the data position and a resumed run sees exactly
+  the batches an uninterrupted one would.
+- Checkpoints: model, optimizer, scheduler, RNG states (python, numpy, torch,
+  cuda) via ``Accelerator.save_state``, plus ``trainer_state.json`` (step,
+  data position, metrics so far), each an artifact of its own at
+  ``<target>/checkpoint-<step:07d>`` with its own manifest. A start resumes
+  from the newest *complete* one: a checkpoint cut short by a SIGKILL has no
+  manifest and is ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fusechat_core.config import RunConfig, TrainConfig, load_config
+from fusechat_core.fuse import FUSION_FUNCTIONS, SparseDist, clm_and_fusion_sums, teacher_dist
+from fusechat_core.fuse.batches import Batch, FusionData
+from fusechat_core.store import ArtifactStore
+
+STATE_FILE = "trainer_state.json"
+TRAINING_LOG = "fusechat_training.json"
+_CHECKPOINT = re.compile(r"/checkpoint-(\d{7})$")
+
+Event = dict[str, Any]
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or go on; the message is one line."""
+
+
+# -- schedule and data order --------------------------------------------------
+def steps_per_epoch(n_seq: int, batch_size: int) -> int:
+    return math.ceil(n_seq / batch_size)
+
+
+def total_steps(cfg: TrainConfig, n_seq: int) -> int:
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(n_seq, cfg.batch_size)))
+
+
+def epoch_order(n_seq: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of sequence indices for one epoch: a function of (seed, epoch) only."""
+    return np.random.default_rng([seed, epoch]).permutation(n_seq)
+
+
+def global_batch(n_seq: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Sequence indices of optimizer step ``step``.
+
+    The last batch of an epoch is filled from the start of the same epoch's
+    order, so every step has exactly ``batch_size`` sequences and the same
+    number of accumulation micro-steps.
+    """
+    epoch, k = divmod(step, steps_per_epoch(n_seq, batch_size))
+    order = epoch_order(n_seq, seed, epoch)
+    return [int(order[(k * batch_size + i) % n_seq]) for i in range(batch_size)]
+
+
+def micro_batches(batch: list[int], lengths: np.ndarray, micro: int, rank: int = 0,
+                  world: int = 1) -> list[list[int]]:
+    """This rank's micro-batches of a global batch.
+
+    Sorting by length first puts sequences of similar length together (less
+    padding) and, dealt round-robin, gives every rank a similar token load.
+    """
+    by_len = sorted(batch, key=lambda g: (-int(lengths[g]), g))
+    mine = by_len[rank::world]
+    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
+def resolve_mixed_precision(value: str) -> str:
+    if value != "auto":
+        return value
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"  # CPU autocast in bf16 is slower than fp32 and changes results
+
+
+# -- checkpoints in the store ---------------------------------------------------
+def checkpoint_address(target_address: str, step: int) -> str:
+    return f"{target_address}/checkpoint-{step:07d}"
+
+
+def complete_checkpoints(store: ArtifactStore, target_address: str) -> list[tuple[int, str]]:
+    """(step, address) of every complete checkpoint of a target, oldest first."""
+    found = []
+    for address in store.list(target_address):
+        m = _CHECKPOINT.search(address)
+        if m and address == checkpoint_address(target_address, int(m.group(1))):
+            found.append((int(m.group(1)), address))
+    return sorted(found)
+
+
+def _staging_dir(address: str) -> Path:
+    # The same path on every rank of a node: Accelerator.save_state writes
+    # each rank's RNG file into one folder.
+    digest = hashlib.sha256(address.encode()).hexdigest()[:16]
+    return Path(os.environ.get("FUSECHAT_CACHE", tempfile.gettempdir())) / "train-staging" / digest
+
+
+# -- loss on a micro-batch -------------------------------------------------------
+def micro_batch_sums(model: torch.nn.Module, batch: Batch, *, fusion: Any, temperature: float,
+                     use_teachers: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed CLM and fusion cross-entropies of one micro-batch (see ``clm_and_fusion_sums``)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    # the distribution of token t is the model's prediction at position t-1
+    student = logits[batch.sup_batch, batch.sup_pos - 1]
+    teachers: list[SparseDist] | None = None
+    if use_teachers:
+        teachers = [teacher_dist(ids, lps, temperature) for ids, lps in batch.teachers]
+    return clm_and_fusion_sums(student, batch.labels, teachers, batch.metric_ce, fusion)
+
+
+# -- the loop ------------------------------------------------------------------------
+def train_target(
+    cfg: TrainConfig,
+    *,
+    pivot: str | Path,
+    data: FusionData,
+    store: ArtifactStore,
+    address: str,
+    tokenizer: str | Path,
+    lam: float | None = None,
+    revision: str | None = None,
+    chat_template: str | None = None,
+    trust_remote_code: bool = False,
+    on_event: Callable[[Event], None] | None = None,
+) -> dict[str, Any]:
+    """Train one target and put it into the store at ``address``; returns its summary.
+
+    ``pivot``: the pivot model (local folder or hub id) the target starts from.
+    ``lam``: λ; defaults to ``cfg.lam`` (the CLM baseline passes 1.0).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+
+    lam = cfg.lam if lam is None else float(lam)
+    emit = on_event or (lambda event: None)
+    if store.is_complete(address):
+        return {"address": address, "skipped": True}
+
+    use_teachers = lam < 1.0
+    if use_teachers and data.n_teachers == 0:
+        raise TrainError(f"λ = {lam} < 1 needs the source's aligned shards; only the pivot's were given")
+    fusion = FUSION_FUNCTIONS.get(cfg.fusion_function) if use_teachers else None
+
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise TrainError(f"train.batch_size {cfg.batch_size} is not a multiple of micro_batch_size "
+                         f"{cfg.micro_batch_size} × {world} processes")
+    if len(data) < cfg.batch_size:
+        raise TrainError(f"train.batch_size {cfg.batch_size} exceeds the {len(data)} training sequences")
+    n_steps = total_steps(cfg, len(data))
+    per_epoch = steps_per_epoch(len(data), cfg.batch_size)
+    set_seed(cfg.seed)
+
+    model = AutoModelForCausalLM.from_pretrained(str(pivot), revision=revision, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    model.config.use_cache = False
+    if data.vocab_size is not None and data.vocab_size > model.config.vocab_size:
+        raise TrainError(f"representation vocab_size {data.vocab_size} exceeds the pivot model's "
+                         f"{model.config.vocab_size}: the shards were not made with this pivot")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tok = _target_tokenizer(tokenizer, revision, chat_template)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    # No weight decay on biases and norm weights (1-D tensors), as transformers' Trainer.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
+    warmup = math.ceil(cfg.warmup_ratio * n_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, n_steps)
+    # The scheduler is stepped by hand once per optimizer step: accelerate's
+    # wrapper would step it once per process. Registered so save_state keeps it.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    # -- resume ---------------------------------------------------------------------
+    start, history = 0, []
+    found = complete_checkpoints(store, address)
+    if found:
+        step0, ck_address = found[-1]
+        local = store.fetch(ck_address)
+        accelerator.load_state(str(local))
+        state = json.loads((Path(local) / STATE_FILE).read_text())
+        if state.get("data") != _data_fingerprint(data, cfg):
+            raise TrainError(f"checkpoint {ck_address} was made from other training data or batch settings")
+        start, history = int(state["step"]), list(state.get("history", []))
+        if start != step0:
+            raise TrainError(f"checkpoint {ck_address} holds step {start}, not {step0}")
+        emit({"event": "resume", "step": start, "checkpoint": ck_address})
+    emit({"event": "start", "step": start, "total_steps": n_steps, "steps_per_epoch": per_epoch,
+          "processes": world, "lam": lam, "fusion_function": cfg.fusion_function if use_teachers else None,
+          "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)})
+
+    # -- optimizer steps ------------------------------------------------------------
+    model.train()
+    for step in range(start, n_steps):
+        t0 = time.perf_counter()
+        batch_ids = global_batch(len(data), cfg.batch_size, cfg.seed, step)
+        # Every supervised token of the whole step weighs the same, whichever
+        # micro-batch or rank it falls in: divide sums by the step's total.
+        n_sup = int(data.n_supervised[batch_ids].sum())
+        if n_sup == 0:
+            raise TrainError(f"step {step}: no supervised token in the global batch")
+        scale = world / n_sup  # DDP averages gradients over ranks
+        sums = torch.zeros(3, dtype=torch.float64)  # clm, fusion, real tokens
+        micro = micro_batches(batch_ids, data.lengths, cfg.micro_batch_size, rank, world)
+        for i, mb in enumerate(micro):
+            batch = data.collate(mb, pad_id, teachers=use_teachers).to(accelerator.device)
+            sync = i == len(micro) - 1  # all-reduce gradients once, after the last micro-batch
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                clm, fuse = micro_batch_sums(model, batch, fusion=fusion, temperature=cfg.temperature,
+                                             use_teachers=use_teachers)
+                loss = clm if fuse is None else lam * clm + (1.0 - lam) * fuse
+                accelerator.backward(loss * scale)
+            sums += torch.tensor([clm.item(), 0.0 if fuse is None else fuse.item(), batch.n_tokens],
+                                 dtype=torch.float64)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        totals = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+        seconds = time.perf_counter() - t0
+        clm_mean, fuse_mean = float(totals[0]) / n_sup, float(totals[1]) / n_sup
+        record = {"step": step + 1, "epoch": round((step + 1) / per_epoch, 4),
+                  "loss": clm_mean if not use_teachers else lam * clm_mean + (1 - lam) * fuse_mean,
+                  "clm_loss": clm_mean, "fusion_loss": fuse_mean if use_teachers else None,
+                  "lr": lr, "grad_norm": float(grad_norm), "tokens": int(totals[2]),
+                  "supervised_tokens": n_sup, "tokens_per_s": float(totals[2]) / max(seconds, 1e-9),
+                  "seconds": seconds}
+        history.append(record)
+        emit({"event": "step", "total_steps": n_steps, **record})
+
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == n_steps:
+            state = {"step": done, "total_steps": n_steps, "data": _data_fingerprint(data, cfg),
+                     "data_position": {"epoch": done // per_epoch, "batch_in_epoch": done % per_epoch,
+                                       "sequences_seen": done * cfg.batch_size},
+                     "history": history}
+            ck_address = _save_checkpoint(accelerator, store, address, done, state, cfg.keep_checkpoints)
+            emit({"event": "checkpoint", "step": done, "address": ck_address})
+
+    # -- the target: a Hugging Face folder ---------------------------------------------
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards on the main process
+    summary: dict[str, Any] = {"address": address, "steps": n_steps, "lam": lam,
+                               "fusion_function": cfg.fusion_function if use_teachers else None,
+                               "final_loss": history[-1]["loss"] if history else None}
+    if main:
+        out = Path(tempfile.mkdtemp(prefix="fusechat-target-"))
+        try:
+            # float32: the master weights. Rounding to bf16 here would erase most
+            # of a 5e-6-lr update, and VaRM weighs exactly those deltas.
+            accelerator.unwrap_model(model).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+            tok.save_pretrained(out)
+            (out / TRAINING_LOG).write_text(json.dumps(
+                {"train_config": cfg.model_dump(mode="json"), "lam": lam, "steps": n_steps,
+                 "sequences": len(data), "history": history}, indent=1))
+            store.put_dir(address, out, meta={"stage": "train", **summary})
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    emit({"event": "done", **summary})
+    return summary
+
+
+def _data_fingerprint(data: FusionData, cfg: TrainConfig) -> dict[str, Any]:
+    """What the data position means: the same step is the same batch only for the same data and order."""
+    h = hashlib.sha256(np.ascontiguousarray(data.lengths).tobytes())
+    h.update(np.ascontiguousarray(data.n_supervised).tobytes())
+    return {"n_seq": len(data), "lengths_sha256": h.hexdigest()[:16], "seed": cfg.seed,
+            "batch_size": cfg.batch_size}
+
+
+def _save_checkpoint(accelerator: Any, store: ArtifactStore, target_address: str, step: int,
+                     state: dict[str, Any], keep: int) -> str:
+    address = checkpoint_address(target_address, step)
+    local = _staging_dir(address)
+    if accelerator.is_main_process:
+        shutil.rmtree(local, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(local))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (local / STATE_FILE).write_text(json.dumps(state, indent=1))
+        store.put_dir(address, local, meta={"stage": "train-checkpoint", "step": step})
+        shutil.rmtree(local, ignore_errors=True)
+        # Older checkpoints go only once this one is complete.
+        for _, old in complete_checkpoints(store, target_address)[:-keep]:
+            store.delete(old)
+    accelerator.wait_for_everyone()
+    return address
+
+
+def _target_tokenizer(ref: str | Path, revision: str | None, template: str | None) -> Any:
+    """A fresh copy of the pivot's tokenizer carrying the chat template the data was rendered with."""
+    from transformers import AutoTokenizer
+
+    from fusechat_core.chat import ChatFormatter
+    from fusechat_core.models import resolve_ref
+
+    tok = AutoTokenizer.from_pretrained(resolve_ref(str(ref)), revision=revision)
+    tok.chat_template = ChatFormatter(tok, template).template
+    return tok
+
+
+# -- from a run config ------------------------------------------------------------------
+def train_from_config(cfg: RunConfig, target: str, *, pivot_path: str | None = None,
+                      on_event: Callable[[Event], None] | None = None) -> dict[str, Any]:
+    """Train ``target`` (a source's name, or ``plan.CLM``) of a run, reading inputs from its store."""
+    from fusechat_core.plan import CLM, RunPlan
+
+    plan = RunPlan(cfg)
+    store = ArtifactStore(cfg.store)
+    if target not in plan.target_names() and target != CLM:
+        raise TrainError(f"no target {target!r} in this run (targets: {', '.join(plan.target_names())})")
+    lam = 1.0 if target == CLM else cfg.train.lam
+    pivot = cfg.pivot
+    ref = pivot_path or pivot.path
+    if ref.startswith("demo:"):
+        raise TrainError(f"pivot.path {pivot.path!r} is a demo model: pass the folder it was built in "
+                         "as pivot_path")
+    shards = cfg.represent.shards
+    store.require(plan.represent(pivot))
+    pivot_dirs = [store.fetch(plan.represent_shard(pivot, i)) for i in range(shards)]
+    aligned_dirs = None
+    if lam < 1.0:
+        source = plan.model(target)
+        store.require(plan.align(source))
+        aligned_dirs = [store.fetch(plan.align_shard(source, i)) for i in range(shards)]
+    data = FusionData(pivot_dirs, aligned_dirs, max_length=cfg.train.max_length)
+    return train_target(cfg.train, pivot=ref, data=data, store=store, address=plan.train(target),
+                        tokenizer=pivot.tokenizer or ref, lam=lam, revision=pivot.revision,
+                        chat_template=pivot.chat_template, trust_remote_code=pivot.trust_remote_code,
+                        on_event=on_event)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``[accelerate launch ...] python -m fusechat_core.train CONFIG --target NAME``.
+
+    Prints one JSON object per event on stdout (main process only), which the
+    Prefect task reads to report progress.
+    """
+    p = argparse.ArgumentParser(prog="python -m fusechat_core.train", description=main.__doc__.splitlines()[0])
+    p.add_argument("config", help="run config (YAML, or the JSON a task wrote)")
+    p.add_argument("--target", required=True, help="a source's name, or 'clm' for the λ = 1 baseline")
+    p.add_argument("--store", help="artifact root URL (overrides the config's)")
+    p.add_argument("--pivot-path", help="local folder of the pivot model (for demo: models)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, store=args.store)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+
+    def emit(event: Event) -> None:
+        if rank0:
+            print(json.dumps(event), flush=True)
+
+    try:
+        train_from_config(cfg, args.target, pivot_path=args.pivot_path, on_event=emit)
+    except (TrainError, ValueError) as exc:
+        print(f"fusechat.train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""The training loop on tiny real models: CLM baseline, fusion, resume after SIGKILL.
+
+Inputs are built here in the REPRESENTATION / ALIGNED contract format from
+tiny models run over synthetic chats, so these tests do not depend on the
+represent and align stages being finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fusechat_core.chat import IGNORE, ChatFormatter
+from fusechat_core.config import TrainConfig
+from fusechat_core.data import synthetic
+from fusechat_core.fuse.batches import ContractError, FusionData
+from fusechat_core.store import ArtifactStore
+from fusechat_core.tiny import build_tiny_model
+from fusechat_core.train import (complete_checkpoints, global_batch, micro_batches, train_target)
+
+REPO = Path(__file__).resolve().parents[1]
+N_ROWS, SHARDS, TOP_K, MAX_LEN = 24, 2, 8, 96
+
+
+def _rows(n: int = N_ROWS) -> list[dict]:
+    rows = list(synthetic.generate("markov", n // 2, 3)) + list(synthetic.generate("arithmetic", n - n // 2, 3))
+    return [{"id": f"r{i}", **r} for i, r in enumerate(rows)]
+
+
+@torch.no_grad()
+def _model_outputs(model_dir: Path, rows: list[dict]) -> list[dict]:
+    """Per sequence: ids, supervised positions, top-k at those positions, CE: a model's teacher forcing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    fmt = ChatFormatter(tok)
+    out = []
+    for row in rows:
+        r = fmt.encode(row["conversations"], MAX_LEN)
+        ids = torch.tensor(r.input_ids)
+        sup = torch.tensor([t for t in range(1, len(ids)) if r.labels[t] != IGNORE])
+        logp = torch.log_softmax(model(ids[None]).logits[0].float(), -1)[sup - 1]
+        top = logp.topk(TOP_K, dim=-1)
+        out.append({"ids": ids, "sup": sup, "top_ids": top.indices, "top_lp": top.values,
+                    "ce": float(-logp.gather(-1, ids[sup][:, None]).mean())})
+    return out
+
+
+def _write_shards(store: ArtifactStore, prefix: str, outs: list[dict], rows: list[dict], *, aligned: bool,
+                  vocab: int = 32000) -> list[Path]:
+    """Contract shards: contiguous row ranges [i*n//N, (i+1)*n//N), dataset order."""
+    from safetensors.torch import save
+
+    n = len(outs)
+    folders = []
+    for i in range(SHARDS):
+        part = outs[i * n // SHARDS:(i + 1) * n // SHARDS]
+        sup_off = np.cumsum([0] + [len(o["sup"]) for o in part])
+        t = {"sup_offsets": torch.tensor(sup_off, dtype=torch.int64),
+             "topk_logprobs": torch.cat([o["top_lp"] for o in part]).half(),
+             "metric_ce": torch.tensor([o["ce"] for o in part], dtype=torch.float32)}
+        if aligned:
+            t["topk_ids"] = torch.cat([o["top_ids"] for o in part]).to(torch.int32)
+            t["fallback"] = torch.zeros(int(sup_off[-1]), dtype=torch.bool)
+            name = "aligned.safetensors"
+        else:
+            t["topk_ids"] = torch.cat([o["top_ids"] for o in part]).to(torch.uint16)
+            t["input_ids"] = torch.cat([o["ids"] for o in part]).to(torch.uint16)
+            t["seq_offsets"] = torch.tensor(np.cumsum([0] + [len(o["ids"]) for o in part]), dtype=torch.int64)
+            t["sup_positions"] = torch.cat([o["sup"] for o in part]).to(torch.uint16)
+            name = "representation.safetensors"
+        address = f"{prefix}/shard-{i:05d}-of-{SHARDS:05d}"
+        meta = {"vocab_size": vocab, "top_k": TOP_K, "shard": i, "shards": SHARDS, "n_seq": len(part),
+                "row_ids": [r["id"] for r in rows[i * n // SHARDS:(i + 1) * n // SHARDS]]}
+        with store.writer(address) as w:
+            w.write_bytes(name, save(t))
+            w.write_json("meta.json", meta)
+        folders.append(store.fetch(address))
+    return folders
+
+
+@pytest.fixture(scope="module")
+def fusion_inputs(tiny_models, tmp_path_factory):
+    """Pivot representation + a source (another tiny Mistral, same tokenizer) aligned: identity alignment."""
+    root = tmp_path_factory.mktemp("fusion-inputs")
+    source_dir = build_tiny_model("mistral", "builtin:mistral-v1", root / "source", seed=11)
+    rows = _rows()
+    store = ArtifactStore(f"file://{root / 'store'}")
+    pivot_out = _model_outputs(tiny_models["pivot"], rows)
+    source_out = _model_outputs(source_dir, rows)
+    pivot_dirs = _write_shards(store, "represent/pivot-t", pivot_out, rows, aligned=False)
+    aligned_dirs = _write_shards(store, "align/source-t", source_out, rows, aligned=True)
+    return {"pivot": tiny_models["pivot"], "pivot_dirs": pivot_dirs, "aligned_dirs": aligned_dirs,
+            "pivot_out": pivot_out, "source_out": source_out, "root": root}
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(learning_rate=2e-3, batch_size=8, micro_batch_size=4, max_steps=6, warmup_ratio=0.2,
+                checkpoint_every=2, mixed_precision="no", seed=5, max_length=MAX_LEN)
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+# -- the data reader follows the contract ----------------------------------------------
+def test_fusion_data_reads_the_contract(fusion_inputs):
+    data = FusionData(fusion_inputs["pivot_dirs"], fusion_inputs["aligned_dirs"], max_length=MAX_LEN)
+    assert len(data) == N_ROWS and data.row_ids == [f"r{i}" for i in range(N_ROWS)]
+    g = [13, 2]  # one sequence from each shard
+    batch = data.collate(g, pad_id=0)
+    for b, idx in enumerate(g):
+        po, so = fusion_inputs["pivot_out"][idx], fusion_inputs["source_out"][idx]
+        n = len(po["ids"])
+        assert torch.equal(batch.input_ids[b, :n], po["ids"]) and int(batch.attention_mask[b].sum()) == n
+        rows = batch.sup_batch == b
+        assert torch.equal(batch.sup_pos[rows], po["sup"])
+        assert torch.equal(batch.labels[rows], po["ids"][po["sup"]])
+        assert torch.equal(batch.teachers[0][0][rows], po["top_ids"])
+        assert torch.equal(batch.teachers[1][0][rows], so["top_ids"])
+        assert torch.allclose(batch.metric_ce[rows], torch.tensor([po["ce"], so["ce"]]))
+
+
+def test_truncation_drops_supervised_rows_beyond_max_length(fusion_inputs):
+    cut = 30
+    data = FusionData(fusion_inputs["pivot_dirs"], max_length=cut)
+    for g, o in enumerate(fusion_inputs["pivot_out"]):
+        assert data.lengths[g] == min(len(o["ids"]), cut)
+        assert data.n_supervised[g] == int((o["sup"] < cut).sum())
+    batch = data.collate(list(range(N_ROWS)), pad_id=0)
+    assert int(batch.sup_pos.max()) < cut and len(batch.labels) == int(data.n_supervised.sum())
+
+
+def test_aligned_shards_from_other_positions_are_rejected(fusion_inputs):
+    with pytest.raises(ContractError, match="sup_offsets differ"):
+        FusionData(fusion_inputs["pivot_dirs"], fusion_inputs["aligned_dirs"][::-1])
+
+
+# -- data order -------------------------------------------------------------------------
+def test_data_order_is_a_function_of_seed_and_step():
+    n, bs = 10, 4  # 3 steps per epoch; the last one wraps to the start of the same order
+    epoch0 = [global_batch(n, bs, 1, s) for s in range(3)]
+    flat = [i for b in epoch0 for i in b]
+    assert sorted(set(flat)) == list(range(n)) and flat[10:] == flat[:2]
+    assert global_batch(n, bs, 1, 1) == epoch0[1] and global_batch(n, bs, 2, 0) != epoch0[0]
+    assert global_batch(n, bs, 1, 3) != epoch0[0]  # a new epoch reshuffles
+    lengths = np.array([5, 9, 1, 7, 3, 8, 2, 6, 4, 0])
+    ranks = [micro_batches(list(range(8)), lengths, 2, rank=r, world=2) for r in range(2)]
+    # by length 9,8,7,6,5,3,2,1 = ids 1,5,3,7,0,4,6,2, dealt round-robin
+    assert ranks[0] == [[1, 3], [0, 6]] and ranks[1] == [[5, 7], [4, 2]]
+
+
+# -- λ = 1 is plain CLM fine-tuning, exactly ------------------------------------------------
+def _reference_clm(cfg: TrainConfig, pivot: Path, data: FusionData) -> dict[str, torch.Tensor]:
+    """Plain fine-tuning written independently: the model's own labels loss, a bare torch loop."""
+    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(pivot, dtype=torch.float32)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.learning_rate, betas=cfg.adam_betas)
+    steps = cfg.max_steps
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * steps), steps)
+    model.train()
+    for step in range(steps):
+        ids = global_batch(len(data), cfg.batch_size, cfg.seed, step)
+        (mb,) = micro_batches(ids, data.lengths, cfg.micro_batch_size)  # one micro-batch per step
+        b = data.collate(mb, pad_id=0, teachers=False)
+        labels = torch.full_like(b.input_ids, -100)
+        labels[b.sup_batch, b.sup_pos] = b.input_ids[b.sup_batch, b.sup_pos]
+        loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_lambda_one_is_plain_clm_fine_tuning(fusion_inputs, tmp_path):
+    cfg = _cfg(micro_batch_size=8, max_steps=4, checkpoint_every=100)
+    data = FusionData(fusion_inputs["pivot_dirs"], max_length=MAX_LEN)  # no teacher inputs at all
+    store = ArtifactStore(f"file://{tmp_path}")
+    train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/clm-t",
+                 tokenizer=fusion_inputs["pivot"], lam=1.0)
+    ours = _weights(store.fetch("train/clm-t"))
+    ref = _reference_clm(cfg, fusion_inputs["pivot"], data)
+    start = _weights(fusion_inputs["pivot"])
+    moved = 0
+    for name, w in ref.items():
+        assert torch.equal(ours[name], w), name
+        moved += not torch.equal(w, start[name])
+    assert moved > 0.9 * len(ref)  # training did change the weights
+
+
+# -- fusion ---------------------------------------------------------------------------------
+def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs, tmp_path):
+    cfg = _cfg(max_steps=12, checkpoint_every=5, keep_checkpoints=1, warmup_ratio=0.0, lam=0.5)
+    data = FusionData(fusion_inputs["pivot_dirs"], fusion_inputs["aligned_dirs"], max_length=MAX_LEN)
+    store = ArtifactStore(f"file://{tmp_path}")
+    events = []
+    train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/src-t",
+                 tokenizer=fusion_inputs["pivot"], on_event=events.append)
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 13))
+    fuse = [e["fusion_loss"] for e in steps]
+    # 12 steps over 3 epochs: compare the same batches one and two epochs apart
+    per_epoch = 3
+    for s in range(per_epoch):
+        assert fuse[s + 2 * per_epoch] < fuse[s] - 0.5, (s, fuse)
+    assert all(e["lr"] > 0 and e["tokens_per_s"] > 0 and e["tokens"] > 0 for e in steps)
+    # the loss reported is λ·CLM + (1-λ)·fusion
+    assert all(abs(e["loss"] - (0.5 * e["clm_loss"] + 0.5 * e["fusion_loss"])) < 1e-9 for e in steps)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = store.fetch("train/src-t")
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template and len(tok) == 32000
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.model_type == "mistral"
+    # checkpoints: at 5, 10 and the end (12); only the newest is kept
+    assert [s for s, _ in complete_checkpoints(store, "train/src-t")] == [12]
+    ck = [e["step"] for e in events if e["event"] == "checkpoint"]
+    assert ck == [5, 10, 12]
+
+
+def test_unknown_fusion_function_and_missing_teachers_fail_clearly(fusion_inputs, tmp_path):
+    store = ArtifactStore(f"file://{tmp_path}")
+    pivot_only = FusionData(fusion_inputs["pivot_dirs"])
+    with pytest.raises(RuntimeError, match="aligned shards"):
+        train_target(_cfg(), pivot=fusion_inputs["pivot"], data=pivot_only, store=store, address="train/x",
+                     tokenizer=fusion_inputs["pivot"])
+    both = FusionData(fusion_inputs["pivot_dirs"], fusion_inputs["aligned_dirs"])
+    with pytest.raises(KeyError, match="unknown fusion function 'maxce'"):
+        train_target(_cfg(fusion_function="maxce"), pivot=fusion_inputs["pivot"], data=both, store=store,
+                     address="train/x", tokenizer=fusion_inputs["pivot"])
+
+
+# -- preemption: SIGKILL, resume, identical weights ----------------------------------------
+_CHILD = textwrap.dedent("""
+    import json, sys
+    from fusechat_core.config import TrainConfig
+    from fusechat_core.fuse.batches import FusionData
+    from fusechat_core.store import ArtifactStore
+    from fusechat_core.train import train_target
+    a = json.loads(sys.argv[1])
+    data = FusionData(a["pivot_dirs"], a["aligned_dirs"], max_length=a["max_length"])
+    train_target(TrainConfig(**a["cfg"]), pivot=a["pivot"], data=data, store=ArtifactStore(a["store"]),
+                 address="train/kill-t", tokenizer=a["pivot"],
+                 on_event=lambda e: print(json.dumps(e), flush=True))
+""")
+
+
+def _child(args: dict, env_extra: dict | None = None, kill_when=None) -> tuple[int, list[dict]]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    events = []
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if line.startswith("{"):
+            events.append(json.loads(line))
+            if kill_when and kill_when(events[-1]):
+                os.kill(proc.pid, signal.SIGKILL)  # a preempted node: no cleanup at all
+                break
+    rc = proc.wait()
+    if rc not in (0, -signal.SIGKILL):
+        raise AssertionError(proc.stderr.read())  # type: ignore[union-attr]
+    return rc, events
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_give_bit_identical_weights(fusion_inputs, tmp_path):
+    cfg = _cfg(max_steps=8, checkpoint_every=3, lam=0.9).model_dump(mode="json")
+    common = {"pivot_dirs": [str(p) for p in fusion_inputs["pivot_dirs"]], "max_length": MAX_LEN,
+              "aligned_dirs": [str(p) for p in fusion_inputs["aligned_dirs"]], "pivot": str(fusion_inputs["pivot"]),
+              "cfg": cfg}
+    ref_store, run_store = f"file://{tmp_path / 'ref'}", f"file://{tmp_path / 'run'}"
+    rc, _ = _child({**common, "store": ref_store})
+    assert rc == 0
+
+    run = {**common, "store": run_store}
+    # 1. killed between checkpoints: after step 4 (checkpoint 3 is complete)
+    rc, ev = _child(run, kill_when=lambda e: e["event"] == "step" and e["step"] == 4)
+    assert rc == -signal.SIGKILL
+    # 2. resumes from step 3; killed while writing checkpoint 6 (its files, no manifest)
+    rc, ev = _child(run, env_extra={"FUSECHAT_KILL_AFTER_FILE": "optimizer.bin"})
+    assert rc == -signal.SIGKILL and ev[0] == {"event": "resume", "step": 3, "checkpoint": "train/kill-t/checkpoint-0000003"}
+    store = ArtifactStore(run_store)
+    assert [s for s, _ in complete_checkpoints(store, "train/kill-t")] == [3]
+    assert (Path(store.root) / "train/kill-t/checkpoint-0000006").is_dir()  # the torn one is there, ignored
+    # 3. resumes from step 3 again and finishes
+    rc, ev = _child(run)
+    assert rc == 0 and ev[0]["event"] == "resume" and ev[0]["step"] == 3
+    assert [e["step"] for e in ev if e["event"] == "step"] == [4, 5, 6, 7, 8]
+
+    ours = (Path(store.root) / "train/kill-t/model.safetensors").read_bytes()
+    ref = (Path(ArtifactStore(ref_store).root) / "train/kill-t/model.safetensors").read_bytes()
+    assert ours == ref
+    assert _weights(Path(store.root) / "train/kill-t").keys() == _weights(fusion_inputs["pivot"]).keys()
