@@ -1,0 +1,355 @@
+"""MT-Bench grading by a judge LLM behind any OpenAI-compatible chat-completions API.
+
+Works with OpenAI itself and with a local vLLM (or any other) server: base URL,
+model name and the *name* of the environment variable holding the API key come
+from the config. The key is read from the environment when the client is made,
+sent only in the Authorization header, and scrubbed from every error message;
+it never reaches a log line or an artifact.
+
+Grading is FastChat's single-answer grading: ``single-v1`` for turn 1,
+``single-v1-multi-turn`` for turn 2, and the ``single-math-v1`` forms with the
+reference answer for math, reasoning and coding. The verdict is parsed from
+``[[rating]]``, then ``[rating]``; a verdict without a rating in 1..10 is
+counted as unparsable and left out of the means, never scored as 0. Each
+question's judgments are saved as soon as both turns are graded, so a killed
+run asks the judge only about the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Coroutine, Sequence
+
+from fusechat_core.evaluate.mt_bench import NEED_REF_CATS, MTBenchData, Question
+from fusechat_core.store import ArtifactStore
+
+log = logging.getLogger("fusechat.evaluate.judge")
+
+RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+_DOUBLE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+_SINGLE = re.compile(r"\[(\d+\.?\d*)\]")
+
+
+class JudgeError(RuntimeError):
+    """The judge could not be asked (after retries); the message never holds the key."""
+
+
+def parse_rating(text: str) -> float | None:
+    """FastChat's rule: the first ``[[x]]``, else the first ``[x]``; None unless 1 <= x <= 10."""
+    m = _DOUBLE.search(text) or _SINGLE.search(text)
+    if m is None:
+        return None
+    value = float(m.group(1))
+    return value if 1.0 <= value <= 10.0 else None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    base_url: str
+    model: str
+    api_key_env: str | None = "OPENAI_API_KEY"
+    concurrency: int = 4
+    max_tokens: int = 2048
+    temperature: float = 0.0
+    timeout_s: float = 120.0
+    max_retries: int = 6
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    retry_after_max_s: float = 600.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "JudgeSettings":
+        return cls(base_url=cfg.judge_base_url, model=cfg.judge_model, api_key_env=cfg.judge_api_key_env,
+                   concurrency=cfg.judge_concurrency, max_tokens=cfg.judge_max_tokens,
+                   timeout_s=cfg.judge_timeout_s, max_retries=cfg.judge_max_retries)
+
+
+class JudgeClient:
+    """An async chat-completions client with a concurrency limit and retries.
+
+    Use ``async with JudgeClient(settings) as client: await client.complete(messages)``.
+    """
+
+    def __init__(self, settings: JudgeSettings):
+        self.settings = settings
+        self.url = settings.base_url.rstrip("/") + "/chat/completions"
+        key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+        if settings.api_key_env and not key:
+            # A local server often needs no key; OpenAI will answer 401, reported as such.
+            log.warning("judge: environment variable %s is not set; sending no API key", settings.api_key_env)
+        self._secret = key or None
+        self._headers = {"Content-Type": "application/json"}
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._sem = asyncio.Semaphore(settings.concurrency)
+        self._client: Any = None
+        self.requests = 0
+        self.retries = 0
+
+    def __repr__(self) -> str:  # never the headers
+        return f"JudgeClient({self.url!r}, model={self.settings.model!r})"
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+    async def __aenter__(self) -> "JudgeClient":
+        import httpx
+
+        limits = httpx.Limits(max_connections=self.settings.concurrency)
+        self._client = httpx.AsyncClient(timeout=self.settings.timeout_s, limits=limits)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._client.aclose()
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** attempt)
+        return random.uniform(cap / 2, cap)
+
+    async def complete(self, messages: Sequence[dict[str, str]]) -> str:
+        """The judge's reply text; retries 429/5xx/timeouts with backoff, honouring Retry-After."""
+        import httpx
+
+        s = self.settings
+        body = {"model": s.model, "messages": list(messages), "temperature": s.temperature,
+                "max_tokens": s.max_tokens}
+        last = "no attempt"
+        for attempt in range(s.max_retries + 1):
+            wait: float | None = None
+            async with self._sem:
+                self.requests += 1
+                try:
+                    resp = await self._client.post(self.url, json=body, headers=self._headers)
+                except httpx.TransportError as exc:  # connection refused, reset, timeout
+                    last = f"{type(exc).__name__}"
+                else:
+                    if resp.status_code == 200:
+                        try:
+                            return _reply_text(resp.json())
+                        except (ValueError, KeyError, IndexError, TypeError):
+                            last = "HTTP 200 with a body that is not a chat completion"
+                    elif resp.status_code in RETRY_STATUS:
+                        last = f"HTTP {resp.status_code}"
+                        wait = _retry_after(resp.headers.get("retry-after"))
+                        if wait is not None:
+                            wait = min(wait, s.retry_after_max_s)
+                    else:
+                        raise JudgeError(self._scrub(
+                            f"judge {self.url}: HTTP {resp.status_code}: {_error_message(resp)}"))
+            if attempt == s.max_retries:
+                break
+            self.retries += 1
+            delay = wait if wait is not None else self._backoff(attempt)
+            log.info("judge: %s, retry %d/%d in %.1f s", last, attempt + 1, s.max_retries, delay)
+            await asyncio.sleep(delay)
+        raise JudgeError(self._scrub(f"judge {self.url}: {last} after {s.max_retries + 1} attempts"))
+
+
+def _reply_text(payload: dict) -> str:
+    content = payload["choices"][0]["message"]["content"]
+    if not isinstance(content, str):
+        raise TypeError("content is not text")
+    return content
+
+
+def _error_message(resp: Any) -> str:
+    try:
+        err = resp.json().get("error")
+        msg = err.get("message") if isinstance(err, dict) else err
+    except (ValueError, AttributeError):
+        msg = None
+    text = str(msg or resp.text or "").strip().replace("\n", " ")
+    return text[:200] or "(empty body)"
+
+
+# -- grading ---------------------------------------------------------------------
+
+def judge_prompt_name(category: str, turn: int) -> str:
+    name = "single-math-v1" if category in NEED_REF_CATS else "single-v1"
+    return name + ("-multi-turn" if turn == 2 else "")
+
+
+def judge_messages(data: MTBenchData, q: Question, answer_turns: Sequence[str], turn: int) -> tuple[str, list[dict]]:
+    """(prompt name, chat messages) for grading turn 1 or 2 of one answer, as FastChat builds them."""
+    name = judge_prompt_name(q.category, turn)
+    if name not in data.judge_prompts:
+        raise JudgeError(f"judge prompts file {data.sources.get('judge_prompts')}: no prompt named {name!r}")
+    prompt = data.judge_prompts[name]
+    kwargs: dict[str, str] = {}
+    if q.category in NEED_REF_CATS:
+        ref = data.references[q.question_id]
+        kwargs["ref_answer_1"] = ref[0]
+        if turn == 2:
+            kwargs["ref_answer_2"] = ref[1] if len(ref) > 1 else ""
+    if turn == 1:
+        user = prompt.prompt_template.format(question=q.turns[0], answer=answer_turns[0], **kwargs)
+    else:
+        user = prompt.prompt_template.format(question_1=q.turns[0], question_2=q.turns[1],
+                                             answer_1=answer_turns[0], answer_2=answer_turns[1], **kwargs)
+    return name, [{"role": "system", "content": prompt.system_prompt}, {"role": "user", "content": user}]
+
+
+@dataclass
+class Judgment:
+    question_id: int
+    category: str
+    turn: int
+    judge_prompt: str
+    judge_model: str
+    status: str  # "ok", "unparsable" (counted, not scored) or "failed" (no reply)
+    score: float | None = None
+    verdict: str | None = None
+    error: str | None = None
+
+
+def judgment_address(evaluate_address: str, qid: int) -> str:
+    return f"{evaluate_address}/judgment-{qid:04d}"
+
+
+def judgment_file(qid: int) -> str:
+    return f"judgment-{qid:04d}.json"
+
+
+async def _grade_question(client: JudgeClient, data: MTBenchData, q: Question, answer: dict) -> list[Judgment]:
+    turns = answer["choices"][0]["turns"]
+
+    async def one(turn: int) -> Judgment:
+        name, messages = judge_messages(data, q, turns, turn)
+        j = Judgment(q.question_id, q.category, turn, name, client.settings.model, "failed")
+        try:
+            j.verdict = await client.complete(messages)
+        except JudgeError as exc:
+            j.error = str(exc)
+            return j
+        j.score = parse_rating(j.verdict)
+        j.status = "ok" if j.score is not None else "unparsable"
+        return j
+
+    return list(await asyncio.gather(one(1), one(2)))
+
+
+def grade_answers(store: ArtifactStore, evaluate_address: str, data: MTBenchData, answers: Sequence[dict],
+                  settings: JudgeSettings, *, max_failures: int = 0,
+                  progress: Callable[[str], None] | None = None) -> list[Judgment]:
+    """Grade every answer (both turns), reusing judgments saved by an earlier attempt.
+
+    A question whose two judgments came back (scored or unparsable) is saved at
+    once; one with a failed request is not, so the next attempt asks again. More
+    than ``max_failures`` failed requests fail the call after the rest are saved.
+    """
+    return _run(_grade_all(store, evaluate_address, data, answers, settings, max_failures, progress))
+
+
+async def _grade_all(store: ArtifactStore, address: str, data: MTBenchData, answers: Sequence[dict],
+                     settings: JudgeSettings, max_failures: int,
+                     progress: Callable[[str], None] | None) -> list[Judgment]:
+    say = progress or log.info
+    found: dict[int, list[Judgment]] = {}
+    todo = []
+    for ans in answers:
+        qid = ans["question_id"]
+        addr = judgment_address(address, qid)
+        if store.is_complete(addr):
+            found[qid] = [Judgment(**r) for r in store.read_json(addr, judgment_file(qid))]
+        else:
+            todo.append(ans)
+    if found:
+        say(f"judge: {len(found)} questions already graded, {len(todo)} to grade")
+
+    async with JudgeClient(settings) as client:
+        async def grade(ans: dict) -> None:
+            q = data.question(ans["question_id"])
+            js = await _grade_question(client, data, q, ans)
+            found[q.question_id] = js
+            if all(j.status != "failed" for j in js):
+                await asyncio.to_thread(_save, store, address, q.question_id, js)
+
+        t0 = time.time()
+        await asyncio.gather(*(grade(a) for a in todo))
+        if todo:
+            say(f"judge: graded {len(todo)} questions in {time.time() - t0:.1f} s "
+                f"({client.requests} requests, {client.retries} retries)")
+    out = [j for a in answers for j in found[a["question_id"]]]
+    failed = [j for j in out if j.status == "failed"]
+    unparsable = sum(j.status == "unparsable" for j in out)
+    if unparsable:
+        log.warning("judge: %d verdicts had no parsable rating; they are counted and left out of the means",
+                    unparsable)
+    if len(failed) > max_failures:
+        raise JudgeError(f"{len(failed)} judge requests failed (allowed: {max_failures}); first: {failed[0].error}")
+    return out
+
+
+def _save(store: ArtifactStore, address: str, qid: int, js: list[Judgment]) -> None:
+    with store.writer(judgment_address(address, qid), meta={"stage": "evaluate", "question_id": qid}) as w:
+        w.write_json(judgment_file(qid), [asdict(j) for j in js])
+
+
+def _run(coro: Coroutine) -> Any:
+    """Run a coroutine from sync code, also when the caller already has a running loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as exc:  # handed to the caller's thread below
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name="fusechat-judge")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def summarise(judgments: Sequence[Judgment]) -> dict[str, Any]:
+    """FastChat's show_result: means over scored judgments, per category, per turn and overall."""
+    scored = [j for j in judgments if j.status == "ok"]
+
+    def mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    cats = sorted({j.category for j in judgments})
+    return {
+        "average": mean([j.score for j in scored]),
+        "turn_1": mean([j.score for j in scored if j.turn == 1]),
+        "turn_2": mean([j.score for j in scored if j.turn == 2]),
+        "categories": {c: mean([j.score for j in scored if j.category == c]) for c in cats},
+        "judgments": len(judgments),
+        "scored": len(scored),
+        "unparsable": sum(j.status == "unparsable" for j in judgments),
+        "failed": sum(j.status == "failed" for j in judgments),
+    }
+
+
+def judgments_jsonl(judgments: Sequence[Judgment]) -> bytes:
+    return "".join(json.dumps(asdict(j), ensure_ascii=False, sort_keys=True) + "\n" for j in judgments).encode()

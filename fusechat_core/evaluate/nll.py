@@ -1,0 +1,144 @@
+"""Offline measures that need no judge (SPEC §1.6).
+
+Held-out NLL: the mean negative log-likelihood per supervised token (the
+assistant's tokens under the model's own chat template, ``ChatFormatter``
+labels) of the dataset's held-out split, per data source and over all of them.
+Token-weighted, so a domain's figure is its total NLL over its token count.
+
+Exact match: for held-out sources whose rows have one right answer (the
+synthetic arithmetic / reverse / facts domains, or a user's own), the model
+answers the last user turn greedily and its answer must equal the reference
+assistant turn after whitespace normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Sequence
+
+from fusechat_core.chat import IGNORE, to_messages
+from fusechat_core.evaluate.mt_bench import generate_batch, stop_token_ids
+
+
+class _Sum:
+    __slots__ = ("nll", "tokens", "sequences")
+
+    def __init__(self) -> None:
+        self.nll, self.tokens, self.sequences = 0.0, 0, 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"nll": self.nll / self.tokens if self.tokens else None, "tokens": self.tokens,
+                "sequences": self.sequences,
+                "perplexity": math.exp(self.nll / self.tokens) if self.tokens else None}
+
+
+def sequence_nll(model: Any, batch_ids: Sequence[Sequence[int]], batch_labels: Sequence[Sequence[int]],
+                 pad_id: int) -> list[tuple[float, int]]:
+    """(summed NLL, supervised tokens) per sequence; the prediction for token t is made at t-1.
+
+    Right-padded batch; the vocabulary-sized log-softmax is taken one sequence at a
+    time in float32, so memory stays at one sequence's logits beyond the forward pass.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    width = max(len(x) for x in batch_ids)
+    ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch_ids), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(batch_ids, batch_labels)):
+        ids[i, :len(x)] = torch.tensor(list(x))
+        labels[i, :len(y)] = torch.tensor(list(y))
+        mask[i, :len(x)] = 1
+    with torch.inference_mode():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        out = []
+        for i in range(len(batch_ids)):
+            target = labels[i, 1:].to(device)
+            keep = target != IGNORE
+            n = int(keep.sum())
+            if n == 0:
+                out.append((0.0, 0))
+                continue
+            lp = F.cross_entropy(logits[i, :-1][keep].float(), target[keep], reduction="sum")
+            out.append((float(lp), n))
+    return out
+
+
+def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length: int, batch_size: int = 8,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``{"sources": {source: {nll, tokens, sequences, perplexity}}, "all": {...}}``.
+
+    Rows longer than ``max_length`` tokens are cut; rows with no supervised token
+    left after the cut count as sequences skipped.
+    """
+    pad = formatter.tokenizer.pad_token_id
+    pad = pad if pad is not None else 0
+    encoded = []
+    skipped = 0
+    for r in rows:
+        enc = formatter.encode(r["conversations"], max_length=max_length)
+        if sum(1 for y in enc.labels[1:] if y != IGNORE) == 0:
+            skipped += 1
+            continue
+        encoded.append((r.get("source") or "unknown", enc.input_ids, enc.labels))
+    # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
+    encoded.sort(key=lambda e: -len(e[1]))
+    per: dict[str, _Sum] = {}
+    total = _Sum()
+    t0 = time.time()
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        for (src, _, _), (nll, n) in zip(chunk, sequence_nll(model, [c[1] for c in chunk], [c[2] for c in chunk], pad)):
+            for acc in (per.setdefault(src, _Sum()), total):
+                acc.nll += nll
+                acc.tokens += n
+                acc.sequences += 1
+    if progress:
+        progress(f"held-out NLL: {len(encoded)} sequences, {total.tokens} tokens in {time.time() - t0:.1f} s")
+    return {"sources": {k: per[k].as_dict() for k in sorted(per)}, "all": total.as_dict(),
+            "skipped_no_supervised": skipped}
+
+
+def normalise_answer(text: str) -> str:
+    return " ".join(text.split())
+
+
+def exact_match(model: Any, tokenizer: Any, formatter: Any, rows: Sequence[dict], sources: Sequence[str], *,
+                max_new_tokens: int, batch_size: int = 8, examples: int = 5) -> dict[str, Any]:
+    """Greedy answer to the last user turn vs the reference assistant turn, per source.
+
+    ``{"sources": {source: {accuracy, correct, n, mismatches: [...]}}, "all": {...}}``;
+    sources in ``sources`` with no held-out row are absent.
+    """
+    wanted = set(sources)
+    items = []
+    for r in rows:
+        if r.get("source") not in wanted:
+            continue
+        messages = to_messages(r["conversations"])
+        if messages[-1]["role"] != "assistant":
+            continue
+        items.append((r, formatter.prompt_ids(messages[:-1]), messages[-1]["content"]))
+    items.sort(key=lambda it: -len(it[1]))
+    stops = stop_token_ids(tokenizer, model)
+    per: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        gens = generate_batch(model, tokenizer, [c[1] for c in chunk], temperature=0.0,
+                              max_new_tokens=max_new_tokens, stop_ids=stops)
+        for (row, _, ref), g in zip(chunk, gens):
+            acc = per.setdefault(row["source"], {"correct": 0, "n": 0, "mismatches": []})
+            acc["n"] += 1
+            if normalise_answer(g.text) == normalise_answer(ref):
+                acc["correct"] += 1
+            elif len(acc["mismatches"]) < examples:
+                acc["mismatches"].append({"id": row.get("id"), "expected": ref, "got": g.text})
+    for acc in per.values():
+        acc["accuracy"] = acc["correct"] / acc["n"]
+    n = sum(a["n"] for a in per.values())
+    correct = sum(a["correct"] for a in per.values())
+    return {"sources": {k: per[k] for k in sorted(per)},
+            "all": {"accuracy": correct / n if n else None, "correct": correct, "n": n}}

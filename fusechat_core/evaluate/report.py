@@ -1,0 +1,173 @@
+"""One report per run: every model × every measure, in the shape of the paper's Table 1.
+
+Rows are models (pivot, sources, targets, merges), columns the MT-Bench
+categories and their average, then the offline measures (held-out NLL per
+data source, exact match per task). Written as ``report.md``, ``report.json``
+and PNG plots (matplotlib's Agg backend: no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from fusechat_core.evaluate.mt_bench import CATEGORIES
+
+FIGSIZE = (10.0, 5.0)  # inches
+DPI = 100  # so every plot is exactly 1000 × 500 pixels
+RESULTS_FILE = "results.json"
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def columns(results: Mapping[str, dict]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(group, header, path into a model's results) for every measure any model has."""
+    cols: list[tuple[str, str, tuple[str, ...]]] = []
+    cats: list[str] = []
+    nll_src: list[str] = []
+    em_src: list[str] = []
+    for r in results.values():
+        mt = r.get("mt_bench") or {}
+        for c in mt.get("categories", {}):
+            if c not in cats:
+                cats.append(c)
+        for s in (r.get("heldout_nll") or {}).get("sources", {}):
+            if s not in nll_src:
+                nll_src.append(s)
+        for s in (r.get("exact_match") or {}).get("sources", {}):
+            if s not in em_src:
+                em_src.append(s)
+    if cats:
+        order = [c for c in CATEGORIES if c in cats] + sorted(c for c in cats if c not in CATEGORIES)
+        cols += [("MT-Bench", c.capitalize(), ("mt_bench", "categories", c)) for c in order]
+        cols.append(("MT-Bench", "Avg.", ("mt_bench", "average")))
+        cols.append(("MT-Bench", "unparsable", ("mt_bench", "unparsable")))
+    if nll_src:
+        cols += [("held-out NLL", f"NLL {s}", ("heldout_nll", "sources", s, "nll")) for s in sorted(nll_src)]
+        cols.append(("held-out NLL", "NLL all", ("heldout_nll", "all", "nll")))
+    if em_src:
+        cols += [("exact match", f"EM {s}", ("exact_match", "sources", s, "accuracy")) for s in sorted(em_src)]
+        cols.append(("exact match", "EM all", ("exact_match", "all", "accuracy")))
+    return cols
+
+
+def _get(d: Any, path: Sequence[str]) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def markdown_table(results: Mapping[str, dict]) -> str:
+    cols = columns(results)
+    head = "| model | " + " | ".join(h for _, h, _ in cols) + " |"
+    rule = "|---|" + "|".join("---:" for _ in cols) + "|"
+    lines = [head, rule]
+    for name, r in results.items():
+        cells = []
+        for _, h, path in cols:
+            v = _get(r, path)
+            cells.append(str(v) if h == "unparsable" and v is not None else _fmt(v, 3 if "NLL" in h else 2))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _grouped_bars(ax: Any, groups: list[str], series: Mapping[str, list[float | None]], ylabel: str) -> None:
+    n = max(len(series), 1)
+    width = 0.8 / n
+    for k, (name, vals) in enumerate(series.items()):
+        xs = [i + (k - (n - 1) / 2) * width for i in range(len(groups))]
+        ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=name)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", ncol=min(n, 4))
+
+
+def _figure() -> tuple[Any, Any]:
+    # A bare Figure renders PNGs with the Agg canvas and never touches pyplot's global
+    # backend or figure list: no display needed, safe in worker threads.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, format="png")  # no bbox_inches: the size stays FIGSIZE × DPI
+    return path
+
+
+def plot_results(results: Mapping[str, dict], loss_histories: Mapping[str, Sequence[dict]] | None,
+                 out_dir: str | Path) -> list[Path]:
+    """PNG plots of whichever measures the results hold; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    cols = columns(results)
+    for group, fname, ylabel in (("MT-Bench", "mt_bench_categories.png", "score (1-10)"),
+                                 ("held-out NLL", "heldout_nll.png", "NLL per supervised token"),
+                                 ("exact match", "exact_match.png", "accuracy")):
+        gcols = [(h, p) for g, h, p in cols if g == group and h != "unparsable"]
+        if not gcols:
+            continue
+        fig, ax = _figure()
+        series = {name: [_get(r, p) for _, p in gcols] for name, r in results.items()}
+        _grouped_bars(ax, [h.replace("NLL ", "").replace("EM ", "") for h, _ in gcols], series, ylabel)
+        ax.set_title(f"{group} per {'category' if group == 'MT-Bench' else 'data source'}")
+        paths.append(_save(fig, out / fname))
+    if loss_histories:
+        fig, ax = _figure()
+        for name, hist in loss_histories.items():
+            pts = [(h["step"], h["loss"]) for h in hist if h.get("loss") is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.set_title("Training loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        paths.append(_save(fig, out / "training_loss.png"))
+    return paths
+
+
+def render_markdown(title: str, results: Mapping[str, dict], plots: Sequence[str] = (),
+                    notes: Sequence[str] = ()) -> str:
+    lines = [f"# {title}", "", markdown_table(results), ""]
+    mt = {n: r["mt_bench"] for n, r in results.items() if r.get("mt_bench")}
+    if mt:
+        lines.append("MT-Bench: mean judge score (1-10) over both turns; unparsable verdicts are counted, "
+                     "not scored.")
+        for n, m in mt.items():
+            lines.append(f"- {n}: turn 1 {_fmt(m.get('turn_1'))}, turn 2 {_fmt(m.get('turn_2'))}, "
+                         f"{m.get('scored')} scored, {m.get('unparsable')} unparsable, {m.get('failed')} failed "
+                         f"(judge {m.get('judge_model')})")
+        lines.append("")
+    if any(r.get("heldout_nll") for r in results.values()):
+        lines.append("Held-out NLL: mean negative log-likelihood per supervised (assistant) token; lower is better.")
+        lines.append("")
+    lines += [f"- {n}" for n in notes]
+    lines += [f"![{Path(p).stem}]({p})" for p in plots]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def build_report(title: str, results: Mapping[str, dict], out_dir: str | Path,
+                 loss_histories: Mapping[str, Sequence[dict]] | None = None,
+                 notes: Sequence[str] = ()) -> dict[str, Any]:
+    """Write report.md, report.json and plots/*.png into ``out_dir``; returns the report object."""
+    out = Path(out_dir)
+    plots = plot_results(results, loss_histories, out / "plots")
+    rel = [p.relative_to(out).as_posix() for p in plots]
+    md = render_markdown(title, results, rel, notes)
+    (out / "report.md").write_text(md)
+    report = {"title": title, "models": list(results), "results": dict(results),
+              "columns": [h for _, h, _ in columns(results)], "plots": rel,
+              "loss_histories": {k: list(v) for k, v in (loss_histories or {}).items()}}
+    (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=str))
+    return {"markdown": md, "plots": rel, "report": report}

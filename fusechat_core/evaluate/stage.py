@@ -1,0 +1,189 @@
+"""The evaluation stage for one model, and the run's report.
+
+Order matters for a week-long run: answers (resumable per question) and the
+offline measures need the model; judging does not, so the model is released
+before the judge is asked. The evaluate artifact (``results.json`` and the
+detail files) is committed last, after every judgment has been saved.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import re
+import tempfile
+from typing import Any, Callable, Mapping
+
+from fusechat_core.config import EvaluateConfig
+from fusechat_core.evaluate.judge import JudgeSettings, grade_answers, judgments_jsonl, summarise
+from fusechat_core.evaluate.loading import EvaluationError, load_for_eval, resolve_model
+from fusechat_core.evaluate.mt_bench import (ANSWERS_FILE, answer_questions, load_mt_bench, read_answers,
+                                             write_answers_artifact)
+from fusechat_core.evaluate.nll import exact_match, heldout_nll
+from fusechat_core.evaluate.report import RESULTS_FILE, build_report
+from fusechat_core.store import ArtifactStore
+
+log = logging.getLogger("fusechat.evaluate")
+
+JUDGMENTS_FILE = "judgments.jsonl"
+REPORT_FILES = ("report.md", "report.json")
+
+
+def _public_url(url: str) -> str:
+    """A URL without any ``user:password@`` part, fit for an artifact."""
+    return re.sub(r"://[^/@]*@", "://", url)
+
+
+def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dict[str, Any],
+                   cfg: EvaluateConfig, *, dataset: str | None = None, answers_address: str | None = None,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate one model into the artifact at ``address``; returns its results.
+
+    ``answers_address`` is where the MT-Bench answers live (``RunPlan.mt_bench_answers``);
+    ``dataset`` the dataset artifact whose held-out split is measured.
+    """
+    say = progress or log.info
+    if store.is_complete(address):
+        return store.read_json(address, RESULTS_FILE)
+    if cfg.mt_bench and not answers_address:
+        raise EvaluationError(f"model {name!r}: MT-Bench is on but no answers address was given")
+    results: dict[str, Any] = {"model": name, "model_ref": model_ref}
+    data = load_mt_bench(cfg.mt_bench_data) if cfg.mt_bench else None
+    need_model = (data is not None and not store.is_complete(answers_address)) or (
+        dataset is not None and (cfg.heldout_nll or cfg.exact_match_sources))
+    answers: list[dict] = []
+    if need_model:
+        model = resolve_model(store, name, model_ref)
+        lm, tok, fmt, device = load_for_eval(model, cfg.device)
+        results["device"] = device
+        say(f"{name}: evaluating {model.path} on {device}")
+        if data is not None and not store.is_complete(answers_address):
+            recs = answer_questions(store, answers_address, name, lm, tok, fmt, data.questions,
+                                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                    seed=cfg.seed, progress=say)
+            write_answers_artifact(store, answers_address, name, recs, data)
+        if dataset is not None:
+            from fusechat_core.data import read_split
+
+            rows = read_split(store, dataset, "heldout")
+            if not rows:
+                say(f"{name}: dataset {dataset} has no held-out rows; no offline measures")
+            if rows and cfg.heldout_nll:
+                results["heldout_nll"] = heldout_nll(lm, fmt, rows, max_length=cfg.max_length,
+                                                     batch_size=cfg.batch_size, progress=say)
+            if rows and cfg.exact_match_sources:
+                em = exact_match(lm, tok, fmt, rows, cfg.exact_match_sources,
+                                 max_new_tokens=cfg.exact_match_max_new_tokens, batch_size=cfg.batch_size)
+                if em["all"]["n"]:
+                    results["exact_match"] = em
+        del lm
+        gc.collect()
+        _empty_cuda_cache()
+    judgments = []
+    if data is not None:
+        answers = read_answers(store, answers_address)
+        settings = JudgeSettings.from_config(cfg)
+        judgments = grade_answers(store, address, data, answers, settings,
+                                  max_failures=cfg.judge_max_failures, progress=say)
+        results["mt_bench"] = {**summarise(judgments), "judge_model": cfg.judge_model,
+                               "judge_base_url": _public_url(cfg.judge_base_url),
+                               "answers": answers_address, "data_sources": data.sources,
+                               "data_digests": data.digests}
+    with store.writer(address, meta={"stage": "evaluate", "model": name}) as w:
+        w.write_json(RESULTS_FILE, results)
+        if data is not None:
+            w.write_bytes(JUDGMENTS_FILE, judgments_jsonl(judgments))
+            w.write_bytes(ANSWERS_FILE, store.read_bytes(answers_address, ANSWERS_FILE))
+    return results
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def loss_history(store: ArtifactStore, train_address: str) -> list[dict] | None:
+    """A trained target's loss per step, from the files training writes (None if it has none).
+
+    Read, in this order: ``loss_history.json`` (a list of {step, loss}),
+    ``metrics.jsonl`` (one {step, loss, ...} per line), ``trainer_state.json``
+    (Hugging Face's ``log_history``).
+    """
+    man = store.manifest(train_address)
+    if man is None:
+        return None
+    files = {f.path for f in man.files}
+    if "loss_history.json" in files:
+        rows = store.read_json(train_address, "loss_history.json")
+    elif "metrics.jsonl" in files:
+        text = store.read_bytes(train_address, "metrics.jsonl").decode()
+        rows = [json.loads(x) for x in text.splitlines() if x.strip()]
+    elif "trainer_state.json" in files:
+        rows = store.read_json(train_address, "trainer_state.json").get("log_history", [])
+    else:
+        return None
+    out = [{"step": int(r["step"]), "loss": float(r["loss"])} for r in rows
+           if isinstance(r, dict) and "step" in r and r.get("loss") is not None]
+    return out or None
+
+
+def write_report(store: ArtifactStore, address: str, title: str, evaluations: Mapping[str, str],
+                 train_artifacts: Mapping[str, str] | None = None, notes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The run's report artifact from its evaluate artifacts (and training logs, when present)."""
+    results = {name: store.read_json(addr, RESULTS_FILE) for name, addr in evaluations.items()}
+    histories = {}
+    for name, addr in (train_artifacts or {}).items():
+        hist = loss_history(store, addr)
+        if hist:
+            histories[name] = hist
+    with tempfile.TemporaryDirectory() as tmp:
+        rep = build_report(title, results, tmp, histories, notes)
+        meta = {"stage": "report", "models": list(results), "evaluations": dict(evaluations)}
+        store.put_dir(address, tmp, meta=meta)
+    return rep
+
+
+def evaluate_standalone(store: ArtifactStore, model: str, cfg: EvaluateConfig, *, name: str | None = None,
+                        dataset: str | None = None, tokenizer: str | None = None,
+                        chat_template: str | None = None,
+                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``fusechat eval``: evaluate a model folder, hub id or store artifact outside a run.
+
+    Same artifacts as in a run (answers, evaluate, a report beside it), at addresses
+    derived by the same rule, so evaluating the same model again skips what is done.
+    """
+    from pathlib import Path
+
+    from fusechat_core.config import _HUB_ID
+    from fusechat_core.plan import mt_bench_answers_address, standalone_evaluate_address
+
+    local = Path(model).expanduser()
+    extra = {k: v for k, v in (("tokenizer", tokenizer), ("chat_template", chat_template)) if v}
+    if local.is_dir():
+        ref: dict[str, Any] = {"model": {"path": str(local.resolve()), **extra}}
+        default_name = local.resolve().name
+    elif store.is_complete(model):
+        ref = {"artifact": model.strip("/"), **extra}
+        default_name = model.strip("/").split("/")[-1]
+    elif _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
+        ref = {"model": {"path": model, **extra}}
+        default_name = model.split("/")[-1]
+    else:
+        raise EvaluationError(f"MODEL_OR_ADDRESS {model!r}: neither a model folder, a complete artifact "
+                              f"in {store.url}, nor a hub id")
+    name = re.sub(r"[^a-z0-9_\-]", "-", (name or default_name).lower())[:40].strip("-") or "model"
+    if dataset is not None and not store.is_complete(dataset):
+        raise EvaluationError(f"--heldout {dataset!r}: no complete dataset artifact in {store.url}")
+    answers = mt_bench_answers_address(name, ref, cfg) if cfg.mt_bench else None
+    address = standalone_evaluate_address(name, ref, cfg, dataset)
+    results = evaluate_model(store, address, name, ref, cfg, dataset=dataset, answers_address=answers,
+                             progress=progress)
+    report_address = f"{address}/report"
+    if not store.is_complete(report_address):
+        write_report(store, report_address, f"Evaluation of `{name}`", {name: address})
+    markdown = store.read_bytes(report_address, "report.md").decode()
+    return {"name": name, "address": address, "answers": answers, "report": report_address,
+            "report_uri": store.uri(report_address), "results": results, "markdown": markdown}

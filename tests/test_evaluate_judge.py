@@ -1,0 +1,240 @@
+"""The judge client over real HTTP: a chat-completions server on 127.0.0.1 with scripted replies."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fusechat_core.evaluate.judge import (JudgeClient, JudgeError, JudgeSettings, grade_answers, judgment_address,
+                                          parse_rating, summarise)
+from fusechat_core.evaluate.mt_bench import load_mt_bench
+from fusechat_core.store import ArtifactStore
+
+SECRET = "sk-test-7f3a9c1e55d04b2e8a6b"
+HELPFUL = "You are a helpful assistant."  # FastChat's system prompt of the turn-1 single prompts
+
+
+class JudgeServer:
+    """An OpenAI-compatible /v1/chat/completions endpoint with per-(question, turn) scripts.
+
+    A script is a list of replies used in order (the last one repeats): a string is a
+    200 completion with that content; a tuple is (status, headers, body).
+    """
+
+    def __init__(self, questions: dict[str, int]):
+        self.questions = questions  # first-turn text -> question id
+        self.scripts: dict[tuple[int, int], list[Any]] = {}
+        self.default: Any = "The answer is fine. Rating: [[5]]"
+        self.log: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                reply = server._reply(self.path, dict(self.headers), body)
+                status, headers, payload = reply
+                data = json.dumps(payload).encode() if not isinstance(payload, bytes) else payload
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def _reply(self, path: str, headers: dict, body: dict) -> tuple[int, dict, Any]:
+        system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+        turn = 1 if system == HELPFUL else 2
+        qid = next((q for text, q in self.questions.items() if text in user), -1)
+        with self._lock:
+            self.log.append({"t": time.monotonic(), "path": path, "auth": headers.get("Authorization"),
+                             "qid": qid, "turn": turn, "body": body})
+            script = self.scripts.get((qid, turn))
+            item = (script.pop(0) if len(script) > 1 else script[0]) if script else self.default
+        if isinstance(item, str):
+            return 200, {}, {"id": "x", "object": "chat.completion", "model": body["model"],
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": item},
+                                          "finish_reason": "stop"}]}
+        return item
+
+    def requests(self, qid: int, turn: int) -> list[dict]:
+        return [r for r in self.log if r["qid"] == qid and r["turn"] == turn]
+
+    def __enter__(self) -> "JudgeServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def mt_data(mt_bench_dir: Path):
+    return load_mt_bench(str(mt_bench_dir))
+
+
+@pytest.fixture
+def judge_server(mt_data):
+    with JudgeServer({q.turns[0]: q.question_id for q in mt_data.questions}) as server:
+        yield server
+
+
+def _answers(qids: list[int]) -> list[dict]:
+    return [{"question_id": q, "model_id": "m", "choices": [{"index": 0, "turns": [f"first answer to {q}",
+                                                                                  f"second answer to {q}"]}]}
+            for q in qids]
+
+
+def _settings(server: JudgeServer, **kw: Any) -> JudgeSettings:
+    base = dict(base_url=server.url, model="judge-7b", api_key_env="FUSECHAT_TEST_JUDGE_KEY", concurrency=3,
+                max_retries=3, backoff_base_s=0.02, backoff_max_s=0.1, timeout_s=10)
+    return JudgeSettings(**{**base, **kw})
+
+
+def test_parse_rating_follows_fastchat_rule():
+    assert parse_rating("Rating: [[7]]") == 7.0
+    assert parse_rating("explanation [[8.5]] then [[2]]") == 8.5  # the first double-bracket wins
+    assert parse_rating("see [3] ... Rating: [[9]]") == 9.0  # [[x]] is tried before [x]
+    assert parse_rating("Rating: [6]") == 6.0
+    assert parse_rating("Rating: 7/10") is None
+    assert parse_rating("Rating: [[11]]") is None  # outside 1..10 is not a rating
+    assert parse_rating("Rating: [[0]]") is None
+    assert parse_rating("") is None
+
+
+def test_grading_over_http(judge_server, mt_data, tmp_path, monkeypatch, caplog, capfd):
+    monkeypatch.setenv("FUSECHAT_TEST_JUDGE_KEY", SECRET)
+    caplog.set_level(logging.DEBUG)
+    s = judge_server
+    # writing 81: 429 with Retry-After 1 s, then [[7]]; turn 2 a 500 then [[8]]
+    s.scripts[(81, 1)] = [(429, {"Retry-After": "1"}, {"error": {"message": "slow down"}}), "Rating: [[7]]"]
+    s.scripts[(81, 2)] = [(500, {}, {"error": "boom"}), "Rating: [[8]]"]
+    # writing 82: the [x] fallback, and a verdict with no rating at all
+    s.scripts[(82, 1)] = ["I would say [9] overall."]
+    s.scripts[(82, 2)] = ["A fine answer, I give it a good score."]
+    # reasoning 101 (graded with the reference answer): 3.5 and 2; a malformed 200 body first
+    s.scripts[(101, 1)] = [(200, {}, b"{not json"), "Rating: [[3.5]]"]
+    s.scripts[(101, 2)] = ["Rating: [[2]]"]
+    # math 111: an out-of-range verdict counts as unparsable
+    s.scripts[(111, 1)] = ["Rating: [[15]]"]
+    s.scripts[(111, 2)] = ["Rating: [[4]]"]
+    store = ArtifactStore(str(tmp_path / "store"))
+    qids = [81, 82, 101, 111]
+    js = grade_answers(store, "evaluate/m-1", mt_data, _answers(qids), _settings(s))
+    got = {(j.question_id, j.turn): (j.status, j.score) for j in js}
+    assert got == {(81, 1): ("ok", 7.0), (81, 2): ("ok", 8.0), (82, 1): ("ok", 9.0), (82, 2): ("unparsable", None),
+                   (101, 1): ("ok", 3.5), (101, 2): ("ok", 2.0), (111, 1): ("unparsable", None),
+                   (111, 2): ("ok", 4.0)}
+    summary = summarise(js)
+    assert summary["categories"] == {"writing": (7 + 8 + 9) / 3, "reasoning": (3.5 + 2) / 2, "math": 4.0}
+    assert summary["average"] == pytest.approx((7 + 8 + 9 + 3.5 + 2 + 4) / 6)
+    assert summary["turn_1"] == pytest.approx((7 + 9 + 3.5) / 3)
+    assert (summary["unparsable"], summary["failed"], summary["scored"]) == (2, 0, 6)
+
+    # retries happened, and the 429's Retry-After was honoured
+    r81 = s.requests(81, 1)
+    assert len(r81) == 2 and r81[1]["t"] - r81[0]["t"] >= 0.95
+    assert len(s.requests(81, 2)) == 2 and len(s.requests(101, 1)) == 2
+    # the right prompt per category and turn, FastChat's request shape
+    ref101 = mt_data.references[101]
+    b1, b2 = s.requests(101, 1)[-1]["body"], s.requests(101, 2)[-1]["body"]
+    assert "[The Start of Reference Answer]\n" + ref101[0] in b1["messages"][1]["content"]
+    assert "### Reference answer:\n" + ref101[1] in b2["messages"][1]["content"]
+    assert "second answer to 101" in b2["messages"][1]["content"]
+    w1 = s.requests(81, 1)[-1]["body"]
+    assert "Reference" not in w1["messages"][1]["content"] and "first answer to 81" in w1["messages"][1]["content"]
+    assert (w1["model"], w1["temperature"]) == ("judge-7b", 0.0)
+    assert all(r["path"] == "/v1/chat/completions" for r in s.log)
+    # the key travels only in the Authorization header
+    assert all(r["auth"] == f"Bearer {SECRET}" for r in s.log)
+    out, err = capfd.readouterr()
+    assert SECRET not in out + err + caplog.text
+    assert "retry" in caplog.text  # retries are logged (without the key)
+    for f in (tmp_path / "store").rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f
+
+    # graded questions are saved one by one: a second call asks nothing
+    before = len(s.log)
+    again = grade_answers(store, "evaluate/m-1", mt_data, _answers(qids), _settings(s))
+    assert len(s.log) == before
+    assert [(j.question_id, j.turn, j.score) for j in again] == [(j.question_id, j.turn, j.score) for j in js]
+
+
+def test_failures_are_counted_and_resumed(judge_server, mt_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSECHAT_TEST_JUDGE_KEY", SECRET)
+    s = judge_server
+    s.scripts[(83, 2)] = [(503, {}, {"error": "overloaded"})]  # never recovers
+    store = ArtifactStore(str(tmp_path / "store"))
+    settings = _settings(s, max_retries=2)
+    with pytest.raises(JudgeError, match=r"1 judge requests failed .*HTTP 503 after 3 attempts"):
+        grade_answers(store, "evaluate/m-2", mt_data, _answers([81, 83, 84]), settings)
+    assert len(s.requests(83, 2)) == 3
+    assert store.is_complete(judgment_address("evaluate/m-2", 81))
+    assert not store.is_complete(judgment_address("evaluate/m-2", 83))
+    # tolerated failures are reported, not hidden
+    js = grade_answers(store, "evaluate/m-2", mt_data, _answers([81, 83, 84]), settings, max_failures=1)
+    assert summarise(js)["failed"] == 1 and summarise(js)["scored"] == 5
+    # once the judge recovers, only the question that failed is asked again
+    s.scripts[(83, 2)] = ["Rating: [[6]]"]
+    before = {(q, t): len(s.requests(q, t)) for q in (81, 83, 84) for t in (1, 2)}
+    js = grade_answers(store, "evaluate/m-2", mt_data, _answers([81, 83, 84]), settings)
+    after = {(q, t): len(s.requests(q, t)) for q in (81, 83, 84) for t in (1, 2)}
+    assert {k: after[k] - before[k] for k in after} == {(81, 1): 0, (81, 2): 0, (83, 1): 1, (83, 2): 1,
+                                                        (84, 1): 0, (84, 2): 0}
+    assert summarise(js)["failed"] == 0 and summarise(js)["scored"] == 6
+
+
+def test_client_errors_fail_fast_and_never_show_the_key(judge_server, monkeypatch, caplog):
+    monkeypatch.setenv("FUSECHAT_TEST_JUDGE_KEY", SECRET)
+    caplog.set_level(logging.DEBUG)
+    s = judge_server
+    s.default = (401, {}, {"error": {"message": f"Incorrect API key provided: {SECRET}"}})
+    import asyncio
+
+    async def ask() -> str:
+        async with JudgeClient(_settings(s)) as client:
+            assert SECRET not in repr(client)
+            return await client.complete([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
+
+    with pytest.raises(JudgeError) as err:
+        asyncio.run(ask())
+    assert "HTTP 401" in str(err.value) and "***" in str(err.value) and SECRET not in str(err.value)
+    assert len(s.log) == 1  # a 401 is not retried
+    assert SECRET not in caplog.text
+
+
+def test_unreachable_judge_is_retried_then_reported(monkeypatch):
+    import asyncio
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = JudgeSettings(base_url=f"http://127.0.0.1:{port}/v1", model="j", api_key_env=None,
+                             max_retries=2, backoff_base_s=0.01, backoff_max_s=0.02)
+
+    async def ask() -> JudgeClient:
+        async with JudgeClient(settings) as client:
+            with pytest.raises(JudgeError, match="ConnectError after 3 attempts"):
+                await client.complete([{"role": "user", "content": "hi"}])
+            return client
+
+    client = asyncio.run(ask())
+    assert client.requests == 3 and client.retries == 2
