@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import flow
 
-from fusechat_core.config import RunConfig
+from fusechat_core.config import RunConfig, load_config
 from fusechat_core.plan import RunPlan
 from tasks._stage import result_storage_for
 from tasks.dataset import build_dataset
@@ -19,8 +19,12 @@ STAGES = ("dataset",)
 
 
 @flow(name="fusechat-pipeline", flow_run_name="fusechat-{until}", validate_parameters=True)
-def fusechat_pipeline(config: dict[str, Any], until: str = "evaluate") -> dict[str, Any]:
-    cfg = RunConfig.model_validate(config)
+def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | None = None,
+                      until: str = STAGES[-1]) -> dict[str, Any]:
+    """Run (or resume) a fusion run. Give the config itself, or the path/URL of its YAML file."""
+    if (config is None) == (config_path is None):
+        raise ValueError("give exactly one of config and config_path")
+    cfg = load_config(config_path) if config_path else RunConfig.model_validate(config)
     plan = RunPlan(cfg)
     storage = result_storage_for(cfg.store)
     config = cfg.model_dump(mode="json")
