@@ -42,9 +42,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fusechat_core.config import RunConfig, TrainConfig, load_config
+from fusechat_core.config import ModelSpec, RunConfig, TrainConfig, load_config
 from fusechat_core.fuse import FUSION_FUNCTIONS, SparseDist, clm_and_fusion_sums, teacher_dist
 from fusechat_core.fuse.batches import Batch, FusionData
+from fusechat_core.models import load_causal_lm, tokenizer_ref
 from fusechat_core.store import ArtifactStore
 
 STATE_FILE = "trainer_state.json"
@@ -143,25 +144,22 @@ def micro_batch_sums(model: torch.nn.Module, batch: Batch, *, fusion: Any, tempe
 def train_target(
     cfg: TrainConfig,
     *,
-    pivot: str | Path,
+    pivot: ModelSpec,
     data: FusionData,
     store: ArtifactStore,
     address: str,
-    tokenizer: str | Path,
     lam: float | None = None,
-    revision: str | None = None,
-    chat_template: str | None = None,
-    trust_remote_code: bool = False,
     on_event: Callable[[Event], None] | None = None,
 ) -> dict[str, Any]:
     """Train one target and put it into the store at ``address``; returns its summary.
 
-    ``pivot``: the pivot model (local folder or hub id) the target starts from.
-    ``lam``: λ; defaults to ``cfg.lam`` (the CLM baseline passes 1.0).
+    ``pivot``: the model the target starts from (its weights, tokenizer and
+    chat template). ``lam``: λ; defaults to ``cfg.lam`` (the CLM baseline
+    passes 1.0).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+    from transformers import get_cosine_schedule_with_warmup
 
     lam = cfg.lam if lam is None else float(lam)
     emit = on_event or (lambda event: None)
@@ -184,15 +182,15 @@ def train_target(
     per_epoch = steps_per_epoch(len(data), cfg.batch_size)
     set_seed(cfg.seed)
 
-    model = AutoModelForCausalLM.from_pretrained(str(pivot), revision=revision, dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code)
+    # float32 master weights on the CPU; prepare() moves them (or FSDP shards) to the device.
+    model = load_causal_lm(pivot, device="cpu", dtype="float32").train()
     model.config.use_cache = False
     if data.vocab_size is not None and data.vocab_size > model.config.vocab_size:
         raise TrainError(f"representation vocab_size {data.vocab_size} exceeds the pivot model's "
                          f"{model.config.vocab_size}: the shards were not made with this pivot")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    tok = _target_tokenizer(tokenizer, revision, chat_template)
+    tok = _target_tokenizer(*tokenizer_ref(pivot), pivot.chat_template)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     # No weight decay on biases and norm weights (1-D tensors), as transformers' Trainer.
@@ -327,14 +325,14 @@ def _save_checkpoint(accelerator: Any, store: ArtifactStore, target_address: str
     return address
 
 
-def _target_tokenizer(ref: str | Path, revision: str | None, template: str | None) -> Any:
+def _target_tokenizer(ref: str, revision: str | None, template: str | None) -> Any:
     """A fresh copy of the pivot's tokenizer carrying the chat template the data was rendered with."""
     from transformers import AutoTokenizer
 
     from fusechat_core.chat import ChatFormatter
     from fusechat_core.models import resolve_ref
 
-    tok = AutoTokenizer.from_pretrained(resolve_ref(str(ref)), revision=revision)
+    tok = AutoTokenizer.from_pretrained(resolve_ref(ref), revision=revision)
     tok.chat_template = ChatFormatter(tok, template).template
     return tok
 
@@ -351,10 +349,9 @@ def train_from_config(cfg: RunConfig, target: str, *, pivot_path: str | None = N
         raise TrainError(f"no target {target!r} in this run (targets: {', '.join(plan.target_names())})")
     lam = 1.0 if target == CLM else cfg.train.lam
     pivot = cfg.pivot
-    ref = pivot_path or pivot.path
-    if ref.startswith("demo:"):
-        raise TrainError(f"pivot.path {pivot.path!r} is a demo model: pass the folder it was built in "
-                         "as pivot_path")
+    if pivot_path is not None:  # the demo stage's folder for a "demo:" pivot
+        pivot = pivot.model_copy(update={"path": str(pivot_path),
+                                         "tokenizer": pivot.tokenizer or str(pivot_path)})
     shards = cfg.represent.shards
     store.require(plan.represent(pivot))
     pivot_dirs = [store.fetch(plan.represent_shard(pivot, i)) for i in range(shards)]
@@ -364,10 +361,8 @@ def train_from_config(cfg: RunConfig, target: str, *, pivot_path: str | None = N
         store.require(plan.align(source))
         aligned_dirs = [store.fetch(plan.align_shard(source, i)) for i in range(shards)]
     data = FusionData(pivot_dirs, aligned_dirs, max_length=cfg.train.max_length)
-    return train_target(cfg.train, pivot=ref, data=data, store=store, address=plan.train(target),
-                        tokenizer=pivot.tokenizer or ref, lam=lam, revision=pivot.revision,
-                        chat_template=pivot.chat_template, trust_remote_code=pivot.trust_remote_code,
-                        on_event=on_event)
+    return train_target(cfg.train, pivot=pivot, data=data, store=store, address=plan.train(target),
+                        lam=lam, on_event=on_event)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fusechat_core.chat import IGNORE, ChatFormatter
-from fusechat_core.config import TrainConfig
+from fusechat_core.config import ModelSpec, TrainConfig
 from fusechat_core.data import synthetic
 from fusechat_core.fuse.batches import ContractError, FusionData
 from fusechat_core.store import ArtifactStore
@@ -101,7 +101,7 @@ def fusion_inputs(tiny_models, tmp_path_factory):
     source_out = _model_outputs(source_dir, rows)
     pivot_dirs = _write_shards(store, "represent/pivot-t", pivot_out, rows, aligned=False)
     aligned_dirs = _write_shards(store, "align/source-t", source_out, rows, aligned=True)
-    return {"pivot": tiny_models["pivot"], "pivot_dirs": pivot_dirs, "aligned_dirs": aligned_dirs,
+    return {"pivot": ModelSpec(name="pivot", path=str(tiny_models["pivot"])), "pivot_dirs": pivot_dirs, "aligned_dirs": aligned_dirs,
             "pivot_out": pivot_out, "source_out": source_out, "root": root}
 
 
@@ -197,11 +197,10 @@ def test_lambda_one_is_plain_clm_fine_tuning(fusion_inputs, tmp_path):
     cfg = _cfg(micro_batch_size=8, max_steps=4, checkpoint_every=100)
     data = FusionData(fusion_inputs["pivot_dirs"], max_length=MAX_LEN)  # no teacher inputs at all
     store = ArtifactStore(f"file://{tmp_path}")
-    train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/clm-t",
-                 tokenizer=fusion_inputs["pivot"], lam=1.0)
+    train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/clm-t", lam=1.0)
     ours = _weights(store.fetch("train/clm-t"))
-    ref = _reference_clm(cfg, fusion_inputs["pivot"], data)
-    start = _weights(fusion_inputs["pivot"])
+    ref = _reference_clm(cfg, Path(fusion_inputs["pivot"].path), data)
+    start = _weights(Path(fusion_inputs["pivot"].path))
     moved = 0
     for name, w in ref.items():
         assert torch.equal(ours[name], w), name
@@ -216,7 +215,7 @@ def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs,
     store = ArtifactStore(f"file://{tmp_path}")
     events = []
     train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/src-t",
-                 tokenizer=fusion_inputs["pivot"], on_event=events.append)
+                 on_event=events.append)
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, 13))
     fuse = [e["fusion_loss"] for e in steps]
@@ -246,25 +245,24 @@ def test_unknown_fusion_function_and_missing_teachers_fail_clearly(fusion_inputs
     store = ArtifactStore(f"file://{tmp_path}")
     pivot_only = FusionData(fusion_inputs["pivot_dirs"])
     with pytest.raises(RuntimeError, match="aligned shards"):
-        train_target(_cfg(), pivot=fusion_inputs["pivot"], data=pivot_only, store=store, address="train/x",
-                     tokenizer=fusion_inputs["pivot"])
+        train_target(_cfg(), pivot=fusion_inputs["pivot"], data=pivot_only, store=store, address="train/x")
     both = FusionData(fusion_inputs["pivot_dirs"], fusion_inputs["aligned_dirs"])
     with pytest.raises(KeyError, match="unknown fusion function 'maxce'"):
         train_target(_cfg(fusion_function="maxce"), pivot=fusion_inputs["pivot"], data=both, store=store,
-                     address="train/x", tokenizer=fusion_inputs["pivot"])
+                     address="train/x")
 
 
 # -- preemption: SIGKILL, resume, identical weights ----------------------------------------
 _CHILD = textwrap.dedent("""
     import json, sys
-    from fusechat_core.config import TrainConfig
+    from fusechat_core.config import ModelSpec, TrainConfig
     from fusechat_core.fuse.batches import FusionData
     from fusechat_core.store import ArtifactStore
     from fusechat_core.train import train_target
     a = json.loads(sys.argv[1])
     data = FusionData(a["pivot_dirs"], a["aligned_dirs"], max_length=a["max_length"])
-    train_target(TrainConfig(**a["cfg"]), pivot=a["pivot"], data=data, store=ArtifactStore(a["store"]),
-                 address="train/kill-t", tokenizer=a["pivot"],
+    train_target(TrainConfig(**a["cfg"]), pivot=ModelSpec(name="pivot", path=a["pivot"]), data=data,
+                 store=ArtifactStore(a["store"]), address="train/kill-t",
                  on_event=lambda e: print(json.dumps(e), flush=True))
 """)
 
@@ -290,7 +288,7 @@ def _child(args: dict, env_extra: dict | None = None, kill_when=None) -> tuple[i
 def test_sigkill_and_resume_give_bit_identical_weights(fusion_inputs, tmp_path):
     cfg = _cfg(max_steps=8, checkpoint_every=3, lam=0.9).model_dump(mode="json")
     common = {"pivot_dirs": [str(p) for p in fusion_inputs["pivot_dirs"]], "max_length": MAX_LEN,
-              "aligned_dirs": [str(p) for p in fusion_inputs["aligned_dirs"]], "pivot": str(fusion_inputs["pivot"]),
+              "aligned_dirs": [str(p) for p in fusion_inputs["aligned_dirs"]], "pivot": fusion_inputs["pivot"].path,
               "cfg": cfg}
     ref_store, run_store = f"file://{tmp_path / 'ref'}", f"file://{tmp_path / 'run'}"
     rc, _ = _child({**common, "store": ref_store})
@@ -314,4 +312,4 @@ def test_sigkill_and_resume_give_bit_identical_weights(fusion_inputs, tmp_path):
     ours = (Path(store.root) / "train/kill-t/model.safetensors").read_bytes()
     ref = (Path(ArtifactStore(ref_store).root) / "train/kill-t/model.safetensors").read_bytes()
     assert ours == ref
-    assert _weights(Path(store.root) / "train/kill-t").keys() == _weights(fusion_inputs["pivot"]).keys()
+    assert _weights(Path(store.root) / "train/kill-t").keys() == _weights(Path(fusion_inputs["pivot"].path)).keys()
