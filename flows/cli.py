@@ -43,6 +43,23 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.add_argument("--verify", action="store_true", help="re-hash every file against its manifest")
 
+    ev = sub.add_parser("eval", help="evaluate one model (folder, hub id or store artifact) outside a run")
+    ev.add_argument("model", metavar="MODEL_OR_ADDRESS")
+    ev.add_argument("--store", help="artifact root URL (default: ./fusechat-artifacts)")
+    ev.add_argument("--name", help="the model's name in the report (default: the last path part)")
+    ev.add_argument("--heldout", metavar="DATASET_ADDRESS", help="held-out NLL / exact match on this dataset artifact")
+    ev.add_argument("--mt-bench", nargs="?", const="fastchat", metavar="LOCATION",
+                    help="answer and judge MT-Bench; LOCATION: folder or URL of the data files (default: FastChat's)")
+    ev.add_argument("--judge-model")
+    ev.add_argument("--judge-base-url", help="an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
+    ev.add_argument("--judge-api-key-env", help="name of the environment variable holding the judge's API key")
+    ev.add_argument("--judge-concurrency", type=int)
+    ev.add_argument("--max-new-tokens", type=int)
+    ev.add_argument("--tokenizer", help="tokenizer reference when the model folder has none")
+    ev.add_argument("--chat-template", help="a registered chat template instead of the tokenizer's own")
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--json", action="store_true", help="print the results as JSON as the last line")
+
     demo = sub.add_parser("demo", help="run the built-in demo (tiny local models, local store)")
     demo.add_argument("--store", help="artifact root URL (default: ./fusechat-artifacts)")
     demo.add_argument("--until")
@@ -118,8 +135,49 @@ def _run(cfg: RunConfig, until: str | None, as_json: bool) -> int:
     return EXIT_OK
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from fusechat_core.config import DEFAULT_STORE, EvaluateConfig
+    from fusechat_core.evaluate import EvaluationError, JudgeError, MTBenchDataError, evaluate_standalone
+    from fusechat_core.models import ModelLoadError
+
+    fields = {"mt_bench": args.mt_bench is not None, "heldout_nll": args.heldout is not None,
+              "judge_model": args.judge_model, "judge_base_url": args.judge_base_url,
+              "judge_api_key_env": args.judge_api_key_env, "judge_concurrency": args.judge_concurrency,
+              "max_new_tokens": args.max_new_tokens, "device": args.device}
+    if args.mt_bench not in (None, "fastchat"):
+        fields["mt_bench_data"] = args.mt_bench
+    if args.heldout is None:
+        fields["exact_match_sources"] = []
+    try:
+        cfg = EvaluateConfig(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        print(f"fusechat: error: --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    if not cfg.mt_bench and args.heldout is None:
+        print("fusechat: error: nothing to measure: give --mt-bench and/or --heldout", file=sys.stderr)
+        return EXIT_USAGE
+    store = ArtifactStore(args.store or DEFAULT_STORE)
+    try:
+        out = evaluate_standalone(store, args.model, cfg, name=args.name, dataset=args.heldout,
+                                  tokenizer=args.tokenizer, chat_template=args.chat_template,
+                                  progress=lambda m: print(m, file=sys.stderr))
+    except (EvaluationError, JudgeError, MTBenchDataError, ModelLoadError, StoreError) as exc:
+        print(f"fusechat: eval failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(out["markdown"])
+    print(f"evaluation {out['address']}; report in {out['report_uri']}")
+    if args.json:
+        print(json.dumps({k: out[k] for k in ("name", "address", "answers", "report", "results")}, default=str))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "eval":
+        return _eval(args)
     try:
         if args.command == "demo":
             cfg = load_config(DEMO_CONFIG, store=args.store)

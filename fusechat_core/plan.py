@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from fusechat_core.config import ModelSpec, RunConfig
+from fusechat_core.config import EvaluateConfig, ModelSpec, RunConfig
 from fusechat_core.stages import shard_address, stage_address
 
 CLM = "clm"  # the λ = 1 baseline target: plain fine-tuning of the pivot
@@ -19,6 +19,21 @@ CLM = "clm"  # the λ = 1 baseline target: plain fine-tuning of the pivot
 def _model_identity(spec: ModelSpec) -> dict:
     # The name is a label, not content: renaming a model must not recompute it.
     return spec.model_dump(exclude={"name"})
+
+
+def mt_bench_answers_address(name: str, model_ref: dict, evaluate: EvaluateConfig) -> str:
+    """A model's MT-Bench answers: only what changes the answers is an input, so judging
+    them again with another judge (a new evaluate address) reuses them."""
+    section = {"questions": evaluate.mt_bench_data, "max_new_tokens": evaluate.max_new_tokens,
+               "seed": evaluate.seed}
+    return stage_address("mt_bench_answers", section, {k: str(v) for k, v in model_ref.items()}, key=name)
+
+
+def standalone_evaluate_address(name: str, model_ref: dict, evaluate: EvaluateConfig,
+                                dataset: str | None) -> str:
+    """``fusechat eval`` outside a run: the same rule as ``RunPlan.evaluate``."""
+    upstream = {"dataset": dataset or "", **{k: str(v) for k, v in model_ref.items()}}
+    return stage_address("evaluate", evaluate, upstream, key=name)
 
 
 @dataclass(frozen=True)
@@ -36,6 +51,25 @@ class Node:
 class RunPlan:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+
+    def identity(self, spec: ModelSpec) -> dict:
+        """What a pivot/source model *is*, for addresses; a demo model is its built artifact."""
+        ident = _model_identity(spec)
+        if spec.path.startswith("demo:"):
+            ident["demo_artifact"] = self.demo_model(spec)
+        return ident
+
+    def demo_model(self, spec: ModelSpec) -> str:
+        """The demo stage's artifact for a ``demo:NAME`` model: built and pre-trained on CPU."""
+        assert self.cfg.demo is not None
+        name = spec.path[len("demo:"):]
+        section = {"model": self.cfg.demo.models[name],
+                   "training": self.cfg.demo.model_dump(exclude={"models"}),
+                   "tokenizer": spec.tokenizer, "chat_template": spec.chat_template}
+        return stage_address("demo_models", section, key=name)
+
+    def demo_specs(self) -> list[ModelSpec]:
+        return [m for m in self.cfg.models if m.path.startswith("demo:")]
 
     def model(self, name: str) -> ModelSpec:
         for m in self.cfg.models:
@@ -56,7 +90,7 @@ class RunPlan:
 
     # -- representations (one per model, pivot included; sharded) --------------
     def represent(self, model: ModelSpec) -> str:
-        section = {"model": _model_identity(model), "represent": self.cfg.represent}
+        section = {"model": self.identity(model), "represent": self.cfg.represent}
         return stage_address("represent", section, {"dataset": self.dataset}, key=model.name)
 
     def represent_shard(self, model: ModelSpec, index: int) -> str:
@@ -93,7 +127,7 @@ class RunPlan:
             train["lam"] = 1.0  # the paper's "CLM" row: same data and steps, no fusion term
         else:
             upstream["aligned"] = self.align(self.model(target))
-        section = {"train": train, "pivot": _model_identity(self.cfg.pivot)}
+        section = {"train": train, "pivot": self.identity(self.cfg.pivot)}
         return stage_address("train", section, upstream, key=target)
 
     # -- merging -----------------------------------------------------------------
@@ -109,7 +143,7 @@ class RunPlan:
             "granularity": m.granularity,
             "dtype": m.dtype,
             "mergekit_yaml": m.mergekit_yaml if method == m.method else None,
-            "pivot": _model_identity(self.cfg.pivot),
+            "pivot": self.identity(self.cfg.pivot),
         }
         # The CLM baseline is a comparison row, never an input to the merge.
         upstream = {f"target:{s.name}": self.train(s.name) for s in self.cfg.sources}
@@ -129,7 +163,10 @@ class RunPlan:
             return {"artifact": self.merge(name[len("merge-"):])}
         if name in self.target_names():
             return {"artifact": self.train(name)}
-        return {"model": _model_identity(self.model(name))}
+        return {"model": self.identity(self.model(name))}
+
+    def mt_bench_answers(self, name: str) -> str:
+        return mt_bench_answers_address(name, self.model_ref(name), self.cfg.evaluate)
 
     def evaluate(self, name: str) -> str:
         upstream = {"dataset": self.dataset, **{k: str(v) for k, v in self.model_ref(name).items()}}
@@ -143,12 +180,15 @@ class RunPlan:
     def nodes(self) -> list[Node]:
         """Every artifact of the run, in execution order."""
         shards = self.cfg.represent.shards
-        out = [Node("dataset", None, self.dataset)]
+        out = [Node("demo_models", m.name, self.demo_model(m)) for m in self.demo_specs()]
+        out += [Node("dataset", None, self.dataset)]
         out += [Node("represent", m.name, self.represent(m), shards) for m in self.cfg.models]
         out += [Node("vocab_map", s.name, self.vocab_map(s)) for s in self.cfg.sources]
         out += [Node("align", s.name, self.align(s), shards) for s in self.cfg.sources]
         out += [Node("train", t, self.train(t)) for t in self.target_names()]
         out += [Node("merge", m, self.merge(m)) for m in self.merge_methods()]
+        if self.cfg.evaluate.mt_bench:
+            out += [Node("mt_bench_answers", n, self.mt_bench_answers(n)) for n in self.evaluated_models()]
         out += [Node("evaluate", n, self.evaluate(n)) for n in self.evaluated_models()]
         out.append(Node("report", None, self.report()))
         return out

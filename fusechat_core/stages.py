@@ -24,6 +24,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "align": 1,
     "train": 1,
     "merge": 1,
+    "mt_bench_answers": 1,
     "evaluate": 1,
     "report": 1,
 }

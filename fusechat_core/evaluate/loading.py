@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fusechat_core.chat import ChatFormatter
-from fusechat_core.models import load_tokenizer, resolve_ref
+from fusechat_core.models import load_causal_lm, load_tokenizer, pick_device, resolve_ref
 from fusechat_core.store import ArtifactStore
 
 
@@ -30,6 +30,7 @@ class EvalModel:
     tokenizer: str | None = None
     chat_template: str | None = None
     dtype: str = "auto"
+    trust_remote_code: bool = False
 
     @property
     def tokenizer_ref(self) -> str:
@@ -50,40 +51,12 @@ def resolve_model(store: ArtifactStore, name: str, ref: dict[str, Any]) -> EvalM
                               f"pass its artifact address instead")
     return EvalModel(name=name, path=resolve_ref(path), revision=spec.get("revision"),
                      tokenizer=spec.get("tokenizer"), chat_template=spec.get("chat_template"),
-                     dtype=spec.get("dtype") or "auto")
-
-
-def pick_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("evaluate.device: 'cuda' asked for but no CUDA device is visible")
-    return device
-
-
-def _torch_dtype(dtype: str, device: str) -> Any:
-    import torch
-
-    if dtype == "auto":
-        # On a GPU the checkpoint's own dtype (bf16 for 7B chat models); on the CPU
-        # half precision is slow and imprecise, so compute in float32.
-        return "auto" if device == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+                     dtype=spec.get("dtype") or "auto", trust_remote_code=bool(spec.get("trust_remote_code")))
 
 
 def load_for_eval(model: EvalModel, device: str = "auto") -> tuple[Any, Any, ChatFormatter, str]:
     """(model in eval mode on its device, tokenizer, chat formatter, device)."""
-    from transformers import AutoModelForCausalLM
-
     device = pick_device(device)
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(model.path, revision=model.revision,
-                                                  dtype=_torch_dtype(model.dtype, device))
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EvaluationError(f"model {model.name!r}: cannot load {model.path}: {first}") from exc
-    lm.to(device).eval()
-    tok = load_tokenizer(resolve_ref(model.tokenizer_ref), model.revision)
+    lm = load_causal_lm(model, device)
+    tok = load_tokenizer(model.tokenizer_ref, model.revision)
     return lm, tok, ChatFormatter(tok, model.chat_template), device
