@@ -1,0 +1,120 @@
+"""Offline measures on a tiny real model, checked against computations done by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fusechat_core.chat import IGNORE
+from fusechat_core.data import synthetic
+from fusechat_core.evaluate.loading import EvalModel, load_for_eval
+from fusechat_core.evaluate.nll import exact_match, heldout_nll, normalise_answer
+
+
+def _rows() -> list[dict]:
+    rows = []
+    for domain in ("markov", "arithmetic", "reverse"):
+        for i, r in enumerate(synthetic.generate(domain, 3, seed=5)):
+            rows.append({"id": f"{domain}-{i}", "source": domain, "conversations": r["conversations"]})
+    # a two-exchange conversation: both assistant turns are supervised
+    rows.append({"id": "multi", "source": "markov", "conversations": [
+        {"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello there."},
+        {"from": "human", "value": "And goodbye?"}, {"from": "gpt", "value": "Goodbye, friend."}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    # the tekken byte-level BPE model: a large vocabulary and a different tokenizer family
+    return load_for_eval(EvalModel("llama", str(tiny_models["llama"])), "cpu")
+
+
+def _manual(lm, fmt, rows, max_length):
+    """One sequence at a time, no padding: forward, log_softmax, gather the labels."""
+    sums: dict[str, list[float]] = {}
+    for r in rows:
+        enc = fmt.encode(r["conversations"], max_length=max_length)
+        ids = torch.tensor([enc.input_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(lm(ids).logits[0].double(), dim=-1)
+        acc = sums.setdefault(r["source"], [0.0, 0])
+        for t in range(1, len(enc.input_ids)):
+            if enc.labels[t] != IGNORE:
+                acc[0] -= float(logp[t - 1, enc.labels[t]])
+                acc[1] += 1
+    return sums
+
+
+def test_heldout_nll_matches_a_manual_computation(llama):
+    lm, tok, fmt, _ = llama
+    rows = _rows()
+    for max_length in (512, 24):  # 24 cuts the longer rows: truncation is applied the same way
+        got = heldout_nll(lm, fmt, rows, max_length=max_length, batch_size=3)
+        want = _manual(lm, fmt, rows, max_length)
+        for src, (nll, n) in want.items():
+            if n == 0:
+                continue
+            assert got["sources"][src]["tokens"] == n
+            assert got["sources"][src]["nll"] == pytest.approx(nll / n, rel=1e-4)
+            assert got["sources"][src]["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-3)
+        total_nll = sum(v[0] for v in want.values())
+        total_n = sum(v[1] for v in want.values())
+        assert got["all"]["tokens"] == total_n
+        assert got["all"]["nll"] == pytest.approx(total_nll / total_n, rel=1e-4)
+    # a random model over a 131k vocabulary sits near log(V) nats per token
+    assert abs(got["all"]["nll"] - math.log(len(tok))) < 1.5
+
+
+def test_supervised_tokens_are_the_assistants_only(llama):
+    lm, tok, fmt, _ = llama
+    row = _rows()[-1]
+    got = heldout_nll(lm, fmt, [row], max_length=512)
+    enc = fmt.encode(row["conversations"])
+    supervised = tok.decode([i for i, y in zip(enc.input_ids, enc.labels) if y != IGNORE])
+    assert "Hello there." in supervised and "Goodbye, friend." in supervised
+    assert "Say hello" not in supervised and "goodbye?" not in supervised
+    assert got["all"]["tokens"] == sum(1 for y in enc.labels[1:] if y != IGNORE)
+
+
+def test_exact_match_against_manual_greedy_decoding(tiny_models):
+    lm, tok, fmt, _ = load_for_eval(EvalModel("pivot", str(tiny_models["pivot"])), "cpu")
+    rows = [r for r in _rows() if r["source"] in ("arithmetic", "reverse")]
+    # Greedy decoding by hand: the model's own answers become the references of some rows,
+    # so exact match must find exactly those (the model is random; its answers are not the truth).
+    from fusechat_core.chat import to_messages
+
+    def greedy(messages, n=6):
+        ids = fmt.prompt_ids(messages)
+        new = []
+        with torch.no_grad():
+            for _ in range(n):
+                nxt = int(lm(torch.tensor([ids + new])).logits[0, -1].argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                new.append(nxt)
+        return tok.decode(new, skip_special_tokens=True)
+
+    expected_hits = {}
+    for k, r in enumerate(rows):
+        if k % 2 == 0:
+            own = greedy(to_messages(r["conversations"])[:-1])
+            # extra spaces and a newline: matching is after whitespace normalisation
+            r["conversations"][-1]["value"] = "  " + own.replace(" ", "  \n", 1) + " "
+            expected_hits.setdefault(r["source"], []).append(r["id"])
+    res = exact_match(lm, tok, fmt, rows, ["arithmetic", "reverse", "facts"], max_new_tokens=6, batch_size=2)
+    for src in ("arithmetic", "reverse"):
+        n = sum(r["source"] == src for r in rows)
+        hits = len(expected_hits.get(src, []))
+        assert (res["sources"][src]["n"], res["sources"][src]["correct"]) == (n, hits)
+        assert res["sources"][src]["accuracy"] == pytest.approx(hits / n)
+    assert "facts" not in res["sources"]  # no held-out row of that source
+    assert res["all"]["n"] == len(rows)
+    assert all(m["got"] != m["expected"] for s in res["sources"].values() for m in s["mismatches"])
+
+
+def test_normalise_answer():
+    assert normalise_answer("  12\n") == "12"
+    assert normalise_answer("a  b\tc") == "a b c"
+    assert normalise_answer("ab") != normalise_answer("a b")
