@@ -17,6 +17,7 @@ from fusechat_core.evaluate.mt_bench import CATEGORIES
 FIGSIZE = (10.0, 5.0)  # inches
 DPI = 100  # so every plot is exactly 1000 × 500 pixels
 RESULTS_FILE = "results.json"
+_LABELS = {"stem": "STEM"}  # as the paper's Table 1 writes it
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -42,7 +43,7 @@ def columns(results: Mapping[str, dict]) -> list[tuple[str, str, tuple[str, ...]
                 em_src.append(s)
     if cats:
         order = [c for c in CATEGORIES if c in cats] + sorted(c for c in cats if c not in CATEGORIES)
-        cols += [("MT-Bench", c.capitalize(), ("mt_bench", "categories", c)) for c in order]
+        cols += [("MT-Bench", _LABELS.get(c, c.capitalize()), ("mt_bench", "categories", c)) for c in order]
         cols.append(("MT-Bench", "Avg.", ("mt_bench", "average")))
         cols.append(("MT-Bench", "unparsable", ("mt_bench", "unparsable")))
     if nll_src:
@@ -64,15 +65,14 @@ def _get(d: Any, path: Sequence[str]) -> Any:
 
 def markdown_table(results: Mapping[str, dict]) -> str:
     cols = columns(results)
-    head = "| model | " + " | ".join(h for _, h, _ in cols) + " |"
-    rule = "|---|" + "|".join("---:" for _ in cols) + "|"
-    lines = [head, rule]
+    lines = ["| " + " | ".join(["model"] + [h for _, h, _ in cols]) + " |",
+             "|" + "|".join(["---"] + ["---:" for _ in cols]) + "|"]
     for name, r in results.items():
-        cells = []
+        cells = [name]
         for _, h, path in cols:
             v = _get(r, path)
             cells.append(str(v) if h == "unparsable" and v is not None else _fmt(v, 3 if "NLL" in h else 2))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -119,7 +119,12 @@ def plot_results(results: Mapping[str, dict], loss_histories: Mapping[str, Seque
             continue
         fig, ax = _figure()
         series = {name: [_get(r, p) for _, p in gcols] for name, r in results.items()}
+        series = {name: vals for name, vals in series.items() if any(v is not None for v in vals)}
         _grouped_bars(ax, [h.replace("NLL ", "").replace("EM ", "") for h, _ in gcols], series, ylabel)
+        if group == "MT-Bench":
+            ax.set_ylim(0, 10)
+        elif group == "exact match":
+            ax.set_ylim(0, 1)
         ax.set_title(f"{group} per {'category' if group == 'MT-Bench' else 'data source'}")
         paths.append(_save(fig, out / fname))
     if loss_histories:

@@ -1,0 +1,96 @@
+"""The run report: one table row per model, PNG plots of the right size, report.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from fusechat_core.evaluate.mt_bench import CATEGORIES
+from fusechat_core.evaluate.report import DPI, FIGSIZE, build_report
+from fusechat_core.evaluate.stage import loss_history, write_report
+from fusechat_core.store import ArtifactStore
+
+MODELS = ["pivot", "mixtral", "llama", "clm", "merge-varm"]
+
+
+def _results() -> dict[str, dict]:
+    out = {}
+    for k, name in enumerate(MODELS):
+        cats = {c: 5.0 + 0.1 * k + 0.01 * i for i, c in enumerate(CATEGORIES)}
+        out[name] = {
+            "model": name,
+            "mt_bench": {"categories": cats, "average": sum(cats.values()) / len(cats), "turn_1": 6.0,
+                         "turn_2": 5.0, "scored": 160, "unparsable": k, "failed": 0, "judge_model": "j"},
+            "heldout_nll": {"sources": {"markov": {"nll": 2.0 - 0.1 * k}, "arithmetic": {"nll": 3.0 + k}},
+                            "all": {"nll": 2.5}},
+            "exact_match": {"sources": {"arithmetic": {"accuracy": 0.1 * k}}, "all": {"accuracy": 0.1 * k}},
+        }
+    del out["llama"]["mt_bench"]  # a model without MT-Bench still gets its row
+    return out
+
+
+def _table_rows(md: str) -> list[list[str]]:
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+def test_report_renders_table_and_plots(tmp_path):
+    results = _results()
+    losses = {"mixtral": [{"step": s, "loss": 3.0 / (s + 1)} for s in range(20)],
+              "llama": [{"step": s, "loss": 2.5 / (s + 1)} for s in range(0, 20, 2)]}
+    rep = build_report("Run demo", results, tmp_path, losses)
+    rows = _table_rows((tmp_path / "report.md").read_text())
+    header, body = rows[0], rows[2:]
+    assert [r[0] for r in body] == MODELS  # one row per model, in order
+    assert header[1:9] == ["Writing", "Roleplay", "Reasoning", "Math", "Coding", "Extraction", "STEM",
+                           "Humanities"]  # the paper's Table 1 columns first
+    assert header[9] == "Avg." and "NLL markov" in header and "EM arithmetic" in header
+    assert all(len(r) == len(header) for r in body)
+    by_model = {r[0]: dict(zip(header, r)) for r in body}
+    assert by_model["mixtral"]["Writing"] == "5.10" and by_model["mixtral"]["Roleplay"] == "5.11"
+    assert by_model["llama"]["Writing"] == "–"  # absent, not zero
+    assert by_model["clm"]["NLL arithmetic"] == "6.000" and by_model["merge-varm"]["unparsable"] == "4"
+
+    want = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
+    assert sorted(rep["plots"]) == sorted(["plots/mt_bench_categories.png", "plots/heldout_nll.png",
+                                           "plots/exact_match.png", "plots/training_loss.png"])
+    for rel in rep["plots"]:
+        with Image.open(tmp_path / rel) as img:
+            assert img.format == "PNG" and img.size == want
+            # something was drawn: far from a blank canvas
+            assert len(set(img.convert("RGB").getdata())) > 20
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["models"] == MODELS and data["results"]["mixtral"]["mt_bench"]["turn_2"] == 5.0
+
+
+def test_report_artifact_reads_loss_histories(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    results = _results()
+    evals = {}
+    for name, res in results.items():
+        evals[name] = f"evaluate/{name}-0"
+        with store.writer(evals[name]) as w:
+            w.write_json("results.json", res)
+    with store.writer("train/mixtral-0") as w:
+        w.write_bytes("metrics.jsonl", b"".join(json.dumps({"step": s, "loss": 1.0 / (s + 1), "lr": 1e-5}).encode()
+                                                + b"\n" for s in range(5)))
+    with store.writer("train/llama-0") as w:
+        w.write_json("trainer_state.json", {"log_history": [{"step": 1, "loss": 2.0}, {"step": 2, "eval_x": 1},
+                                                            {"step": 3, "loss": 1.5}]})
+    assert loss_history(store, "train/llama-0") == [{"step": 1, "loss": 2.0}, {"step": 3, "loss": 1.5}]
+    assert loss_history(store, "train/none") is None
+    rep = write_report(store, "report/x", "Run", evals, {"mixtral": "train/mixtral-0", "llama": "train/llama-0"})
+    assert store.is_complete("report/x")
+    files = {f.path for f in store.require("report/x").files}
+    assert {"report.md", "report.json", "plots/training_loss.png"} <= files
+    assert len(_table_rows(rep["markdown"])) == 2 + len(MODELS)
+    assert set(store.read_json("report/x", "report.json")["loss_histories"]) == {"mixtral", "llama"}
+
+
+@pytest.mark.parametrize("bad", [{}, {"pivot": {"model": "pivot"}}])
+def test_report_without_measures_still_lists_models(tmp_path, bad):
+    rep = build_report("Empty", bad, tmp_path)
+    assert len(_table_rows(rep["markdown"])) == 2 + len(bad)
+    assert rep["plots"] == []
