@@ -1,0 +1,302 @@
+"""The alignment stage (SPEC §1.3): each source's distributions, at the pivot's rows, in pivot ids.
+
+Two artifacts per source:
+
+- ``plan.vocab_map(source)``: the source → pivot vocabulary map (``vocab.py``),
+  keyed by the two tokenizers only, so every run with the same pair reuses it.
+- ``plan.align(source)``: made of one ALIGNED shard per representation shard
+  (``plan.align_shard(source, i)``), each its own artifact, so a killed run
+  redoes only unfinished shards; the stage artifact's manifest (shard
+  addresses and digests, summed statistics) is written once all are complete.
+
+Sequence pairing needs the text behind the stored token ids. Shard ``i`` of
+the pivot and of the source hold the same dataset rows in the same order, so
+each conversation is rendered again with each model's ``ChatFormatter``; the
+re-rendered ids are checked against the shard (a different tokenizer or
+template than the representation stage used is an error, never a silent
+misalignment). Character spans then live in the rendered text when both
+models render the conversation to the same text, and otherwise in the
+conversation's message contents, the only text both renderings share
+(``sequence.content_char_map``): template markup is then never paired and
+those rows fall back to the label.
+
+When the pivot's and the source's token ids are identical on the whole shard
+(checked array against array), no text is rendered and no pairing computed:
+the identity is the pairing, and with an identity vocabulary map the top-k
+pass through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from fusechat_core.align.project import Aligned, Representation, project, same_sequences
+from fusechat_core.align.sequence import (SEQUENCE_ALIGNERS, TokenSeq, align_sequences, common_spans,
+                                          content_char_map, trimmed_spans)
+from fusechat_core.align.vocab import VocabMap, build_vocab_map, vocabulary
+from fusechat_core.config import ModelSpec, RunConfig
+from fusechat_core.store import ArtifactStore, StoreError
+
+log = logging.getLogger("fusechat.align")
+
+REPRESENTATION_FILE = "representation.safetensors"
+ALIGNED_FILE = "aligned.safetensors"
+VOCAB_MAP_FILE = "vocab_map.safetensors"
+META_FILE = "meta.json"
+_REP_KEYS = ("input_ids", "seq_offsets", "sup_positions", "sup_offsets", "topk_ids", "topk_logprobs", "metric_ce")
+
+Progress = Callable[[str], None]
+
+
+class AlignError(ValueError):
+    """Alignment inputs do not fit together; the message is one line naming shard, row or field."""
+
+
+# -- reading and writing the contracts -----------------------------------------------
+def read_representation(store: ArtifactStore, address: str) -> Representation:
+    """One REPRESENTATION shard (its manifest checked by the store) as numpy arrays."""
+    from safetensors.numpy import load_file
+
+    folder = store.fetch(address)
+    path = Path(folder) / REPRESENTATION_FILE
+    if not path.is_file():
+        raise AlignError(f"representation shard {address}: no {REPRESENTATION_FILE}")
+    arrays = load_file(str(path))
+    missing = [k for k in _REP_KEYS if k not in arrays]
+    if missing:
+        raise AlignError(f"representation shard {address}: missing tensor {missing[0]!r}")
+    meta = json.loads((Path(folder) / META_FILE).read_text()) if (Path(folder) / META_FILE).is_file() else {}
+    rep = Representation(**{k: arrays[k] for k in _REP_KEYS}, meta=meta)
+    n = rep.n_seq
+    if len(rep.sup_offsets) != n + 1 or rep.seq_offsets[-1] != len(rep.input_ids) \
+            or rep.sup_offsets[-1] != len(rep.sup_positions) or rep.topk_ids.shape[0] != len(rep.sup_positions) \
+            or rep.topk_ids.shape != rep.topk_logprobs.shape or len(rep.metric_ce) != n:
+        raise AlignError(f"representation shard {address}: arrays do not follow the contract "
+                         f"(seq_offsets/sup_offsets/topk shapes disagree)")
+    return rep
+
+
+def write_vocab_map(store: ArtifactStore, address: str, vmap: VocabMap, meta: dict[str, Any]) -> None:
+    from safetensors.numpy import save
+
+    with store.writer(address, meta={"stage": "vocab_map", **meta, **vmap.stats}) as w:
+        w.write_bytes(VOCAB_MAP_FILE, save(vmap.tensors()))
+        w.write_json(META_FILE, {**meta, **vmap.stats})
+
+
+def read_vocab_map(store: ArtifactStore, address: str) -> VocabMap:
+    from safetensors.numpy import load
+
+    arrays = load(store.read_bytes(address, VOCAB_MAP_FILE))
+    return VocabMap(arrays["ids"], arrays["kind"], arrays["distance"], store.read_json(address, META_FILE))
+
+
+def write_aligned(store: ArtifactStore, address: str, aligned: Aligned, meta: dict[str, Any]) -> None:
+    from safetensors.numpy import save
+
+    meta = {**meta, **aligned.stats}
+    with store.writer(address, meta={"stage": "align", **meta}) as w:
+        w.write_bytes(ALIGNED_FILE, save(aligned.tensors()))
+        w.write_json(META_FILE, meta)
+
+
+# -- vocabulary map stage -------------------------------------------------------------
+def _tokenizer(spec: ModelSpec) -> Any:
+    from fusechat_core.models import load_tokenizer, tokenizer_ref
+
+    return load_tokenizer(*tokenizer_ref(spec))
+
+
+def build_vocab_map_artifact(cfg: RunConfig, store: ArtifactStore, address: str, source: ModelSpec,
+                             progress: Progress | None = None) -> dict[str, Any]:
+    """The source → pivot vocabulary map of one source, written under ``address``."""
+    from fusechat_core.models import tokenizer_ref
+
+    say = progress or log.info
+    pivot_vocab = vocabulary(_tokenizer(cfg.pivot))
+    source_vocab = vocabulary(_tokenizer(source))
+    vmap = build_vocab_map(source_vocab, pivot_vocab, mapping=cfg.align.vocab_mapping,
+                           threshold=cfg.align.mined_threshold)
+    meta = {"source": source.name, "source_tokenizer": list(tokenizer_ref(source)),
+            "pivot_tokenizer": list(tokenizer_ref(cfg.pivot)), "source_family": source_vocab.family,
+            "pivot_family": pivot_vocab.family}
+    write_vocab_map(store, address, vmap, meta)
+    s = vmap.stats
+    say(f"vocab map {source.name} → {cfg.pivot.name}: {s['exact']} exact, {s['mined']} MinED, "
+        f"{s['unmapped']} unmapped, identity={s['identity']} ({s['seconds']} s)")
+    return vmap.stats
+
+
+# -- sequence pairing from text ---------------------------------------------------------
+def _render(formatter: Any, conversations: Sequence[Any]) -> list[str]:
+    from fusechat_core.chat import to_messages
+
+    return [formatter.text(to_messages(c)) for c in conversations]
+
+
+def _tokenised(formatter: Any, texts: list[str], rep: Representation, row_ids: Sequence[Any],
+               who: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, offsets) of each rendering, cut to the shard's length and checked against it."""
+    enc = formatter.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for s, (ids, offs) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+        stored = rep.sequence(s)
+        ids = np.asarray(ids[:len(stored)], dtype=np.int64)
+        if len(ids) != len(stored) or not np.array_equal(ids, stored.astype(np.int64)):
+            raise AlignError(f"align: row {row_ids[s]!r}: the {who}'s re-rendered tokens differ from its "
+                             f"representation shard (was it made with another tokenizer or chat template?)")
+        out.append((ids, np.asarray(offs[:len(stored)], dtype=np.int64).reshape(-1, 2)))
+    return out
+
+
+def pair_sequences(method: str, conversations: Sequence[Any], row_ids: Sequence[Any],
+                   pivot: Representation, source: Representation, pivot_formatter: Any,
+                   source_formatter: Any, pivot_strings: np.ndarray | None = None,
+                   source_strings: np.ndarray | None = None) -> list[np.ndarray]:
+    """For each sequence, the 1-to-1 source token of every pivot token (-1: none)."""
+    from fusechat_core.chat import to_messages
+
+    p_texts = _render(pivot_formatter, conversations)
+    s_texts = _render(source_formatter, conversations)
+    p_tok = _tokenised(pivot_formatter, p_texts, pivot, row_ids, "pivot")
+    s_tok = _tokenised(source_formatter, s_texts, source, row_ids, "source")
+    p_seqs, s_seqs = [], []
+    for s, conv in enumerate(conversations):
+        (pid, poff), (sid, soff) = p_tok[s], s_tok[s]
+        if method == "dtw":
+            if pivot_strings is None or source_strings is None:
+                raise ValueError("dtw pairing needs both vocabularies' canonical strings")
+            p_seqs.append(TokenSeq(list(pivot_strings[pid])))
+            s_seqs.append(TokenSeq(list(source_strings[sid])))
+            continue
+        pt, st = p_texts[s], s_texts[s]
+        p_span, s_span = trimmed_spans(pt, poff), trimmed_spans(st, soff)
+        if pt != st:
+            contents = [m["content"] for m in to_messages(conv)]
+            p_span = common_spans(p_span, content_char_map(pt, contents)[0])
+            s_span = common_spans(s_span, content_char_map(st, contents)[0])
+        p_seqs.append(TokenSeq([], p_span))
+        s_seqs.append(TokenSeq([], s_span))
+    return align_sequences(method, p_seqs, s_seqs)
+
+
+def _strings(vocab: Any, size: int) -> np.ndarray:
+    arr = np.array([s if s is not None else "" for s in vocab.strings] + [""] * max(0, size - len(vocab)),
+                   dtype=object)
+    return arr
+
+
+# -- align stage ------------------------------------------------------------------------
+def shard_rows(rows: Sequence[dict], index: int, count: int) -> Sequence[dict]:
+    """Shard ``index`` of ``count``: the contiguous block of dataset rows the representations hold."""
+    n = len(rows)
+    return rows[index * n // count:(index + 1) * n // count]
+
+
+def align_shard(cfg: RunConfig, source: ModelSpec, pivot_rep: Representation, source_rep: Representation,
+                vmap: VocabMap, conversations: Sequence[Any], row_ids: Sequence[Any]) -> Aligned:
+    """The ALIGNED arrays of one shard (pure computation; no store access)."""
+    from fusechat_core.chat import ChatFormatter
+
+    if list(pivot_rep.meta.get("row_ids", row_ids)) != list(source_rep.meta.get("row_ids", row_ids)):
+        raise AlignError(f"align {source.name}: pivot and source shards hold different rows")
+    if pivot_rep.n_seq != source_rep.n_seq or pivot_rep.n_seq != len(conversations):
+        raise AlignError(f"align {source.name}: {pivot_rep.n_seq} pivot sequences, {source_rep.n_seq} source "
+                         f"sequences, {len(conversations)} dataset rows")
+    t0 = time.perf_counter()
+    method = cfg.align.method
+    if same_sequences(pivot_rep, source_rep):
+        pairing, used = None, "identity"
+    else:
+        used = "offsets" if method == "auto" else method
+        p_tok, s_tok = _tokenizer(cfg.pivot), _tokenizer(source)
+        if used == "offsets" and not (getattr(p_tok, "is_fast", False) and getattr(s_tok, "is_fast", False)):
+            used = "dtw"
+        if used not in SEQUENCE_ALIGNERS:
+            raise AlignError(f"align.method: unknown sequence alignment {used!r}")
+        p_str = s_str = None
+        if used == "dtw":
+            p_str = _strings(vocabulary(p_tok), int(pivot_rep.input_ids.max(initial=0)) + 1)
+            s_str = _strings(vocabulary(s_tok), int(source_rep.input_ids.max(initial=0)) + 1)
+        pairing = pair_sequences(used, conversations, row_ids, pivot_rep, source_rep,
+                                 ChatFormatter(p_tok, cfg.pivot.chat_template),
+                                 ChatFormatter(s_tok, source.chat_template), p_str, s_str)
+    aligned = project(pivot_rep, source_rep, pairing, vmap)
+    aligned.stats.update({"sequence_alignment": used, "seconds": round(time.perf_counter() - t0, 3)})
+    return aligned
+
+
+def align_shard_artifact(cfg: RunConfig, store: ArtifactStore, source: ModelSpec, index: int,
+                         progress: Progress | None = None) -> dict[str, Any]:
+    """Align shard ``index`` of ``source`` and write it under ``plan.align_shard(source, index)``."""
+    from fusechat_core.data import read_split
+    from fusechat_core.plan import RunPlan
+
+    say = progress or log.info
+    plan = RunPlan(cfg)
+    shards = cfg.represent.shards
+    pivot_rep = read_representation(store, plan.represent_shard(cfg.pivot, index))
+    source_rep = read_representation(store, plan.represent_shard(source, index))
+    vmap = read_vocab_map(store, plan.vocab_map(source))
+    rows = shard_rows(read_split(store, plan.dataset, "train"), index, shards)
+    row_ids = [r["id"] for r in rows]
+    if "row_ids" in pivot_rep.meta and list(pivot_rep.meta["row_ids"]) != row_ids:
+        raise AlignError(f"align {source.name} shard {index}: the pivot's shard rows are not dataset rows "
+                         f"[{index}*n/{shards}, {index + 1}*n/{shards})")
+    aligned = align_shard(cfg, source, pivot_rep, source_rep, vmap, [r["conversations"] for r in rows], row_ids)
+    meta = {"source": source.name, "pivot": cfg.pivot.name, "shard": index, "shards": shards,
+            "n_seq": pivot_rep.n_seq, "row_ids": row_ids, "top_k": int(aligned.topk_ids.shape[1]),
+            "vocab_size": int(pivot_rep.meta.get("vocab_size", 0)) or None,
+            "vocab_map": plan.vocab_map(source)}
+    address = plan.align_shard(source, index)
+    write_aligned(store, address, aligned, meta)
+    st = aligned.stats
+    say(f"align {source.name} shard {index + 1}/{shards}: {st['rows']} rows, "
+        f"{st['share_one_to_one']:.1%} 1-to-1, {st['share_fallback']:.1%} fallback, "
+        f"mass exact {st['mass_exact']:.1%} / MinED {st['mass_mined']:.1%} ({st['sequence_alignment']})")
+    return st
+
+
+def finish_align_artifact(cfg: RunConfig, store: ArtifactStore, source: ModelSpec) -> dict[str, Any]:
+    """The stage artifact: written only once every shard is complete; lists them and sums their stats."""
+    from fusechat_core.plan import RunPlan
+
+    plan = RunPlan(cfg)
+    shards, stats = [], []
+    for i in range(cfg.represent.shards):
+        addr = plan.align_shard(source, i)
+        try:
+            man = store.require(addr)
+        except StoreError:
+            raise AlignError(f"align {source.name}: shard {i} ({addr}) is not complete") from None
+        shards.append({"address": addr, "digest": man.digest})
+        stats.append(man.meta)
+    summary = summarise(stats)
+    with store.writer(plan.align(source), meta={"stage": "align", "source": source.name, "shards": shards,
+                                                **summary}) as w:
+        w.write_json("summary.json", {"shards": shards, **summary})
+    return summary
+
+
+def summarise(shard_stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    rows = sum(s["rows"] for s in shard_stats)
+    fb = sum(s["fallback"] for s in shard_stats)
+    sums = {k: sum(s["mass_sums"][k] for s in shard_stats) for k in ("total", "exact", "mined")}
+    denom = sums["total"] or 1.0
+    return {"rows": rows, "fallback": fb, "share_one_to_one": (rows - fb) / rows if rows else 0.0,
+            "share_fallback": fb / rows if rows else 0.0, "mass_exact": sums["exact"] / denom,
+            "mass_mined": sums["mined"] / denom,
+            "mass_unmapped": max(0.0, sums["total"] - sums["exact"] - sums["mined"]) / denom,
+            "identity": all(s.get("identity") for s in shard_stats),
+            "sequence_alignment": sorted({s.get("sequence_alignment", "?") for s in shard_stats})}
+
+
+__all__ = ["AlignError", "Aligned", "Representation", "VocabMap", "align_shard", "align_shard_artifact",
+           "build_vocab_map", "build_vocab_map_artifact", "finish_align_artifact", "pair_sequences",
+           "project", "read_representation", "read_vocab_map", "shard_rows", "vocabulary"]

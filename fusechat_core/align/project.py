@@ -1,0 +1,187 @@
+"""Distribution projection (SPEC §1.3): a source's top-k, moved onto the pivot's rows.
+
+The rows of an aligned shard are the pivot's supervised rows: row r is the
+pivot's prediction of token ``t`` (= ``sup_positions[r]``) from position
+``t-1``. When pivot token ``t`` is paired 1-to-1 with source token ``u``
+(``sequence.py``) and the source supervised ``u``, the source's row for ``u``
+predicts the same piece of text from the same context, so its top-k ids are
+mapped into pivot ids (``vocab.py``); two source ids landing on one pivot id
+keep the larger log-prob. Every other row falls back to a one-hot on the
+pivot's token ``t`` itself, the *label* of the row, i.e. the next token after
+the input position ``t-1``. (The original FuseLLM code put the one-hot on the
+input token ``t-1``, an off-by-one this module must not repeat.) A paired row
+whose top-k maps nowhere (all ids unmapped) falls back too: an empty teacher
+is no teacher.
+
+Log-probs are carried unchanged (not renormalised): the fusion function
+renormalises over the kept entries at its temperature (SPEC §1.4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from fusechat_core.align.vocab import EXACT, MINED, VocabMap
+
+
+@dataclass
+class Representation:
+    """The arrays of one REPRESENTATION shard (see the contract), plus its meta.json."""
+
+    input_ids: np.ndarray
+    seq_offsets: np.ndarray
+    sup_positions: np.ndarray
+    sup_offsets: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    metric_ce: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_seq(self) -> int:
+        return len(self.seq_offsets) - 1
+
+    def sequence(self, s: int) -> np.ndarray:
+        return self.input_ids[self.seq_offsets[s]:self.seq_offsets[s + 1]]
+
+    def row_sequence(self) -> np.ndarray:
+        """Sequence index of every supervised row."""
+        return np.repeat(np.arange(self.n_seq, dtype=np.int64), np.diff(self.sup_offsets.astype(np.int64)))
+
+
+@dataclass
+class Aligned:
+    """The arrays of one ALIGNED shard and its statistics."""
+
+    sup_offsets: np.ndarray  # int64 [n_seq+1], the pivot's
+    topk_ids: np.ndarray  # int32 [rows, k]
+    topk_logprobs: np.ndarray  # float16 [rows, k]
+    metric_ce: np.ndarray  # float32 [n_seq], the source's
+    fallback: np.ndarray  # bool [rows]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"sup_offsets": self.sup_offsets, "topk_ids": self.topk_ids, "topk_logprobs": self.topk_logprobs,
+                "metric_ce": self.metric_ce, "fallback": self.fallback}
+
+
+def same_sequences(pivot: Representation, source: Representation) -> bool:
+    """True when both models tokenised every sequence to the same ids (checked, never assumed)."""
+    return (np.array_equal(pivot.seq_offsets, source.seq_offsets)
+            and np.array_equal(pivot.input_ids.astype(np.int64, copy=False),
+                               source.input_ids.astype(np.int64, copy=False)))
+
+
+def _source_rows(pivot: Representation, source: Representation, pair_pos: np.ndarray,
+                 row_seq: np.ndarray) -> np.ndarray:
+    """For each pivot row, the source row predicting source position ``pair_pos`` (-1: none)."""
+    s_seq = source.row_sequence()
+    width = int(max(np.diff(source.seq_offsets).max(initial=0), np.diff(pivot.seq_offsets).max(initial=0))) + 1
+    # Source rows are in (sequence, position) order, so their keys are sorted.
+    s_key = s_seq * width + source.sup_positions.astype(np.int64)
+    p_key = row_seq * width + pair_pos
+    if len(s_key) == 0:
+        return np.full(len(p_key), -1, np.int64)
+    at = np.clip(np.searchsorted(s_key, p_key), 0, len(s_key) - 1)
+    return np.where((pair_pos >= 1) & (s_key[at] == p_key), at, -1)
+
+
+def project(pivot: Representation, source: Representation, pairing: Sequence[np.ndarray] | None,
+            vmap: VocabMap) -> Aligned:
+    """Map ``source``'s distributions onto ``pivot``'s supervised rows.
+
+    ``pairing[s][t]`` is the source token paired 1-to-1 with pivot token ``t``
+    of sequence ``s`` (-1: none); ``None`` means the sequences are identical
+    (verified by the caller with ``same_sequences``) so every token pairs with
+    itself.
+    """
+    n_rows = len(pivot.sup_positions)
+    k = source.topk_ids.shape[1] if source.topk_ids.ndim == 2 else 0
+    if len(source.metric_ce) != pivot.n_seq:
+        raise ValueError(f"source has {len(source.metric_ce)} sequences, pivot {pivot.n_seq}")
+    sup_offsets = pivot.sup_offsets.astype(np.int64)
+    metric_ce = source.metric_ce.astype(np.float32)
+    vmap = vmap.padded(int(source.meta.get("vocab_size", 0)) or int(source.topk_ids.max(initial=-1)) + 1)
+
+    if pairing is None and vmap.is_identity and np.array_equal(pivot.sup_offsets, source.sup_offsets) \
+            and np.array_equal(pivot.sup_positions, source.sup_positions):
+        # Identity: same tokens, same vocabulary, same rows. Nothing to compute.
+        ids = source.topk_ids.astype(np.int32)
+        p = np.exp(source.topk_logprobs.astype(np.float32))
+        total = float(p.sum())
+        stats = _stats(n_rows, np.zeros(n_rows, bool), 0, total, total, 0.0, identity=True)
+        return Aligned(sup_offsets, ids, source.topk_logprobs.astype(np.float16), metric_ce,
+                       np.zeros(n_rows, bool), stats)
+
+    row_seq = pivot.row_sequence()
+    t = pivot.sup_positions.astype(np.int64)
+    if pairing is None:
+        pair_pos = t
+    else:
+        if len(pairing) != pivot.n_seq:
+            raise ValueError(f"pairing has {len(pairing)} sequences, pivot {pivot.n_seq}")
+        flat = np.concatenate([np.asarray(x, np.int64) for x in pairing]) if len(pairing) else np.zeros(0, np.int64)
+        if len(flat) != len(pivot.input_ids):
+            raise ValueError(f"pairing covers {len(flat)} pivot tokens, the shard has {len(pivot.input_ids)}")
+        pair_pos = flat[pivot.seq_offsets[row_seq].astype(np.int64) + t]
+    src_row = _source_rows(pivot, source, pair_pos, row_seq)
+    paired = src_row >= 0
+
+    ids = np.zeros((n_rows, k), np.int32)
+    lps = np.full((n_rows, k), -np.inf, np.float32)
+    raw_ids = source.topk_ids[src_row[paired]].astype(np.int64)
+    raw_lp = source.topk_logprobs[src_row[paired]].astype(np.float32)
+    # Descending log-prob first, so "first occurrence of an id" is "its larger log-prob".
+    order = np.argsort(-raw_lp, axis=1, kind="stable")
+    raw_ids = np.take_along_axis(raw_ids, order, axis=1)
+    raw_lp = np.take_along_axis(raw_lp, order, axis=1)
+    kind = vmap.kind[raw_ids]
+    mapped = vmap.ids[raw_ids].astype(np.int64)
+    mass = np.exp(raw_lp)
+    exact_mass = float(mass[kind == EXACT].sum())
+    mined_mass = float(mass[kind == MINED].sum())
+    total_mass = float(mass.sum())
+    earlier_same = (mapped[:, :, None] == mapped[:, None, :]) & np.tri(k, k, -1, dtype=bool)[None]
+    valid = (mapped >= 0) & ~earlier_same.any(axis=2)
+    # Compact the kept entries to the front; a stable sort keeps them descending.
+    pack = np.argsort(~valid, axis=1, kind="stable")
+    valid = np.take_along_axis(valid, pack, axis=1)
+    out_ids = np.where(valid, np.take_along_axis(mapped, pack, axis=1), 0)
+    out_lp = np.where(valid, np.take_along_axis(raw_lp, pack, axis=1), -np.inf)
+    ids[paired] = out_ids
+    lps[paired] = out_lp
+    empty = np.zeros(n_rows, bool)
+    empty[paired] = ~valid.any(axis=1)
+    fallback = ~paired | empty
+
+    labels = pivot.input_ids[pivot.seq_offsets[row_seq].astype(np.int64) + t].astype(np.int32)
+    ids[fallback] = 0
+    lps[fallback] = -np.inf
+    ids[fallback, 0] = labels[fallback]
+    lps[fallback, 0] = 0.0
+    stats = _stats(n_rows, fallback, int(empty.sum()), total_mass, exact_mass, mined_mass, identity=False)
+    return Aligned(sup_offsets, ids, lps.astype(np.float16), metric_ce, fallback, stats)
+
+
+def _stats(n_rows: int, fallback: np.ndarray, n_empty: int, total: float, exact: float, mined: float, *,
+           identity: bool) -> dict[str, Any]:
+    n_fb = int(fallback.sum())
+    denom = total if total > 0 else 1.0
+    return {
+        "rows": n_rows,
+        "one_to_one": n_rows - n_fb,
+        "fallback": n_fb,
+        "fallback_unmapped_topk": n_empty,
+        "share_one_to_one": (n_rows - n_fb) / n_rows if n_rows else 0.0,
+        "share_fallback": n_fb / n_rows if n_rows else 0.0,
+        # shares of the paired rows' top-k probability mass
+        "mass_exact": exact / denom,
+        "mass_mined": mined / denom,
+        "mass_unmapped": max(0.0, total - exact - mined) / denom,
+        # raw sums, so shard statistics add up to the stage's
+        "mass_sums": {"total": total, "exact": exact, "mined": mined},
+        "identity": identity,
+    }

@@ -1,0 +1,300 @@
+"""Sequence alignment (SPEC §1.3): which source token stands for each pivot token.
+
+Both methods answer the same question for one rendered sequence pair: for
+every pivot token ``t``, the index ``u`` of the source token that spells the
+same piece of text **1-to-1**, or -1 where the pairing is 1-to-many,
+many-to-1 or absent. Projection then only needs that one int array.
+
+``offsets`` (the default; near linear): tokens of fast tokenizers carry
+character spans. A pivot token and a source token pair 1-to-1 when their
+spans, trimmed of surrounding whitespace, are equal and no other token on
+either side has that trimmed span. Trimming is what makes ``▁▁▁▁`` +
+``return`` pair with ``ĠĠĠ`` + ``Ġreturn`` on ``return`` (as DTW on
+marker-stripped strings does) while ``!`` + ``\\n`` against ``!\\n`` stays
+unpaired; whitespace-only tokens compare on their raw span. Spans are in a
+*common coordinate* shared by both renderings (see ``common_spans``).
+
+``dtw``: dynamic time warping on token strings alone (for tokenizers without
+offsets), with the reference's cost, the edit distance between the token
+strings with word-start markers (spaces, in canonical form) removed, and the
+reference's backtracking tie-break (diagonal, then up, then left); a pivot
+token pairs when it and its source token each lie on one path cell and spell
+the same text. It is
+vectorised, never a Python loop over n·m cells: a row of the recurrence
+``D[i,j] = c[i,j] + min(D[i-1,j], D[i,j-1], D[i-1,j-1])`` is a min-plus
+prefix scan, ``D[i,j] = C[j] + min_{k<=j}(min(D[i-1,k], D[i-1,k-1]) - C[k-1])``
+with ``C`` the running sum of the row's costs (exact, since costs are
+non-negative), computed for a whole batch of sequence pairs at once. The
+integer D matrix equals the one a double loop computes, so the path is the
+same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fusechat_core.registry import Registry
+
+# Every Unicode whitespace code point lies below U+3001.
+_WS = np.array([c for c in range(0x3001) if chr(c).isspace()], dtype=np.uint32)
+_INF = np.int32(1 << 29)
+
+
+@dataclass
+class TokenSeq:
+    """One rendered sequence as a sequence aligner sees it."""
+
+    strings: list[str]  # canonical token strings (vocab.canonical form)
+    spans: np.ndarray | None = None  # int64 [n, 2] trimmed spans in common coordinates; -1: none
+
+    def __len__(self) -> int:
+        return len(self.strings)
+
+
+Aligner = Callable[[Sequence[TokenSeq], Sequence[TokenSeq]], list[np.ndarray]]
+SEQUENCE_ALIGNERS: Registry[Aligner] = Registry("sequence alignment method")
+
+
+# -- spans -------------------------------------------------------------------------
+def _codes(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def trimmed_spans(text: str, offsets: np.ndarray) -> np.ndarray:
+    """Token spans with leading/trailing whitespace trimmed; whitespace-only tokens keep their span.
+
+    ``offsets`` is int [n, 2] of character offsets into ``text``. Empty spans
+    (some special tokens) come back as (-1, -1): they spell nothing to pair on.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    n_chars = len(text)
+    out = np.full_like(offsets, -1)
+    if not len(offsets):
+        return out
+    ws = np.isin(_codes(text), _WS)
+    idx = np.arange(n_chars + 1, dtype=np.int64)
+    # next_non_ws[p]: first non-whitespace position >= p (n_chars if none)
+    nxt = np.where(np.append(~ws, True), idx, n_chars + 1)
+    nxt = np.minimum.accumulate(nxt[::-1])[::-1]
+    # prev_non_ws[p]: last non-whitespace position <= p (-1 if none)
+    prv = np.where(np.append(~ws, False), idx, -1)
+    prv = np.maximum.accumulate(prv)
+    a, b = offsets[:, 0], offsets[:, 1]
+    nonempty = (b > a) & (a >= 0) & (b <= n_chars)
+    a_c, b_c = np.clip(a, 0, n_chars), np.clip(b - 1, 0, n_chars)
+    first, last = nxt[a_c], prv[b_c]
+    has_text = nonempty & (first < b)
+    out[has_text, 0] = first[has_text]
+    out[has_text, 1] = last[has_text] + 1
+    ws_only = nonempty & ~has_text
+    out[ws_only] = offsets[ws_only]
+    return out
+
+
+def content_char_map(text: str, contents: Sequence[str]) -> tuple[np.ndarray, int]:
+    """Map each character of a rendering to its place in the conversation's contents.
+
+    Two models may render one conversation with different chat templates;
+    what both renderings share is the message contents. Each content is found
+    in order in ``text``; its characters map to ``base_k + offset`` where
+    ``base_k`` is the total length of the contents before it. Template markup
+    (and a content the template altered, so it is not found verbatim) maps to
+    -1, so tokens there are never paired and fall back to the label.
+    Returns (int64 [len(text)] map, total content length).
+    """
+    cmap = np.full(len(text), -1, dtype=np.int64)
+    pos = base = 0
+    for c in contents:
+        at = text.find(c, pos) if c else -1
+        if at >= 0:
+            cmap[at:at + len(c)] = np.arange(base, base + len(c))
+            pos = at + len(c)
+        base += len(c)
+    return cmap, base
+
+
+def common_spans(trimmed: np.ndarray, char_map: np.ndarray | None) -> np.ndarray:
+    """Trimmed spans moved into common coordinates; a span that is not one contiguous
+    run of shared text becomes (-1, -1)."""
+    if char_map is None:
+        return trimmed
+    out = np.full_like(trimmed, -1)
+    ok = trimmed[:, 0] >= 0
+    a, b = trimmed[ok, 0], trimmed[ok, 1]
+    ca, cb = char_map[a], char_map[b - 1]
+    good = (ca >= 0) & (cb >= 0) & (cb - ca == b - 1 - a)
+    rows = np.flatnonzero(ok)[good]
+    out[rows, 0] = ca[good]
+    out[rows, 1] = cb[good] + 1
+    return out
+
+
+# -- offsets method ------------------------------------------------------------------
+def align_spans(pivot_spans: np.ndarray, source_spans: np.ndarray) -> np.ndarray:
+    """For each pivot token, the source token with the same (unique) span, else -1."""
+    n = len(pivot_spans)
+    out = np.full(n, -1, dtype=np.int64)
+    if n == 0 or len(source_spans) == 0:
+        return out
+    width = int(max(pivot_spans.max(), source_spans.max())) + 2
+    pk = np.where(pivot_spans[:, 0] >= 0, pivot_spans[:, 0] * width + pivot_spans[:, 1], -1)
+    sk = np.where(source_spans[:, 0] >= 0, source_spans[:, 0] * width + source_spans[:, 1], -1)
+    pu, pc = np.unique(pk, return_counts=True)
+    su, sc = np.unique(sk, return_counts=True)
+    p_unique = pc[np.searchsorted(pu, pk)] == 1
+    s_order = np.argsort(sk, kind="stable")
+    s_sorted = sk[s_order]
+    where = np.clip(np.searchsorted(s_sorted, pk), 0, len(sk) - 1)
+    found = (s_sorted[where] == pk) & (pk >= 0) & p_unique
+    s_unique = sc[np.clip(np.searchsorted(su, pk), 0, len(su) - 1)] == 1
+    ok = found & s_unique
+    out[ok] = s_order[where[ok]]
+    return out
+
+
+@SEQUENCE_ALIGNERS.register("offsets")
+def align_offsets(pivots: Sequence[TokenSeq], sources: Sequence[TokenSeq]) -> list[np.ndarray]:
+    out = []
+    for p, s in zip(pivots, sources, strict=True):
+        if p.spans is None or s.spans is None:
+            raise ValueError("offsets alignment needs character spans for both tokenizers; use method 'dtw'")
+        out.append(align_spans(p.spans, s.spans))
+    return out
+
+
+# -- DTW -----------------------------------------------------------------------------------
+def dtw_strings(strings: Sequence[str]) -> list[str]:
+    """The DTW cost compares strings without word-start markers (spaces in canonical form)."""
+    return [s.replace(" ", "") for s in strings]
+
+
+def _batch_costs(pivots: Sequence[Sequence[str]], sources: Sequence[Sequence[str]]) -> np.ndarray:
+    """int32 [B, N, M] edit distances, each distinct string pair computed once."""
+    from rapidfuzz.distance import Levenshtein
+    from rapidfuzz.process import cdist
+
+    pu, p_inv = np.unique(np.array([s for seq in pivots for s in seq] or [""], dtype=object).astype(str),
+                          return_inverse=True)
+    su, s_inv = np.unique(np.array([s for seq in sources for s in seq] or [""], dtype=object).astype(str),
+                          return_inverse=True)
+    table = cdist(list(pu), list(su), scorer=Levenshtein.distance, dtype=np.int32, workers=-1)
+    B = len(pivots)
+    N = max(len(x) for x in pivots)
+    M = max(len(x) for x in sources)
+    pi = np.zeros((B, N), dtype=np.int64)
+    si = np.zeros((B, M), dtype=np.int64)
+    a = b = 0
+    for k in range(B):
+        n, m = len(pivots[k]), len(sources[k])
+        pi[k, :n] = p_inv[a:a + n]
+        si[k, :m] = s_inv[b:b + m]
+        a += n
+        b += m
+    # Padded cells hold arbitrary costs: a cell only feeds cells at or after it in
+    # both axes, and each pair's path starts at its own last cell.
+    return table[pi[:, :, None], si[:, None, :]]
+
+
+def dtw_matrix(cost: np.ndarray) -> np.ndarray:
+    """Accumulated cost D [B, N, M] of the DTW recurrence, one vectorised row at a time."""
+    B, N, M = cost.shape
+    D = np.empty((B, N, M), dtype=np.int32)
+    # Row -1 is a virtual row whose only finite cell is "before (0, 0)".
+    m_prev = np.full((B, M), _INF, dtype=np.int32)
+    m_prev[:, 0] = 0
+    zero = np.zeros((B, 1), dtype=np.int32)
+    for i in range(N):
+        C = np.cumsum(cost[:, i, :], axis=1, dtype=np.int32)
+        C_before = np.concatenate([zero, C[:, :-1]], axis=1)
+        best = np.minimum.accumulate(m_prev - C_before, axis=1)
+        row = np.minimum(C + best, _INF)
+        D[:, i, :] = row
+        # m[k] = min(D[i,k], D[i,k-1]): the cheaper of "from above" and "from the diagonal"
+        m_prev = row.copy()
+        np.minimum(m_prev[:, 1:], row[:, :-1], out=m_prev[:, 1:])
+    return D
+
+
+def dtw_backtrack(D: np.ndarray, n: np.ndarray, m: np.ndarray, cost: np.ndarray) -> list[np.ndarray]:
+    """1-to-1 pairing from the optimal paths, all pairs of the batch stepping together.
+
+    At (i, j) the path moves to the cheapest of diagonal, up, left, in that
+    order on ties (the reference's ``argmin([diag, up, left])``). A pivot
+    token is paired when it lies on exactly one path cell, its source token
+    too, and the two spell the same text (cost 0): DTW also walks through
+    cells of unequal tokens (`` persu`` against `` persuas``), and the
+    reference itself uses a source distribution only where the tokens agree.
+    """
+    B, N, M = D.shape
+    i = n.astype(np.int64) - 1
+    j = m.astype(np.int64) - 1
+    cnt_p = np.zeros((B, N), dtype=np.int32)
+    cnt_s = np.zeros((B, M), dtype=np.int32)
+    match = np.full((B, N), -1, dtype=np.int64)
+    active = (i >= 0) & (j >= 0)
+    bidx = np.arange(B)
+    big = np.int64(1) << 40
+    while active.any():
+        b, ii, jj = bidx[active], i[active], j[active]
+        cnt_p[b, ii] += 1
+        cnt_s[b, jj] += 1
+        match[b, ii] = jj
+        done = (ii == 0) & (jj == 0)
+        diag = np.where((ii > 0) & (jj > 0), D[b, np.maximum(ii - 1, 0), np.maximum(jj - 1, 0)], big)
+        up = np.where(ii > 0, D[b, np.maximum(ii - 1, 0), jj], big)
+        left = np.where(jj > 0, D[b, ii, np.maximum(jj - 1, 0)], big)
+        move = np.argmin(np.stack([diag, up, left]), axis=0)
+        i[b] = ii - (move <= 1)
+        j[b] = jj - ((move == 0) | (move == 2))
+        active[b[done]] = False
+    out = []
+    for k in range(B):
+        mk = match[k, :n[k]]
+        ok = (cnt_p[k, :n[k]] == 1) & (mk >= 0)
+        ok[ok] &= (cnt_s[k, mk[ok]] == 1) & (cost[k, np.flatnonzero(ok), mk[ok]] == 0)
+        out.append(np.where(ok, mk, -1))
+    return out
+
+
+@SEQUENCE_ALIGNERS.register("dtw")
+def align_dtw(pivots: Sequence[TokenSeq], sources: Sequence[TokenSeq], *,
+              max_cells: int = 1 << 24) -> list[np.ndarray]:
+    """DTW pairing for many sequence pairs, batched so a batch's D stays under ``max_cells``."""
+    out: list[np.ndarray | None] = [None] * len(pivots)
+    if len(pivots) != len(sources):
+        raise ValueError("pivots and sources differ in length")
+    order = sorted(range(len(pivots)), key=lambda k: (len(pivots[k]), len(sources[k])))
+    batch: list[int] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        live = [k for k in batch if len(pivots[k]) and len(sources[k])]
+        for k in batch:
+            if k not in live:
+                out[k] = np.full(len(pivots[k]), -1, dtype=np.int64)
+        if live:
+            ps = [dtw_strings(pivots[k].strings) for k in live]
+            ss = [dtw_strings(sources[k].strings) for k in live]
+            cost = _batch_costs(ps, ss)
+            D = dtw_matrix(cost)
+            res = dtw_backtrack(D, np.array([len(x) for x in ps]), np.array([len(x) for x in ss]), cost)
+            for k, r in zip(live, res):
+                out[k] = r
+        batch.clear()
+
+    for k in order:
+        N = max([len(pivots[x]) for x in batch] + [len(pivots[k])])
+        M = max([len(sources[x]) for x in batch] + [len(sources[k])])
+        if batch and (len(batch) + 1) * N * M > max_cells:
+            flush()
+        batch.append(k)
+    flush()
+    return out  # type: ignore[return-value]
+
+
+def align_sequences(method: str, pivots: Sequence[TokenSeq], sources: Sequence[TokenSeq]) -> list[np.ndarray]:
+    return SEQUENCE_ALIGNERS.get(method)(pivots, sources)
