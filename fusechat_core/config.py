@@ -185,6 +185,10 @@ class MergeConfig(_Section):
     granularity: Literal["matrix", "layer", "model"] = "matrix"
     mergekit_yaml: str | None = None  # a user's own mergekit config, used as given
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Bytes per output safetensors shard: mergekit holds one shard in memory before
+    # writing it, so this bounds the merge's resident output, not just file sizes.
+    shard_size: int = Field(default=2_000_000_000, ge=1_000_000)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class EvaluateConfig(_Section):
