@@ -1,0 +1,165 @@
+"""Run one merge on mergekit's out-of-core engine and finish the model folder.
+
+mergekit loads one tensor at a time from each input's safetensors and writes
+shards as they fill, so merging three 7B models needs memory for a few
+matrices and one output shard, not for three models. We add what mergekit
+does not: the pivot's tokenizer and chat template (the targets were trained
+with them), the VaRM weights table, and a model card naming sources and targets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from fusechat_core.merge import statistics
+from fusechat_core.merge.card import model_card, weights_markdown, weights_summary
+from fusechat_core.merge.translate import (
+    MergeError,
+    build_configuration,
+    configuration_from_yaml,
+    method_spec,
+)
+from fusechat_core.merge.varm import recording
+
+WEIGHTS_JSON = "varm_weights.json"
+WEIGHTS_MD = "varm_weights.md"
+_TOKENIZER_EXTRA = ("generation_config.json",)
+
+
+def _check_ref(label: str, ref: str) -> str:
+    """A local folder must exist and hold a model; anything else is taken as a hub id."""
+    p = Path(ref).expanduser()
+    looks_local = ref.startswith(("/", "./", "../", "~")) or p.exists()
+    if looks_local:
+        if not p.is_dir():
+            raise MergeError(f"{label}: no such directory: {ref}")
+        if not (p / "config.json").is_file():
+            raise MergeError(f"{label}: {ref} has no config.json (not a Hugging Face model folder)")
+        return str(p.resolve())
+    return ref
+
+
+def _local_dir(ref: str) -> Path:
+    from mergekit.common import ModelReference
+
+    return Path(ModelReference.parse(ref).local_path())
+
+
+def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: str | Path, *,
+                 parameters: Mapping[str, Any] | None = None, granularity: str = "matrix",
+                 dtype: str = "float32", mergekit_yaml: str | None = None,
+                 shard_size: int = 2_000_000_000, device: str = "auto", seed: int = 0,
+                 tokenizer: tuple[str, str | None] | None = None, chat_template: str | None = None,
+                 sources: list[str] | None = None, name: str | None = None,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Merge ``targets`` (name → folder or hub id), all fine-tunes of ``pivot``, into ``out_dir``.
+
+    ``mergekit_yaml`` (text) replaces the translation from ``method``/``parameters``.
+    ``tokenizer``: the pivot's tokenizer reference when it is not in the pivot folder.
+    Returns a summary: the folder, the mergekit config and, for VaRM, the weights table.
+    """
+    from mergekit.merge import MergeOptions, run_merge
+
+    from fusechat_core.models import pick_device
+
+    say = progress or (lambda _m: None)
+    spec = method_spec(method)
+    pivot = _check_ref("pivot", pivot)
+    targets = {n: _check_ref(f"target {n}", p) for n, p in targets.items()}
+    seen = {pivot: "the pivot"}
+    for n, p in targets.items():
+        if p in seen:
+            # mergekit would fold a repeated input into one (or into the base) without a word
+            raise MergeError(f"target {n}: {p} is already {seen[p]}")
+        seen[p] = f"target {n}"
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise MergeError(f"out: {out} is not empty")
+
+    if mergekit_yaml is not None:
+        config = configuration_from_yaml(mergekit_yaml, pivot, targets)
+        granularity = "matrix"
+    else:
+        weights = None
+        if spec.mergekit_method == "varm" and granularity != "matrix":
+            say(f"VaRM: {granularity}-level statistics over {len(targets)} targets")
+            groups = statistics.group_weights(pivot, list(targets.values()), granularity, say)
+            weights = [statistics.weight_parameter(groups, j) for j in range(len(targets))]
+        config = build_configuration(method, pivot, targets, parameters=parameters, dtype=dtype,
+                                     target_weights=weights, granularity=granularity)
+    config_yaml = config.to_yaml()
+    is_varm = config.merge_method == "varm"
+
+    options = MergeOptions(device=pick_device(device), out_shard_size=int(shard_size), copy_tokenizer=False,
+                           write_model_card=False, quiet=True, random_seed=seed, safe_serialization=True)
+    out.mkdir(parents=True, exist_ok=True)
+    say(f"merging {len(targets)} targets with {config.merge_method} on {options.device}")
+    base = str(config.base_model) if config.base_model else ""
+    inputs = [str(m.model) for m in config.models or []]
+    try:
+        if is_varm:
+            with recording(base, [i for i in inputs if i != base]) as raw_table:
+                run_merge(config, str(out), options, config_source=config_yaml)
+        else:
+            raw_table = None
+            run_merge(config, str(out), options, config_source=config_yaml)
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MergeError(f"merge ({config.merge_method}) failed: {first}") from exc
+
+    _pivot_tokenizer(out, pivot, tokenizer, chat_template)
+    (out / "mergekit_config.yml").write_text(config_yaml + "\n")
+
+    table = None
+    if is_varm:
+        by_path = {p: n for n, p in targets.items()}
+        names = [by_path.get(i, i) for i in inputs if i != base]
+        table = {"method": "varm", "granularity": granularity, "pivot": pivot, "targets": names,
+                 "tensors": {k: {key: ({by_path.get(m, m): v for m, v in val.items()}
+                                       if isinstance(val, dict) else val)
+                                 for key, val in row.items()}
+                             for k, row in sorted(raw_table.items())}}
+        if not table["tensors"]:
+            raise MergeError("merge (varm): the kernel recorded no weights; nothing was merged by VaRM")
+        table["summary"] = weights_summary(table)
+        (out / WEIGHTS_JSON).write_text(json.dumps(table, indent=1, sort_keys=True))
+        (out / WEIGHTS_MD).write_text(weights_markdown(table))
+
+    card = model_card(name=name or out.name, method=method if mergekit_yaml is None else config.merge_method,
+                      pivot=pivot, targets=targets, sources=sources, parameters=dict(parameters or {}),
+                      granularity=granularity, dtype=dtype, mergekit_yaml=config_yaml, table=table,
+                      method_note=spec.note if mergekit_yaml is None else "")
+    (out / "README.md").write_text(card)
+    say(f"merged model in {out}")
+    return {"out_dir": str(out), "method": method, "mergekit_method": config.merge_method,
+            "mergekit_config": config_yaml, "table": table}
+
+
+def _pivot_tokenizer(out: Path, pivot: str, tokenizer: tuple[str, str | None] | None,
+                     chat_template: str | None) -> None:
+    """The pivot's tokenizer with the chat template its targets were trained with."""
+    from transformers import AutoTokenizer
+
+    from fusechat_core.chat import ChatFormatter
+    from fusechat_core.models import resolve_ref
+
+    ref, revision = tokenizer or (pivot, None)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_ref(ref), revision=revision)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MergeError(f"pivot tokenizer {ref}: cannot load: {first}") from exc
+    tok.chat_template = ChatFormatter(tok, chat_template).template
+    tok.save_pretrained(out)
+    try:
+        local = _local_dir(pivot)
+    except Exception as exc:  # a hub pivot whose extra files cannot be listed: the weights are still right
+        logging.getLogger(__name__).warning("pivot %s: generation config not copied (%s)", pivot, exc)
+        return
+    for fname in _TOKENIZER_EXTRA:
+        if (local / fname).is_file():
+            shutil.copy(local / fname, out / fname)
