@@ -1,0 +1,504 @@
+"""Source representations (SPEC §1.2): every model's teacher-forced top-k next-token
+distributions over the fusion data, stored compactly, in shards that resume.
+
+Layout of one shard artifact (``RunPlan.represent_shard(model, i)``), the contract the
+alignment and training stages read:
+
+- ``representation.safetensors``
+    ``input_ids`` [total_tokens] (uint16 when the vocabulary has < 65,536 entries, else
+    int32): every sequence's rendered ids, concatenated; ``seq_offsets`` int64 [n_seq+1].
+    ``sup_positions`` [total_sup] (uint16 when max_length < 65,536, else int32): the
+    position t of each supervised target token in its sequence (labels[t] != -100,
+    t >= 1); its distribution is the prediction made at t-1. ``sup_offsets`` int64
+    [n_seq+1]. ``topk_ids`` [total_sup, k] (ids dtype) and ``topk_logprobs`` float16
+    [total_sup, k]: log-softmax at T = 1, descending. ``metric_ce`` float32 [n_seq].
+- ``meta.json``: model, vocab size, k, the dataset row id of every sequence, counts, and
+  the digests that make the same-tokenization check cheap (``same_tokenization``).
+
+Shard i of N holds the training rows with index in [i·n//N, (i+1)·n//N), in dataset
+order. No sequence is ever dropped: every model's shards hold the same rows in the same
+order, which alignment and training rely on. A sequence left with no supervised token
+(its assistant text cut by ``represent.max_length``) keeps its ids, has no supervised
+rows and ``metric_ce`` NaN: the mean of nothing, and it contributes no loss anyway.
+
+Inside a shard, sequences are sorted by length and batched, so padding costs almost no
+compute; results are stored back in dataset order. For the common decoder families the
+LM head is applied only to the positions that are kept, so collection never builds the
+batch × length × vocabulary logits a plain forward pass does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from fusechat_core.chat import IGNORE, ChatFormatter
+from fusechat_core.config import ModelSpec, RepresentConfig, RunConfig
+from fusechat_core.models import load_causal_lm, load_tokenizer, pick_device, tokenizer_ref
+from fusechat_core.store import ArtifactStore, ArtifactWriter, Manifest
+
+log = logging.getLogger("fusechat.represent")
+
+REPRESENTATION_FILE = "representation.safetensors"
+META_FILE = "meta.json"
+SHARDS_FILE = "shards.json"
+ARRAYS = ("input_ids", "seq_offsets", "sup_positions", "sup_offsets", "topk_ids", "topk_logprobs",
+          "metric_ce")
+
+Progress = Callable[[dict[str, Any]], None]
+
+# Families whose logits are exactly ``lm_head(decoder(x).last_hidden_state)``: for them the
+# head runs on the kept positions only. Others (logit soft-capping, scaling, ...) take the
+# plain forward pass, which is always right, only heavier.
+_PLAIN_HEAD_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo",
+    "olmo2", "stablelm", "starcoder2", "deepseek_v3", "internlm2", "yi",
+})
+# Rows of the LM head computed at once: bounds the float32 log-softmax buffer
+# (4,096 × 131k × 4 bytes = 2 GiB at worst) whatever the batch and length.
+_HEAD_CHUNK = 4096
+
+
+class RepresentError(RuntimeError):
+    """The stage cannot proceed; the message is one line naming the model, shard or row."""
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.int32)
+
+
+def position_dtype(max_length: int) -> np.dtype:
+    return np.dtype(np.uint16) if max_length < 65536 else np.dtype(np.int32)
+
+
+def shard_rows(n_rows: int, index: int, shards: int) -> range:
+    """Training rows of shard ``index`` of ``shards``: a contiguous block in dataset order."""
+    if not 0 <= index < shards:
+        raise RepresentError(f"shard {index} is out of range for {shards} shards")
+    return range(index * n_rows // shards, (index + 1) * n_rows // shards)
+
+
+def vocab_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's whole token → id table (added tokens included)."""
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+
+
+def tokenization_digest(input_ids: np.ndarray, seq_offsets: np.ndarray) -> str:
+    """sha256 of the ids and sequence boundaries, independent of the stored integer width."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(seq_offsets, dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(input_ids, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Representation:
+    """One shard: the arrays of the contract above, plus its meta."""
+
+    input_ids: np.ndarray
+    seq_offsets: np.ndarray
+    sup_positions: np.ndarray
+    sup_offsets: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    metric_ce: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0  # collection time, when just computed; never stored
+
+    @property
+    def n_seq(self) -> int:
+        return len(self.seq_offsets) - 1
+
+    def ids(self, s: int) -> np.ndarray:
+        return self.input_ids[self.seq_offsets[s]:self.seq_offsets[s + 1]]
+
+    def rows(self, s: int) -> slice:
+        """Supervised rows (of sup_positions, topk_*) of sequence ``s``."""
+        return slice(int(self.sup_offsets[s]), int(self.sup_offsets[s + 1]))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in ARRAYS}
+
+    def validate(self, where: str) -> None:
+        """Shapes and offsets agree with each other and with the meta; raise naming ``where``."""
+        n, k = self.n_seq, int(self.meta.get("top_k", self.topk_ids.shape[-1]))
+        checks = [
+            (self.seq_offsets.ndim == 1 and n >= 0, "seq_offsets must be 1-D"),
+            (len(self.sup_offsets) == n + 1, f"sup_offsets must have n_seq+1 = {n + 1} entries"),
+            (self.metric_ce.shape == (n,), f"metric_ce must be [{n}]"),
+            (n == 0 or (self.seq_offsets[0] == 0 and self.seq_offsets[-1] == len(self.input_ids)),
+             "seq_offsets must span input_ids"),
+            (n == 0 or (self.sup_offsets[0] == 0 and self.sup_offsets[-1] == len(self.sup_positions)),
+             "sup_offsets must span sup_positions"),
+            (bool((np.diff(self.seq_offsets) >= 0).all()) and bool((np.diff(self.sup_offsets) >= 0).all()),
+             "offsets must not decrease"),
+            (self.topk_ids.shape == (len(self.sup_positions), k), f"topk_ids must be [{len(self.sup_positions)}, {k}]"),
+            (self.topk_logprobs.shape == self.topk_ids.shape, "topk_logprobs must have topk_ids' shape"),
+            (self.topk_logprobs.dtype == np.float16, "topk_logprobs must be float16"),
+            (len(self.meta.get("row_ids", [])) == n, f"meta.row_ids must have {n} entries"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RepresentError(f"{where}: {message}")
+
+
+# -- collection ------------------------------------------------------------------------------------
+
+def encode_rows(formatter: ChatFormatter, rows: Sequence[dict[str, Any]],
+                max_length: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, supervised positions t >= 1) of each row rendered with the model's template."""
+    out = []
+    for row in rows:
+        try:
+            r = formatter.encode(row["conversations"], max_length)
+        except Exception as exc:  # a template or tokenizer failure names the row it failed on
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RepresentError(f"row {row.get('id', '?')!r}: cannot render: {first}") from exc
+        ids = np.asarray(r.input_ids, dtype=np.int64)
+        labels = np.asarray(r.labels, dtype=np.int64)
+        pos = np.nonzero(labels != IGNORE)[0]
+        # Position 0 has no preceding token to predict it from.
+        out.append((ids, pos[pos >= 1].astype(np.int64)))
+    return out
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices sorted by length (longest first, so an out-of-memory shows on the first
+    batch, not after an hour) and cut into batches of ``batch_size``."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def head_only_supported(model: Any) -> bool:
+    """True when logits are exactly the output embedding applied to the decoder's output."""
+    import torch
+
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in _PLAIN_HEAD_TYPES:
+        return False
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return False
+    head = model.get_output_embeddings()
+    return isinstance(head, torch.nn.Linear) and model.get_decoder() is not model
+
+
+class _Scorer:
+    """Top-k log-probs and the label's log-prob at given (sequence, position) pairs of a batch."""
+
+    def __init__(self, model: Any, top_k: int, head_only: bool | None = None):
+        self.model = model
+        self.top_k = top_k
+        self.head_only = head_only_supported(model) if head_only is None else head_only
+        self.head = model.get_output_embeddings()
+        self.decoder = model.get_decoder() if self.head_only else None
+
+    def __call__(self, ids: Any, mask: Any, b_idx: Any, t_idx: Any, targets: Any) -> tuple[Any, Any, Any]:
+        import torch
+
+        with torch.inference_mode():
+            if self.head_only:
+                hidden = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                states = hidden[b_idx, t_idx - 1]
+                del hidden
+                project = self.head
+            else:
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                states = logits[b_idx, t_idx - 1]
+                del logits
+                project = None
+            ids_out, lp_out, tgt_out = [], [], []
+            for a in range(0, states.shape[0], _HEAD_CHUNK):
+                chunk = states[a:a + _HEAD_CHUNK]
+                logits = (project(chunk) if project is not None else chunk).float()
+                lp = torch.log_softmax(logits, dim=-1)
+                top = lp.topk(self.top_k, dim=-1, sorted=True)
+                ids_out.append(top.indices)
+                lp_out.append(top.values)
+                tgt_out.append(lp.gather(1, targets[a:a + _HEAD_CHUNK, None])[:, 0])
+            if not ids_out:
+                empty = torch.empty((0, self.top_k), device=states.device)
+                return empty.long(), empty, torch.empty((0,), device=states.device)
+            return torch.cat(ids_out), torch.cat(lp_out), torch.cat(tgt_out)
+
+
+def model_vocab_size(model: Any) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def collect_shard(model: Any, tokenizer: Any, formatter: ChatFormatter, rows: Sequence[dict[str, Any]],
+                  cfg: RepresentConfig, device: str, *, progress: Progress | None = None,
+                  head_only: bool | None = None, meta: dict[str, Any] | None = None) -> Representation:
+    """Run ``model`` over ``rows`` with teacher forcing and keep what the contract stores.
+
+    ``head_only`` forces (True) or forbids (False) applying the LM head to kept positions
+    only; None decides from the architecture.
+    """
+    import torch
+
+    vocab = model_vocab_size(model)
+    k = cfg.top_k
+    if k > vocab:
+        raise RepresentError(f"represent.top_k: {k} exceeds the model's vocabulary of {vocab}")
+    encoded = encode_rows(formatter, rows, cfg.max_length)
+    for row, (ids, _) in zip(rows, encoded):
+        if len(ids) and int(ids.max()) >= vocab:
+            raise RepresentError(f"row {row.get('id', '?')!r}: token id {int(ids.max())} is outside the "
+                                 f"model's vocabulary of {vocab} (tokenizer and model do not match)")
+    scorer = _Scorer(model, k, head_only)
+    n = len(rows)
+    per_ids: list[np.ndarray | None] = [None] * n
+    per_lp: list[np.ndarray | None] = [None] * n
+    ce = np.full(n, np.nan, dtype=np.float32)
+    total_tokens = int(sum(len(e[0]) for e in encoded))
+    done_tokens = done_seqs = 0
+    start = time.perf_counter()
+    for batch in length_batches([len(e[0]) for e in encoded], cfg.batch_size):
+        width = max(len(encoded[i][0]) for i in batch)
+        if width == 0:
+            raise RepresentError(f"row {rows[batch[0]].get('id', '?')!r}: renders to no tokens")
+        ids = np.zeros((len(batch), width), dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        b_idx, t_idx = [], []
+        for b, i in enumerate(batch):
+            seq, pos = encoded[i]
+            ids[b, :len(seq)] = seq
+            mask[b, :len(seq)] = 1
+            b_idx.append(np.full(len(pos), b, dtype=np.int64))
+            t_idx.append(pos)
+        bi, ti = np.concatenate(b_idx), np.concatenate(t_idx)
+        ids_t = torch.from_numpy(ids).to(device)
+        # Right padding never changes the real tokens' outputs; no mask at all when every
+        # sequence fills the batch lets attention take its fastest kernel.
+        mask_t = None if mask.all() else torch.from_numpy(mask).to(device)
+        bi_t, ti_t = torch.from_numpy(bi).to(device), torch.from_numpy(ti).to(device)
+        top_ids, top_lp, tgt_lp = scorer(ids_t, mask_t, bi_t, ti_t, ids_t[bi_t, ti_t])
+        top_ids = top_ids.cpu().numpy()
+        top_lp = top_lp.cpu().numpy()
+        tgt_lp = tgt_lp.double().cpu().numpy()
+        cuts = np.cumsum([0] + [len(encoded[i][1]) for i in batch])
+        for b, i in enumerate(batch):
+            a, z = cuts[b], cuts[b + 1]
+            per_ids[i] = top_ids[a:z]
+            per_lp[i] = top_lp[a:z]
+            if z > a:
+                ce[i] = -tgt_lp[a:z].mean()
+        done_seqs += len(batch)
+        done_tokens += int(mask.sum())
+        if progress is not None:
+            elapsed = time.perf_counter() - start
+            progress({"event": "batch", "seqs_done": done_seqs, "seqs_total": n, "tokens_done": done_tokens,
+                      "tokens_total": total_tokens, "elapsed_s": elapsed,
+                      "tokens_per_s": done_tokens / elapsed if elapsed > 0 else 0.0})
+
+    idt = id_dtype(max(vocab, len(tokenizer)))
+    lengths = np.array([len(e[0]) for e in encoded], dtype=np.int64)
+    n_sup = np.array([len(e[1]) for e in encoded], dtype=np.int64)
+    empty_ids = np.zeros((0, k), dtype=np.int64)
+    rep = Representation(
+        input_ids=(np.concatenate([e[0] for e in encoded]) if n else np.zeros(0, np.int64)).astype(idt),
+        seq_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        sup_positions=(np.concatenate([e[1] for e in encoded]) if n else np.zeros(0, np.int64)).astype(
+            position_dtype(cfg.max_length)),
+        sup_offsets=np.concatenate([[0], np.cumsum(n_sup)]).astype(np.int64),
+        topk_ids=(np.concatenate(per_ids) if n else empty_ids).astype(idt),
+        topk_logprobs=(np.concatenate(per_lp) if n else empty_ids).astype(np.float16),
+        metric_ce=ce,
+    )
+    rep.meta = {
+        **(meta or {}),
+        "vocab_size": vocab,
+        "top_k": k,
+        "max_length": cfg.max_length,
+        "row_ids": [row.get("id") for row in rows],
+        "n_seq": n,
+        "n_tokens": int(lengths.sum()),
+        "n_supervised": int(n_sup.sum()),
+        "n_without_supervision": int((n_sup == 0).sum()),
+        "ids_sha256": tokenization_digest(rep.input_ids, rep.seq_offsets),
+        "vocab_fingerprint": vocab_fingerprint(tokenizer),
+        "head_only": scorer.head_only,
+    }
+    # Timing stays out of the artifact: an interrupted and an uninterrupted run write the same bytes.
+    rep.seconds = time.perf_counter() - start
+    return rep
+
+
+# -- storage ---------------------------------------------------------------------------------------
+
+def write_shard(writer: ArtifactWriter, rep: Representation) -> None:
+    """Write a shard's arrays then its meta; the store writes the manifest after both."""
+    from safetensors.numpy import save_file
+
+    rep.validate(writer.address)
+    with tempfile.TemporaryDirectory(prefix="fusechat-represent-") as tmp:
+        # Through a local file: the arrays are not held twice in memory, and s3 gets a stream.
+        path = Path(tmp) / REPRESENTATION_FILE
+        save_file({k: np.ascontiguousarray(v) for k, v in rep.arrays().items()}, str(path),
+                  metadata={"format": "fusechat-representation-v1"})
+        writer.put_file(REPRESENTATION_FILE, path)
+    writer.write_json(META_FILE, rep.meta)
+
+
+def read_shard(store: ArtifactStore, address: str) -> Representation:
+    """A complete shard artifact, checked against the contract (shapes, offsets, meta)."""
+    from safetensors.numpy import load_file
+
+    folder = store.fetch(address)
+    meta = json.loads((folder / META_FILE).read_text())
+    try:
+        arrays = load_file(str(folder / REPRESENTATION_FILE))
+    except Exception as exc:
+        raise RepresentError(f"{address}/{REPRESENTATION_FILE}: unreadable: {exc}") from exc
+    missing = [a for a in ARRAYS if a not in arrays]
+    if missing:
+        raise RepresentError(f"{address}/{REPRESENTATION_FILE}: missing arrays {', '.join(missing)}")
+    rep = Representation(**{a: arrays[a] for a in ARRAYS}, meta=meta)
+    rep.validate(f"{address}/{REPRESENTATION_FILE}")
+    return rep
+
+
+def _tokenization_of(x: Any) -> tuple[Any, Any]:
+    meta = x.meta if isinstance(x, (Representation, Manifest)) else x
+    if "shards" in meta and isinstance(meta["shards"], list):  # a whole stage artifact
+        ids = [s["ids_sha256"] for s in meta["shards"]]
+    else:
+        ids = meta.get("ids_sha256")
+    return ids, meta.get("vocab_fingerprint")
+
+
+def same_tokenization(a: Any, b: Any) -> bool:
+    """Whether two models rendered the data to identical ids with identical vocabularies,
+    so alignment between them is the identity.
+
+    ``a`` and ``b`` are shards (``Representation``), their meta dicts, or the manifests
+    (or manifest meta) of whole stage artifacts; only digests are compared.
+    """
+    ids_a, voc_a = _tokenization_of(a)
+    ids_b, voc_b = _tokenization_of(b)
+    if ids_a is None or ids_b is None or voc_a is None or voc_b is None:
+        raise RepresentError("same_tokenization: a side carries no ids_sha256/vocab_fingerprint")
+    return ids_a == ids_b and voc_a == voc_b
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+
+_MODEL_LOCK = threading.Lock()
+_MODEL_SLOT: dict[tuple, Any] = {}
+
+
+def _cached_model(spec: ModelSpec, device: str) -> Any:
+    """One model kept per process: consecutive shards of a model on one worker load it once."""
+    key = (spec.model_dump_json(), device)
+    with _MODEL_LOCK:
+        if key not in _MODEL_SLOT:
+            _MODEL_SLOT.clear()  # free the previous model before loading the next
+            _MODEL_SLOT[key] = load_causal_lm(spec, device)
+        return _MODEL_SLOT[key]
+
+
+def release_models() -> None:
+    with _MODEL_LOCK:
+        _MODEL_SLOT.clear()
+
+
+def _train_rows(store: ArtifactStore, dataset_address: str) -> list[dict[str, Any]]:
+    from fusechat_core.data import read_split
+
+    return read_split(store, dataset_address, "train")
+
+
+def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: ModelSpec,
+                    shard_index: int | None = None, *, progress: Progress | None = None,
+                    rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Compute the missing shard(s) of one model: ``shard_index``, or every shard when None.
+
+    A shard whose artifact is complete is skipped without loading the model. Returns one
+    summary per shard (address, whether it was computed, counts, seconds).
+    """
+    shards = cfg.represent.shards
+    indices = range(shards) if shard_index is None else [shard_index]
+    todo = [i for i in indices if not store.is_complete(plan.represent_shard(spec, i))]
+    out = [{"shard": i, "address": plan.represent_shard(spec, i), "computed": False}
+           for i in indices if i not in todo]
+    if not todo:
+        return out
+    rows = _train_rows(store, plan.dataset) if rows is None else rows
+    device = pick_device(cfg.represent.device)
+    tok = load_tokenizer(*tokenizer_ref(spec))
+    formatter = ChatFormatter(tok, spec.chat_template)
+    model = _cached_model(spec, device)
+    for i in todo:
+        address = plan.represent_shard(spec, i)
+        part = [rows[j] for j in shard_rows(len(rows), i, shards)]
+
+        def report(event: dict[str, Any], i: int = i) -> None:
+            if progress is not None:
+                progress({**event, "model": spec.name, "shard": i, "shards": shards})
+
+        rep = collect_shard(model, tok, formatter, part, cfg.represent, device, progress=report,
+                            meta={"model": spec.name, "tokenizer": tokenizer_ref(spec)[0], "shard": i,
+                                  "shards": shards, "dataset": plan.dataset})
+        summary = {k: rep.meta[k] for k in ("n_seq", "n_tokens", "n_supervised", "ids_sha256",
+                                            "vocab_fingerprint")}
+        with store.writer(address, meta={"stage": "represent", "model": spec.name, "shard": i,
+                                         "shards": shards, **summary}) as w:
+            write_shard(w, rep)
+        secs = rep.seconds
+        rate = rep.meta["n_tokens"] / secs if secs > 0 else 0.0
+        log.info("represent %s shard %d/%d: %d sequences, %d tokens in %.1f s (%.0f tokens/s)",
+                 spec.name, i + 1, shards, rep.meta["n_seq"], rep.meta["n_tokens"], secs, rate)
+        report({"event": "shard_done", "tokens_per_s": rate, **summary})
+        out.append({"shard": i, "address": address, "computed": True, "seconds": secs, **summary})
+    return sorted(out, key=lambda s: s["shard"])
+
+
+def commit_representation(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: ModelSpec) -> Manifest:
+    """The model's stage artifact, written once every shard is complete and consistent.
+
+    Its manifest meta lists each shard's address, digest and tokenization digest, so a
+    reader (alignment's identity check included) needs no shard to decide what to do.
+    """
+    address = plan.represent(spec)
+    shards = cfg.represent.shards
+    missing = [i for i in range(shards) if not store.is_complete(plan.represent_shard(spec, i))]
+    if missing:
+        raise RepresentError(f"represent {spec.name}: shards {missing} of {shards} are not complete")
+    rows = _train_rows(store, plan.dataset)
+    entries, vocab_fp, vocab_size = [], set(), set()
+    for i in range(shards):
+        shard_address = plan.represent_shard(spec, i)
+        man = store.require(shard_address)
+        meta = store.read_json(shard_address, META_FILE)
+        expect = [rows[j]["id"] for j in shard_rows(len(rows), i, shards)]
+        if meta["row_ids"] != expect:
+            raise RepresentError(f"{shard_address}: its rows are not rows {shard_rows(len(rows), i, shards)} "
+                                 f"of dataset {plan.dataset}")
+        vocab_fp.add(meta["vocab_fingerprint"])
+        vocab_size.add(meta["vocab_size"])
+        entries.append({"address": shard_address, "digest": man.digest, "size": man.size,
+                        **{k: meta[k] for k in ("n_seq", "n_tokens", "n_supervised", "ids_sha256")}})
+    if len(vocab_fp) != 1 or len(vocab_size) != 1:
+        raise RepresentError(f"represent {spec.name}: shards were made with different tokenizers or models")
+    meta = {"stage": "represent", "model": spec.name, "dataset": plan.dataset, "top_k": cfg.represent.top_k,
+            "vocab_size": vocab_size.pop(), "vocab_fingerprint": vocab_fp.pop(), "shards": entries,
+            **{k: sum(e[k] for e in entries) for k in ("n_seq", "n_tokens", "n_supervised")}}
+    with store.writer(address, meta=meta) as w:
+        w.write_json(SHARDS_FILE, meta)
+    return w.manifest  # type: ignore[return-value]
+
+
+__all__ = [
+    "ARRAYS", "META_FILE", "REPRESENTATION_FILE", "RepresentError", "Representation", "collect_shard",
+    "commit_representation", "encode_rows", "id_dtype", "length_batches", "read_shard", "represent_model",
+    "same_tokenization", "shard_rows", "tokenization_digest", "vocab_fingerprint", "write_shard",
+]

@@ -1,0 +1,275 @@
+"""Source representations on tiny real models of the paper's three architectures.
+
+Independent checks: an unpadded full forward pass of the same model per sequence,
+``torch.topk(log_softmax(logits))`` and ``F.cross_entropy`` on the chat formatter's own
+labels; a fresh uninterrupted run for the resume test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusechat_core.chat import IGNORE, ChatFormatter
+from fusechat_core.config import ModelSpec, RepresentConfig, parse_config
+from fusechat_core.data import build_dataset_artifact, read_split
+from fusechat_core.models import ModelLoadError, load_causal_lm, load_tokenizer
+from fusechat_core.plan import RunPlan
+from fusechat_core.represent import (META_FILE, REPRESENTATION_FILE, RepresentError, collect_shard,
+                                     commit_representation, read_shard, represent_model, same_tokenization,
+                                     shard_rows, write_shard)
+from fusechat_core.store import MANIFEST, ArtifactStore
+
+REPO = Path(__file__).resolve().parents[1]
+K = 6
+
+
+def _rows() -> list[dict]:
+    """Conversations of different lengths, one of them multi-turn, so batches need padding."""
+    from fusechat_core.data.synthetic import generate
+
+    rows = list(generate("markov", 4, 1)) + list(generate("arithmetic", 2, 1))
+    rows.append({"conversations": [{"from": "human", "value": "Hi there, who are you?"},
+                                   {"from": "gpt", "value": "A small model. How can I help?"},
+                                   {"from": "human", "value": "Reverse the word: stone"},
+                                   {"from": "gpt", "value": "enots"}]})
+    return [{**r, "id": f"row-{i}"} for i, r in enumerate(rows)]
+
+
+def _direct(model, ids: np.ndarray, labels: np.ndarray, k: int):
+    """Top-k and CE from a plain, unpadded forward pass of one sequence."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(ids, dtype=torch.long)[None]).logits[0].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    pos = np.nonzero(labels != IGNORE)[0]
+    pos = pos[pos >= 1]
+    top = torch.topk(lp[pos - 1], k, dim=-1)
+    tgt = torch.as_tensor(labels[1:])
+    ce = F.cross_entropy(logits[:-1], tgt, ignore_index=IGNORE).item() if len(pos) else float("nan")
+    return pos, top.indices.numpy(), top.values.numpy(), ce
+
+
+@pytest.mark.parametrize("name", ["pivot", "mixtral", "llama"])
+def test_topk_and_ce_equal_a_direct_forward(tiny_models, tmp_path, name):
+    folder = tiny_models[name]
+    spec = ModelSpec(name=name, path=str(folder))
+    model = load_causal_lm(spec, "cpu")
+    tok = load_tokenizer(str(folder))
+    fmt = ChatFormatter(tok)
+    rows = _rows()
+    cfg = RepresentConfig(top_k=K, batch_size=3, max_length=512)
+    rep = collect_shard(model, tok, fmt, rows, cfg, "cpu", meta={"model": name})
+
+    vocab = model.config.vocab_size
+    want_ids = np.uint16 if vocab < 65536 else np.int32
+    assert rep.input_ids.dtype == want_ids and rep.topk_ids.dtype == want_ids
+    assert rep.topk_logprobs.dtype == np.float16 and rep.sup_positions.dtype == np.uint16
+    assert rep.n_seq == len(rows) and rep.meta["row_ids"] == [r["id"] for r in rows]
+
+    # Round trip through the store: what a reader sees is what was computed.
+    store = ArtifactStore(f"file://{tmp_path}/store")
+    with store.writer("represent/x/shard-00000-of-00001") as w:
+        write_shard(w, rep)
+    rep = read_shard(store, "represent/x/shard-00000-of-00001")
+
+    lengths = set()
+    for s, row in enumerate(rows):
+        r = fmt.encode(row["conversations"], cfg.max_length)
+        ids, labels = np.asarray(r.input_ids), np.asarray(r.labels)
+        lengths.add(len(ids))
+        pos, top_ids, top_lp, ce = _direct(model, ids, labels, K)
+        np.testing.assert_array_equal(rep.ids(s).astype(np.int64), ids)
+        # masked positions are absent: exactly the supervised positions are stored
+        np.testing.assert_array_equal(rep.sup_positions[rep.rows(s)].astype(np.int64), pos)
+        got_lp = rep.topk_logprobs[rep.rows(s)].astype(np.float32)
+        np.testing.assert_allclose(got_lp, top_lp, rtol=2e-3, atol=2e-3)
+        got_ids = rep.topk_ids[rep.rows(s)].astype(np.int64)
+        # ids agree wherever their log-probs are not a near tie (random tiny models have some)
+        distinct = np.abs(top_lp[:, :, None] - top_lp[:, None, :]) + np.eye(K) * 1 > 1e-4
+        clear = distinct.all(axis=2)
+        assert clear.mean() > 0.5
+        np.testing.assert_array_equal(got_ids[clear], top_ids[clear])
+        assert np.all(np.diff(got_lp, axis=1) <= 0)  # descending
+        assert rep.metric_ce[s] == pytest.approx(ce, rel=1e-4)
+    assert len(lengths) > 1  # the batches did hold padding
+
+
+def test_full_forward_path_equals_head_only_path(tiny_models):
+    folder = tiny_models["mixtral"]
+    model = load_causal_lm(ModelSpec(name="m", path=str(folder)), "cpu")
+    tok = load_tokenizer(str(folder))
+    cfg = RepresentConfig(top_k=K, batch_size=4)
+    a = collect_shard(model, tok, ChatFormatter(tok), _rows(), cfg, "cpu", head_only=True)
+    b = collect_shard(model, tok, ChatFormatter(tok), _rows(), cfg, "cpu", head_only=False)
+    assert a.meta["head_only"] and not b.meta["head_only"]
+    np.testing.assert_allclose(a.topk_logprobs.astype(np.float32), b.topk_logprobs.astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(a.metric_ce, b.metric_ce, rtol=1e-5)
+
+
+def test_sequence_without_supervision_is_kept_with_nan_ce(tiny_models):
+    folder = tiny_models["pivot"]
+    model = load_causal_lm(ModelSpec(name="p", path=str(folder)), "cpu")
+    tok = load_tokenizer(str(folder))
+    fmt = ChatFormatter(tok)
+    long_question = {"id": "cut", "conversations": [{"from": "human", "value": "word " * 40},
+                                                    {"from": "gpt", "value": "answer"}]}
+    rows = [_rows()[4], long_question, _rows()[5]]
+    rep = collect_shard(model, tok, fmt, rows, RepresentConfig(top_k=3, max_length=20, batch_size=2), "cpu")
+    assert rep.n_seq == 3 and len(rep.ids(1)) == 20
+    assert rep.rows(1).start == rep.rows(1).stop and np.isnan(rep.metric_ce[1])
+    assert rep.meta["n_without_supervision"] == 1
+    assert np.isfinite(rep.metric_ce[[0, 2]]).all()
+
+
+def test_top_k_larger_than_vocabulary_is_a_clear_error(tiny_models):
+    folder = tiny_models["pivot"]
+    model = load_causal_lm(ModelSpec(name="p", path=str(folder)), "cpu")
+    tok = load_tokenizer(str(folder))
+    with pytest.raises(RepresentError, match="represent.top_k"):
+        collect_shard(model, tok, ChatFormatter(tok), _rows()[:1], RepresentConfig(top_k=256).model_copy(
+            update={"top_k": 10**6}), "cpu")
+
+
+def test_load_causal_lm_errors_name_the_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="'src'.*demo stage"):
+        load_causal_lm(ModelSpec(name="src", path="demo:src"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="'bad': cannot load"):
+        load_causal_lm(ModelSpec(name="bad", path=str(tmp_path / "empty")))
+    with pytest.raises(ModelLoadError, match="no CUDA") if not torch.cuda.is_available() else _nothing():
+        from fusechat_core.models import pick_device
+
+        pick_device("cuda")
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# -- the stage: shards, resume, commit, same-tokenization ----------------------------------------------
+
+def _run_config(tiny_models, store_url: str, shards: int, extra_sources=()) -> dict:
+    return {
+        "name": "represent-test",
+        "store": store_url,
+        "seed": 5,
+        "pivot": {"name": "pivot", "path": str(tiny_models["pivot"])},
+        "sources": [{"name": "mixtral", "path": str(tiny_models["mixtral"])},
+                    {"name": "llama", "path": str(tiny_models["llama"])}, *extra_sources],
+        "data": {"sources": [{"path": "demo:markov", "count": 9}, {"path": "demo:arithmetic", "count": 5}],
+                 "heldout_fraction": 0.1, "max_length": 256},
+        "represent": {"top_k": 4, "batch_size": 4, "max_length": 256, "shards": shards, "device": "cpu"},
+    }
+
+
+def _setup(tiny_models, tmp_path, shards, extra_sources=()):
+    raw = _run_config(tiny_models, f"file://{tmp_path}/store", shards, extra_sources)
+    cfg = parse_config(raw)
+    store = ArtifactStore(cfg.store)
+    plan = RunPlan(cfg)
+    build_dataset_artifact(cfg, store, plan.dataset)
+    return raw, cfg, store, plan
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from fusechat_core.config import parse_config
+    from fusechat_core.plan import RunPlan
+    from fusechat_core.represent import represent_model
+    from fusechat_core.store import ArtifactStore
+
+    cfg = parse_config(json.loads(sys.argv[1]))
+    store, plan = ArtifactStore(cfg.store), RunPlan(cfg)
+    spec = plan.model(sys.argv[2])
+    kill_at = int(sys.argv[3])
+
+    def progress(event):
+        # From shard kill_at on, the process dies (SIGKILL, as a preempted node) right after the
+        # shard's data file is written, before its meta and manifest exist.
+        if event["event"] == "batch" and event["shard"] == kill_at:
+            os.environ["FUSECHAT_KILL_AFTER_FILE"] = "representation.safetensors"
+
+    represent_model(cfg, store, plan, spec, progress=progress)
+""")
+
+
+def test_killed_stage_reruns_only_missing_shards(tiny_models, tmp_path):
+    raw, cfg, store, plan = _setup(tiny_models, tmp_path, shards=4)
+    spec = plan.model("mixtral")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, json.dumps(raw), "mixtral", "2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    addresses = [plan.represent_shard(spec, i) for i in range(4)]
+    assert [store.is_complete(a) for a in addresses] == [True, True, False, False]
+    root = Path(store.root)
+    assert (root / addresses[2] / REPRESENTATION_FILE).exists()  # the torn shard's orphan file
+    before = {i: ((root / addresses[i] / MANIFEST).stat().st_mtime_ns,
+                  (root / addresses[i] / REPRESENTATION_FILE).stat().st_mtime_ns,
+                  store.manifest(addresses[i]).created) for i in (0, 1)}
+
+    # A resumed run computes exactly the missing shards and leaves the complete ones untouched.
+    summaries = represent_model(cfg, store, plan, spec)
+    assert [s["computed"] for s in summaries] == [False, False, True, True]
+    for i in (0, 1):
+        assert ((root / addresses[i] / MANIFEST).stat().st_mtime_ns,
+                (root / addresses[i] / REPRESENTATION_FILE).stat().st_mtime_ns,
+                store.manifest(addresses[i]).created) == before[i]
+    assert all(store.is_complete(a) for a in addresses)
+
+    # ... and ends where an uninterrupted run ends, byte for byte.
+    fresh = ArtifactStore(f"file://{tmp_path}/fresh")
+    fresh_cfg = cfg.model_copy(update={"store": fresh.url})
+    build_dataset_artifact(fresh_cfg, fresh, plan.dataset)
+    represent_model(fresh_cfg, fresh, plan, spec)
+    for a in addresses:
+        assert store.manifest(a).digest == fresh.manifest(a).digest
+
+    # The stage artifact lists its shards; its rows are the dataset's, in order, with none lost.
+    man = commit_representation(cfg, store, plan, spec)
+    assert store.is_complete(plan.represent(spec))
+    assert [s["address"] for s in man.meta["shards"]] == addresses
+    train = read_split(store, plan.dataset, "train")
+    assert man.meta["n_seq"] == len(train)
+    ids = [rid for a in addresses for rid in store.read_json(a, META_FILE)["row_ids"]]
+    assert ids == [r["id"] for r in train]
+    for i, a in enumerate(addresses):
+        assert store.read_json(a, META_FILE)["row_ids"] == [train[j]["id"] for j in shard_rows(len(train), i, 4)]
+
+
+def test_commit_refuses_missing_shards_and_same_tokenization(tiny_models, tmp_path):
+    twin = {"name": "twin", "path": str(tiny_models["pivot"])}
+    other_template = {"name": "chatml", "path": str(tiny_models["pivot"]), "chat_template": "chatml"}
+    raw, cfg, store, plan = _setup(tiny_models, tmp_path, shards=2, extra_sources=(twin, other_template))
+    pivot = plan.model("pivot")
+    represent_model(cfg, store, plan, pivot, 0)
+    with pytest.raises(RepresentError, match=r"shards \[1\] of 2 are not complete"):
+        commit_representation(cfg, store, plan, pivot)
+    mans = {}
+    for name in ("pivot", "twin", "chatml", "mixtral"):
+        spec = plan.model(name)
+        represent_model(cfg, store, plan, spec)
+        mans[name] = commit_representation(cfg, store, plan, spec)
+    assert same_tokenization(mans["pivot"], mans["twin"])
+    assert not same_tokenization(mans["pivot"], mans["chatml"])  # same vocabulary, other rendering
+    assert not same_tokenization(mans["pivot"], mans["mixtral"])  # another vocabulary
+    a = read_shard(store, plan.represent_shard(pivot, 1))
+    b = read_shard(store, plan.represent_shard(plan.model("twin"), 1))
+    assert same_tokenization(a, b) and np.array_equal(a.input_ids, b.input_ids)
+    # the check is what it claims: ids really differ where it says so
+    c = read_shard(store, plan.represent_shard(plan.model("chatml"), 1))
+    assert c.input_ids.shape != a.input_ids.shape or not np.array_equal(c.input_ids, a.input_ids)
