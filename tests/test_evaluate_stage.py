@@ -1,0 +1,135 @@
+"""``fusechat eval`` end to end: a tiny model, a dataset artifact, MT-Bench files over HTTP, a local judge."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from fusechat_core.data import synthetic
+from fusechat_core.data.build import Mixture, write_mixture
+from fusechat_core.evaluate.mt_bench import load_mt_bench
+from fusechat_core.store import ArtifactStore
+from tests.test_evaluate_judge import SECRET, JudgeServer
+
+QIDS = [81, 101, 111, 141]
+
+
+@pytest.fixture
+def mt_subset(mt_bench_dir: Path, tmp_path: Path):
+    """A few MT-Bench questions, FastChat's layout, served over HTTP from 127.0.0.1."""
+    root = tmp_path / "fastchat-data"
+    (root / "mt_bench" / "reference_answer").mkdir(parents=True)
+    lines = [x for x in (mt_bench_dir / "question.jsonl").read_text().splitlines()
+             if json.loads(x)["question_id"] in QIDS]
+    (root / "mt_bench" / "question.jsonl").write_text("\n".join(lines) + "\n")
+    shutil.copy(mt_bench_dir / "reference_answer_gpt-4.jsonl", root / "mt_bench" / "reference_answer" / "gpt-4.jsonl")
+    shutil.copy(mt_bench_dir / "judge_prompts.jsonl", root / "judge_prompts.jsonl")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/mt_bench"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _dataset(store: ArtifactStore) -> str:
+    heldout = []
+    for domain in ("markov", "arithmetic", "facts"):
+        for i, r in enumerate(synthetic.generate(domain, 4, seed=11)):
+            heldout.append({"id": f"{domain}-{i}", "source": domain, "conversations": r["conversations"]})
+    train = [{"id": "t-0", "source": "markov", "conversations": heldout[0]["conversations"]}]
+    address = "dataset/test-eval"
+    with store.writer(address, meta={"stage": "dataset"}) as w:
+        write_mixture(w, Mixture(train, heldout, {"train": 1, "heldout": len(heldout)}))
+    return address
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_fusechat_eval_end_to_end(tiny_models, mt_subset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FUSECHAT_TEST_JUDGE_KEY", SECRET)
+    data = load_mt_bench(mt_subset)
+    assert [q.question_id for q in data.questions] == QIDS and data.sources["questions"].startswith("http://")
+    store_url = f"file://{tmp_path / 'store'}"
+    store = ArtifactStore(store_url)
+    dataset = _dataset(store)
+    with JudgeServer({q.turns[0]: q.question_id for q in data.questions}) as judge:
+        judge.scripts[(101, 2)] = ["no verdict here"]
+        judge.default = "Solid. Rating: [[6]]"
+        argv = ["eval", str(tiny_models["pivot"]), "--store", store_url, "--heldout", dataset,
+                "--mt-bench", mt_subset, "--judge-base-url", judge.url, "--judge-model", "judge-1",
+                "--judge-api-key-env", "FUSECHAT_TEST_JUDGE_KEY", "--max-new-tokens", "3", "--json"]
+        assert main(argv) == 0
+        out = capsys.readouterr()
+        res = _last_json(out.out)
+        mt = res["results"]["mt_bench"]
+        assert (mt["scored"], mt["unparsable"], mt["failed"]) == (7, 1, 0)
+        assert mt["average"] == 6.0 and mt["categories"]["reasoning"] == 6.0
+        assert set(res["results"]["heldout_nll"]["sources"]) == {"markov", "arithmetic", "facts"}
+        assert res["results"]["heldout_nll"]["all"]["tokens"] > 0
+        assert set(res["results"]["exact_match"]["sources"]) == {"arithmetic", "facts"}
+        assert res["results"]["exact_match"]["all"]["n"] == 8
+        # the printed report table has one row: this model
+        table = [line for line in out.out.splitlines() if line.startswith("| ")]
+        assert len(table) == 2 and table[1].startswith("| pivot |")
+        assert len(judge.log) == 2 * len(QIDS)
+
+        # artifacts: answers, evaluate (results, judgments, answers), report
+        assert store.is_complete(res["answers"]) and store.is_complete(res["address"])
+        files = {f.path for f in store.require(res["address"]).files}
+        assert files == {"results.json", "judgments.jsonl", "answers.jsonl"}
+        answers = [json.loads(x) for x in store.read_bytes(res["answers"], "answers.jsonl").decode().splitlines()]
+        assert [a["question_id"] for a in answers] == QIDS and all(len(a["choices"][0]["turns"]) == 2 for a in answers)
+        assert {"report.md", "report.json"} <= {f.path for f in store.require(res["report"]).files}
+
+        # a second run finds everything done: no judge request, same address
+        assert main(argv) == 0
+        again = _last_json(capsys.readouterr().out)
+        assert again["address"] == res["address"] and len(judge.log) == 2 * len(QIDS)
+
+        # another judge: a new evaluation, but the answers are reused, not generated again
+        assert main(argv[:-3] + ["--judge-model", "judge-2", "--max-new-tokens", "3", "--json"]) == 0
+        other = _last_json(capsys.readouterr().out)
+        assert other["address"] != res["address"] and other["answers"] == res["answers"]
+        assert len(judge.log) == 4 * len(QIDS) and judge.log[-1]["body"]["model"] == "judge-2"
+        reread = [json.loads(x) for x in store.read_bytes(res["answers"], "answers.jsonl").decode().splitlines()]
+        assert [a["tstamp"] for a in reread] == [a["tstamp"] for a in answers]
+        assert all(r["auth"] == f"Bearer {SECRET}" for r in judge.log)
+
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err
+    for f in (tmp_path / "store").rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f
+
+
+def test_fusechat_eval_bad_input(tiny_models, tmp_path, capsys):
+    store_url = f"file://{tmp_path / 'store'}"
+    assert main(["eval", str(tmp_path / "no-such-model"), "--store", store_url, "--mt-bench"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no-such-model" in err and "MODEL_OR_ADDRESS" in err
+    assert main(["eval", str(tiny_models["pivot"]), "--store", store_url]) == 2
+    assert "give --mt-bench and/or --heldout" in capsys.readouterr().err
+    assert main(["eval", str(tiny_models["pivot"]), "--store", store_url, "--heldout", "dataset/missing"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "dataset/missing" in err
+    assert main(["eval", str(tiny_models["pivot"]), "--store", store_url, "--mt-bench", str(tmp_path),
+                 "--judge-concurrency", "0"]) == 2
+    assert "--judge-concurrency" in capsys.readouterr().err
+    # a data folder without the files: one line naming what was looked for
+    assert main(["eval", str(tiny_models["pivot"]), "--store", store_url, "--mt-bench", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "questions file not found" in err and len(err.splitlines()) == 1
