@@ -190,6 +190,34 @@ class MergeConfig(_Section):
     shard_size: int = Field(default=2_000_000_000, ge=1_000_000)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    @field_validator("method", "methods_extra")
+    @classmethod
+    def _known_methods(cls, value: Any) -> Any:
+        # Checked at load time: a typo must not surface only after days of training.
+        from fusechat_core.merge.methods import MERGE_METHODS
+
+        for name in [value] if isinstance(value, str) else value:
+            if name not in MERGE_METHODS:
+                raise ValueError(f"unknown merge method {name!r} (known: {', '.join(MERGE_METHODS.names())})")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_mergekit_yaml(cls, data: Any, info: Any) -> Any:
+        # A file name is replaced by the file's text, so editing the file changes
+        # the merge's address like any other config change.
+        if isinstance(data, dict) and isinstance(data.get("mergekit_yaml"), str):
+            value = data["mergekit_yaml"]
+            if "\n" not in value and value.endswith((".yml", ".yaml")):
+                base = (info.context or {}).get("base_dir") if info.context else None
+                path = Path(value).expanduser()
+                if not path.is_absolute() and base is not None:
+                    path = base / path
+                if not path.is_file():
+                    raise _FieldError("mergekit_yaml", f"no such file: {value}")
+                data = {**data, "mergekit_yaml": path.read_text()}
+        return data
+
 
 class EvaluateConfig(_Section):
     mt_bench: bool = False
