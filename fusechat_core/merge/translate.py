@@ -98,6 +98,9 @@ def build_configuration(method: str, pivot: str, targets: Mapping[str, str], *,
         for row, v in zip(per_target, values):
             row[key] = v
 
+    for key, value in [*shared.items(), *((k, v) for row in per_target for k, v in row.items())]:
+        _check_value(method, key, value, known[key])
+
     if method == "varm" or spec.mergekit_method == "varm":
         shared["granularity"] = granularity
         if granularity != "matrix":
@@ -122,6 +125,18 @@ def build_configuration(method: str, pivot: str, targets: Mapping[str, str], *,
     if shared:
         raw["parameters"] = shared
     return _validate(raw, f"merge ({method})")
+
+
+def _check_value(method: str, key: str, value: Any, param: Any) -> None:
+    # Plain values are checked against mergekit's own parameter type now; filtered
+    # or gradient settings are mergekit's to resolve per tensor.
+    if isinstance(value, (list, dict)):
+        return
+    try:
+        param.validate(value)
+    except Exception:
+        raise MergeError(f"merge.parameters.{key}: {value!r} is not a valid value for {method} "
+                         f"(expects {getattr(param.value_type, '__name__', param.value_type)})") from None
 
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_\-]+)\}")
@@ -164,3 +179,21 @@ def _validate(raw: dict[str, Any], where: str) -> MergeConfiguration:
             loc = ".".join(str(p) for p in err["loc"])
             raise MergeError(f"{where}: {loc}: {err['msg']}") from None
         raise MergeError(f"{where}: {str(exc).splitlines()[0]}") from None
+
+
+def check_merge_config(merge: Any, target_names: list[str]) -> None:
+    """Fail before training, not after it: every merge of the run translates cleanly.
+
+    ``merge`` is the run's ``MergeConfig``. Paths are placeholders; nothing is read.
+    """
+    fake = {n: f"/targets/{n}" for n in target_names}
+    methods = [merge.method] + [x for x in merge.methods_extra if x != merge.method]
+    for method in methods:
+        main = method == merge.method
+        if main and merge.mergekit_yaml is not None:
+            configuration_from_yaml(merge.mergekit_yaml, "/pivot", fake)
+            continue
+        granularity = merge.granularity if method == "varm" else "matrix"
+        weights = [0.0] * len(target_names) if granularity != "matrix" else None
+        build_configuration(method, "/pivot", fake, parameters=merge.parameters if main else {},
+                            dtype=merge.dtype, target_weights=weights, granularity=granularity)

@@ -1,0 +1,63 @@
+"""The merge stage of a run: targets from the store in, one merged model back to it."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from fusechat_core.config import RunConfig
+from fusechat_core.merge.run import WEIGHTS_JSON, merge_models
+from fusechat_core.models import cache_dir, resolve_ref
+from fusechat_core.store import ArtifactStore
+
+
+def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
+                targets: Mapping[str, str], *, pivot_address: str | None = None,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Merge the trained targets (target name → ``plan.train`` address) with ``method``.
+
+    ``pivot_address``: the pivot as a store artifact (a demo model) instead of
+    ``cfg.pivot.path``. Remote artifacts are fetched into the local cache first;
+    the merged folder is uploaded with its manifest last. Returns the summary
+    (and the VaRM weights table when the method is VaRM).
+    """
+    m = cfg.merge
+    if store.is_complete(address):
+        table = store.read_json(address, WEIGHTS_JSON) if _has(store, address, WEIGHTS_JSON) else None
+        return {"address": address, "method": method, "table": table, "cached": True}
+    local_targets = {name: str(store.fetch(addr)) for name, addr in targets.items()}
+    pivot = cfg.pivot
+    if pivot_address is not None:
+        pivot_ref = str(store.fetch(pivot_address))
+        tokenizer = (pivot.tokenizer, pivot.revision) if pivot.tokenizer else (pivot_ref, None)
+    else:
+        pivot_ref = resolve_ref(pivot.path)
+        if pivot.revision:
+            pivot_ref = f"{pivot_ref}@{pivot.revision}"  # mergekit's way of naming a hub revision
+        tokenizer = (pivot.tokenizer or pivot.path, pivot.revision)
+    is_main = method == m.method
+    staging = Path(tempfile.mkdtemp(prefix="merge-", dir=cache_dir()))
+    try:
+        out = staging / "model"
+        result = merge_models(
+            method, pivot_ref, local_targets, out,
+            parameters=m.parameters if is_main else {}, granularity=m.granularity if method == "varm" else "matrix",
+            dtype=m.dtype, mergekit_yaml=m.mergekit_yaml if is_main else None, shard_size=m.shard_size,
+            device=m.device, seed=cfg.seed, tokenizer=tokenizer, chat_template=pivot.chat_template,
+            sources=[s.name for s in cfg.sources], name=f"{cfg.name}-merge-{method}", progress=progress)
+        meta = {"method": method, "mergekit_method": result["mergekit_method"], "targets": dict(targets),
+                "pivot": pivot.name, "granularity": m.granularity if method == "varm" else None}
+        if result["table"] is not None:
+            meta["varm_summary"] = {k: result["table"]["summary"][k]
+                                    for k in ("matrices", "unchanged_matrices", "dominated", "mean_weight")}
+        store.put_dir(address, out, meta=meta)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"address": address, "method": method, "table": result["table"], "cached": False}
+
+
+def _has(store: ArtifactStore, address: str, rel: str) -> bool:
+    man = store.manifest(address)
+    return man is not None and any(f.path == rel for f in man.files)
