@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", choices=("auto", "cpu", "cuda"))
     ev.add_argument("--json", action="store_true", help="print the results as JSON as the last line")
 
+    mg = sub.add_parser("merge", help="merge targets (folders or hub ids) onto their pivot outside a run")
+    from fusechat_core.merge.command import add_arguments as _merge_arguments
+
+    _merge_arguments(mg)
+
     demo = sub.add_parser("demo", help="run the built-in demo (tiny local models, local store)")
     demo.add_argument("--store", help="artifact root URL (default: ./fusechat-artifacts)")
     demo.add_argument("--until")
@@ -178,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "merge":
+        from fusechat_core.merge.command import merge_command
+
+        return merge_command(args)
     try:
         if args.command == "demo":
             cfg = load_config(DEMO_CONFIG, store=args.store)
