@@ -45,8 +45,8 @@ import torch
 from fusechat_core.config import ModelSpec, RunConfig, TrainConfig, load_config
 from fusechat_core.fuse import FUSION_FUNCTIONS, SparseDist, clm_and_fusion_sums, teacher_dist
 from fusechat_core.fuse.batches import Batch, FusionData
-from fusechat_core.models import load_causal_lm, tokenizer_ref
-from fusechat_core.store import ArtifactStore
+from fusechat_core.models import ModelLoadError, load_causal_lm, tokenizer_ref
+from fusechat_core.store import ArtifactStore, StoreError
 
 STATE_FILE = "trainer_state.json"
 TRAINING_LOG = "fusechat_training.json"
@@ -219,7 +219,7 @@ def train_target(
         start, history = int(state["step"]), list(state.get("history", []))
         if start != step0:
             raise TrainError(f"checkpoint {ck_address} holds step {start}, not {step0}")
-        emit({"event": "resume", "step": start, "checkpoint": ck_address})
+        emit({"event": "resume", "step": start, "checkpoint": ck_address, "history": history})
     emit({"event": "start", "step": start, "total_steps": n_steps, "steps_per_epoch": per_epoch,
           "processes": world, "lam": lam, "fusion_function": cfg.fusion_function if use_teachers else None,
           "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)})
@@ -338,9 +338,10 @@ def _target_tokenizer(ref: str, revision: str | None, template: str | None) -> A
 
 
 # -- from a run config ------------------------------------------------------------------
-def train_from_config(cfg: RunConfig, target: str, *, pivot_path: str | None = None,
+def train_from_config(cfg: RunConfig, target: str, *,
                       on_event: Callable[[Event], None] | None = None) -> dict[str, Any]:
     """Train ``target`` (a source's name, or ``plan.CLM``) of a run, reading inputs from its store."""
+    from fusechat_core.demo import resolve_model
     from fusechat_core.plan import CLM, RunPlan
 
     plan = RunPlan(cfg)
@@ -348,19 +349,17 @@ def train_from_config(cfg: RunConfig, target: str, *, pivot_path: str | None = N
     if target not in plan.target_names() and target != CLM:
         raise TrainError(f"no target {target!r} in this run (targets: {', '.join(plan.target_names())})")
     lam = 1.0 if target == CLM else cfg.train.lam
-    pivot = cfg.pivot
-    if pivot_path is not None:  # the demo stage's folder for a "demo:" pivot
-        pivot = pivot.model_copy(update={"path": str(pivot_path),
-                                         "tokenizer": pivot.tokenizer or str(pivot_path)})
     shards = cfg.represent.shards
-    store.require(plan.represent(pivot))
-    pivot_dirs = [store.fetch(plan.represent_shard(pivot, i)) for i in range(shards)]
+    store.require(plan.represent(cfg.pivot))
+    pivot_dirs = [store.fetch(plan.represent_shard(cfg.pivot, i)) for i in range(shards)]
     aligned_dirs = None
     if lam < 1.0:
         source = plan.model(target)
         store.require(plan.align(source))
         aligned_dirs = [store.fetch(plan.align_shard(source, i)) for i in range(shards)]
     data = FusionData(pivot_dirs, aligned_dirs, max_length=cfg.train.max_length)
+    demo = plan.demo_model(cfg.pivot) if cfg.pivot.path.startswith("demo:") else None
+    pivot = resolve_model(cfg.pivot, store, demo)  # addresses keep the config's spec
     return train_target(cfg.train, pivot=pivot, data=data, store=store, address=plan.train(target),
                         lam=lam, on_event=on_event)
 
@@ -375,7 +374,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="run config (YAML, or the JSON a task wrote)")
     p.add_argument("--target", required=True, help="a source's name, or 'clm' for the λ = 1 baseline")
     p.add_argument("--store", help="artifact root URL (overrides the config's)")
-    p.add_argument("--pivot-path", help="local folder of the pivot model (for demo: models)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, store=args.store)
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -385,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(event), flush=True)
 
     try:
-        train_from_config(cfg, args.target, pivot_path=args.pivot_path, on_event=emit)
-    except (TrainError, ValueError) as exc:
+        train_from_config(cfg, args.target, on_event=emit)
+    except (TrainError, ValueError, StoreError, ModelLoadError) as exc:
         print(f"fusechat.train: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -87,8 +87,8 @@ def test_sparse_loss_and_its_gradient_equal_the_dense_reference():
     ref_fuse = _dense_fusion_ce(y, dense).sum()
     ref_clm = torch.nn.functional.cross_entropy(y, labels, reduction="sum")
     (0.9 * ref_clm + 0.1 * ref_fuse).backward()
-    assert abs(float(fuse.detach()) - float(ref_fuse)) < 1e-6 * max(1.0, abs(float(ref_fuse)))
-    assert abs(float(clm.detach()) - float(ref_clm)) < 1e-6 * max(1.0, abs(float(ref_clm)))
+    assert abs(float(fuse.detach()) - float(ref_fuse.detach())) < 1e-6 * max(1.0, abs(float(ref_fuse.detach())))
+    assert abs(float(clm.detach()) - float(ref_clm.detach())) < 1e-6 * max(1.0, abs(float(ref_clm.detach())))
     assert torch.allclose(x.grad.double(), y.grad, atol=1e-6)
 
 

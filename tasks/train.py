@@ -1,0 +1,147 @@
+"""Training tasks: one per target (each source j, and the CLM baseline), independent of each other.
+
+Each can run on its own GPU worker: give the task the pool's GPU tag in the
+flow. With ``train.accelerate_config`` set, the task runs the training under
+``accelerate launch`` (multi-GPU, FSDP) in a child process and reads its
+progress from the child's stdout; otherwise it trains in its own process.
+The dashboard gets a progress artifact and a metrics table (loss, lr,
+tokens/s, step), refreshed at every checkpoint and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from fusechat_core.config import RunConfig
+from fusechat_core.plan import RunPlan
+from fusechat_core.store import ArtifactStore
+from fusechat_core.train import train_from_config
+from tasks._stage import STAGE_TASK_OPTIONS, stage_ref
+
+TABLE_ROWS = 200  # a table of every step of a 2,000-step run would not be read by anyone
+
+
+def _artifact_key(text: str) -> str:
+    # Prefect artifact keys: lowercase letters, digits and dashes only.
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:64]
+
+
+class _Reporter:
+    """Turns training events into logs, a progress artifact and a metrics table."""
+
+    def __init__(self, target: str, logger: Any):
+        self.target, self.logger = target, logger
+        self.rows: list[dict[str, Any]] = []
+        self.progress_id: Any = None
+        self.total = 0
+        self.last_pct = -1.0
+        self.last_log = 0.0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "resume":
+            self.rows = [self._row(r) for r in event.get("history", [])]
+            self.logger.info("target %s: resuming from %s (step %d)", self.target, event["checkpoint"], event["step"])
+        elif kind == "start":
+            self.total = int(event["total_steps"])
+            self.logger.info("target %s: %d optimizer steps (%d per epoch) on %s, %d process(es), λ = %s, %s",
+                             self.target, self.total, event["steps_per_epoch"], event["device"], event["processes"],
+                             event["lam"], event["fusion_function"] or "no fusion term")
+            self.progress_id = create_progress_artifact(
+                progress=100.0 * event["step"] / self.total, key=None,
+                description=f"Training target {self.target}: optimizer steps done")
+        elif kind == "step":
+            self.rows.append(self._row(event))
+            pct = 100.0 * event["step"] / max(self.total, 1)
+            if self.progress_id is not None and (pct - self.last_pct >= 1.0 or event["step"] == self.total):
+                update_progress_artifact(self.progress_id, progress=pct)
+                self.last_pct = pct
+            if time.monotonic() - self.last_log > 30 or event["step"] == self.total:
+                self.last_log = time.monotonic()
+                fusion = "" if event["fusion_loss"] is None else f" (clm {event['clm_loss']:.4f}, " \
+                                                                  f"fusion {event['fusion_loss']:.4f})"
+                self.logger.info("target %s: step %d/%d loss %.4f%s lr %.3g, %.0f tokens/s", self.target,
+                                 event["step"], self.total, event["loss"], fusion, event["lr"], event["tokens_per_s"])
+        elif kind == "checkpoint":
+            self.logger.info("target %s: checkpoint %s", self.target, event["address"])
+            self.table()
+        elif kind == "done":
+            self.table()
+
+    @staticmethod
+    def _row(e: dict[str, Any]) -> dict[str, Any]:
+        return {"step": e["step"], "epoch": e["epoch"], "loss": round(e["loss"], 5),
+                "clm_loss": round(e["clm_loss"], 5),
+                "fusion_loss": None if e["fusion_loss"] is None else round(e["fusion_loss"], 5),
+                "lr": e["lr"], "grad_norm": round(e["grad_norm"], 4), "tokens_per_s": round(e["tokens_per_s"], 1)}
+
+    def table(self) -> None:
+        if not self.rows:
+            return
+        stride = max(1, -(-len(self.rows) // TABLE_ROWS))
+        rows = self.rows[::stride]
+        if rows[-1] is not self.rows[-1]:
+            rows.append(self.rows[-1])
+        create_table_artifact(table=rows, key=_artifact_key(f"train-{self.target}-metrics"),
+                              description=f"Training metrics of target {self.target} (every {stride} step(s))")
+
+
+@task(name="train", task_run_name="train-{target}", retries=2, retry_delay_seconds=30, **STAGE_TASK_OPTIONS)
+def train_target(config: dict, target: str, address: str, store: str) -> dict:
+    """Train one target (a source's name, or ``clm``); a retry resumes from its newest checkpoint."""
+    logger = get_run_logger()
+    cfg = RunConfig.model_validate(config).model_copy(update={"store": store})
+    expected = RunPlan(cfg).train(target)
+    if expected != address:
+        raise ValueError(f"train task for {target!r}: address {address!r} is not the plan's {expected!r}")
+    st = ArtifactStore(store)
+    if not st.is_complete(address):
+        report = _Reporter(target, logger)
+        if cfg.train.accelerate_config:
+            _launch(cfg, target, report, logger)
+        else:
+            train_from_config(cfg, target, on_event=report)
+    return stage_ref(st, address, target=target)
+
+
+def _launch(cfg: RunConfig, target: str, report: _Reporter, logger: Any) -> None:
+    """``accelerate launch -m fusechat_core.train`` in a child; its JSON event lines drive the report."""
+    accel = Path(cfg.train.accelerate_config or "")
+    if not accel.is_file():
+        raise ValueError(f"train.accelerate_config: no such file: {accel}")
+    with tempfile.TemporaryDirectory(prefix="fusechat-train-") as tmp:
+        config_file = Path(tmp) / "run.json"
+        config_file.write_text(json.dumps(cfg.model_dump(mode="json")))
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accel),
+               "-m", "fusechat_core.train", str(config_file), "--target", target]
+        logger.info("target %s: %s", target, " ".join(cmd))
+        tail: deque[str] = deque(maxlen=20)
+        # credentials stay in the inherited environment, never on the command line
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=os.environ.copy()) as proc:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                line = line.rstrip("\n")
+                if line.startswith("{"):
+                    try:
+                        event = json.loads(line)
+                    except json.JSONDecodeError:
+                        event = None
+                    if isinstance(event, dict) and "event" in event:
+                        report(event)
+                        continue
+                tail.append(line)
+        if proc.returncode != 0:
+            last = next((x for x in reversed(tail) if x.strip()), "no output")
+            raise RuntimeError(f"training of target {target!r} under accelerate launch exited with "
+                               f"{proc.returncode}: {last}")
