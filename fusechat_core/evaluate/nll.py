@@ -121,15 +121,19 @@ def exact_match(model: Any, tokenizer: Any, formatter: Any, rows: Sequence[dict]
         messages = to_messages(r["conversations"])
         if messages[-1]["role"] != "assistant":
             continue
-        items.append((r, formatter.prompt_ids(messages[:-1]), messages[-1]["content"]))
-    items.sort(key=lambda it: -len(it[1]))
+        ref = messages[-1]["content"]
+        # An answer equal to the reference cannot need many more tokens than the reference
+        # itself; stopping there saves generating max_new_tokens of a wrong answer.
+        limit = min(max_new_tokens, 2 * len(tokenizer(ref, add_special_tokens=False)["input_ids"]) + 8)
+        items.append((r, formatter.prompt_ids(messages[:-1]), ref, limit))
+    items.sort(key=lambda it: (-len(it[1]), it[3]))
     stops = stop_token_ids(tokenizer, model)
     per: dict[str, dict[str, Any]] = {}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         gens = generate_batch(model, tokenizer, [c[1] for c in chunk], temperature=0.0,
-                              max_new_tokens=max_new_tokens, stop_ids=stops)
-        for (row, _, ref), g in zip(chunk, gens):
+                              max_new_tokens=max(c[3] for c in chunk), stop_ids=stops)
+        for (row, _, ref, _), g in zip(chunk, gens):
             acc = per.setdefault(row["source"], {"correct": 0, "n": 0, "mismatches": []})
             acc["n"] += 1
             if normalise_answer(g.text) == normalise_answer(ref):
