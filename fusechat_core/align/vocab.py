@@ -216,28 +216,62 @@ def build_vocab_map(source: Vocabulary, pivot: Vocabulary, *, mapping: Literal["
 
 def _mined(source: Vocabulary, pending: list[int], ordinary: dict[str, int], ids: np.ndarray,
            kind: np.ndarray, dist: np.ndarray, threshold: float | None, chunk_rows: int) -> None:
+    """MinED for the source tokens without an exact match, exactly, in growing radii.
+
+    Levenshtein(a, b) >= |len(a) - len(b)|, so a query whose nearest pivot token
+    is within radius r is found among the pivot tokens whose length is within
+    r of its own. Most tokens resolve at r = 1 or 2 against a fraction of the
+    vocabulary; what is left goes on to the next radius and finally to all
+    tokens. A row is resolved only when its minimum is <= r, and then every
+    candidate at that distance has been seen, so the result (and the
+    lowest-id tie-break) is the same as one full cdist.
+    """
     from rapidfuzz.distance import Levenshtein
     from rapidfuzz.process import cdist
 
     # Choices in ascending pivot id, so argmin's first-minimum rule *is* the lowest-id tie-break.
     choice_ids = np.array(sorted(ordinary.values()), dtype=np.int32)
     by_id = {v: k for k, v in ordinary.items()}
-    choices = [by_id[int(j)] for j in choice_ids]
+    choices = np.array([by_id[int(j)] for j in choice_ids], dtype=object)
     choice_len = np.array([len(c) for c in choices], dtype=np.int32)
-    queries = [source.strings[i] for i in pending]
-    pending_arr = np.asarray(pending, dtype=np.int64)
-    for start in range(0, len(queries), chunk_rows):
-        q = queries[start:start + chunk_rows]
-        # uint8 keeps a chunk at rows × 32k bytes; a distance past 254 reads as 255 (hopeless anyway)
-        d = cdist(q, choices, scorer=Levenshtein.distance, dtype=np.uint8, workers=-1, score_cutoff=254)
-        best = d.argmin(axis=1)
-        bd = d[np.arange(len(q)), best].astype(np.int32)
-        rows = pending_arr[start:start + len(q)]
-        ok = bd < 255
-        if threshold is not None:
-            qlen = np.array([len(s) for s in q], dtype=np.int32)
-            norm = bd / np.maximum(np.maximum(qlen, choice_len[best]), 1)
-            ok &= norm <= threshold
-        ids[rows[ok]] = choice_ids[best[ok]]
-        kind[rows[ok]] = MINED
-        dist[rows[ok]] = bd[ok]
+    queries = np.array([source.strings[i] for i in pending], dtype=object)
+    q_len = np.array([len(q) for q in queries], dtype=np.int32)
+    rows_all = np.asarray(pending, dtype=np.int64)
+    best_id = np.full(len(queries), -1, np.int64)
+    best_d = np.full(len(queries), 255, np.int32)
+    todo = np.arange(len(queries))
+    for radius in (1, 2, 4, 8, None):
+        if not len(todo):
+            break
+        still = []
+        for length in np.unique(q_len[todo]):
+            sel = todo[q_len[todo] == length]
+            if radius is None:
+                cand = np.arange(len(choices))
+            else:
+                cand = np.flatnonzero(np.abs(choice_len - length) <= radius)
+            if not len(cand):
+                still.append(sel)
+                continue
+            cutoff = 254 if radius is None else radius
+            for start in range(0, len(sel), chunk_rows):
+                part = sel[start:start + chunk_rows]
+                # uint8 keeps a chunk at rows × candidates bytes; past the cutoff reads as cutoff + 1
+                d = cdist(list(queries[part]), list(choices[cand]), scorer=Levenshtein.distance,
+                          dtype=np.uint8, workers=-1, score_cutoff=cutoff)
+                arg = d.argmin(axis=1)
+                bd = d[np.arange(len(part)), arg].astype(np.int32)
+                done = bd <= cutoff
+                best_id[part[done]] = cand[arg[done]]
+                best_d[part[done]] = bd[done]
+                still.append(part[~done])
+        todo = np.concatenate(still) if still else np.zeros(0, np.int64)
+    found = best_id >= 0
+    ok = found.copy()
+    if threshold is not None:
+        norm = best_d / np.maximum(np.maximum(q_len, choice_len[np.maximum(best_id, 0)]), 1)
+        ok &= norm <= threshold
+    rows = rows_all[ok]
+    ids[rows] = choice_ids[best_id[ok]]
+    kind[rows] = MINED
+    dist[rows] = best_d[ok]
