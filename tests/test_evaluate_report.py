@@ -73,6 +73,10 @@ def test_report_artifact_reads_loss_histories(tmp_path):
         evals[name] = f"evaluate/{name}-0"
         with store.writer(evals[name]) as w:
             w.write_json("results.json", res)
+    with store.writer("train/clm-0") as w:  # what the train stage writes into a target folder
+        w.write_json("fusechat_training.json", {"lam": 1.0, "history": [
+            {"step": s, "loss": 2.0 - 0.1 * s, "clm_loss": 2.0 - 0.1 * s, "fusion_loss": None} for s in (1, 2, 3)]})
+    assert loss_history(store, "train/clm-0") == [{"step": s, "loss": 2.0 - 0.1 * s} for s in (1, 2, 3)]
     with store.writer("train/mixtral-0") as w:
         w.write_bytes("metrics.jsonl", b"".join(json.dumps({"step": s, "loss": 1.0 / (s + 1), "lr": 1e-5}).encode()
                                                 + b"\n" for s in range(5)))
@@ -81,12 +85,13 @@ def test_report_artifact_reads_loss_histories(tmp_path):
                                                             {"step": 3, "loss": 1.5}]})
     assert loss_history(store, "train/llama-0") == [{"step": 1, "loss": 2.0}, {"step": 3, "loss": 1.5}]
     assert loss_history(store, "train/none") is None
-    rep = write_report(store, "report/x", "Run", evals, {"mixtral": "train/mixtral-0", "llama": "train/llama-0"})
+    rep = write_report(store, "report/x", "Run", evals, {"mixtral": "train/mixtral-0", "llama": "train/llama-0",
+                                                        "clm": "train/clm-0"})
     assert store.is_complete("report/x")
     files = {f.path for f in store.require("report/x").files}
     assert {"report.md", "report.json", "plots/training_loss.png"} <= files
     assert len(_table_rows(rep["markdown"])) == 2 + len(MODELS)
-    assert set(store.read_json("report/x", "report.json")["loss_histories"]) == {"mixtral", "llama"}
+    assert set(store.read_json("report/x", "report.json")["loss_histories"]) == {"mixtral", "llama", "clm"}
 
 
 @pytest.mark.parametrize("bad", [{}, {"pivot": {"model": "pivot"}}])

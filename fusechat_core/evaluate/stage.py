@@ -108,21 +108,27 @@ def _empty_cuda_cache() -> None:
 def loss_history(store: ArtifactStore, train_address: str) -> list[dict] | None:
     """A trained target's loss per step, from the files training writes (None if it has none).
 
-    Read, in this order: ``loss_history.json`` (a list of {step, loss}),
+    Read, in this order: the train stage's own log (``fusechat_training.json``,
+    its ``history``), ``loss_history.json`` (a list of {step, loss}),
     ``metrics.jsonl`` (one {step, loss, ...} per line), ``trainer_state.json``
-    (Hugging Face's ``log_history``).
+    (its ``history``, or Hugging Face's ``log_history``).
     """
+    from fusechat_core.train import TRAINING_LOG
+
     man = store.manifest(train_address)
     if man is None:
         return None
     files = {f.path for f in man.files}
-    if "loss_history.json" in files:
+    if TRAINING_LOG in files:
+        rows = store.read_json(train_address, TRAINING_LOG).get("history", [])
+    elif "loss_history.json" in files:
         rows = store.read_json(train_address, "loss_history.json")
     elif "metrics.jsonl" in files:
         text = store.read_bytes(train_address, "metrics.jsonl").decode()
         rows = [json.loads(x) for x in text.splitlines() if x.strip()]
     elif "trainer_state.json" in files:
-        rows = store.read_json(train_address, "trainer_state.json").get("log_history", [])
+        state = store.read_json(train_address, "trainer_state.json")
+        rows = state.get("history") or state.get("log_history", [])
     else:
         return None
     out = [{"step": int(r["step"]), "loss": float(r["loss"])} for r in rows
