@@ -417,6 +417,15 @@ def _train_rows(store: ArtifactStore, dataset_address: str) -> list[dict[str, An
     return read_split(store, dataset_address, "train")
 
 
+def _loadable(spec: ModelSpec, store: ArtifactStore, plan: Any) -> ModelSpec:
+    """The spec to load from: a ``demo:NAME`` model is the demo stage's artifact folder."""
+    if not spec.path.startswith("demo:"):
+        return spec
+    from fusechat_core.demo import resolve_model
+
+    return resolve_model(spec, store, plan.demo_model(spec))
+
+
 def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: ModelSpec,
                     shard_index: int | None = None, *, progress: Progress | None = None,
                     rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -434,9 +443,10 @@ def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: Model
         return out
     rows = _train_rows(store, plan.dataset) if rows is None else rows
     device = pick_device(cfg.represent.device)
-    tok = load_tokenizer(*tokenizer_ref(spec))
+    local = _loadable(spec, store, plan)
+    tok = load_tokenizer(*tokenizer_ref(local))
     formatter = ChatFormatter(tok, spec.chat_template)
-    model = _cached_model(spec, device)
+    model = _cached_model(local, device)
     for i in todo:
         address = plan.represent_shard(spec, i)
         part = [rows[j] for j in shard_rows(len(rows), i, shards)]

@@ -273,3 +273,44 @@ def test_commit_refuses_missing_shards_and_same_tokenization(tiny_models, tmp_pa
     # the check is what it claims: ids really differ where it says so
     c = read_shard(store, plan.represent_shard(plan.model("chatml"), 1))
     assert c.input_ids.shape != a.input_ids.shape or not np.array_equal(c.input_ids, a.input_ids)
+
+
+def test_prefect_flow_maps_shards_and_skips_them_on_rerun(tiny_models, tmp_path):
+    from prefect import flow
+
+    from tasks._stage import result_storage_for
+    from tasks.represent import submit_represent
+
+    raw, cfg, store, plan = _setup(tiny_models, tmp_path, shards=2)
+    cfg = cfg.model_copy(update={"sources": cfg.sources[:1]})  # pivot and mixtral: 4 shard tasks
+    plan = RunPlan(cfg)
+    build_dataset_artifact(cfg, store, plan.dataset)  # the tokenizers are inputs of the dataset
+
+    @flow(name="represent-test")
+    def run_represent() -> dict:
+        futures = submit_represent(cfg, plan, result_storage=result_storage_for(cfg.store))
+        return {name: (f.result(), f.state.name) for name, f in futures.items()}
+
+    first = run_represent()
+    assert {n: s for n, (_, s) in first.items()} == {"pivot": "Completed", "mixtral": "Completed"}
+    for spec in cfg.models:
+        man = store.require(plan.represent(spec))
+        assert first[spec.name][0]["digest"] == man.digest
+        assert [s["address"] for s in man.meta["shards"]] == [plan.represent_shard(spec, i) for i in range(2)]
+    # every computed shard left a progress artifact, finished at 100 %
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        progress = [a for a in client.read_artifacts() if a.type == "progress"
+                    and "Representations of" in (a.description or "")]
+    assert len(progress) >= 4 and all(a.data == 100.0 for a in progress)
+    # one shard lost (a wiped prefix, a torn write): only it and its commit run again
+    lost = plan.represent_shard(plan.model("mixtral"), 1)
+    kept = plan.represent_shard(plan.model("mixtral"), 0)
+    kept_created = store.manifest(kept).created
+    store.delete(lost)
+    store.invalidate(plan.represent(plan.model("mixtral")))
+    second = run_represent()
+    assert second["pivot"][1] == "Cached" and second["mixtral"][1] == "Completed"
+    assert store.is_complete(lost) and store.manifest(kept).created == kept_created
+    assert second["mixtral"][0]["digest"] == first["mixtral"][0]["digest"]

@@ -1,0 +1,113 @@
+"""Representation tasks: one per (model, shard), then one that commits each model's stage artifact.
+
+Shards × models are separate mapped tasks, so they spread over workers (give them the
+pool's GPU tag); each is keyed by its shard address, so a rerun after a kill computes
+only the shards whose manifests are missing. Each shard reports tokens/s to the log
+and its progress to a Prefect progress artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import get_run_logger, task, unmapped
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from fusechat_core.config import RunConfig
+from fusechat_core.plan import RunPlan
+from fusechat_core.represent import RepresentError, commit_representation, represent_model
+from fusechat_core.store import ArtifactStore
+from tasks._stage import STAGE_TASK_OPTIONS, stage_ref
+
+_REPORT_EVERY_S = 5.0  # artifact updates are API calls: a few per minute is plenty
+
+
+class _Reporter:
+    """Turns collection events into a progress artifact and tokens/s log lines."""
+
+    def __init__(self, model: str, shard: int, shards: int, logger: Any):
+        self.model, self.shard, self.shards, self.logger = model, shard, shards, logger
+        self.artifact_id: Any = None
+        self.last = 0.0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event["event"] == "shard_done":
+            if self.artifact_id is not None:
+                update_progress_artifact(self.artifact_id, progress=100.0)
+            return
+        pct = 100.0 * event["seqs_done"] / max(event["seqs_total"], 1)
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(
+                progress=pct, description=f"Representations of {self.model}, shard {self.shard + 1} of "
+                                          f"{self.shards}: sequences done")
+            self.last = time.monotonic()
+        elif time.monotonic() - self.last >= _REPORT_EVERY_S:
+            self.last = time.monotonic()
+            update_progress_artifact(self.artifact_id, progress=pct)
+            self.logger.info("represent %s shard %d/%d: %d/%d sequences, %.0f tokens/s", self.model,
+                             self.shard + 1, self.shards, event["seqs_done"], event["seqs_total"],
+                             event["tokens_per_s"])
+
+
+@task(name="represent-shard", task_run_name="represent-{model}-{shard}", retries=1, retry_delay_seconds=10,
+      **STAGE_TASK_OPTIONS)
+def represent_shard(config: dict, model: str, shard: int, address: str, store: str) -> dict:
+    """Top-k representations of one model over one shard of the fusion data."""
+    logger = get_run_logger()
+    cfg = RunConfig.model_validate(config)
+    plan = RunPlan(cfg)
+    spec = plan.model(model)
+    if plan.represent_shard(spec, shard) != address:
+        raise RepresentError(f"represent {model} shard {shard}: address {address!r} is not this run's "
+                             f"({plan.represent_shard(spec, shard)!r})")
+    st = ArtifactStore(store)
+    [summary] = represent_model(cfg, st, plan, spec, shard,
+                                progress=_Reporter(model, shard, cfg.represent.shards, logger))
+    if summary["computed"]:
+        logger.info("represent %s shard %d/%d: %d sequences, %d supervised tokens, %.0f tokens/s", model,
+                    shard + 1, cfg.represent.shards, summary["n_seq"], summary["n_supervised"],
+                    summary["n_tokens"] / max(summary["seconds"], 1e-9))
+    return stage_ref(st, address, model=model, shard=shard)
+
+
+@task(name="represent", task_run_name="represent-{model}", retries=1, retry_delay_seconds=5,
+      **STAGE_TASK_OPTIONS)
+def commit_represent(config: dict, model: str, address: str, store: str, shards: list[dict]) -> dict:
+    """The model's stage artifact, once all its shards are complete (``shards``: their refs,
+    passed so Prefect runs this after them)."""
+    cfg = RunConfig.model_validate(config)
+    plan = RunPlan(cfg)
+    spec = plan.model(model)
+    if plan.represent(spec) != address:
+        raise RepresentError(f"represent {model}: address {address!r} is not this run's ({plan.represent(spec)!r})")
+    st = ArtifactStore(store)
+    if not st.is_complete(address):
+        man = commit_representation(cfg, st, plan, spec)
+        get_run_logger().info("represent %s: %d shards, %d sequences, %d supervised tokens", model,
+                              len(man.meta["shards"]), man.meta["n_seq"], man.meta["n_supervised"])
+    return stage_ref(st, address, model=model)
+
+
+def submit_represent(cfg: RunConfig, plan: RunPlan, *, result_storage: Any = None,
+                     tags: list[str] | None = None) -> dict[str, Any]:
+    """Inside a flow: map every (model, shard) to a task, then commit each model.
+
+    Returns ``{model name: future of its stage ref}``. ``tags`` (e.g. the GPU tag) go on
+    the shard tasks, the only ones that hold a model.
+    """
+    config = cfg.model_dump(mode="json")
+    options: dict[str, Any] = {}
+    if result_storage is not None:
+        options["result_storage"] = result_storage
+    shard_task = represent_shard.with_options(tags=tags or [], **options)
+    commit_task = commit_represent.with_options(**options)
+    n = cfg.represent.shards
+    pairs = [(spec, i) for spec in cfg.models for i in range(n)]
+    futures = shard_task.map(unmapped(config), [s.name for s, _ in pairs], [i for _, i in pairs],
+                             [plan.represent_shard(s, i) for s, i in pairs], unmapped(cfg.store))
+    out = {}
+    for m, spec in enumerate(cfg.models):
+        mine = list(futures[m * n:(m + 1) * n])
+        out[spec.name] = commit_task.submit(config, spec.name, plan.represent(spec), cfg.store, mine)
+    return out
