@@ -157,9 +157,13 @@ def _tokenised(formatter: Any, texts: list[str], rep: Representation, row_ids: S
 
 def pair_sequences(method: str, conversations: Sequence[Any], row_ids: Sequence[Any],
                    pivot: Representation, source: Representation, pivot_formatter: Any,
-                   source_formatter: Any, pivot_strings: np.ndarray | None = None,
-                   source_strings: np.ndarray | None = None) -> list[np.ndarray]:
-    """For each sequence, the 1-to-1 source token of every pivot token (-1: none)."""
+                   source_formatter: Any, pivot_strings: np.ndarray,
+                   source_strings: np.ndarray) -> list[np.ndarray]:
+    """For each sequence, the 1-to-1 source token of every pivot token (-1: none).
+
+    ``pivot_strings``/``source_strings``: canonical token strings indexed by id
+    (object arrays), for DTW's costs and for pairing byte pieces.
+    """
     from fusechat_core.chat import to_messages
 
     p_texts = _render(pivot_formatter, conversations)
@@ -169,11 +173,10 @@ def pair_sequences(method: str, conversations: Sequence[Any], row_ids: Sequence[
     p_seqs, s_seqs = [], []
     for s, conv in enumerate(conversations):
         (pid, poff), (sid, soff) = p_tok[s], s_tok[s]
+        p_str, s_str = list(pivot_strings[pid]), list(source_strings[sid])
         if method == "dtw":
-            if pivot_strings is None or source_strings is None:
-                raise ValueError("dtw pairing needs both vocabularies' canonical strings")
-            p_seqs.append(TokenSeq(list(pivot_strings[pid])))
-            s_seqs.append(TokenSeq(list(source_strings[sid])))
+            p_seqs.append(TokenSeq(p_str))
+            s_seqs.append(TokenSeq(s_str))
             continue
         pt, st = p_texts[s], s_texts[s]
         p_span, s_span = trimmed_spans(pt, poff), trimmed_spans(st, soff)
@@ -181,8 +184,8 @@ def pair_sequences(method: str, conversations: Sequence[Any], row_ids: Sequence[
             contents = [m["content"] for m in to_messages(conv)]
             p_span = common_spans(p_span, content_char_map(pt, contents)[0])
             s_span = common_spans(s_span, content_char_map(st, contents)[0])
-        p_seqs.append(TokenSeq([], p_span))
-        s_seqs.append(TokenSeq([], s_span))
+        p_seqs.append(TokenSeq(p_str, p_span))
+        s_seqs.append(TokenSeq(s_str, s_span))
     return align_sequences(method, p_seqs, s_seqs)
 
 
@@ -220,10 +223,8 @@ def align_shard(cfg: RunConfig, source: ModelSpec, pivot_rep: Representation, so
             used = "dtw"
         if used not in SEQUENCE_ALIGNERS:
             raise AlignError(f"align.method: unknown sequence alignment {used!r}")
-        p_str = s_str = None
-        if used == "dtw":
-            p_str = _strings(vocabulary(p_tok), int(pivot_rep.input_ids.max(initial=0)) + 1)
-            s_str = _strings(vocabulary(s_tok), int(source_rep.input_ids.max(initial=0)) + 1)
+        p_str = _strings(vocabulary(p_tok), int(pivot_rep.input_ids.max(initial=0)) + 1)
+        s_str = _strings(vocabulary(s_tok), int(source_rep.input_ids.max(initial=0)) + 1)
         pairing = pair_sequences(used, conversations, row_ids, pivot_rep, source_rep,
                                  ChatFormatter(p_tok, cfg.pivot.chat_template),
                                  ChatFormatter(s_tok, source.chat_template), p_str, s_str)

@@ -8,7 +8,8 @@ many-to-1 or absent. Projection then only needs that one int array.
 ``offsets`` (the default; near linear): tokens of fast tokenizers carry
 character spans. A pivot token and a source token pair 1-to-1 when their
 spans, trimmed of surrounding whitespace, are equal and no other token on
-either side has that trimmed span. Trimming is what makes ``▁▁▁▁`` +
+either side has that trimmed span (byte pieces of one character, which share
+its span, pair piece by piece when both sides split it identically). Trimming is what makes ``▁▁▁▁`` +
 ``return`` pair with ``ĠĠĠ`` + ``Ġreturn`` on ``return`` (as DTW on
 marker-stripped strings does) while ``!`` + ``\\n`` against ``!\\n`` stays
 unpaired; whitespace-only tokens compare on their raw span. Spans are in a
@@ -133,8 +134,15 @@ def common_spans(trimmed: np.ndarray, char_map: np.ndarray | None) -> np.ndarray
 
 
 # -- offsets method ------------------------------------------------------------------
-def align_spans(pivot_spans: np.ndarray, source_spans: np.ndarray) -> np.ndarray:
-    """For each pivot token, the source token with the same (unique) span, else -1."""
+def align_spans(pivot_spans: np.ndarray, source_spans: np.ndarray, pivot_strings: Sequence[str] | None = None,
+                source_strings: Sequence[str] | None = None) -> np.ndarray:
+    """For each pivot token, the source token with the same (unique) span, else -1.
+
+    Several tokens can share one span: the byte pieces of one character
+    (SentencePiece byte fallback, byte-level BPE). When both sides split that
+    character into the same pieces (same count, same strings, in order) they
+    pair piece by piece; otherwise none of them pairs.
+    """
     n = len(pivot_spans)
     out = np.full(n, -1, dtype=np.int64)
     if n == 0 or len(source_spans) == 0:
@@ -142,16 +150,27 @@ def align_spans(pivot_spans: np.ndarray, source_spans: np.ndarray) -> np.ndarray
     width = int(max(pivot_spans.max(), source_spans.max())) + 2
     pk = np.where(pivot_spans[:, 0] >= 0, pivot_spans[:, 0] * width + pivot_spans[:, 1], -1)
     sk = np.where(source_spans[:, 0] >= 0, source_spans[:, 0] * width + source_spans[:, 1], -1)
-    pu, pc = np.unique(pk, return_counts=True)
+    pu, p_inv, pc = np.unique(pk, return_inverse=True, return_counts=True)
     su, sc = np.unique(sk, return_counts=True)
-    p_unique = pc[np.searchsorted(pu, pk)] == 1
+    p_count = pc[p_inv]
     s_order = np.argsort(sk, kind="stable")
     s_sorted = sk[s_order]
     where = np.clip(np.searchsorted(s_sorted, pk), 0, len(sk) - 1)
-    found = (s_sorted[where] == pk) & (pk >= 0) & p_unique
-    s_unique = sc[np.clip(np.searchsorted(su, pk), 0, len(su) - 1)] == 1
-    ok = found & s_unique
+    found = (s_sorted[where] == pk) & (pk >= 0)
+    s_count = np.where(found, sc[np.clip(np.searchsorted(su, pk), 0, len(su) - 1)], 0)
+    ok = found & (p_count == 1) & (s_count == 1)
     out[ok] = s_order[where[ok]]
+    if pivot_strings is not None and source_strings is not None:
+        shared = np.flatnonzero(found & (p_count > 1) & (p_count == s_count))
+        # Few tokens (pieces of multi-byte characters): a plain loop over groups is fine.
+        groups: dict[int, list[int]] = {}
+        for i in shared.tolist():
+            groups.setdefault(int(pk[i]), []).append(i)
+        for key, p_idx in groups.items():
+            start = int(np.searchsorted(s_sorted, key))
+            s_idx = s_order[start:start + len(p_idx)].tolist()  # stable sort: in sequence order
+            if [pivot_strings[i] for i in p_idx] == [source_strings[j] for j in s_idx]:
+                out[p_idx] = s_idx
     return out
 
 
@@ -161,7 +180,7 @@ def align_offsets(pivots: Sequence[TokenSeq], sources: Sequence[TokenSeq]) -> li
     for p, s in zip(pivots, sources, strict=True):
         if p.spans is None or s.spans is None:
             raise ValueError("offsets alignment needs character spans for both tokenizers; use method 'dtw'")
-        out.append(align_spans(p.spans, s.spans))
+        out.append(align_spans(p.spans, s.spans, p.strings or None, s.strings or None))
     return out
 
 
