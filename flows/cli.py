@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from fusechat_core.config import ConfigError, RunConfig, load_config
 from fusechat_core.plan import RunPlan
+from fusechat_core.stages import shard_address
 from fusechat_core.store import ArtifactStore, StoreError
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -92,7 +93,12 @@ def status_rows(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
     for node in RunPlan(cfg).nodes():
         man = store.manifest(node.address)
         if man is not None and store.is_complete(node.address, verify=verify):
-            state, size = "done", man.size
+            state, size = "done", man.size + int(man.meta.get("shards_size", 0))
+        elif node.shards:
+            done = sum(store.is_complete(shard_address(node.address, i, node.shards)) for i in range(node.shards))
+            state = f"{done}/{node.shards}" if done else (
+                "partial" if store.fs.exists(store._path(node.address)) else "missing")
+            size = None
         elif man is not None or store.fs.exists(store._path(node.address)):
             state, size = "partial", None
         else:
@@ -203,7 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _print_rows(rows)
             return EXIT_OK
         if args.command == "run" and args.plan:
-            _print_rows(status_rows(cfg))
+            try:
+                rows = status_rows(cfg)
+            except StoreError as exc:  # a plan is still worth printing without the store
+                print(f"fusechat: states unknown: {exc}", file=sys.stderr)
+                rows = [{"stage": n.label, "state": "unknown", "address": n.address, "size": None}
+                        for n in RunPlan(cfg).nodes()]
+            _print_rows(rows)
             return EXIT_OK
         return _run(cfg, args.until, args.json)
     except StoreError as exc:

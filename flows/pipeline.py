@@ -14,8 +14,9 @@ from fusechat_core.config import RunConfig, load_config
 from fusechat_core.plan import RunPlan
 from tasks._stage import result_storage_for
 from tasks.dataset import build_dataset
+from tasks.demo import build_demo_model
 
-STAGES = ("dataset",)
+STAGES = ("demo_models", "dataset")
 
 
 @flow(name="fusechat-pipeline", flow_run_name="fusechat-{until}", validate_parameters=True)
@@ -35,6 +36,13 @@ def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | N
         ref = state.result()  # raises if the task failed
         results[stage] = {**ref, "state": state.name}
         return ref
+
+    demo = {m.name: build_demo_model.with_options(result_storage=storage).submit(
+        config, m.name, plan.demo_model(m), cfg.store) for m in plan.demo_specs()}
+    for name, fut in demo.items():
+        results[f"demo_models[{name}]"] = {**fut.result(), "state": fut.state.name}
+    if until == "demo_models":
+        return results
 
     run("dataset", build_dataset, config, plan.dataset, cfg.store)
     if until == "dataset":

@@ -250,6 +250,27 @@ class RunnerConfig(_Section):
     gpu_tag: str = "gpu"
 
 
+class DemoModelSpec(_Section):
+    """A tiny model the demo builds and pre-trains itself (``path: demo:NAME``)."""
+
+    arch: Literal["mistral", "mixtral", "llama"]
+    hidden: int = Field(default=64, ge=8)
+    layers: int = Field(default=2, ge=1)
+    heads: int = Field(default=4, ge=1)
+    kv_heads: int = Field(default=2, ge=1)
+    intermediate: int = Field(default=128, ge=8)
+    domains: dict[str, float]  # pre-training mixture: synthetic domain -> weight
+    steps: int = Field(default=200, ge=0)
+
+
+class DemoConfig(_Section):
+    models: dict[str, DemoModelSpec]
+    batch_size: int = Field(default=16, ge=1)
+    learning_rate: float = Field(default=3e-3, gt=0)
+    max_length: int = Field(default=128, ge=16)
+    seed: int = 0
+
+
 class RunConfig(_Section):
     name: str = Field(default="fusechat", pattern=r"^[A-Za-z0-9][\w.\-]*$")
     store: str = DEFAULT_STORE
@@ -263,6 +284,7 @@ class RunConfig(_Section):
     merge: MergeConfig = MergeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     runner: RunnerConfig = RunnerConfig()
+    demo: DemoConfig | None = None
 
     @field_validator("store")
     @classmethod
@@ -279,8 +301,23 @@ class RunConfig(_Section):
         return value
 
     @model_validator(mode="after")
+    def _demo_models_defined(self) -> "RunConfig":
+        for i, m in enumerate(self.models):
+            if m.path.startswith("demo:"):
+                field = "pivot.path" if i == 0 else f"sources[{i - 1}].path"
+                if self.demo is None or m.path[len("demo:"):] not in self.demo.models:
+                    raise _FieldError(field, f"{m.path!r} needs an entry under demo.models")
+                if m.tokenizer is None:
+                    raise _FieldError(field.replace("path", "tokenizer"), "a demo model needs a tokenizer")
+        return self
+
+    @model_validator(mode="after")
     def _unique_names(self) -> "RunConfig":
         seen = {self.pivot.name}
+        for i, m in enumerate(self.models):
+            if m.name == "clm" or m.name.startswith(("target-", "merge-")):
+                field = "pivot.name" if i == 0 else f"sources[{i - 1}].name"
+                raise _FieldError(field, f"{m.name!r} is reserved for the run's own models")
         for i, src in enumerate(self.sources):
             if src.name in seen:
                 raise _FieldError(f"sources[{i}].name", f"duplicate model name {src.name!r}")
@@ -333,20 +370,42 @@ def parse_config(data: Any, *, base_dir: Path | None = None) -> RunConfig:
 
 
 def load_config(path: str | Path, *, store: str | None = None) -> RunConfig:
-    """Load a YAML run config; relative paths in it are relative to its folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+    """Load a YAML run config from a local path or a store URL (``s3://...``).
+
+    Relative paths in a local config are relative to its folder.
+    """
+    text_path = str(path)
+    remote = "://" in text_path and not text_path.startswith("file://")
+    if remote:
+        import fsspec
+
+        from fusechat_core.store import s3_storage_options
+
+        opts = s3_storage_options() if text_path.startswith("s3://") else {}
+        try:
+            with fsspec.open(text_path, "r", **opts) as fh:
+                raw = fh.read()
+        except FileNotFoundError:
+            raise ConfigError(f"{text_path}: no such config file") from None
+        except Exception as exc:  # one line: the URL and the reason, never a stack trace
+            raise ConfigError(f"{text_path}: cannot read ({type(exc).__name__})") from None
+        base = None
+    else:
+        path = Path(text_path[len("file://"):] if text_path.startswith("file://") else text_path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        raw = path.read_text()
+        base = path.parent.resolve()
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML") from None
+        raise ConfigError(f"{text_path}:{where} not valid YAML") from None
     if store is not None and isinstance(data, dict):
         data = {**data, "store": store}
-    cfg = parse_config(data, base_dir=path.parent.resolve())
-    return _resolve_local_store(cfg, path.parent.resolve())
+    cfg = parse_config(data, base_dir=base)
+    return _resolve_local_store(cfg, base or Path.cwd())
 
 
 def _resolve_local_store(cfg: RunConfig, base: Path) -> RunConfig:

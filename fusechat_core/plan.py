@@ -120,6 +120,11 @@ class RunPlan:
         names = [s.name for s in self.cfg.sources]
         return names + [CLM] if self.cfg.train.clm_baseline else names
 
+    @staticmethod
+    def target_label(target: str) -> str:
+        """A target's model name in reports: ``target-<source>``, or ``clm`` for the baseline."""
+        return target if target == CLM else f"target-{target}"
+
     def train(self, target: str) -> str:
         train = self.cfg.train.model_dump(exclude={"clm_baseline"})
         upstream = {"dataset": self.dataset, "pivot": self.represent(self.cfg.pivot)}
@@ -152,7 +157,7 @@ class RunPlan:
     # -- evaluation ------------------------------------------------------------------
     def evaluated_models(self) -> list[str]:
         """Names of every model the run evaluates: pivot, sources, targets, merges."""
-        names = [m.name for m in self.cfg.models] + self.target_names()
+        names = [m.name for m in self.cfg.models] + [self.target_label(t) for t in self.target_names()]
         names += [f"merge-{m}" for m in self.merge_methods()]
         wanted = self.cfg.evaluate.models
         return [n for n in names if not wanted or n in wanted]
@@ -161,8 +166,10 @@ class RunPlan:
         """What a model *is* for evaluation: an external spec or an artifact address."""
         if name.startswith("merge-"):
             return {"artifact": self.merge(name[len("merge-"):])}
-        if name in self.target_names():
-            return {"artifact": self.train(name)}
+        if name == CLM:
+            return {"artifact": self.train(CLM)}
+        if name.startswith("target-"):
+            return {"artifact": self.train(name[len("target-"):])}
         return {"model": self.identity(self.model(name))}
 
     def mt_bench_answers(self, name: str) -> str:

@@ -17,6 +17,8 @@ BASE = {
     "sources": [{"name": "a", "path": "demo:a", "tokenizer": "builtin:mistral-v3"},
                 {"name": "b", "path": "org/model-b"}],
     "data": {"sources": [{"name": "m", "path": "demo:markov", "count": 5}]},
+    "demo": {"models": {"pivot": {"arch": "mistral", "domains": {"markov": 1}},
+                        "a": {"arch": "mixtral", "domains": {"markov": 1}}}},
 }
 
 
@@ -56,6 +58,7 @@ BAD = [
     (("train", {"lam": 1.5}), "train.lam: "),
     (("merge", {"granularity": "neuron"}), "merge.granularity: "),
     (("pivot.name", "Bad Name!"), "pivot.name: "),
+    (("sources.0.path", "demo:unknown"), "sources[0].path: 'demo:unknown' needs an entry under demo.models"),
 ]
 
 

@@ -70,6 +70,8 @@ def _config(folder: Path, store: str, chat_count: int | None = None) -> Path:
         "data": {"sources": [{"name": "chat", "path": str(sg), "format": "sharegpt", "count": chat_count},
                              {"name": "alpaca", "path": str(al), "format": "alpaca"}],
                  "max_length": 200, "heldout_fraction": 0.1},
+        "demo": {"models": {"pivot": {"arch": "mistral", "domains": {"markov": 1}},
+                            "src": {"arch": "llama", "domains": {"markov": 1}}}},
     }
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))

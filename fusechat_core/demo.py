@@ -1,0 +1,113 @@
+"""The demo's models: tiny, real, and each the expert of some domains.
+
+A ``demo:NAME`` model in the config is built here from ``demo.models[NAME]``:
+a randomly initialised tiny model of the given architecture with its real
+tokenizer, pre-trained on the CPU on the synthetic world
+(``fusechat_core.data.synthetic``) with that model's domain emphasis. The
+result is a plain Hugging Face folder, stored as an artifact like any other,
+so every later stage loads it exactly as it would load a hub model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from fusechat_core.chat import IGNORE, ChatFormatter
+from fusechat_core.config import ModelSpec, RunConfig
+from fusechat_core.data.synthetic import DOMAINS
+from fusechat_core.store import ArtifactStore
+
+
+def _rng(*parts: Any) -> random.Random:
+    return random.Random(int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:16], 16))
+
+
+def _batch(formatter: ChatFormatter, rng: random.Random, domains: list[str], weights: list[float],
+           size: int, max_length: int, pad_id: int) -> tuple[Any, Any, Any]:
+    import torch
+
+    rows = []
+    for _ in range(size):
+        q, a = DOMAINS.get(rng.choices(domains, weights)[0])(rng)
+        r = formatter.encode([{"from": "human", "value": q}, {"from": "gpt", "value": a}], max_length)
+        rows.append((r.input_ids, r.labels))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((size, width), pad_id, dtype=torch.long)
+    labels = torch.full((size, width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((size, width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return ids, labels, mask
+
+
+def pretrain_demo_model(run: RunConfig, spec: ModelSpec, out_dir: Path,
+                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build and pre-train one demo model into ``out_dir``; returns its training summary."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusechat_core.tiny import build_tiny_model
+
+    assert run.demo is not None and spec.tokenizer is not None
+    name = spec.path[len("demo:"):]
+    d = run.demo.models[name]
+    seed = int(hashlib.sha256(f"{run.demo.seed}:{name}".encode()).hexdigest()[:8], 16)
+    build_tiny_model(d.arch, spec.tokenizer, out_dir, seed=seed, chat_template=spec.chat_template or "mistral",
+                     hidden=d.hidden, layers=d.layers, heads=d.heads, kv_heads=d.kv_heads,
+                     intermediate=d.intermediate, max_positions=max(run.demo.max_length, 512))
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    formatter = ChatFormatter(tok)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=run.demo.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / max(d.steps, 1)))
+    rng = _rng(run.demo.seed, "pretrain", name)
+    domains = sorted(d.domains)
+    weights = [d.domains[k] for k in domains]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    losses = []
+    for step in range(d.steps):
+        ids, labels, mask = _batch(formatter, rng, domains, weights, run.demo.batch_size,
+                                   run.demo.max_length, pad)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if progress and (step + 1) % 50 == 0:
+            progress(f"demo model {name}: step {step + 1}/{d.steps}, loss {sum(losses[-50:]) / 50:.3f}")
+    model.eval()
+    model.save_pretrained(out_dir)
+    return {"model": name, "arch": d.arch, "steps": d.steps, "params": sum(p.numel() for p in model.parameters()),
+            "final_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1), "domains": d.domains}
+
+
+def build_demo_model_artifact(run: RunConfig, spec: ModelSpec, store: ArtifactStore, address: str,
+                              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = pretrain_demo_model(run, spec, Path(tmp), progress)
+        store.put_dir(address, tmp, meta={"stage": "demo_models", **summary})
+    return summary
+
+
+def resolve_model(spec: ModelSpec, store: ArtifactStore, demo_address: str | None) -> ModelSpec:
+    """The spec to *load* a model with: demo models point at their fetched artifact folder.
+
+    Addresses keep using the original spec (``demo:NAME``), so where the folder
+    happens to live never changes what is recomputed.
+    """
+    if not spec.path.startswith("demo:"):
+        return spec
+    if demo_address is None:
+        raise ValueError(f"model {spec.name!r}: {spec.path} has no demo artifact")
+    local = str(store.fetch(demo_address))
+    return spec.model_copy(update={"path": local, "tokenizer": local})
