@@ -99,15 +99,9 @@ def build_demo_model_artifact(run: RunConfig, spec: ModelSpec, store: ArtifactSt
     return summary
 
 
-def resolve_model(spec: ModelSpec, store: ArtifactStore, demo_address: str | None) -> ModelSpec:
-    """The spec to *load* a model with: demo models point at their fetched artifact folder.
+def materialise(plan: Any, store: ArtifactStore) -> None:
+    """Make this run's demo models loadable in this process (fetched once per content)."""
+    from fusechat_core.models import register_built_model
 
-    Addresses keep using the original spec (``demo:NAME``), so where the folder
-    happens to live never changes what is recomputed.
-    """
-    if not spec.path.startswith("demo:"):
-        return spec
-    if demo_address is None:
-        raise ValueError(f"model {spec.name!r}: {spec.path} has no demo artifact")
-    local = str(store.fetch(demo_address))
-    return spec.model_copy(update={"path": local, "tokenizer": local})
+    for spec in plan.demo_specs():
+        register_built_model(spec.path, str(store.fetch(plan.demo_model(spec))))

@@ -84,6 +84,25 @@ class ModelLoadError(RuntimeError):
     """A causal LM that cannot be loaded; the message is one line naming the model."""
 
 
+# Folders of models that a stage of this run built (the demo's ``demo:NAME``
+# models), registered by ``fusechat_core.demo.materialise`` before loading.
+_BUILT_MODELS: dict[str, str] = {}
+
+
+def register_built_model(ref: str, folder: str) -> None:
+    _BUILT_MODELS[ref] = folder
+
+
+def model_dir(spec: Any) -> str:
+    """What ``from_pretrained`` loads for a ModelSpec: a local folder or a hub id."""
+    if spec.path.startswith("demo:"):
+        if spec.path not in _BUILT_MODELS:
+            raise ModelLoadError(f"model {spec.name!r}: {spec.path!r} is built by the demo_models stage, "
+                                 f"which has not run (or was not materialised) in this process")
+        return _BUILT_MODELS[spec.path]
+    return resolve_ref(spec.path)
+
+
 def pick_device(device: str = "auto") -> str:
     """``cuda`` when a GPU is visible and ``auto`` is asked for, else ``cpu``; an explicit
     ``cuda`` without a GPU is an error, not a silent week on the CPU."""
@@ -114,13 +133,10 @@ def load_causal_lm(spec: Any, device: str = "auto", dtype: str | None = None) ->
     architecture) in eval mode on ``device``; ``dtype`` overrides ``spec.dtype``."""
     from transformers import AutoModelForCausalLM
 
-    if spec.path.startswith("demo:"):
-        raise ModelLoadError(f"model {spec.name!r}: {spec.path!r} is made by the demo stage; "
-                             f"run it first and point path at its folder")
     device = pick_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_ref(spec.path), revision=spec.revision, dtype=torch_dtype(dtype or spec.dtype, device),
+            model_dir(spec), revision=spec.revision, dtype=torch_dtype(dtype or spec.dtype, device),
             trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -67,3 +67,14 @@ def stage_ref(store: ArtifactStore, address: str, **extra: Any) -> dict[str, Any
     """The small reference a stage task returns (never the data itself)."""
     man = store.require(address)
     return {"address": address, "store": store.url, "digest": man.digest, "size": man.size, **extra}
+
+
+def run_config(config: dict) -> Any:
+    """The run's config inside a task, with the run's built (demo) models made loadable."""
+    from fusechat_core.config import RunConfig
+    from fusechat_core.demo import materialise
+    from fusechat_core.plan import RunPlan
+
+    cfg = RunConfig.model_validate(config)
+    materialise(RunPlan(cfg), ArtifactStore(cfg.store))
+    return cfg
