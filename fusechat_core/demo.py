@@ -82,7 +82,7 @@ def pretrain_demo_model(run: RunConfig, spec: ModelSpec, out_dir: Path,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress and (step + 1) % 50 == 0:
             progress(f"demo model {name}: step {step + 1}/{d.steps}, loss {sum(losses[-50:]) / 50:.3f}")
     model.eval()

@@ -1,0 +1,60 @@
+"""The demo's models: a cached stage whose output loads like any hub model."""
+
+from __future__ import annotations
+
+import torch
+
+from fusechat_core.config import parse_config
+from fusechat_core.demo import build_demo_model_artifact, materialise
+from fusechat_core.models import load_causal_lm
+from fusechat_core.plan import RunPlan
+from fusechat_core.store import ArtifactStore
+
+
+def _cfg(store: str, pivot_steps: int = 3, **demo_extra):
+    return parse_config({
+        "store": store,
+        "pivot": {"name": "pivot", "path": "demo:pivot", "tokenizer": "builtin:mistral-v1"},
+        "sources": [{"name": "moe", "path": "demo:moe", "tokenizer": "builtin:mistral-v3"}],
+        "data": {"sources": [{"name": "a", "path": "demo:arithmetic", "count": 4}]},
+        "demo": {"batch_size": 4, "max_length": 64, **demo_extra,
+                 "models": {"pivot": {"arch": "mistral", "hidden": 32, "intermediate": 64, "steps": pivot_steps,
+                                      "domains": {"arithmetic": 1, "reverse": 1}},
+                            "moe": {"arch": "mixtral", "hidden": 32, "intermediate": 64, "steps": 3,
+                                    "domains": {"facts": 1}}}},
+    })
+
+
+def test_demo_config_changes_reach_exactly_the_dependent_addresses(tmp_path):
+    a, b = RunPlan(_cfg("file:///x")), RunPlan(_cfg("file:///x", pivot_steps=4))
+    pivot_a, pivot_b = a.cfg.pivot, b.cfg.pivot
+    moe_a, moe_b = a.cfg.sources[0], b.cfg.sources[0]
+    assert a.demo_model(pivot_a) != b.demo_model(pivot_b)
+    assert a.represent(pivot_a) != b.represent(pivot_b)
+    assert a.demo_model(moe_a) == b.demo_model(moe_b)
+    assert a.represent(moe_a) == b.represent(moe_b)
+    # shared training settings change every demo model
+    c = RunPlan(_cfg("file:///x", learning_rate=1e-2))
+    assert c.demo_model(c.cfg.sources[0]) != a.demo_model(moe_a)
+
+
+def test_demo_models_are_deterministic_and_load_like_hub_models(tmp_path):
+    digests = []
+    for run in ("one", "two"):
+        cfg = _cfg(f"file://{tmp_path}/{run}")
+        plan, store = RunPlan(cfg), ArtifactStore(cfg.store)
+        for spec in cfg.models:
+            summary = build_demo_model_artifact(cfg, spec, store, plan.demo_model(spec))
+            assert summary["steps"] == 3 and summary["final_loss"] > 0
+        digests.append([store.manifest(plan.demo_model(s)).digest for s in cfg.models])
+    assert digests[0] == digests[1], "same config and seed must give the same weights, byte for byte"
+
+    materialise(plan, store)
+    moe = load_causal_lm(cfg.sources[0], device="cpu")
+    assert type(moe).__name__ == "MixtralForCausalLM"
+    assert moe.config.hidden_size == 32 and moe.config.vocab_size == 32768
+    with torch.no_grad():
+        logits = moe(torch.tensor([[1, 20, 30]])).logits
+    assert logits.shape == (1, 3, 32768) and torch.isfinite(logits).all()
+    files = {f.path for f in store.manifest(plan.demo_model(cfg.pivot)).files}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
