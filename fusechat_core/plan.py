@@ -170,7 +170,10 @@ class RunPlan:
             return {"artifact": self.train(CLM)}
         if name.startswith("target-"):
             return {"artifact": self.train(name[len("target-"):])}
-        return {"model": self.identity(self.model(name))}
+        spec = self.model(name)
+        if spec.path.startswith("demo:"):
+            return {"artifact": self.demo_model(spec)}  # a built model is an artifact like a target
+        return {"model": self.identity(spec)}
 
     def mt_bench_answers(self, name: str) -> str:
         return mt_bench_answers_address(name, self.model_ref(name), self.cfg.evaluate)
