@@ -43,6 +43,25 @@ def _check_ref(label: str, ref: str) -> str:
     return ref
 
 
+def _same_architecture(pivot: str, targets: Mapping[str, str]) -> None:
+    """Targets are fine-tunes of the pivot: same architecture, same shapes (local folders
+    are checked here; mergekit checks hub models tensor by tensor)."""
+    def arch(ref: str) -> tuple | None:
+        cfg = Path(ref) / "config.json"
+        if not cfg.is_file():
+            return None
+        raw = json.loads(cfg.read_text())
+        return (tuple(raw.get("architectures") or ()), raw.get("vocab_size"), raw.get("hidden_size"),
+                raw.get("num_hidden_layers"))
+
+    want = arch(pivot)
+    for name, ref in targets.items():
+        got = arch(ref)
+        if want is not None and got is not None and got != want:
+            raise MergeError(f"target {name}: {ref} is not the pivot's shape (architecture, vocab, hidden, "
+                             f"layers {got} vs {want}); targets are fine-tunes of the pivot")
+
+
 def _local_dir(ref: str) -> Path:
     from mergekit.common import ModelReference
 
@@ -76,6 +95,7 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
             # mergekit would fold a repeated input into one (or into the base) without a word
             raise MergeError(f"target {n}: {p} is already {seen[p]}")
         seen[p] = f"target {n}"
+    _same_architecture(pivot, targets)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise MergeError(f"out: {out} is not empty")

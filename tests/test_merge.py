@@ -1,0 +1,381 @@
+"""Merging: VaRM against its formula computed here, the baselines against known properties.
+
+Targets are the tiny pivot plus deltas chosen in the test, so every expected
+tensor is computed independently (float64, from the deltas themselves), never
+read back from the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fusechat_core.config import parse_config
+from fusechat_core.plan import RunPlan
+from fusechat_core.store import ArtifactStore
+
+REPO = Path(__file__).resolve().parents[1]
+ZERO = "model.norm.weight"  # no target changes it: the merge must keep the pivot's
+ONLY_A = "model.layers.0.input_layernorm.weight"  # only target a changes it: W_a = 1
+
+
+def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def _make_target(pivot: Path, out: Path, deltas: dict[str, torch.Tensor]) -> Path:
+    """A copy of the pivot folder with θ + Δ for each tensor."""
+    shutil.copytree(pivot, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    base = _load_folder(pivot)
+    save_file({k: (v + deltas[k]).contiguous() if k in deltas else v for k, v in base.items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _known_deltas(base: dict[str, torch.Tensor], seed: int, scale: float, *, zero: set[str]) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (name, t) in enumerate(sorted(base.items())):
+        if name in zero:
+            out[name] = torch.zeros_like(t)
+            continue
+        # unequal sizes across matrices and targets, so the weights really vary
+        s = scale * (1 + (i * 7 + seed) % 5)
+        out[name] = torch.randn(t.shape, generator=g, dtype=torch.float32) * s
+    return out
+
+
+@pytest.fixture(scope="module")
+def known(tiny_models, tmp_path_factory):
+    """Pivot, targets a and b with known deltas, and c = pivot + 2·Δ_a (same signs as a)."""
+    pivot = tiny_models["pivot"]
+    root = tmp_path_factory.mktemp("merge-targets")
+    base = _load_folder(pivot)
+    da = _known_deltas(base, 1, 0.002, zero={ZERO})
+    db = _known_deltas(base, 2, 0.01, zero={ZERO, ONLY_A})
+    dc = {k: 2 * v for k, v in da.items()}
+    out = {"pivot": pivot, "base": base, "deltas": {}}
+    for name, d in (("a", da), ("b", db), ("c", dc)):
+        out[name] = _make_target(pivot, root / name, d)
+        # Δ as the formula defines it: stored target minus pivot (θ + Δ rounds in float32)
+        stored = _load_folder(out[name])
+        out["deltas"][name] = {k: stored[k].double() - base[k].double() for k in base}
+    return out
+
+
+def _varm_expected(base, deltas: list[dict[str, torch.Tensor]]):
+    """SPEC §1.5, written out independently: float64, per named tensor."""
+    merged, weights = {}, {}
+    for name, p in base.items():
+        ms = [d[name].double().pow(2).mean().item() for d in deltas]
+        total = sum(ms)
+        w = [m / total for m in ms] if total > 0 else [0.0] * len(ms)
+        merged[name] = p.double() + sum(wj * d[name].double() for wj, d in zip(w, deltas))
+        weights[name] = w
+    return merged, weights
+
+
+def _assert_close(out: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    assert set(out) == set(expected)
+    for name, t in out.items():
+        assert t.dtype == torch.float32, name
+        err = (t.double() - expected[name].double()).abs().max().item()
+        assert err <= atol, f"{name}: max |error| {err:.3g}"
+
+
+def test_varm_matches_the_formula_tensor_by_tensor_and_the_model_generates(known, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusechat_core.merge import merge_models
+
+    out = tmp_path / "varm"
+    res = merge_models("varm", str(known["pivot"]), {"a": str(known["a"]), "b": str(known["b"])}, out,
+                       shard_size=4_000_000, device="cpu")
+    merged = _load_folder(out)
+    expected, weights = _varm_expected(known["base"], [known["deltas"]["a"], known["deltas"]["b"]])
+    _assert_close(merged, expected)
+    # all-zero change: exactly the pivot's bytes; one changed target: that target's tensor
+    assert torch.equal(merged[ZERO], known["base"][ZERO])
+    assert torch.allclose(merged[ONLY_A], _load_folder(known["a"])[ONLY_A], atol=1e-7)
+    # the deltas differ in size, so the weights are far from uniform
+    spread = [abs(w[0] - w[1]) for n, w in weights.items() if n not in (ZERO, ONLY_A)]
+    assert max(spread) > 0.9
+
+    table = json.loads((out / "varm_weights.json").read_text())
+    assert table["targets"] == ["a", "b"] and set(table["tensors"]) == set(expected)
+    for name, w in weights.items():
+        got = table["tensors"][name]["weights"]
+        assert got["a"] == pytest.approx(w[0], abs=1e-7) and got["b"] == pytest.approx(w[1], abs=1e-7), name
+    assert table["summary"]["unchanged_matrices"] == 1
+    assert "| target | matrices dominated |" in (out / "varm_weights.md").read_text()
+
+    # a sharded Hugging Face folder with the pivot's tokenizer and chat template
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(expected) and len(set(index["weight_map"].values())) > 1
+    card = (out / "README.md").read_text()
+    assert "varm" in card and str(known["a"]) in card and "lm_head.weight" in card
+    tok = AutoTokenizer.from_pretrained(out)
+    pivot_tok = AutoTokenizer.from_pretrained(known["pivot"])
+    assert tok.chat_template == pivot_tok.chat_template and len(tok) == len(pivot_tok)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": "Name a colour."}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        logits = model(ids).logits
+    assert gen.shape[1] == ids.shape[1] + 4
+    # the loaded model is the merged weights, not a re-initialised one
+    ref = AutoModelForCausalLM.from_pretrained(known["pivot"]).eval()
+    ref.load_state_dict({k: v.float() for k, v in expected.items()})
+    with torch.no_grad():
+        assert torch.allclose(logits, ref(ids).logits, atol=1e-4)
+    assert res["table"]["summary"]["dominated"]["b"] > res["table"]["summary"]["dominated"]["a"]
+
+
+@pytest.mark.parametrize("granularity", ["layer", "model"])
+def test_varm_granularity_shares_weights_over_the_group(known, tmp_path, granularity):
+    from fusechat_core.merge import merge_models
+
+    deltas = [known["deltas"]["a"], known["deltas"]["b"]]
+    out = tmp_path / granularity
+    merge_models("varm", str(known["pivot"]), {"a": str(known["a"]), "b": str(known["b"])}, out,
+                 granularity=granularity, device="cpu")
+    merged = _load_folder(out)
+
+    def group(name: str) -> str:
+        if granularity == "model":
+            return "all"
+        parts = name.split(".")
+        return ".".join(parts[:3]) if parts[1] == "layers" else name
+
+    sums: dict[str, list[float]] = {}
+    for name in known["base"]:
+        row = sums.setdefault(group(name), [0.0, 0.0])
+        for j, d in enumerate(deltas):
+            row[j] += d[name].double().pow(2).sum().item()
+    expected = {}
+    for name, p in known["base"].items():
+        s = sums[group(name)]
+        w = [x / sum(s) for x in s] if sum(s) > 0 else [0.0, 0.0]
+        expected[name] = p.double() + w[0] * deltas[0][name].double() + w[1] * deltas[1][name].double()
+    _assert_close(merged, expected)
+    table = json.loads((out / "varm_weights.json").read_text())
+    layer0 = {tuple(r["weights"].values()) for n, r in table["tensors"].items() if n.startswith("model.layers.0.")}
+    assert len(layer0) == 1  # one weight pair for the whole layer (or model)
+    if granularity == "layer":
+        # the final norm is unchanged by every target: its own group keeps the pivot's
+        assert torch.equal(merged[ZERO], known["base"][ZERO])
+
+
+def _run_config(tmp_path: Path, known, method: str, parameters: dict | None = None,
+                names: tuple[str, ...] = ("a", "b"), **merge):
+    raw = {
+        "name": "merge-test", "store": f"file://{tmp_path}/store",
+        "pivot": {"name": "pivot", "path": str(known["pivot"])},
+        "sources": [{"name": n, "path": str(known["pivot"])} for n in names],
+        "data": {"preset": "fusechat-mixture"},
+        "merge": {"method": method, "parameters": parameters or {}, "shard_size": 4_000_000,
+                  "device": "cpu", **merge},
+    }
+    return parse_config(raw)
+
+
+def _stage(cfg, targets: dict[str, Path], store: ArtifactStore | None = None):
+    """Targets uploaded as train artifacts, merged by the run's merge stage, read back from the store."""
+    from fusechat_core.merge.stage import merge_stage
+
+    plan = RunPlan(cfg)
+    store = store or ArtifactStore(cfg.store)
+    addresses = {}
+    for name, folder in targets.items():
+        addresses[name] = plan.train(name)
+        store.put_dir(addresses[name], folder)
+    address = plan.merge(cfg.merge.method)
+    out = merge_stage(cfg, store, address, cfg.merge.method, addresses)
+    assert store.is_complete(address) and out["address"] == address
+    return _load_folder(store.fetch(address)), store, address
+
+
+def _shifted(known, coef: dict[str, float]) -> dict[str, torch.Tensor]:
+    return {n: p.double() + sum(c * known["deltas"][t][n].double() for t, c in coef.items())
+            for n, p in known["base"].items()}
+
+
+def test_linear_with_equal_weights_is_the_mean_of_the_targets(known, tmp_path):
+    cfg = _run_config(tmp_path, known, "linear")
+    merged, store, address = _stage(cfg, {"a": known["a"], "b": known["b"]})
+    _assert_close(merged, _shifted(known, {"a": 0.5, "b": 0.5}))
+    man = store.manifest(address)
+    assert man.meta["method"] == "linear" and "README.md" in {f.path for f in man.files}
+
+
+def test_task_arithmetic_with_weight_one_on_one_target_is_that_target(known, tmp_path):
+    cfg = _run_config(tmp_path, known, "task_arithmetic", {"weight": {"a": 1.0, "b": 0.0}})
+    merged, _, _ = _stage(cfg, {"a": known["a"], "b": known["b"]})
+    _assert_close(merged, _shifted(known, {"a": 1.0}))
+
+
+def test_slerp_at_the_ends_is_each_target(known, tmp_path):
+    cfg = _run_config(tmp_path, known, "slerp", {"t": 0.0})
+    merged, _, _ = _stage(cfg, {"a": known["a"], "b": known["b"]})
+    _assert_close(merged, _shifted(known, {"a": 1.0}))
+    cfg = _run_config(tmp_path / "t1", known, "slerp", {"t": 1.0})
+    merged, _, _ = _stage(cfg, {"a": known["a"], "b": known["b"]})
+    _assert_close(merged, _shifted(known, {"b": 1.0}))
+
+
+def test_ties_with_agreeing_signs_and_no_trimming_averages_the_deltas(known, tmp_path):
+    # c = 2·Δ_a everywhere: every sign agrees, so TIES (normalised, density 1) = mean of Δ
+    cfg = _run_config(tmp_path, known, "ties", {"density": 1.0}, names=("a", "c"))
+    merged, _, _ = _stage(cfg, {"a": known["a"], "c": known["c"]})
+    _assert_close(merged, _shifted(known, {"a": 1.5}))
+
+
+def test_dare_linear_without_dropping_is_the_weighted_delta_sum_and_drops_half_by_default(known, tmp_path):
+    cfg = _run_config(tmp_path, known, "dare_linear", {"density": 1.0, "weight": [0.25, 0.75]})
+    merged, _, _ = _stage(cfg, {"a": known["a"], "b": known["b"]})
+    _assert_close(merged, _shifted(known, {"a": 0.25, "b": 0.75}))
+    # default density 0.5: each element of Δ_a is dropped or kept, the kept ones rescaled by
+    # one factor (mergekit rescales to the L1 norm of the undropped Δ, ≈ 1/density)
+    cfg = _run_config(tmp_path / "default", known, "dare_linear", {"weight": {"a": 1.0, "b": 0.0}})
+    merged, _, _ = _stage(cfg, {"a": known["a"], "b": known["b"]})
+    name = "model.layers.1.mlp.up_proj.weight"
+    delta = merged[name].double() - known["base"][name].double()
+    da = known["deltas"]["a"][name].double()
+    kept = delta.abs() > 1e-9
+    ratio = delta[kept] / da[kept]
+    assert 0.45 < kept.double().mean().item() < 0.55
+    assert 1.9 < ratio.mean().item() < 2.1 and ratio.std().item() < 1e-3
+    assert delta.abs().sum().item() == pytest.approx(da.abs().sum().item(), rel=1e-4)
+
+
+def test_sce_weights_agreeing_targets_by_mean_squared_delta(known, tmp_path):
+    # select_topk 1: no selection; signs agree; weights ∝ mean(Δ²): 1 and 4 → 0.2, 0.8
+    cfg = _run_config(tmp_path, known, "sce", {"select_topk": 1.0}, names=("a", "c"))
+    merged, _, _ = _stage(cfg, {"a": known["a"], "c": known["c"]})
+    expected = _shifted(known, {"a": 0.2 * 1 + 0.8 * 2})
+    expected[ZERO] = known["base"][ZERO].double()
+    _assert_close(merged, expected)
+
+
+def test_a_users_mergekit_yaml_runs_as_given_with_placeholders(known, tmp_path):
+    text = ("merge_method: task_arithmetic\nbase_model: ${pivot}\ndtype: float32\n"
+            "models:\n  - model: ${b}\n    parameters: {weight: 1.0}\n  - model: ${a}\n    parameters: {weight: 0.0}\n")
+    cfg = _run_config(tmp_path, known, "varm", mergekit_yaml=text)
+    merged, _, _ = _stage(cfg, {"a": known["a"], "b": known["b"]})
+    _assert_close(merged, _shifted(known, {"b": 1.0}))
+
+
+def test_varm_from_an_s3_store_through_the_local_cache(known, tmp_path, s3_env):
+    cfg = _run_config(tmp_path, known, "varm")
+    store = ArtifactStore(f"s3://fusechat-test/{uuid.uuid4().hex}")
+    merged, store, address = _stage(cfg, {"a": known["a"], "b": known["b"]}, store)
+    expected, _ = _varm_expected(known["base"], [known["deltas"]["a"], known["deltas"]["b"]])
+    _assert_close(merged, expected)
+    assert store.manifest(address).meta["varm_summary"]["unchanged_matrices"] == 1
+
+
+def test_mixtral_pivot_round_trips_through_mergekit(tiny_models, tmp_path):
+    """transformers 5 fuses Mixtral experts in memory but saves them per expert (SPEC §4)."""
+    from transformers import AutoModelForCausalLM
+
+    from fusechat_core.merge import merge_models
+
+    pivot = tiny_models["mixtral"]
+    base = _load_folder(pivot)
+    d = _known_deltas(base, 3, 0.01, zero=set())
+    a = _make_target(pivot, tmp_path / "a", d)
+    b = _make_target(pivot, tmp_path / "b", {k: torch.zeros_like(v) for k, v in base.items()})
+    out = tmp_path / "merged"
+    merge_models("varm", str(pivot), {"a": str(a), "b": str(b)}, out, device="cpu")
+    # b never moved, so every weight is a's and the merge is target a, expert by expert
+    got = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    want = AutoModelForCausalLM.from_pretrained(a).state_dict()
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert torch.allclose(got[name], t, atol=1e-6), name
+    table = json.loads((out / "varm_weights.json").read_text())
+    assert all(r["weights"]["b"] == 0.0 for r in table["tensors"].values())
+
+
+def test_bad_inputs_fail_with_one_line_naming_the_field(known, tmp_path):
+    from fusechat_core.config import ConfigError
+    from fusechat_core.merge import MergeError, merge_models
+
+    with pytest.raises(ConfigError, match=r"^merge\.method: unknown merge method 'varn'"):
+        _run_config(tmp_path, known, "varn")
+    with pytest.raises(MergeError, match=r"^merge\.parameters\.densty: unknown parameter for ties"):
+        merge_models("ties", str(known["pivot"]), {"a": str(known["a"]), "b": str(known["b"])},
+                     tmp_path / "o", parameters={"densty": 0.5})
+    with pytest.raises(MergeError, match=r"^merge\.method: slerp merges exactly 2 targets"):
+        merge_models("slerp", str(known["pivot"]), {"a": str(known["a"]), "b": str(known["b"]),
+                                                    "c": str(known["c"])}, tmp_path / "o")
+    with pytest.raises(MergeError, match=r"^target b: .* is already target a$"):
+        merge_models("varm", str(known["pivot"]), {"a": str(known["a"]), "b": str(known["a"])}, tmp_path / "o")
+    with pytest.raises(MergeError, match=r"^target x: no such directory"):
+        merge_models("varm", str(known["pivot"]), {"x": str(tmp_path / "missing")}, tmp_path / "o")
+
+def test_a_target_of_another_shape_fails_with_one_line_naming_the_tensor(known, tiny_models, tmp_path):
+    from fusechat_core.merge import MergeError, merge_models
+
+    with pytest.raises(MergeError, match=r"^target llama: .* is not the pivot's shape .*LlamaForCausalLM"):
+        merge_models("varm", str(known["pivot"]), {"a": str(known["a"]), "llama": str(tiny_models["llama"])},
+                     tmp_path / "o", device="cpu")
+    # same config, other shapes inside: mergekit's own check, reported in one line
+    odd = tmp_path / "odd"
+    shutil.copytree(known["pivot"], odd)
+    base = _load_folder(known["pivot"])
+    base["lm_head.weight"] = base["lm_head.weight"][:-1].contiguous()
+    for f in odd.glob("*.safetensors"):
+        f.unlink()
+    save_file(base, str(odd / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MergeError) as err:
+        merge_models("varm", str(known["pivot"]), {"a": str(known["a"]), "odd": str(odd)}, tmp_path / "o2",
+                     device="cpu")
+    msg = str(err.value)
+    assert msg.startswith("merge (varm) failed: ") and "\n" not in msg and "lm_head.weight" in msg
+
+
+def test_cli_merges_folders_given_by_name_or_path(known, tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "flows.cli", "merge", "--method", "task_arithmetic",
+           "--pivot", str(known["pivot"]), "--targets", f"first={known['a']}", str(known["b"]),
+           "--out", str(out), "--param", "weight=[0.0, 1.0]", "--shard-size", "4000000", "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["mergekit_method"] == "task_arithmetic"
+    _assert_close(_load_folder(out), _shifted(known, {"b": 1.0}))
+
+
+
+def test_cli_usage_errors_exit_2_with_one_line(known, tmp_path, capsys):
+    from flows.cli import main
+
+    common = ["merge", "--pivot", str(known["pivot"]), "--targets", f"first={known['a']}", str(known["b"]),
+              "--out", str(tmp_path / "bad")]
+    cases = {
+        ("--method", "task_arithmetic", "--param", "weight=[1.0]"):
+            "fusechat: error: --param weight: 1 values for 2 targets (first, b)",
+        ("--method", "ties", "--param", "density"): "fusechat: error: --param 'density': expected KEY=VALUE",
+        ("--method", "mean"): "fusechat: error: --method: unknown merge method 'mean' (known: dare_linear, "
+                              "linear, sce, slerp, task_arithmetic, ties, varm)",
+    }
+    for extra, line in cases.items():
+        assert main([*common, *extra]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [line]
+    assert main(["merge", "--method", "varm", "--pivot", str(tmp_path / "nope"), "--targets", str(known["a"]),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == f"fusechat: error: --pivot: no such directory: {tmp_path / 'nope'}"
+    assert not (tmp_path / "bad").exists()
