@@ -63,6 +63,18 @@ def test_heldout_nll_matches_a_manual_computation(llama):
         total_n = sum(v[1] for v in want.values())
         assert got["all"]["tokens"] == total_n
         assert got["all"]["nll"] == pytest.approx(total_nll / total_n, rel=1e-4)
+    # bits per byte: the same NLL over the bytes of the scored text. Untruncated, the scored
+    # text holds every assistant answer and lies inside the assistant spans of the template.
+    full = heldout_nll(lm, fmt, rows, max_length=512, batch_size=3)
+    lo = hi = 0
+    for r in rows:
+        text, spans = fmt.assistant_spans([{"role": "user" if t["from"] == "human" else "assistant",
+                                            "content": t["value"]} for t in r["conversations"]])
+        lo += sum(len(t["value"].encode()) for t in r["conversations"] if t["from"] == "gpt")
+        hi += sum(len(text[a:b].encode()) for a, b in spans)
+    assert lo <= full["all"]["bytes"] <= hi
+    assert full["all"]["bits_per_byte"] == pytest.approx(
+        full["all"]["nll"] * full["all"]["tokens"] / (full["all"]["bytes"] * math.log(2)), rel=1e-9)
     # a random model over a 131k vocabulary sits near log(V) nats per token
     assert abs(got["all"]["nll"] - math.log(len(tok))) < 1.5
 

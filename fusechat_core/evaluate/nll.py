@@ -4,6 +4,9 @@ Held-out NLL: the mean negative log-likelihood per supervised token (the
 assistant's tokens under the model's own chat template, ``ChatFormatter``
 labels) of the dataset's held-out split, per data source and over all of them.
 Token-weighted, so a domain's figure is its total NLL over its token count.
+Per-token NLL compares models that share a tokenizer (pivot, targets, merges);
+bits per byte (the same total NLL over the UTF-8 bytes those tokens cover, in
+bits) also compares sources whose tokenizers cut the text differently.
 
 Exact match: for held-out sources whose rows have one right answer (the
 synthetic arithmetic / reverse / facts domains, or a user's own), the model
@@ -22,15 +25,22 @@ from fusechat_core.evaluate.mt_bench import generate_batch, stop_token_ids
 
 
 class _Sum:
-    __slots__ = ("nll", "tokens", "sequences")
+    __slots__ = ("nll", "tokens", "bytes", "sequences")
 
     def __init__(self) -> None:
-        self.nll, self.tokens, self.sequences = 0.0, 0, 0
+        self.nll, self.tokens, self.bytes, self.sequences = 0.0, 0, 0, 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"nll": self.nll / self.tokens if self.tokens else None, "tokens": self.tokens,
-                "sequences": self.sequences,
-                "perplexity": math.exp(self.nll / self.tokens) if self.tokens else None}
+                "sequences": self.sequences, "bytes": self.bytes,
+                "perplexity": math.exp(self.nll / self.tokens) if self.tokens else None,
+                "bits_per_byte": self.nll / (self.bytes * math.log(2)) if self.bytes else None}
+
+
+def supervised_bytes(text: str, labels: Sequence[int], offsets: Sequence[tuple[int, int]]) -> int:
+    """UTF-8 bytes of the text the scored tokens (labels at t >= 1) cover."""
+    return sum(len(text[a:b].encode()) for t, ((a, b), y) in enumerate(zip(offsets, labels))
+               if t >= 1 and y != IGNORE)
 
 
 def sequence_nll(model: Any, batch_ids: Sequence[Sequence[int]], batch_labels: Sequence[Sequence[int]],
@@ -83,7 +93,8 @@ def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length:
         if sum(1 for y in enc.labels[1:] if y != IGNORE) == 0:
             skipped += 1
             continue
-        encoded.append((r.get("source") or "unknown", enc.input_ids, enc.labels))
+        encoded.append((r.get("source") or "unknown", enc.input_ids, enc.labels,
+                        supervised_bytes(enc.text, enc.labels, enc.offsets)))
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
     encoded.sort(key=lambda e: -len(e[1]))
     per: dict[str, _Sum] = {}
@@ -91,10 +102,12 @@ def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length:
     t0 = time.time()
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        for (src, _, _), (nll, n) in zip(chunk, sequence_nll(model, [c[1] for c in chunk], [c[2] for c in chunk], pad)):
+        for (src, _, _, nbytes), (nll, n) in zip(chunk, sequence_nll(model, [c[1] for c in chunk],
+                                                                     [c[2] for c in chunk], pad)):
             for acc in (per.setdefault(src, _Sum()), total):
                 acc.nll += nll
                 acc.tokens += n
+                acc.bytes += nbytes
                 acc.sequences += 1
     if progress:
         progress(f"held-out NLL: {len(encoded)} sequences, {total.tokens} tokens in {time.time() - t0:.1f} s")

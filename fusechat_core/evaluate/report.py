@@ -49,6 +49,8 @@ def columns(results: Mapping[str, dict]) -> list[tuple[str, str, tuple[str, ...]
     if nll_src:
         cols += [("held-out NLL", f"NLL {s}", ("heldout_nll", "sources", s, "nll")) for s in sorted(nll_src)]
         cols.append(("held-out NLL", "NLL all", ("heldout_nll", "all", "nll")))
+        # comparable across tokenizers, unlike per-token NLL
+        cols.append(("bits per byte", "BPB all", ("heldout_nll", "all", "bits_per_byte")))
     if em_src:
         cols += [("exact match", f"EM {s}", ("exact_match", "sources", s, "accuracy")) for s in sorted(em_src)]
         cols.append(("exact match", "EM all", ("exact_match", "all", "accuracy")))
@@ -71,7 +73,7 @@ def markdown_table(results: Mapping[str, dict]) -> str:
         cells = [name]
         for _, h, path in cols:
             v = _get(r, path)
-            cells.append(str(v) if h == "unparsable" and v is not None else _fmt(v, 3 if "NLL" in h else 2))
+            cells.append(str(v) if h == "unparsable" and v is not None else _fmt(v, 3 if "NLL" in h or "BPB" in h else 2))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -155,7 +157,9 @@ def render_markdown(title: str, results: Mapping[str, dict], plots: Sequence[str
                          f"(judge {m.get('judge_model')})")
         lines.append("")
     if any(r.get("heldout_nll") for r in results.values()):
-        lines.append("Held-out NLL: mean negative log-likelihood per supervised (assistant) token; lower is better.")
+        lines.append("Held-out NLL: mean negative log-likelihood per supervised (assistant) token; lower is "
+                     "better. Per-token NLL compares models sharing a tokenizer; BPB (bits per UTF-8 byte of "
+                     "the same text) compares across tokenizers.")
         lines.append("")
     lines += [f"- {n}" for n in notes]
     lines += [f"![{Path(p).stem}]({p})" for p in plots]
