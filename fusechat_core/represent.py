@@ -220,11 +220,13 @@ class _Scorer:
             for a in range(0, states.shape[0], _HEAD_CHUNK):
                 chunk = states[a:a + _HEAD_CHUNK]
                 logits = (project(chunk) if project is not None else chunk).float()
-                lp = torch.log_softmax(logits, dim=-1)
-                top = lp.topk(self.top_k, dim=-1, sorted=True)
+                # log_softmax = logits - logsumexp: the top-k of the logits are the top-k of the
+                # log-probs, so the full log-softmax tensor is never written (a vocabulary-wide pass saved).
+                lse = torch.logsumexp(logits, dim=-1)
+                top = logits.topk(self.top_k, dim=-1, sorted=True)
                 ids_out.append(top.indices)
-                lp_out.append(top.values)
-                tgt_out.append(lp.gather(1, targets[a:a + _HEAD_CHUNK, None])[:, 0])
+                lp_out.append(top.values - lse[:, None])
+                tgt_out.append(logits.gather(1, targets[a:a + _HEAD_CHUNK, None])[:, 0] - lse)
             if not ids_out:
                 empty = torch.empty((0, self.top_k), device=states.device)
                 return empty.long(), empty, torch.empty((0,), device=states.device)
