@@ -323,7 +323,8 @@ def answer_questions(store: ArtifactStore, answers_address: str, model_name: str
                     histories[i].append({"role": "user", "content": q.turns[turn]})
                     prompt_ids[i].append(formatter.prompt_ids(histories[i]))
                     prompts.append(prompt_ids[i][-1])
-                # One seed per (first question, turn): a resumed run draws what an uninterrupted one drew.
+                # One seed per (batch's first question, turn): with the same batching (batch_size 1
+                # always) a resumed run samples what an uninterrupted one sampled.
                 gens = generate_batch(model, tokenizer, prompts, temperature=temperature,
                                       max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                                       seed=seed * 100_003 + batch[0].question_id * 10 + turn)
