@@ -238,3 +238,25 @@ def test_unreachable_judge_is_retried_then_reported(monkeypatch):
 
     client = asyncio.run(ask())
     assert client.requests == 3 and client.retries == 2
+
+
+def test_bad_mt_bench_files_name_file_and_line(mt_bench_dir, tmp_path):
+    from fusechat_core.evaluate.mt_bench import MTBenchDataError
+
+    for name in ("question.jsonl", "reference_answer_gpt-4.jsonl", "judge_prompts.jsonl"):
+        (tmp_path / name).write_bytes((mt_bench_dir / name).read_bytes())
+    good = (mt_bench_dir / "question.jsonl").read_text().splitlines()
+    (tmp_path / "question.jsonl").write_text("\n".join(good[:3] + ['{"question_id": 99, "category"'] + good[3:]))
+    with pytest.raises(MTBenchDataError, match=r"question\.jsonl:4: not valid JSON"):
+        load_mt_bench(str(tmp_path))
+    one_turn = json.dumps({"question_id": 999, "category": "writing", "turns": ["only one"]})
+    (tmp_path / "question.jsonl").write_text("\n".join(good[:2] + [one_turn]))
+    with pytest.raises(MTBenchDataError, match=r"question\.jsonl:3: question 999 must have two non-empty turns"):
+        load_mt_bench(str(tmp_path))
+    (tmp_path / "question.jsonl").write_text("\n".join(good))
+    refs = (mt_bench_dir / "reference_answer_gpt-4.jsonl").read_text().splitlines()
+    (tmp_path / "reference_answer_gpt-4.jsonl").write_text("\n".join(r for r in refs if '"question_id": 111' not in r))
+    with pytest.raises(MTBenchDataError, match=r"no reference answer for questions \[111\]"):
+        load_mt_bench(str(tmp_path))
+    with pytest.raises(MTBenchDataError, match="no such folder"):
+        load_mt_bench(str(tmp_path / "missing"))
