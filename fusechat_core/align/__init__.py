@@ -85,9 +85,10 @@ def read_representation(store: ArtifactStore, address: str) -> Representation:
 def write_vocab_map(store: ArtifactStore, address: str, vmap: VocabMap, meta: dict[str, Any]) -> None:
     from safetensors.numpy import save
 
-    with store.writer(address, meta={"stage": "vocab_map", **meta, **vmap.stats}) as w:
+    meta = {**meta, **vmap.stats}
+    with store.writer(address, meta={"stage": "vocab_map", **meta}) as w:
         w.write_bytes(VOCAB_MAP_FILE, save(vmap.tensors()))
-        w.write_json(META_FILE, {**meta, **vmap.stats})
+        w.write_json(META_FILE, _deterministic(meta))
 
 
 def read_vocab_map(store: ArtifactStore, address: str) -> VocabMap:
@@ -103,7 +104,12 @@ def write_aligned(store: ArtifactStore, address: str, aligned: Aligned, meta: di
     meta = {**meta, **aligned.stats}
     with store.writer(address, meta={"stage": "align", **meta}) as w:
         w.write_bytes(ALIGNED_FILE, save(aligned.tensors()))
-        w.write_json(META_FILE, meta)
+        w.write_json(META_FILE, _deterministic(meta))
+
+
+def _deterministic(meta: dict[str, Any]) -> dict[str, Any]:
+    # Timings go to the manifest only: a shard redone after a kill must be byte-identical.
+    return {k: v for k, v in meta.items() if k != "seconds"}
 
 
 # -- vocabulary map stage -------------------------------------------------------------

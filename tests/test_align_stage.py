@@ -1,0 +1,218 @@
+"""The alignment stage end to end on a real store: real tokenizers, real dataset artifact,
+representation shards written to the contract, the Prefect tasks' logic via ``.fn``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save
+
+from fusechat_core.align import AlignError, read_representation
+from fusechat_core.align.vocab import vocabulary
+from fusechat_core.chat import IGNORE, ChatFormatter
+from fusechat_core.config import parse_config
+from fusechat_core.data import build_dataset_artifact, read_split
+from fusechat_core.models import load_tokenizer, tokenizer_ref
+from fusechat_core.plan import RunPlan
+from fusechat_core.store import ArtifactStore
+
+K = 4
+VARIED = [
+    ("Write a Python function that squares a number.",
+     "Sure:\n\n```python\ndef square(x):\n    return x * x  # 3 ** 2 == 9\n```\n\nCall it as `square(12)` -> 144."),
+    ("Translate 'good morning' to Japanese and German.", "おはようございます (ohayō gozaimasu); auf Deutsch: Guten Morgen! 😀"),
+    ("List three primes above 1000.", "1009, 1013 and 1019.   They are   prime because none has a divisor ≤ 31."),
+    ("What is <s> in a tokenizer?", "It is the [INST] beginning-of-sequence marker </s>, written <s>."),
+]
+
+
+def _dataset_file(tmp_path):
+    from benchmarks.align import natural_conversations
+
+    rows = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in VARIED]
+    rows += [{"conversations": c} for c in natural_conversations(8, chars=500)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("align-stage")
+    raw = {
+        "name": "align-test", "store": f"file://{tmp / 'store'}",
+        "pivot": {"name": "pivot", "path": str(tiny_models["pivot"])},
+        "sources": [{"name": "mixtral", "path": str(tiny_models["mixtral"])},
+                    {"name": "llama", "path": str(tiny_models["llama"])},
+                    {"name": "twin", "path": str(tiny_models["pivot"]), "dtype": "float32"}],
+        "data": {"sources": [{"path": str(_dataset_file(tmp)), "name": "chat"}], "max_length": 512,
+                 "heldout_fraction": 0.1},
+        "represent": {"top_k": K, "max_length": 160, "shards": 2},
+        # MinED over tekken's 131k tokens takes ~15 s; it is tested on its own in test_align_vocab
+        "align": {"vocab_mapping": "exact"},
+    }
+    cfg = parse_config(raw)
+    store = ArtifactStore(cfg.store)
+    plan = RunPlan(cfg)
+    build_dataset_artifact(cfg, store, plan.dataset)
+    rows = read_split(store, plan.dataset, "train")
+    for spec in cfg.models:
+        for i in range(cfg.represent.shards):
+            write_representation(store, plan.represent_shard(spec, i), spec, rows, i, cfg)
+    return cfg, store, plan
+
+
+def write_representation(store, address, spec, rows, index, cfg, *, tokenizer=None):
+    """A REPRESENTATION shard to the contract, from the real tokenisation. The teacher is
+    synthetic but checkable: its top-1 is the label (log 0.7), then three other ids."""
+    tok = tokenizer or load_tokenizer(*tokenizer_ref(spec))
+    fmt = ChatFormatter(tok, spec.chat_template)
+    n = len(rows)
+    part = rows[index * n // cfg.represent.shards:(index + 1) * n // cfg.represent.shards]
+    ids, seq_off, sup, sup_off, tk, tl, ce = [], [0], [], [0], [], [], []
+    lp = np.log([0.7, 0.15, 0.1, 0.05])
+    for s, row in enumerate(part):
+        r = fmt.encode(row["conversations"], cfg.represent.max_length)
+        ids += r.input_ids
+        seq_off.append(len(ids))
+        pos = [t for t in range(1, len(r.labels)) if r.labels[t] != IGNORE]
+        sup += pos
+        sup_off.append(len(sup))
+        for t in pos:
+            label = r.input_ids[t]
+            tk.append([label] + [(label + d) % len(tok) for d in (1, 2, 3)])
+            tl.append(lp)
+        ce.append(1.0 + s)
+    dt = np.uint16 if len(tok) < 65536 else np.int32
+    arrays = {"input_ids": np.array(ids, dt), "seq_offsets": np.array(seq_off, np.int64),
+              "sup_positions": np.array(sup, np.uint16), "sup_offsets": np.array(sup_off, np.int64),
+              "topk_ids": np.array(tk, dt).reshape(-1, K), "topk_logprobs": np.array(tl, np.float16).reshape(-1, K),
+              "metric_ce": np.array(ce, np.float32)}
+    meta = {"model": spec.name, "vocab_size": len(tok), "top_k": K, "row_ids": [r["id"] for r in part],
+            "n_seq": len(part), "n_tokens": len(ids), "n_supervised": len(sup), "shard": index,
+            "shards": cfg.represent.shards, "tokenizer": tokenizer_ref(spec)[0]}
+    with store.writer(address, meta=meta) as w:
+        w.write_bytes("representation.safetensors", save(arrays))
+        w.write_json("meta.json", meta)
+
+
+def _align_all(cfg, store, plan, name):
+    from tasks.align import align_shard, build_vocab_map, finish_align
+
+    spec = plan.model(name)
+    config = cfg.model_dump(mode="json")
+    build_vocab_map.fn(config, plan.vocab_map(spec), store.url, name)
+    refs = [align_shard.fn(config, plan.align_shard(spec, i), store.url, name, i)
+            for i in range(cfg.represent.shards)]
+    ref = finish_align.fn(config, plan.align(spec), store.url, name)
+    assert ref["address"] == plan.align(spec)
+    return refs, store.require(ref["address"]).meta
+
+
+def _aligned(store, address):
+    folder = store.fetch(address)
+    return load_file(str(folder / "aligned.safetensors")), json.loads((folder / "meta.json").read_text())
+
+
+def _check_contract(arrays, pivot):
+    assert arrays["sup_offsets"].dtype == np.int64 and np.array_equal(arrays["sup_offsets"], pivot.sup_offsets)
+    rows = len(pivot.sup_positions)
+    assert arrays["topk_ids"].dtype == np.int32 and arrays["topk_ids"].shape == (rows, K)
+    assert arrays["topk_logprobs"].dtype == np.float16 and arrays["topk_logprobs"].shape == (rows, K)
+    assert arrays["fallback"].dtype == bool and arrays["fallback"].shape == (rows,)
+    lp = arrays["topk_logprobs"].astype(np.float32)
+    assert (lp[:, :-1] >= lp[:, 1:]).all()  # descending, -inf padding last
+    assert (arrays["topk_ids"][np.isneginf(lp)] == 0).all()
+
+
+def test_identity_source_costs_nothing_and_passes_through(run, monkeypatch):
+    cfg, store, plan = run
+    import fusechat_core.align as stage
+
+    def boom(*a, **k):
+        raise AssertionError("identity must not render or pair sequences")
+
+    monkeypatch.setattr(stage, "pair_sequences", boom)
+    _, summary = _align_all(cfg, store, plan, "twin")
+    assert summary["identity"] is True and summary["share_fallback"] == 0
+    for i in range(cfg.represent.shards):
+        pivot = read_representation(store, plan.represent_shard(cfg.pivot, i))
+        arrays, meta = _aligned(store, plan.align_shard(plan.model("twin"), i))
+        _check_contract(arrays, pivot)
+        assert np.array_equal(arrays["topk_ids"], pivot.topk_ids.astype(np.int32))
+        assert np.array_equal(arrays["topk_logprobs"], pivot.topk_logprobs)
+        assert meta["sequence_alignment"] == "identity"
+
+
+@pytest.mark.parametrize("name", ["mixtral", "llama"])
+def test_sources_land_on_pivot_rows_with_matching_tokens(run, name):
+    cfg, store, plan = run
+    refs, summary = _align_all(cfg, store, plan, name)
+    pv = vocabulary(load_tokenizer(*tokenizer_ref(cfg.pivot)))
+    man = store.require(plan.align(plan.model(name)))
+    assert [s["digest"] for s in man.meta["shards"]] == [r["digest"] for r in refs]
+    for i in range(cfg.represent.shards):
+        pivot = read_representation(store, plan.represent_shard(cfg.pivot, i))
+        arrays, meta = _aligned(store, plan.align_shard(plan.model(name), i))
+        _check_contract(arrays, pivot)
+        seq = pivot.row_sequence()
+        labels = pivot.input_ids[pivot.seq_offsets[seq] + pivot.sup_positions.astype(np.int64)].astype(np.int64)
+        fb = arrays["fallback"]
+        # fallback: one-hot on the label (the token at the row's position), log-prob 0
+        assert (arrays["topk_ids"][fb, 0] == labels[fb]).all()
+        assert (arrays["topk_logprobs"][fb, 0] == 0).all() and np.isneginf(arrays["topk_logprobs"][fb, 1:]).all()
+        # paired rows: the source's own top-1 (its label, log 0.7) lands on a pivot token
+        # that spells the pivot's label, up to the word-start space
+        top1 = arrays["topk_ids"][~fb, 0]
+        same = [pv.strings[a].strip() == pv.strings[b].strip() for a, b in zip(top1, labels[~fb])]
+        assert np.mean(same) > (0.99 if name == "mixtral" else 0.9), np.mean(same)
+        # its log-prob passes through, unless (tekken, exact map) the label token has no pivot twin
+        kept = np.isclose(arrays["topk_logprobs"][~fb, 0].astype(float), np.log(0.7), atol=2e-3)
+        assert kept.mean() == 1.0 if name == "mixtral" else kept.mean() > 0.95
+        assert np.array_equal(arrays["metric_ce"], read_representation(
+            store, plan.represent_shard(plan.model(name), i)).metric_ce)
+        assert meta["sequence_alignment"] == "offsets" and meta["identity"] is False
+    assert summary["share_one_to_one"] > (0.9 if name == "mixtral" else 0.6)
+
+
+def test_killed_shard_is_redone_alone_with_the_same_bytes(run):
+    cfg, store, plan = run
+    spec = plan.model("mixtral")
+    _align_all(cfg, store, plan, "mixtral")
+    first, second = plan.align_shard(spec, 0), plan.align_shard(spec, 1)
+    before = {a: store.manifest(a).digest for a in (first, second)}
+    created = store.manifest(second).created
+    store.invalidate(first)  # as if killed before its manifest
+    store.invalidate(plan.align(spec))
+    assert not store.is_complete(first)
+    _align_all(cfg, store, plan, "mixtral")
+    assert store.manifest(first).digest == before[first]
+    assert store.manifest(second).created == created  # untouched
+    assert store.is_complete(plan.align(spec))
+
+
+def test_representation_made_with_another_tokenizer_is_refused(run, tmp_path):
+    cfg, store, plan = run
+    spec = plan.model("mixtral")
+    rows = read_split(store, plan.dataset, "train")
+    other = ArtifactStore(f"file://{tmp_path}")
+    for src in (cfg.pivot, spec):
+        tok = load_tokenizer("builtin:tekken") if src is spec else None
+        write_representation(other, plan.represent_shard(src, 0), src, rows, 0, cfg, tokenizer=tok)
+    from fusechat_core.align import align_shard_artifact, build_vocab_map_artifact
+
+    build_vocab_map_artifact(cfg, other, plan.vocab_map(spec), spec)
+    other.writer  # noqa: B018 (the dataset lives in the first store; copy it over)
+    other.put_dir(plan.dataset, store.fetch(plan.dataset))
+    with pytest.raises(AlignError, match=r"row .*source's re-rendered tokens differ"):
+        align_shard_artifact(cfg, other, spec, 0)
+
+
+def test_wrong_address_is_refused(run):
+    cfg, store, plan = run
+    from tasks.align import align_shard
+
+    with pytest.raises(AlignError, match="not the plan's"):
+        align_shard.fn(cfg.model_dump(mode="json"), "align/elsewhere", store.url, "llama", 0)
