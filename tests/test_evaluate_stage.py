@@ -23,7 +23,7 @@ QIDS = [81, 101, 111, 141]
 
 @pytest.fixture
 def mt_subset(mt_bench_dir: Path, tmp_path: Path):
-    """A few MT-Bench questions, FastChat's layout, served over HTTP from 127.0.0.1."""
+    """A few MT-Bench questions, FastChat's layout, served over HTTP from 127.0.0.1: (URL, folder)."""
     root = tmp_path / "fastchat-data"
     (root / "mt_bench" / "reference_answer").mkdir(parents=True)
     lines = [x for x in (mt_bench_dir / "question.jsonl").read_text().splitlines()
@@ -38,7 +38,7 @@ def mt_subset(mt_bench_dir: Path, tmp_path: Path):
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/mt_bench"
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/mt_bench", root / "mt_bench"
     httpd.shutdown()
     httpd.server_close()
 
@@ -60,8 +60,9 @@ def _last_json(out: str) -> dict:
 
 
 def test_fusechat_eval_end_to_end(tiny_models, mt_subset, tmp_path, monkeypatch, capsys):
+    mt_url, mt_folder = mt_subset
     monkeypatch.setenv("FUSECHAT_TEST_JUDGE_KEY", SECRET)
-    data = load_mt_bench(mt_subset)
+    data = load_mt_bench(mt_url)
     assert [q.question_id for q in data.questions] == QIDS and data.sources["questions"].startswith("http://")
     store_url = f"file://{tmp_path / 'store'}"
     store = ArtifactStore(store_url)
@@ -70,7 +71,7 @@ def test_fusechat_eval_end_to_end(tiny_models, mt_subset, tmp_path, monkeypatch,
         judge.scripts[(101, 2)] = ["no verdict here"]
         judge.default = "Solid. Rating: [[6]]"
         argv = ["eval", str(tiny_models["pivot"]), "--store", store_url, "--heldout", dataset,
-                "--mt-bench", mt_subset, "--judge-base-url", judge.url, "--judge-model", "judge-1",
+                "--mt-bench", mt_url, "--judge-base-url", judge.url, "--judge-model", "judge-1",
                 "--judge-api-key-env", "FUSECHAT_TEST_JUDGE_KEY", "--max-new-tokens", "3", "--json"]
         assert main(argv) == 0
         out = capsys.readouterr()
@@ -108,6 +109,20 @@ def test_fusechat_eval_end_to_end(tiny_models, mt_subset, tmp_path, monkeypatch,
         reread = [json.loads(x) for x in store.read_bytes(res["answers"], "answers.jsonl").decode().splitlines()]
         assert [a["tstamp"] for a in reread] == [a["tstamp"] for a in answers]
         assert all(r["auth"] == f"Bearer {SECRET}" for r in judge.log)
+
+        # the data at the location changed (question 141's second turn): only that question is
+        # answered again before a new judge grades
+        qfile = mt_folder / "question.jsonl"
+        qs = [json.loads(x) for x in qfile.read_text().splitlines()]
+        qs[-1]["turns"][1] = "Explain it again, in one sentence."
+        qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
+        assert main(argv[:-3] + ["--judge-model", "judge-3", "--max-new-tokens", "3", "--json"]) == 0
+        third = _last_json(capsys.readouterr().out)
+        assert third["answers"] == res["answers"] and third["results"]["mt_bench"]["scored"] == 7
+        new = {a["question_id"]: a for a in (json.loads(x) for x in store.read_bytes(
+            res["answers"], "answers.jsonl").decode().splitlines())}
+        assert [new[a["question_id"]]["tstamp"] == a["tstamp"] for a in answers] == [True, True, True, False]
+        assert new[141]["question_turns"][1] == "Explain it again, in one sentence."
 
     out = capsys.readouterr()
     assert SECRET not in out.out + out.err

@@ -50,15 +50,15 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
         raise EvaluationError(f"model {name!r}: MT-Bench is on but no answers address was given")
     results: dict[str, Any] = {"model": name, "model_ref": model_ref}
     data = load_mt_bench(cfg.mt_bench_data) if cfg.mt_bench else None
-    need_model = (data is not None and not store.is_complete(answers_address)) or (
-        dataset is not None and (cfg.heldout_nll or cfg.exact_match_sources))
+    need_answers = data is not None and not _answers_current(store, answers_address, data)
+    need_model = need_answers or (dataset is not None and (cfg.heldout_nll or cfg.exact_match_sources))
     answers: list[dict] = []
     if need_model:
         model = resolve_model(store, name, model_ref)
         lm, tok, fmt, device = load_for_eval(model, cfg.device)
         results["device"] = device
         say(f"{name}: evaluating {model.path} on {device}")
-        if data is not None and not store.is_complete(answers_address):
+        if need_answers:
             recs = answer_questions(store, answers_address, name, lm, tok, fmt, data.questions,
                                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                                     seed=cfg.seed, progress=say)
@@ -96,6 +96,19 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
             w.write_bytes(JUDGMENTS_FILE, judgments_jsonl(judgments))
             w.write_bytes(ANSWERS_FILE, store.read_bytes(answers_address, ANSWERS_FILE))
     return results
+
+
+def _answers_current(store: ArtifactStore, answers_address: str, data: Any) -> bool:
+    """The answers artifact is complete and answers these very questions.
+
+    The answers address names the data's location, not its content: a location
+    like FastChat's main branch can change, and then the changed questions are
+    answered again (``answer_questions`` compares each stored question's text).
+    """
+    man = store.manifest(answers_address)
+    if man is None or not store.is_complete(answers_address):
+        return False
+    return man.meta.get("data_digests", {}).get("questions") == data.digests["questions"]
 
 
 def _empty_cuda_cache() -> None:
