@@ -156,7 +156,7 @@ def _natural(n):
 def test_offsets_and_dtw_agree_on_natural_text(toks):
     """≥ 99 % agreement where the tokenizers are of one family; where DTW pairs
     across families, it almost always pairs as the offsets do."""
-    convs = _natural(30)
+    convs = _natural(16)
     for source, min_agree in (("mistral-v3", 0.99), ("tekken", None)):
         (tp, vp), (ts, vs) = toks["mistral-v1"], toks[source]
         ps, ss = [], []

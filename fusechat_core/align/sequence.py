@@ -191,30 +191,21 @@ def dtw_strings(strings: Sequence[str]) -> list[str]:
 
 
 def _batch_costs(pivots: Sequence[Sequence[str]], sources: Sequence[Sequence[str]]) -> np.ndarray:
-    """int32 [B, N, M] edit distances, each distinct string pair computed once."""
+    """int32 [B, N, M] edit distances of every token pair, one rapidfuzz cdist per sequence pair."""
     from rapidfuzz.distance import Levenshtein
     from rapidfuzz.process import cdist
 
-    pu, p_inv = np.unique(np.array([s for seq in pivots for s in seq] or [""], dtype=object).astype(str),
-                          return_inverse=True)
-    su, s_inv = np.unique(np.array([s for seq in sources for s in seq] or [""], dtype=object).astype(str),
-                          return_inverse=True)
-    table = cdist(list(pu), list(su), scorer=Levenshtein.distance, dtype=np.int32, workers=-1)
     B = len(pivots)
     N = max(len(x) for x in pivots)
     M = max(len(x) for x in sources)
-    pi = np.zeros((B, N), dtype=np.int64)
-    si = np.zeros((B, M), dtype=np.int64)
-    a = b = 0
+    # Padded cells keep cost 0: a cell only feeds cells at or after it in both
+    # axes, and each pair's path starts at its own last cell, so they never count.
+    out = np.zeros((B, N, M), dtype=np.int32)
     for k in range(B):
-        n, m = len(pivots[k]), len(sources[k])
-        pi[k, :n] = p_inv[a:a + n]
-        si[k, :m] = s_inv[b:b + m]
-        a += n
-        b += m
-    # Padded cells hold arbitrary costs: a cell only feeds cells at or after it in
-    # both axes, and each pair's path starts at its own last cell.
-    return table[pi[:, :, None], si[:, None, :]]
+        # one thread: a single pair's matrix is too small to pay for a thread pool
+        out[k, :len(pivots[k]), :len(sources[k])] = cdist(pivots[k], sources[k], scorer=Levenshtein.distance,
+                                                          dtype=np.int32, workers=1)
+    return out
 
 
 def dtw_matrix(cost: np.ndarray) -> np.ndarray:
