@@ -5,9 +5,10 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from fusechat_core.config import EvaluateConfig
+from fusechat_core.config import EvaluateConfig, RunConfig
 from fusechat_core.evaluate import evaluate_model as _evaluate_model
 from fusechat_core.evaluate import write_report
+from fusechat_core.evaluate.loading import run_model_ref
 from fusechat_core.store import ArtifactStore
 from tasks._stage import STAGE_TASK_OPTIONS, stage_ref
 
@@ -26,8 +27,14 @@ def evaluate_model(config: dict, name: str, model: dict, address: str, store: st
     MT-Bench answers address (``RunPlan.mt_bench_answers(name)``).
     """
     logger = get_run_logger()
-    cfg = EvaluateConfig.model_validate(config.get("evaluate", config))
     st = ArtifactStore(store)
+    if "pivot" in config:  # a whole run config: resolve demo models and the pivot's template
+        run = RunConfig.model_validate(config)
+        cfg = run.evaluate
+        if not st.is_complete(address):
+            model = run_model_ref(run, name, model, st)
+    else:
+        cfg = EvaluateConfig.model_validate(config.get("evaluate", config))
     results = _evaluate_model(st, address, name, model, cfg, dataset=dataset, answers_address=answers,
                               progress=logger.info)
     summary = {k: results[k]["all"] for k in ("heldout_nll", "exact_match") if k in results}

@@ -148,3 +148,30 @@ def test_fusechat_eval_bad_input(tiny_models, tmp_path, capsys):
     assert main(["eval", str(tiny_models["pivot"]), "--store", store_url, "--mt-bench", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert "questions file not found" in err and len(err.splitlines()) == 1
+
+
+def test_run_models_resolve_for_loading(tiny_models, tmp_path):
+    """In a run, targets and merges (store artifacts) speak the pivot's configured template."""
+    from fusechat_core.chat import TEMPLATES
+    from fusechat_core.config import parse_config
+    from fusechat_core.evaluate.loading import load_for_eval, resolve_model, run_model_ref
+    from fusechat_core.plan import RunPlan
+
+    run = parse_config({
+        "pivot": {"name": "pivot", "path": str(tiny_models["pivot"]), "chat_template": "chatml"},
+        "sources": [{"name": "mixtral", "path": str(tiny_models["mixtral"])}],
+        "data": {"sources": [{"name": "arithmetic", "path": "demo:arithmetic", "count": 4}]},
+    })
+    plan = RunPlan(run)
+    store = ArtifactStore(str(tmp_path / "store"))
+    target = plan.model_ref("target-mixtral")
+    store.put_dir(target["artifact"], tiny_models["pivot"])  # stands in for the trained target's folder
+    ref = run_model_ref(run, "target-mixtral", target, store)
+    assert ref == {**target, "chat_template": "chatml"}
+    _, _, fmt, _ = load_for_eval(resolve_model(store, "target-mixtral", ref), "cpu")
+    assert fmt.template == TEMPLATES.get("chatml")
+    assert fmt.text([{"role": "user", "content": "hi"}], add_generation_prompt=True).endswith(
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    # a source keeps its own spec (and its tokenizer's own template)
+    src = run_model_ref(run, "mixtral", plan.model_ref("mixtral"), store)
+    assert src["model"]["path"] == str(tiny_models["mixtral"]) and src["model"]["chat_template"] is None

@@ -60,3 +60,25 @@ def load_for_eval(model: EvalModel, device: str = "auto") -> tuple[Any, Any, Cha
     lm = load_causal_lm(model, device)
     tok = load_tokenizer(model.tokenizer_ref, model.revision)
     return lm, tok, ChatFormatter(tok, model.chat_template), device
+
+
+def run_model_ref(run: Any, name: str, ref: dict[str, Any], store: ArtifactStore) -> dict[str, Any]:
+    """A run's model reference (``RunPlan.model_ref``) made loadable.
+
+    A ``demo:NAME`` model loads from the demo stage's artifact folder. Targets and
+    merges are the pivot fine-tuned or merged, so they speak the pivot's chat
+    template: a template the config names for the pivot applies to them too
+    (their saved tokenizer may not carry it).
+    """
+    from fusechat_core.plan import RunPlan
+
+    if "artifact" in ref:
+        if run.pivot.chat_template and not ref.get("chat_template"):
+            return {**ref, "chat_template": run.pivot.chat_template}
+        return ref
+    spec = RunPlan(run).model(name)
+    if spec.path.startswith("demo:"):
+        from fusechat_core.demo import resolve_model as resolve_demo
+
+        spec = resolve_demo(spec, store, RunPlan(run).demo_model(spec))
+    return {"model": spec.model_dump(exclude={"name"})}
