@@ -123,3 +123,10 @@ def test_mismatched_inputs_fail_clearly(case):
         project(pivot, source, [pairing[0][:4], pairing[1]], vmap)
     with pytest.raises(ValueError, match="pairing has 1 sequences"):
         project(pivot, source, pairing[:1], vmap)
+
+
+def test_unordered_source_rows_are_refused(case):
+    pivot, source, vmap, pairing = case
+    source.sup_positions = source.sup_positions[[1, 0, 2, 3]]
+    with pytest.raises(ValueError, match="not strictly increasing"):
+        project(pivot, source, pairing, vmap)

@@ -82,6 +82,8 @@ def _source_rows(pivot: Representation, source: Representation, pair_pos: np.nda
     width = int(max(np.diff(source.seq_offsets).max(initial=0), np.diff(pivot.seq_offsets).max(initial=0))) + 1
     # Source rows are in (sequence, position) order, so their keys are sorted.
     s_key = s_seq * width + source.sup_positions.astype(np.int64)
+    if len(s_key) > 1 and not (np.diff(s_key) > 0).all():
+        raise ValueError("source sup_positions are not strictly increasing within each sequence")
     p_key = row_seq * width + pair_pos
     if len(s_key) == 0:
         return np.full(len(p_key), -1, np.int64)
@@ -104,7 +106,8 @@ def project(pivot: Representation, source: Representation, pairing: Sequence[np.
         raise ValueError(f"source has {len(source.metric_ce)} sequences, pivot {pivot.n_seq}")
     sup_offsets = pivot.sup_offsets.astype(np.int64)
     metric_ce = source.metric_ce.astype(np.float32)
-    vmap = vmap.padded(int(source.meta.get("vocab_size", 0)) or int(source.topk_ids.max(initial=-1)) + 1)
+    top_id = int(source.topk_ids.max()) if source.topk_ids.size else -1
+    vmap = vmap.padded(max(int(source.meta.get("vocab_size") or 0), top_id + 1))
 
     if pairing is None and vmap.is_identity and np.array_equal(pivot.sup_offsets, source.sup_offsets) \
             and np.array_equal(pivot.sup_positions, source.sup_positions):
