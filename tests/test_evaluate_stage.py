@@ -175,3 +175,15 @@ def test_run_models_resolve_for_loading(tiny_models, tmp_path):
     # a source keeps its own spec (and its tokenizer's own template)
     src = run_model_ref(run, "mixtral", plan.model_ref("mixtral"), store)
     assert src["model"]["path"] == str(tiny_models["mixtral"]) and src["model"]["chat_template"] is None
+
+
+def test_fusechat_eval_of_a_store_artifact(tiny_models, tmp_path, capsys):
+    store_url = f"file://{tmp_path / 'store'}"
+    store = ArtifactStore(store_url)
+    dataset = _dataset(store)
+    store.put_dir("train/target-x-0123", tiny_models["pivot"])
+    assert main(["eval", "train/target-x-0123", "--store", store_url, "--heldout", dataset, "--json"]) == 0
+    res = _last_json(capsys.readouterr().out)
+    assert res["name"] == "target-x-0123" and res["answers"] is None
+    assert res["results"]["model_ref"] == {"artifact": "train/target-x-0123"}
+    assert "mt_bench" not in res["results"] and res["results"]["heldout_nll"]["all"]["sequences"] == 12
