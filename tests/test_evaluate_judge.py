@@ -199,6 +199,12 @@ def test_failures_are_counted_and_resumed(judge_server, mt_data, tmp_path, monke
     assert {k: after[k] - before[k] for k in after} == {(81, 1): 0, (81, 2): 0, (83, 1): 1, (83, 2): 1,
                                                         (84, 1): 0, (84, 2): 0}
     assert summarise(js)["failed"] == 0 and summarise(js)["scored"] == 6
+    # a changed answer (its question was answered again) is graded again; the others are not
+    changed = _answers([81, 83, 84])
+    changed[2]["choices"][0]["turns"][1] = "a new second answer"
+    before = len(s.log)
+    grade_answers(store, "evaluate/m-2", mt_data, changed, settings)
+    assert [(r["qid"], r["turn"]) for r in s.log[before:]] in ([(84, 1), (84, 2)], [(84, 2), (84, 1)])
 
 
 def test_client_errors_fail_fast_and_never_show_the_key(judge_server, monkeypatch, caplog):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import json
 import logging
 import os
@@ -224,6 +225,11 @@ class Judgment:
     score: float | None = None
     verdict: str | None = None
     error: str | None = None
+    answer_digest: str | None = None  # which answer was graded: a changed answer is graded again
+
+
+def answer_digest(answer: dict) -> str:
+    return hashlib.sha256(json.dumps(answer["choices"][0]["turns"]).encode()).hexdigest()[:16]
 
 
 def judgment_address(evaluate_address: str, qid: int) -> str:
@@ -239,7 +245,8 @@ async def _grade_question(client: JudgeClient, data: MTBenchData, q: Question, a
 
     async def one(turn: int) -> Judgment:
         name, messages = judge_messages(data, q, turns, turn)
-        j = Judgment(q.question_id, q.category, turn, name, client.settings.model, "failed")
+        j = Judgment(q.question_id, q.category, turn, name, client.settings.model, "failed",
+                     answer_digest=answer_digest(answer))
         try:
             j.verdict = await client.complete(messages)
         except JudgeError as exc:
@@ -274,9 +281,11 @@ async def _grade_all(store: ArtifactStore, address: str, data: MTBenchData, answ
         qid = ans["question_id"]
         addr = judgment_address(address, qid)
         if store.is_complete(addr):
-            found[qid] = [Judgment(**r) for r in store.read_json(addr, judgment_file(qid))]
-        else:
-            todo.append(ans)
+            saved = [Judgment(**r) for r in store.read_json(addr, judgment_file(qid))]
+            if all(j.answer_digest == answer_digest(ans) for j in saved):
+                found[qid] = saved
+                continue
+        todo.append(ans)
     if found:
         say(f"judge: {len(found)} questions already graded, {len(todo)} to grade")
 

@@ -52,7 +52,6 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
     data = load_mt_bench(cfg.mt_bench_data) if cfg.mt_bench else None
     need_answers = data is not None and not _answers_current(store, answers_address, data)
     need_model = need_answers or (dataset is not None and (cfg.heldout_nll or cfg.exact_match_sources))
-    answers: list[dict] = []
     if need_model:
         model = resolve_model(store, name, model_ref)
         lm, tok, fmt, device = load_for_eval(model, cfg.device)
