@@ -36,7 +36,7 @@ def group_of(tensor_name: str, granularity: str) -> str:
 def group_sum_sq(pivot: str, targets: list[str], granularity: str,
                  progress: Callable[[str], None] | None = None) -> dict[str, list[float]]:
     """{group: [Σ Δ_j² for each target]} over every floating-point tensor of the pivot."""
-    from fusechat_core.merge.varm import _sum_sq_delta
+    from fusechat_core.merge.varm import _sum_sq_deltas
 
     base_loader = ModelReference.parse(pivot).lazy_loader(lazy_unpickle=True)
     loaders = [ModelReference.parse(t).lazy_loader(lazy_unpickle=True) for t in targets]
@@ -57,7 +57,7 @@ def group_sum_sq(pivot: str, targets: list[str], granularity: str,
             if tensor.shape != base.shape:
                 raise ValueError(f"target {targets[j]}: tensor {name} has shape {tuple(tensor.shape)}, "
                                  f"the pivot's is {tuple(base.shape)}")
-            row[j] += _sum_sq_delta(tensor.float(), base)
+            row[j] += _sum_sq_deltas(base, [tensor.float()])[0]
             del tensor
         if progress and (i + 1) % 50 == 0:
             progress(f"VaRM statistics: {i + 1}/{len(names)} tensors")

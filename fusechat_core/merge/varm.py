@@ -62,7 +62,8 @@ def varm_merge(
         return base
     name = group.metadata.name or "?"
     if granularity == "matrix":
-        mean_sq = [_sum_sq_delta(entry.tensor, base) / max(base.numel(), 1) for entry in targets]
+        n = max(base.numel(), 1)
+        mean_sq = [s / n for s in _sum_sq_deltas(base, [e.tensor for e in targets])]
         weights = varm_weights(mean_sq)
     else:
         given = weight.values_for(targets) if weight is not None else [None] * len(targets)
@@ -71,35 +72,54 @@ def varm_merge(
         weights = [float(w) for w in given]
         mean_sq = None
 
-    merged = base.clone()
-    flat, base_flat = merged.view(-1), base.reshape(-1)
-    for entry, w in zip(targets, weights):
-        if w == 0.0:
-            continue
-        t_flat = entry.tensor.reshape(-1)
-        for lo in range(0, flat.numel(), _CHUNK):
-            hi = lo + _CHUNK
-            flat[lo:hi].add_(t_flat[lo:hi] - base_flat[lo:hi], alpha=w)
+    merged = _combine(base, [e.tensor for e in targets], weights)
     _record(group, name, weights, mean_sq)
     return merged
 
 
 # Δ is formed a slice at a time: a full-size Δ per target would add a matrix-sized
-# temporary per input, and merging must cost no more memory than a linear merge.
+# temporary per input (merging must cost no more memory than a linear merge). Slices
+# of 4M elements keep the number of kernel launches / parallel regions small.
 _CHUNK = 1 << 22
 
 
-def _sum_sq_delta(tensor: torch.Tensor, base: torch.Tensor) -> float:
-    """Σ (θ_j − θ_pivot)², accumulated in float64 across slices (fine-tuning deltas are
+def _combine(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """θ_pivot + Σ_j W_j·Δ_j, computed as (1 − Σ W)·θ_pivot + Σ_j W_j·θ_j.
+
+    The two are the same sum; the second needs no Δ and no copy of the pivot, so it
+    costs what a linear merge costs. With the VaRM weights Σ W = 1 and the pivot term
+    vanishes; with all weights zero the result is the pivot's tensor itself.
+    """
+    used = [(t, w) for t, w in zip(tensors, weights) if w != 0.0]
+    if not used:
+        return base
+    first, w0 = used[0]
+    merged = torch.mul(first, w0)
+    for t, w in used[1:]:
+        merged.add_(t, alpha=w)
+    rest = 1.0 - sum(w for _, w in used)
+    if abs(rest) > 1e-12:  # 1 − Σ W of normalised weights is rounding, not a pivot share
+        merged.add_(base, alpha=rest)
+    return merged
+
+
+def _sum_sq_deltas(base: torch.Tensor, tensors: list[torch.Tensor]) -> list[float]:
+    """[Σ (θ_j − θ_pivot)² for each j], in one sweep over the pivot: each slice of the pivot
+    is read once for all targets. Slices are summed in float64 (fine-tuning deltas are
     small and a matrix can hold ~1e9 elements; one float32 sum would lose digits)."""
-    t, b = tensor.reshape(-1), base.reshape(-1)
-    total = 0.0
-    for lo in range(0, t.numel(), _CHUNK):
-        d = t[lo:lo + _CHUNK] - b[lo:lo + _CHUNK]
-        if d.dtype not in (torch.float32, torch.float64):
-            d = d.float()  # half-precision dot products are not available on every device
-        total += torch.dot(d, d).item()
-    return total
+    b = base.reshape(-1)
+    flat = [t.reshape(-1) for t in tensors]
+    work = torch.float32 if b.dtype not in (torch.float32, torch.float64) else b.dtype
+    buf = torch.empty(min(_CHUNK, b.numel()), dtype=work, device=b.device)
+    # accumulated on the tensors' device: one host sync per matrix, not per slice
+    totals = torch.zeros(len(flat), dtype=torch.float64, device=b.device)
+    for lo in range(0, b.numel(), _CHUNK):
+        b_c = b[lo:lo + _CHUNK]
+        d = buf[:b_c.numel()]
+        for j, t in enumerate(flat):
+            torch.sub(t[lo:lo + _CHUNK], b_c, out=d)
+            totals[j] += torch.dot(d, d).double()
+    return totals.tolist()
 
 
 # -- the per-matrix weights table --------------------------------------------------------
