@@ -10,7 +10,8 @@ vocabulary shows the int32-id case. Both are measured on identical length-sorted
 batches; "collect" includes rendering, tokenising, the top-k, the copy to the host and
 writing the shard to a file:// store. The last two lines are the figures the issue asks
 for: ``bytes_per_token`` (32k model, k = 10; target <= 4k + 8 = 48) and
-``collect_vs_forward`` (target <= 1.25).
+``collect_vs_forward`` (target <= 1.25; the median over back-to-back forward/collect pairs,
+so load from other processes on a shared machine hits both alike).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -52,16 +54,17 @@ def conversations(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def bare_forward(model, batches, device) -> float:
+def bare_forward(model, batches, device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of a plain forward pass producing the logits."""
     import torch
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for ids, mask in batches:
             model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def padded_batches(encoded, batch_size, device):
@@ -84,7 +87,7 @@ def padded_batches(encoded, batch_size, device):
     return out
 
 
-def measure(label: str, tokenizer_ref: str, arch: str, args, rows, root: Path) -> dict:
+def measure(label: str, tokenizer_ref: str, arch: str, args, rows, root: Path, repeats: int) -> dict:
     import torch
 
     from fusechat_core.chat import ChatFormatter
@@ -106,19 +109,26 @@ def measure(label: str, tokenizer_ref: str, arch: str, args, rows, root: Path) -
     batches = padded_batches(encode_rows(fmt, rows, cfg.max_length), cfg.batch_size, device)
     store = ArtifactStore(f"file://{root}/store")
 
-    def collect(head_only: bool | None = None) -> tuple[float, object]:
-        start = time.perf_counter()
+    def collect(head_only: bool | None = None) -> tuple[float, float, object]:
+        start, cpu = time.perf_counter(), time.process_time()
         rep = collect_shard(model, tok, fmt, rows, cfg, device, meta={"model": label}, head_only=head_only)
         with store.writer(f"represent/{label}/shard-00000-of-00001") as w:
             write_shard(w, rep)
-        return time.perf_counter() - start, rep
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, time.process_time() - cpu, rep
 
     bare_forward(model, batches[:1], device)  # warm-up: allocator, kernels
-    fwd, col = [], []
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-        fwd.append(bare_forward(model, batches, device))
-        t, rep = collect()
-        col.append(t)
+    fwd, col, ratios, cpu_ratios = [], [], [], []
+    # Each repeat is a forward pass then a collection back to back, so load from other
+    # processes on a shared machine hits both alike; the median ratio of the pairs is reported.
+    for _ in range(repeats):
+        f_wall, f_cpu = bare_forward(model, batches, device)
+        c_wall, c_cpu, rep = collect()
+        fwd.append(f_wall)
+        col.append(c_wall)
+        ratios.append(c_wall / f_wall)
+        cpu_ratios.append(c_cpu / f_cpu)
     full_s = collect(head_only=False)[0] if args.full_path else None
     size = sum(p.stat().st_size for p in (root / "store" / f"represent/{label}/shard-00000-of-00001").iterdir()
                if p.name != "MANIFEST.json")
@@ -128,7 +138,8 @@ def measure(label: str, tokenizer_ref: str, arch: str, args, rows, root: Path) -
         "label": label, "vocab": m["vocab_size"], "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "n_seq": m["n_seq"], "n_tokens": m["n_tokens"], "n_supervised": m["n_supervised"],
         "bytes_per_token": size / m["n_supervised"], "data_bytes_per_token": data_size / m["n_supervised"],
-        "forward_s": min(fwd), "collect_s": min(col), "ratio": min(col) / min(fwd), "device": device,
+        "forward_s": min(fwd), "collect_s": min(col), "ratio": statistics.median(ratios),
+        "cpu_ratio": statistics.median(cpu_ratios), "device": device,
         "head_only": m["head_only"], "id_dtype": str(rep.topk_ids.dtype),
     }
     print(f"{label}: {arch}, vocab {result['vocab']}, {result['params_m']:.1f}M parameters, {device}; "
@@ -137,8 +148,10 @@ def measure(label: str, tokenizer_ref: str, arch: str, args, rows, root: Path) -
     print(f"  stored: {size} bytes = {result['bytes_per_token']:.2f} bytes per supervised token "
           f"({result['data_bytes_per_token']:.2f} arrays + meta); ids {result['id_dtype']}, k = {args.top_k}")
     print(f"  bare forward {min(fwd):.2f} s ({m['n_tokens'] / min(fwd):.0f} tokens/s), collect+write "
-          f"{min(col):.2f} s ({m['n_tokens'] / min(col):.0f} tokens/s): {result['ratio']:.3f}x "
-          f"(head on kept positions only: {m['head_only']}; best of {args.repeats})")
+          f"{min(col):.2f} s ({m['n_tokens'] / min(col):.0f} tokens/s) (best of {repeats})")
+    print(f"  collect/forward, median of {repeats} back-to-back pairs: wall {result['ratio']:.3f}x "
+          f"[{', '.join(f'{r:.3f}' for r in ratios)}], process CPU time {result['cpu_ratio']:.3f}x "
+          f"(LM head on kept positions only: {m['head_only']})")
     if full_s is not None:
         print(f"  collect+write through the model's full logits (the path for architectures outside the "
               f"head-only list): {full_s:.2f} s: {full_s / min(fwd):.3f}x")
@@ -154,7 +167,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--skip-tekken", action="store_true")
@@ -172,9 +185,9 @@ def main() -> None:
         print(f"represent benchmark: {args.rows} conversations, k = {args.top_k}, batch {args.batch_size}, "
               f"max_length {args.max_length}, hidden {args.hidden}, {args.layers} layers, "
               f"torch threads {torch.get_num_threads()}")
-        main_result = measure("mistral-32k", "builtin:mistral-v1", "mistral", args, rows, root)
+        main_result = measure("mistral-32k", "builtin:mistral-v1", "mistral", args, rows, root, args.repeats)
         if not args.skip_tekken:
-            measure("llama-tekken-131k", "builtin:tekken", "llama", args, rows, root)
+            measure("llama-tekken-131k", "builtin:tekken", "llama", args, rows, root, 1)
     target = 4 * args.top_k + 8
     print(f"target: bytes_per_token <= {target} (32k vocabulary, k = {args.top_k}); collect_vs_forward <= 1.25")
     print(f"bytes_per_token: {main_result['bytes_per_token']:.2f}")

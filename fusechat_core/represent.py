@@ -437,6 +437,9 @@ def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: Model
     summary per shard (address, whether it was computed, counts, seconds).
     """
     shards = cfg.represent.shards
+    if shard_index is not None and not 0 <= shard_index < shards:
+        raise RepresentError(f"represent {spec.name}: shard {shard_index} is out of range for "
+                             f"represent.shards = {shards}")
     indices = range(shards) if shard_index is None else [shard_index]
     todo = [i for i in indices if not store.is_complete(plan.represent_shard(spec, i))]
     out = [{"shard": i, "address": plan.represent_shard(spec, i), "computed": False}

@@ -64,10 +64,15 @@ def represent_shard(config: dict, model: str, shard: int, address: str, store: s
     st = ArtifactStore(store)
     [summary] = represent_model(cfg, st, plan, spec, shard,
                                 progress=_Reporter(model, shard, cfg.represent.shards, logger))
+    n = cfg.represent.shards
+    done = sum(st.is_complete(plan.represent_shard(spec, i)) for i in range(n))
     if summary["computed"]:
-        logger.info("represent %s shard %d/%d: %d sequences, %d supervised tokens, %.0f tokens/s", model,
-                    shard + 1, cfg.represent.shards, summary["n_seq"], summary["n_supervised"],
-                    summary["n_tokens"] / max(summary["seconds"], 1e-9))
+        logger.info("represent %s shard %d/%d: %d sequences, %d supervised tokens, %.0f tokens/s; "
+                    "%d of %d shards of %s done", model, shard + 1, n, summary["n_seq"], summary["n_supervised"],
+                    summary["n_tokens"] / max(summary["seconds"], 1e-9), done, n, model)
+    else:
+        logger.info("represent %s shard %d/%d: already complete; %d of %d shards of %s done", model,
+                    shard + 1, n, done, n, model)
     return stage_ref(st, address, model=model, shard=shard)
 
 
