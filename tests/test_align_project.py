@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from fusechat_core.align.project import Representation, project, same_sequences
+from fusechat_core.align.project import project, same_sequences
 from fusechat_core.align.vocab import EXACT, MINED, UNMAPPED, VocabMap
+from fusechat_core.represent import Representation
 
 NEG = -np.inf
 

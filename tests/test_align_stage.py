@@ -7,15 +7,16 @@ import json
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save
+from safetensors.numpy import load_file
 
-from fusechat_core.align import AlignError, read_representation
+from fusechat_core.align import AlignError, read_representation, row_sequence
 from fusechat_core.align.vocab import vocabulary
 from fusechat_core.chat import IGNORE, ChatFormatter
 from fusechat_core.config import parse_config
 from fusechat_core.data import build_dataset_artifact, read_split
 from fusechat_core.models import load_tokenizer, tokenizer_ref
 from fusechat_core.plan import RunPlan
+from fusechat_core.represent import Representation, id_dtype, write_shard
 from fusechat_core.store import ArtifactStore
 
 K = 4
@@ -65,8 +66,9 @@ def run(tiny_models, tmp_path_factory):
 
 
 def write_representation(store, address, spec, rows, index, cfg, *, tokenizer=None):
-    """A REPRESENTATION shard to the contract, from the real tokenisation. The teacher is
-    synthetic but checkable: its top-1 is the label (log 0.7), then three other ids."""
+    """A REPRESENTATION shard from the real tokenisation, written by the representation
+    stage's writer. The teacher is synthetic but checkable: its top-1 is the label
+    (log 0.7), then three other ids."""
     tok = tokenizer or load_tokenizer(*tokenizer_ref(spec))
     fmt = ChatFormatter(tok, spec.chat_template)
     n = len(rows)
@@ -85,17 +87,15 @@ def write_representation(store, address, spec, rows, index, cfg, *, tokenizer=No
             tk.append([label] + [(label + d) % len(tok) for d in (1, 2, 3)])
             tl.append(lp)
         ce.append(1.0 + s)
-    dt = np.uint16 if len(tok) < 65536 else np.int32
-    arrays = {"input_ids": np.array(ids, dt), "seq_offsets": np.array(seq_off, np.int64),
-              "sup_positions": np.array(sup, np.uint16), "sup_offsets": np.array(sup_off, np.int64),
-              "topk_ids": np.array(tk, dt).reshape(-1, K), "topk_logprobs": np.array(tl, np.float16).reshape(-1, K),
-              "metric_ce": np.array(ce, np.float32)}
+    dt = id_dtype(len(tok))
     meta = {"model": spec.name, "vocab_size": len(tok), "top_k": K, "row_ids": [r["id"] for r in part],
             "n_seq": len(part), "n_tokens": len(ids), "n_supervised": len(sup), "shard": index,
             "shards": cfg.represent.shards, "tokenizer": tokenizer_ref(spec)[0]}
+    rep = Representation(np.array(ids, dt), np.array(seq_off, np.int64), np.array(sup, np.uint16),
+                         np.array(sup_off, np.int64), np.array(tk, dt).reshape(-1, K),
+                         np.array(tl, np.float16).reshape(-1, K), np.array(ce, np.float32), meta)
     with store.writer(address, meta=meta) as w:
-        w.write_bytes("representation.safetensors", save(arrays))
-        w.write_json("meta.json", meta)
+        write_shard(w, rep)  # the representation stage's own writer and contract check
 
 
 def _align_all(cfg, store, plan, name):
@@ -157,7 +157,7 @@ def test_sources_land_on_pivot_rows_with_matching_tokens(run, name):
         pivot = read_representation(store, plan.represent_shard(cfg.pivot, i))
         arrays, meta = _aligned(store, plan.align_shard(plan.model(name), i))
         _check_contract(arrays, pivot)
-        seq = pivot.row_sequence()
+        seq = row_sequence(pivot)
         labels = pivot.input_ids[pivot.seq_offsets[seq] + pivot.sup_positions.astype(np.int64)].astype(np.int64)
         fb = arrays["fallback"]
         # fallback: one-hot on the label (the token at the row's position), log-prob 0
@@ -204,7 +204,6 @@ def test_representation_made_with_another_tokenizer_is_refused(run, tmp_path):
     from fusechat_core.align import align_shard_artifact, build_vocab_map_artifact
 
     build_vocab_map_artifact(cfg, other, plan.vocab_map(spec), spec)
-    other.writer  # noqa: B018 (the dataset lives in the first store; copy it over)
     other.put_dir(plan.dataset, store.fetch(plan.dataset))
     with pytest.raises(AlignError, match=r"row .*source's re-rendered tokens differ"):
         align_shard_artifact(cfg, other, spec, 0)

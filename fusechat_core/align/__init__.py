@@ -28,28 +28,25 @@ pass through untouched.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fusechat_core.align.project import Aligned, Representation, project, same_sequences
+from fusechat_core.align.project import Aligned, project, row_sequence, same_sequences
 from fusechat_core.align.sequence import (SEQUENCE_ALIGNERS, TokenSeq, align_sequences, common_spans,
                                           content_char_map, trimmed_spans)
 from fusechat_core.align.vocab import VocabMap, build_vocab_map, vocabulary
 from fusechat_core.config import ModelSpec, RunConfig
+from fusechat_core.represent import Representation
 from fusechat_core.store import ArtifactStore, StoreError
 
 log = logging.getLogger("fusechat.align")
 
-REPRESENTATION_FILE = "representation.safetensors"
 ALIGNED_FILE = "aligned.safetensors"
 VOCAB_MAP_FILE = "vocab_map.safetensors"
 META_FILE = "meta.json"
-_REP_KEYS = ("input_ids", "seq_offsets", "sup_positions", "sup_offsets", "topk_ids", "topk_logprobs", "metric_ce")
 
 Progress = Callable[[str], None]
 
@@ -60,26 +57,13 @@ class AlignError(ValueError):
 
 # -- reading and writing the contracts -----------------------------------------------
 def read_representation(store: ArtifactStore, address: str) -> Representation:
-    """One REPRESENTATION shard (its manifest checked by the store) as numpy arrays."""
-    from safetensors.numpy import load_file
+    """One REPRESENTATION shard, checked against its contract (the representation stage's reader)."""
+    from fusechat_core.represent import RepresentError, read_shard
 
-    folder = store.fetch(address)
-    path = Path(folder) / REPRESENTATION_FILE
-    if not path.is_file():
-        raise AlignError(f"representation shard {address}: no {REPRESENTATION_FILE}")
-    arrays = load_file(str(path))
-    missing = [k for k in _REP_KEYS if k not in arrays]
-    if missing:
-        raise AlignError(f"representation shard {address}: missing tensor {missing[0]!r}")
-    meta = json.loads((Path(folder) / META_FILE).read_text()) if (Path(folder) / META_FILE).is_file() else {}
-    rep = Representation(**{k: arrays[k] for k in _REP_KEYS}, meta=meta)
-    n = rep.n_seq
-    if len(rep.sup_offsets) != n + 1 or rep.seq_offsets[-1] != len(rep.input_ids) \
-            or rep.sup_offsets[-1] != len(rep.sup_positions) or rep.topk_ids.shape[0] != len(rep.sup_positions) \
-            or rep.topk_ids.shape != rep.topk_logprobs.shape or len(rep.metric_ce) != n:
-        raise AlignError(f"representation shard {address}: arrays do not follow the contract "
-                         f"(seq_offsets/sup_offsets/topk shapes disagree)")
-    return rep
+    try:
+        return read_shard(store, address)
+    except RepresentError as exc:
+        raise AlignError(str(exc)) from None
 
 
 def write_vocab_map(store: ArtifactStore, address: str, vmap: VocabMap, meta: dict[str, Any]) -> None:
@@ -113,9 +97,15 @@ def _deterministic(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- vocabulary map stage -------------------------------------------------------------
-def _tokenizer(spec: ModelSpec) -> Any:
+def model_tokenizer(spec: ModelSpec, store: ArtifactStore, plan: Any) -> Any:
+    """The tokenizer a model's representations were made with (the representation stage's rule:
+    a ``demo:`` model without a ``tokenizer`` is the demo stage's artifact folder)."""
     from fusechat_core.models import load_tokenizer, tokenizer_ref
 
+    if spec.path.startswith("demo:") and spec.tokenizer is None:
+        from fusechat_core.demo import resolve_model
+
+        spec = resolve_model(spec, store, plan.demo_model(spec))
     return load_tokenizer(*tokenizer_ref(spec))
 
 
@@ -124,9 +114,12 @@ def build_vocab_map_artifact(cfg: RunConfig, store: ArtifactStore, address: str,
     """The source → pivot vocabulary map of one source, written under ``address``."""
     from fusechat_core.models import tokenizer_ref
 
+    from fusechat_core.plan import RunPlan
+
     say = progress or log.info
-    pivot_vocab = vocabulary(_tokenizer(cfg.pivot))
-    source_vocab = vocabulary(_tokenizer(source))
+    plan = RunPlan(cfg)
+    pivot_vocab = vocabulary(model_tokenizer(cfg.pivot, store, plan))
+    source_vocab = vocabulary(model_tokenizer(source, store, plan))
     vmap = build_vocab_map(source_vocab, pivot_vocab, mapping=cfg.align.vocab_mapping,
                            threshold=cfg.align.mined_threshold)
     meta = {"source": source.name, "source_tokenizer": list(tokenizer_ref(source)),
@@ -152,7 +145,7 @@ def _tokenised(formatter: Any, texts: list[str], rep: Representation, row_ids: S
     enc = formatter.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for s, (ids, offs) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
-        stored = rep.sequence(s)
+        stored = rep.ids(s)
         ids = np.asarray(ids[:len(stored)], dtype=np.int64)
         if len(ids) != len(stored) or not np.array_equal(ids, stored.astype(np.int64)):
             raise AlignError(f"align: row {row_ids[s]!r}: the {who}'s re-rendered tokens differ from its "
@@ -202,15 +195,14 @@ def _strings(vocab: Any, size: int) -> np.ndarray:
 
 
 # -- align stage ------------------------------------------------------------------------
-def shard_rows(rows: Sequence[dict], index: int, count: int) -> Sequence[dict]:
-    """Shard ``index`` of ``count``: the contiguous block of dataset rows the representations hold."""
-    n = len(rows)
-    return rows[index * n // count:(index + 1) * n // count]
-
-
 def align_shard(cfg: RunConfig, source: ModelSpec, pivot_rep: Representation, source_rep: Representation,
-                vmap: VocabMap, conversations: Sequence[Any], row_ids: Sequence[Any]) -> Aligned:
-    """The ALIGNED arrays of one shard (pure computation; no store access)."""
+                vmap: VocabMap, conversations: Sequence[Any], row_ids: Sequence[Any],
+                tokenizers: Callable[[], tuple[Any, Any]]) -> Aligned:
+    """The ALIGNED arrays of one shard (pure computation; no store access).
+
+    ``tokenizers()`` gives (pivot's, source's) tokenizer; it is called only when
+    the sequences differ, so the identity path loads nothing.
+    """
     from fusechat_core.chat import ChatFormatter
 
     if list(pivot_rep.meta.get("row_ids", row_ids)) != list(source_rep.meta.get("row_ids", row_ids)):
@@ -224,7 +216,7 @@ def align_shard(cfg: RunConfig, source: ModelSpec, pivot_rep: Representation, so
         pairing, used = None, "identity"
     else:
         used = "offsets" if method == "auto" else method
-        p_tok, s_tok = _tokenizer(cfg.pivot), _tokenizer(source)
+        p_tok, s_tok = tokenizers()
         if used == "offsets" and not (getattr(p_tok, "is_fast", False) and getattr(s_tok, "is_fast", False)):
             used = "dtw"
         if used not in SEQUENCE_ALIGNERS:
@@ -244,6 +236,7 @@ def align_shard_artifact(cfg: RunConfig, store: ArtifactStore, source: ModelSpec
     """Align shard ``index`` of ``source`` and write it under ``plan.align_shard(source, index)``."""
     from fusechat_core.data import read_split
     from fusechat_core.plan import RunPlan
+    from fusechat_core.represent import shard_rows
 
     say = progress or log.info
     plan = RunPlan(cfg)
@@ -251,12 +244,14 @@ def align_shard_artifact(cfg: RunConfig, store: ArtifactStore, source: ModelSpec
     pivot_rep = read_representation(store, plan.represent_shard(cfg.pivot, index))
     source_rep = read_representation(store, plan.represent_shard(source, index))
     vmap = read_vocab_map(store, plan.vocab_map(source))
-    rows = shard_rows(read_split(store, plan.dataset, "train"), index, shards)
+    every = read_split(store, plan.dataset, "train")
+    rows = [every[j] for j in shard_rows(len(every), index, shards)]
     row_ids = [r["id"] for r in rows]
     if "row_ids" in pivot_rep.meta and list(pivot_rep.meta["row_ids"]) != row_ids:
         raise AlignError(f"align {source.name} shard {index}: the pivot's shard rows are not dataset rows "
                          f"[{index}*n/{shards}, {index + 1}*n/{shards})")
-    aligned = align_shard(cfg, source, pivot_rep, source_rep, vmap, [r["conversations"] for r in rows], row_ids)
+    aligned = align_shard(cfg, source, pivot_rep, source_rep, vmap, [r["conversations"] for r in rows], row_ids,
+                          lambda: (model_tokenizer(cfg.pivot, store, plan), model_tokenizer(source, store, plan)))
     meta = {"source": source.name, "pivot": cfg.pivot.name, "shard": index, "shards": shards,
             "n_seq": pivot_rep.n_seq, "row_ids": row_ids, "top_k": int(aligned.topk_ids.shape[1]),
             "vocab_size": int(pivot_rep.meta.get("vocab_size", 0)) or None,
@@ -306,4 +301,4 @@ def summarise(shard_stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 __all__ = ["AlignError", "Aligned", "Representation", "VocabMap", "align_shard", "align_shard_artifact",
            "build_vocab_map", "build_vocab_map_artifact", "finish_align_artifact", "pair_sequences",
-           "project", "read_representation", "read_vocab_map", "shard_rows", "vocabulary"]
+           "model_tokenizer", "project", "read_representation", "read_vocab_map", "row_sequence", "vocabulary"]

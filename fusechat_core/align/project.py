@@ -25,31 +25,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from fusechat_core.align.vocab import EXACT, MINED, VocabMap
+from fusechat_core.represent import Representation
 
 
-@dataclass
-class Representation:
-    """The arrays of one REPRESENTATION shard (see the contract), plus its meta.json."""
-
-    input_ids: np.ndarray
-    seq_offsets: np.ndarray
-    sup_positions: np.ndarray
-    sup_offsets: np.ndarray
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
-    metric_ce: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_seq(self) -> int:
-        return len(self.seq_offsets) - 1
-
-    def sequence(self, s: int) -> np.ndarray:
-        return self.input_ids[self.seq_offsets[s]:self.seq_offsets[s + 1]]
-
-    def row_sequence(self) -> np.ndarray:
-        """Sequence index of every supervised row."""
-        return np.repeat(np.arange(self.n_seq, dtype=np.int64), np.diff(self.sup_offsets.astype(np.int64)))
+def row_sequence(rep: Representation) -> np.ndarray:
+    """Sequence index of every supervised row of a representation shard."""
+    return np.repeat(np.arange(rep.n_seq, dtype=np.int64), np.diff(rep.sup_offsets.astype(np.int64)))
 
 
 @dataclass
@@ -78,7 +59,7 @@ def same_sequences(pivot: Representation, source: Representation) -> bool:
 def _source_rows(pivot: Representation, source: Representation, pair_pos: np.ndarray,
                  row_seq: np.ndarray) -> np.ndarray:
     """For each pivot row, the source row predicting source position ``pair_pos`` (-1: none)."""
-    s_seq = source.row_sequence()
+    s_seq = row_sequence(source)
     width = int(max(np.diff(source.seq_offsets).max(initial=0), np.diff(pivot.seq_offsets).max(initial=0))) + 1
     # Source rows are in (sequence, position) order, so their keys are sorted.
     s_key = s_seq * width + source.sup_positions.astype(np.int64)
@@ -119,7 +100,7 @@ def project(pivot: Representation, source: Representation, pairing: Sequence[np.
         return Aligned(sup_offsets, ids, source.topk_logprobs.astype(np.float16), metric_ce,
                        np.zeros(n_rows, bool), stats)
 
-    row_seq = pivot.row_sequence()
+    row_seq = row_sequence(pivot)
     t = pivot.sup_positions.astype(np.int64)
     if pairing is None:
         pair_pos = t

@@ -218,13 +218,16 @@ def _mined(source: Vocabulary, pending: list[int], ordinary: dict[str, int], ids
            kind: np.ndarray, dist: np.ndarray, threshold: float | None, chunk_rows: int) -> None:
     """MinED for the source tokens without an exact match, exactly, in growing radii.
 
-    Levenshtein(a, b) >= |len(a) - len(b)|, so a query whose nearest pivot token
-    is within radius r is found among the pivot tokens whose length is within
-    r of its own. Most tokens resolve at r = 1 or 2 against a fraction of the
-    vocabulary; what is left goes on to the next radius and finally to all
-    tokens. A row is resolved only when its minimum is <= r, and then every
-    candidate at that distance has been seen, so the result (and the
-    lowest-id tie-break) is the same as one full cdist.
+    Radius 1 (half of all MinED tokens) by symmetric deletion: two strings at
+    distance <= 1 share a string obtained by deleting at most one character
+    from each, so a hash of those variants yields every candidate, verified
+    exactly. Then Levenshtein(a, b) >= |len(a) - len(b)|: a query whose nearest
+    pivot token is within radius r is found among the pivot tokens whose length
+    is within r of its own, so the rest go through cdist at r = 2, 4, 8 against
+    that fraction of the vocabulary, and finally against all of it. A query is
+    resolved only when its minimum is <= r, and then every candidate at that
+    distance has been seen, so the result (and the lowest-id tie-break) is the
+    same as one full cdist.
     """
     from rapidfuzz.distance import Levenshtein
     from rapidfuzz.process import cdist
@@ -239,8 +242,8 @@ def _mined(source: Vocabulary, pending: list[int], ordinary: dict[str, int], ids
     rows_all = np.asarray(pending, dtype=np.int64)
     best_id = np.full(len(queries), -1, np.int64)
     best_d = np.full(len(queries), 255, np.int32)
-    todo = np.arange(len(queries))
-    for radius in (1, 2, 4, 8, None):
+    todo = _within_one(queries, choices, best_id, best_d)
+    for radius in (2, 4, 8, None):
         if not len(todo):
             break
         still = []
@@ -275,3 +278,30 @@ def _mined(source: Vocabulary, pending: list[int], ordinary: dict[str, int], ids
     ids[rows] = choice_ids[best_id[ok]]
     kind[rows] = MINED
     dist[rows] = best_d[ok]
+
+
+def _deletions(s: str) -> set[str]:
+    return {s, *(s[:k] + s[k + 1:] for k in range(len(s)))}
+
+
+def _within_one(queries: np.ndarray, choices: np.ndarray, best_id: np.ndarray, best_d: np.ndarray) -> np.ndarray:
+    """Resolve queries with a choice at distance <= 1 (lowest choice index on ties); return the others."""
+    from rapidfuzz.distance import Levenshtein
+
+    index: dict[str, list[int]] = {}
+    for ci, c in enumerate(choices):  # ascending index, so each list is sorted
+        for v in _deletions(c):
+            index.setdefault(v, []).append(ci)
+    dist = Levenshtein.distance
+    left = []
+    for qi, q in enumerate(queries):
+        cands: set[int] = set()
+        for v in _deletions(q):
+            cands.update(index.get(v, ()))
+        d, hit = min(((dist(q, choices[ci], score_cutoff=1), ci) for ci in cands), default=(2, -1))
+        if d <= 1:
+            best_id[qi] = hit
+            best_d[qi] = d
+        else:
+            left.append(qi)
+    return np.asarray(left, dtype=np.int64)
