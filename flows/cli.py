@@ -129,17 +129,19 @@ def _run(cfg: RunConfig, until: str | None, as_json: bool) -> int:
         print(f"fusechat: error: --until: unknown stage {until!r} (stages: {', '.join(stages)})", file=sys.stderr)
         return EXIT_USAGE
     _prefect_env()
-    from flows.pipeline import fusechat_pipeline
+    from flows.pipeline import fusechat_pipeline, task_runner_for
 
     t0 = time.time()
     try:
-        results = fusechat_pipeline(config=cfg.model_dump(mode="json"), until=until or stages[-1])
+        pipeline = fusechat_pipeline.with_options(task_runner=task_runner_for(cfg))
+        results = pipeline(config=cfg.model_dump(mode="json"), until=until or stages[-1])
     except Exception as exc:  # the flow's own log has the traceback; the user gets one line
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"fusechat: run failed: {msg}", file=sys.stderr)
         return EXIT_FAILED
+    width = max((len(k) for k in results), default=10)
     for stage, ref in results.items():
-        print(f"{stage:<10} {ref['state']:<10} {ref['address']}  {_human(ref.get('size'))}")
+        print(f"{stage:<{width}}  {ref['state']:<10} {ref['address']}  {_human(ref.get('size'))}")
     print(f"done in {time.time() - t0:.1f} s; artifacts in {cfg.store}")
     if as_json:
         print(json.dumps({"store": cfg.store, "stages": results}))

@@ -1,22 +1,57 @@
-"""The FuseChat DAG: dataset → representations → alignment → training → merge → evaluation.
+"""The FuseChat DAG, as in the paper's diagram:
 
-Every stage is a task keyed by its artifact address (``fusechat_core.plan``),
-so running the flow again skips what is finished and resumes what is not.
+    demo models ─► dataset ─► represent[model × shard] ─► align[source × shard] ─► train[target]
+                                                                                       │
+                  report ◄─ evaluate[model] ◄──────────────── merge[method] ◄──────────┘
+
+Every task is keyed by its artifact address (``fusechat_core.plan``): running
+the flow again skips what is finished, resumes what is not (shards, training
+checkpoints, answered questions), and recomputes what an upstream change
+invalidated. Tasks exchange small references, never data.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture, wait
 
 from fusechat_core.config import RunConfig, load_config
-from fusechat_core.plan import RunPlan
-from tasks._stage import result_storage_for
+from fusechat_core.plan import CLM, RunPlan
+from tasks._stage import ensure_gpu_limit, result_storage_for
+from tasks.align import align_shard, build_vocab_map, finish_align
 from tasks.dataset import build_dataset
 from tasks.demo import build_demo_model
+from tasks.evaluate import build_run_report, evaluate_model
+from tasks.merge import merge_targets
+from tasks.represent import submit_represent
+from tasks.train import train_target
 
-STAGES = ("demo_models", "dataset")
+STAGES = ("demo_models", "dataset", "represent", "align", "train", "merge", "evaluate", "report")
+
+
+def task_runner_for(cfg: RunConfig) -> Any:
+    """Threads by default; Dask (a scheduler address, or a local cluster) for many workers."""
+    if cfg.runner.task_runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise RuntimeError("runner.task_runner: dask needs `pip install fusechat[dask]`") from None
+        if cfg.runner.dask_address:
+            return DaskTaskRunner(address=cfg.runner.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.runner.max_workers, "threads_per_worker": 1,
+                                              "processes": True})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers)
+
+
+def _settle(results: dict[str, Any], futures: dict[str, PrefectFuture]) -> None:
+    """Wait for a stage's futures and record each one's reference and Prefect state."""
+    wait(list(futures.values()))
+    for label, fut in futures.items():
+        results[label] = {**fut.result(), "state": fut.state.name}
 
 
 @flow(name="fusechat-pipeline", flow_run_name="fusechat-{until}", validate_parameters=True)
@@ -25,26 +60,75 @@ def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | N
     """Run (or resume) a fusion run. Give the config itself, or the path/URL of its YAML file."""
     if (config is None) == (config_path is None):
         raise ValueError("give exactly one of config and config_path")
+    if until not in STAGES:
+        raise ValueError(f"until: unknown stage {until!r} (stages: {', '.join(STAGES)})")
     cfg = load_config(config_path) if config_path else RunConfig.model_validate(config)
     plan = RunPlan(cfg)
-    storage = result_storage_for(cfg.store)
     config = cfg.model_dump(mode="json")
+    store = cfg.store
+    opts = {"result_storage": result_storage_for(store)}
+    gpu = ensure_gpu_limit(cfg.runner.gpu_tag, cfg.runner.gpu_concurrency)
     results: dict[str, Any] = {}
+    stop = STAGES.index(until)
 
-    def run(stage: str, task: Any, *args: Any) -> Any:
-        state = task.with_options(result_storage=storage)(*args, return_state=True)
-        ref = state.result()  # raises if the task failed
-        results[stage] = {**ref, "state": state.name}
-        return ref
-
-    demo = {m.name: build_demo_model.with_options(result_storage=storage).submit(
-        config, m.name, plan.demo_model(m), cfg.store) for m in plan.demo_specs()}
-    for name, fut in demo.items():
-        results[f"demo_models[{name}]"] = {**fut.result(), "state": fut.state.name}
-    if until == "demo_models":
+    demo = {f"demo_models[{m.name}]": build_demo_model.with_options(**opts).submit(
+        config, m.name, plan.demo_model(m), store) for m in plan.demo_specs()}
+    _settle(results, demo)
+    if stop <= STAGES.index("demo_models"):
         return results
 
-    run("dataset", build_dataset, config, plan.dataset, cfg.store)
-    if until == "dataset":
+    _settle(results, {"dataset": build_dataset.with_options(**opts).submit(config, plan.dataset, store)})
+    if stop <= STAGES.index("dataset"):
         return results
+
+    # Vocabulary maps need only tokenizers: they run while the models run.
+    vocab = {s.name: build_vocab_map.with_options(**opts).submit(config, plan.vocab_map(s), store, s.name)
+             for s in cfg.sources}
+    represent = submit_represent(cfg, plan, result_storage=opts["result_storage"], tags=gpu)
+    _settle(results, {f"represent[{k}]": v for k, v in represent.items()})
+    if stop <= STAGES.index("represent"):
+        return results
+
+    aligned = {}
+    for s in cfg.sources:
+        shards = [align_shard.with_options(**opts).submit(config, plan.align_shard(s, i), store, s.name, i,
+                                                          wait_for=[vocab[s.name]])
+                  for i in range(cfg.represent.shards)]
+        aligned[s.name] = finish_align.with_options(**opts).submit(config, plan.align(s), store, s.name,
+                                                                   wait_for=shards)
+    _settle(results, {f"vocab_map[{k}]": v for k, v in vocab.items()})
+    _settle(results, {f"align[{k}]": v for k, v in aligned.items()})
+    if stop <= STAGES.index("align"):
+        return results
+
+    # One target per source (and the CLM baseline), independent: each may run on its own GPU worker.
+    trained = {t: train_target.with_options(tags=gpu, **opts).submit(config, t, plan.train(t), store)
+               for t in plan.target_names()}
+    _settle(results, {f"train[{t}]": f for t, f in trained.items()})
+    if stop <= STAGES.index("train"):
+        return results
+
+    targets = {s.name: plan.train(s.name) for s in cfg.sources}
+    merged = {m: merge_targets.with_options(**opts).submit(config, m, targets, plan.merge(m), store)
+              for m in plan.merge_methods()}
+    _settle(results, {f"merge[{m}]": f for m, f in merged.items()})
+    if stop <= STAGES.index("merge"):
+        return results
+
+    evaluated = {n: evaluate_model.with_options(tags=gpu, **opts).submit(
+        config, n, plan.model_ref(n), plan.evaluate(n), store, dataset=plan.dataset,
+        answers=plan.mt_bench_answers(n) if cfg.evaluate.mt_bench else None)
+        for n in plan.evaluated_models()}
+    _settle(results, {f"evaluate[{n}]": f for n, f in evaluated.items()})
+    if stop <= STAGES.index("evaluate"):
+        return results
+
+    training = {plan.target_label(t): plan.train(t) for t in plan.target_names()}
+    report = build_run_report.with_options(**opts).submit(
+        config, {n: plan.evaluate(n) for n in plan.evaluated_models()}, plan.report(), store, training=training)
+    _settle(results, {"report": report})
+    get_run_logger().info("report: %s", results["report"]["address"])
     return results
+
+
+__all__ = ["CLM", "STAGES", "fusechat_pipeline"]

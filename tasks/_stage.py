@@ -78,3 +78,23 @@ def run_config(config: dict) -> Any:
     cfg = RunConfig.model_validate(config)
     materialise(RunPlan(cfg), ArtifactStore(cfg.store))
     return cfg
+
+
+def ensure_gpu_limit(tag: str, limit: int) -> list[str]:
+    """Make the GPU tag's concurrency limit exist with the configured size; returns the tags.
+
+    Tasks that hold a model carry the tag, so a pool of N GPUs never runs N+1 of them.
+    An operator's own limit on the tag (set with ``prefect concurrency-limit create``)
+    is respected when it is smaller.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            current = client.read_concurrency_limit_by_tag(tag).concurrency_limit
+        except ObjectNotFound:
+            current = None
+        if current is None or current > limit:
+            client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
+    return [tag]
