@@ -119,7 +119,8 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
     out.mkdir(parents=True, exist_ok=True)
     say(f"merging {len(targets)} targets with {config.merge_method} on {options.device}")
     base = str(config.base_model) if config.base_model else ""
-    inputs = [str(m.model) for m in config.models or []]
+    inputs = ([str(m.model) for m in config.models] if config.models
+              else sorted(str(m) for m in config.referenced_models()))
     try:
         if is_varm:
             with recording(base, [i for i in inputs if i != base]) as raw_table:
@@ -130,6 +131,8 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MergeError(f"merge ({config.merge_method}) failed: {first}") from exc
+    finally:
+        _forget_loaders(config)
 
     _pivot_tokenizer(out, pivot, tokenizer, chat_template)
     (out / "mergekit_config.yml").write_text(config_yaml + "\n")
@@ -157,6 +160,16 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
     say(f"merged model in {out}")
     return {"out_dir": str(out), "method": method, "mergekit_method": config.merge_method,
             "mergekit_config": config_yaml, "table": table}
+
+
+def _forget_loaders(config: Any) -> None:
+    """mergekit caches each model's tensor index for the life of the process (a class-level
+    dict); a long-lived worker must not read a later artifact at the same path through
+    a stale index, nor keep every merged model's last shard mapped."""
+    from mergekit.io.tasks import LoaderCache
+
+    for ref in config.referenced_models():
+        LoaderCache.loaders.pop(ref, None)
 
 
 def _pivot_tokenizer(out: Path, pivot: str, tokenizer: tuple[str, str | None] | None,

@@ -19,7 +19,8 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
     """Merge the trained targets (target name → ``plan.train`` address) with ``method``.
 
     ``pivot_address``: the pivot as a store artifact (a demo model) instead of
-    ``cfg.pivot.path``. Remote artifacts are fetched into the local cache first;
+    ``cfg.pivot.path``. DARE's random drops use a fixed seed: the address does not
+    depend on the run's seed, so neither may the merged weights. Remote artifacts are fetched into the local cache first;
     the merged folder is uploaded with its manifest last. Returns the summary
     (and the VaRM weights table when the method is VaRM).
     """
@@ -45,7 +46,7 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
             method, pivot_ref, local_targets, out,
             parameters=m.parameters if is_main else {}, granularity=m.granularity if method == "varm" else "matrix",
             dtype=m.dtype, mergekit_yaml=m.mergekit_yaml if is_main else None, shard_size=m.shard_size,
-            device=m.device, seed=cfg.seed, tokenizer=tokenizer, chat_template=pivot.chat_template,
+            device=m.device, seed=0, tokenizer=tokenizer, chat_template=pivot.chat_template,
             sources=[s.name for s in cfg.sources], name=f"{cfg.name}-merge-{method}", progress=progress)
         meta = {"method": method, "mergekit_method": result["mergekit_method"], "targets": dict(targets),
                 "pivot": pivot.name, "granularity": m.granularity if method == "varm" else None}
