@@ -37,6 +37,8 @@ class JudgeServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            wbufsize = 1 << 16  # one send per response: unbuffered writes meet delayed ACKs
+
             def log_message(self, *args: Any) -> None:
                 pass
 
