@@ -346,6 +346,7 @@ def test_a_target_of_another_shape_fails_with_one_line_naming_the_tensor(known, 
                      device="cpu")
     msg = str(err.value)
     assert msg.startswith("merge (varm) failed: ") and "\n" not in msg and "lm_head.weight" in msg
+    assert not (tmp_path / "o2").exists()  # no half-written model left behind
 
 
 def test_cli_merges_folders_given_by_name_or_path(known, tmp_path):
@@ -379,3 +380,14 @@ def test_cli_usage_errors_exit_2_with_one_line(known, tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == f"fusechat: error: --pivot: no such directory: {tmp_path / 'nope'}"
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cli_cuda_without_a_gpu_fails_in_one_line(known, tmp_path, capsys):
+    from flows.cli import main
+
+    rc = main(["merge", "--method", "varm", "--pivot", str(known["pivot"]), "--targets", str(known["a"]),
+               "--out", str(tmp_path / "o"), "--device", "cuda"])
+    assert rc == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fusechat: merge failed: device 'cuda' asked for but no CUDA device is visible")

@@ -72,6 +72,7 @@ def merge_command(args: argparse.Namespace) -> int:
     from fusechat_core.config import MergeConfig
     from fusechat_core.merge.run import _check_ref, merge_models
     from fusechat_core.merge.translate import MergeError, check_merge_config
+    from fusechat_core.models import ModelLoadError
 
     try:
         params = _params(args.param)
@@ -106,7 +107,7 @@ def merge_command(args: argparse.Namespace) -> int:
                            shard_size=args.shard_size, device=args.device, seed=args.seed,
                            tokenizer=(args.tokenizer, None) if args.tokenizer else None,
                            chat_template=args.chat_template, progress=lambda m: print(m, file=sys.stderr))
-    except MergeError as exc:
+    except (MergeError, ModelLoadError) as exc:
         print(f"fusechat: merge failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"merged {len(targets)} targets with {out['mergekit_method']} into {out['out_dir']}")

@@ -116,6 +116,7 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
 
     options = MergeOptions(device=pick_device(device), out_shard_size=int(shard_size), copy_tokenizer=False,
                            write_model_card=False, quiet=True, random_seed=seed, safe_serialization=True)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     say(f"merging {len(targets)} targets with {config.merge_method} on {options.device}")
     base = str(config.base_model) if config.base_model else ""
@@ -129,6 +130,8 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
             raw_table = None
             run_merge(config, str(out), options, config_source=config_yaml)
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        if created:  # half-written shards must not pass for a model
+            shutil.rmtree(out, ignore_errors=True)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MergeError(f"merge ({config.merge_method}) failed: {first}") from exc
     finally:
