@@ -72,7 +72,15 @@ def load_for_eval(model: EvalModel, device: str = "auto") -> tuple[Any, Any, Cha
     """(model in eval mode on its device, tokenizer, chat formatter, device)."""
     _import_transformers()
     device = pick_device(device)
-    lm = load_causal_lm(model, device)
+    dtype = model.dtype
+    if dtype == "auto" and device.startswith("cuda"):
+        import torch
+
+        # One precision for every model of a run: targets are saved in float32 (master
+        # weights) while the pivot ships in bf16; "auto" would compare them at different
+        # precisions and run the float32 ones at half speed.
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    lm = load_causal_lm(model, device, dtype=dtype)
     tok = load_tokenizer(model.tokenizer_ref, model.revision)
     return lm, tok, ChatFormatter(tok, model.chat_template), device
 
