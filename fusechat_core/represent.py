@@ -43,7 +43,7 @@ import numpy as np
 
 from fusechat_core.chat import IGNORE, ChatFormatter
 from fusechat_core.config import ModelSpec, RepresentConfig, RunConfig
-from fusechat_core.models import load_causal_lm, load_tokenizer, pick_device, tokenizer_ref
+from fusechat_core.models import load_causal_lm, load_tokenizer, model_dir, pick_device, tokenizer_ref
 from fusechat_core.store import ArtifactStore, ArtifactWriter, Manifest
 
 log = logging.getLogger("fusechat.represent")
@@ -419,19 +419,22 @@ def _train_rows(store: ArtifactStore, dataset_address: str) -> list[dict[str, An
     return read_split(store, dataset_address, "train")
 
 
-def _loadable(spec: ModelSpec, store: ArtifactStore, plan: Any) -> ModelSpec:
-    """The spec to load from: a ``demo:NAME`` model is the demo stage's artifact folder."""
-    if not spec.path.startswith("demo:"):
-        return spec
-    from fusechat_core.demo import resolve_model
-
-    return resolve_model(spec, store, plan.demo_model(spec))
+def _tokenizer_of(spec: ModelSpec) -> Any:
+    """The model's tokenizer; a built (``demo:NAME``) model without its own ``tokenizer``
+    reference uses the one saved in its folder."""
+    ref, revision = tokenizer_ref(spec)
+    if ref.startswith("demo:"):
+        ref = model_dir(spec)
+    return load_tokenizer(ref, revision)
 
 
 def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: ModelSpec,
                     shard_index: int | None = None, *, progress: Progress | None = None,
                     rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Compute the missing shard(s) of one model: ``shard_index``, or every shard when None.
+
+    A ``demo:NAME`` model must have been made loadable first (``fusechat_core.demo.materialise``,
+    which the Prefect tasks do through ``tasks._stage.run_config``).
 
     A shard whose artifact is complete is skipped without loading the model. Returns one
     summary per shard (address, whether it was computed, counts, seconds).
@@ -448,10 +451,9 @@ def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: Model
         return out
     rows = _train_rows(store, plan.dataset) if rows is None else rows
     device = pick_device(cfg.represent.device)
-    local = _loadable(spec, store, plan)
-    tok = load_tokenizer(*tokenizer_ref(local))
+    tok = _tokenizer_of(spec)
     formatter = ChatFormatter(tok, spec.chat_template)
-    model = _cached_model(local, device)
+    model = _cached_model(spec, device)
     for i in todo:
         address = plan.represent_shard(spec, i)
         part = [rows[j] for j in shard_rows(len(rows), i, shards)]

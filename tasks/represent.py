@@ -18,7 +18,7 @@ from fusechat_core.config import RunConfig
 from fusechat_core.plan import RunPlan
 from fusechat_core.represent import RepresentError, commit_representation, represent_model
 from fusechat_core.store import ArtifactStore
-from tasks._stage import STAGE_TASK_OPTIONS, stage_ref
+from tasks._stage import STAGE_TASK_OPTIONS, run_config, stage_ref
 
 _REPORT_EVERY_S = 5.0  # artifact updates are API calls: a few per minute is plenty
 
@@ -55,7 +55,7 @@ class _Reporter:
 def represent_shard(config: dict, model: str, shard: int, address: str, store: str) -> dict:
     """Top-k representations of one model over one shard of the fusion data."""
     logger = get_run_logger()
-    cfg = RunConfig.model_validate(config)
+    cfg = run_config(config)
     plan = RunPlan(cfg)
     spec = plan.model(model)
     if plan.represent_shard(spec, shard) != address:

@@ -141,7 +141,7 @@ def test_top_k_larger_than_vocabulary_is_a_clear_error(tiny_models):
 
 
 def test_load_causal_lm_errors_name_the_model(tmp_path):
-    with pytest.raises(ModelLoadError, match="'src'.*demo stage"):
+    with pytest.raises(ModelLoadError, match="'src'.*demo"):
         load_causal_lm(ModelSpec(name="src", path="demo:src"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="'bad': cannot load"):
