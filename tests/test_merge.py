@@ -391,3 +391,56 @@ def test_cli_cuda_without_a_gpu_fails_in_one_line(known, tmp_path, capsys):
     assert rc == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "fusechat: merge failed: device 'cuda' asked for but no CUDA device is visible")
+
+
+def test_mergekit_yaml_file_is_read_relative_to_the_run_config(known, tmp_path):
+    import yaml
+
+    from fusechat_core.config import ConfigError, load_config
+
+    text = "merge_method: ties\nbase_model: ${pivot}\nmodels:\n  - model: ${a}\n  - model: ${b}\n"
+    (tmp_path / "mk.yml").write_text(text)
+    raw = {"pivot": {"name": "pivot", "path": str(known["pivot"])},
+           "sources": [{"name": "a", "path": str(known["pivot"])}, {"name": "b", "path": str(known["pivot"])}],
+           "data": {"preset": "fusechat-mixture"}, "merge": {"mergekit_yaml": "mk.yml"}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "run.yaml")
+    assert cfg.merge.mergekit_yaml == text
+    # the file's content, not its name, is what the merge address depends on
+    before = RunPlan(cfg).merge("varm")
+    (tmp_path / "mk.yml").write_text(text.replace("ties", "task_arithmetic"))
+    assert RunPlan(load_config(tmp_path / "run.yaml")).merge("varm") != before
+    raw["merge"]["mergekit_yaml"] = "missing.yml"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"^merge\.mergekit_yaml: no such file: missing\.yml$"):
+        load_config(tmp_path / "run.yaml")
+
+
+def test_mixtral_layer_granularity_matches_the_formula_in_memory(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fusechat_core.merge import merge_models
+
+    pivot = tiny_models["mixtral"]
+    base = _load_folder(pivot)
+    a = _make_target(pivot, tmp_path / "a", _known_deltas(base, 5, 0.01, zero=set()))
+    b = _make_target(pivot, tmp_path / "b", _known_deltas(base, 6, 0.02, zero=set()))
+    out = tmp_path / "merged"
+    merge_models("varm", str(pivot), {"a": str(a), "b": str(b)}, out, granularity="layer", device="cpu")
+    # in memory the experts are fused; a layer's Σ Δ² is the same however its tensors are cut
+    sd = {k: {n: t.double() for n, t in AutoModelForCausalLM.from_pretrained(f).state_dict().items()}
+          for k, f in (("p", pivot), ("a", a), ("b", b), ("m", out))}
+
+    def group(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[:3]) if parts[1] == "layers" else name
+
+    sums: dict[str, list[float]] = {}
+    for n, p in sd["p"].items():
+        row = sums.setdefault(group(n), [0.0, 0.0])
+        row[0] += (sd["a"][n] - p).pow(2).sum().item()
+        row[1] += (sd["b"][n] - p).pow(2).sum().item()
+    for n, p in sd["p"].items():
+        s = sums[group(n)]
+        want = p + (s[0] * (sd["a"][n] - p) + s[1] * (sd["b"][n] - p)) / sum(s)
+        assert (sd["m"][n] - want).abs().max().item() <= 1e-6, n
