@@ -1,4 +1,4 @@
-"""Merging the targets into one model (FuseChat §3.3): VaRM and the paper's baselines.
+"""Merging the targets into one model (SPEC §1.5): VaRM and the paper's baselines.
 
 VaRM is a mergekit merge method (``varm.py``, registered in mergekit's own
 registry on import); the baselines are mergekit's linear, SLERP, task

@@ -20,9 +20,9 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
 
     ``pivot_address``: the pivot as a store artifact (a demo model) instead of
     ``cfg.pivot.path``. DARE's random drops use a fixed seed: the address does not
-    depend on the run's seed, so neither may the merged weights. Remote artifacts are fetched into the local cache first;
-    the merged folder is uploaded with its manifest last. Returns the summary
-    (and the VaRM weights table when the method is VaRM).
+    depend on the run's seed, so neither may the merged weights. Remote artifacts
+    are fetched into the local cache first; the merged folder is uploaded with its
+    manifest last. Returns the summary (and the VaRM weights table for VaRM).
     """
     m = cfg.merge
     if store.is_complete(address):

@@ -1,4 +1,4 @@
-"""VaRM weights at layer or model granularity (the paper's ablation, Table 5).
+"""VaRM weights at layer or model granularity (the granularity ablation of the paper).
 
 A group (one decoder layer, or the whole model) is treated as one concatenated
 parameter vector: W_{j,g} = Σ_{m∈g} Σ Δ_{j,m}² / Σ_k Σ_{m∈g} Σ Δ_{k,m}² (the

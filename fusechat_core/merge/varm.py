@@ -1,4 +1,4 @@
-"""VaRM (Variation Ratio Merge, FuseChat §3.3) as a mergekit merge method.
+"""VaRM (Variation Ratio Merge; FuseChat, Wan et al. 2024; SPEC §1.5) as a mergekit merge method.
 
 For each parameter matrix m and target j, with Δ_{j,m} = θ_{j,m} − θ_{pivot,m}:
 
