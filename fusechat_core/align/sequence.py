@@ -18,9 +18,9 @@ unpaired; whitespace-only tokens compare on their raw span. Spans are in a
 ``dtw``: dynamic time warping on token strings alone (for tokenizers without
 offsets), with the reference's cost, the edit distance between the token
 strings with word-start markers (spaces, in canonical form) removed, and the
-reference's backtracking tie-break (diagonal, then up, then left); a pivot
-token pairs when it and its source token each lie on one path cell and spell
-the same text. It is
+reference's backtracking tie-break (diagonal, then up, then left) and its
+pairing rule: a pivot token pairs when it lies on one path cell and spells
+the same text as that cell's source token (``pairing_key``). It is
 vectorised, never a Python loop over n·m cells: a row of the recurrence
 ``D[i,j] = c[i,j] + min(D[i-1,j], D[i,j-1], D[i-1,j-1])`` is a min-plus
 prefix scan, ``D[i,j] = C[j] + min_{k<=j}(min(D[i-1,k], D[i-1,k-1]) - C[k-1])``
@@ -185,6 +185,14 @@ def align_offsets(pivots: Sequence[TokenSeq], sources: Sequence[TokenSeq]) -> li
 
 
 # -- DTW -----------------------------------------------------------------------------------
+def pairing_key(token: str) -> str:
+    """What two paired tokens must share: their text without surrounding whitespace, or all of
+    it for a whitespace-only token (``"  "`` and ``" "`` predict different text). The same
+    rule as the offsets method's trimmed spans."""
+    stripped = token.strip()
+    return stripped if stripped else token
+
+
 def dtw_strings(strings: Sequence[str]) -> list[str]:
     """The DTW cost compares strings without word-start markers (spaces in canonical form)."""
     return [s.replace(" ", "") for s in strings]
@@ -208,6 +216,18 @@ def _batch_costs(pivots: Sequence[Sequence[str]], sources: Sequence[Sequence[str
     return out
 
 
+def _keys(pivots: Sequence[Sequence[str]], sources: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Pairing keys as int codes shared by both sides ([B, N], [B, M]; padding -1 / -2)."""
+    codes: dict[str, int] = {}
+    N, M = max(len(x) for x in pivots), max(len(x) for x in sources)
+    pk = np.full((len(pivots), N), -1, np.int64)
+    sk = np.full((len(sources), M), -2, np.int64)
+    for out, seqs in ((pk, pivots), (sk, sources)):
+        for k, seq in enumerate(seqs):
+            out[k, :len(seq)] = [codes.setdefault(pairing_key(t), len(codes)) for t in seq]
+    return pk, sk
+
+
 def dtw_matrix(cost: np.ndarray) -> np.ndarray:
     """Accumulated cost D [B, N, M] of the DTW recurrence, one vectorised row at a time."""
     B, N, M = cost.shape
@@ -228,21 +248,25 @@ def dtw_matrix(cost: np.ndarray) -> np.ndarray:
     return D
 
 
-def dtw_backtrack(D: np.ndarray, n: np.ndarray, m: np.ndarray, cost: np.ndarray) -> list[np.ndarray]:
+def dtw_backtrack(D: np.ndarray, n: np.ndarray, m: np.ndarray, p_key: np.ndarray,
+                  s_key: np.ndarray) -> list[np.ndarray]:
     """1-to-1 pairing from the optimal paths, all pairs of the batch stepping together.
 
     At (i, j) the path moves to the cheapest of diagonal, up, left, in that
-    order on ties (the reference's ``argmin([diag, up, left])``). A pivot
-    token is paired when it lies on exactly one path cell, its source token
-    too, and the two spell the same text (cost 0): DTW also walks through
-    cells of unequal tokens (`` persu`` against `` persuas``), and the
-    reference itself uses a source distribution only where the tokens agree.
+    order on ties (the reference's ``argmin([diag, up, left])``). As in the
+    reference, a pivot token is paired when it lies on exactly one path cell
+    and the two tokens spell the same text (same ``pairing_key``, given as int
+    codes ``p_key`` [B, N] and ``s_key`` [B, M]): DTW also walks through cells
+    of unequal tokens (`` persu`` against `` persuas``), whose distributions
+    predict different things. The source token may cover further pivot tokens
+    (``world`` of ``Ġworld`` after a ``▁▁``), but only one of them with the
+    same text, so no source row serves two pivot rows.
     """
     B, N, M = D.shape
     i = n.astype(np.int64) - 1
     j = m.astype(np.int64) - 1
     cnt_p = np.zeros((B, N), dtype=np.int32)
-    cnt_s = np.zeros((B, M), dtype=np.int32)
+    same_s = np.zeros((B, M), dtype=np.int32)  # path cells of each source token with equal text
     match = np.full((B, N), -1, dtype=np.int64)
     active = (i >= 0) & (j >= 0)
     bidx = np.arange(B)
@@ -250,7 +274,7 @@ def dtw_backtrack(D: np.ndarray, n: np.ndarray, m: np.ndarray, cost: np.ndarray)
     while active.any():
         b, ii, jj = bidx[active], i[active], j[active]
         cnt_p[b, ii] += 1
-        cnt_s[b, jj] += 1
+        same_s[b, jj] += p_key[b, ii] == s_key[b, jj]
         match[b, ii] = jj
         done = (ii == 0) & (jj == 0)
         diag = np.where((ii > 0) & (jj > 0), D[b, np.maximum(ii - 1, 0), np.maximum(jj - 1, 0)], big)
@@ -264,7 +288,7 @@ def dtw_backtrack(D: np.ndarray, n: np.ndarray, m: np.ndarray, cost: np.ndarray)
     for k in range(B):
         mk = match[k, :n[k]]
         ok = (cnt_p[k, :n[k]] == 1) & (mk >= 0)
-        ok[ok] &= (cnt_s[k, mk[ok]] == 1) & (cost[k, np.flatnonzero(ok), mk[ok]] == 0)
+        ok[ok] &= (p_key[k, np.flatnonzero(ok)] == s_key[k, mk[ok]]) & (same_s[k, mk[ok]] == 1)
         out.append(np.where(ok, mk, -1))
     return out
 
@@ -289,9 +313,9 @@ def align_dtw(pivots: Sequence[TokenSeq], sources: Sequence[TokenSeq], *,
         if live:
             ps = [dtw_strings(pivots[k].strings) for k in live]
             ss = [dtw_strings(sources[k].strings) for k in live]
-            cost = _batch_costs(ps, ss)
-            D = dtw_matrix(cost)
-            res = dtw_backtrack(D, np.array([len(x) for x in ps]), np.array([len(x) for x in ss]), cost)
+            D = dtw_matrix(_batch_costs(ps, ss))
+            p_key, s_key = _keys([pivots[k].strings for k in live], [sources[k].strings for k in live])
+            res = dtw_backtrack(D, np.array([len(x) for x in ps]), np.array([len(x) for x in ss]), p_key, s_key)
             for k, r in zip(live, res):
                 out[k] = r
         batch.clear()
