@@ -419,7 +419,7 @@ def _train_rows(store: ArtifactStore, dataset_address: str) -> list[dict[str, An
     return read_split(store, dataset_address, "train")
 
 
-def _tokenizer_of(spec: ModelSpec) -> Any:
+def tokenizer_of(spec: ModelSpec) -> Any:
     """The model's tokenizer; a built (``demo:NAME``) model without its own ``tokenizer``
     reference uses the one saved in its folder."""
     ref, revision = tokenizer_ref(spec)
@@ -451,7 +451,7 @@ def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: Model
         return out
     rows = _train_rows(store, plan.dataset) if rows is None else rows
     device = pick_device(cfg.represent.device)
-    tok = _tokenizer_of(spec)
+    tok = tokenizer_of(spec)
     formatter = ChatFormatter(tok, spec.chat_template)
     model = _cached_model(spec, device)
     for i in todo:
@@ -517,5 +517,5 @@ def commit_representation(cfg: RunConfig, store: ArtifactStore, plan: Any, spec:
 __all__ = [
     "ARRAYS", "META_FILE", "REPRESENTATION_FILE", "RepresentError", "Representation", "collect_shard",
     "commit_representation", "encode_rows", "id_dtype", "length_batches", "read_shard", "represent_model",
-    "same_tokenization", "shard_rows", "tokenization_digest", "vocab_fingerprint", "write_shard",
+    "same_tokenization", "shard_rows", "tokenization_digest", "tokenizer_of", "vocab_fingerprint", "write_shard",
 ]

@@ -308,3 +308,17 @@ def test_prefect_flow_maps_shards_and_skips_them_on_rerun(tiny_models, tmp_path)
     assert second["pivot"][1] == "Cached" and second["mixtral"][1] == "Completed"
     assert store.is_complete(lost) and store.manifest(kept).created == kept_created
     assert second["mixtral"][0]["digest"] == first["mixtral"][0]["digest"]
+
+
+def test_built_demo_model_loads_with_its_own_tokenizer(tiny_models):
+    from fusechat_core.models import register_built_model
+    from fusechat_core.represent import tokenizer_of
+
+    spec = ModelSpec(name="built", path="demo:represent-test-built")
+    with pytest.raises(ModelLoadError, match="'built'"):
+        tokenizer_of(spec)
+    register_built_model(spec.path, str(tiny_models["llama"]))
+    assert len(tokenizer_of(spec)) == 131072  # the folder's tekken, not a default
+    assert load_causal_lm(spec, "cpu").config.vocab_size == 131072
+    # an explicit tokenizer reference wins over the folder's
+    assert len(tokenizer_of(spec.model_copy(update={"tokenizer": "builtin:mistral-v1"}))) == 32000
