@@ -235,16 +235,21 @@ def dtw_matrix(cost: np.ndarray) -> np.ndarray:
     # Row -1 is a virtual row whose only finite cell is "before (0, 0)".
     m_prev = np.full((B, M), _INF, dtype=np.int32)
     m_prev[:, 0] = 0
-    zero = np.zeros((B, 1), dtype=np.int32)
+    # C_before[:, k] = sum of the row's costs left of column k; preallocated, the loop allocates nothing
+    C_before = np.zeros((B, M), dtype=np.int32)
+    best = np.empty((B, M), dtype=np.int32)
     for i in range(N):
-        C = np.cumsum(cost[:, i, :], axis=1, dtype=np.int32)
-        C_before = np.concatenate([zero, C[:, :-1]], axis=1)
-        best = np.minimum.accumulate(m_prev - C_before, axis=1)
-        row = np.minimum(C + best, _INF)
-        D[:, i, :] = row
+        row = D[:, i, :]
+        np.cumsum(cost[:, i, :-1], axis=1, dtype=np.int32, out=C_before[:, 1:])
+        np.subtract(m_prev, C_before, out=best)
+        np.minimum.accumulate(best, axis=1, out=best)
+        # D[i, j] = C[j] + best[j] with C[j] = C_before[j] + cost[i, j]
+        np.add(best, C_before, out=row)
+        np.add(row, cost[:, i, :], out=row)
+        np.minimum(row, _INF, out=row)
         # m[k] = min(D[i,k], D[i,k-1]): the cheaper of "from above" and "from the diagonal"
-        m_prev = row.copy()
-        np.minimum(m_prev[:, 1:], row[:, :-1], out=m_prev[:, 1:])
+        m_prev[:, 0] = row[:, 0]
+        np.minimum(row[:, 1:], row[:, :-1], out=m_prev[:, 1:])
     return D
 
 
