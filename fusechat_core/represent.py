@@ -413,10 +413,15 @@ def release_models() -> None:
         _MODEL_SLOT.clear()
 
 
-def _train_rows(store: ArtifactStore, dataset_address: str) -> list[dict[str, Any]]:
-    from fusechat_core.data import read_split
+def _train_table(store: ArtifactStore, dataset_address: str, columns: list[str] | None = None) -> Any:
+    """The dataset's training split as an Arrow table (rows become Python objects only
+    for the shard at hand: at 95k+ conversations, all of them would cost gigabytes per task)."""
+    import pyarrow.parquet as pq
 
-    return read_split(store, dataset_address, "train")
+    from fusechat_core.data.build import TRAIN_FILE
+
+    with store.open(dataset_address, TRAIN_FILE) as fh:
+        return pq.read_table(fh, columns=columns)
 
 
 def tokenizer_of(spec: ModelSpec) -> Any:
@@ -449,14 +454,19 @@ def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: Model
            for i in indices if i not in todo]
     if not todo:
         return out
-    rows = _train_rows(store, plan.dataset) if rows is None else rows
+    table = _train_table(store, plan.dataset) if rows is None else None
+    n_rows = table.num_rows if table is not None else len(rows)  # type: ignore[arg-type]
     device = pick_device(cfg.represent.device)
     tok = tokenizer_of(spec)
     formatter = ChatFormatter(tok, spec.chat_template)
     model = _cached_model(spec, device)
     for i in todo:
         address = plan.represent_shard(spec, i)
-        part = [rows[j] for j in shard_rows(len(rows), i, shards)]
+        span = shard_rows(n_rows, i, shards)
+        if table is not None:
+            part = table.slice(span.start, len(span)).to_pylist()
+        else:
+            part = [rows[j] for j in span]  # type: ignore[index]
 
         def report(event: dict[str, Any], i: int = i) -> None:
             if progress is not None:
@@ -490,15 +500,15 @@ def commit_representation(cfg: RunConfig, store: ArtifactStore, plan: Any, spec:
     missing = [i for i in range(shards) if not store.is_complete(plan.represent_shard(spec, i))]
     if missing:
         raise RepresentError(f"represent {spec.name}: shards {missing} of {shards} are not complete")
-    rows = _train_rows(store, plan.dataset)
+    row_ids = _train_table(store, plan.dataset, ["id"]).column("id").to_pylist()
     entries, vocab_fp, vocab_size = [], set(), set()
     for i in range(shards):
         shard_address = plan.represent_shard(spec, i)
         man = store.require(shard_address)
         meta = store.read_json(shard_address, META_FILE)
-        expect = [rows[j]["id"] for j in shard_rows(len(rows), i, shards)]
-        if meta["row_ids"] != expect:
-            raise RepresentError(f"{shard_address}: its rows are not rows {shard_rows(len(rows), i, shards)} "
+        span = shard_rows(len(row_ids), i, shards)
+        if meta["row_ids"] != row_ids[span.start:span.stop]:
+            raise RepresentError(f"{shard_address}: its rows are not rows {span.start}..{span.stop - 1} "
                                  f"of dataset {plan.dataset}")
         vocab_fp.add(meta["vocab_fingerprint"])
         vocab_size.add(meta["vocab_size"])
