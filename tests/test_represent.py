@@ -322,3 +322,22 @@ def test_built_demo_model_loads_with_its_own_tokenizer(tiny_models):
     assert load_causal_lm(spec, "cpu").config.vocab_size == 131072
     # an explicit tokenizer reference wins over the folder's
     assert len(tokenizer_of(spec.model_copy(update={"tokenizer": "builtin:mistral-v1"}))) == 32000
+
+
+def test_stage_on_s3_reads_back_what_a_local_store_holds(tiny_models, tmp_path, s3_env):
+    raw, cfg, local, plan = _setup(tiny_models, tmp_path, shards=2)
+    spec = plan.model("pivot")
+    represent_model(cfg, local, plan, spec)
+    s3_cfg = cfg.model_copy(update={"store": f"s3://fusechat-test/represent-{tmp_path.name}"})
+    s3 = ArtifactStore(s3_cfg.store)
+    build_dataset_artifact(s3_cfg, s3, plan.dataset)
+    summaries = represent_model(s3_cfg, s3, plan, spec)
+    assert all(s["computed"] for s in summaries)
+    man = commit_representation(s3_cfg, s3, plan, spec)
+    assert s3.is_complete(plan.represent(spec), verify=True) and man.meta["n_seq"] > 0
+    for i in range(2):
+        address = plan.represent_shard(spec, i)
+        assert s3.manifest(address).digest == local.manifest(address).digest
+        a, b = read_shard(s3, address), read_shard(local, address)
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        assert a.meta == b.meta
