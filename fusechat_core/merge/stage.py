@@ -9,20 +9,20 @@ from typing import Any, Callable, Mapping
 
 from fusechat_core.config import RunConfig
 from fusechat_core.merge.run import WEIGHTS_JSON, merge_models
-from fusechat_core.models import cache_dir, resolve_ref
+from fusechat_core.models import cache_dir, model_dir
 from fusechat_core.store import ArtifactStore
 
 
 def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
-                targets: Mapping[str, str], *, pivot_address: str | None = None,
-                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                targets: Mapping[str, str], *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Merge the trained targets (target name → ``plan.train`` address) with ``method``.
 
-    ``pivot_address``: the pivot as a store artifact (a demo model) instead of
-    ``cfg.pivot.path``. DARE's random drops use a fixed seed: the address does not
-    depend on the run's seed, so neither may the merged weights. Remote artifacts
-    are fetched into the local cache first; the merged folder is uploaded with its
-    manifest last. Returns the summary (and the VaRM weights table for VaRM).
+    The pivot is loaded as every stage loads it (``models.model_dir``: a local
+    folder, a hub id, or a demo model made loadable by ``demo.materialise``).
+    DARE's random drops use a fixed seed: the address does not depend on the run's
+    seed, so neither may the merged weights. Remote artifacts are fetched into the
+    local cache first; the merged folder is uploaded with its manifest last.
+    Returns the summary (and the VaRM weights table for VaRM).
     """
     m = cfg.merge
     if store.is_complete(address):
@@ -30,14 +30,10 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
         return {"address": address, "method": method, "table": table, "cached": True}
     local_targets = {name: str(store.fetch(addr)) for name, addr in targets.items()}
     pivot = cfg.pivot
-    if pivot_address is not None:
-        pivot_ref = str(store.fetch(pivot_address))
-        tokenizer = (pivot.tokenizer, pivot.revision) if pivot.tokenizer else (pivot_ref, None)
-    else:
-        pivot_ref = resolve_ref(pivot.path)
-        if pivot.revision:
-            pivot_ref = f"{pivot_ref}@{pivot.revision}"  # mergekit's way of naming a hub revision
-        tokenizer = (pivot.tokenizer or pivot.path, pivot.revision)
+    folder = model_dir(pivot)
+    tokenizer = (pivot.tokenizer, pivot.revision) if pivot.tokenizer else (folder, pivot.revision)
+    # mergekit's way of naming a hub revision
+    pivot_ref = f"{folder}@{pivot.revision}" if pivot.revision else folder
     is_main = method == m.method
     staging = Path(tempfile.mkdtemp(prefix="merge-", dir=cache_dir()))
     try:
