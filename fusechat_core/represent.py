@@ -408,9 +408,21 @@ def _cached_model(spec: ModelSpec, device: str) -> Any:
         return _MODEL_SLOT[key]
 
 
-def release_models() -> None:
+def release_model(spec: ModelSpec | None = None) -> None:
+    """Drop the kept model (only if it is ``spec``'s, when given), so the stages after this
+    one find the GPU free in a process that runs them all."""
     with _MODEL_LOCK:
-        _MODEL_SLOT.clear()
+        if spec is None or any(key[0] == spec.model_dump_json() for key in _MODEL_SLOT):
+            _MODEL_SLOT.clear()
+        else:
+            return
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _train_table(store: ArtifactStore, dataset_address: str, columns: list[str] | None = None) -> Any:
@@ -526,6 +538,7 @@ def commit_representation(cfg: RunConfig, store: ArtifactStore, plan: Any, spec:
 
 __all__ = [
     "ARRAYS", "META_FILE", "REPRESENTATION_FILE", "RepresentError", "Representation", "collect_shard",
-    "commit_representation", "encode_rows", "id_dtype", "length_batches", "read_shard", "represent_model",
-    "same_tokenization", "shard_rows", "tokenization_digest", "tokenizer_of", "vocab_fingerprint", "write_shard",
+    "commit_representation", "encode_rows", "id_dtype", "length_batches", "read_shard", "release_model",
+    "represent_model", "same_tokenization", "shard_rows", "tokenization_digest", "tokenizer_of",
+    "vocab_fingerprint", "write_shard",
 ]

@@ -16,7 +16,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from fusechat_core.config import RunConfig
 from fusechat_core.plan import RunPlan
-from fusechat_core.represent import RepresentError, commit_representation, represent_model
+from fusechat_core.represent import RepresentError, commit_representation, release_model, represent_model
 from fusechat_core.store import ArtifactStore
 from tasks._stage import STAGE_TASK_OPTIONS, run_config, stage_ref
 
@@ -87,6 +87,8 @@ def commit_represent(config: dict, model: str, address: str, store: str, shards:
     if plan.represent(spec) != address:
         raise RepresentError(f"represent {model}: address {address!r} is not this run's ({plan.represent(spec)!r})")
     st = ArtifactStore(store)
+    # Every shard of this model is done: its weights need not hold the GPU for later stages.
+    release_model(spec)
     if not st.is_complete(address):
         man = commit_representation(cfg, st, plan, spec)
         get_run_logger().info("represent %s: %d shards, %d sequences, %d supervised tokens", model,

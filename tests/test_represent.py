@@ -291,6 +291,10 @@ def test_prefect_flow_maps_shards_and_skips_them_on_rerun(tiny_models, tmp_path)
         man = store.require(plan.represent(spec))
         assert first[spec.name][0]["digest"] == man.digest
         assert [s["address"] for s in man.meta["shards"]] == [plan.represent_shard(spec, i) for i in range(2)]
+    # the last commit let go of the model: the stages after this one get the GPU
+    from fusechat_core import represent as represent_module
+
+    assert not represent_module._MODEL_SLOT
     # every computed shard left a progress artifact, finished at 100 %
     from prefect.client.orchestration import get_client
 
