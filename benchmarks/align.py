@@ -130,7 +130,7 @@ def prepare(pivot_ref: str, source_ref: str, convs: list, max_tokens: int):
     """Rendered, tokenised, cut pairs: (TokenSeq pivot, TokenSeq source, supervised mask)."""
     from fusechat_core.align.sequence import TokenSeq, trimmed_spans
     from fusechat_core.align.vocab import vocabulary
-    from fusechat_core.chat import ChatFormatter, to_messages
+    from fusechat_core.chat import ChatFormatter
     from fusechat_core.models import load_tokenizer
 
     pf = ChatFormatter(load_tokenizer(pivot_ref), "mistral")
@@ -145,7 +145,6 @@ def prepare(pivot_ref: str, source_ref: str, convs: list, max_tokens: int):
         ss.append(TokenSeq([sv.strings[i] for i in enc["input_ids"]],
                            trimmed_spans(text, np.array(enc["offset_mapping"]))))
         sup.append(np.array(r.labels) != -100)
-        _ = to_messages
     return ps, ss, sup
 
 
