@@ -215,3 +215,34 @@ def test_wrong_address_is_refused(run):
 
     with pytest.raises(AlignError, match="not the plan's"):
         align_shard.fn(cfg.model_dump(mode="json"), "align/elsewhere", store.url, "llama", 0)
+
+
+@pytest.mark.slow
+def test_real_representation_stage_to_training_reader(tiny_models, tmp_path):
+    """Shards made by the real representation stage (tiny models' forward passes) align,
+    and the training stage's reader takes the aligned shards."""
+    from fusechat_core.align import align_shard_artifact, build_vocab_map_artifact, finish_align_artifact
+    from fusechat_core.fuse.batches import FusionData
+    from fusechat_core.represent import commit_representation, represent_model
+
+    raw = {"store": f"file://{tmp_path / 'store'}", "pivot": {"name": "pivot", "path": str(tiny_models["pivot"])},
+           "sources": [{"name": "mixtral", "path": str(tiny_models["mixtral"])}],
+           "data": {"sources": [{"path": str(_dataset_file(tmp_path)), "name": "chat"}], "max_length": 512,
+                    "heldout_fraction": 0.1},
+           "represent": {"top_k": 5, "max_length": 128, "shards": 2, "batch_size": 4, "device": "cpu"}}
+    cfg = parse_config(raw)
+    store, plan = ArtifactStore(cfg.store), RunPlan(cfg)
+    build_dataset_artifact(cfg, store, plan.dataset)
+    for m in cfg.models:
+        represent_model(cfg, store, plan, m)
+        commit_representation(cfg, store, plan, m)
+    src = cfg.sources[0]
+    build_vocab_map_artifact(cfg, store, plan.vocab_map(src), src)
+    for i in range(2):
+        align_shard_artifact(cfg, store, src, i)
+    summary = finish_align_artifact(cfg, store, src)
+    assert summary["share_one_to_one"] > 0.9 and summary["sequence_alignment"] == ["offsets"]
+    data = FusionData([store.fetch(plan.represent_shard(cfg.pivot, i)) for i in range(2)],
+                      [store.fetch(plan.align_shard(src, i)) for i in range(2)])
+    batch = data.collate(list(range(min(3, len(data)))), pad_id=0)
+    assert batch.teachers[1][0].shape == batch.teachers[0][0].shape
