@@ -45,7 +45,7 @@ import torch
 from fusechat_core.config import ModelSpec, RunConfig, TrainConfig, load_config
 from fusechat_core.fuse import FUSION_FUNCTIONS, SparseDist, clm_and_fusion_sums, teacher_dist
 from fusechat_core.fuse.batches import Batch, FusionData
-from fusechat_core.models import ModelLoadError, load_causal_lm, tokenizer_ref
+from fusechat_core.models import ModelLoadError, load_causal_lm, model_dir, tokenizer_ref
 from fusechat_core.store import ArtifactStore, StoreError
 
 STATE_FILE = "trainer_state.json"
@@ -190,20 +190,26 @@ def train_target(
                          f"{model.config.vocab_size}: the shards were not made with this pivot")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    tok = _target_tokenizer(*tokenizer_ref(pivot), pivot.chat_template)
+    tok_ref, tok_revision = tokenizer_ref(pivot)
+    if tok_ref.startswith("demo:"):  # a built demo model carries its tokenizer in its folder
+        tok_ref = model_dir(pivot)
+    tok = _target_tokenizer(tok_ref, tok_revision, pivot.chat_template)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
-    # No weight decay on biases and norm weights (1-D tensors), as transformers' Trainer.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    # The model is wrapped (DDP, or FSDP shards) before the optimizer sees its
+    # parameters, so an FSDP optimizer holds the sharded ones.
+    model = accelerator.prepare(model)
+    # No weight decay on biases and norm weights, as transformers' Trainer.
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n, p)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
+    optimizer = accelerator.prepare(optimizer)
     warmup = math.ceil(cfg.warmup_ratio * n_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, n_steps)
     # The scheduler is stepped by hand once per optimizer step: accelerate's
     # wrapper would step it once per process. Registered so save_state keeps it.
-    model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
     # -- resume ---------------------------------------------------------------------
@@ -235,7 +241,7 @@ def train_target(
         if n_sup == 0:
             raise TrainError(f"step {step}: no supervised token in the global batch")
         scale = world / n_sup  # DDP averages gradients over ranks
-        sums = torch.zeros(3, dtype=torch.float64)  # clm, fusion, real tokens
+        sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # clm, fusion, real tokens
         micro = micro_batches(batch_ids, data.lengths, cfg.micro_batch_size, rank, world)
         for i, mb in enumerate(micro):
             batch = data.collate(mb, pad_id, teachers=use_teachers).to(accelerator.device)
@@ -245,15 +251,18 @@ def train_target(
                                              use_teachers=use_teachers)
                 loss = clm if fuse is None else lam * clm + (1.0 - lam) * fuse
                 accelerator.backward(loss * scale)
-            sums += torch.tensor([clm.item(), 0.0 if fuse is None else fuse.item(), batch.n_tokens],
-                                 dtype=torch.float64)
+            # kept on the device: no host sync per micro-batch
+            sums[0] += clm.detach().double()
+            sums[2] += batch.n_tokens
+            if fuse is not None:
+                sums[1] += fuse.detach().double()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        totals = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+        totals = accelerator.reduce(sums, reduction="sum").cpu()
         seconds = time.perf_counter() - t0
         clm_mean, fuse_mean = float(totals[0]) / n_sup, float(totals[1]) / n_sup
         record = {"step": step + 1, "epoch": round((step + 1) / per_epoch, 4),
@@ -295,6 +304,11 @@ def train_target(
     accelerator.wait_for_everyone()
     emit({"event": "done", **summary})
     return summary
+
+
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    # By name, not by shape: FSDP hands the optimizer 1-D shards of every weight.
+    return name.endswith("bias") or "norm" in name.lower()
 
 
 def _data_fingerprint(data: FusionData, cfg: TrainConfig) -> dict[str, Any]:
@@ -341,7 +355,7 @@ def _target_tokenizer(ref: str, revision: str | None, template: str | None) -> A
 def train_from_config(cfg: RunConfig, target: str, *,
                       on_event: Callable[[Event], None] | None = None) -> dict[str, Any]:
     """Train ``target`` (a source's name, or ``plan.CLM``) of a run, reading inputs from its store."""
-    from fusechat_core.demo import resolve_model
+    from fusechat_core.demo import materialise
     from fusechat_core.plan import CLM, RunPlan
 
     plan = RunPlan(cfg)
@@ -358,9 +372,8 @@ def train_from_config(cfg: RunConfig, target: str, *,
         store.require(plan.align(source))
         aligned_dirs = [store.fetch(plan.align_shard(source, i)) for i in range(shards)]
     data = FusionData(pivot_dirs, aligned_dirs, max_length=cfg.train.max_length)
-    demo = plan.demo_model(cfg.pivot) if cfg.pivot.path.startswith("demo:") else None
-    pivot = resolve_model(cfg.pivot, store, demo)  # addresses keep the config's spec
-    return train_target(cfg.train, pivot=pivot, data=data, store=store, address=plan.train(target),
+    materialise(plan, store)  # a demo: pivot loads from its built artifact
+    return train_target(cfg.train, pivot=cfg.pivot, data=data, store=store, address=plan.train(target),
                         lam=lam, on_event=on_event)
 
 

@@ -102,10 +102,13 @@ def clm_and_fusion_sums(
     equally. With no teachers (λ = 1) the fusion sum is None.
     """
     logp = torch.log_softmax(student_logits.float(), dim=-1)
-    clm = -logp.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1).sum()
     if not teachers:
-        return clm, None
+        return -logp.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1).sum(), None
     if fusion is None or metric_ce is None:
         raise ValueError("fusion needs a fusion function and the teachers' metric_ce")
     fused = fusion(teachers, metric_ce)
-    return clm, sparse_cross_entropy(logp, fused).sum()
+    # One gather for both terms (the label column, then the teachers' columns):
+    # each gather's backward writes a [P, V] gradient, the one cost here that
+    # grows with the vocabulary, so the fusion term must not add a second.
+    picked = logp.gather(-1, torch.cat([labels.long().unsqueeze(-1), fused.ids], dim=1))
+    return -picked[:, 0].sum(), -(fused.probs * picked[:, 1:]).sum()
