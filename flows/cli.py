@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from fusechat_core.config import ConfigError, RunConfig, load_config
 from fusechat_core.plan import RunPlan
+from fusechat_core.preflight import preflight
 from fusechat_core.stages import shard_address
 from fusechat_core.store import ArtifactStore, StoreError
 
@@ -200,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = load_config(DEMO_CONFIG, store=args.store)
         else:
             cfg = load_config(args.config, store=args.store)
+        preflight(cfg)
     except ConfigError as exc:
         print(f"fusechat: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -19,6 +19,7 @@ from prefect.futures import PrefectFuture, wait
 
 from fusechat_core.config import RunConfig, load_config
 from fusechat_core.plan import CLM, RunPlan
+from fusechat_core.preflight import preflight
 from tasks._stage import ensure_gpu_limit, result_storage_for
 from tasks.align import align_shard, build_vocab_map, finish_align
 from tasks.dataset import build_dataset
@@ -63,6 +64,7 @@ def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | N
     if until not in STAGES:
         raise ValueError(f"until: unknown stage {until!r} (stages: {', '.join(STAGES)})")
     cfg = load_config(config_path) if config_path else RunConfig.model_validate(config)
+    preflight(cfg)
     plan = RunPlan(cfg)
     config = cfg.model_dump(mode="json")
     store = cfg.store

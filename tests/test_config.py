@@ -58,6 +58,8 @@ BAD = [
     (("train", {"lam": 1.5}), "train.lam: "),
     (("merge", {"granularity": "neuron"}), "merge.granularity: "),
     (("pivot.name", "Bad Name!"), "pivot.name: "),
+    (("train", {"fusion_function": "maxce"}), "train.fusion_function: unknown 'maxce'"),
+    (("merge", {"method": "ties", "parameters": {"densty": 0.5}}), "merge.parameters.densty: "),
     (("sources.0.path", "demo:unknown"), "sources[0].path: 'demo:unknown' needs an entry under demo.models"),
 ]
 
