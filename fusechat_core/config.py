@@ -142,7 +142,7 @@ class RepresentConfig(_Section):
 
 
 class AlignConfig(_Section):
-    method: Literal["auto", "offsets", "dtw"] = "auto"
+    method: Literal["auto", "offsets", "dtw", "dtw-banded"] = "auto"
     vocab_mapping: Literal["mined", "exact"] = "mined"
     mined_threshold: float | None = None  # max normalised edit distance; None: no limit
 

@@ -203,3 +203,27 @@ def test_different_templates_pair_only_through_shared_content(toks):
     for i, (a, b) in enumerate(pe["offset_mapping"]):
         if "INST" in ptext[a:b] or ptext[a:b] in ("<s>", "</s>"):
             assert pair[i] == -1
+
+
+def test_banded_dtw_equals_full_dtw(toks):
+    """Exactly the full DTW when the band spans the pair; on natural text with a band of 64,
+    the same pairing; pairs a band cannot cross fall back to the full DTW."""
+    from fusechat_core.align.sequence import align_dtw_banded
+
+    rng = random.Random(5)
+    words = ["a", "ab", "abc", "b", "c", "", "x", "the", "he", "t"]
+    ps = [TokenSeq([rng.choice(words) for _ in range(rng.randint(1, 50))]) for _ in range(20)]
+    ss = [TokenSeq([rng.choice(words) for _ in range(rng.randint(1, 50))]) for _ in range(20)]
+    full = align_dtw(ps, ss)
+    assert all(np.array_equal(a, b) for a, b in zip(full, align_dtw_banded(ps, ss, width=64)))
+    # narrow bands: lopsided pairs (a band cannot cross) are computed in full, the rest banded
+    narrow = align_dtw_banded(ps, ss, width=8)
+    assert all(len(a) == len(b) for a, b in zip(full, narrow))
+    for p, s, a, b in zip(ps, ss, full, narrow):
+        if len(s) > 8 and (len(p) - 1) * 4 < len(s) - 8:
+            assert np.array_equal(a, b)
+    (tp, vp), (ts, vs) = toks["mistral-v1"], toks["tekken"]
+    texts = ["\n\n".join(t["value"] for t in conv) for conv in _natural(6)]
+    ps = [_seq(tp, vp, t)[0] for t in texts]
+    ss = [_seq(ts, vs, t)[0] for t in texts]
+    assert np.array_equal(np.concatenate(align_dtw(ps, ss)), np.concatenate(align_dtw_banded(ps, ss)))

@@ -173,7 +173,7 @@ def pair_sequences(method: str, conversations: Sequence[Any], row_ids: Sequence[
     for s, conv in enumerate(conversations):
         (pid, poff), (sid, soff) = p_tok[s], s_tok[s]
         p_str, s_str = list(pivot_strings[pid]), list(source_strings[sid])
-        if method == "dtw":
+        if method.startswith("dtw"):
             p_seqs.append(TokenSeq(p_str))
             s_seqs.append(TokenSeq(s_str))
             continue

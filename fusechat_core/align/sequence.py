@@ -28,6 +28,11 @@ with ``C`` the running sum of the row's costs (exact, since costs are
 non-negative), computed for a whole batch of sequence pairs at once. The
 integer D matrix equals the one a double loop computes, so the path is the
 same.
+
+``dtw-banded``: the same DTW on a band of 64 source tokens around the
+character diagonal (n·64 cells instead of n·m), falling back to the full DTW
+for a pair the band cannot cross; identical wherever the optimal path stays
+within 32 tokens of the diagonal.
 """
 
 from __future__ import annotations
@@ -218,13 +223,20 @@ def _batch_costs(pivots: Sequence[Sequence[str]], sources: Sequence[Sequence[str
 
 def _keys(pivots: Sequence[Sequence[str]], sources: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
     """Pairing keys as int codes shared by both sides ([B, N], [B, M]; padding -1 / -2)."""
-    codes: dict[str, int] = {}
     N, M = max(len(x) for x in pivots), max(len(x) for x in sources)
     pk = np.full((len(pivots), N), -1, np.int64)
     sk = np.full((len(sources), M), -2, np.int64)
+    flat = [t for seqs in (pivots, sources) for seq in seqs for t in seq]
+    uniq, inv = np.unique(np.array(flat, dtype=object).astype(str), return_inverse=True)
+    # the key of each distinct string once, then codes shared by both sides
+    _, key_code = np.unique(np.array([pairing_key(t) for t in uniq.tolist()], dtype=object).astype(str),
+                            return_inverse=True)
+    codes = key_code.ravel()[inv.ravel()]
+    at = 0
     for out, seqs in ((pk, pivots), (sk, sources)):
         for k, seq in enumerate(seqs):
-            out[k, :len(seq)] = [codes.setdefault(pairing_key(t), len(codes)) for t in seq]
+            out[k, :len(seq)] = codes[at:at + len(seq)]
+            at += len(seq)
     return pk, sk
 
 
@@ -337,3 +349,185 @@ def align_dtw(pivots: Sequence[TokenSeq], sources: Sequence[TokenSeq], *,
 
 def align_sequences(method: str, pivots: Sequence[TokenSeq], sources: Sequence[TokenSeq]) -> list[np.ndarray]:
     return SEQUENCE_ALIGNERS.get(method)(pivots, sources)
+
+
+# -- banded DTW ------------------------------------------------------------------------------
+def band_starts(a: Sequence[str], b: Sequence[str], width: int) -> np.ndarray:
+    """First source column of each pivot row's band of ``width`` columns.
+
+    Both token sequences spell (nearly) the same text, so pivot token i sits
+    near the source token covering the same character offset: the band is
+    centred there (character offsets from the canonical strings' lengths, no
+    tokenizer offsets needed). Starts never decrease, move by at most
+    ``width // 2`` per row (so consecutive bands overlap and a path can cross
+    them), start at column 0 and end with the last column in the last band.
+    """
+    n, m = len(a), len(b)
+    if m <= width:
+        return np.zeros(n, dtype=np.int64)
+    pa = np.cumsum([0] + [len(x) for x in a[:-1]])
+    pb = np.cumsum([0] + [len(x) for x in b[:-1]])
+    centre = np.searchsorted(pb, pa, side="right") - 1
+    w = np.clip(centre - width // 2, 0, m - width).astype(np.int64)
+    w[0], w[-1] = 0, m - width
+    step = width // 2
+    w = np.maximum.accumulate(w)
+    ramp = np.arange(n, dtype=np.int64) * step
+    # forward, w[i] = min(w[i], w[i-1] + step): no jump wider than half a band
+    w = np.minimum.accumulate(w - ramp) + ramp
+    w[-1] = m - width
+    # backward, w[i] = max(w[i], w[i+1] - step): the last band stays reachable
+    w = np.maximum.accumulate((w - ramp)[::-1])[::-1] + ramp
+    return w
+
+
+def _band_costs(pivots: Sequence[Sequence[str]], sources: Sequence[Sequence[str]], starts: list[np.ndarray],
+                width: int) -> np.ndarray:
+    """int32 [B, N, width]: cost of pivot row i against source columns starts[i] .. starts[i]+width-1."""
+    from rapidfuzz.distance import Levenshtein
+    from rapidfuzz.process import cdist
+
+    B, N = len(pivots), max(len(x) for x in pivots)
+    out = np.zeros((B, N, width), dtype=np.int32)
+    cols = np.arange(width)
+    for k in range(B):
+        pu, pi = np.unique(np.asarray(pivots[k], dtype=object).astype(str), return_inverse=True)
+        su, si = np.unique(np.asarray(sources[k], dtype=object).astype(str), return_inverse=True)
+        table = cdist(pu.tolist(), su.tolist(), scorer=Levenshtein.distance, dtype=np.int32, workers=1)
+        j = np.minimum(starts[k][:, None] + cols[None, :], len(sources[k]) - 1)
+        out[k, :len(pivots[k])] = table[pi.ravel()[:, None], si.ravel()[j]]
+    return out
+
+
+def banded_dtw_matrix(cost: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """D [B, N, W] of the DTW recurrence inside the bands (cells outside count as unreachable).
+
+    ``starts`` [B, N]: each row's first column. Row i's column c is source
+    column starts[i] + c; the previous row is re-indexed by the shift
+    starts[i] - starts[i-1] before the same min-plus prefix scan as
+    ``dtw_matrix``.
+    """
+    B, N, W = cost.shape
+    D = np.empty((B, N, W), dtype=np.int32)
+    # m_ext[c]: cheapest way into column c of the next row from this one (up or diagonal);
+    # column W is the diagonal out of the last band cell, beyond it nothing.
+    m_ext = np.full((B, W + 2), _INF, dtype=np.int32)
+    m_ext[:, 0] = 0  # the virtual row before (0, 0)
+    C_before = np.zeros((B, W), dtype=np.int32)
+    best = np.empty((B, W), dtype=np.int32)
+    cols = np.arange(W)[None, :]
+    shift = np.zeros((B, 1), dtype=np.int64)
+    for i in range(N):
+        if i:
+            shift = (starts[:, i] - starts[:, i - 1])[:, None]
+        m_cur = np.take_along_axis(m_ext, np.minimum(cols + shift, W + 1), axis=1)
+        row = D[:, i, :]
+        np.cumsum(cost[:, i, :-1], axis=1, dtype=np.int32, out=C_before[:, 1:])
+        np.subtract(m_cur, C_before, out=best)
+        np.minimum.accumulate(best, axis=1, out=best)
+        np.add(best, C_before, out=row)
+        np.add(row, cost[:, i, :], out=row)
+        np.minimum(row, _INF, out=row)
+        m_ext[:, 0] = row[:, 0]
+        np.minimum(row[:, 1:], row[:, :-1], out=m_ext[:, 1:W])
+        m_ext[:, W] = row[:, W - 1]
+    return D
+
+
+def banded_backtrack(D: np.ndarray, starts: np.ndarray, n: np.ndarray, m: np.ndarray, p_key: np.ndarray,
+                     s_key: np.ndarray, M: int) -> list[np.ndarray]:
+    """``dtw_backtrack`` on band coordinates: same moves, same tie-break, same pairing rule."""
+    B, N, W = D.shape
+    bidx = np.arange(B)
+    i = n.astype(np.int64) - 1
+    j = m.astype(np.int64) - 1
+    cnt_p = np.zeros((B, N), dtype=np.int32)
+    same_s = np.zeros((B, M), dtype=np.int32)
+    match = np.full((B, N), -1, dtype=np.int64)
+    active = (i >= 0) & (j >= 0)
+    big = np.int64(1) << 40
+
+    def value(b: np.ndarray, r: np.ndarray, col: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        rr = np.maximum(r, 0)
+        c = col - starts[b, rr]
+        inside = ok & (c >= 0) & (c < W)
+        return np.where(inside, D[b, rr, np.clip(c, 0, W - 1)], big)
+
+    while active.any():
+        b, ii, jj = bidx[active], i[active], j[active]
+        cnt_p[b, ii] += 1
+        same_s[b, jj] += p_key[b, ii] == s_key[b, jj]
+        match[b, ii] = jj
+        done = (ii == 0) & (jj == 0)
+        diag = value(b, ii - 1, jj - 1, (ii > 0) & (jj > 0))
+        up = value(b, ii - 1, jj, ii > 0)
+        left = value(b, ii, jj - 1, jj > 0)
+        move = np.argmin(np.stack([diag, up, left]), axis=0)
+        i[b] = ii - (move <= 1)
+        j[b] = jj - ((move == 0) | (move == 2))
+        active[b[done]] = False
+    out = []
+    for k in range(B):
+        mk = match[k, :n[k]]
+        ok = (cnt_p[k, :n[k]] == 1) & (mk >= 0)
+        ok[ok] &= (p_key[k, np.flatnonzero(ok)] == s_key[k, mk[ok]]) & (same_s[k, mk[ok]] == 1)
+        out.append(np.where(ok, mk, -1))
+    return out
+
+
+@SEQUENCE_ALIGNERS.register("dtw-banded")
+def align_dtw_banded(pivots: Sequence[TokenSeq], sources: Sequence[TokenSeq], *, width: int = 64,
+                     max_cells: int = 1 << 23) -> list[np.ndarray]:
+    """DTW restricted to a band of ``width`` source tokens around the character diagonal.
+
+    The same recurrence, tie-break and pairing as ``align_dtw``, on n·width
+    cells instead of n·m: identical wherever the optimal path stays inside the
+    band, which it does unless the two tokenizations drift more than
+    ``width // 2`` tokens apart. A pair no wider than ``width`` is computed exactly.
+    """
+    out: list[np.ndarray | None] = [None] * len(pivots)
+    # A band can only reach the last column if half a band per row covers the length gap;
+    # such pairs (and any whose band turns out unreachable) take the full DTW.
+    full = [k for k in range(len(pivots))
+            if len(sources[k]) > width and (len(pivots[k]) - 1) * (width // 2) < len(sources[k]) - width]
+    order = sorted(set(range(len(pivots))) - set(full), key=lambda k: len(pivots[k]))
+    batch: list[int] = []
+
+    def flush() -> None:
+        live = [k for k in batch if len(pivots[k]) and len(sources[k])]
+        for k in batch:
+            if k not in live:
+                out[k] = np.full(len(pivots[k]), -1, dtype=np.int64)
+        if live:
+            ps = [dtw_strings(pivots[k].strings) for k in live]
+            ss = [dtw_strings(sources[k].strings) for k in live]
+            W = min(width, max(len(x) for x in ss))
+            st = [band_starts(pivots[k].strings, sources[k].strings, W) for k in live]
+            N = max(len(x) for x in ps)
+            starts = np.zeros((len(live), N), dtype=np.int64)
+            for r, s0 in enumerate(st):
+                starts[r, :len(s0)] = s0
+                starts[r, len(s0):] = s0[-1]
+            D = banded_dtw_matrix(_band_costs(ps, ss, st, W), starts)
+            n = np.array([len(x) for x in ps])
+            m = np.array([len(x) for x in ss])
+            last = D[np.arange(len(live)), n - 1, m - 1 - starts[np.arange(len(live)), n - 1]]
+            unreachable = last >= _INF
+            full.extend(k for k, bad in zip(live, unreachable) if bad)
+            p_key, s_key = _keys([pivots[k].strings for k in live], [sources[k].strings for k in live])
+            res = banded_backtrack(D, starts, np.where(unreachable, 0, n), m, p_key, s_key, s_key.shape[1])
+            for k, r, bad in zip(live, res, unreachable):
+                if not bad:
+                    out[k] = r
+        batch.clear()
+
+    for k in order:
+        N = max([len(pivots[x]) for x in batch] + [len(pivots[k])])
+        if batch and (len(batch) + 1) * N * width > max_cells:
+            flush()
+        batch.append(k)
+    flush()
+    if full:
+        for k, r in zip(full, align_dtw([pivots[k] for k in full], [sources[k] for k in full])):
+            out[k] = r
+    return out  # type: ignore[return-value]
