@@ -9,11 +9,12 @@ many-to-1 or absent. Projection then only needs that one int array.
 character spans. A pivot token and a source token pair 1-to-1 when their
 spans, trimmed of surrounding whitespace, are equal and no other token on
 either side has that trimmed span (byte pieces of one character, which share
-its span, pair piece by piece when both sides split it identically). Trimming is what makes ``▁▁▁▁`` +
-``return`` pair with ``ĠĠĠ`` + ``Ġreturn`` on ``return`` (as DTW on
-marker-stripped strings does) while ``!`` + ``\\n`` against ``!\\n`` stays
-unpaired; whitespace-only tokens compare on their raw span. Spans are in a
-*common coordinate* shared by both renderings (see ``common_spans``).
+its span, pair piece by piece when both sides split it identically).
+Trimming is what makes ``▁▁▁▁`` + ``return`` pair with ``ĠĠĠ`` + ``Ġreturn``
+on ``return`` (as DTW on marker-stripped strings does) while ``!`` + ``\\n``
+against ``!\\n`` stays unpaired; whitespace-only tokens compare on their raw
+span. Spans are in a *common coordinate* shared by both renderings (see
+``common_spans``).
 
 ``dtw``: dynamic time warping on token strings alone (for tokenizers without
 offsets), with the reference's cost, the edit distance between the token
