@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, wait
 
 from fusechat_core.config import RunConfig, load_config
+from fusechat_core.models import warm_imports
 from fusechat_core.plan import CLM, RunPlan
 from fusechat_core.preflight import preflight
 from tasks._stage import ensure_gpu_limit, result_storage_for
@@ -65,6 +66,7 @@ def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | N
         raise ValueError(f"until: unknown stage {until!r} (stages: {', '.join(STAGES)})")
     cfg = load_config(config_path) if config_path else RunConfig.model_validate(config)
     preflight(cfg)
+    warm_imports()
     plan = RunPlan(cfg)
     config = cfg.model_dump(mode="json")
     store = cfg.store

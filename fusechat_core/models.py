@@ -142,3 +142,13 @@ def load_causal_lm(spec: Any, device: str = "auto", dtype: str | None = None) ->
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"model {spec.name!r}: cannot load {spec.path}: {first}") from exc
     return model.to(device).eval()
+
+
+def warm_imports() -> None:
+    """Resolve transformers' lazy imports once, in one thread.
+
+    transformers resolves ``AutoModelForCausalLM`` and friends lazily; two worker
+    threads doing it at the same moment can see a half-initialised module and fail
+    with an ImportError. Flows call this before they start tasks in threads.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
