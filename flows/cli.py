@@ -6,8 +6,10 @@ Exit codes: 0 done, 1 the run failed, 2 usage or config error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -124,6 +126,28 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
         print(f"{r['stage']:<{w}}  {r['state']:<8}  {r['address']}  {_human(r['size'])}")
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """A node being drained sends SIGTERM: stop now, children included, and keep what is done.
+
+    Tasks run in worker threads, which a signal never reaches (SPEC §5), so the
+    process stops here: every finished stage, shard and checkpoint is already in
+    the store, and the next run resumes from them.
+    """
+    import psutil
+
+    print("fusechat: terminated (SIGTERM); finished stages, shards and checkpoints are kept: "
+          "run again to resume", file=sys.stderr, flush=True)
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    os._exit(128 + signum)
+
+
 def _run(cfg: RunConfig, until: str | None, as_json: bool) -> int:
     stages = _stage_names()
     if until is not None and until not in stages:
@@ -131,6 +155,8 @@ def _run(cfg: RunConfig, until: str | None, as_json: bool) -> int:
         return EXIT_USAGE
     _prefect_env()
     from flows.pipeline import fusechat_pipeline, task_runner_for
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
     t0 = time.time()
     try:
