@@ -172,138 +172,143 @@ def train_target(
     fusion = FUSION_FUNCTIONS.get(cfg.fusion_function) if use_teachers else None
 
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise TrainError(f"train.batch_size {cfg.batch_size} is not a multiple of micro_batch_size "
-                         f"{cfg.micro_batch_size} × {world} processes")
-    if len(data) < cfg.batch_size:
-        raise TrainError(f"train.batch_size {cfg.batch_size} exceeds the {len(data)} training sequences")
-    n_steps = total_steps(cfg, len(data))
-    per_epoch = steps_per_epoch(len(data), cfg.batch_size)
-    set_seed(cfg.seed)
+    try:
+        world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+        if cfg.batch_size % (cfg.micro_batch_size * world):
+            raise TrainError(f"train.batch_size {cfg.batch_size} is not a multiple of micro_batch_size "
+                             f"{cfg.micro_batch_size} × {world} processes")
+        if len(data) < cfg.batch_size:
+            raise TrainError(f"train.batch_size {cfg.batch_size} exceeds the {len(data)} training sequences")
+        n_steps = total_steps(cfg, len(data))
+        per_epoch = steps_per_epoch(len(data), cfg.batch_size)
+        set_seed(cfg.seed)
 
-    # float32 master weights on the CPU; prepare() moves them (or FSDP shards) to the device.
-    model = load_causal_lm(pivot, device="cpu", dtype="float32").train()
-    model.config.use_cache = False
-    if data.vocab_size is not None and data.vocab_size > model.config.vocab_size:
-        raise TrainError(f"representation vocab_size {data.vocab_size} exceeds the pivot model's "
-                         f"{model.config.vocab_size}: the shards were not made with this pivot")
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    tok_ref, tok_revision = tokenizer_ref(pivot)
-    if tok_ref.startswith("demo:"):  # a built demo model carries its tokenizer in its folder
-        tok_ref = model_dir(pivot)
-    tok = _target_tokenizer(tok_ref, tok_revision, pivot.chat_template)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        # float32 master weights on the CPU; prepare() moves them (or FSDP shards) to the device.
+        model = load_causal_lm(pivot, device="cpu", dtype="float32").train()
+        model.config.use_cache = False
+        if data.vocab_size is not None and data.vocab_size > model.config.vocab_size:
+            raise TrainError(f"representation vocab_size {data.vocab_size} exceeds the pivot model's "
+                             f"{model.config.vocab_size}: the shards were not made with this pivot")
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        tok_ref, tok_revision = tokenizer_ref(pivot)
+        if tok_ref.startswith("demo:"):  # a built demo model carries its tokenizer in its folder
+            tok_ref = model_dir(pivot)
+        tok = _target_tokenizer(tok_ref, tok_revision, pivot.chat_template)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
-    # The model is wrapped (DDP, or FSDP shards) before the optimizer sees its
-    # parameters, so an FSDP optimizer holds the sharded ones.
-    model = accelerator.prepare(model)
-    # No weight decay on biases and norm weights, as transformers' Trainer.
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n, p)]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n, p)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
-    optimizer = accelerator.prepare(optimizer)
-    warmup = math.ceil(cfg.warmup_ratio * n_steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, n_steps)
-    # The scheduler is stepped by hand once per optimizer step: accelerate's
-    # wrapper would step it once per process. Registered so save_state keeps it.
-    accelerator.register_for_checkpointing(scheduler)
+        # The model is wrapped (DDP, or FSDP shards) before the optimizer sees its
+        # parameters, so an FSDP optimizer holds the sharded ones.
+        model = accelerator.prepare(model)
+        # No weight decay on biases and norm weights, as transformers' Trainer.
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n, p)]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n, p)]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
+        optimizer = accelerator.prepare(optimizer)
+        warmup = math.ceil(cfg.warmup_ratio * n_steps)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, n_steps)
+        # The scheduler is stepped by hand once per optimizer step: accelerate's
+        # wrapper would step it once per process. Registered so save_state keeps it.
+        accelerator.register_for_checkpointing(scheduler)
 
-    # -- resume ---------------------------------------------------------------------
-    start, history = 0, []
-    found = complete_checkpoints(store, address)
-    if found:
-        step0, ck_address = found[-1]
-        local = store.fetch(ck_address)
-        accelerator.load_state(str(local))
-        state = json.loads((Path(local) / STATE_FILE).read_text())
-        if state.get("data") != _data_fingerprint(data, cfg):
-            raise TrainError(f"checkpoint {ck_address} was made from other training data or batch settings")
-        start, history = int(state["step"]), list(state.get("history", []))
-        if start != step0:
-            raise TrainError(f"checkpoint {ck_address} holds step {start}, not {step0}")
-        emit({"event": "resume", "step": start, "checkpoint": ck_address, "history": history})
-    emit({"event": "start", "step": start, "total_steps": n_steps, "steps_per_epoch": per_epoch,
-          "processes": world, "lam": lam, "fusion_function": cfg.fusion_function if use_teachers else None,
-          "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)})
+        # -- resume ---------------------------------------------------------------------
+        start, history = 0, []
+        found = complete_checkpoints(store, address)
+        if found:
+            step0, ck_address = found[-1]
+            local = store.fetch(ck_address)
+            accelerator.load_state(str(local))
+            state = json.loads((Path(local) / STATE_FILE).read_text())
+            if state.get("data") != _data_fingerprint(data, cfg):
+                raise TrainError(f"checkpoint {ck_address} was made from other training data or batch settings")
+            start, history = int(state["step"]), list(state.get("history", []))
+            if start != step0:
+                raise TrainError(f"checkpoint {ck_address} holds step {start}, not {step0}")
+            emit({"event": "resume", "step": start, "checkpoint": ck_address, "history": history})
+        emit({"event": "start", "step": start, "total_steps": n_steps, "steps_per_epoch": per_epoch,
+              "processes": world, "lam": lam, "fusion_function": cfg.fusion_function if use_teachers else None,
+              "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)})
 
-    # -- optimizer steps ------------------------------------------------------------
-    model.train()
-    for step in range(start, n_steps):
-        t0 = time.perf_counter()
-        batch_ids = global_batch(len(data), cfg.batch_size, cfg.seed, step)
-        # Every supervised token of the whole step weighs the same, whichever
-        # micro-batch or rank it falls in: divide sums by the step's total.
-        n_sup = int(data.n_supervised[batch_ids].sum())
-        if n_sup == 0:
-            raise TrainError(f"step {step}: no supervised token in the global batch")
-        scale = world / n_sup  # DDP averages gradients over ranks
-        sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # clm, fusion, real tokens
-        micro = micro_batches(batch_ids, data.lengths, cfg.micro_batch_size, rank, world)
-        for i, mb in enumerate(micro):
-            batch = data.collate(mb, pad_id, teachers=use_teachers).to(accelerator.device)
-            sync = i == len(micro) - 1  # all-reduce gradients once, after the last micro-batch
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                clm, fuse = micro_batch_sums(model, batch, fusion=fusion, temperature=cfg.temperature,
-                                             use_teachers=use_teachers)
-                loss = clm if fuse is None else lam * clm + (1.0 - lam) * fuse
-                accelerator.backward(loss * scale)
-            # kept on the device: no host sync per micro-batch
-            sums[0] += clm.detach().double()
-            sums[2] += batch.n_tokens
-            if fuse is not None:
-                sums[1] += fuse.detach().double()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        # -- optimizer steps ------------------------------------------------------------
+        model.train()
+        for step in range(start, n_steps):
+            t0 = time.perf_counter()
+            batch_ids = global_batch(len(data), cfg.batch_size, cfg.seed, step)
+            # Every supervised token of the whole step weighs the same, whichever
+            # micro-batch or rank it falls in: divide sums by the step's total.
+            n_sup = int(data.n_supervised[batch_ids].sum())
+            if n_sup == 0:
+                raise TrainError(f"step {step}: no supervised token in the global batch")
+            scale = world / n_sup  # DDP averages gradients over ranks
+            sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # clm, fusion, real tokens
+            micro = micro_batches(batch_ids, data.lengths, cfg.micro_batch_size, rank, world)
+            for i, mb in enumerate(micro):
+                batch = data.collate(mb, pad_id, teachers=use_teachers).to(accelerator.device)
+                sync = i == len(micro) - 1  # all-reduce gradients once, after the last micro-batch
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    clm, fuse = micro_batch_sums(model, batch, fusion=fusion, temperature=cfg.temperature,
+                                                 use_teachers=use_teachers)
+                    loss = clm if fuse is None else lam * clm + (1.0 - lam) * fuse
+                    accelerator.backward(loss * scale)
+                # kept on the device: no host sync per micro-batch
+                sums[0] += clm.detach().double()
+                sums[2] += batch.n_tokens
+                if fuse is not None:
+                    sums[1] += fuse.detach().double()
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        totals = accelerator.reduce(sums, reduction="sum").cpu()
-        seconds = time.perf_counter() - t0
-        clm_mean, fuse_mean = float(totals[0]) / n_sup, float(totals[1]) / n_sup
-        record = {"step": step + 1, "epoch": round((step + 1) / per_epoch, 4),
-                  "loss": clm_mean if not use_teachers else lam * clm_mean + (1 - lam) * fuse_mean,
-                  "clm_loss": clm_mean, "fusion_loss": fuse_mean if use_teachers else None,
-                  "lr": lr, "grad_norm": float(grad_norm), "tokens": int(totals[2]),
-                  "supervised_tokens": n_sup, "tokens_per_s": float(totals[2]) / max(seconds, 1e-9),
-                  "seconds": seconds}
-        history.append(record)
-        emit({"event": "step", "total_steps": n_steps, **record})
+            totals = accelerator.reduce(sums, reduction="sum").cpu()
+            seconds = time.perf_counter() - t0
+            clm_mean, fuse_mean = float(totals[0]) / n_sup, float(totals[1]) / n_sup
+            record = {"step": step + 1, "epoch": round((step + 1) / per_epoch, 4),
+                      "loss": clm_mean if not use_teachers else lam * clm_mean + (1 - lam) * fuse_mean,
+                      "clm_loss": clm_mean, "fusion_loss": fuse_mean if use_teachers else None,
+                      "lr": lr, "grad_norm": float(grad_norm), "tokens": int(totals[2]),
+                      "supervised_tokens": n_sup, "tokens_per_s": float(totals[2]) / max(seconds, 1e-9),
+                      "seconds": seconds}
+            history.append(record)
+            emit({"event": "step", "total_steps": n_steps, **record})
 
-        done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == n_steps:
-            state = {"step": done, "total_steps": n_steps, "data": _data_fingerprint(data, cfg),
-                     "data_position": {"epoch": done // per_epoch, "batch_in_epoch": done % per_epoch,
-                                       "sequences_seen": done * cfg.batch_size},
-                     "history": history}
-            ck_address = _save_checkpoint(accelerator, store, address, done, state, cfg.keep_checkpoints)
-            emit({"event": "checkpoint", "step": done, "address": ck_address})
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == n_steps:
+                state = {"step": done, "total_steps": n_steps, "data": _data_fingerprint(data, cfg),
+                         "data_position": {"epoch": done // per_epoch, "batch_in_epoch": done % per_epoch,
+                                           "sequences_seen": done * cfg.batch_size},
+                         "history": history}
+                ck_address = _save_checkpoint(accelerator, store, address, done, state, cfg.keep_checkpoints)
+                emit({"event": "checkpoint", "step": done, "address": ck_address})
 
-    # -- the target: a Hugging Face folder ---------------------------------------------
-    state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards on the main process
-    summary: dict[str, Any] = {"address": address, "steps": n_steps, "lam": lam,
-                               "fusion_function": cfg.fusion_function if use_teachers else None,
-                               "final_loss": history[-1]["loss"] if history else None}
-    if main:
-        out = Path(tempfile.mkdtemp(prefix="fusechat-target-"))
-        try:
-            # float32: the master weights. Rounding to bf16 here would erase most
-            # of a 5e-6-lr update, and VaRM weighs exactly those deltas.
-            accelerator.unwrap_model(model).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-            tok.save_pretrained(out)
-            (out / TRAINING_LOG).write_text(json.dumps(
-                {"train_config": cfg.model_dump(mode="json"), "lam": lam, "steps": n_steps,
-                 "sequences": len(data), "history": history}, indent=1))
-            store.put_dir(address, out, meta={"stage": "train", **summary})
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    emit({"event": "done", **summary})
-    return summary
+        # -- the target: a Hugging Face folder ---------------------------------------------
+        state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards on the main process
+        summary: dict[str, Any] = {"address": address, "steps": n_steps, "lam": lam,
+                                   "fusion_function": cfg.fusion_function if use_teachers else None,
+                                   "final_loss": history[-1]["loss"] if history else None}
+        if main:
+            out = Path(tempfile.mkdtemp(prefix="fusechat-target-"))
+            try:
+                # float32: the master weights. Rounding to bf16 here would erase most
+                # of a 5e-6-lr update, and VaRM weighs exactly those deltas.
+                accelerator.unwrap_model(model).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+                tok.save_pretrained(out)
+                (out / TRAINING_LOG).write_text(json.dumps(
+                    {"train_config": cfg.model_dump(mode="json"), "lam": lam, "steps": n_steps,
+                     "sequences": len(data), "history": history}, indent=1))
+                store.put_dir(address, out, meta={"stage": "train", **summary})
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        emit({"event": "done", **summary})
+        return summary
+    finally:
+        # A worker runs one target after another (and retries in-process):
+        # drop the accelerator's hold on model and optimizer state at once.
+        accelerator.free_memory()
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
