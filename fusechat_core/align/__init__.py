@@ -97,16 +97,11 @@ def _deterministic(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- vocabulary map stage -------------------------------------------------------------
-def model_tokenizer(spec: ModelSpec, store: ArtifactStore, plan: Any) -> Any:
-    """The tokenizer a model's representations were made with (the representation stage's rule:
-    a ``demo:`` model without a ``tokenizer`` is the demo stage's artifact folder)."""
-    from fusechat_core.models import load_tokenizer, tokenizer_ref
+def model_tokenizer(spec: ModelSpec) -> Any:
+    """The tokenizer a model's representations were made with (the representation stage's rule)."""
+    from fusechat_core.represent import tokenizer_of
 
-    if spec.path.startswith("demo:") and spec.tokenizer is None:
-        from fusechat_core.demo import resolve_model
-
-        spec = resolve_model(spec, store, plan.demo_model(spec))
-    return load_tokenizer(*tokenizer_ref(spec))
+    return tokenizer_of(spec)
 
 
 def build_vocab_map_artifact(cfg: RunConfig, store: ArtifactStore, address: str, source: ModelSpec,
@@ -114,12 +109,9 @@ def build_vocab_map_artifact(cfg: RunConfig, store: ArtifactStore, address: str,
     """The source → pivot vocabulary map of one source, written under ``address``."""
     from fusechat_core.models import tokenizer_ref
 
-    from fusechat_core.plan import RunPlan
-
     say = progress or log.info
-    plan = RunPlan(cfg)
-    pivot_vocab = vocabulary(model_tokenizer(cfg.pivot, store, plan))
-    source_vocab = vocabulary(model_tokenizer(source, store, plan))
+    pivot_vocab = vocabulary(model_tokenizer(cfg.pivot))
+    source_vocab = vocabulary(model_tokenizer(source))
     vmap = build_vocab_map(source_vocab, pivot_vocab, mapping=cfg.align.vocab_mapping,
                            threshold=cfg.align.mined_threshold)
     meta = {"source": source.name, "source_tokenizer": list(tokenizer_ref(source)),
@@ -251,7 +243,7 @@ def align_shard_artifact(cfg: RunConfig, store: ArtifactStore, source: ModelSpec
         raise AlignError(f"align {source.name} shard {index}: the pivot's shard rows are not dataset rows "
                          f"[{index}*n/{shards}, {index + 1}*n/{shards})")
     aligned = align_shard(cfg, source, pivot_rep, source_rep, vmap, [r["conversations"] for r in rows], row_ids,
-                          lambda: (model_tokenizer(cfg.pivot, store, plan), model_tokenizer(source, store, plan)))
+                          lambda: (model_tokenizer(cfg.pivot), model_tokenizer(source)))
     meta = {"source": source.name, "pivot": cfg.pivot.name, "shard": index, "shards": shards,
             "n_seq": pivot_rep.n_seq, "row_ids": row_ids, "top_k": int(aligned.topk_ids.shape[1]),
             "vocab_size": int(pivot_rep.meta.get("vocab_size", 0)) or None,
