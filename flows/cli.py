@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
 
     _merge_arguments(mg)
 
+    setup = sub.add_parser("setup", help="prepare a Prefect server: GPU concurrency limit, crash detection, work pool")
+    setup.add_argument("--gpu-tag", default="gpu")
+    setup.add_argument("--gpu-limit", type=int, default=1, help="GPUs in the pool: at most this many GPU tasks at once")
+    setup.add_argument("--heartbeat-timeout", type=int, default=90,
+                       help="seconds without a heartbeat before a flow run is marked Crashed")
+    setup.add_argument("--work-pool", default="fusechat-local", help="process work pool to create ('' for none)")
+
     demo = sub.add_parser("demo", help="run the built-in demo (tiny local models, local store)")
     demo.add_argument("--store", help="artifact root URL (default: ./fusechat-artifacts)")
     demo.add_argument("--until")
@@ -79,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
 def _prefect_env() -> None:
     # A cold ephemeral API takes over 20 s to start on a small machine (SPEC §5).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Flow runs tell the server they are alive; `fusechat setup` crashes the silent ones.
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     # Telemetry races the first write to a cold SQLite database and prints a lock error.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -214,10 +223,34 @@ def _eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _setup(args: argparse.Namespace) -> int:
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        print("fusechat: error: setup needs a Prefect server: set PREFECT_API_URL", file=sys.stderr)
+        return EXIT_USAGE
+    if args.gpu_limit < 1 or args.heartbeat_timeout < 10:
+        print("fusechat: error: --gpu-limit must be >= 1 and --heartbeat-timeout >= 10", file=sys.stderr)
+        return EXIT_USAGE
+    from flows.setup import setup_server
+
+    try:
+        for line in setup_server(gpu_tag=args.gpu_tag, gpu_limit=args.gpu_limit,
+                                 heartbeat_timeout_s=args.heartbeat_timeout, work_pool=args.work_pool or None):
+            print(line)
+    except Exception as exc:  # the API's own message, on one line
+        print(f"fusechat: setup failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "setup":
+        return _setup(args)
     if args.command == "merge":
         from fusechat_core.merge.command import merge_command
 

@@ -9,6 +9,7 @@ fails its check, the record is dropped and the stage runs again.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,13 @@ def result_storage_for(store_url: str) -> Any:
     store = ArtifactStore(store_url)
     if store.scheme == "file":
         return Path(store.root) / RECORDS_PREFIX
-    # Only the endpoint goes into the block: credentials stay in the environment.
-    return RemoteFileSystem(basepath=f"s3://{store.root}/{RECORDS_PREFIX}", settings=s3_storage_options())
+    # Only the endpoint goes into the block: credentials stay in the environment. Prefect
+    # needs a remote block saved before tasks use it; it is saved again at every start,
+    # so a wiped server database costs nothing (the records themselves are in the store).
+    block = RemoteFileSystem(basepath=f"s3://{store.root}/{RECORDS_PREFIX}", settings=s3_storage_options())
+    name = "fusechat-records-" + hashlib.sha256(store.url.encode()).hexdigest()[:16]
+    block.save(name, overwrite=True)
+    return block
 
 
 def _drop_record(store: ArtifactStore, key: str) -> None:

@@ -262,6 +262,8 @@ def _to_dataset(rows: list[dict[str, Any]]):
         "source": datasets.Value("string"),
         "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
     })
+    if not rows:  # from_list cannot infer columns from nothing: an empty split is still a valid file
+        return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
     return datasets.Dataset.from_list(rows, features=features)
 
 

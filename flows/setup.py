@@ -1,0 +1,76 @@
+"""``fusechat setup``: what a Prefect server needs once before it runs fusion jobs.
+
+- A tag concurrency limit on the GPU tag, so a pool of N GPUs never gets N+1 jobs.
+- An automation that marks a flow run Crashed when its heartbeats stop: a node
+  that was SIGKILLed (preempted) cannot report its own death, and without this
+  the dashboard would show the run as Running forever. Runs send heartbeats when
+  ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set (the CLI sets 30 s by default).
+- The work pool the deployments in ``prefect.yaml`` use (a process pool here;
+  ``deployments/`` has the Kubernetes GPU template).
+
+Every step is idempotent: running it again updates what exists.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+ZOMBIE_AUTOMATION = "fusechat: crash flow runs whose heartbeats stopped"
+
+
+def zombie_automation(within_s: int) -> Any:
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    return Automation(
+        name=ZOMBIE_AUTOMATION,
+        description="A flow run that sent a heartbeat and then neither another heartbeat nor a final "
+                    f"state within {within_s} s died with its node: mark it Crashed so it can be retried.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within_s),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"No heartbeat for {within_s} s: the node running this flow run died "
+                                            "(preempted?). Rerun or retry it: finished stages are skipped.")],
+    )
+
+
+def setup_server(*, gpu_tag: str = "gpu", gpu_limit: int = 1, heartbeat_timeout_s: int = 90,
+                 work_pool: str | None = "fusechat-local") -> list[str]:
+    """Apply the set-up to the Prefect API in ``PREFECT_API_URL``; returns what was done."""
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    done = []
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=gpu_tag, concurrency_limit=gpu_limit)
+        done.append(f"concurrency limit: tag {gpu_tag!r} at most {gpu_limit} task runs")
+        if work_pool:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=work_pool, type="process"))
+                done.append(f"work pool {work_pool!r} (process) created")
+            except ObjectAlreadyExists:
+                done.append(f"work pool {work_pool!r} exists")
+    wanted = zombie_automation(heartbeat_timeout_s)
+    try:
+        existing = Automation.read(name=ZOMBIE_AUTOMATION)
+    except (ObjectNotFound, ValueError):
+        existing = None
+    if existing is not None:
+        existing.delete()
+    wanted.create()
+    done.append(f"automation {ZOMBIE_AUTOMATION!r}: Crashed after {heartbeat_timeout_s} s without a heartbeat")
+    return done
