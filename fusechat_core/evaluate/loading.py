@@ -88,7 +88,7 @@ def load_for_eval(model: EvalModel, device: str = "auto") -> tuple[Any, Any, Cha
 def run_model_ref(run: Any, name: str, ref: dict[str, Any], store: ArtifactStore) -> dict[str, Any]:
     """A run's model reference (``RunPlan.model_ref``) made loadable.
 
-    A ``demo:NAME`` model loads from the demo stage's artifact folder. Targets and
+    A ``demo:NAME`` model is an artifact (the demo stage's folder), like targets. Targets and
     merges are the pivot fine-tuned or merged, so they speak the pivot's chat
     template: a template the config names for the pivot applies to them too
     (their saved tokenizer may not carry it).
@@ -99,9 +99,6 @@ def run_model_ref(run: Any, name: str, ref: dict[str, Any], store: ArtifactStore
         if run.pivot.chat_template and not ref.get("chat_template"):
             return {**ref, "chat_template": run.pivot.chat_template}
         return ref
+    # RunPlan.model_ref gives demo models as artifacts, so only external models reach here.
     spec = RunPlan(run).model(name)
-    if spec.path.startswith("demo:"):
-        from fusechat_core.demo import resolve_model as resolve_demo
-
-        spec = resolve_demo(spec, store, RunPlan(run).demo_model(spec))
     return {"model": spec.model_dump(exclude={"name"})}
