@@ -65,13 +65,12 @@ def _config(folder: Path, store: str, chat_count: int | None = None) -> Path:
         "name": "dataset-test",
         "store": store,
         "seed": 3,
-        "pivot": {"name": "pivot", "path": "demo:pivot", "tokenizer": "builtin:mistral-v1"},
-        "sources": [{"name": "src", "path": "demo:src", "tokenizer": "builtin:mistral-v3"}],
+        # hub ids that are never downloaded: the dataset stage needs only the tokenizers
+        "pivot": {"name": "pivot", "path": "example/pivot-model", "tokenizer": "builtin:mistral-v1"},
+        "sources": [{"name": "src", "path": "example/source-model", "tokenizer": "builtin:mistral-v3"}],
         "data": {"sources": [{"name": "chat", "path": str(sg), "format": "sharegpt", "count": chat_count},
                              {"name": "alpaca", "path": str(al), "format": "alpaca"}],
                  "max_length": 200, "heldout_fraction": 0.1},
-        "demo": {"models": {"pivot": {"arch": "mistral", "domains": {"markov": 1}},
-                            "src": {"arch": "llama", "domains": {"markov": 1}}}},
     }
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
