@@ -126,7 +126,9 @@ class RunPlan:
         return target if target == CLM else f"target-{target}"
 
     def train(self, target: str) -> str:
-        train = self.cfg.train.model_dump(exclude={"clm_baseline"})
+        # How often checkpoints are written and kept never changes the weights (resumption
+        # is bit-exact), so changing it must not restart a week of training.
+        train = self.cfg.train.model_dump(exclude={"clm_baseline", "checkpoint_every", "keep_checkpoints"})
         upstream = {"dataset": self.dataset, "pivot": self.represent(self.cfg.pivot)}
         if target == CLM:
             train["lam"] = 1.0  # the paper's "CLM" row: same data and steps, no fusion term

@@ -7,6 +7,7 @@ would load OpenChat-3.5 or Mixtral from the hub.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ from fusechat_core.chat import TEMPLATES
 from fusechat_core.models import load_tokenizer, resolve_ref
 
 Arch = Literal["mistral", "mixtral", "llama"]
+_INIT_LOCK = threading.Lock()
 
 
 def tiny_config(arch: Arch, vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4,
@@ -42,8 +44,12 @@ def build_tiny_model(arch: Arch, tokenizer: str, out_dir: str | Path, *, seed: i
 
     tok = load_tokenizer(tokenizer)
     cfg = tiny_config(arch, len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # torch's default generator is process-global: two models initialised at once in
+    # a flow's worker threads would interleave their draws and neither would be
+    # reproducible. One initialisation at a time.
+    with _INIT_LOCK:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

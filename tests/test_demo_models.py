@@ -58,3 +58,4 @@ def test_demo_models_are_deterministic_and_load_like_hub_models(tmp_path):
     assert logits.shape == (1, 3, 32768) and torch.isfinite(logits).all()
     files = {f.path for f in store.manifest(plan.demo_model(cfg.pivot)).files}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+

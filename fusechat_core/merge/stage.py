@@ -44,6 +44,9 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
             dtype=m.dtype, mergekit_yaml=m.mergekit_yaml if is_main else None, shard_size=m.shard_size,
             device=m.device, seed=0, tokenizer=tokenizer, chat_template=pivot.chat_template,
             sources=[s.name for s in cfg.sources], name=f"{cfg.name}-merge-{method}", progress=progress)
+        # The folder names where inputs were cached on this machine; what it records must
+        # name the inputs themselves, or the same merge would differ from store to store.
+        _relabel(out, {folder: pivot.path, **{local_targets[n]: addr for n, addr in targets.items()}})
         meta = {"method": method, "mergekit_method": result["mergekit_method"], "targets": dict(targets),
                 "pivot": pivot.name, "granularity": m.granularity if method == "varm" else None}
         if result["table"] is not None:
@@ -53,6 +56,17 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"address": address, "method": method, "table": result["table"], "cached": False}
+
+
+def _relabel(folder: Path, labels: dict[str, str]) -> None:
+    for path in folder.iterdir():
+        if path.suffix in (".md", ".json", ".yml", ".yaml") and path.name not in ("config.json",):
+            text = path.read_text()
+            new = text
+            for local, label in sorted(labels.items(), key=lambda kv: -len(kv[0])):
+                new = new.replace(local, label)
+            if new != text:
+                path.write_text(new)
 
 
 def _has(store: ArtifactStore, address: str, rel: str) -> bool:

@@ -1,0 +1,35 @@
+"""Stage addresses: an input change reaches exactly the stages downstream of it."""
+
+from __future__ import annotations
+
+from fusechat_core.plan import RunPlan
+from tests.test_demo_models import _cfg
+
+
+def _with(cfg, section: str, **changes):
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=changes)})
+
+
+def test_operational_training_settings_keep_the_target_address():
+    base = _cfg("file:///x")
+    assert RunPlan(base).train("moe") == RunPlan(_with(base, "train", checkpoint_every=7, keep_checkpoints=5)).train("moe")
+    assert RunPlan(base).train("moe") != RunPlan(_with(base, "train", learning_rate=1e-4)).train("moe")
+
+
+def test_a_change_propagates_downstream_and_only_downstream():
+    a = RunPlan(_cfg("file:///x"))
+    b = RunPlan(_with(a.cfg, "represent", top_k=5))
+    moe = a.cfg.sources[0]
+    assert a.dataset == b.dataset and a.vocab_map(moe) == b.vocab_map(moe)
+    assert a.represent(moe) != b.represent(moe)
+    assert a.align(moe) != b.align(moe)
+    assert a.train("moe") != b.train("moe") and a.merge("varm") != b.merge("varm")
+    assert a.evaluate("merge-varm") != b.evaluate("merge-varm")
+    # evaluating the sources themselves does not depend on representations
+    assert a.evaluate("moe") == b.evaluate("moe")
+    # the store location is not an input: the same run in another store has the same addresses
+    c = RunPlan(_cfg("file:///elsewhere"))
+    assert [n.address for n in c.nodes()] == [n.address for n in a.nodes()]
+    # every address is distinct
+    addresses = [n.address for n in a.nodes()]
+    assert len(addresses) == len(set(addresses))
