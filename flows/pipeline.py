@@ -18,9 +18,9 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, wait
 
 from fusechat_core.config import RunConfig, load_config
-from fusechat_core.models import warm_imports
 from fusechat_core.plan import CLM, RunPlan
 from fusechat_core.preflight import preflight
+from fusechat_core.store import ArtifactStore
 from tasks._stage import ensure_gpu_limit, result_storage_for
 from tasks.align import align_shard, build_vocab_map, finish_align
 from tasks.dataset import build_dataset
@@ -66,12 +66,16 @@ def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | N
         raise ValueError(f"until: unknown stage {until!r} (stages: {', '.join(STAGES)})")
     cfg = load_config(config_path) if config_path else RunConfig.model_validate(config)
     preflight(cfg)
-    warm_imports()
     plan = RunPlan(cfg)
     config = cfg.model_dump(mode="json")
     store = cfg.store
     opts = {"result_storage": result_storage_for(store)}
-    gpu = ensure_gpu_limit(cfg.runner.gpu_tag, cfg.runner.gpu_concurrency)
+    gpu_tags = ensure_gpu_limit(cfg.runner.gpu_tag, cfg.runner.gpu_concurrency)
+    st = ArtifactStore(store)
+
+    def gpu(address: str) -> list[str]:
+        # A finished stage needs no GPU: it must not queue for a GPU slot just to report Cached.
+        return [] if st.is_complete(address) else gpu_tags
     results: dict[str, Any] = {}
     stop = STAGES.index(until)
 
@@ -88,7 +92,7 @@ def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | N
     # Vocabulary maps need only tokenizers: they run while the models run.
     vocab = {s.name: build_vocab_map.with_options(**opts).submit(config, plan.vocab_map(s), store, s.name)
              for s in cfg.sources}
-    represent = submit_represent(cfg, plan, result_storage=opts["result_storage"], tags=gpu)
+    represent = submit_represent(cfg, plan, result_storage=opts["result_storage"], tags=gpu_tags)
     _settle(results, {f"represent[{k}]": v for k, v in represent.items()})
     if stop <= STAGES.index("represent"):
         return results
@@ -106,7 +110,7 @@ def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | N
         return results
 
     # One target per source (and the CLM baseline), independent: each may run on its own GPU worker.
-    trained = {t: train_target.with_options(tags=gpu, **opts).submit(config, t, plan.train(t), store)
+    trained = {t: train_target.with_options(tags=gpu(plan.train(t)), **opts).submit(config, t, plan.train(t), store)
                for t in plan.target_names()}
     _settle(results, {f"train[{t}]": f for t, f in trained.items()})
     if stop <= STAGES.index("train"):
@@ -119,7 +123,7 @@ def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | N
     if stop <= STAGES.index("merge"):
         return results
 
-    evaluated = {n: evaluate_model.with_options(tags=gpu, **opts).submit(
+    evaluated = {n: evaluate_model.with_options(tags=gpu(plan.evaluate(n)), **opts).submit(
         config, n, plan.model_ref(n), plan.evaluate(n), store, dataset=plan.dataset,
         answers=plan.mt_bench_answers(n) if cfg.evaluate.mt_bench else None)
         for n in plan.evaluated_models()}

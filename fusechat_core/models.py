@@ -13,9 +13,12 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+_IMPORT_LOCK = threading.Lock()
 
 BUILTIN_TOKENIZERS = {
     "mistral-v1": "tokenizer.model.v1",
@@ -65,6 +68,7 @@ def resolve_ref(ref: str) -> str:
 
 @lru_cache(maxsize=32)
 def _load_tokenizer(ref: str, revision: str | None) -> Any:
+    warm_imports()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve_ref(ref), revision=revision)
@@ -131,6 +135,7 @@ def torch_dtype(dtype: str, device: str) -> Any:
 def load_causal_lm(spec: Any, device: str = "auto", dtype: str | None = None) -> Any:
     """A ModelSpec's causal LM (hub id or local folder, any ``AutoModelForCausalLM``
     architecture) in eval mode on ``device``; ``dtype`` overrides ``spec.dtype``."""
+    warm_imports()
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device)
@@ -145,10 +150,12 @@ def load_causal_lm(spec: Any, device: str = "auto", dtype: str | None = None) ->
 
 
 def warm_imports() -> None:
-    """Resolve transformers' lazy imports once, in one thread.
+    """Resolve transformers' lazy imports once, one thread at a time.
 
     transformers resolves ``AutoModelForCausalLM`` and friends lazily; two worker
     threads doing it at the same moment can see a half-initialised module and fail
-    with an ImportError. Flows call this before they start tasks in threads.
+    with an ImportError. Every loader here calls this first; it costs nothing after
+    the first call, and a run whose stages are all cached never pays for it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    with _IMPORT_LOCK:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401

@@ -103,4 +103,28 @@ def ensure_gpu_limit(tag: str, limit: int) -> list[str]:
             current = None
         if current is None or current > limit:
             client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
+        _release_dead_slots(client, tag)
     return [tag]
+
+
+def _release_dead_slots(client: Any, tag: str) -> None:
+    """Free GPU slots that a killed run (SIGKILL, preemption) took with it.
+
+    Prefect 3 backs a tag limit with a global limit (``tag:<tag>``) whose slots are
+    leases. A Prefect server revokes a lease its holder stops renewing (5 minutes);
+    the ephemeral API has no such service, so a slot held when a run was killed
+    would hang every later run (SPEC §5). Without a server no other process holds
+    slots when a flow starts, so every held slot there is a dead run's.
+    """
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return  # a server's lease repossessor frees dead holders' slots
+    try:
+        held = client.read_global_concurrency_limit_by_name(f"tag:{tag}")
+    except ObjectNotFound:
+        return
+    if held.active_slots:
+        client.update_global_concurrency_limit(f"tag:{tag}", GlobalConcurrencyLimitUpdate(active_slots=0))

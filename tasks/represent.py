@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import get_run_logger, task, unmapped
+from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from fusechat_core.config import RunConfig
@@ -110,9 +110,14 @@ def submit_represent(cfg: RunConfig, plan: RunPlan, *, result_storage: Any = Non
     shard_task = represent_shard.with_options(tags=tags or [], **options)
     commit_task = commit_represent.with_options(**options)
     n = cfg.represent.shards
-    pairs = [(spec, i) for spec in cfg.models for i in range(n)]
-    futures = shard_task.map(unmapped(config), [s.name for s, _ in pairs], [i for _, i in pairs],
-                             [plan.represent_shard(s, i) for s, i in pairs], unmapped(cfg.store))
+    store = ArtifactStore(cfg.store)
+    futures = []
+    for spec in cfg.models:
+        for i in range(n):
+            address = plan.represent_shard(spec, i)
+            # A finished shard needs no GPU: it must not queue for a GPU slot to report Cached.
+            task = shard_task if not store.is_complete(address) else shard_task.with_options(tags=[])
+            futures.append(task.submit(config, spec.name, i, address, cfg.store))
     out = {}
     for m, spec in enumerate(cfg.models):
         mine = list(futures[m * n:(m + 1) * n])
