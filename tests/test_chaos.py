@@ -1,0 +1,89 @@
+"""Preemption drill: the pipeline is SIGKILLed at seeded random moments across its stages,
+rerun each time, and must end exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fusechat_core.config import load_config
+from fusechat_core.plan import RunPlan
+from fusechat_core.store import MANIFEST, ArtifactStore
+from tests.test_pipeline_e2e import tiny_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _start(cfg: Path, store: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), "--store", store],
+                            cwd=REPO, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _killpg(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _manifests(root: Path) -> int:
+    return sum(1 for p in root.rglob(MANIFEST) if "_prefect-records" not in p.parts) if root.exists() else 0
+
+
+def _file_digests(store: ArtifactStore, address: str) -> dict[str, str]:
+    root = Path(store.root) / address
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    cfg_path = tiny_run_config(tmp_path, f"file://{tmp_path}/clean")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    log = tmp_path / "runs.log"
+
+    clean = _start(cfg_path, f"file://{tmp_path}/clean", env, log)
+    assert clean.wait(900) == 0, log.read_text()[-4000:]
+    _killpg(clean)  # and the ephemeral API it started
+    total = _manifests(tmp_path / "clean")
+
+    # Kill at seeded moments spread over the run, measured in artifacts committed
+    # (demo models, dataset, shards, targets' checkpoints, merges, evaluations).
+    chaos_store = f"file://{tmp_path}/chaos"
+    rng = random.Random(20240226)
+    moments = sorted(rng.sample(range(2, total - 1), 3))
+    kills = 0
+    for moment in moments:
+        proc = _start(cfg_path, chaos_store, env, log)
+        while proc.poll() is None and _manifests(tmp_path / "chaos") < moment:
+            time.sleep(0.1)
+        if proc.poll() is None:
+            kills += 1
+        _killpg(proc)
+    final = _start(cfg_path, chaos_store, env, log)
+    assert final.wait(900) == 0, log.read_text()[-4000:]
+    _killpg(final)
+    assert kills == len(moments), "the drill must actually interrupt every run"
+
+    cfg = load_config(cfg_path)
+    plan = RunPlan(cfg)
+    a, b = ArtifactStore(f"file://{tmp_path}/clean"), ArtifactStore(chaos_store)
+    for method in plan.merge_methods():
+        assert _file_digests(a, plan.merge(method)) == _file_digests(b, plan.merge(method)), method
+    for t in plan.target_names():
+        ma, mb = _file_digests(a, plan.train(t)), _file_digests(b, plan.train(t))
+        assert ma["model.safetensors"] == mb["model.safetensors"], t
+    assert _file_digests(a, plan.report())["report.json"] == _file_digests(b, plan.report())["report.json"]
+    # nothing in the chaos store is both referenced and incomplete
+    for node in plan.nodes():
+        if node.stage != "mt_bench_answers":
+            assert b.is_complete(node.address, verify=True), node.label
