@@ -281,6 +281,18 @@ def dtw_backtrack(D: np.ndarray, n: np.ndarray, m: np.ndarray, p_key: np.ndarray
     same text, so no source row serves two pivot rows.
     """
     B, N, M = D.shape
+    big = np.int64(1) << 40
+
+    def value(b: np.ndarray, r: np.ndarray, c: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        return np.where(ok, D[b, np.maximum(r, 0), np.maximum(c, 0)], big)
+
+    return _walk_back(value, B, N, M, n, m, p_key, s_key)
+
+
+def _walk_back(value: Callable[..., np.ndarray], B: int, N: int, M: int, n: np.ndarray, m: np.ndarray, p_key: np.ndarray,
+               s_key: np.ndarray) -> list[np.ndarray]:
+    """The backtracking walk shared by full and banded DTW; ``value(b, i, j, ok)`` reads
+    D at (i, j) for pairs ``b``, or a huge cost where ``ok`` is False or the cell is off the band."""
     i = n.astype(np.int64) - 1
     j = m.astype(np.int64) - 1
     cnt_p = np.zeros((B, N), dtype=np.int32)
@@ -288,16 +300,15 @@ def dtw_backtrack(D: np.ndarray, n: np.ndarray, m: np.ndarray, p_key: np.ndarray
     match = np.full((B, N), -1, dtype=np.int64)
     active = (i >= 0) & (j >= 0)
     bidx = np.arange(B)
-    big = np.int64(1) << 40
     while active.any():
         b, ii, jj = bidx[active], i[active], j[active]
         cnt_p[b, ii] += 1
         same_s[b, jj] += p_key[b, ii] == s_key[b, jj]
         match[b, ii] = jj
         done = (ii == 0) & (jj == 0)
-        diag = np.where((ii > 0) & (jj > 0), D[b, np.maximum(ii - 1, 0), np.maximum(jj - 1, 0)], big)
-        up = np.where(ii > 0, D[b, np.maximum(ii - 1, 0), jj], big)
-        left = np.where(jj > 0, D[b, ii, np.maximum(jj - 1, 0)], big)
+        diag = value(b, ii - 1, jj - 1, (ii > 0) & (jj > 0))
+        up = value(b, ii - 1, jj, ii > 0)
+        left = value(b, ii, jj - 1, jj > 0)
         move = np.argmin(np.stack([diag, up, left]), axis=0)
         i[b] = ii - (move <= 1)
         j[b] = jj - ((move == 0) | (move == 2))
@@ -439,13 +450,6 @@ def banded_backtrack(D: np.ndarray, starts: np.ndarray, n: np.ndarray, m: np.nda
                      s_key: np.ndarray, M: int) -> list[np.ndarray]:
     """``dtw_backtrack`` on band coordinates: same moves, same tie-break, same pairing rule."""
     B, N, W = D.shape
-    bidx = np.arange(B)
-    i = n.astype(np.int64) - 1
-    j = m.astype(np.int64) - 1
-    cnt_p = np.zeros((B, N), dtype=np.int32)
-    same_s = np.zeros((B, M), dtype=np.int32)
-    match = np.full((B, N), -1, dtype=np.int64)
-    active = (i >= 0) & (j >= 0)
     big = np.int64(1) << 40
 
     def value(b: np.ndarray, r: np.ndarray, col: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -454,26 +458,7 @@ def banded_backtrack(D: np.ndarray, starts: np.ndarray, n: np.ndarray, m: np.nda
         inside = ok & (c >= 0) & (c < W)
         return np.where(inside, D[b, rr, np.clip(c, 0, W - 1)], big)
 
-    while active.any():
-        b, ii, jj = bidx[active], i[active], j[active]
-        cnt_p[b, ii] += 1
-        same_s[b, jj] += p_key[b, ii] == s_key[b, jj]
-        match[b, ii] = jj
-        done = (ii == 0) & (jj == 0)
-        diag = value(b, ii - 1, jj - 1, (ii > 0) & (jj > 0))
-        up = value(b, ii - 1, jj, ii > 0)
-        left = value(b, ii, jj - 1, jj > 0)
-        move = np.argmin(np.stack([diag, up, left]), axis=0)
-        i[b] = ii - (move <= 1)
-        j[b] = jj - ((move == 0) | (move == 2))
-        active[b[done]] = False
-    out = []
-    for k in range(B):
-        mk = match[k, :n[k]]
-        ok = (cnt_p[k, :n[k]] == 1) & (mk >= 0)
-        ok[ok] &= (p_key[k, np.flatnonzero(ok)] == s_key[k, mk[ok]]) & (same_s[k, mk[ok]] == 1)
-        out.append(np.where(ok, mk, -1))
-    return out
+    return _walk_back(value, B, N, M, n, m, p_key, s_key)
 
 
 @SEQUENCE_ALIGNERS.register("dtw-banded")
