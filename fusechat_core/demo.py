@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fusechat_core.chat import IGNORE, ChatFormatter
+from fusechat_core.models import formatter_for
 from fusechat_core.config import ModelSpec, RunConfig
 from fusechat_core.data.synthetic import DOMAINS
 from fusechat_core.store import ArtifactStore
@@ -50,7 +51,7 @@ def pretrain_demo_model(run: RunConfig, spec: ModelSpec, out_dir: Path,
                         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build and pre-train one demo model into ``out_dir``; returns its training summary."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from fusechat_core.tiny import build_tiny_model
 
@@ -58,11 +59,13 @@ def pretrain_demo_model(run: RunConfig, spec: ModelSpec, out_dir: Path,
     name = spec.path[len("demo:"):]
     d = run.demo.models[name]
     seed = int(hashlib.sha256(f"{run.demo.seed}:{name}".encode()).hexdigest()[:8], 16)
-    build_tiny_model(d.arch, spec.tokenizer, out_dir, seed=seed, chat_template=spec.chat_template or "mistral",
+    build_tiny_model(d.arch, spec.tokenizer, out_dir, seed=seed, chat_template=spec.chat_template,
                      hidden=d.hidden, layers=d.layers, heads=d.heads, kv_heads=d.kv_heads,
                      intermediate=d.intermediate, max_positions=max(run.demo.max_length, 512))
-    tok = AutoTokenizer.from_pretrained(out_dir)
-    formatter = ChatFormatter(tok)
+    # Pre-trained in the very rendering every later stage uses for this spec (the
+    # folder's tokenizer carries the same template, for evaluation).
+    formatter = formatter_for(spec)
+    tok = formatter.tokenizer
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
     model.train()

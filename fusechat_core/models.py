@@ -84,6 +84,24 @@ def tokenizer_ref(spec: Any) -> tuple[str, str | None]:
     return (spec.tokenizer or spec.path), spec.revision
 
 
+def tokenizer_of(spec: Any) -> Any:
+    """A ModelSpec's tokenizer; a built (``demo:NAME``) model without its own ``tokenizer``
+    reference uses the one saved in its folder."""
+    ref, revision = tokenizer_ref(spec)
+    if ref.startswith("demo:"):
+        ref = model_dir(spec)
+    return load_tokenizer(ref, revision)
+
+
+def formatter_for(spec: Any) -> Any:
+    """How a ModelSpec renders conversations, the one rule every stage uses (pre-training a
+    demo model, representations, alignment): a model scored in a template it was not
+    trained on looks far worse than it is, and MinCE would then never pick it."""
+    from fusechat_core.chat import ChatFormatter
+
+    return ChatFormatter(tokenizer_of(spec), spec.chat_template)
+
+
 class ModelLoadError(RuntimeError):
     """A causal LM that cannot be loaded; the message is one line naming the model."""
 

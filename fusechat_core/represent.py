@@ -43,7 +43,7 @@ import numpy as np
 
 from fusechat_core.chat import IGNORE, ChatFormatter
 from fusechat_core.config import ModelSpec, RepresentConfig, RunConfig
-from fusechat_core.models import load_causal_lm, load_tokenizer, model_dir, pick_device, tokenizer_ref
+from fusechat_core.models import formatter_for, load_causal_lm, pick_device, tokenizer_of, tokenizer_ref
 from fusechat_core.store import ArtifactStore, ArtifactWriter, Manifest
 
 log = logging.getLogger("fusechat.represent")
@@ -436,15 +436,6 @@ def _train_table(store: ArtifactStore, dataset_address: str, columns: list[str] 
         return pq.read_table(fh, columns=columns)
 
 
-def tokenizer_of(spec: ModelSpec) -> Any:
-    """The model's tokenizer; a built (``demo:NAME``) model without its own ``tokenizer``
-    reference uses the one saved in its folder."""
-    ref, revision = tokenizer_ref(spec)
-    if ref.startswith("demo:"):
-        ref = model_dir(spec)
-    return load_tokenizer(ref, revision)
-
-
 def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: ModelSpec,
                     shard_index: int | None = None, *, progress: Progress | None = None,
                     rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -469,8 +460,8 @@ def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: Model
     table = _train_table(store, plan.dataset) if rows is None else None
     n_rows = table.num_rows if table is not None else len(rows)  # type: ignore[arg-type]
     device = pick_device(cfg.represent.device)
-    tok = tokenizer_of(spec)
-    formatter = ChatFormatter(tok, spec.chat_template)
+    formatter = formatter_for(spec)
+    tok = formatter.tokenizer
     model = _cached_model(spec, device)
     for i in todo:
         address = plan.represent_shard(spec, i)

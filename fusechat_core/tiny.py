@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any, Literal
 
-from fusechat_core.chat import TEMPLATES
+from fusechat_core.chat import ChatFormatter
 from fusechat_core.models import load_tokenizer, resolve_ref
 
 Arch = Literal["mistral", "mixtral", "llama"]
@@ -37,8 +37,13 @@ def tiny_config(arch: Arch, vocab_size: int, *, hidden: int = 64, layers: int = 
 
 
 def build_tiny_model(arch: Arch, tokenizer: str, out_dir: str | Path, *, seed: int = 0,
-                     chat_template: str = "mistral", **shape: Any) -> Path:
-    """A randomly initialised tiny causal LM with a real tokenizer, saved to ``out_dir``."""
+                     chat_template: str | None = None, **shape: Any) -> Path:
+    """A randomly initialised tiny causal LM with a real tokenizer, saved to ``out_dir``.
+
+    The saved tokenizer carries the template ``ChatFormatter`` picks for this tokenizer
+    and ``chat_template`` (the tokenizer's own, else the named one, else mistral's), so
+    the folder renders conversations exactly as a ModelSpec naming the tokenizer does.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,6 +60,6 @@ def build_tiny_model(arch: Arch, tokenizer: str, out_dir: str | Path, *, seed: i
     model.save_pretrained(out)
     # a fresh copy: the cached tokenizer is shared and must not be mutated
     tok = AutoTokenizer.from_pretrained(resolve_ref(tokenizer))
-    tok.chat_template = TEMPLATES.get(chat_template)
+    tok.chat_template = ChatFormatter(tok, chat_template).template
     tok.save_pretrained(out)
     return out

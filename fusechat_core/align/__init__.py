@@ -99,7 +99,7 @@ def _deterministic(meta: dict[str, Any]) -> dict[str, Any]:
 # -- vocabulary map stage -------------------------------------------------------------
 def model_tokenizer(spec: ModelSpec) -> Any:
     """The tokenizer a model's representations were made with (the representation stage's rule)."""
-    from fusechat_core.represent import tokenizer_of
+    from fusechat_core.models import tokenizer_of
 
     return tokenizer_of(spec)
 
