@@ -15,7 +15,7 @@ SECRET_KEY = "fusechat-test-secret-9f8e7d"
 BUCKET = "fusechat-test"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -31,15 +31,15 @@ def weed_binary() -> str:
 class SeaweedS3:
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90.0) -> "SeaweedS3":
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
-        ports = {"master.port": _free_port(), "volume.port": _free_port(), "filer.port": _free_port(),
-                 "admin.port": _free_port(), "webdav.port": _free_port(), "debug.port": _free_port()}
+        ports = {"master.port": free_port(), "volume.port": free_port(), "filer.port": free_port(),
+                 "admin.port": free_port(), "webdav.port": free_port(), "debug.port": free_port()}
         args = [weed_binary(), "mini", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1", f"-bucket={BUCKET}", f"-s3.port={self.port}"]
         args += [f"-{k}={v}" for k, v in ports.items()]

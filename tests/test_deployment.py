@@ -3,48 +3,20 @@ a deployment from prefect.yaml, and the S3 store on SeaweedFS."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
-import httpx
 import pytest
 
 from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
+from tests.prefect_server import BIN, REPO, spawn, stop
 from tests.test_pipeline_e2e import tiny_run_config
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, env=env, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+pytest_plugins = ["tests.prefect_server_plugin"]
 
 
 def _cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -52,27 +24,13 @@ def _cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subproce
 
 
 @pytest.mark.slow
-def test_deployment_runs_the_pipeline_on_server_worker_and_s3(tmp_path, s3_env):
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
+def test_deployment_runs_the_pipeline_on_server_worker_and_s3(tmp_path, s3_env, prefect_server):
+    server = prefect_server
     run_id = uuid.uuid4().hex[:8]
-    env = {**os.environ, **s3_env.env(), "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "FUSECHAT_REPO_DIR": str(REPO),
+    env = {**server.client_env(tmp_path / "prefect-home"), **s3_env.env(), "FUSECHAT_REPO_DIR": str(REPO),
            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "FUSECHAT_CACHE": str(tmp_path / "cache")}
-    env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
-    server = _spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                    env, tmp_path / "server.log")
     worker = None
     try:
-        deadline = time.time() + 180
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "prefect server did not start"
-            time.sleep(1)
-
         setup = _cli([str(BIN / "fusechat"), "setup", "--gpu-limit", "1", "--heartbeat-timeout", "60"], env)
         assert setup.returncode == 0, setup.stderr
         assert "automation" in setup.stdout and "fusechat-local" in setup.stdout
@@ -88,8 +46,8 @@ def test_deployment_runs_the_pipeline_on_server_worker_and_s3(tmp_path, s3_env):
         deploy = _cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "pipeline"], env)
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
 
-        worker = _spawn([str(BIN / "prefect"), "worker", "start", "--pool", "fusechat-local", "--limit", "1"],
-                        env, tmp_path / "worker.log")
+        worker = spawn([str(BIN / "prefect"), "worker", "start", "--pool", "fusechat-local", "--limit", "1"],
+                       env, tmp_path / "worker.log")
         started = _cli([str(BIN / "prefect"), "deployment", "run", "fusechat-pipeline/pipeline",
                         "--param", f"config_path={prefix}/tiny.yaml"], env)
         assert started.returncode == 0, started.stdout + started.stderr
@@ -97,7 +55,7 @@ def test_deployment_runs_the_pipeline_on_server_worker_and_s3(tmp_path, s3_env):
 
         deadline = time.time() + 900
         while True:
-            state = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()["state"]
+            state = server.get(f"/flow_runs/{flow_run_id}")["state"]
             if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 break
             assert time.time() < deadline, f"flow run still {state['type']}"
@@ -112,20 +70,24 @@ def test_deployment_runs_the_pipeline_on_server_worker_and_s3(tmp_path, s3_env):
             if node.stage != "mt_bench_answers":
                 assert store.is_complete(node.address), node.label
         # ...and the dashboard shows the report and the task runs, under their names
-        artifacts = httpx.post(f"{api}/artifacts/filter", json={}, timeout=10).json()
+        artifacts = server.post("/artifacts/filter", {})
         assert any(a.get("type") == "markdown" and (a.get("key") or "").startswith("report") for a in artifacts)
-        tasks = httpx.post(f"{api}/task_runs/filter",
-                           json={"flow_runs": {"id": {"any_": [flow_run_id]}}}, timeout=10).json()
+        tasks = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
         names = {t["name"] for t in tasks}
-        assert {"dataset", "represent-pivot-0", "train-moe", "merge-varm", "report"} <= names, names
+        # every stage, and each run names its instance (the exact format is test_dashboard's)
+        stages = {re.match(r"[a-z_]+", name).group() for name in names}
+        assert {"dataset", "represent", "align", "train", "merge", "evaluate", "report"} <= stages, names
+        assert any(n.startswith("represent") and "pivot" in n for n in names), names
+        assert any(n.startswith("train") and "moe" in n for n in names), names
+        assert any(n.startswith("merge") and "varm" in n for n in names), names
         assert all(t["state"]["type"] == "COMPLETED" for t in tasks)
     finally:
         if worker is not None:
-            _stop(worker)
-        _stop(server)
+            stop(worker)
 
-    # the store's secret never reached the Prefect database or the logs
+    # the store's secret never reached the Prefect database (the server's home) or the logs
     secret = s3_env.env()["AWS_SECRET_ACCESS_KEY"].encode()
-    for path in list((tmp_path / "prefect-home").rglob("*")) + [tmp_path / "worker.log", tmp_path / "server.log"]:
+    homes = [tmp_path / "prefect-home", server.home]
+    for path in [p for home in homes for p in home.rglob("*")] + [tmp_path / "worker.log", server.log]:
         if path.is_file():
             assert secret not in path.read_bytes(), path

@@ -1,0 +1,116 @@
+"""A real Prefect API for tests: `prefect server start` on 127.0.0.1, one per test session.
+
+A test module that needs it declares ``pytest_plugins = ["tests.prefect_server_plugin"]`` and takes
+the session fixture ``prefect_server``; every such module shares the one server, started on first
+use and stopped at the end of the session. Tests that change server-wide objects (automations, work
+pools, concurrency limits) set them up themselves and leave them as a production server has them.
+
+The server's environment never holds the store's credentials (as in production, where only the
+workers have them), and its settings are the ones ``deployments/README.md`` lists for crash
+detection, with the proactive trigger and event persister cadences shortened to one second so a
+test waits for the behaviour, not for the polling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.s3server import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+SERVER_SETTINGS = {
+    # the triggers service evaluates automations and runs their actions (on by default; crash detection needs it)
+    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "true",
+    # how often proactive triggers (an expected event that did not come) are evaluated; default 5 s
+    "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT1S",
+    # how soon received events are readable through the API; default 5 s
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+_NOT_FOR_THE_SERVER = ("AWS_", "FUSECHAT_S3_", "PREFECT_API_URL", "PREFECT_SERVER_EPHEMERAL_")
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start a process in its own session (so stop() reaches its children), output to ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(args, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM the process's session, SIGKILL it after ``grace`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+class PrefectServer:
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.home = workdir / "prefect-home"
+        self.log = workdir / "server.log"
+        self.port = free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> "PrefectServer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_FOR_THE_SERVER)}
+        env.update(SERVER_SETTINGS, PREFECT_HOME=str(self.home))
+        self.proc = spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                           "--port", str(self.port)], env, self.log)
+        deadline = time.time() + timeout
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.api}/health", timeout=2).status_code == 200:
+                    return self
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"prefect server did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            stop(self.proc)
+
+    def client_env(self, home: Path) -> dict[str, str]:
+        """The environment of a process that talks to this server, with its own PREFECT_HOME."""
+        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": self.api}
+        env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
+        return env
+
+    def get(self, path: str) -> Any:
+        response = httpx.get(f"{self.api}{path}", timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, path: str, body: dict) -> Any:
+        response = httpx.post(f"{self.api}{path}", json=body, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def events(self, name: str, *, resource: str | None = None, related: str | None = None) -> list[dict]:
+        """Events named ``name`` (optionally about ``resource``, or with ``related`` among their related)."""
+        flt: dict[str, Any] = {"event": {"name": [name]}}
+        if resource:
+            flt["resource"] = {"id": [resource]}
+        if related:
+            flt["related"] = {"id": [related]}
+        return self.post("/events/filter", {"filter": flt, "limit": 50})["events"]
+
