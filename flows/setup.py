@@ -17,6 +17,9 @@ from datetime import timedelta
 from typing import Any
 
 ZOMBIE_AUTOMATION = "fusechat: crash flow runs whose heartbeats stopped"
+# Prefect's least ``within`` for a proactive trigger. A real cluster wants several heartbeat periods
+# (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, at least 30 s), or live runs are crashed between two heartbeats.
+MIN_HEARTBEAT_TIMEOUT_S = 10
 
 
 def zombie_automation(within_s: int) -> Any:
@@ -48,7 +51,14 @@ def zombie_automation(within_s: int) -> Any:
 
 def setup_server(*, gpu_tag: str = "gpu", gpu_limit: int = 1, heartbeat_timeout_s: int = 90,
                  work_pool: str | None = "fusechat-local") -> list[str]:
-    """Apply the set-up to the Prefect API in ``PREFECT_API_URL``; returns what was done."""
+    """Apply the set-up to the Prefect API in ``PREFECT_API_URL``; returns what was done.
+
+    ``heartbeat_timeout_s`` is the automation's ``within``: how long after a heartbeat a flow run may
+    stay silent (no heartbeat, no final state) before it is marked Crashed. The default, 90 s, is
+    three heartbeat periods of the CLI's 30 s.
+    """
+    if heartbeat_timeout_s < MIN_HEARTBEAT_TIMEOUT_S:
+        raise ValueError(f"heartbeat_timeout_s must be >= {MIN_HEARTBEAT_TIMEOUT_S} (Prefect's least `within`)")
     from prefect.automations import Automation
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate

@@ -1,0 +1,128 @@
+"""Crash detection on a real Prefect server: a flow run whose process is SIGKILLed (a preempted node)
+stops sending heartbeats, and the automation `fusechat setup` creates marks it Crashed; a run that
+finishes after its heartbeat is left alone.
+
+The automation's window is Prefect's least (10 s) so the test waits seconds, not the 90 s a cluster
+uses; heartbeats cannot come faster than every 30 s, so only the first heartbeat of a run counts here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from flows.setup import MIN_HEARTBEAT_TIMEOUT_S, ZOMBIE_AUTOMATION, setup_server
+from tests.prefect_server import PrefectServer, spawn, stop
+
+pytest_plugins = ["tests.prefect_server_plugin"]
+
+# Two flow runs in one process: `quick` finishes right after its first heartbeat, `silent` sleeps
+# until it is killed. Each prints its flow run id.
+FLOWS = '''
+import time
+from prefect import flow
+from prefect.runtime import flow_run
+
+@flow(name="heartbeat-quick")
+def quick():
+    print("quick", flow_run.id, flush=True)
+    time.sleep(1)  # its first heartbeat goes out before it finishes
+
+@flow(name="heartbeat-silent")
+def silent():
+    print("silent", flow_run.id, flush=True)
+    time.sleep(600)
+
+quick()
+silent()
+'''
+
+
+def _wait(what: str, check, timeout: float, interval: float = 0.5, log: Path | None = None):
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}" + (f"\n{log.read_text()[-3000:]}" if log else ""))
+        time.sleep(interval)
+
+
+def _apply_setup(server: PrefectServer, **kwargs) -> list[str]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.api}):
+        return setup_server(work_pool=None, **kwargs)
+
+
+def _delete_automation(server: PrefectServer) -> None:
+    from prefect.automations import Automation
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.api}):
+        Automation.read(name=ZOMBIE_AUTOMATION).delete()
+
+
+@pytest.mark.slow
+def test_a_killed_flow_run_is_marked_crashed_when_its_heartbeats_stop(tmp_path, prefect_server):
+    server = prefect_server
+    timeout_s = MIN_HEARTBEAT_TIMEOUT_S
+    done = _apply_setup(server, heartbeat_timeout_s=timeout_s)
+    assert any("automation" in line for line in done), done
+
+    script = tmp_path / "flows.py"
+    script.write_text(FLOWS)
+    log = tmp_path / "flows.log"
+    env = {**server.client_env(tmp_path / "prefect-home"), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+    proc = spawn([sys.executable, str(script)], env, log)
+    try:
+        ids = _wait("the silent flow run to start", lambda: _flow_run_ids(log), 90, log=log)
+        silent = f"prefect.flow-run.{ids['silent']}"
+        heartbeat = _wait("the silent run's first heartbeat",
+                          lambda: server.events("prefect.flow-run.heartbeat", resource=silent), 30, log=log)[0]
+        assert server.get(f"/flow_runs/{ids['silent']}")["state"]["type"] == "RUNNING"
+        assert server.get(f"/flow_runs/{ids['quick']}")["state"]["type"] == "COMPLETED"
+        assert server.events("prefect.flow-run.heartbeat", resource=f"prefect.flow-run.{ids['quick']}")
+        # the node dies: no final state, no more heartbeats
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        killed_at = time.time()
+
+        def left_running():
+            state = server.get(f"/flow_runs/{ids['silent']}")["state"]
+            return state if state["type"] != "RUNNING" else None
+
+        state = _wait("the automation to mark the run Crashed", left_running, timeout_s + 45, log=log)
+        print(f"Crashed {time.time() - killed_at:.1f} s after the kill")
+        assert (state["type"], state["name"]) == ("CRASHED", "Crashed"), state
+        assert state["message"].startswith(f"No heartbeat for {timeout_s} s"), state
+        # it waited the automation's window after the last heartbeat
+        silent_for = (_when(state["timestamp"]) - _when(heartbeat["occurred"])).total_seconds()
+        assert silent_for >= timeout_s, (state, heartbeat)
+        # the automation did it, and did nothing to the run that finished
+        executed = _wait("the automation's action event",
+                         lambda: server.events("prefect.automation.action.executed", related=silent), 15)
+        assert {e["resource"]["prefect.resource.name"] for e in executed} == {ZOMBIE_AUTOMATION}
+        assert not server.events("prefect.automation.action.triggered", related=f"prefect.flow-run.{ids['quick']}")
+        assert server.get(f"/flow_runs/{ids['quick']}")["state"]["type"] == "COMPLETED"
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+        _delete_automation(server)
+
+
+def _flow_run_ids(log: Path) -> dict[str, str] | None:
+    ids = dict(re.findall(r"^(quick|silent) ([0-9a-f-]{36})$", log.read_text(), re.M))
+    return ids if "silent" in ids else None
+
+
+def _when(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
