@@ -180,7 +180,12 @@ def _run(cfg: RunConfig, until: str | None, as_json: bool) -> int:
         print(f"{stage:<{width}}  {ref['state']:<10} {ref['address']}  {_human(ref.get('size'))}")
     print(f"done in {time.time() - t0:.1f} s; artifacts in {cfg.store}")
     if as_json:
-        print(json.dumps({"store": cfg.store, "stages": results}))
+        out: dict = {"store": cfg.store}
+        if "report" in results:
+            from fusechat_core.store import ArtifactStore
+
+            out["report"] = ArtifactStore(cfg.store).uri(results["report"]["address"], "report.json")
+        print(json.dumps({**out, "stages": results}))
     return EXIT_OK
 
 

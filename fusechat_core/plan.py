@@ -184,6 +184,23 @@ class RunPlan:
         upstream = {"dataset": self.dataset, **{k: str(v) for k, v in self.model_ref(name).items()}}
         return stage_address("evaluate", self.cfg.evaluate, upstream, key=name)
 
+    def report_roles(self) -> dict:
+        """Who is who in the report: the CLM baseline, each target's source and that source's
+        expert data sources, the merges. A demo source's experts are the data sources drawn
+        from its most-weighted pre-training domains; other sources' are not known (None)."""
+        demo = self.cfg.demo
+        targets = {}
+        for s in self.cfg.sources:
+            experts = None
+            d = demo.models.get(s.path[len("demo:"):]) if demo and s.path.startswith("demo:") else None
+            if d is not None and d.domains:
+                top = max(d.domains.values())
+                experts = [src.label for src in self.cfg.data.sources
+                           if src.path.startswith("demo:") and d.domains.get(src.path[len("demo:"):]) == top]
+            targets[self.target_label(s.name)] = {"source": s.name, "expert_domains": experts}
+        return {"clm": CLM if self.cfg.train.clm_baseline else None, "targets": targets,
+                "merges": [f"merge-{m}" for m in self.merge_methods()]}
+
     def report(self) -> str:
         upstream = {n: self.evaluate(n) for n in self.evaluated_models()}
         return stage_address("report", {"name": self.cfg.name}, upstream)

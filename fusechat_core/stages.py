@@ -26,7 +26,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "merge": 1,
     "mt_bench_answers": 1,
     "evaluate": 1,
-    "report": 1,
+    "report": 2,
 }
 
 

@@ -99,3 +99,42 @@ def test_report_without_measures_still_lists_models(tmp_path, bad):
     rep = build_report("Empty", bad, tmp_path)
     assert len(_table_rows(rep["markdown"])) == 2 + len(bad)
     assert rep["plots"] == []
+
+
+def _nll_results(table: dict[str, dict[str, float]], em: dict[str, dict[str, float]] | None = None) -> dict:
+    return {m: {"heldout_nll": {"sources": {d: {"nll": v} for d, v in row.items()}},
+                "exact_match": {"sources": {d: {"accuracy": a} for d, a in (em or {}).get(m, {}).items()}}}
+            for m, row in table.items()}
+
+
+def test_report_json_answers_whether_fusion_beat_the_clm_baseline(tmp_path):
+    table = {"clm": {"a": 2.0, "b": 3.0, "c": 1.0},
+             "target-x": {"a": 1.9, "b": 3.2, "c": 1.2},   # better on expert a, worse on b: mean worse
+             "target-y": {"a": 2.1, "b": 2.95, "c": 1.01},  # better on expert b, worse on c: mean better
+             "merge-varm": {"a": 1.95, "b": 3.0, "c": 1.02}}
+    roles = {"clm": "clm", "merges": ["merge-varm"],
+             "targets": {"target-x": {"source": "x", "expert_domains": ["a", "b"]},
+                         "target-y": {"source": "y", "expert_domains": ["b", "c"]}}}
+    rep = build_report("Run", _nll_results(table, {"clm": {"a": 0.5}}), tmp_path, roles=roles)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["domains"]["clm"] == {"a": {"nll": 2.0, "exact_match": 0.5}, "b": {"nll": 3.0}, "c": {"nll": 1.0}}
+    fx, fy = data["fusion"]["targets"]["target-x"], data["fusion"]["targets"]["target-y"]
+    # by hand: x over (a, b) 2.55 vs clm 2.5; y over (b, c) 1.98 vs clm 2.0
+    assert fx["margins"] == pytest.approx({"a": 0.1, "b": -0.2}) and fx["margin"] == pytest.approx(-0.05)
+    assert fx["beats_clm"] is False
+    assert fy["mean_nll"] == pytest.approx(1.98) and fy["margin"] == pytest.approx(0.02) and fy["beats_clm"]
+    m = data["fusion"]["merges"]["merge-varm"]
+    # by hand: clm mean 2.0, merge mean (1.95 + 3.0 + 1.02) / 3 = 1.99
+    assert m["mean_nll"] == pytest.approx(1.99) and m["margin"] == pytest.approx(0.01) and m["beats_clm"]
+    md = rep["markdown"]
+    assert "Did fusion beat plain fine-tuning?" in md
+    assert ("**target-x** on x's expert data (a, b): no, 2.5500 vs 2.5000, margin -0.0500 "
+            "(per data source: a +0.1000, b -0.2000)") in md
+    assert "**merge-varm** on all data sources: yes, 1.9900 vs 2.0000, margin +0.0100" in md
+
+
+def test_report_without_a_clm_baseline_has_no_verdict(tmp_path):
+    rep = build_report("Run", _nll_results({"pivot": {"a": 1.0}}), tmp_path,
+                       roles={"clm": None, "targets": {}, "merges": []})
+    assert json.loads((tmp_path / "report.json").read_text())["fusion"] is None
+    assert "Did fusion beat" not in rep["markdown"]

@@ -33,3 +33,16 @@ def test_a_change_propagates_downstream_and_only_downstream():
     # every address is distinct
     addresses = [n.address for n in a.nodes()]
     assert len(addresses) == len(set(addresses))
+
+
+def test_report_roles_name_each_demo_source_expert_data():
+    from fusechat_core.config import load_config
+
+    cfg = load_config("configs/demo.yaml")
+    roles = RunPlan(cfg).report_roles()
+    assert roles["clm"] == "clm" and roles["merges"] == ["merge-varm"]
+    # configs/demo.yaml weighs mixtral 4:4 on markov, facts and llama 4:4 on ballad, reverse (1 elsewhere)
+    assert roles["targets"] == {"target-mixtral": {"source": "mixtral", "expert_domains": ["markov", "facts"]},
+                                "target-llama": {"source": "llama", "expert_domains": ["ballad", "reverse"]}}
+    paper = RunPlan(load_config("configs/fusechat-7b-varm.yaml")).report_roles()
+    assert all(t["expert_domains"] is None for t in paper["targets"].values())

@@ -144,9 +144,88 @@ def plot_results(results: Mapping[str, dict], loss_histories: Mapping[str, Seque
     return paths
 
 
+def per_domain(results: Mapping[str, dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """model -> data source -> {"nll", and "exact_match" where the source has one right answer}."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, r in results.items():
+        rows: dict[str, dict[str, float]] = {}
+        for src, m in ((r.get("heldout_nll") or {}).get("sources") or {}).items():
+            if m.get("nll") is not None:
+                rows.setdefault(src, {})["nll"] = m["nll"]
+        for src, m in ((r.get("exact_match") or {}).get("sources") or {}).items():
+            if m.get("accuracy") is not None:
+                rows.setdefault(src, {})["exact_match"] = m["accuracy"]
+        out[name] = {k: rows[k] for k in sorted(rows)}
+    return out
+
+
+def _nll(domains: Mapping[str, Mapping[str, dict]], model: str, src: str) -> float | None:
+    return (domains.get(model) or {}).get(src, {}).get("nll")
+
+
+def fusion_vs_clm(domains: Mapping[str, Mapping[str, dict]], roles: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Did fusion beat plain fine-tuning? Held-out NLL margins over the CLM baseline.
+
+    ``roles`` (``RunPlan.report_roles``): the baseline's name, each target's source and
+    that source's expert data sources (None when the run does not say), the merges.
+    A margin is ``NLL(clm) - NLL(model)``: positive when the fused model is better. A
+    target is compared on the mean NLL over its source's expert data sources (over all
+    of them when they are not known), a merge over all data sources; each data source
+    weighs the same, and the per-source margins are kept too.
+    """
+    clm = roles.get("clm")
+    if not clm or clm not in domains:
+        return None
+    shared = sorted(domains[clm])
+
+    def compare(model: str, over: Sequence[str]) -> dict[str, Any] | None:
+        nll = {d: _nll(domains, model, d) for d in over}
+        if not over or any(v is None for v in nll.values()):
+            return None
+        mine = sum(nll.values()) / len(over)  # type: ignore[arg-type]
+        base = sum(_nll(domains, clm, d) for d in over) / len(over)  # type: ignore[misc]
+        return {"domains": list(over), "mean_nll": mine, "clm_mean_nll": base, "margin": base - mine,
+                "margins": {d: _nll(domains, clm, d) - v for d, v in nll.items()},  # type: ignore[operator]
+                "beats_clm": base - mine > 0}
+
+    targets = {}
+    for label, t in (roles.get("targets") or {}).items():
+        experts = [d for d in (t.get("expert_domains") or shared) if d in shared]
+        row = compare(label, experts) if label in domains else None
+        if row is not None:
+            targets[label] = {"source": t.get("source"), **row}
+    merges = {}
+    for label in roles.get("merges") or []:
+        row = compare(label, shared) if label in domains else None
+        if row is not None:
+            merges[label] = row
+    return {"clm": clm, "domains": shared, "targets": targets, "merges": merges}
+
+
+def fusion_markdown(fusion: Mapping[str, Any] | None) -> list[str]:
+    if not fusion:
+        return []
+    clm = fusion["clm"]
+    lines = ["## Did fusion beat plain fine-tuning?", "",
+             f"Margin = held-out NLL of `{clm}` (λ = 1: same data, same steps, no fusion term) minus the "
+             "model's, as a mean over data sources (each weighted equally); positive means fusion helped.", ""]
+
+    def line(label: str, what: str, r: Mapping[str, Any]) -> str:
+        parts = ", ".join(f"{d} {m:+.4f}" for d, m in r["margins"].items())
+        return (f"- **{label}** on {what}: {'yes' if r['beats_clm'] else 'no'}, {r['mean_nll']:.4f} vs "
+                f"{r['clm_mean_nll']:.4f}, margin {r['margin']:+.4f} (per data source: {parts})")
+
+    for label, t in fusion["targets"].items():
+        lines.append(line(label, f"{t['source']}'s expert data ({', '.join(t['domains'])})", t))
+    for label, m in fusion["merges"].items():
+        lines.append(line(label, "all data sources", m))
+    return lines + [""]
+
+
 def render_markdown(title: str, results: Mapping[str, dict], plots: Sequence[str] = (),
-                    notes: Sequence[str] = ()) -> str:
+                    notes: Sequence[str] = (), fusion: Mapping[str, Any] | None = None) -> str:
     lines = [f"# {title}", "", markdown_table(results), ""]
+    lines += fusion_markdown(fusion)
     mt = {n: r["mt_bench"] for n, r in results.items() if r.get("mt_bench")}
     if mt:
         lines.append("MT-Bench: mean judge score (1-10) over both turns; unparsable verdicts are counted, "
@@ -168,14 +247,22 @@ def render_markdown(title: str, results: Mapping[str, dict], plots: Sequence[str
 
 def build_report(title: str, results: Mapping[str, dict], out_dir: str | Path,
                  loss_histories: Mapping[str, Sequence[dict]] | None = None,
-                 notes: Sequence[str] = ()) -> dict[str, Any]:
-    """Write report.md, report.json and plots/*.png into ``out_dir``; returns the report object."""
+                 notes: Sequence[str] = (), roles: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write report.md, report.json and plots/*.png into ``out_dir``; returns the report object.
+
+    ``report.json`` holds ``domains`` (model -> data source -> ``nll`` and, where the source
+    has one right answer, ``exact_match``), ``fusion`` (margins over the CLM baseline, when
+    ``roles`` names one) and every model's full ``results``.
+    """
     out = Path(out_dir)
     plots = plot_results(results, loss_histories, out / "plots")
     rel = [p.relative_to(out).as_posix() for p in plots]
-    md = render_markdown(title, results, rel, notes)
+    domains = per_domain(results)
+    fusion = fusion_vs_clm(domains, roles) if roles else None
+    md = render_markdown(title, results, rel, notes, fusion)
     (out / "report.md").write_text(md)
-    report = {"title": title, "models": list(results), "results": dict(results),
+    report = {"title": title, "models": list(results), "domains": domains, "fusion": fusion,
+              "results": dict(results),
               "columns": [h for _, h, _ in columns(results)], "plots": rel,
               "loss_histories": {k: list(v) for k, v in (loss_histories or {}).items()}}
     (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=str))

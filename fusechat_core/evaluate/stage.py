@@ -149,8 +149,10 @@ def loss_history(store: ArtifactStore, train_address: str) -> list[dict] | None:
 
 
 def write_report(store: ArtifactStore, address: str, title: str, evaluations: Mapping[str, str],
-                 train_artifacts: Mapping[str, str] | None = None, notes: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The run's report artifact from its evaluate artifacts (and training logs, when present)."""
+                 train_artifacts: Mapping[str, str] | None = None, notes: tuple[str, ...] = (),
+                 roles: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The run's report artifact from its evaluate artifacts (and training logs, when present);
+    ``roles`` (``RunPlan.report_roles``) adds the comparison with the CLM baseline."""
     results = {name: store.read_json(addr, RESULTS_FILE) for name, addr in evaluations.items()}
     histories = {}
     for name, addr in (train_artifacts or {}).items():
@@ -158,7 +160,7 @@ def write_report(store: ArtifactStore, address: str, title: str, evaluations: Ma
         if hist:
             histories[name] = hist
     with tempfile.TemporaryDirectory() as tmp:
-        rep = build_report(title, results, tmp, histories, notes)
+        rep = build_report(title, results, tmp, histories, notes, roles)
         meta = {"stage": "report", "models": list(results), "evaluations": dict(evaluations)}
         store.put_dir(address, tmp, meta=meta)
     return rep
