@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from fusechat_core.chat import IGNORE, ChatFormatter
 from fusechat_core.models import formatter_for
+from fusechat_core.represent import head_only_supported
 from fusechat_core.config import ModelSpec, RunConfig
 from fusechat_core.data.synthetic import DOMAINS
 from fusechat_core.store import ArtifactStore
@@ -45,6 +46,23 @@ def _batch(formatter: ChatFormatter, rng: random.Random, domains: list[str], wei
         labels[i, : len(y)] = torch.tensor(y)
         mask[i, : len(x)] = 1
     return ids, labels, mask
+
+
+def _supervised_loss(model: Any, ids: Any, mask: Any, labels: Any, head_only: bool) -> Any:
+    """Mean next-token cross-entropy over the supervised (assistant) tokens.
+
+    Only a few tokens per conversation are supervised, and a tekken head has 131,072
+    rows: applying the head at those positions alone is the same loss at a fraction of
+    the cost of the full batch × length × vocabulary logits.
+    """
+    import torch
+
+    if not head_only:
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    b, t = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    logits = model.get_output_embeddings()(hidden[b, t])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[b, t + 1])
 
 
 def pretrain_demo_model(run: RunConfig, spec: ModelSpec, out_dir: Path,
@@ -75,11 +93,12 @@ def pretrain_demo_model(run: RunConfig, spec: ModelSpec, out_dir: Path,
     domains = sorted(d.domains)
     weights = [d.domains[k] for k in domains]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    head_only = head_only_supported(model)
     losses = []
     for step in range(d.steps):
         ids, labels, mask = _batch(formatter, rng, domains, weights, run.demo.batch_size,
                                    run.demo.max_length, pad)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = _supervised_loss(model, ids, mask, labels, head_only)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
