@@ -21,7 +21,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "dataset": 1,
     "represent": 1,
     "vocab_map": 1,
-    "align": 1,
+    "align": 2,
     "train": 1,
     "merge": 1,
     "mt_bench_answers": 1,
