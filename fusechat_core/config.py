@@ -143,7 +143,9 @@ class RepresentConfig(_Section):
 
 class AlignConfig(_Section):
     method: Literal["auto", "offsets", "dtw", "dtw-banded"] = "auto"
-    vocab_mapping: Literal["mined", "exact"] = "mined"
+    # mined: exact, else minimum edit distance (the paper); prefix: exact, else the pivot
+    # tokenizer's first piece of the token's text, else MinED; exact: exact or nothing
+    vocab_mapping: Literal["mined", "exact", "prefix"] = "mined"
     mined_threshold: float | None = None  # max normalised edit distance; None: no limit
 
 

@@ -167,3 +167,29 @@ def test_mined_equals_brute_force_on_real_vocabularies(vocabs):
         if best == 0:
             assert vm.kind[k] == EXACT
     assert _lev(sub.strings[0], pivot.strings[int(vm.ids[0])]) == vm.distance[0]
+
+
+def test_prefix_mapping_puts_a_whole_word_on_the_pivot_piece_that_starts_it(vocabs):
+    from fusechat_core.align.vocab import PREFIX
+
+    v1_tok, tekken_tok = load_tokenizer("builtin:mistral-v1"), load_tokenizer("builtin:tekken")
+    pivot, source = vocabs["mistral-v1"], vocabs["tekken"]
+    vm = build_vocab_map(source, pivot, mapping="prefix", pivot_tokenizer=v1_tok)
+    mined = build_vocab_map(source, pivot, mapping="mined")
+    # exact matches are the same under both; prefix only replaces (some) MinED choices
+    assert np.array_equal(vm.ids[mined.kind == EXACT], mined.ids[mined.kind == EXACT])
+    assert set(np.unique(vm.kind[mined.kind == MINED])) <= {PREFIX, MINED}
+    # by hand: Mistral v1 spells " lantern" as ▁lan + tern and " sings" as ▁s + ings
+    for word, first in ((" lantern", "▁lan"), (" sings", "▁s"), (" maiden", "▁maid")):
+        sid = tekken_tok.convert_tokens_to_ids("Ġ" + word[1:])
+        assert vm.kind[sid] == PREFIX and vm.ids[sid] == v1_tok.convert_tokens_to_ids(first), word
+        assert mined.ids[sid] != vm.ids[sid]  # MinED picks a whole other word (" later", " sing", " made")
+    # every prefix choice is the pivot tokenizer's own first token of that text, mid-word too
+    picked = np.flatnonzero(vm.kind == PREFIX)
+    sample = picked[np.linspace(0, len(picked) - 1, 300).astype(int)]
+    for sid in sample:
+        text = source.strings[sid]
+        ids = v1_tok("\n" + text, add_special_tokens=False)["input_ids"]
+        assert ids[:2] == v1_tok("\n", add_special_tokens=False)["input_ids"][:2]  # '▁', <0x0A>
+        assert ids[2] == vm.ids[sid], (text, ids)
+    assert vm.stats["prefix"] == len(picked) and vm.stats["prefix"] > 0.5 * len(source)

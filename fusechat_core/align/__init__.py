@@ -110,16 +110,17 @@ def build_vocab_map_artifact(cfg: RunConfig, store: ArtifactStore, address: str,
     from fusechat_core.models import tokenizer_ref
 
     say = progress or log.info
-    pivot_vocab = vocabulary(model_tokenizer(cfg.pivot))
+    pivot_tok = model_tokenizer(cfg.pivot)
+    pivot_vocab = vocabulary(pivot_tok)
     source_vocab = vocabulary(model_tokenizer(source))
     vmap = build_vocab_map(source_vocab, pivot_vocab, mapping=cfg.align.vocab_mapping,
-                           threshold=cfg.align.mined_threshold)
+                           threshold=cfg.align.mined_threshold, pivot_tokenizer=pivot_tok)
     meta = {"source": source.name, "source_tokenizer": list(tokenizer_ref(source)),
             "pivot_tokenizer": list(tokenizer_ref(cfg.pivot)), "source_family": source_vocab.family,
             "pivot_family": pivot_vocab.family}
     write_vocab_map(store, address, vmap, meta)
     s = vmap.stats
-    say(f"vocab map {source.name} → {cfg.pivot.name}: {s['exact']} exact, {s['mined']} MinED, "
+    say(f"vocab map {source.name} → {cfg.pivot.name}: {s['exact']} exact, {s['prefix']} prefix, {s['mined']} MinED, "
         f"{s['unmapped']} unmapped, identity={s['identity']} ({s['seconds']} s)")
     return vmap.stats
 
@@ -253,7 +254,8 @@ def align_shard_artifact(cfg: RunConfig, store: ArtifactStore, source: ModelSpec
     st = aligned.stats
     say(f"align {source.name} shard {index + 1}/{shards}: {st['rows']} rows, "
         f"{st['share_one_to_one']:.1%} 1-to-1, {st['share_fallback']:.1%} fallback, "
-        f"mass exact {st['mass_exact']:.1%} / MinED {st['mass_mined']:.1%} ({st['sequence_alignment']})")
+        f"mass exact {st['mass_exact']:.1%} / prefix {st['mass_prefix']:.1%} / MinED {st['mass_mined']:.1%} "
+        f"({st['sequence_alignment']})")
     return st
 
 
@@ -281,12 +283,12 @@ def finish_align_artifact(cfg: RunConfig, store: ArtifactStore, source: ModelSpe
 def summarise(shard_stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
     rows = sum(s["rows"] for s in shard_stats)
     fb = sum(s["fallback"] for s in shard_stats)
-    sums = {k: sum(s["mass_sums"][k] for s in shard_stats) for k in ("total", "exact", "mined")}
+    sums = {k: sum(s["mass_sums"].get(k, 0.0) for s in shard_stats) for k in ("total", "exact", "prefix", "mined")}
     denom = sums["total"] or 1.0
     return {"rows": rows, "fallback": fb, "share_one_to_one": (rows - fb) / rows if rows else 0.0,
             "share_fallback": fb / rows if rows else 0.0, "mass_exact": sums["exact"] / denom,
-            "mass_mined": sums["mined"] / denom,
-            "mass_unmapped": max(0.0, sums["total"] - sums["exact"] - sums["mined"]) / denom,
+            "mass_prefix": sums["prefix"] / denom, "mass_mined": sums["mined"] / denom,
+            "mass_unmapped": max(0.0, sums["total"] - sums["exact"] - sums["prefix"] - sums["mined"]) / denom,
             "identity": all(s.get("identity") for s in shard_stats),
             "sequence_alignment": sorted({s.get("sequence_alignment", "?") for s in shard_stats})}
 

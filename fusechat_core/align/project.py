@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fusechat_core.align.vocab import EXACT, MINED, VocabMap
+from fusechat_core.align.vocab import EXACT, MINED, PREFIX, VocabMap
 from fusechat_core.represent import Representation
 
 
@@ -150,6 +150,7 @@ def project(pivot: Representation, source: Representation, pairing: Sequence[np.
     mass = np.exp(raw_lp)
     exact_mass = float(mass[kind == EXACT].sum())
     mined_mass = float(mass[kind == MINED].sum())
+    prefix_mass = float(mass[kind == PREFIX].sum())
     total_mass = float(mass.sum())
     earlier_same = (mapped[:, :, None] == mapped[:, None, :]) & np.tri(k, k, -1, dtype=bool)[None]
     valid = (mapped >= 0) & ~earlier_same.any(axis=2)
@@ -169,12 +170,13 @@ def project(pivot: Representation, source: Representation, pairing: Sequence[np.
     lps[fallback] = -np.inf
     ids[fallback, 0] = labels[fallback]
     lps[fallback, 0] = 0.0
-    stats = _stats(n_rows, fallback, int(empty.sum()), total_mass, exact_mass, mined_mass, identity=False)
+    stats = _stats(n_rows, fallback, int(empty.sum()), total_mass, exact_mass, mined_mass, identity=False,
+                   prefix=prefix_mass)
     return Aligned(sup_offsets, ids, lps.astype(np.float16), metric_ce, fallback, stats)
 
 
 def _stats(n_rows: int, fallback: np.ndarray, n_empty: int, total: float, exact: float, mined: float, *,
-           identity: bool) -> dict[str, Any]:
+           identity: bool, prefix: float = 0.0) -> dict[str, Any]:
     n_fb = int(fallback.sum())
     denom = total if total > 0 else 1.0
     return {
@@ -186,9 +188,10 @@ def _stats(n_rows: int, fallback: np.ndarray, n_empty: int, total: float, exact:
         "share_fallback": n_fb / n_rows if n_rows else 0.0,
         # shares of the paired rows' top-k probability mass
         "mass_exact": exact / denom,
+        "mass_prefix": prefix / denom,
         "mass_mined": mined / denom,
-        "mass_unmapped": max(0.0, total - exact - mined) / denom,
+        "mass_unmapped": max(0.0, total - exact - prefix - mined) / denom,
         # raw sums, so shard statistics add up to the stage's
-        "mass_sums": {"total": total, "exact": exact, "mined": mined},
+        "mass_sums": {"total": total, "exact": exact, "prefix": prefix, "mined": mined},
         "identity": identity,
     }
