@@ -28,7 +28,8 @@ def test_deployment_runs_the_pipeline_on_server_worker_and_s3(tmp_path, s3_env, 
     server = prefect_server
     run_id = uuid.uuid4().hex[:8]
     env = {**server.client_env(tmp_path / "prefect-home"), **s3_env.env(), "FUSECHAT_REPO_DIR": str(REPO),
-           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "FUSECHAT_CACHE": str(tmp_path / "cache")}
+           "FUSECHAT_CACHE": str(tmp_path / "cache")}
+    # no PREFECT_FLOWS_HEARTBEAT_FREQUENCY here: prefect.yaml's job variables must set it
     worker = None
     try:
         setup = _cli([str(BIN / "fusechat"), "setup", "--gpu-limit", "1", "--heartbeat-timeout", "60"], env)
@@ -61,6 +62,12 @@ def test_deployment_runs_the_pipeline_on_server_worker_and_s3(tmp_path, s3_env, 
             assert time.time() < deadline, f"flow run still {state['type']}"
             time.sleep(3)
         assert state["type"] == "COMPLETED", (state, (tmp_path / "worker.log").read_text()[-4000:])
+        # the run sent heartbeats every 30 s (prefect.yaml's env job variable; Prefect's own
+        # default is 180 s, beyond the crash automation's window)
+        run = server.get(f"/flow_runs/{flow_run_id}")
+        assert run["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30", run["job_variables"]
+        beats = server.events("prefect.flow-run.heartbeat", resource=f"prefect.flow-run.{flow_run_id}")
+        assert len(beats) >= 1 + int(run["total_run_time"] // 35), (len(beats), run["total_run_time"])
 
         # the artifacts exist in the store...
         cfg = load_config(local_cfg)
