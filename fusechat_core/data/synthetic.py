@@ -2,7 +2,8 @@
 
 Domains of different character, so that fusion has something to show:
 ``markov`` text whose next word is genuinely uncertain (a fixed Markov chain
-with known transition probabilities), and tasks with one right answer:
+with known transition probabilities), ``ballad`` lines from a stochastic
+grammar (known rule probabilities, other words), and tasks with one right answer:
 ``arithmetic``, ``reverse`` (string transformation) and ``facts`` (lookups in
 a generated fact table). The *world* (chain, fact table) is fixed by
 ``WORLD_SEED``; the run seed only picks which examples are drawn, so the
@@ -64,6 +65,42 @@ def _markov(rng: random.Random) -> tuple[str, str]:
         nxt, probs = zip(*chain[words[-1]])
         words.append(rng.choices(nxt, probs)[0])
     return f"Continue the story: {word}", " ".join(words[1:]) + "."
+
+
+def _zipf(words: str) -> list[tuple[tuple[str, ...], float]]:
+    """Word choices with probabilities ∝ 1/rank: a few common words and a long tail."""
+    ws = words.split()
+    z = sum(1 / (r + 1) for r in range(len(ws)))
+    return [((w,), 1 / (r + 1) / z) for r, w in enumerate(ws)]
+
+
+# A stochastic grammar: nonterminal -> [(expansion, probability)]. Its words are not the
+# Markov chain's, so the two uncertain domains are distinct skills; each is one token in
+# every demo tokenizer, so the domain measures what a model knows, not how well two
+# vocabularies line up (a word one tokenizer splits has no 1-to-1 partner, SPEC §1.3).
+GRAMMAR: dict[str, list[tuple[tuple[str, ...], float]]] = {
+    "LINE": [(("NP", "VP"), 0.7), (("NP", "VP", "and", "VP"), 0.3)],
+    "NP": [(("DET", "NOUN"), 0.6), (("DET", "ADJ", "NOUN"), 0.4)],
+    "VP": [(("VERB", "NP"), 0.5), (("VERB", "PREP", "NP"), 0.3), (("VERB",), 0.2)],
+    "DET": _zipf("the a every one no this that"),
+    "ADJ": _zipf("cold dark old young red white black long small great wild"),
+    "NOUN": _zipf("ship sea star night king queen man woman child bird horse wolf fire stone river road"),
+    "VERB": _zipf("saw heard called found kept took gave held turned walked followed left met lost"),
+    "PREP": _zipf("near over under past with from"),
+}
+
+
+def _expand(rng: random.Random, symbol: str) -> list[str]:
+    if symbol not in GRAMMAR:
+        return [symbol]
+    expansions, probs = zip(*GRAMMAR[symbol])
+    return [w for part in rng.choices(expansions, probs)[0] for w in _expand(rng, part)]
+
+
+@DOMAINS.register("ballad")
+def _ballad(rng: random.Random) -> tuple[str, str]:
+    lines = [" ".join(_expand(rng, "LINE")) for _ in range(rng.randint(1, 2))]
+    return "Sing a line of the ballad.", ". ".join(line.capitalize() for line in lines) + "."
 
 
 @DOMAINS.register("arithmetic")

@@ -1,0 +1,45 @@
+"""The demo's synthetic world: seeded, and its uncertain domains follow their stated probabilities."""
+
+from __future__ import annotations
+
+import collections
+
+from fusechat_core.data import synthetic
+
+
+def _answers(domain: str, n: int, seed: int = 3) -> list[str]:
+    return [r["conversations"][1]["value"] for r in synthetic.generate(domain, n, seed)]
+
+
+def test_same_seed_same_rows_other_seed_other_rows():
+    for domain in synthetic.DOMAINS.names():
+        assert _answers(domain, 20) == _answers(domain, 20)
+        assert _answers(domain, 20) != _answers(domain, 20, seed=4)
+
+
+def test_markov_transitions_follow_the_chain():
+    chain = synthetic.markov_chain()
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for text in _answers("markov", 3000):
+        words = text.rstrip(".").split()
+        for a, b in zip(words, words[1:]):
+            counts[a][b] += 1
+    word = "the"
+    total = sum(counts[word].values())
+    for nxt, p in chain[word]:
+        assert abs(counts[word][nxt] / total - p) < 0.05, (nxt, counts[word][nxt] / total, p)
+
+
+def test_ballad_words_follow_the_grammar_probabilities():
+    # Every noun is drawn from NOUN's rule alone, whatever expands around it: its share
+    # of noun slots is the rule probability.
+    nouns = dict((w[0], p) for w, p in synthetic.GRAMMAR["NOUN"])
+    seen = collections.Counter(w for text in _answers("ballad", 3000)
+                               for w in text.lower().replace(".", " ").split() if w in nouns)
+    total = sum(seen.values())
+    assert total > 3000
+    for w, p in nouns.items():
+        assert abs(seen[w] / total - p) < 0.03, (w, seen[w] / total, p)
+    # and the first line is one or two clauses, 70:30
+    two = sum(" and " in t.split(". ")[0] for t in _answers("ballad", 3000))
+    assert abs(two / 3000 - 0.3) < 0.03
