@@ -131,6 +131,8 @@ def test_report_json_answers_whether_fusion_beat_the_clm_baseline(tmp_path):
     assert ("**target-x** on x's expert data (a, b): no, 2.5500 vs 2.5000, margin -0.0500 "
             "(per data source: a +0.1000, b -0.2000)") in md
     assert "**merge-varm** on all data sources: yes, 1.9900 vs 2.0000, margin +0.0100" in md
+    assert rep["plots"][0] == "plots/fusion_margin.png" and "![fusion_margin](plots/fusion_margin.png)" in md
+    assert Image.open(tmp_path / "plots" / "fusion_margin.png").size == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
 
 
 def test_report_without_a_clm_baseline_has_no_verdict(tmp_path):
