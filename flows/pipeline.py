@@ -20,8 +20,7 @@ from prefect.futures import PrefectFuture, wait
 from fusechat_core.config import RunConfig, load_config
 from fusechat_core.plan import CLM, RunPlan
 from fusechat_core.preflight import preflight
-from fusechat_core.store import ArtifactStore
-from tasks._stage import ensure_gpu_limit, result_storage_for
+from tasks._stage import ensure_gpu_limit, open_store, result_storage_for, unwalked
 from tasks.align import align_shard, build_vocab_map, finish_align
 from tasks.dataset import build_dataset
 from tasks.demo import build_demo_model
@@ -67,11 +66,11 @@ def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | N
     cfg = load_config(config_path) if config_path else RunConfig.model_validate(config)
     preflight(cfg)
     plan = RunPlan(cfg)
-    config = cfg.model_dump(mode="json")
+    config = unwalked(cfg.model_dump(mode="json"))
     store = cfg.store
     opts = {"result_storage": result_storage_for(store)}
     gpu_tags = ensure_gpu_limit(cfg.runner.gpu_tag, cfg.runner.gpu_concurrency)
-    st = ArtifactStore(store)
+    st = open_store(store)
 
     def gpu(address: str) -> list[str]:
         # A finished stage needs no GPU: it must not queue for a GPU slot just to report Cached.

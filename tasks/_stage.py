@@ -1,4 +1,6 @@
-"""What every stage task shares: the cache policy, result storage, the reference it returns.
+"""What every stage task shares: the cache policy, result storage, the reference it returns,
+its run's name (``run_name``: ``represent[model=pivot, shard=1/2]``) and the summary it
+posts on the dashboard when done (``stage_done``).
 
 A stage task's cache key is its artifact address (SPEC §3), so a rerun in a
 new flow run finds the finished stage and Prefect reports it Cached. Prefect's
@@ -9,14 +11,17 @@ fails its check, the record is dropped and the stage runs again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import os
+import re
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from prefect.cache_policies import CachePolicy
-from prefect.filesystems import RemoteFileSystem
 
-from fusechat_core.store import ArtifactStore, s3_storage_options
+from fusechat_core.store import ArtifactStore, Manifest
 
 RECORDS_PREFIX = "_prefect-records"
 
@@ -27,7 +32,11 @@ def record_key(address: str) -> str:
 
 def result_storage_for(store_url: str) -> Any:
     """Prefect result storage inside the artifact store, so the cache outlives any Prefect server."""
-    store = ArtifactStore(store_url)
+    from prefect.filesystems import RemoteFileSystem
+
+    from fusechat_core.store import s3_storage_options
+
+    store = open_store(store_url)
     if store.scheme == "file":
         return Path(store.root) / RECORDS_PREFIX
     # Only the endpoint goes into the block: credentials stay in the environment. Prefect
@@ -52,7 +61,7 @@ class StageAddressPolicy(CachePolicy):
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
         address = inputs["address"]
-        store = ArtifactStore(inputs["store"])
+        store = open_store(inputs["store"])
         key = record_key(address)
         if not store.is_complete(address):
             _drop_record(store, key)
@@ -69,10 +78,125 @@ STAGE_TASK_OPTIONS: dict[str, Any] = dict(
 )
 
 
-def stage_ref(store: ArtifactStore, address: str, **extra: Any) -> dict[str, Any]:
+def open_store(url: str) -> ArtifactStore:
+    """The store at ``url``, one object per process while the working folder and the S3
+    settings in the environment stay as they are: a run's cache checks (one per task) share
+    one client instead of opening one each."""
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "FUSECHAT_S3"))))
+    return _open_store(url, os.getcwd(), env)
+
+
+@functools.lru_cache(maxsize=16)
+def _open_store(url: str, cwd: str, env: tuple) -> ArtifactStore:
+    return ArtifactStore(url)
+
+
+def unwalked(value: Any) -> Any:
+    """``value`` as a task argument Prefect does not walk looking for futures (it holds none).
+
+    The run's config goes to every task, and walking it costs each task run ~10 ms before
+    it even checks its cache. Only under the thread runner: Dask takes Prefect's ``quote``
+    wrapper (a tuple) apart, so there the value goes as it is.
+    """
+    from prefect.context import FlowRunContext
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect.utilities.annotations import quote
+
+    ctx = FlowRunContext.get()
+    return quote(value) if ctx is not None and isinstance(ctx.task_runner, ThreadPoolTaskRunner) else value
+
+
+def stage_ref(store: ArtifactStore, address: str, man: Manifest | None = None, **extra: Any) -> dict[str, Any]:
     """The small reference a stage task returns (never the data itself)."""
-    man = store.require(address)
+    man = store.require(address) if man is None else man
     return {"address": address, "store": store.url, "digest": man.digest, "size": man.size, **extra}
+
+
+def artifact_key(text: str) -> str:
+    """A Prefect artifact key from any text: lowercase ASCII letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def run_name(stage: str, param: str | None = None, *, label: str | None = None,
+             shard: str | None = None) -> Callable[..., str]:
+    """A ``task_run_name`` that says which instance a run is, e.g. ``represent[model=pivot, shard=1/2]``.
+
+    ``param``: the task parameter that tells the instances apart, shown as ``label=value``
+    (``label`` defaults to the parameter's name; ``""`` shows the bare value). ``shard``: the
+    0-based shard parameter, shown 1-based out of the run's shard count.
+    """
+    def name(parameters: dict[str, Any]) -> str:
+        parts = []
+        if param is not None:
+            key = param if label is None else label
+            parts.append(f"{key}={parameters[param]}" if key else str(parameters[param]))
+        if shard is not None:
+            parts.append(f"shard={parameters[shard] + 1}/{parameters['config']['represent']['shards']}")
+        return f"{stage}[{', '.join(parts)}]" if parts else stage
+
+    return name
+
+
+_HASH_LIKE = ("sha256", "digest", "fingerprint")
+
+
+def _figures(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The scalar figures of a manifest's meta (one level of nesting flattened), digests left out."""
+    out: dict[str, Any] = {}
+    for k, v in meta.items():
+        if isinstance(v, Mapping):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return {k: v for k, v in out.items() if k != "stage" and not any(h in k for h in _HASH_LIKE)
+            and isinstance(v, (int, float, str, bool)) and len(str(v)) <= 120}
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v).replace("|", "\\|")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.1f} TB"
+
+
+def stage_done(store: ArtifactStore, address: str, title: str, started: float, *, computed: bool = True,
+               figures: Mapping[str, Any] | None = None, details: str = "", **extra: Any) -> dict[str, Any]:
+    """A stage's reference, and its summary on the dashboard: a markdown artifact saying what it
+    made, where, how long it took, and its key figures (the manifest's, then ``figures``), then
+    ``details`` (markdown; a leading title line is dropped).
+
+    The key is the address's: the same artifact made again (after its store was wiped) adds
+    a version under the same key, a changed one has a key of its own. ``started``:
+    ``time.monotonic()`` when the task began; ``computed``: whether this run made the
+    artifact (else it found it complete in the store). Outside a Prefect run
+    (``task.fn(...)``) nothing is posted.
+    """
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import TaskRunContext
+
+    man = store.require(address)
+    if TaskRunContext.get() is not None:
+        took = f"{time.monotonic() - started:.1f} s" + ("" if computed else " (found complete in the store)")
+        rows = {"address": f"`{address}`", "location": f"`{store.uri(address)}`",
+                "files": f"{len(man.files)} ({_size(man.size)})", "digest": f"`{man.digest[:16]}`", "took": took}
+        rows.update({k: _cell(v) for k, v in {**_figures(man.meta), **_figures(figures or {})}.items()
+                     if k not in rows})
+        table = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
+        details = details.strip()
+        if details.startswith("# "):  # the summary has its own title
+            details = details.partition("\n")[2].strip()
+        markdown = f"# {title}\n\n| | |\n|---|---|\n{table}\n" + (f"\n{details}\n" if details else "")
+        create_markdown_artifact(markdown, key=artifact_key(address), description=f"{title}: {address}")
+    return stage_ref(store, address, man, **extra)
 
 
 def run_config(config: dict) -> Any:
@@ -82,7 +206,7 @@ def run_config(config: dict) -> Any:
     from fusechat_core.plan import RunPlan
 
     cfg = RunConfig.model_validate(config)
-    materialise(RunPlan(cfg), ArtifactStore(cfg.store))
+    materialise(RunPlan(cfg), open_store(cfg.store))
     return cfg
 
 

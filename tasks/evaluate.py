@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 
-from fusechat_core.config import EvaluateConfig, RunConfig
-from fusechat_core.evaluate import evaluate_model as _evaluate_model
-from fusechat_core.evaluate import write_report
-from fusechat_core.evaluate.loading import run_model_ref
-from fusechat_core.store import ArtifactStore
-from tasks._stage import STAGE_TASK_OPTIONS, stage_ref
+from tasks._stage import STAGE_TASK_OPTIONS, open_store, run_name, stage_done
 
 
-def _artifact_key(text: str) -> str:
-    # Prefect artifact keys: lowercase letters, digits and dashes only.
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:64]
-
-
-@task(name="evaluate", task_run_name="evaluate-{name}", retries=1, retry_delay_seconds=30, **STAGE_TASK_OPTIONS)
+@task(name="evaluate", task_run_name=run_name("evaluate", "name", label="model"), retries=1,
+      retry_delay_seconds=30, **STAGE_TASK_OPTIONS)
 def evaluate_model(config: dict, name: str, model: dict, address: str, store: str,
                    dataset: str | None = None, answers: str | None = None) -> dict:
     """Evaluate one model of the run (``model``: ``RunPlan.model_ref(name)``).
@@ -26,12 +18,18 @@ def evaluate_model(config: dict, name: str, model: dict, address: str, store: st
     ``config`` is the run config (or just its ``evaluate`` section); ``answers`` the
     MT-Bench answers address (``RunPlan.mt_bench_answers(name)``).
     """
+    from fusechat_core.config import EvaluateConfig, RunConfig
+    from fusechat_core.evaluate import evaluate_model as _evaluate_model
+    from fusechat_core.evaluate.loading import run_model_ref
+
+    started = time.monotonic()
     logger = get_run_logger()
-    st = ArtifactStore(store)
+    st = open_store(store)
+    computed = not st.is_complete(address)
     if "pivot" in config:  # a whole run config: resolve demo models and the pivot's template
         run = RunConfig.model_validate(config)
         cfg = run.evaluate
-        if not st.is_complete(address):
+        if computed:
             model = run_model_ref(run, name, model, st)
     else:
         cfg = EvaluateConfig.model_validate(config.get("evaluate", config))
@@ -41,21 +39,24 @@ def evaluate_model(config: dict, name: str, model: dict, address: str, store: st
     if "mt_bench" in results:
         mt = results["mt_bench"]
         summary["mt_bench"] = {k: mt[k] for k in ("average", "scored", "unparsable", "failed")}
-    return stage_ref(st, address, model=name, summary=summary)
+    return stage_done(st, address, f"Evaluation of `{name}`", started, computed=computed, figures=summary,
+                      model=name, summary=summary)
 
 
-@task(name="report", task_run_name="report", retries=1, **STAGE_TASK_OPTIONS)
+@task(name="report", task_run_name=run_name("report"), retries=1, **STAGE_TASK_OPTIONS)
 def build_run_report(config: dict, evaluations: dict[str, str], address: str, store: str,
                      training: dict[str, str] | None = None) -> dict:
     """The run's report from its evaluate artifacts; ``training``: target name → train address."""
+    from fusechat_core.evaluate import write_report
+
+    started = time.monotonic()
     cfg_name = config.get("name", "fusechat")
-    st = ArtifactStore(store)
-    if st.is_complete(address):
-        markdown = st.read_bytes(address, "report.md").decode()
-    else:
+    st = open_store(store)
+    computed = not st.is_complete(address)
+    if computed:
         markdown = write_report(st, address, f"FuseChat run `{cfg_name}`", evaluations, training)["markdown"]
+    else:
+        markdown = st.read_bytes(address, "report.md").decode()
     # Plots stay in the store: a Prefect markdown artifact cannot embed local files.
-    create_markdown_artifact(markdown + f"\nPlots and report.json: `{st.uri(address)}`\n",
-                             key=_artifact_key(f"report-{cfg_name}"),
-                             description=f"FuseChat evaluation report for run {cfg_name}")
-    return stage_ref(st, address)
+    return stage_done(st, address, f"Report of run `{cfg_name}`", started, computed=computed,
+                      details=markdown + "\nPlots and report.json are in the store (location above).")

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import time
+
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 
-from fusechat_core.merge import weights_markdown
-from fusechat_core.merge.stage import merge_stage
-from fusechat_core.store import ArtifactStore
-from tasks._stage import STAGE_TASK_OPTIONS, run_config, stage_ref
+from tasks._stage import STAGE_TASK_OPTIONS, open_store, run_config, run_name, stage_done
 
 
-@task(name="merge", task_run_name="merge-{method}", retries=1, retry_delay_seconds=30, **STAGE_TASK_OPTIONS)
+@task(name="merge", task_run_name=run_name("merge", "method"), retries=1, retry_delay_seconds=30,
+      **STAGE_TASK_OPTIONS)
 def merge_targets(config: dict, method: str, targets: dict[str, str], address: str, store: str) -> dict:
     """Merge the targets (target name → ``plan.train`` address) into ``plan.merge(method)``."""
+    from fusechat_core.merge import weights_markdown
+    from fusechat_core.merge.stage import merge_stage
+
+    started = time.monotonic()
     logger = get_run_logger()
     cfg = run_config(config)
-    st = ArtifactStore(store)
+    st = open_store(store)
     out = merge_stage(cfg, st, address, method, targets, progress=logger.info)
-    if out["table"] is not None and not out["cached"]:
-        key = "".join(c if c.isalnum() else "-" for c in f"varm-weights-{cfg.name}".lower())[:64]
-        create_markdown_artifact(weights_markdown(out["table"], max_rows=400), key=key,
-                                 description=f"VaRM: which target dominates which matrix ({address})")
-    return stage_ref(st, address, method=method)
+    # VaRM: which target dominates which matrix
+    details = "" if out["table"] is None else weights_markdown(out["table"], max_rows=400)
+    return stage_done(st, address, f"Merge `{method}`", started, computed=not out["cached"], details=details,
+                      method=method)

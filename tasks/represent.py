@@ -16,9 +16,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from fusechat_core.config import RunConfig
 from fusechat_core.plan import RunPlan
-from fusechat_core.represent import RepresentError, commit_representation, release_model, represent_model
-from fusechat_core.store import ArtifactStore
-from tasks._stage import STAGE_TASK_OPTIONS, run_config, stage_ref
+from tasks._stage import STAGE_TASK_OPTIONS, open_store, run_config, run_name, stage_done, stage_ref, unwalked
 
 _REPORT_EVERY_S = 5.0  # artifact updates are API calls: a few per minute is plenty
 
@@ -50,10 +48,12 @@ class _Reporter:
                              event["tokens_per_s"])
 
 
-@task(name="represent-shard", task_run_name="represent-{model}-{shard}", retries=1, retry_delay_seconds=10,
-      **STAGE_TASK_OPTIONS)
+@task(name="represent-shard", task_run_name=run_name("represent", "model", shard="shard"), retries=1,
+      retry_delay_seconds=10, **STAGE_TASK_OPTIONS)
 def represent_shard(config: dict, model: str, shard: int, address: str, store: str) -> dict:
     """Top-k representations of one model over one shard of the fusion data."""
+    from fusechat_core.represent import RepresentError, represent_model
+
     logger = get_run_logger()
     cfg = run_config(config)
     plan = RunPlan(cfg)
@@ -61,7 +61,7 @@ def represent_shard(config: dict, model: str, shard: int, address: str, store: s
     if plan.represent_shard(spec, shard) != address:
         raise RepresentError(f"represent {model} shard {shard}: address {address!r} is not this run's "
                              f"({plan.represent_shard(spec, shard)!r})")
-    st = ArtifactStore(store)
+    st = open_store(store)
     [summary] = represent_model(cfg, st, plan, spec, shard,
                                 progress=_Reporter(model, shard, cfg.represent.shards, logger))
     n = cfg.represent.shards
@@ -76,24 +76,29 @@ def represent_shard(config: dict, model: str, shard: int, address: str, store: s
     return stage_ref(st, address, model=model, shard=shard)
 
 
-@task(name="represent", task_run_name="represent-{model}", retries=1, retry_delay_seconds=5,
+@task(name="represent", task_run_name=run_name("represent", "model"), retries=1, retry_delay_seconds=5,
       **STAGE_TASK_OPTIONS)
 def commit_represent(config: dict, model: str, address: str, store: str, shards: list[dict]) -> dict:
     """The model's stage artifact, once all its shards are complete (``shards``: their refs,
     passed so Prefect runs this after them)."""
+    from fusechat_core.represent import RepresentError, commit_representation, release_model
+
+    started = time.monotonic()
     cfg = RunConfig.model_validate(config)
     plan = RunPlan(cfg)
     spec = plan.model(model)
     if plan.represent(spec) != address:
         raise RepresentError(f"represent {model}: address {address!r} is not this run's ({plan.represent(spec)!r})")
-    st = ArtifactStore(store)
+    st = open_store(store)
     # Every shard of this model is done: its weights need not hold the GPU for later stages.
     release_model(spec)
-    if not st.is_complete(address):
+    computed = not st.is_complete(address)
+    if computed:
         man = commit_representation(cfg, st, plan, spec)
         get_run_logger().info("represent %s: %d shards, %d sequences, %d supervised tokens", model,
                               len(man.meta["shards"]), man.meta["n_seq"], man.meta["n_supervised"])
-    return stage_ref(st, address, model=model)
+    return stage_done(st, address, f"Representations of `{model}`", started, computed=computed,
+                      figures={"shards": cfg.represent.shards}, model=model)
 
 
 def submit_represent(cfg: RunConfig, plan: RunPlan, *, result_storage: Any = None,
@@ -103,14 +108,14 @@ def submit_represent(cfg: RunConfig, plan: RunPlan, *, result_storage: Any = Non
     Returns ``{model name: future of its stage ref}``. ``tags`` (e.g. the GPU tag) go on
     the shard tasks, the only ones that hold a model.
     """
-    config = cfg.model_dump(mode="json")
+    config = unwalked(cfg.model_dump(mode="json"))
     options: dict[str, Any] = {}
     if result_storage is not None:
         options["result_storage"] = result_storage
     shard_task = represent_shard.with_options(tags=tags or [], **options)
     commit_task = commit_represent.with_options(**options)
     n = cfg.represent.shards
-    store = ArtifactStore(cfg.store)
+    store = open_store(cfg.store)
     futures = []
     for spec in cfg.models:
         for i in range(n):

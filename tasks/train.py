@@ -25,16 +25,9 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 
 from fusechat_core.config import RunConfig
 from fusechat_core.plan import RunPlan
-from fusechat_core.store import ArtifactStore
-from fusechat_core.train import train_from_config
-from tasks._stage import STAGE_TASK_OPTIONS, stage_ref
+from tasks._stage import STAGE_TASK_OPTIONS, artifact_key, open_store, run_name, stage_done
 
 TABLE_ROWS = 200  # a table of every step of a 2,000-step run would not be read by anyone
-
-
-def _artifact_key(text: str) -> str:
-    # Prefect artifact keys: lowercase letters, digits and dashes only.
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:64]
 
 
 class _Reporter:
@@ -93,26 +86,31 @@ class _Reporter:
         rows = self.rows[::stride]
         if rows[-1] is not self.rows[-1]:
             rows.append(self.rows[-1])
-        create_table_artifact(table=rows, key=_artifact_key(f"train-{self.target}-metrics"),
+        create_table_artifact(table=rows, key=artifact_key(f"train-{self.target}-metrics"),
                               description=f"Training metrics of target {self.target} (every {stride} step(s))")
 
 
-@task(name="train", task_run_name="train-{target}", retries=2, retry_delay_seconds=30, **STAGE_TASK_OPTIONS)
+@task(name="train", task_run_name=run_name("train", "target"), retries=2, retry_delay_seconds=30,
+      **STAGE_TASK_OPTIONS)
 def train_target(config: dict, target: str, address: str, store: str) -> dict:
     """Train one target (a source's name, or ``clm``); a retry resumes from its newest checkpoint."""
+    started = time.monotonic()
     logger = get_run_logger()
     cfg = RunConfig.model_validate(config).model_copy(update={"store": store})
     expected = RunPlan(cfg).train(target)
     if expected != address:
         raise ValueError(f"train task for {target!r}: address {address!r} is not the plan's {expected!r}")
-    st = ArtifactStore(store)
-    if not st.is_complete(address):
+    st = open_store(store)
+    computed = not st.is_complete(address)
+    if computed:
         report = _Reporter(target, logger)
         if cfg.train.accelerate_config:
             _launch(cfg, target, report, logger)
         else:
+            from fusechat_core.train import train_from_config
+
             train_from_config(cfg, target, on_event=report)
-    return stage_ref(st, address, target=target)
+    return stage_done(st, address, f"Training of target `{target}`", started, computed=computed, target=target)
 
 
 def _launch(cfg: RunConfig, target: str, report: _Reporter, logger: Any) -> None:
