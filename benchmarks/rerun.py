@@ -9,9 +9,11 @@ yet (not timed), then times, in fresh processes on the same machine:
 Both pay the same ephemeral-API start-up, so the ratio shows what our cache
 checks (store manifests, cache records) add on top of Prefect itself.
 
-    python benchmarks/rerun.py [--config configs/demo.yaml] [--store DIR] [--repeat 3]
+    python benchmarks/rerun.py [--config configs/demo.yaml] [--store DIR] [--repeat 3] [--profile FILE]
 
-Ends with ``noop_rerun_seconds: S`` and ``noop_vs_empty_flow: R``.
+Ends with ``noop_rerun_seconds: S`` and ``noop_vs_empty_flow: R``. ``--profile`` also
+writes a cProfile of one more rerun, every thread (the task runs) merged into it:
+``python -m pstats FILE``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,29 @@ def empty(n: int) -> None:
 empty(int(sys.argv[1]))
 """
 
+PROFILED_RERUN = """
+import cProfile, pstats, sys, threading
+
+profiles = [cProfile.Profile()]
+_run = threading.Thread.run
+
+
+def run(self):
+    profiles.append(cProfile.Profile())
+    profiles[-1].runcall(_run, self)
+
+
+threading.Thread.run = run
+from flows.cli import main
+
+code = profiles[0].runcall(main, sys.argv[2:])
+stats = pstats.Stats(profiles[0])
+for p in profiles[1:]:
+    stats.add(p)
+stats.dump_stats(sys.argv[1])
+sys.exit(code)
+"""
+
 
 def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     t0 = time.perf_counter()
@@ -59,6 +84,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     ap.add_argument("--store", help="a store where this config already ran (default: a new temporary one)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--profile", help="write a cProfile of one more rerun (all threads) to this file")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="fusechat-bench-rerun-"))
@@ -93,6 +119,10 @@ def main() -> None:
         reruns.append(t_rerun)
         empties.append(t_empty)
         print(f"repeat {i + 1}: no-op rerun {t_rerun:.2f} s, empty flow with {n_tasks} tasks {t_empty:.2f} s")
+    if args.profile:
+        profile = str(Path(args.profile).resolve())
+        _timed([sys.executable, "-c", PROFILED_RERUN, profile, "run", args.config, "--store", store], env)
+        print(f"profile of a rerun (all threads): {profile}")
     rerun, empty = statistics.median(reruns), statistics.median(empties)
     print(f"machine: {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
     print(f"noop_rerun_seconds: {rerun:.2f}")
