@@ -74,6 +74,16 @@ def s3_server(session_tmp: Path):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def prefect_server(session_tmp: Path):
+    """`prefect server start` on 127.0.0.1, shared by the session's tests; stopped at the end."""
+    from tests.prefect_server import PrefectServer
+
+    server = PrefectServer(session_tmp / "prefect-server").start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
     """Credentials and endpoint of the test server, in the environment only (as in production)."""

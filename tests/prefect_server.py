@@ -1,8 +1,7 @@
 """A real Prefect API for tests: `prefect server start` on 127.0.0.1, one per test session.
 
-A test module that needs it declares ``pytest_plugins = ["tests.prefect_server_plugin"]`` and takes
-the session fixture ``prefect_server``; every such module shares the one server, started on first
-use and stopped at the end of the session. Tests that change server-wide objects (automations, work
+Tests take the session fixture ``prefect_server`` (conftest.py); they all share the one server,
+started on first use and stopped at the end of the session. Tests that change server-wide objects (automations, work
 pools, concurrency limits) set them up themselves and leave them as a production server has them.
 
 The server's environment never holds the store's credentials (as in production, where only the

@@ -16,8 +16,6 @@ from fusechat_core.store import ArtifactStore
 from tests.prefect_server import BIN, REPO, spawn, stop
 from tests.test_pipeline_e2e import tiny_run_config
 
-pytest_plugins = ["tests.prefect_server_plugin"]
-
 
 def _cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -65,7 +63,8 @@ def test_deployment_runs_the_pipeline_on_server_worker_and_s3(tmp_path, s3_env, 
         # the run sent heartbeats every 30 s (prefect.yaml's env job variable; Prefect's own
         # default is 180 s, beyond the crash automation's window)
         run = server.get(f"/flow_runs/{flow_run_id}")
-        assert run["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30", run["job_variables"]
+        deployment = server.get(f"/deployments/{run['deployment_id']}")
+        assert deployment["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30", deployment
         beats = server.events("prefect.flow-run.heartbeat", resource=f"prefect.flow-run.{flow_run_id}")
         assert len(beats) >= 1 + int(run["total_run_time"] // 35), (len(beats), run["total_run_time"])
 
