@@ -132,7 +132,8 @@ def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | N
 
     training = {plan.target_label(t): plan.train(t) for t in plan.target_names()}
     report = build_run_report.with_options(**opts).submit(
-        config, {n: plan.evaluate(n) for n in plan.evaluated_models()}, plan.report(), store, training=training)
+        config, {n: plan.evaluate(n) for n in plan.evaluated_models()}, plan.report(), store, training=training,
+        roles=plan.report_roles())
     _settle(results, {"report": report})
     get_run_logger().info("report: %s", results["report"]["address"])
     return results

@@ -45,8 +45,9 @@ def evaluate_model(config: dict, name: str, model: dict, address: str, store: st
 
 @task(name="report", task_run_name=run_name("report"), retries=1, **STAGE_TASK_OPTIONS)
 def build_run_report(config: dict, evaluations: dict[str, str], address: str, store: str,
-                     training: dict[str, str] | None = None) -> dict:
-    """The run's report from its evaluate artifacts; ``training``: target name → train address."""
+                     training: dict[str, str] | None = None, roles: dict | None = None) -> dict:
+    """The run's report from its evaluate artifacts; ``training``: target name → train address;
+    ``roles``: ``RunPlan.report_roles()``, for the comparison with the CLM baseline."""
     from fusechat_core.evaluate import write_report
 
     started = time.monotonic()
@@ -54,7 +55,8 @@ def build_run_report(config: dict, evaluations: dict[str, str], address: str, st
     st = open_store(store)
     computed = not st.is_complete(address)
     if computed:
-        markdown = write_report(st, address, f"FuseChat run `{cfg_name}`", evaluations, training)["markdown"]
+        markdown = write_report(st, address, f"FuseChat run `{cfg_name}`", evaluations, training,
+                                roles=roles)["markdown"]
     else:
         markdown = st.read_bytes(address, "report.md").decode()
     # Plots stay in the store: a Prefect markdown artifact cannot embed local files.

@@ -18,7 +18,7 @@ import pytest
 from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import MANIFEST, ArtifactStore
-from tests.test_pipeline_e2e import tiny_run_config
+from tests.tiny_config import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 

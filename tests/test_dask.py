@@ -12,7 +12,7 @@ from flows.cli import main
 from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
-from tests.test_pipeline_e2e import tiny_run_config
+from tests.tiny_config import tiny_run_config
 
 pytest.importorskip("prefect_dask")
 

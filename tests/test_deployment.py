@@ -14,7 +14,7 @@ from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
 from tests.prefect_server import BIN, REPO, spawn, stop
-from tests.test_pipeline_e2e import tiny_run_config
+from tests.tiny_config import tiny_run_config
 
 
 def _cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:

@@ -1,0 +1,171 @@
+"""The built-in demo, exactly as a new user runs it (``fusechat demo --json``), once per module.
+
+On that one run:
+- it shows, in numbers, that fusion did something plain fine-tuning did not: with the
+  seed fixed, each target beats the CLM baseline (λ = 1, same data and steps) on its
+  source's expert data, and VaRM beats it on average over all data. The bars are
+  recomputed here from the per-domain NLLs the evaluate stage measured, not read from
+  the report's own verdict;
+- every stage ran at the plan's address, every task run's name says which instance it
+  is, and every stage posted its markdown summary under its address;
+- a rerun in a fresh process is all Cached, byte for byte the same artifacts, and never
+  imports torch, transformers or mergekit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from statistics import mean
+
+import pytest
+
+from flows.cli import DEMO_CONFIG, main
+from fusechat_core.config import load_config
+from fusechat_core.plan import RunPlan
+from fusechat_core.store import ArtifactStore
+from tasks._stage import artifact_key
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    store_url = f"file://{tmp_path_factory.mktemp('demo')}/store"
+    capture = tmp_path_factory.mktemp("demo-out") / "stdout.txt"
+    import contextlib
+
+    with open(capture, "w") as fh, contextlib.redirect_stdout(fh):
+        code = main(["demo", "--store", store_url, "--json"])
+    out = capture.read_text()
+    assert code == 0, out[-3000:]
+    cfg = load_config(DEMO_CONFIG, store=store_url)
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        runs = FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+        task_runs = client.read_task_runs(flow_run_filter=runs)
+        artifacts = client.read_artifacts(flow_run_filter=runs)
+        api_url = str(client.api_url)
+    return {"last": json.loads(out.strip().splitlines()[-1]), "store_url": store_url, "cfg": cfg,
+            "plan": RunPlan(cfg), "store": ArtifactStore(store_url), "task_runs": task_runs,
+            "artifacts": artifacts, "api_url": api_url}
+
+
+def test_demo_shows_fusion_beating_plain_fine_tuning(demo):
+    last, cfg, plan, store = demo["last"], demo["cfg"], demo["plan"], demo["store"]
+    assert last["store"] == demo["store_url"]
+    assert last["report"] == store.uri(plan.report(), "report.json")
+    report = json.loads(Path(last["report"][len("file://"):]).read_text())
+
+    # every model × every data source: nll, and exact_match where there is one right answer
+    models = plan.evaluated_models()
+    assert set(report["domains"]) == set(models)
+    assert {"pivot", "mixtral", "llama", "clm", "target-mixtral", "target-llama", "merge-varm"} <= set(models)
+    sources = sorted(s.label for s in cfg.data.sources)
+    for m in models:
+        assert sorted(report["domains"][m]) == sources, m
+        for d in sources:
+            row = report["domains"][m][d]
+            assert row["nll"] > 0
+            assert ("exact_match" in row) == (d in cfg.evaluate.exact_match_sources), (m, d)
+            # the very figure the evaluate stage stored for that model
+            assert row["nll"] == store.read_json(plan.evaluate(m), "results.json")["heldout_nll"]["sources"][d]["nll"]
+
+    # the bars, from the per-domain NLLs
+    def nll(model: str, over: list[str]) -> float:
+        return mean(report["domains"][model][d]["nll"] for d in over)
+
+    margins = {}
+    for label, t in plan.report_roles()["targets"].items():
+        assert t["expert_domains"], label
+        margins[label] = nll("clm", t["expert_domains"]) - nll(label, t["expert_domains"])
+    margins["merge-varm"] = nll("clm", sources) - nll("merge-varm", sources)
+    assert all(m > 0 for m in margins.values()), margins
+
+    # the report states those margins, and its verdicts agree
+    md = store.read_bytes(plan.report(), "report.md").decode()
+    fusion = {**report["fusion"]["targets"], **report["fusion"]["merges"]}
+    for label, m in margins.items():
+        assert fusion[label]["margin"] == pytest.approx(m) and fusion[label]["beats_clm"] is True
+        assert f"**{label}**" in md and f"margin {m:+.4f}" in md
+
+
+def test_every_stage_ran_at_the_plans_address(demo):
+    stages, plan = demo["last"]["stages"], demo["plan"]
+    expected = {n.label for n in plan.nodes() if n.stage not in ("vocab_map", "mt_bench_answers")}
+    expected |= {f"vocab_map[{s.name}]" for s in plan.cfg.sources}
+    assert expected <= set(stages), expected - set(stages)
+    assert all(r["state"] == "Completed" for r in stages.values()), {k: r["state"] for k, r in stages.items()}
+    for node in plan.nodes():
+        if node.label in stages:
+            assert stages[node.label]["address"] == node.address
+
+
+def expected_task_run_names(plan: RunPlan) -> list[str]:
+    cfg, n = plan.cfg, plan.cfg.represent.shards
+    names = [f"demo_model[{m.name}]" for m in plan.demo_specs()] + ["dataset"]
+    for m in cfg.models:
+        names += [f"represent[model={m.name}, shard={i}/{n}]" for i in range(1, n + 1)] + [f"represent[model={m.name}]"]
+    for s in cfg.sources:
+        names += [f"vocab_map[source={s.name}]", f"align[source={s.name}]"]
+        names += [f"align[source={s.name}, shard={i}/{n}]" for i in range(1, n + 1)]
+    names += [f"train[target={t}]" for t in plan.target_names()]
+    names += [f"merge[method={m}]" for m in plan.merge_methods()]
+    names += [f"evaluate[model={m}]" for m in plan.evaluated_models()] + ["report"]
+    return names
+
+
+def test_every_task_run_says_what_it_is(demo):
+    names = sorted(r.name for r in demo["task_runs"])
+    assert names == sorted(expected_task_run_names(demo["plan"]))
+    assert all(re.fullmatch(r"[a-z_]+(\[[^\]]+\])?", n) for n in names), names
+
+
+def test_every_stage_posts_a_summary_under_its_address(demo):
+    plan = demo["plan"]
+    summaries = {a.key: a for a in demo["artifacts"] if a.type == "markdown"}
+    nodes = [n for n in plan.nodes() if n.stage != "mt_bench_answers"]
+    assert {n.stage for n in nodes} >= {"demo_models", "dataset", "represent", "vocab_map", "align", "train",
+                                        "merge", "evaluate", "report"}
+    for node in nodes:
+        art = summaries.get(artifact_key(node.address))
+        assert art is not None, f"{node.label}: no summary artifact"
+        assert f"`{node.address}`" in art.data and "| took |" in art.data, node.label
+    assert "Did fusion beat plain fine-tuning?" in summaries[artifact_key(plan.report())].data
+    # the progress artifacts of the long stages are there too
+    progress = [a.description or "" for a in demo["artifacts"] if a.type == "progress"]
+    assert any(d.startswith("Representations of") for d in progress)
+    assert any(d.startswith("Training target") for d in progress)
+
+
+RERUN = """
+import json, sys
+from flows.cli import main
+code = main(["demo", "--store", sys.argv[1], "--json"])
+print(json.dumps({"code": code, "heavy": sorted(m for m in ("torch", "transformers", "mergekit") if m in sys.modules)}))
+code = main(["status", sys.argv[2], "--store", sys.argv[1], "--json"])
+"""
+
+
+def test_rerun_is_all_cached_identical_and_imports_no_torch(demo):
+    # the first run's API (already up): the rerun pays no server start-up
+    env = {**os.environ, "PREFECT_API_URL": demo["api_url"]}
+    proc = subprocess.run([sys.executable, "-c", RERUN, demo["store_url"], str(DEMO_CONFIG)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    second, result, status = json.loads(lines[-3])["stages"], json.loads(lines[-2]), json.loads(lines[-1])
+    assert result == {"code": 0, "heavy": []}, proc.stderr[-3000:]
+    first = demo["last"]["stages"]
+    assert {k: r["state"] for k, r in second.items()} == {k: "Cached" for k in first}
+    assert {k: r["digest"] for k, r in second.items()} == {k: r["digest"] for k, r in first.items()}
+    assert {r["state"] for r in status} == {"done"}, [r for r in status if r["state"] != "done"]

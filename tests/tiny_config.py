@@ -1,0 +1,36 @@
+"""The tiny run config that pipeline-level tests share: every stage, small enough for CI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+
+def tiny_run_config(folder: Path, store: str) -> Path:
+    """A complete run small enough for CI: three architectures, three tokenizers."""
+    cfg = {
+        "name": "tiny",
+        "store": store,
+        "seed": 1,
+        "pivot": {"name": "pivot", "path": "demo:pivot", "tokenizer": "builtin:mistral-v1", "dtype": "float32"},
+        "sources": [{"name": "moe", "path": "demo:moe", "tokenizer": "builtin:mistral-v3", "dtype": "float32"},
+                    {"name": "deep", "path": "demo:deep", "tokenizer": "builtin:tekken", "dtype": "float32"}],
+        "data": {"sources": [{"name": "markov", "path": "demo:markov", "count": 12},
+                             {"name": "arithmetic", "path": "demo:arithmetic", "count": 12}],
+                 "max_length": 96, "heldout_fraction": 0.25},
+        "represent": {"top_k": 4, "batch_size": 8, "max_length": 96, "shards": 2},
+        "train": {"learning_rate": 1e-3, "batch_size": 4, "micro_batch_size": 2, "epochs": 1, "max_steps": 3,
+                  "checkpoint_every": 2, "clm_baseline": True, "mixed_precision": "no"},
+        "merge": {"method": "varm", "methods_extra": ["linear"]},
+        "evaluate": {"exact_match_sources": ["arithmetic"], "exact_match_max_new_tokens": 4, "batch_size": 8},
+        "runner": {"max_workers": 2},
+        "demo": {"batch_size": 4, "max_length": 64, "models": {
+            "pivot": {"arch": "mistral", "hidden": 32, "intermediate": 64, "steps": 2, "domains": {"markov": 1}},
+            "moe": {"arch": "mixtral", "hidden": 32, "intermediate": 64, "steps": 2, "domains": {"markov": 1}},
+            "deep": {"arch": "llama", "hidden": 32, "intermediate": 64, "layers": 3, "steps": 2,
+                     "domains": {"arithmetic": 1}}}},
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
