@@ -69,9 +69,12 @@ def pretrain_demo_model(run: RunConfig, spec: ModelSpec, out_dir: Path,
                         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build and pre-train one demo model into ``out_dir``; returns its training summary."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from fusechat_core.models import warm_imports
     from fusechat_core.tiny import build_tiny_model
+
+    warm_imports()  # the three demo models start together in worker threads
+    from transformers import AutoModelForCausalLM
 
     assert run.demo is not None and spec.tokenizer is not None
     name = spec.path[len("demo:"):]

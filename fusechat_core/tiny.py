@@ -45,6 +45,10 @@ def build_tiny_model(arch: Arch, tokenizer: str, out_dir: str | Path, *, seed: i
     the folder renders conversations exactly as a ModelSpec naming the tokenizer does.
     """
     import torch
+
+    from fusechat_core.models import warm_imports
+
+    warm_imports()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = load_tokenizer(tokenizer)

@@ -8,12 +8,11 @@ that go with it.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 from fusechat_core.chat import ChatFormatter
-from fusechat_core.models import load_causal_lm, load_tokenizer, pick_device, resolve_ref
+from fusechat_core.models import load_causal_lm, load_tokenizer, pick_device, resolve_ref, warm_imports
 from fusechat_core.store import ArtifactStore
 
 
@@ -55,22 +54,9 @@ def resolve_model(store: ArtifactStore, name: str, ref: dict[str, Any]) -> EvalM
                      dtype=spec.get("dtype") or "auto", trust_remote_code=bool(spec.get("trust_remote_code")))
 
 
-_IMPORT_LOCK = threading.Lock()
-
-
-def _import_transformers() -> None:
-    # transformers' lazy module is not thread-safe on first import: two evaluate tasks
-    # starting together in a flow's worker threads saw "cannot import name
-    # 'AutoModelForCausalLM'". One thread imports it; the others wait.
-    with _IMPORT_LOCK:
-        import transformers
-
-        transformers.AutoModelForCausalLM, transformers.AutoTokenizer  # noqa: B018
-
-
 def load_for_eval(model: EvalModel, device: str = "auto") -> tuple[Any, Any, ChatFormatter, str]:
     """(model in eval mode on its device, tokenizer, chat formatter, device)."""
-    _import_transformers()
+    warm_imports()
     device = pick_device(device)
     dtype = model.dtype
     if dtype == "auto" and device.startswith("cuda"):
