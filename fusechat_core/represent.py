@@ -351,22 +351,75 @@ def write_shard(writer: ArtifactWriter, rep: Representation) -> None:
     writer.write_json(META_FILE, rep.meta)
 
 
-def read_shard(store: ArtifactStore, address: str) -> Representation:
-    """A complete shard artifact, checked against the contract (shapes, offsets, meta)."""
-    from safetensors.numpy import load_file
+# safetensors dtype names → numpy; the format is little-endian.
+_SAFETENSORS_DTYPES = {"BOOL": "|b1", "U8": "|u1", "I8": "|i1", "U16": "<u2", "I16": "<i2", "U32": "<u4",
+                       "I32": "<i4", "U64": "<u8", "I64": "<i8", "F16": "<f2", "F32": "<f4", "F64": "<f8"}
 
-    folder = store.fetch(address)
-    meta = json.loads((folder / META_FILE).read_text())
+
+def map_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only ``np.memmap`` over the file.
+
+    Nothing is read until an array is indexed: a training step that slices a batch's rows
+    pages in those rows only, so no shard's top-k table ever has to fit in memory. Raises
+    ValueError when the file is not a well-formed safetensors file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise ValueError(f"header of {n} bytes in a {size}-byte file")
+        header = json.loads(fh.read(n))
+    arrays: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r}: unsupported dtype {info.get('dtype')!r}")
+        dtype, shape = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]), tuple(int(d) for d in info["shape"])
+        start, stop = (int(x) for x in info["data_offsets"])
+        if stop - start != dtype.itemsize * int(np.prod(shape)) or 8 + n + stop > size:
+            raise ValueError(f"tensor {name!r}: data_offsets do not fit its shape or the file")
+        # mmap cannot map zero bytes; an empty array holds nothing to map anyway
+        arrays[name] = (np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape) if stop > start
+                        else np.zeros(shape, dtype))
+    return arrays
+
+
+def open_arrays(folder: str | Path, filename: str, names: Sequence[str],
+                where: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The named arrays of a shard folder's ``filename``, memory-mapped (``map_safetensors``),
+    and its ``meta.json``; RepresentError naming ``where`` (default: the file) when either is
+    unreadable or an array is missing. The reader of both shard contracts.
+    """
+    path = Path(folder) / filename
+    where = where or str(path)
     try:
-        arrays = load_file(str(folder / REPRESENTATION_FILE))
-    except Exception as exc:
-        raise RepresentError(f"{address}/{REPRESENTATION_FILE}: unreadable: {exc}") from exc
-    missing = [a for a in ARRAYS if a not in arrays]
+        meta = json.loads((Path(folder) / META_FILE).read_text())
+        arrays = map_safetensors(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RepresentError(f"{where}: unreadable: {exc}") from exc
+    missing = [a for a in names if a not in arrays]
     if missing:
-        raise RepresentError(f"{address}/{REPRESENTATION_FILE}: missing arrays {', '.join(missing)}")
-    rep = Representation(**{a: arrays[a] for a in ARRAYS}, meta=meta)
-    rep.validate(f"{address}/{REPRESENTATION_FILE}")
+        raise RepresentError(f"{where}: missing arrays {', '.join(missing)}")
+    return {a: arrays[a] for a in names}, meta
+
+
+def open_shard(folder: str | Path, where: str | None = None) -> Representation:
+    """The one reader of a REPRESENTATION shard folder, checked against the contract (shapes,
+    offsets, meta). Arrays are memory-mapped: opening a shard reads its offsets, never its
+    top-k tables. ``where`` names the shard in errors.
+    """
+    where = where or str(Path(folder) / REPRESENTATION_FILE)
+    arrays, meta = open_arrays(folder, REPRESENTATION_FILE, ARRAYS, where)
+    rep = Representation(**arrays, meta=meta)
+    rep.validate(where)
     return rep
+
+
+def read_shard(store: ArtifactStore, address: str) -> Representation:
+    """A complete shard artifact of ``store``, memory-mapped and checked (``open_shard``)."""
+    return open_shard(store.fetch(address), f"{address}/{REPRESENTATION_FILE}")
 
 
 def _tokenization_of(x: Any) -> tuple[Any, Any]:
@@ -529,7 +582,7 @@ def commit_representation(cfg: RunConfig, store: ArtifactStore, plan: Any, spec:
 
 __all__ = [
     "ARRAYS", "META_FILE", "REPRESENTATION_FILE", "RepresentError", "Representation", "collect_shard",
-    "commit_representation", "encode_rows", "id_dtype", "length_batches", "read_shard", "release_model",
-    "represent_model", "same_tokenization", "shard_rows", "tokenization_digest", "tokenizer_of",
-    "vocab_fingerprint", "write_shard",
+    "commit_representation", "encode_rows", "id_dtype", "length_batches", "map_safetensors", "open_arrays",
+    "open_shard", "read_shard", "release_model", "represent_model", "same_tokenization", "shard_rows",
+    "tokenization_digest", "tokenizer_of", "vocab_fingerprint", "write_shard",
 ]

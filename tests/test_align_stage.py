@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fusechat_core.align import AlignError, read_representation, row_sequence
+from fusechat_core.align import AlignError, open_aligned, read_representation, row_sequence
 from fusechat_core.align.vocab import vocabulary
 from fusechat_core.chat import IGNORE, ChatFormatter
 from fusechat_core.config import parse_config
@@ -113,7 +113,14 @@ def _align_all(cfg, store, plan, name):
 
 def _aligned(store, address):
     folder = store.fetch(address)
-    return load_file(str(folder / "aligned.safetensors")), json.loads((folder / "meta.json").read_text())
+    arrays, meta = load_file(str(folder / "aligned.safetensors")), json.loads((folder / "meta.json").read_text())
+    mapped = open_aligned(folder)  # the reader training uses reads back what safetensors reads
+    assert mapped.stats == meta and isinstance(mapped.topk_ids, np.memmap)
+    for name, want in arrays.items():
+        got = getattr(mapped, name)
+        assert got.dtype == want.dtype, name
+        np.testing.assert_array_equal(got, want)
+    return arrays, meta
 
 
 def _check_contract(arrays, pivot):

@@ -25,9 +25,9 @@ from fusechat_core.config import ModelSpec, RepresentConfig, parse_config
 from fusechat_core.data import build_dataset_artifact, read_split
 from fusechat_core.models import ModelLoadError, load_causal_lm, load_tokenizer
 from fusechat_core.plan import RunPlan
-from fusechat_core.represent import (META_FILE, REPRESENTATION_FILE, RepresentError, collect_shard,
-                                     commit_representation, read_shard, represent_model, same_tokenization,
-                                     shard_rows, write_shard)
+from fusechat_core.represent import (ARRAYS, META_FILE, REPRESENTATION_FILE, RepresentError, Representation,
+                                     collect_shard, commit_representation, read_shard, represent_model,
+                                     same_tokenization, shard_rows, write_shard)
 from fusechat_core.store import MANIFEST, ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +102,69 @@ def test_topk_and_ce_equal_a_direct_forward(tiny_models, tmp_path, name):
         assert np.all(np.diff(got_lp, axis=1) <= 0)  # descending
         assert rep.metric_ce[s] == pytest.approx(ce, rel=1e-4)
     assert len(lengths) > 1  # the batches did hold padding
+
+
+def _small_shard() -> Representation:
+    """Three sequences (10, 5, 15 tokens), the middle one without supervision."""
+    rng = np.random.default_rng(0)
+    sup = [np.arange(1, 10), np.arange(0), np.arange(1, 15)]
+    rows, k = sum(map(len, sup)), 4
+    return Representation(
+        input_ids=rng.integers(0, 60000, 30).astype(np.uint16), seq_offsets=np.array([0, 10, 15, 30], np.int64),
+        sup_positions=np.concatenate(sup).astype(np.uint16), sup_offsets=np.array([0, 9, 9, 23], np.int64),
+        topk_ids=rng.integers(0, 60000, (rows, k)).astype(np.uint16),
+        topk_logprobs=-np.sort(rng.random((rows, k)), axis=1).astype(np.float16),
+        metric_ce=np.array([1.5, np.nan, 0.25], np.float32), meta={"row_ids": ["a", "b", "c"], "top_k": k})
+
+
+def test_the_one_reader_maps_the_file_and_reads_back_what_was_written(tmp_path):
+    """read_shard (the reader alignment and training share) hands out arrays backed by the
+    shard file, so opening a shard never copies its top-k tables into memory."""
+    from safetensors.numpy import load_file
+
+    store = ArtifactStore(f"file://{tmp_path}/store")
+    want = _small_shard()
+    with store.writer("represent/x/shard-00000-of-00001") as w:
+        write_shard(w, want)
+    rep = read_shard(store, "represent/x/shard-00000-of-00001")
+    path = store.fetch("represent/x/shard-00000-of-00001") / REPRESENTATION_FILE
+    independent = load_file(str(path))  # safetensors' own reader
+    for name in ARRAYS:
+        got = getattr(rep, name)
+        assert got.dtype == getattr(want, name).dtype and got.shape == getattr(want, name).shape, name
+        np.testing.assert_array_equal(got, getattr(want, name))
+        np.testing.assert_array_equal(got, independent[name])
+    assert rep.meta == want.meta
+    for name in ("input_ids", "sup_positions", "topk_ids", "topk_logprobs"):
+        arr = getattr(rep, name)
+        assert isinstance(arr, np.memmap) and arr.base is not None and Path(arr.filename) == path.resolve(), name
+        assert not arr.flags.writeable and not arr.flags.owndata, name
+    # a batch's rows are a view of the mapping, not a copy of the table
+    assert np.shares_memory(rep.topk_ids[rep.rows(2)], rep.topk_ids)
+
+
+def test_the_one_reader_refuses_broken_shards(tmp_path):
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from fusechat_core.represent import open_shard
+
+    store = ArtifactStore(f"file://{tmp_path}/store")
+    with store.writer("represent/x/shard-00000-of-00001") as w:
+        write_shard(w, _small_shard())
+    folder = shutil.copytree(store.fetch("represent/x/shard-00000-of-00001"), tmp_path / "copy")
+    path = folder / REPRESENTATION_FILE
+    path.write_bytes(path.read_bytes()[:-40])  # truncated: the last tensor runs past the end
+    with pytest.raises(RepresentError, match="copy/representation.safetensors: unreadable"):
+        open_shard(folder)
+    arrays = {n: a for n, a in _small_shard().arrays().items() if n != "metric_ce"}
+    save_file(arrays, str(path))
+    with pytest.raises(RepresentError, match="missing arrays metric_ce"):
+        open_shard(folder)
+    save_file({**arrays, "metric_ce": np.zeros(2, np.float32)}, str(path))
+    with pytest.raises(RepresentError, match=r"metric_ce must be \[3\]"):
+        open_shard(folder, "shard 0")
 
 
 def test_full_forward_path_equals_head_only_path(tiny_models):

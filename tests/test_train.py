@@ -133,6 +133,9 @@ def test_fusion_data_reads_the_contract(fusion_inputs):
         assert torch.equal(batch.teachers[0][0][rows], po["top_ids"])
         assert torch.equal(batch.teachers[1][0][rows], so["top_ids"])
         assert torch.allclose(batch.metric_ce[rows], torch.tensor([po["ce"], so["ce"]]))
+    # the top-k tables stay in their files: a step copies only its own rows out of the mapping
+    assert all(isinstance(sh.topk_ids, np.memmap) and isinstance(sh.topk_logprobs, np.memmap)
+               for sh in data.pivot + data.aligned)
 
 
 def test_truncation_drops_supervised_rows_beyond_max_length(fusion_inputs):
@@ -148,6 +151,20 @@ def test_truncation_drops_supervised_rows_beyond_max_length(fusion_inputs):
 def test_aligned_shards_from_other_positions_are_rejected(fusion_inputs):
     with pytest.raises(ContractError, match="sup_offsets differ"):
         FusionData(fusion_inputs["pivot_dirs"], fusion_inputs["aligned_dirs"][::-1])
+
+
+def test_broken_shards_are_contract_errors_naming_the_file(fusion_inputs, tmp_path):
+    import shutil
+
+    pivot = [shutil.copytree(p, tmp_path / f"pivot-{i}") for i, p in enumerate(fusion_inputs["pivot_dirs"])]
+    aligned = [shutil.copytree(p, tmp_path / f"aligned-{i}") for i, p in enumerate(fusion_inputs["aligned_dirs"])]
+    file = aligned[1] / "aligned.safetensors"
+    file.write_bytes(file.read_bytes()[:-8])
+    with pytest.raises(ContractError, match="aligned-1/aligned.safetensors: unreadable"):
+        FusionData(pivot, aligned)
+    (pivot[0] / "representation.safetensors").unlink()
+    with pytest.raises(ContractError, match="pivot-0/representation.safetensors: unreadable"):
+        FusionData(pivot)
 
 
 # -- data order -------------------------------------------------------------------------

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fusechat_core.align.project import Aligned, project, row_sequence, same_sequences
+from fusechat_core.align.project import ALIGNED_ARRAYS, Aligned, project, row_sequence, same_sequences
 from fusechat_core.align.sequence import (SEQUENCE_ALIGNERS, TokenSeq, align_sequences, common_spans,
                                           content_char_map, trimmed_spans)
 from fusechat_core.align.vocab import VocabMap, build_vocab_map, vocabulary
@@ -57,13 +58,29 @@ class AlignError(ValueError):
 
 # -- reading and writing the contracts -----------------------------------------------
 def read_representation(store: ArtifactStore, address: str) -> Representation:
-    """One REPRESENTATION shard, checked against its contract (the representation stage's reader)."""
+    """One REPRESENTATION shard, memory-mapped and checked against its contract (``represent.read_shard``)."""
     from fusechat_core.represent import RepresentError, read_shard
 
     try:
         return read_shard(store, address)
     except RepresentError as exc:
         raise AlignError(str(exc)) from None
+
+
+def open_aligned(folder: str | Path, where: str | None = None) -> Aligned:
+    """The one reader of an ALIGNED shard folder (as ``write_aligned`` writes it), memory-mapped
+    like representation shards (``represent.open_arrays``) and checked; ``where`` names it in errors.
+    """
+    from fusechat_core.represent import RepresentError, open_arrays
+
+    where = where or str(Path(folder) / ALIGNED_FILE)
+    try:
+        arrays, meta = open_arrays(folder, ALIGNED_FILE, ALIGNED_ARRAYS, where)
+        aligned = Aligned(**arrays, stats=meta)
+        aligned.validate(where)
+    except (RepresentError, ValueError) as exc:
+        raise AlignError(str(exc)) from None
+    return aligned
 
 
 def write_vocab_map(store: ArtifactStore, address: str, vmap: VocabMap, meta: dict[str, Any]) -> None:
@@ -293,6 +310,7 @@ def summarise(shard_stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "sequence_alignment": sorted({s.get("sequence_alignment", "?") for s in shard_stats})}
 
 
-__all__ = ["AlignError", "Aligned", "Representation", "VocabMap", "align_shard", "align_shard_artifact",
-           "build_vocab_map", "build_vocab_map_artifact", "finish_align_artifact", "pair_sequences",
-           "model_tokenizer", "project", "read_representation", "read_vocab_map", "row_sequence", "vocabulary"]
+__all__ = ["ALIGNED_ARRAYS", "ALIGNED_FILE", "AlignError", "Aligned", "Representation", "VocabMap", "align_shard",
+           "align_shard_artifact", "build_vocab_map", "build_vocab_map_artifact", "finish_align_artifact",
+           "model_tokenizer", "open_aligned", "pair_sequences", "project", "read_representation", "read_vocab_map",
+           "row_sequence", "vocabulary"]

@@ -33,9 +33,12 @@ def row_sequence(rep: Representation) -> np.ndarray:
     return np.repeat(np.arange(rep.n_seq, dtype=np.int64), np.diff(rep.sup_offsets.astype(np.int64)))
 
 
+ALIGNED_ARRAYS = ("sup_offsets", "topk_ids", "topk_logprobs", "metric_ce", "fallback")
+
+
 @dataclass
 class Aligned:
-    """The arrays of one ALIGNED shard and its statistics."""
+    """The arrays of one ALIGNED shard and its statistics (read back: the shard's meta)."""
 
     sup_offsets: np.ndarray  # int64 [n_seq+1], the pivot's
     topk_ids: np.ndarray  # int32 [rows, k]
@@ -45,8 +48,29 @@ class Aligned:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, np.ndarray]:
-        return {"sup_offsets": self.sup_offsets, "topk_ids": self.topk_ids, "topk_logprobs": self.topk_logprobs,
-                "metric_ce": self.metric_ce, "fallback": self.fallback}
+        return {name: getattr(self, name) for name in ALIGNED_ARRAYS}
+
+    @property
+    def n_seq(self) -> int:
+        return len(self.sup_offsets) - 1
+
+    def validate(self, where: str) -> None:
+        """Shapes and offsets agree with each other (what a reader relies on); ValueError naming ``where``."""
+        n, rows = self.n_seq, (int(self.sup_offsets.reshape(-1)[-1]) if self.sup_offsets.size else -1)
+        checks = [
+            (self.sup_offsets.ndim == 1 and n >= 0, "sup_offsets must be 1-D with n_seq+1 entries"),
+            (n < 0 or (self.sup_offsets[0] == 0 and bool((np.diff(self.sup_offsets) >= 0).all())),
+             "sup_offsets must start at 0 and not decrease"),
+            (self.topk_ids.ndim == 2 and self.topk_ids.shape[0] == rows,
+             f"topk_ids {list(self.topk_ids.shape)} must be [{rows}, k]"),
+            (self.topk_logprobs.shape == self.topk_ids.shape,
+             f"topk_logprobs {list(self.topk_logprobs.shape)} must have topk_ids' shape"),
+            (self.metric_ce.shape == (n,), f"metric_ce must be [{n}]"),
+            (self.fallback.shape == (rows,), f"fallback must be [{rows}]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{where}: {message}")
 
 
 def same_sequences(pivot: Representation, source: Representation) -> bool:

@@ -3,59 +3,33 @@
 The pivot's representation shards hold the training sequences themselves
 (``input_ids``, ``sup_positions``) and the pivot's own top-k teacher; a
 source's aligned shards hold that source's teacher mapped into the pivot's
-vocabulary at the same supervised rows. Both are safetensors files opened
-memory-mapped: a step reads the rows of its sequences and nothing else, so a
+vocabulary at the same supervised rows. Both are opened by their stages' own
+readers (``represent.open_shard``, ``align.open_aligned``), which memory-map
+them: a step reads the rows of its sequences and nothing else, so a
 95k-conversation run does not load gigabytes of top-k tables into memory.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
-REPRESENTATION_FILE = "representation.safetensors"
-ALIGNED_FILE = "aligned.safetensors"
-META_FILE = "meta.json"
-
-_PIVOT_KEYS = ("input_ids", "seq_offsets", "sup_positions", "sup_offsets", "topk_ids", "topk_logprobs",
-               "metric_ce")
-_ALIGNED_KEYS = ("sup_offsets", "topk_ids", "topk_logprobs", "metric_ce")
+from fusechat_core.align import ALIGNED_FILE, AlignError, open_aligned
+from fusechat_core.represent import REPRESENTATION_FILE, RepresentError, open_shard
 
 
 class ContractError(ValueError):
     """A representation or aligned shard does not follow its contract; one line naming file and field."""
 
 
-class _Shard:
-    """One shard file, memory-mapped; small per-sequence arrays read whole."""
-
-    def __init__(self, folder: Path, filename: str, keys: Sequence[str]):
-        self.path = Path(folder) / filename
-        if not self.path.is_file():
-            raise ContractError(f"{self.path}: no such file")
-        meta_path = Path(folder) / META_FILE
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        self.file = safe_open(str(self.path), framework="pt")
-        have = set(self.file.keys())
-        missing = [k for k in keys if k not in have]
-        if missing:
-            raise ContractError(f"{self.path}: missing tensor {missing[0]!r}")
-
-    def whole(self, name: str) -> Tensor:
-        return self.file.get_tensor(name)
-
-    def rows(self, name: str, start: int, stop: int) -> Tensor:
-        return self.file.get_slice(name)[start:stop]
-
-    def shape(self, name: str) -> list[int]:
-        return list(self.file.get_slice(name).get_shape())
+def _rows(array: np.ndarray, start: int, stop: int, dtype: type | None = None) -> Tensor:
+    """Rows [start, stop) of a memory-mapped array, copied out (only they are read) as a tensor."""
+    return torch.from_numpy(np.array(array[start:stop], dtype=dtype))
 
 
 @dataclass
@@ -95,41 +69,42 @@ class FusionData:
         if aligned_shards is not None and len(aligned_shards) != len(pivot_shards):
             raise ContractError(f"{len(aligned_shards)} aligned shards for {len(pivot_shards)} pivot shards")
         self.max_length = max_length
-        self.pivot = [_Shard(Path(p), REPRESENTATION_FILE, _PIVOT_KEYS) for p in pivot_shards]
-        self.aligned = None if aligned_shards is None else [
-            _Shard(Path(p), ALIGNED_FILE, _ALIGNED_KEYS) for p in aligned_shards]
+        self.pivot_paths = [str(Path(p) / REPRESENTATION_FILE) for p in pivot_shards]
+        self.aligned_paths = None if aligned_shards is None else [str(Path(p) / ALIGNED_FILE) for p in aligned_shards]
+        try:  # the stages' own readers: memory-mapped, checked against the contracts
+            self.pivot = [open_shard(p) for p in pivot_shards]
+            self.aligned = None if aligned_shards is None else [open_aligned(p) for p in aligned_shards]
+        except (RepresentError, AlignError) as exc:
+            raise ContractError(str(exc)) from None
 
         self._seq_off: list[np.ndarray] = []
         self._sup_off: list[np.ndarray] = []
         self._ce: list[list[np.ndarray]] = []
         shard_of, local_of, lengths, n_sup = [], [], [], []
         for i, ps in enumerate(self.pivot):
-            seq_off = ps.whole("seq_offsets").numpy().astype(np.int64)
-            sup_off = ps.whole("sup_offsets").numpy().astype(np.int64)
-            n = len(seq_off) - 1
-            self._check_pivot(ps, seq_off, sup_off, n)
-            ces = [ps.whole("metric_ce").float().numpy()]
+            seq_off = np.array(ps.seq_offsets, dtype=np.int64)
+            sup_off = np.array(ps.sup_offsets, dtype=np.int64)
+            n = ps.n_seq
+            ces = [np.array(ps.metric_ce, dtype=np.float32)]
+            paths = [self.pivot_paths[i]]
             if self.aligned is not None:
-                al = self.aligned[i]
-                al_off = al.whole("sup_offsets").numpy().astype(np.int64)
-                if not np.array_equal(al_off, sup_off):
-                    raise ContractError(f"{al.path}: sup_offsets differ from the pivot shard's ({ps.path}); "
+                al, paths = self.aligned[i], paths + [self.aligned_paths[i]]  # type: ignore[index]
+                if not np.array_equal(np.asarray(al.sup_offsets, dtype=np.int64), sup_off):
+                    raise ContractError(f"{paths[1]}: sup_offsets differ from the pivot shard's ({paths[0]}); "
                                         "the aligned shard was made from other pivot positions")
-                self._check_rows(al, int(sup_off[-1]), n)
-                ces.append(al.whole("metric_ce").float().numpy())
-                if ps.shape("topk_ids")[1] < 1 or al.shape("topk_ids")[1] < 1:
-                    raise ContractError(f"{al.path}: topk_ids has no columns")
-            for j, ce in enumerate(ces):
-                src = ps if j == 0 else self.aligned[i]  # type: ignore[index]
-                has_sup = np.diff(sup_off) > 0
+                if ps.topk_ids.shape[1] < 1 or al.topk_ids.shape[1] < 1:
+                    raise ContractError(f"{paths[1]}: topk_ids has no columns")
+                ces.append(np.array(al.metric_ce, dtype=np.float32))
+            has_sup = np.diff(sup_off) > 0
+            for path, ce in zip(paths, ces):
                 if not np.isfinite(ce[has_sup]).all():
                     s = int(np.nonzero(has_sup & ~np.isfinite(ce))[0][0])
-                    raise ContractError(f"{src.path}: metric_ce of sequence {s} is not finite")
+                    raise ContractError(f"{path}: metric_ce of sequence {s} is not finite")
             seq_len = np.diff(seq_off)
             kept_sup = np.diff(sup_off)
             if max_length is not None and (seq_len > max_length).any():
                 # only now read the positions: rows at t >= max_length are cut
-                pos = ps.whole("sup_positions").to(torch.int64).numpy()
+                pos = np.asarray(ps.sup_positions, dtype=np.int64)
                 seq_id = np.repeat(np.arange(n), kept_sup)
                 kept_sup = np.bincount(seq_id[pos < max_length], minlength=n)
                 seq_len = np.minimum(seq_len, max_length)
@@ -146,24 +121,6 @@ class FusionData:
         self.n_supervised = np.concatenate(n_sup)
         self.row_ids = [r for ps in self.pivot for r in ps.meta.get("row_ids", [])]
         self.vocab_size = self.pivot[0].meta.get("vocab_size")
-
-    @staticmethod
-    def _check_pivot(ps: _Shard, seq_off: np.ndarray, sup_off: np.ndarray, n: int) -> None:
-        if n < 0 or len(sup_off) != n + 1:
-            raise ContractError(f"{ps.path}: seq_offsets and sup_offsets must both have n_seq+1 entries")
-        if seq_off[0] != 0 or (np.diff(seq_off) < 0).any() or seq_off[-1] != ps.shape("input_ids")[0]:
-            raise ContractError(f"{ps.path}: seq_offsets do not partition input_ids")
-        if sup_off[0] != 0 or (np.diff(sup_off) < 0).any() or sup_off[-1] != ps.shape("sup_positions")[0]:
-            raise ContractError(f"{ps.path}: sup_offsets do not partition sup_positions")
-        FusionData._check_rows(ps, int(sup_off[-1]), n)
-
-    @staticmethod
-    def _check_rows(sh: _Shard, total_sup: int, n: int) -> None:
-        ids, lps = sh.shape("topk_ids"), sh.shape("topk_logprobs")
-        if len(ids) != 2 or ids != lps or ids[0] != total_sup:
-            raise ContractError(f"{sh.path}: topk_ids {ids} / topk_logprobs {lps} must be [{total_sup}, k]")
-        if sh.shape("metric_ce") != [n]:
-            raise ContractError(f"{sh.path}: metric_ce must be [{n}]")
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -186,20 +143,21 @@ class FusionData:
             ps = self.pivot[i]
             a, z = self._seq_off[i][s], self._seq_off[i][s + 1]
             n = int(self.lengths[g])
-            input_ids[b, :n] = ps.rows("input_ids", int(a), int(a) + n).to(torch.int64)
+            input_ids[b, :n] = _rows(ps.input_ids, int(a), int(a) + n, np.int64)
             mask[b, :n] = 1
             r0, r1 = int(self._sup_off[i][s]), int(self._sup_off[i][s + 1])
-            pos = ps.rows("sup_positions", r0, r1).to(torch.int64)
+            pos = _rows(ps.sup_positions, r0, r1, np.int64)
             keep = pos < n
             if bool(((pos < 1) | (pos >= z - a)).any()):
-                raise ContractError(f"{ps.path}: sequence {s} has a supervised position outside [1, {z - a})")
+                raise ContractError(f"{self.pivot_paths[i]}: sequence {s} has a supervised position outside "
+                                    f"[1, {z - a})")
             pos = pos[keep]
             sup_b.append(torch.full((len(pos),), b, dtype=torch.int64))
             sup_t.append(pos)
             if use_teachers:
                 for j, sh in enumerate((ps, self.aligned[i])):  # type: ignore[index]
-                    t_ids[j].append(sh.rows("topk_ids", r0, r1).to(torch.int64)[keep])
-                    t_lps[j].append(sh.rows("topk_logprobs", r0, r1)[keep])
+                    t_ids[j].append(_rows(sh.topk_ids, r0, r1, np.int64)[keep])
+                    t_lps[j].append(_rows(sh.topk_logprobs, r0, r1)[keep])
                 ce = torch.tensor([self._ce[i][0][s], self._ce[i][1][s]], dtype=torch.float32)
                 ces.append(ce.expand(len(pos), 2))
         sup_batch, sup_pos = torch.cat(sup_b), torch.cat(sup_t)
