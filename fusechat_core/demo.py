@@ -76,6 +76,13 @@ def pretrain_demo_model(run: RunConfig, spec: ModelSpec, out_dir: Path,
     warm_imports()  # the three demo models start together in worker threads
     from transformers import AutoModelForCausalLM
 
+    # A demo model is a function of its seed. The MoE's expert gather backpropagates
+    # through index_put_(accumulate=True), whose CPU kernel adds in thread-timing order:
+    # the Mixtral demo model came out different under load. The deterministic kernels
+    # cost nothing measurable at this size; the flag is process-wide, and only a demo
+    # run (CPU) ever builds demo models.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
     assert run.demo is not None and spec.tokenizer is not None
     name = spec.path[len("demo:"):]
     d = run.demo.models[name]

@@ -102,6 +102,25 @@ def formatter_for(spec: Any) -> Any:
     return ChatFormatter(tokenizer_of(spec), spec.chat_template)
 
 
+def tokenizer_to_save(ref: str, revision: str | None = None, template: str | None = None) -> Any:
+    """A fresh copy of a tokenizer, to save beside model weights (built, trained or merged).
+
+    It carries the chat template ``ChatFormatter`` renders with for it, and not how this
+    process happened to load it (``local_files_only`` under HF_HUB_OFFLINE): the saved
+    folder is the same bytes wherever it is made. The cached tokenizers are shared and
+    must not be mutated, hence the copy.
+    """
+    warm_imports()
+    from transformers import AutoTokenizer
+
+    from fusechat_core.chat import ChatFormatter
+
+    tok = AutoTokenizer.from_pretrained(resolve_ref(ref), revision=revision)
+    tok.chat_template = ChatFormatter(tok, template).template
+    tok.init_kwargs.pop("local_files_only", None)
+    return tok
+
+
 class ModelLoadError(RuntimeError):
     """A causal LM that cannot be loaded; the message is one line naming the model."""
 

@@ -11,8 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any, Literal
 
-from fusechat_core.chat import ChatFormatter
-from fusechat_core.models import load_tokenizer, resolve_ref
+from fusechat_core.models import load_tokenizer, tokenizer_to_save
 
 Arch = Literal["mistral", "mixtral", "llama"]
 _INIT_LOCK = threading.Lock()
@@ -41,7 +40,7 @@ def build_tiny_model(arch: Arch, tokenizer: str, out_dir: str | Path, *, seed: i
     """A randomly initialised tiny causal LM with a real tokenizer, saved to ``out_dir``.
 
     The saved tokenizer carries the template ``ChatFormatter`` picks for this tokenizer
-    and ``chat_template`` (the tokenizer's own, else the named one, else mistral's), so
+    and ``chat_template`` (the named one, else the tokenizer's own, else mistral's), so
     the folder renders conversations exactly as a ModelSpec naming the tokenizer does.
     """
     import torch
@@ -49,7 +48,7 @@ def build_tiny_model(arch: Arch, tokenizer: str, out_dir: str | Path, *, seed: i
     from fusechat_core.models import warm_imports
 
     warm_imports()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(tokenizer)
     cfg = tiny_config(arch, len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape)
@@ -62,8 +61,5 @@ def build_tiny_model(arch: Arch, tokenizer: str, out_dir: str | Path, *, seed: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    # a fresh copy: the cached tokenizer is shared and must not be mutated
-    tok = AutoTokenizer.from_pretrained(resolve_ref(tokenizer))
-    tok.chat_template = ChatFormatter(tok, chat_template).template
-    tok.save_pretrained(out)
+    tokenizer_to_save(tokenizer, template=chat_template).save_pretrained(out)
     return out

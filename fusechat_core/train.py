@@ -346,14 +346,9 @@ def _save_checkpoint(accelerator: Any, store: ArtifactStore, target_address: str
 
 def _target_tokenizer(ref: str, revision: str | None, template: str | None) -> Any:
     """A fresh copy of the pivot's tokenizer carrying the chat template the data was rendered with."""
-    from transformers import AutoTokenizer
+    from fusechat_core.models import tokenizer_to_save
 
-    from fusechat_core.chat import ChatFormatter
-    from fusechat_core.models import resolve_ref
-
-    tok = AutoTokenizer.from_pretrained(resolve_ref(ref), revision=revision)
-    tok.chat_template = ChatFormatter(tok, template).template
-    return tok
+    return tokenizer_to_save(ref, revision, template)
 
 
 # -- from a run config ------------------------------------------------------------------

@@ -58,4 +58,7 @@ def test_demo_models_are_deterministic_and_load_like_hub_models(tmp_path):
     assert logits.shape == (1, 3, 32768) and torch.isfinite(logits).all()
     files = {f.path for f in store.manifest(plan.demo_model(cfg.pivot)).files}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    # the same bytes wherever it is built: the tests run with HF_HUB_OFFLINE=1, which a
+    # saved tokenizer would otherwise record as local_files_only
+    assert "local_files_only" not in store.read_bytes(plan.demo_model(cfg.pivot), "tokenizer_config.json").decode()
 

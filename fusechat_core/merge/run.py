@@ -178,18 +178,14 @@ def _forget_loaders(config: Any) -> None:
 def _pivot_tokenizer(out: Path, pivot: str, tokenizer: tuple[str, str | None] | None,
                      chat_template: str | None) -> None:
     """The pivot's tokenizer with the chat template its targets were trained with."""
-    from transformers import AutoTokenizer
-
-    from fusechat_core.chat import ChatFormatter
-    from fusechat_core.models import resolve_ref
+    from fusechat_core.models import tokenizer_to_save
 
     ref, revision = tokenizer or (pivot, None)
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_ref(ref), revision=revision)
+        tok = tokenizer_to_save(ref, revision, chat_template)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MergeError(f"pivot tokenizer {ref}: cannot load: {first}") from exc
-    tok.chat_template = ChatFormatter(tok, chat_template).template
     tok.save_pretrained(out)
     try:
         local = _local_dir(pivot)
