@@ -19,6 +19,11 @@ from fusechat_core.store import ArtifactStore
 
 SECRET = "sk-test-7f3a9c1e55d04b2e8a6b"
 HELPFUL = "You are a helpful assistant."  # FastChat's system prompt of the turn-1 single prompts
+# what api.openai.com answers an o-series/gpt-5 request that sends max_tokens
+UNSUPPORTED_MAX_TOKENS = {"error": {
+    "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+               "Use 'max_completion_tokens' instead.",
+    "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}}
 
 
 class JudgeServer:
@@ -32,6 +37,7 @@ class JudgeServer:
         self.questions = questions  # first-turn text -> question id
         self.scripts: dict[tuple[int, int], list[Any]] = {}
         self.default: Any = "The answer is fine. Rating: [[5]]"
+        self.reasoning = False  # answer as OpenAI's o-series do to a request that sends max_tokens
         self.log: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         server = self
@@ -66,6 +72,8 @@ class JudgeServer:
         with self._lock:
             self.log.append({"t": time.monotonic(), "path": path, "auth": headers.get("Authorization"),
                              "qid": qid, "turn": turn, "body": body})
+            if self.reasoning and "max_tokens" in body:
+                return 400, {}, UNSUPPORTED_MAX_TOKENS
             script = self.scripts.get((qid, turn))
             item = (script.pop(0) if len(script) > 1 else script[0]) if script else self.default
         if isinstance(item, str):
@@ -162,6 +170,8 @@ def test_grading_over_http(judge_server, mt_data, tmp_path, monkeypatch, caplog,
     w1 = s.requests(81, 1)[-1]["body"]
     assert "Reference" not in w1["messages"][1]["content"] and "first answer to 81" in w1["messages"][1]["content"]
     assert (w1["model"], w1["temperature"]) == ("judge-7b", 0.0)
+    # a judge that takes max_tokens is never sent anything else
+    assert all(r["body"]["max_tokens"] == 2048 and "max_completion_tokens" not in r["body"] for r in s.log)
     assert all(r["path"] == "/v1/chat/completions" for r in s.log)
     # the key travels only in the Authorization header
     assert all(r["auth"] == f"Bearer {SECRET}" for r in s.log)
@@ -226,6 +236,49 @@ def test_client_errors_fail_fast_and_never_show_the_key(judge_server, monkeypatc
     assert "HTTP 401" in str(err.value) and "***" in str(err.value) and SECRET not in str(err.value)
     assert len(s.log) == 1  # a 401 is not retried
     assert SECRET not in caplog.text
+
+
+def test_reasoning_model_gets_max_completion_tokens_after_its_400(judge_server, mt_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSECHAT_TEST_JUDGE_KEY", SECRET)
+    s = judge_server
+    s.reasoning = True
+    import asyncio
+
+    messages = [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]
+
+    async def ask(n: int) -> tuple[list[str], JudgeClient]:
+        async with JudgeClient(_settings(s, model="o3-mini", max_tokens=777)) as client:
+            return [await client.complete(messages) for _ in range(n)], client
+
+    replies, client = asyncio.run(ask(3))
+    assert replies == ["The answer is fine. Rating: [[5]]"] * 3
+    # one refused request, asked again at once (not a retry); the client then sends the new name only
+    sent = [r["body"] for r in s.log]
+    assert [("max_tokens" in b, b.get("max_completion_tokens")) for b in sent] == [(True, None)] + [(False, 777)] * 3
+    assert (client.requests, client.retries, client.max_tokens_field) == (4, 0, "max_completion_tokens")
+
+    # end to end with concurrent requests: every answer is graded, each at most one 400 away
+    js = grade_answers(ArtifactStore(str(tmp_path / "store")), "evaluate/o3", mt_data, _answers([81, 82, 101]),
+                       _settings(s, model="o3-mini"))
+    assert [(j.status, j.score) for j in js] == [("ok", 5.0)] * 6
+    refused = sum("max_tokens" in r["body"] for r in s.log[len(sent):])
+    assert 1 <= refused <= 3  # at most one per request in flight when the first 400 came back
+
+
+def test_other_400s_about_max_tokens_still_fail_fast(judge_server, monkeypatch):
+    monkeypatch.setenv("FUSECHAT_TEST_JUDGE_KEY", SECRET)
+    s = judge_server
+    s.default = (400, {}, {"error": {"message": "max_tokens is too large: 99999. This model supports at most "
+                                                "4096 completion tokens, whereas you provided 99999."}})
+    import asyncio
+
+    async def ask() -> str:
+        async with JudgeClient(_settings(s, max_tokens=99999)) as client:
+            return await client.complete([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
+
+    with pytest.raises(JudgeError, match="HTTP 400: max_tokens is too large"):
+        asyncio.run(ask())
+    assert len(s.log) == 1 and "max_tokens" in s.log[0]["body"]
 
 
 def test_unreachable_judge_is_retried_then_reported(monkeypatch):

@@ -4,7 +4,10 @@ Works with OpenAI itself and with a local vLLM (or any other) server: base URL,
 model name and the *name* of the environment variable holding the API key come
 from the config. The key is read from the environment when the client is made,
 sent only in the Authorization header, and scrubbed from every error message;
-it never reaches a log line or an artifact.
+it never reaches a log line or an artifact. The reply length is capped with
+``max_tokens``; a model that refuses it (OpenAI's reasoning models answer 400
+"Unsupported parameter: 'max_tokens'") is asked again at once with the same
+cap as ``max_completion_tokens``, which the client then sends from there on.
 
 Grading is FastChat's single-answer grading: ``single-v1`` for turn 1,
 ``single-v1-multi-turn`` for turn 2, and the ``single-math-v1`` forms with the
@@ -108,6 +111,9 @@ class JudgeClient:
             self._headers["Authorization"] = f"Bearer {key}"
         self._sem = asyncio.Semaphore(settings.concurrency)
         self._client: Any = None
+        # OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...) refuse ``max_tokens`` and take the
+        # same limit as ``max_completion_tokens``; the first such 400 switches this client over.
+        self.max_tokens_field = "max_tokens"
         self.requests = 0
         self.retries = 0
 
@@ -136,15 +142,17 @@ class JudgeClient:
         import httpx
 
         s = self.settings
-        body = {"model": s.model, "messages": list(messages), "temperature": s.temperature,
-                "max_tokens": s.max_tokens}
         last = "no attempt"
         for attempt in range(s.max_retries + 1):
             wait: float | None = None
             async with self._sem:
-                self.requests += 1
                 try:
-                    resp = await self._client.post(self.url, json=body, headers=self._headers)
+                    resp, field = await self._post(messages)
+                    if field == "max_tokens" and _rejects_max_tokens(resp):
+                        if self.max_tokens_field == field:
+                            log.info("judge: %s refuses max_tokens; sending max_completion_tokens", s.model)
+                        self.max_tokens_field = "max_completion_tokens"
+                        resp, _ = await self._post(messages)  # at once: a renamed field, not a retry
                 except httpx.TransportError as exc:  # connection refused, reset, timeout
                     last = f"{type(exc).__name__}"
                 else:
@@ -168,6 +176,24 @@ class JudgeClient:
             log.info("judge: %s, retry %d/%d in %.1f s", last, attempt + 1, s.max_retries, delay)
             await asyncio.sleep(delay)
         raise JudgeError(self._scrub(f"judge {self.url}: {last} after {s.max_retries + 1} attempts"))
+
+    async def _post(self, messages: Sequence[dict[str, str]]) -> tuple[Any, str]:
+        """One request; also the name the token limit was sent under."""
+        s, field = self.settings, self.max_tokens_field
+        body = {"model": s.model, "messages": list(messages), "temperature": s.temperature, field: s.max_tokens}
+        self.requests += 1
+        return await self._client.post(self.url, json=body, headers=self._headers), field
+
+
+def _rejects_max_tokens(resp: Any) -> bool:
+    """A 400 saying the model does not support ``max_tokens`` (OpenAI: "Unsupported parameter:
+    'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.")."""
+    if resp.status_code != 400:
+        return False
+    text = _error_message(resp)
+    said = text.lower()
+    return "max_tokens" in text and ("max_completion_tokens" in text or "unsupported" in said
+                                     or "not supported" in said)
 
 
 def _reply_text(payload: dict) -> str:
