@@ -20,6 +20,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,10 +312,30 @@ class ArtifactWriter:
         self._files[rel] = FileEntry(rel, size, sha)
         _failpoint(rel)
 
+    @contextlib.contextmanager
+    def _sink(self, path: str) -> Iterator[IO[bytes]]:
+        """Where one file's bytes go. On a local store, a temporary file renamed over the
+        path once whole: a reader that has the old file open or memory-mapped keeps the
+        old bytes, where truncating it in place would kill that reader (SIGBUS). An S3
+        PUT is whole or absent already."""
+        if self.store.scheme != "file":
+            with self.store.fs.open(path, "wb") as fh:
+                yield fh
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            with open(tmp, "wb") as fh:
+                yield fh
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self.store._path(self.address, rel)
         with self.store._wrap("write", self.address):
-            with self.store.fs.open(path, "wb") as fh:
+            with self._sink(path) as fh:
                 fh.write(data)
         self._record(rel, len(data), hashlib.sha256(data).hexdigest())
 
@@ -326,7 +347,7 @@ class ArtifactWriter:
         size = 0
         path = self.store._path(self.address, rel)
         with self.store._wrap("write", self.address):
-            with open(local, "rb") as src, self.store.fs.open(path, "wb") as dst:
+            with open(local, "rb") as src, self._sink(path) as dst:
                 while chunk := src.read(_CHUNK):
                     h.update(chunk)
                     size += len(chunk)
@@ -339,7 +360,7 @@ class ArtifactWriter:
         buf = _HashingWriter()
         path = self.store._path(self.address, rel)
         with self.store._wrap("write", self.address):
-            with self.store.fs.open(path, "wb") as fh:
+            with self._sink(path) as fh:
                 buf.target = fh
                 yield buf  # type: ignore[misc]
         self._record(rel, buf.size, buf.hash.hexdigest())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -153,3 +154,23 @@ def test_bad_s3_credentials_fail_with_one_line_naming_the_bucket(s3_env, monkeyp
     assert again.manifest("s/new") is None
     assert again.is_complete("s/keep") and again.read_bytes("s/keep", "f") == b"precious"
 
+
+
+def test_rewriting_a_file_keeps_the_bytes_a_reader_has_mapped(tmp_path):
+    import mmap
+
+    store = ArtifactStore(f"file://{tmp_path}/store")
+    with store.writer("stage/a", meta={}) as w:
+        w.write_bytes("data.bin", b"x" * 8192)
+    path = Path(store.root) / "stage" / "a" / "data.bin"
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    # the artifact is redone (e.g. its manifest failed a check) while a reader holds the old file mapped:
+    # written in place, the truncation would make the next read of the mapping a SIGBUS
+    inode = path.stat().st_ino
+    with store.writer("stage/a", meta={}) as w:
+        w.write_bytes("data.bin", b"y" * 10)
+    assert path.stat().st_ino != inode, "rewritten in place"  # checked first: touching a truncated mapping kills
+    assert mapped[:4] == b"xxxx" and len(mapped) == 8192
+    assert store.read_bytes("stage/a", "data.bin") == b"y" * 10
+    assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
