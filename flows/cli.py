@@ -234,10 +234,16 @@ def _setup(args: argparse.Namespace) -> int:
     if not PREFECT_API_URL.value():
         print("fusechat: error: setup needs a Prefect server: set PREFECT_API_URL", file=sys.stderr)
         return EXIT_USAGE
-    if args.gpu_limit < 1 or args.heartbeat_timeout < 10:
-        print("fusechat: error: --gpu-limit must be >= 1 and --heartbeat-timeout >= 10", file=sys.stderr)
+    from flows.setup import MIN_HEARTBEAT_TIMEOUT_S, setup_server
+
+    if args.gpu_limit < 1 or args.heartbeat_timeout < MIN_HEARTBEAT_TIMEOUT_S:
+        print(f"fusechat: error: --gpu-limit must be >= 1 and --heartbeat-timeout >= {MIN_HEARTBEAT_TIMEOUT_S}",
+              file=sys.stderr)
         return EXIT_USAGE
-    from flows.setup import setup_server
+    beat = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"))
+    if args.heartbeat_timeout < 2 * beat:
+        print(f"fusechat: warning: --heartbeat-timeout {args.heartbeat_timeout} s is under two heartbeat periods "
+              f"({beat} s): a live run that misses one heartbeat will be marked Crashed", file=sys.stderr)
 
     try:
         for line in setup_server(gpu_tag=args.gpu_tag, gpu_limit=args.gpu_limit,

@@ -125,3 +125,20 @@ def _flow_run_ids(log: Path) -> dict[str, str] | None:
 
 def _when(iso: str) -> datetime:
     return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+def test_setup_refuses_a_timeout_prefect_cannot_watch_and_warns_below_two_heartbeats(prefect_server, tmp_path):
+    import subprocess
+
+    env = {**os.environ, **prefect_server.client_env(tmp_path / "home"), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+
+    def setup(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", "setup", "--work-pool", "", *args], env=env,
+                              capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+
+    low = setup("--heartbeat-timeout", str(MIN_HEARTBEAT_TIMEOUT_S - 1))
+    assert low.returncode == 2 and f"--heartbeat-timeout >= {MIN_HEARTBEAT_TIMEOUT_S}" in low.stderr, low.stderr
+    short = setup("--heartbeat-timeout", "45")
+    assert short.returncode == 0, short.stderr
+    assert "warning: --heartbeat-timeout 45 s is under two heartbeat periods (30 s)" in short.stderr
+    assert setup().returncode == 0  # back to the default 90 s, as a production server has it
