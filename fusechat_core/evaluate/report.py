@@ -233,6 +233,21 @@ def plot_fusion(domains: Mapping[str, Mapping[str, dict]], fusion: Mapping[str, 
     fig, ax = _figure()
     _grouped_bars(ax, groups, series, f"NLL({clm}) - NLL(model)")
     ax.axhline(0.0, color="black", linewidth=0.8)
+    # The scale is the targets' and the run's own merge method's: a baseline far off it
+    # (TIES at tiny scale) would flatten every other bar to nothing. Its bars are cut at
+    # the edge and labelled with their value.
+    main = [*fusion["targets"], *list(fusion["merges"])[:1]]
+    ref = max((abs(v) for m in main for v in series[m] if v is not None), default=0.0)
+    lim = 1.3 * ref
+    if lim > 0 and any(abs(v) > lim for vals in series.values() for v in vals if v is not None):
+        ax.set_ylim(-lim, lim)
+        n, width = len(series), 0.8 / max(len(series), 1)
+        for k, vals in enumerate(series.values()):
+            for i, v in enumerate(vals):
+                if v is not None and abs(v) > lim:
+                    x = i + (k - (n - 1) / 2) * width
+                    ax.text(x, 0.92 * lim if v > 0 else -0.92 * lim, f"{v:+.2f}", ha="center", va="center",
+                            fontsize="x-small", rotation=90)
     ax.set_title(f"Fusion vs plain fine-tuning: held-out NLL margin over {clm} (above 0: fusion helped)")
     return _save(fig, out / "fusion_margin.png")
 
