@@ -69,7 +69,7 @@ def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | N
     config = unwalked(cfg.model_dump(mode="json"))
     store = cfg.store
     opts = {"result_storage": result_storage_for(store)}
-    gpu_tags = ensure_gpu_limit(cfg.runner.gpu_tag, cfg.runner.gpu_concurrency)
+    gpu_tags = ensure_gpu_limit(cfg.runner.gpu_tag, cfg.runner.gpu_concurrency) if cfg.runner.gpu_tag else []
     st = open_store(store)
 
     def gpu(address: str) -> list[str]:

@@ -249,7 +249,10 @@ class RunnerConfig(_Section):
     max_workers: int = Field(default=4, ge=1)
     dask_address: str | None = None
     gpu_concurrency: int = Field(default=1, ge=1)
-    gpu_tag: str = "gpu"
+    # The tag model-holding tasks carry, whose concurrency limit is gpu_concurrency. None
+    # for a CPU-only run: there is no GPU to share, and a one-slot limit would only make
+    # training and evaluation take turns (each waiting seconds for the freed slot).
+    gpu_tag: str | None = "gpu"
 
 
 class DemoModelSpec(_Section):

@@ -35,6 +35,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -373,8 +374,15 @@ def train_from_config(cfg: RunConfig, target: str, *,
         aligned_dirs = [store.fetch(plan.align_shard(source, i)) for i in range(shards)]
     data = FusionData(pivot_dirs, aligned_dirs, max_length=cfg.train.max_length)
     materialise(plan, store)  # a demo: pivot loads from its built artifact
-    return train_target(cfg.train, pivot=cfg.pivot, data=data, store=store, address=plan.train(target),
-                        lam=lam, on_event=on_event)
+    # torch's generator is process-wide and set_seed reseeds it: two targets trained at
+    # once in one process's worker threads would draw from each other's stream. One at a
+    # time per process; parallel targets go to separate workers (Dask, deployments).
+    with _ONE_TRAINING:
+        return train_target(cfg.train, pivot=cfg.pivot, data=data, store=store, address=plan.train(target),
+                            lam=lam, on_event=on_event)
+
+
+_ONE_TRAINING = threading.Lock()
 
 
 def main(argv: list[str] | None = None) -> int:
