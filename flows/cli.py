@@ -19,7 +19,7 @@ from fusechat_core.config import ConfigError, RunConfig, load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.preflight import preflight
 from fusechat_core.stages import shard_address
-from fusechat_core.store import ArtifactStore, StoreError
+from fusechat_core.store import ArtifactStore, StoreError, human_size
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -119,20 +119,10 @@ def status_rows(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def _human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _print_rows(rows: list[dict[str, Any]]) -> None:
     w = max(len(r["stage"]) for r in rows)
     for r in rows:
-        print(f"{r['stage']:<{w}}  {r['state']:<8}  {r['address']}  {_human(r['size'])}")
+        print(f"{r['stage']:<{w}}  {r['state']:<8}  {r['address']}  {human_size(r['size'])}")
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -177,7 +167,7 @@ def _run(cfg: RunConfig, until: str | None, as_json: bool) -> int:
         return EXIT_FAILED
     width = max((len(k) for k in results), default=10)
     for stage, ref in results.items():
-        print(f"{stage:<{width}}  {ref['state']:<10} {ref['address']}  {_human(ref.get('size'))}")
+        print(f"{stage:<{width}}  {ref['state']:<10} {ref['address']}  {human_size(ref.get('size'))}")
     print(f"done in {time.time() - t0:.1f} s; artifacts in {cfg.store}")
     if as_json:
         out: dict = {"store": cfg.store}

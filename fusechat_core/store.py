@@ -86,6 +86,18 @@ class Manifest:
         )
 
 
+def human_size(n: int | None) -> str:
+    """A byte count for people: ``954 B``, ``19.3 MB``; ``-`` when unknown."""
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
 def s3_storage_options() -> dict[str, Any]:
     """s3fs options from the environment; credentials stay in the environment."""
     endpoint = os.environ.get("FUSECHAT_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")

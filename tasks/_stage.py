@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 from prefect.cache_policies import CachePolicy
 
-from fusechat_core.store import ArtifactStore, Manifest
+from fusechat_core.store import ArtifactStore, Manifest, human_size
 
 RECORDS_PREFIX = "_prefect-records"
 
@@ -160,14 +160,6 @@ def _cell(v: Any) -> str:
     return str(v).replace("|", "\\|")
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n:.1f} TB"
-
-
 def stage_done(store: ArtifactStore, address: str, title: str, started: float, *, computed: bool = True,
                figures: Mapping[str, Any] | None = None, details: str = "", **extra: Any) -> dict[str, Any]:
     """A stage's reference, and its summary on the dashboard: a markdown artifact saying what it
@@ -187,7 +179,7 @@ def stage_done(store: ArtifactStore, address: str, title: str, started: float, *
     if TaskRunContext.get() is not None:
         took = f"{time.monotonic() - started:.1f} s" + ("" if computed else " (found complete in the store)")
         rows = {"address": f"`{address}`", "location": f"`{store.uri(address)}`",
-                "files": f"{len(man.files)} ({_size(man.size)})", "digest": f"`{man.digest[:16]}`", "took": took}
+                "files": f"{len(man.files)} ({human_size(man.size)})", "digest": f"`{man.digest[:16]}`", "took": took}
         rows.update({k: _cell(v) for k, v in {**_figures(man.meta), **_figures(figures or {})}.items()
                      if k not in rows})
         table = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
