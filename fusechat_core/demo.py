@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fusechat_core.chat import IGNORE, ChatFormatter
-from fusechat_core.models import formatter_for
-from fusechat_core.represent import head_only_supported
 from fusechat_core.config import ModelSpec, RunConfig
 from fusechat_core.data.synthetic import DOMAINS
+from fusechat_core.models import formatter_for
+from fusechat_core.represent import head_only_supported
 from fusechat_core.store import ArtifactStore
 
 
@@ -74,9 +74,8 @@ def pretrain_demo_model(run: RunConfig, spec: ModelSpec, out_dir: Path,
     from fusechat_core.models import warm_imports
     from fusechat_core.tiny import build_tiny_model
 
-    warm_imports()  # the three demo models start together in worker threads
+    warm_imports()  # transformers' lazy module is not safe to resolve from two threads at once
     from transformers import AutoModelForCausalLM
-
 
     assert run.demo is not None and spec.tokenizer is not None
     name = spec.path[len("demo:"):]
