@@ -5,9 +5,9 @@ pure-Python DTW (the reference's double loop, written here), on the same
 conversation pairs: the pivot (Mistral v1 SentencePiece, 32k) against a
 source with a very different tokenizer (tekken byte-level BPE, 131k), each
 conversation rendered with the same chat template and cut to ~512 pivot
-tokens. The text is natural: MT-Bench questions with GPT-4 reference answers
-(``../shared/mt_bench``) and Python standard-library documentation (prose
-with code, numbers and whitespace runs).
+tokens. The text is natural and lives in the repository (``tests/corpus.py``):
+hand-written chat questions and long answers (code, lists, several scripts,
+emoji, whitespace runs) and Python standard-library documentation.
 
 Prints the timings, whether the vectorised DTW pairs exactly as the naive
 one, how often the offsets method agrees with DTW, the time to build the
@@ -23,9 +23,6 @@ Run: ``.venv/bin/python benchmarks/align.py [--pairs 200] [--tokens 512]``.
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
-import json
 import os
 import sys
 import time
@@ -38,52 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MT_BENCH = REPO.parent / "shared" / "mt_bench"
-_DOC_MODULES = ("json", "collections", "itertools", "functools", "textwrap", "argparse", "logging", "pathlib",
-                "re", "subprocess", "dataclasses", "typing", "asyncio", "unittest", "csv", "datetime", "decimal",
-                "fractions", "heapq", "bisect", "string", "statistics", "shutil", "tempfile", "zipfile")
-
-
-def natural_texts(mt_bench: Path = MT_BENCH) -> tuple[list[dict], list[str]]:
-    """(MT-Bench questions with reference answers where published, standard-library docs)."""
-    questions = [json.loads(x) for x in (mt_bench / "question.jsonl").read_text().splitlines() if x.strip()]
-    refs = {}
-    for line in (mt_bench / "reference_answer_gpt-4.jsonl").read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            refs[r["question_id"]] = r["choices"][0]["turns"]
-    for q in questions:
-        q["answers"] = refs.get(q["question_id"])
-    docs = set()
-    for name in _DOC_MODULES:
-        mod = importlib.import_module(name)
-        for _, obj in inspect.getmembers(mod):
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 300:
-                docs.add(doc)
-    return questions, sorted(docs)
-
-
-def natural_conversations(n: int, *, chars: int = 2400, mt_bench: Path = MT_BENCH) -> list[list[dict]]:
-    """``n`` ShareGPT conversations of about ``chars`` characters, deterministic."""
-    questions, docs = natural_texts(mt_bench)
-    out = []
-    d = 0
-    for i in range(n):
-        q = questions[i % len(questions)]
-        turns: list[dict] = []
-        size = 0
-        t = 0
-        while size < chars:
-            ask = q["turns"][t % 2] if t < 2 else "Tell me more."
-            ans = q["answers"][t] if q["answers"] and t < 2 else docs[d % len(docs)]
-            if not (q["answers"] and t < 2):
-                d += 1
-            turns += [{"from": "human", "value": ask}, {"from": "gpt", "value": ans}]
-            size += len(ask) + len(ans)
-            t += 1
-        out.append(turns)
-    return out
+from tests.corpus import natural_conversations  # noqa: E402  (after the path set-up)
 
 
 # -- the baseline: the reference's DTW as a plain double loop ---------------------------------

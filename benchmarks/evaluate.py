@@ -28,7 +28,15 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED_MT = REPO.parent / "shared" / "mt_bench"
+
+
+def _mt_bench():
+    """MT-Bench-format files written into a temporary folder (tests/corpus.py): nothing is
+    read from outside the repository."""
+    from fusechat_core.evaluate.mt_bench import load_mt_bench
+    from tests.corpus import write_mt_bench
+
+    return load_mt_bench(str(write_mt_bench(Path(tempfile.mkdtemp(prefix="mt-bench-")))))
 
 
 def bench_judge(latency: float, concurrencies: list[int]) -> dict[str, float]:
@@ -37,10 +45,9 @@ def bench_judge(latency: float, concurrencies: list[int]) -> dict[str, float]:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from fusechat_core.evaluate.judge import JudgeSettings, grade_answers
-    from fusechat_core.evaluate.mt_bench import load_mt_bench
     from fusechat_core.store import ArtifactStore
 
-    data = load_mt_bench(str(SHARED_MT))
+    data = _mt_bench()
     answers = [{"question_id": q.question_id, "choices": [{"index": 0, "turns": ["An answer.", "Another."]}]}
                for q in data.questions]
     counter = {"n": 0}
@@ -102,7 +109,7 @@ def bench_model(n_questions: int, new_tokens: int, tmp: Path) -> dict[str, float
 
     from fusechat_core.data import synthetic
     from fusechat_core.evaluate.loading import EvalModel, load_for_eval
-    from fusechat_core.evaluate.mt_bench import answer_questions, load_mt_bench, question_address
+    from fusechat_core.evaluate.mt_bench import answer_questions, question_address
     from fusechat_core.evaluate.nll import heldout_nll
     from fusechat_core.store import ArtifactStore
     from fusechat_core.tiny import build_tiny_model
@@ -111,8 +118,9 @@ def bench_model(n_questions: int, new_tokens: int, tmp: Path) -> dict[str, float
     build_tiny_model("mistral", "builtin:mistral-v1", folder, hidden=256, layers=4, heads=8, kv_heads=4,
                      intermediate=512, max_positions=4096)
     lm, tok, fmt, device = load_for_eval(EvalModel("bench", str(folder)))
-    print(f"model: Mistral hidden 256, 4 layers, vocab {len(tok)}, on {device}, torch threads {torch.get_num_threads()}")
-    data = load_mt_bench(str(SHARED_MT))
+    print(f"model: Mistral hidden 256, 4 layers, vocab {len(tok)}, on {device}, "
+          f"torch threads {torch.get_num_threads()}")
+    data = _mt_bench()
     # the same category throughout: batches are per temperature, so this is one stream of batches
     qs = [q for q in data.questions if q.category in ("reasoning", "math", "coding", "extraction")][:n_questions]
     out = {}

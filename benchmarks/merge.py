@@ -100,7 +100,6 @@ def run_child(method: str, models: dict[str, Path], out: Path) -> dict:
 
 def check_varm(models: dict[str, Path], out: Path) -> float:
     """The benchmark's VaRM output is the formula's, on a few tensors (float64 reference)."""
-    import torch
     from safetensors import safe_open
 
     def get(folder: Path, name: str):

@@ -61,7 +61,7 @@ def bare_forward(model, batches, device) -> tuple[float, float]:
     start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for ids, mask in batches:
-            model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            _ = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start, time.process_time() - cpu
@@ -155,7 +155,6 @@ def measure(label: str, tokenizer_ref: str, arch: str, args, rows, root: Path, r
     if full_s is not None:
         print(f"  collect+write through the model's full logits (the path for architectures outside the "
               f"head-only list): {full_s:.2f} s: {full_s / min(fwd):.3f}x")
-    del model
     return result
 
 

@@ -12,8 +12,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from fusechat_core.config import ConfigError, RunConfig, load_config
 from fusechat_core.plan import RunPlan

@@ -15,8 +15,9 @@ is supervised when its character span starts inside such a span.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from fusechat_core.registry import Registry
 
@@ -42,7 +43,8 @@ TEMPLATES.register("chatml")(
 )
 TEMPLATES.register("vicuna")(
     "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}ASSISTANT: {{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+    "{% else %}ASSISTANT: {{ m['content'] }}{{ eos_token }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 

@@ -127,7 +127,7 @@ class DataConfig(_Section):
     template_overhead: int = Field(default=8, ge=0)  # tokens a chat template adds per turn
 
     @model_validator(mode="after")
-    def _needs_sources(self) -> "DataConfig":
+    def _needs_sources(self) -> DataConfig:
         if self.preset is None and not self.sources:
             raise ValueError("give a preset or at least one entry in sources")
         return self
@@ -174,7 +174,7 @@ class TrainConfig(_Section):
     seed: int = 42
 
     @model_validator(mode="after")
-    def _micro_divides(self) -> "TrainConfig":
+    def _micro_divides(self) -> TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise ValueError("batch_size must be a multiple of micro_batch_size")
         return self
@@ -306,7 +306,7 @@ class RunConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _demo_models_defined(self) -> "RunConfig":
+    def _demo_models_defined(self) -> RunConfig:
         for i, m in enumerate(self.models):
             if m.path.startswith("demo:"):
                 field = "pivot.path" if i == 0 else f"sources[{i - 1}].path"
@@ -317,7 +317,7 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "RunConfig":
+    def _unique_names(self) -> RunConfig:
         seen = {self.pivot.name}
         for i, m in enumerate(self.models):
             if m.name == "clm" or m.name.startswith(("target-", "merge-")):

@@ -14,8 +14,9 @@ import hashlib
 import random
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fusechat_core.chat import IGNORE, ChatFormatter
 from fusechat_core.config import ModelSpec, RunConfig

@@ -7,7 +7,8 @@ only names. Importing the package that holds them fills the registry.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

@@ -22,9 +22,10 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import fsspec
 
@@ -76,7 +77,7 @@ class Manifest:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
+    def from_json(cls, text: str) -> Manifest:
         raw = json.loads(text)
         return cls(
             address=raw["address"],
@@ -291,7 +292,7 @@ class ArtifactStore:
                 self.fs.rm(self._path(address, MANIFEST))
 
     @contextlib.contextmanager
-    def writer(self, address: str, *, meta: dict[str, Any] | None = None) -> Iterator["ArtifactWriter"]:
+    def writer(self, address: str, *, meta: dict[str, Any] | None = None) -> Iterator[ArtifactWriter]:
         """Write an artifact; the manifest is committed only if the block succeeds."""
         self.invalidate(address, what="write")
         w = ArtifactWriter(self, address, dict(meta or {}))

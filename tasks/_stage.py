@@ -16,8 +16,9 @@ import hashlib
 import os
 import re
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from prefect.cache_policies import CachePolicy
 

@@ -25,7 +25,6 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -57,11 +56,11 @@ def tiny_models(session_tmp: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def mt_bench_dir() -> Path:
-    path = SHARED / "mt_bench"
-    if not path.is_dir():
-        pytest.fail(f"MT-Bench test data not found at {path}")
-    return path
+def mt_bench_dir(session_tmp: Path) -> Path:
+    """MT-Bench files in FastChat's formats, written by the tests (tests/corpus.py)."""
+    from tests.corpus import write_mt_bench
+
+    return write_mt_bench(session_tmp / "mt_bench")
 
 
 @pytest.fixture(scope="session")

@@ -68,7 +68,7 @@ class PrefectServer:
         self.api = f"http://127.0.0.1:{self.port}/api"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180) -> "PrefectServer":
+    def start(self, timeout: float = 180) -> PrefectServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_FOR_THE_SERVER)}
         env.update(SERVER_SETTINGS, PREFECT_HOME=str(self.home))

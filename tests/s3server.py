@@ -35,7 +35,7 @@ class SeaweedS3:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90.0) -> "SeaweedS3":
+    def start(self, timeout: float = 90.0) -> SeaweedS3:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         ports = {"master.port": free_port(), "volume.port": free_port(), "filer.port": free_port(),

@@ -23,14 +23,15 @@ K = 4
 VARIED = [
     ("Write a Python function that squares a number.",
      "Sure:\n\n```python\ndef square(x):\n    return x * x  # 3 ** 2 == 9\n```\n\nCall it as `square(12)` -> 144."),
-    ("Translate 'good morning' to Japanese and German.", "おはようございます (ohayō gozaimasu); auf Deutsch: Guten Morgen! 😀"),
+    ("Translate 'good morning' to Japanese and German.",
+     "おはようございます (ohayō gozaimasu); auf Deutsch: Guten Morgen! 😀"),
     ("List three primes above 1000.", "1009, 1013 and 1019.   They are   prime because none has a divisor ≤ 31."),
     ("What is <s> in a tokenizer?", "It is the [INST] beginning-of-sequence marker </s>, written <s>."),
 ]
 
 
 def _dataset_file(tmp_path):
-    from benchmarks.align import natural_conversations
+    from tests.corpus import natural_conversations
 
     rows = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in VARIED]
     rows += [{"conversations": c} for c in natural_conversations(8, chars=500)]

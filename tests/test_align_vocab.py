@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusechat_core.align.vocab import (EXACT, MINED, UNMAPPED, Vocabulary, build_vocab_map, tokenizer_family,
-                                       vocabulary)
+from fusechat_core.align.vocab import EXACT, MINED, UNMAPPED, Vocabulary, build_vocab_map, tokenizer_family, vocabulary
 from fusechat_core.models import load_tokenizer
 
 

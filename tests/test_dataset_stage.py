@@ -30,7 +30,8 @@ GOOD_SHAREGPT = [
 ]
 BROKEN_SHAREGPT = [
     ("invalid_json", '{"conversations": [ {"from": "human"'),
-    ("assistant_first", json.dumps({"conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "?"}]})),
+    ("assistant_first",
+     json.dumps({"conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "?"}]})),
     ("empty_turn", json.dumps({"conversations": [{"from": "human", "value": "  "}, {"from": "gpt", "value": "x"}]})),
     ("non_alternating", json.dumps({"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"},
                                                        {"from": "gpt", "value": "c"}]})),
@@ -105,7 +106,8 @@ def test_dataset_builds_skips_and_rebuilds(tmp_path, capsys):
 
     rows = read_split(store, first["address"], "train") + read_split(store, first["address"], "heldout")
     # every good conversation is present exactly once (blocks of the long one aside)
-    firsts = sorted(r["conversations"][0]["value"] for r in rows if not r["conversations"][0]["value"].startswith("Turn"))
+    firsts = sorted(r["conversations"][0]["value"] for r in rows
+                    if not r["conversations"][0]["value"].startswith("Turn"))
     assert firsts == sorted([r["conversations"][0]["value"] for r in GOOD_SHAREGPT] +
                             [r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") for r in GOOD_ALPACA])
     for r in rows:

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from fusechat_core.evaluate.loading import EvalModel, load_for_eval
-from fusechat_core.evaluate.mt_bench import (TEMPERATURES, answer_file, answer_questions, load_mt_bench,
-                                             question_address)
+from fusechat_core.evaluate.mt_bench import TEMPERATURES, answer_file, answer_questions, load_mt_bench, question_address
 from fusechat_core.store import MANIFEST, ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,8 +29,8 @@ qids = [int(x) for x in sys.argv[5].split(",")]
 data = load_mt_bench(mt_dir)
 lm, tok, fmt, _ = load_for_eval(EvalModel("pivot", model_dir), "cpu")
 answer_questions(ArtifactStore(store_url), address, "pivot", lm, tok, fmt, [data.question(q) for q in qids],
-                 max_new_tokens=%d, batch_size=1, seed=3)
-""" % MAX_NEW
+                 max_new_tokens=MAX_NEW, batch_size=1, seed=3)
+""".replace("MAX_NEW", str(MAX_NEW))
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,15 @@ from typing import Any
 
 import pytest
 
-from fusechat_core.evaluate.judge import (JudgeClient, JudgeError, JudgeSettings, grade_answers, judgment_address,
-                                          parse_rating, summarise)
+from fusechat_core.evaluate.judge import (
+    JudgeClient,
+    JudgeError,
+    JudgeSettings,
+    grade_answers,
+    judgment_address,
+    parse_rating,
+    summarise,
+)
 from fusechat_core.evaluate.mt_bench import load_mt_bench
 from fusechat_core.store import ArtifactStore
 
@@ -85,7 +92,7 @@ class JudgeServer:
     def requests(self, qid: int, turn: int) -> list[dict]:
         return [r for r in self.log if r["qid"] == qid and r["turn"] == turn]
 
-    def __enter__(self) -> "JudgeServer":
+    def __enter__(self) -> JudgeServer:
         self.thread.start()
         return self
 

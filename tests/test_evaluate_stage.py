@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,21 +15,17 @@ from fusechat_core.data import synthetic
 from fusechat_core.data.build import Mixture, write_mixture
 from fusechat_core.evaluate.mt_bench import load_mt_bench
 from fusechat_core.store import ArtifactStore
+from tests.corpus import write_mt_bench
 from tests.test_evaluate_judge import SECRET, JudgeServer
 
 QIDS = [81, 101, 111, 141]
 
 
 @pytest.fixture
-def mt_subset(mt_bench_dir: Path, tmp_path: Path):
+def mt_subset(tmp_path: Path):
     """A few MT-Bench questions, FastChat's layout, served over HTTP from 127.0.0.1: (URL, folder)."""
     root = tmp_path / "fastchat-data"
-    (root / "mt_bench" / "reference_answer").mkdir(parents=True)
-    lines = [x for x in (mt_bench_dir / "question.jsonl").read_text().splitlines()
-             if json.loads(x)["question_id"] in QIDS]
-    (root / "mt_bench" / "question.jsonl").write_text("\n".join(lines) + "\n")
-    shutil.copy(mt_bench_dir / "reference_answer_gpt-4.jsonl", root / "mt_bench" / "reference_answer" / "gpt-4.jsonl")
-    shutil.copy(mt_bench_dir / "judge_prompts.jsonl", root / "judge_prompts.jsonl")
+    write_mt_bench(root, layout="fastchat", qids=QIDS)
 
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *args):

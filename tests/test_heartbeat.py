@@ -21,7 +21,6 @@ import pytest
 from flows.setup import MIN_HEARTBEAT_TIMEOUT_S, ZOMBIE_AUTOMATION, setup_server
 from tests.prefect_server import PrefectServer, spawn, stop
 
-
 # Two flow runs in one process: `quick` finishes right after its first heartbeat, `silent` sleeps
 # until it is killed. Each prints its flow run id.
 FLOWS = '''

@@ -12,7 +12,8 @@ def _with(cfg, section: str, **changes):
 
 def test_operational_training_settings_keep_the_target_address():
     base = _cfg("file:///x")
-    assert RunPlan(base).train("moe") == RunPlan(_with(base, "train", checkpoint_every=7, keep_checkpoints=5)).train("moe")
+    operational = _with(base, "train", checkpoint_every=7, keep_checkpoints=5)
+    assert RunPlan(base).train("moe") == RunPlan(operational).train("moe")
     assert RunPlan(base).train("moe") != RunPlan(_with(base, "train", learning_rate=1e-4)).train("moe")
 
 

@@ -25,9 +25,20 @@ from fusechat_core.config import ModelSpec, RepresentConfig, parse_config
 from fusechat_core.data import build_dataset_artifact, read_split
 from fusechat_core.models import ModelLoadError, load_causal_lm, load_tokenizer
 from fusechat_core.plan import RunPlan
-from fusechat_core.represent import (ARRAYS, META_FILE, REPRESENTATION_FILE, RepresentError, Representation,
-                                     collect_shard, commit_representation, read_shard, represent_model,
-                                     same_tokenization, shard_rows, write_shard)
+from fusechat_core.represent import (
+    ARRAYS,
+    META_FILE,
+    REPRESENTATION_FILE,
+    Representation,
+    RepresentError,
+    collect_shard,
+    commit_representation,
+    read_shard,
+    represent_model,
+    same_tokenization,
+    shard_rows,
+    write_shard,
+)
 from fusechat_core.store import MANIFEST, ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]

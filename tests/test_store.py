@@ -130,7 +130,7 @@ def test_addresses_cannot_escape_the_root(store):
         store.manifest("../outside")
     with pytest.raises(StoreError, match="invalid artifact address"):
         with store.writer("ok/a") as w:
-            w.write_bytes("../../x", b"")
+            w.write_bytes("../../x", b"")  # outside-path: refused
 
 
 def test_bad_s3_credentials_fail_with_one_line_naming_the_bucket(s3_env, monkeypatch):

@@ -26,7 +26,7 @@ from fusechat_core.data import synthetic
 from fusechat_core.fuse.batches import ContractError, FusionData
 from fusechat_core.store import ArtifactStore
 from fusechat_core.tiny import build_tiny_model
-from fusechat_core.train import (complete_checkpoints, global_batch, micro_batches, train_target)
+from fusechat_core.train import complete_checkpoints, global_batch, micro_batches, train_target
 
 REPO = Path(__file__).resolve().parents[1]
 N_ROWS, SHARDS, TOP_K, MAX_LEN = 24, 2, 8, 96
@@ -101,7 +101,8 @@ def fusion_inputs(tiny_models, tmp_path_factory):
     source_out = _model_outputs(source_dir, rows)
     pivot_dirs = _write_shards(store, "represent/pivot-t", pivot_out, rows, aligned=False)
     aligned_dirs = _write_shards(store, "align/source-t", source_out, rows, aligned=True)
-    return {"pivot": ModelSpec(name="pivot", path=str(tiny_models["pivot"])), "pivot_dirs": pivot_dirs, "aligned_dirs": aligned_dirs,
+    return {"pivot": ModelSpec(name="pivot", path=str(tiny_models["pivot"])), "pivot_dirs": pivot_dirs,
+            "aligned_dirs": aligned_dirs,
             "pivot_out": pivot_out, "source_out": source_out, "root": root}
 
 

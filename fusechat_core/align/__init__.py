@@ -30,14 +30,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from fusechat_core.align.project import ALIGNED_ARRAYS, Aligned, project, row_sequence, same_sequences
-from fusechat_core.align.sequence import (SEQUENCE_ALIGNERS, TokenSeq, align_sequences, common_spans,
-                                          content_char_map, trimmed_spans)
+from fusechat_core.align.sequence import (
+    SEQUENCE_ALIGNERS,
+    TokenSeq,
+    align_sequences,
+    common_spans,
+    content_char_map,
+    trimmed_spans,
+)
 from fusechat_core.align.vocab import VocabMap, build_vocab_map, vocabulary
 from fusechat_core.config import ModelSpec, RunConfig
 from fusechat_core.represent import Representation

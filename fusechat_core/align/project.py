@@ -19,8 +19,9 @@ renormalises over the kept entries at its temperature (SPEC §1.4).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -38,8 +38,8 @@ within 32 tokens of the diagonal.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -289,7 +289,8 @@ def dtw_backtrack(D: np.ndarray, n: np.ndarray, m: np.ndarray, p_key: np.ndarray
     return _walk_back(value, B, N, M, n, m, p_key, s_key)
 
 
-def _walk_back(value: Callable[..., np.ndarray], B: int, N: int, M: int, n: np.ndarray, m: np.ndarray, p_key: np.ndarray,
+def _walk_back(value: Callable[..., np.ndarray], B: int, N: int, M: int, n: np.ndarray, m: np.ndarray,
+               p_key: np.ndarray,
                s_key: np.ndarray) -> list[np.ndarray]:
     """The backtracking walk shared by full and banded DTW; ``value(b, i, j, ok)`` reads
     D at (i, j) for pairs ``b``, or a huge cost where ``ok`` is False or the cell is off the band."""

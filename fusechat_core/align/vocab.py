@@ -161,7 +161,7 @@ class VocabMap:
         n = len(self.ids)
         return bool(np.all(self.kind == EXACT) and np.array_equal(self.ids, np.arange(n, dtype=np.int32)))
 
-    def padded(self, size: int) -> "VocabMap":
+    def padded(self, size: int) -> VocabMap:
         """The map over ``size`` ids: a model's embedding may have rows past its tokenizer."""
         if size <= len(self.ids):
             return self

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fusechat_core.config import RunConfig
-from fusechat_core.data.build import (DataError, build_mixture, read_split, token_counter,
-                                      write_mixture)
+from fusechat_core.data.build import DataError, build_mixture, read_split, token_counter, write_mixture
 from fusechat_core.models import load_tokenizer, tokenizer_ref
 from fusechat_core.store import ArtifactStore
 

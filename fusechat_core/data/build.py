@@ -14,9 +14,10 @@ import logging
 import random
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from fusechat_core.config import DataConfig, DataSourceSpec
 from fusechat_core.data import loaders as _loaders  # noqa: F401  (fills LOADERS)
@@ -64,7 +65,10 @@ def sources_of(cfg: DataConfig) -> list[DataSourceSpec]:
 # -- reading raw rows ----------------------------------------------------------
 
 def _iter_local(path: Path) -> Iterator[dict | MalformedRow]:
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".parquet")) if path.is_dir() else [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".parquet"))
+    else:
+        files = [path]
     if not files:
         raise DataError(f"{path}: no .json, .jsonl or .parquet files")
     for f in files:

@@ -8,7 +8,8 @@ reason, which the dataset stage counts and reports.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fusechat_core.registry import Registry
 

@@ -9,7 +9,8 @@ FUSECHAT_MIXTURE: list[dict] = [
     {"name": "sharegpt_gpt4", "path": "shibing624/sharegpt_gpt4", "format": "sharegpt", "count": 6200},
     {"name": "oasst_top1", "path": "OpenAssistant/oasst_top1_2023-08-25", "format": "chatml", "count": 5000},
     {"name": "metamathqa", "path": "meta-math/MetaMathQA", "format": "prompt_response", "count": 10000},
-    {"name": "magicoder_oss", "path": "ise-uiuc/Magicoder-OSS-Instruct-75K", "format": "prompt_response", "count": 10000},
+    {"name": "magicoder_oss", "path": "ise-uiuc/Magicoder-OSS-Instruct-75K", "format": "prompt_response",
+     "count": 10000},
     {"name": "evol_codealpaca", "path": "theblackcat102/evol-codealpaca-v1", "format": "alpaca", "count": 10000},
     {"name": "python_code_23k", "path": "ajibawa-2023/Python-Code-23k-ShareGPT", "format": "sharegpt", "count": 10000},
 ]

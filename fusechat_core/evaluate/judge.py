@@ -30,8 +30,9 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Coroutine, Sequence
+from typing import Any
 
 from fusechat_core.evaluate.mt_bench import NEED_REF_CATS, MTBenchData, Question
 from fusechat_core.store import ArtifactStore
@@ -86,7 +87,7 @@ class JudgeSettings:
     retry_after_max_s: float = 600.0
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "JudgeSettings":
+    def from_config(cls, cfg: Any) -> JudgeSettings:
         return cls(base_url=cfg.judge_base_url, model=cfg.judge_model, api_key_env=cfg.judge_api_key_env,
                    concurrency=cfg.judge_concurrency, max_tokens=cfg.judge_max_tokens,
                    timeout_s=cfg.judge_timeout_s, max_retries=cfg.judge_max_retries)
@@ -123,7 +124,7 @@ class JudgeClient:
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
 
-    async def __aenter__(self) -> "JudgeClient":
+    async def __aenter__(self) -> JudgeClient:
         import httpx
 
         limits = httpx.Limits(max_connections=self.settings.concurrency)

@@ -18,9 +18,10 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from fusechat_core.evaluate.loading import EvaluationError
 from fusechat_core.store import ArtifactStore

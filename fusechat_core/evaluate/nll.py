@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from fusechat_core.chat import IGNORE, to_messages
 from fusechat_core.evaluate.mt_bench import generate_batch, stop_token_ids

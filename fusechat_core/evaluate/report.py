@@ -9,8 +9,9 @@ and PNG plots (matplotlib's Agg backend: no display needed).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from fusechat_core.evaluate.mt_bench import CATEGORIES
 
@@ -73,7 +74,8 @@ def markdown_table(results: Mapping[str, dict]) -> str:
         cells = [name]
         for _, h, path in cols:
             v = _get(r, path)
-            cells.append(str(v) if h == "unparsable" and v is not None else _fmt(v, 3 if "NLL" in h or "BPB" in h else 2))
+            digits = 3 if "NLL" in h or "BPB" in h else 2
+            cells.append(str(v) if h == "unparsable" and v is not None else _fmt(v, digits))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

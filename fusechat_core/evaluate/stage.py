@@ -13,13 +13,19 @@ import json
 import logging
 import re
 import tempfile
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from fusechat_core.config import EvaluateConfig
 from fusechat_core.evaluate.judge import JudgeSettings, grade_answers, judgments_jsonl, summarise
 from fusechat_core.evaluate.loading import EvaluationError, load_for_eval, resolve_model
-from fusechat_core.evaluate.mt_bench import (ANSWERS_FILE, answer_questions, load_mt_bench, read_answers,
-                                             write_answers_artifact)
+from fusechat_core.evaluate.mt_bench import (
+    ANSWERS_FILE,
+    answer_questions,
+    load_mt_bench,
+    read_answers,
+    write_answers_artifact,
+)
 from fusechat_core.evaluate.nll import exact_match, heldout_nll
 from fusechat_core.evaluate.report import RESULTS_FILE, build_report
 from fusechat_core.store import ArtifactStore

@@ -10,11 +10,16 @@ one small file each, and the training loop knows only the name in
 
 from __future__ import annotations
 
-from fusechat_core.fuse.loss import (FUSION_FUNCTIONS, FusionFunction, SparseDist, clm_and_fusion_sums,
-                                     sparse_cross_entropy, teacher_dist)
-
 # Importing the implementations registers them.
 from fusechat_core.fuse import avgce, mince  # noqa: E402,F401
+from fusechat_core.fuse.loss import (
+                                     FUSION_FUNCTIONS,
+                                     FusionFunction,
+                                     SparseDist,
+                                     clm_and_fusion_sums,
+                                     sparse_cross_entropy,
+                                     teacher_dist,
+)
 
 __all__ = ["FUSION_FUNCTIONS", "FusionFunction", "SparseDist", "clm_and_fusion_sums",
            "sparse_cross_entropy", "teacher_dist"]

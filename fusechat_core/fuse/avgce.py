@@ -8,7 +8,7 @@ teachers' rewards, w_j = exp(r_j) / Σ_i exp(r_i).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -11,9 +11,9 @@ them: a step reads the rows of its sequences and nothing else, so a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ class Batch:
     metric_ce: Tensor | None = None  # [P, J]: teacher j's CE of the row's sequence
     n_tokens: int = 0  # real (unpadded) tokens
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Batch(mv(self.input_ids), mv(self.attention_mask), mv(self.sup_batch), mv(self.sup_pos),
                      mv(self.labels), [(mv(i), mv(lp)) for i, lp in self.teachers],

@@ -15,8 +15,8 @@ entries): the duplicates add up exactly as they would in a dense vector.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor

@@ -9,8 +9,9 @@ method spec, so a parameter mergekit renames is caught here, not silently droppe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from fusechat_core.registry import Registry
 

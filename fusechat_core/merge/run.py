@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from fusechat_core.merge import statistics
 from fusechat_core.merge.card import model_card, weights_markdown, weights_summary

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from fusechat_core.config import RunConfig
 from fusechat_core.merge.run import WEIGHTS_JSON, merge_models

@@ -13,7 +13,7 @@ the merge, one tensor at a time through mergekit's lazy loaders.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from mergekit.common import ModelReference
 

@@ -21,8 +21,9 @@ here: every tensor goes through the kernel, and each target's Δ is its own.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from mergekit import merge_methods
@@ -53,7 +54,7 @@ def varm_weights(mean_sq: list[float]) -> list[float]:
 )
 def varm_merge(
     group: TensorGroup,
-    weight: PerNonBase[Optional[float]] = None,
+    weight: PerNonBase[float | None] = None,
     granularity: Granularity = "matrix",
 ) -> torch.Tensor:
     base = group.base.tensor
