@@ -382,6 +382,27 @@ def test_cli_usage_errors_exit_2_with_one_line(known, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_cli_pivot_without_a_tokenizer_says_to_pass_one(known, tmp_path, capsys):
+    """A pivot folder of weights alone: one line that names --tokenizer, before any tensor is read;
+    with --tokenizer the same folders merge, and the merged folder carries that tokenizer."""
+    from flows.cli import main
+
+    bare = tmp_path / "pivot-weights-only"
+    bare.mkdir()
+    for f in Path(known["pivot"]).iterdir():
+        if f.suffix in (".safetensors", ".json") and not f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, bare / f.name)
+    assert not (bare / "tokenizer.json").exists() and not (bare / "tokenizer_config.json").exists()
+    args = ["merge", "--method", "varm", "--pivot", str(bare), "--targets", str(known["a"]), str(known["b"]),
+            "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tokenizer REF" in err[0] and str(bare) in err[0], err
+    assert not (tmp_path / "o").exists()
+    assert main([*args, "--tokenizer", str(known["pivot"])]) == 0
+    assert (tmp_path / "o" / "tokenizer_config.json").is_file()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cli_cuda_without_a_gpu_fails_in_one_line(known, tmp_path, capsys):
     from flows.cli import main

@@ -70,7 +70,7 @@ def merge_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from fusechat_core.config import MergeConfig
-    from fusechat_core.merge.run import _check_ref, merge_models
+    from fusechat_core.merge.run import _check_ref, check_pivot_tokenizer, merge_models
     from fusechat_core.merge.translate import MergeError, check_merge_config
     from fusechat_core.models import ModelLoadError
 
@@ -95,7 +95,7 @@ def merge_command(args: argparse.Namespace) -> int:
         msg = err["msg"].removeprefix("Value error, ")
         return _error(f"--{field.replace('_', '-')}: {msg}")
     try:
-        _check_ref("--pivot", args.pivot)
+        check_pivot_tokenizer(_check_ref("--pivot", args.pivot), args.tokenizer)
         for name, path in targets.items():
             _check_ref(f"--targets ({name})", path)
         check_merge_config(merge_cfg, list(targets))

@@ -97,6 +97,8 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
             raise MergeError(f"target {n}: {p} is already {seen[p]}")
         seen[p] = f"target {n}"
     _same_architecture(pivot, targets)
+    # before any tensor is read: a merge that cannot get its tokenizer is refused up front
+    pivot_tok = _load_pivot_tokenizer(pivot, tokenizer, chat_template)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise MergeError(f"out: {out} is not empty")
@@ -138,7 +140,7 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
     finally:
         _forget_loaders(config)
 
-    _pivot_tokenizer(out, pivot, tokenizer, chat_template)
+    _save_pivot_tokenizer(out, pivot, pivot_tok)
     (out / "mergekit_config.yml").write_text(config_yaml + "\n")
 
     table = None
@@ -176,17 +178,33 @@ def _forget_loaders(config: Any) -> None:
         LoaderCache.loaders.pop(ref, None)
 
 
-def _pivot_tokenizer(out: Path, pivot: str, tokenizer: tuple[str, str | None] | None,
-                     chat_template: str | None) -> None:
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tekken.json")
+_TOKENIZER_HINT = ("pass the tokenizer it was trained with as --tokenizer REF (a folder, hub id or "
+                   "builtin:mistral-v1), or `tokenizer:` in the pivot's config")
+
+
+def check_pivot_tokenizer(pivot: str, tokenizer: object | None) -> None:
+    """A local pivot folder without tokenizer files needs ``tokenizer``: say what to pass."""
+    folder = Path(pivot).expanduser()
+    if tokenizer is None and folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise MergeError(f"pivot {pivot}: the folder holds no tokenizer; {_TOKENIZER_HINT}")
+
+
+def _load_pivot_tokenizer(pivot: str, tokenizer: tuple[str, str | None] | None, chat_template: str | None):
     """The pivot's tokenizer with the chat template its targets were trained with."""
     from fusechat_core.models import tokenizer_to_save
 
+    check_pivot_tokenizer(pivot, tokenizer)
     ref, revision = tokenizer or (pivot, None)
     try:
-        tok = tokenizer_to_save(ref, revision, chat_template)
+        return tokenizer_to_save(ref, revision, chat_template)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MergeError(f"pivot tokenizer {ref}: cannot load: {first}") from exc
+        hint = f"; {_TOKENIZER_HINT}" if tokenizer is None else ""
+        raise MergeError(f"pivot tokenizer {ref}: cannot load: {first}{hint}") from exc
+
+
+def _save_pivot_tokenizer(out: Path, pivot: str, tok) -> None:
     tok.save_pretrained(out)
     try:
         local = _local_dir(pivot)
