@@ -76,6 +76,8 @@ def normalise(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
 def detect_format(row: dict[str, Any]) -> str:
     """The registered loader for a row's shape (used by ``format: auto``)."""
     keys = set(row)
+    if isinstance(row.get("cluster"), dict):  # shahules786/orca-best
+        return "orca_best"
     if "conversations" in keys:
         return "sharegpt"
     if "messages" in keys:

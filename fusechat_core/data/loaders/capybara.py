@@ -3,7 +3,7 @@ from fusechat_core.data.conversation import LOADERS, MalformedRow, field
 
 @LOADERS.register("capybara")
 def load_capybara(row: dict) -> list[tuple[str, str]]:
-    """LDJnr/Capybara: ``{"conversation": [{"input": ..., "output": ...}, ...]}``."""
+    """LDJnr/Capybara: ``{"source": ..., "conversation": [{"input": ..., "output": ...}, ...]}``."""
     pairs = field(row, "conversation")
     if not isinstance(pairs, list):
         raise MalformedRow("conversation_not_a_list")
