@@ -184,6 +184,10 @@ class MergeConfig(_Section):
     method: str = "varm"
     methods_extra: list[str] = Field(default_factory=list)  # further merges to compare
     parameters: dict[str, Any] = Field(default_factory=dict)
+    # "paper": each baseline with the released FuseChat mergekit configs' parameters
+    # (merge/methods.py PAPER_PARAMETERS); None: our defaults. ``parameters`` still win
+    # for the main method.
+    preset: Literal["paper"] | None = None
     granularity: Literal["matrix", "layer", "model"] = "matrix"
     mergekit_yaml: str | None = None  # a user's own mergekit config, used as given
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from fusechat_core.config import EvaluateConfig, ModelSpec, RunConfig
+from fusechat_core.merge.methods import method_parameters
 from fusechat_core.stages import shard_address, stage_address
 
 CLM = "clm"  # the λ = 1 baseline target: plain fine-tuning of the pivot
@@ -146,7 +147,7 @@ class RunPlan:
         m = self.cfg.merge
         section = {
             "method": method,
-            "parameters": m.parameters if method == m.method else {},
+            "parameters": method_parameters(m, method),
             "granularity": m.granularity,
             "dtype": m.dtype,
             "mergekit_yaml": m.mergekit_yaml if method == m.method else None,

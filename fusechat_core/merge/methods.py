@@ -61,3 +61,38 @@ _add(MethodSpec(
 _add(MethodSpec(
     "sce", "sce", pivot_is_base=True,
     note="select high-variance entries (select_topk), VaRM-like weights, erase minority signs"))
+
+
+# The paper's baselines (Table 1), as released with FuseChat: the mergekit configs in
+# FuseAI/FuseChat at FuseChat/merge/mergekit_configs/fusechat-{slerp,ta,ties,dare}.yml, and
+# linear from FuseChat/merge/VaRM/merge.py run with --linear_weights "1,2" (weights
+# normalised to 1/3, 2/3: what mergekit's linear does with normalize on). Per-target
+# values are lists in the paper's target order: [Mixtral target, SOLAR target], so a
+# run's first source must be the Mixtral-like one. Differences from the released files:
+# none in values; SLERP's released config names the pivot as base_model, which mergekit's
+# slerp cannot use (the base must be one of the two inputs), so ours interpolates from the
+# first target (t = 0: the Mixtral target), which is what the slices list implies.
+PAPER_PARAMETERS: dict[str, dict[str, Any]] = {
+    "linear": {"weight": [1.0, 2.0], "normalize": True},
+    "slerp": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                    {"value": 0.5}]},
+    "task_arithmetic": {"weight": [0.25, 0.5], "density": [0.5, 0.5], "normalize": True},
+    "ties": {"weight": [0.25, 0.5], "density": [0.5, 0.5], "normalize": True},
+    "dare_linear": {"weight": [0.25, 0.5], "density": [0.5, 0.5], "normalize": True},
+}
+PAPER_TARGETS = 2  # the paper merges two targets; the per-target lists above have two values
+
+MERGE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {"paper": PAPER_PARAMETERS}
+
+
+def method_parameters(merge: Any, method: str) -> dict[str, Any]:
+    """The parameters merge ``method`` runs with under the run's ``MergeConfig``.
+
+    The preset's values for the method (none without a preset: our defaults apply), then,
+    for the main method, the config's own ``parameters`` on top, key by key.
+    """
+    params = dict(MERGE_PRESETS[merge.preset].get(method, {})) if merge.preset else {}
+    if method == merge.method:
+        params.update(merge.parameters)
+    return params

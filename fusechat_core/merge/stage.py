@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fusechat_core.config import RunConfig
+from fusechat_core.merge.methods import method_parameters
 from fusechat_core.merge.run import WEIGHTS_JSON, merge_models
 from fusechat_core.models import cache_dir, model_dir
 from fusechat_core.store import ArtifactStore
@@ -41,7 +42,7 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
         out = staging / "model"
         result = merge_models(
             method, pivot_ref, local_targets, out,
-            parameters=m.parameters if is_main else {}, granularity=m.granularity if method == "varm" else "matrix",
+            parameters=method_parameters(m, method), granularity=m.granularity if method == "varm" else "matrix",
             dtype=m.dtype, mergekit_yaml=m.mergekit_yaml if is_main else None, shard_size=m.shard_size,
             device=m.device, seed=0, tokenizer=tokenizer, chat_template=pivot.chat_template,
             sources=[s.name for s in cfg.sources], name=f"{cfg.name}-merge-{method}", progress=progress)

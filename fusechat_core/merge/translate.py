@@ -19,7 +19,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge_methods.base import ParameterScope
 
 from fusechat_core.merge import varm as _varm  # noqa: F401  (registers VaRM with mergekit)
-from fusechat_core.merge.methods import MERGE_METHODS, MethodSpec
+from fusechat_core.merge.methods import MERGE_METHODS, PAPER_TARGETS, MethodSpec, method_parameters
 
 
 class MergeError(ValueError):
@@ -187,6 +187,10 @@ def check_merge_config(merge: Any, target_names: list[str]) -> None:
     ``merge`` is the run's ``MergeConfig``. Paths are placeholders; nothing is read.
     """
     fake = {n: f"/targets/{n}" for n in target_names}
+    if merge.preset == "paper" and len(target_names) != PAPER_TARGETS:
+        raise MergeError(f"merge.preset: paper holds the released configs' values for the paper's "
+                         f"{PAPER_TARGETS} targets (Mixtral, then SOLAR); this run has {len(target_names)} "
+                         f"({', '.join(target_names)})")
     methods = [merge.method] + [x for x in merge.methods_extra if x != merge.method]
     for method in methods:
         main = method == merge.method
@@ -195,5 +199,5 @@ def check_merge_config(merge: Any, target_names: list[str]) -> None:
             continue
         granularity = merge.granularity if method == "varm" else "matrix"
         weights = [0.0] * len(target_names) if granularity != "matrix" else None
-        build_configuration(method, "/pivot", fake, parameters=merge.parameters if main else {},
+        build_configuration(method, "/pivot", fake, parameters=method_parameters(merge, method),
                             dtype=merge.dtype, target_weights=weights, granularity=granularity)
