@@ -126,6 +126,16 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
         print(f"{r['stage']:<{w}}  {r['state']:<8}  {r['address']}  {human_size(r['size'])}")
 
 
+def _print_inputs(plan: RunPlan) -> None:
+    """Under the plan's table: the dataset's pinned sources and each merge's parameters."""
+    for node in plan.nodes():
+        lines = plan.inputs(node)
+        if lines:
+            print(f"\n{node.label} inputs:")
+            for line in lines:
+                print(f"  {line}")
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     """A node being drained sends SIGTERM: stop now, children included, and keep what is done.
 
@@ -281,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows = [{"stage": n.label, "state": "unknown", "address": n.address, "size": None}
                         for n in RunPlan(cfg).nodes()]
             _print_rows(rows)
+            _print_inputs(RunPlan(cfg))
             return EXIT_OK
         return _run(cfg, args.until, args.json)
     except StoreError as exc:

@@ -87,9 +87,14 @@ class DataSourceSpec(_Section):
     path: str  # hub id, or a local .json/.jsonl/.parquet file or folder
     format: str = "auto"  # a registered loader name
     count: int | None = Field(default=None, ge=1)  # None: all rows
+    # Pinning (all part of the dataset address): which files of the hub repository (or,
+    # for a local folder, glob patterns inside it), which split, which config, which commit.
+    data_files: str | list[str] | None = None
     split: str = "train"
-    subset: str | None = None
-    revision: str | None = None
+    subset: str | None = None  # the hub dataset's config name
+    revision: str | None = None  # a commit hash, tag or branch of the hub repository
+    # The share of rows a source may lose as malformed before the dataset stage fails.
+    max_skipped_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -118,8 +123,10 @@ class DataSourceSpec(_Section):
 
 
 class DataConfig(_Section):
-    preset: Literal["fusechat-mixture"] | None = None
+    preset: Literal["fusechat-mixture", "fusechat-mixture-released"] | None = None
     sources: list[DataSourceSpec] = Field(default_factory=list)
+    # "vicuna": drop non-English and special-character-dominated conversations (the paper's step)
+    clean: Literal["vicuna"] | None = None
     max_length: int = Field(default=2048, ge=16)
     heldout_fraction: float = Field(default=0.02, ge=0.0, lt=1.0)
     heldout_max: int | None = Field(default=1000, ge=0)

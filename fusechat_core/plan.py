@@ -7,10 +7,13 @@ exactly the config fields and upstream addresses its stage depends on.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 from fusechat_core.config import EvaluateConfig, ModelSpec, RunConfig
+from fusechat_core.data.presets import sources_of
 from fusechat_core.merge.methods import method_parameters
 from fusechat_core.stages import shard_address, stage_address
 
@@ -83,6 +86,9 @@ class RunPlan:
     def dataset(self) -> str:
         section = {
             "data": self.cfg.data,
+            # The preset's sources as read (paths, files, splits, revisions): a preset
+            # whose pins change makes another dataset, though its name stays the same.
+            "sources": sources_of(self.cfg.data),
             "seed": self.cfg.seed,
             # Blocks must fit every model's tokenizer, so the tokenizers are inputs.
             "tokenizers": [(m.tokenizer or m.path, m.revision) for m in self.cfg.models],
@@ -205,6 +211,29 @@ class RunPlan:
     def report(self) -> str:
         upstream = {n: self.evaluate(n) for n in self.evaluated_models()}
         return stage_address("report", {"name": self.cfg.name}, upstream)
+
+    def inputs(self, node: Node) -> list[str]:
+        """What ``--plan`` shows under a stage's row: the dataset's sources as they will be
+        read (files, split, config, revision), and the parameters each merge runs with."""
+        if node.stage == "dataset":
+            out = []
+            for s in sources_of(self.cfg.data):
+                pins = [f"{k}={json.dumps(getattr(s, k))}" for k in ("data_files", "split", "subset", "revision")
+                        if getattr(s, k) is not None]
+                if s.revision is None and not s.path.startswith("demo:") and not Path(s.path).exists():
+                    pins.append("(revision not pinned)")
+                out.append(f"source {s.label}: {s.path} format={s.format} count={s.count or 'all'} {' '.join(pins)}")
+            if self.cfg.data.clean:
+                out.append(f"clean: {self.cfg.data.clean}")
+            return out
+        if node.stage == "merge" and node.key is not None:
+            m = self.cfg.merge
+            if node.key == m.method and m.mergekit_yaml is not None:
+                return ["parameters: from merge.mergekit_yaml"]
+            params = method_parameters(m, node.key)
+            origin = f"preset {m.preset}" if m.preset else "our defaults"
+            return [f"parameters ({origin}): {json.dumps(params, separators=(',', ':')) if params else 'defaults'}"]
+        return []
 
     # -- the whole DAG -------------------------------------------------------------------
     def nodes(self) -> list[Node]:

@@ -24,7 +24,8 @@ def build_dataset_artifact(cfg: RunConfig, store: ArtifactStore, address: str,
         write_mixture(w, mix)
     skipped = mix.stats["skipped_total"]
     (progress or log.info)(f"dataset: {len(mix.train)} train blocks, {len(mix.heldout)} held out, "
-                           f"{skipped} malformed rows skipped, {mix.stats['duplicates_total']} duplicates")
+                           f"{skipped} malformed rows skipped, {mix.stats['cleaned_total']} cleaned out, "
+                           f"{mix.stats['duplicates_total']} duplicates")
     return mix.stats
 
 
@@ -36,13 +37,15 @@ def _loadable(spec: Any) -> bool:
 def stats_markdown(address: str, stats: dict[str, Any]) -> str:
     lines = [f"# Dataset `{address}`", "",
              f"{stats['train']} training blocks, {stats['heldout']} held-out conversations, "
-             f"{stats['skipped_total']} malformed rows skipped, {stats['duplicates_total']} duplicates.", "",
-             "| source | read | kept | sampled | held out | blocks | skipped (reasons) |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             f"{stats['skipped_total']} malformed rows skipped, {stats.get('cleaned_total', 0)} cleaned out, "
+             f"{stats['duplicates_total']} duplicates.", "",
+             "| source | read | kept | sampled | held out | blocks | skipped (reasons) | cleaned out (reasons) |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
     for name, s in stats["sources"].items():
         reasons = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
+        cleaned = ", ".join(f"{k}: {v}" for k, v in s.get("cleaned", {}).items()) or "none"
         lines.append(f"| {name} | {s['rows_read']} | {s['kept']} | {s['sampled']} | {s['heldout']} "
-                     f"| {s['blocks']} | {reasons} |")
+                     f"| {s['blocks']} | {reasons} | {cleaned} |")
     return "\n".join(lines)
 
 

@@ -1,9 +1,14 @@
 """The dataset stage: FuseChat-Mixture from a list of sources (SPEC §1.1).
 
-load → normalise/clean → drop exact duplicates → sample ``count`` per source
-(seeded) → hold out a split → cut long conversations into blocks that fit
-``max_length`` under every model's tokenizer. Every skipped row is counted
-under a reason; the counts go into ``stats.json`` and the log.
+load → normalise → clean (``clean: vicuna``) → drop exact duplicates → sample
+``count`` per source (seeded) → hold out a split → cut long conversations into
+blocks that fit ``max_length`` under every model's tokenizer. Every skipped row
+is counted under a reason; the counts go into ``stats.json`` and the log.
+
+A source that yields no usable row, or loses more than its ``max_skipped_fraction``
+of rows as malformed, fails the stage (``DataError``, one line naming the source,
+the count and the most common reason): a loader that does not fit its data must
+not quietly take a fifth of the mixture with it.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from typing import Any
 from fusechat_core.config import DataConfig, DataSourceSpec
 from fusechat_core.data import loaders as _loaders  # noqa: F401  (fills LOADERS)
 from fusechat_core.data import synthetic
+from fusechat_core.data.clean import CLEANERS
 from fusechat_core.data.conversation import GPT, HUMAN, LOADERS, MalformedRow, detect_format, normalise
-from fusechat_core.data.presets import PRESETS
+from fusechat_core.data.presets import sources_of
 from fusechat_core.store import ArtifactStore, ArtifactWriter
 
 log = logging.getLogger("fusechat.data")
@@ -42,6 +48,7 @@ class SourceStats:
     rows_read: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
+    cleaned: Counter = field(default_factory=Counter)  # dropped by data.clean, by reason
     duplicates: int = 0
     sampled: int = 0
     asked: int | None = None
@@ -54,21 +61,52 @@ class SourceStats:
         d = dict(self.__dict__)
         d["skipped"] = dict(sorted(self.skipped.items()))
         d["skipped_total"] = sum(self.skipped.values())
+        d["cleaned"] = dict(sorted(self.cleaned.items()))
         return d
 
 
-def sources_of(cfg: DataConfig) -> list[DataSourceSpec]:
-    specs = [DataSourceSpec(**s) for s in PRESETS[cfg.preset]] if cfg.preset else []
-    return specs + list(cfg.sources)
+def check_source(label: str, st: SourceStats, max_skipped_fraction: float) -> None:
+    """Fail loudly on a source that yields nothing usable or loses too many rows."""
+    skipped = sum(st.skipped.values())
+    top = ""
+    if st.skipped:
+        reason, n = sorted(st.skipped.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        top = f"; most common reason: {reason} ({n} rows)"
+    if st.rows_read == 0:
+        raise DataError(f"data source {label}: no rows read")
+    if skipped == st.rows_read:
+        raise DataError(f"data source {label}: no usable row, all {st.rows_read} rows skipped{top}")
+    if skipped / st.rows_read > max_skipped_fraction:
+        raise DataError(f"data source {label}: {skipped} of {st.rows_read} rows skipped "
+                        f"({skipped / st.rows_read:.0%}, more than max_skipped_fraction "
+                        f"{max_skipped_fraction:g}){top}")
+    if st.kept == 0:
+        cleaned = sorted(st.cleaned.items(), key=lambda kv: (-kv[1], kv[0]))
+        why = f"; most common cleaning reason: {cleaned[0][0]} ({cleaned[0][1]} rows)" if cleaned else ""
+        raise DataError(f"data source {label}: no usable row left of {st.rows_read} after cleaning "
+                        f"and de-duplication{why}")
 
 
 # -- reading raw rows ----------------------------------------------------------
 
-def _iter_local(path: Path) -> Iterator[dict | MalformedRow]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".parquet"))
-    else:
-        files = [path]
+def _local_files(path: Path, data_files: str | list[str] | None) -> list[Path]:
+    if data_files is None:
+        if path.is_dir():
+            return sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".parquet"))
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{path}: data_files selects files inside a folder or hub repository, not a file")
+    files: list[Path] = []
+    for pattern in [data_files] if isinstance(data_files, str) else data_files:
+        matched = sorted(p for p in path.glob(pattern) if p.is_file())
+        if not matched:
+            raise DataError(f"{path}: data_files {pattern!r} matches no file")
+        files += [p for p in matched if p not in files]
+    return files
+
+
+def _iter_local(path: Path, data_files: str | list[str] | None = None) -> Iterator[dict | MalformedRow]:
+    files = _local_files(path, data_files)
     if not files:
         raise DataError(f"{path}: no .json, .jsonl or .parquet files")
     for f in files:
@@ -102,7 +140,8 @@ def _iter_local(path: Path) -> Iterator[dict | MalformedRow]:
 def _iter_hub(spec: DataSourceSpec) -> Iterator[dict]:
     import datasets
 
-    ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split, revision=spec.revision)
+    ds = datasets.load_dataset(spec.path, spec.subset, data_files=spec.data_files, split=spec.split,
+                               revision=spec.revision)
     yield from ds
 
 
@@ -110,7 +149,7 @@ def iter_rows(spec: DataSourceSpec, seed: int) -> Iterator[dict | MalformedRow]:
     if spec.path.startswith("demo:"):
         yield from synthetic.generate(spec.path[len("demo:"):], spec.count or 1000, seed)
     elif Path(spec.path).exists():
-        yield from _iter_local(Path(spec.path))
+        yield from _iter_local(Path(spec.path), spec.data_files)
     else:
         yield from _iter_hub(spec)
 
@@ -178,6 +217,7 @@ class Mixture:
 def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
                   progress: Callable[[str], None] | None = None) -> Mixture:
     seen: set[str] = set()
+    clean = CLEANERS[cfg.clean] if cfg.clean else None
     per_source: dict[str, SourceStats] = {}
     train: list[dict[str, Any]] = []
     heldout: list[dict[str, Any]] = []
@@ -200,6 +240,10 @@ def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
             except MalformedRow as bad:
                 st.skipped[bad.reason] += 1
                 continue
+            dropped = clean(conv) if clean else None
+            if dropped is not None:
+                st.cleaned[dropped] += 1
+                continue
             key = conversation_key(conv)
             if cfg.dedupe and key in seen:
                 st.duplicates += 1
@@ -207,6 +251,11 @@ def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
             seen.add(key)
             convs.append(conv)
         st.kept = len(convs)
+        for reason, n in sorted(st.skipped.items()):
+            log.warning("data source %s: skipped %d malformed rows (%s)", label, n, reason)
+        for reason, n in sorted(st.cleaned.items()):
+            log.info("data source %s: cleaning dropped %d conversations (%s)", label, n, reason)
+        check_source(label, st, spec.max_skipped_fraction)
         rng = _seeded(seed, "sample", label)
         if spec.count is not None and spec.count < len(convs):
             idx = sorted(rng.sample(range(len(convs)), spec.count))
@@ -227,9 +276,7 @@ def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
                 st.blocks += 1
         if progress:
             progress(f"{label}: {st.rows_read} rows read, {st.sampled} sampled, "
-                     f"{sum(st.skipped.values())} malformed skipped")
-        for reason, n in sorted(st.skipped.items()):
-            log.warning("data source %s: skipped %d malformed rows (%s)", label, n, reason)
+                     f"{sum(st.skipped.values())} malformed skipped, {sum(st.cleaned.values())} cleaned out")
         if spec.count is not None and st.kept < spec.count:
             log.warning("data source %s: asked for %d conversations, only %d usable", label, spec.count, st.kept)
     if cfg.heldout_max is not None and len(heldout) > cfg.heldout_max:
@@ -241,6 +288,7 @@ def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
         "train": len(train),
         "heldout": len(heldout),
         "skipped_total": sum(sum(s.skipped.values()) for s in per_source.values()),
+        "cleaned_total": sum(sum(s.cleaned.values()) for s in per_source.values()),
         "duplicates_total": sum(s.duplicates for s in per_source.values()),
         "sources": {k: v.as_dict() for k, v in per_source.items()},
     }
