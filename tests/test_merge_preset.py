@@ -7,12 +7,18 @@ released linear merge (merge/VaRM/merge.py --linear_weights "1,2").
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from fusechat_core.config import MergeConfig
+from flows.cli import main
+from fusechat_core.config import MergeConfig, load_config
 from fusechat_core.merge.methods import method_parameters
 from fusechat_core.merge.translate import MergeError, build_configuration, check_merge_config
+from fusechat_core.plan import RunPlan
+
+REPO = Path(__file__).resolve().parents[1]
 
 _TASK_VECTORS = """
 models:
@@ -93,3 +99,29 @@ def test_the_paper_preset_needs_the_papers_two_targets():
     check_merge_config(merge, ["mixtral", "solar"])
     with pytest.raises(MergeError, match=r"^merge.preset: paper .* this run has 3 \(a, b, c\)$"):
         check_merge_config(merge, ["a", "b", "c"])
+
+
+def test_plan_of_the_paper_config_shows_pins_and_the_paper_values(tmp_path, capsys):
+    cfg_path = REPO / "configs" / "fusechat-7b-varm.yaml"
+    cfg = load_config(cfg_path)
+    assert cfg.merge.preset == "paper" and cfg.data.heldout_fraction == 0
+    assert main(["run", str(cfg_path), "--plan", "--store", f"file://{tmp_path}/store"]) == 0
+    out = capsys.readouterr().out
+    assert 'data_files="fusechat_v1_clean_split_2048_filter_wrong.json"' in out
+    plan = RunPlan(cfg)
+    assert "dataset  " in out and plan.dataset in out
+    merge_lines = out[out.index("merge[linear] inputs:"):]
+    assert '{"weight":[1.0,2.0],"normalize":true}' in merge_lines
+    assert '"t":[{"filter":"self_attn","value":[0,0.5,0.3,0.7,1]}' in merge_lines
+    assert '{"weight":[0.25,0.5],"density":[0.5,0.5],"normalize":true}' in merge_lines
+    # the rebuilt mixture's plan shows the GPT-4 file and orca-best's revision
+    rebuilt = tmp_path / "rebuilt.yaml"
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["data"] = {"preset": "fusechat-mixture", "clean": "vicuna", "heldout_fraction": 0}
+    rebuilt.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(rebuilt), "--plan", "--store", f"file://{tmp_path}/store"]) == 0
+    out = capsys.readouterr().out
+    assert 'source sharegpt_gpt4: shibing624/sharegpt_gpt4 format=sharegpt_gpt4 count=6200 ' \
+           'data_files="sharegpt_gpt4.jsonl"' in out
+    assert 'revision="58d7d9e8a6ceaaa4ed40c5d1884af4c5f4c0a743"' in out
+    assert "clean: vicuna" in out
