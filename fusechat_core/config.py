@@ -305,6 +305,8 @@ class RunConfig(_Section):
     @field_validator("store")
     @classmethod
     def _store_url(cls, value: str) -> str:
+        if not value.strip() or value.strip() in ("file://", "file:"):  # never silently the working folder
+            raise ValueError("empty URL: give a folder, a file:// or an s3:// URL")
         if "://" not in value:
             value = "file://" + value
         scheme = value.split("://", 1)[0]
@@ -385,6 +387,58 @@ def parse_config(data: Any, *, base_dir: Path | None = None) -> RunConfig:
         raise ConfigError(_format_error(exc)) from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML without anchors or aliases: an alias bomb would expand to gigabytes before
+    any check, so the first anchor is refused while the document is read."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise yaml.MarkedYAMLError(problem=f"YAML anchors and aliases are not allowed ({sign}{event.anchor})",
+                                       problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: Any, where: str) -> None:
+    """Duplicate keys (else silently the last one wins), named by their path: ``pivot.name``."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(loader, item, f"{where}[{i}]")
+    elif isinstance(node, yaml.MappingNode):
+        seen: set = set()
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            path = f"{where}.{key}" if where else str(key)
+            try:
+                if key in seen:
+                    raise ConfigError(f"{path}: duplicate key (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            except TypeError:  # an unhashable key: the constructor says so
+                pass
+            _refuse_duplicate_keys(loader, value_node, path)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse YAML strictly: no anchors or aliases, no duplicate keys. ``ConfigError``, one
+    line: the key's path, or ``where`` and the line."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(loader, node, "")
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}:" if mark else ""
+        problem = getattr(exc, "problem", None) or ""
+        reason = problem if problem.startswith("YAML anchors") else "not valid YAML"
+        raise ConfigError(f"{where}:{line} {reason}") from None
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path, *, store: str | None = None) -> RunConfig:
     """Load a YAML run config from a local path or a store URL (``s3://...``).
 
@@ -412,12 +466,7 @@ def load_config(path: str | Path, *, store: str | None = None) -> RunConfig:
             raise ConfigError(f"{path}: no such config file")
         raw = path.read_text()
         base = path.parent.resolve()
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{text_path}:{where} not valid YAML") from None
+    data = load_yaml(raw, text_path)
     if store is not None and isinstance(data, dict):
         data = {**data, "store": store}
     cfg = parse_config(data, base_dir=base)

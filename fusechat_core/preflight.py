@@ -6,11 +6,135 @@ The registries import torch and mergekit (seconds). A check guards the stages it
 about, so it runs only while one of them is still to be made: the rerun of a finished
 run imports neither. The fields checked are part of those stages' addresses, so a
 changed field always means an unfinished stage, and the check runs.
+
+``check_config`` holds the checks that need no registry import and no store: names that
+must be known or unique, folders that must hold a model, URLs that must be URLs. They
+all run, always, in well under a second.
 """
 
 from __future__ import annotations
 
-from fusechat_core.config import ConfigError, RunConfig
+import json
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from fusechat_core.config import ConfigError, ModelSpec, RunConfig
+
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet")  # what the dataset stage reads from a local folder
+# Files one of which a folder holds when transformers can load a tokenizer from it.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tekken.json")
+
+
+def _model_field(i: int) -> str:
+    return "pivot" if i == 0 else f"sources[{i - 1}]"
+
+
+def http_url_problem(value: str) -> str | None:
+    """Why ``value`` is not an http(s) URL with a host (None: it is one)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError as exc:
+        return f"not a valid URL: {value!r} ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
+        return f"not an http(s) URL: {value!r}"
+    return None
+
+
+def _local_folder(ref: str) -> Path | None:
+    """The folder a resolved model/tokenizer reference names, or None for a hub id or a scheme."""
+    if ref.startswith(("builtin:", "demo:")) or not ref.startswith("/"):
+        return None
+    return Path(ref)
+
+
+def _check_model(field: str, spec: ModelSpec) -> None:
+    from fusechat_core.models import BUILTIN_TOKENIZERS
+
+    if spec.path.startswith("builtin:"):
+        raise ConfigError(f"{field}.path: builtin: names a tokenizer, not a model")
+    tok_field, tok_ref = (f"{field}.tokenizer", spec.tokenizer) if spec.tokenizer else (f"{field}.path", spec.path)
+    if tok_ref.startswith("builtin:") and tok_ref[len("builtin:"):] not in BUILTIN_TOKENIZERS:
+        raise ConfigError(f"{tok_field}: unknown built-in tokenizer {tok_ref!r} "
+                          f"(known: {', '.join('builtin:' + n for n in BUILTIN_TOKENIZERS)})")
+    folder = _local_folder(spec.path)
+    if folder is not None:  # a model folder: a config transformers can read (weights are not opened)
+        config = folder / "config.json"
+        if not config.is_file():
+            raise ConfigError(f"{field}.path: {folder} holds no config.json (not a model folder)")
+        try:
+            loaded = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{field}.path: {config} is not readable JSON ({type(exc).__name__})") from None
+        if not isinstance(loaded, dict) or "model_type" not in loaded:
+            raise ConfigError(f"{field}.path: {config} names no model_type")
+    tok_folder = _local_folder(tok_ref)
+    if tok_folder is not None and not any((tok_folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise ConfigError(f"{tok_field}: {tok_folder} holds no tokenizer "
+                          f"(none of {', '.join(_TOKENIZER_FILES)})")
+    if spec.chat_template is not None:
+        from fusechat_core.chat import TEMPLATES
+
+        if spec.chat_template not in TEMPLATES:
+            raise ConfigError(f"{field}.chat_template: unknown {spec.chat_template!r} "
+                              f"(known: {', '.join(TEMPLATES.names())})")
+
+
+def _identity(spec: ModelSpec) -> tuple:
+    return spec.path, spec.revision, spec.tokenizer or spec.path
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Every check that needs neither a registry of torch/mergekit nor the store (see module doc)."""
+    seen: dict[tuple, str] = {}
+    for i, spec in enumerate(cfg.models):
+        field = _model_field(i)
+        _check_model(field, spec)
+        other = seen.setdefault(_identity(spec), spec.name)
+        if other != spec.name:
+            raise ConfigError(f"{field}.path: the same model and tokenizer as {other!r}, under another name")
+
+    from fusechat_core.data.build import sources_of
+    from fusechat_core.data.conversation import LOADERS
+
+    preset = len(sources_of(cfg.data)) - len(cfg.data.sources)
+    labels: dict[str, str] = {}
+    for i, src in enumerate(sources_of(cfg.data)):
+        field = "data.preset" if i < preset else f"data.sources[{i - preset}]"
+        if src.format != "auto" and src.format not in LOADERS:
+            raise ConfigError(f"{field}.format: unknown format {src.format!r} "
+                              f"(known: auto, {', '.join(LOADERS.names())})")
+        if src.label in labels:
+            raise ConfigError(f"{field}.name: duplicate source name {src.label!r} "
+                              f"(also {labels[src.label]}); give each source its own name")
+        labels[src.label] = field
+        local = Path(src.path)
+        if local.is_dir() and next((f for f in local.rglob("*") if f.suffix in _DATA_SUFFIXES), None) is None:
+            raise ConfigError(f"{field}.path: {local} holds no {', '.join(_DATA_SUFFIXES)} files")
+
+    ev = cfg.evaluate
+    if problem := http_url_problem(ev.judge_base_url):
+        raise ConfigError(f"evaluate.judge_base_url: {problem}")
+    if ev.mt_bench_data is not None and ev.mt_bench_data != "fastchat":
+        loc = ev.mt_bench_data
+        if loc.startswith(("http://", "https://")):
+            if problem := http_url_problem(loc):
+                raise ConfigError(f"evaluate.mt_bench_data: {problem}")
+        elif "://" in loc and not loc.startswith("file://"):
+            raise ConfigError(f"evaluate.mt_bench_data: {loc!r}: give a folder, an http(s) URL or 'fastchat'")
+        elif not Path(loc.removeprefix("file://")).expanduser().is_dir():
+            raise ConfigError(f"evaluate.mt_bench_data: no such folder: {loc}")
+    if ev.models:
+        from fusechat_core.plan import RunPlan
+
+        plan = RunPlan(cfg)
+        known = [m.name for m in cfg.models] + [plan.target_label(t) for t in plan.target_names()]
+        known += [f"merge-{m}" for m in plan.merge_methods()]
+        for i, name in enumerate(ev.models):
+            if name not in known:
+                raise ConfigError(f"evaluate.models[{i}]: unknown model {name!r} (known: {', '.join(known)})")
+    if cfg.train.accelerate_config is not None and not Path(cfg.train.accelerate_config).expanduser().is_file():
+        raise ConfigError(f"train.accelerate_config: no such file: {cfg.train.accelerate_config}")
 
 
 def _to_make(cfg: RunConfig, addresses: list[str]) -> bool:
@@ -25,7 +149,10 @@ def _to_make(cfg: RunConfig, addresses: list[str]) -> bool:
 
 
 def preflight(cfg: RunConfig) -> None:
+    """Everything checkable before a stage runs; ``ConfigError``, one line naming the field."""
     from fusechat_core.plan import RunPlan
+
+    check_config(cfg)
 
     plan = RunPlan(cfg)
     if _to_make(cfg, [plan.train(t) for t in plan.target_names()]):

@@ -13,11 +13,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import yaml
 from mergekit import merge_methods
 from mergekit.config import MergeConfiguration
 from mergekit.merge_methods.base import ParameterScope
 
+from fusechat_core.config import ConfigError, load_yaml
 from fusechat_core.merge import varm as _varm  # noqa: F401  (registers VaRM with mergekit)
 from fusechat_core.merge.methods import MERGE_METHODS, PAPER_TARGETS, MethodSpec, method_parameters
 
@@ -153,11 +153,10 @@ def configuration_from_yaml(text: str, pivot: str, targets: Mapping[str, str], *
                              f"(known: {', '.join('${' + k + '}' for k in paths)})")
         return paths[m.group(1)]
 
-    try:
-        raw = yaml.safe_load(_PLACEHOLDER.sub(sub, text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise MergeError(f"{where}:{f' line {mark.line + 1}' if mark else ''} not valid YAML") from None
+    try:  # strictly: an alias bomb or a duplicate key is refused before anything expands
+        raw = load_yaml(_PLACEHOLDER.sub(sub, text), where)
+    except ConfigError as exc:
+        raise MergeError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
     if not isinstance(raw, dict):
         raise MergeError(f"{where}: a mergekit configuration is a mapping")
     try:

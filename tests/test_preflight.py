@@ -1,0 +1,171 @@
+"""Everything checkable without running a stage fails before the first one: exit 2 and one
+line naming the field. YAML with duplicate keys or anchors/aliases is refused before any
+expansion."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from fusechat_core.data.conversation import LOADERS
+from tests.test_config import BASE, _with
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, cfg: dict) -> Path:
+    cfg = {**cfg, "store": f"file://{tmp_path}/store"}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _model_folder(root: Path, *, config: bool = True, tokenizer: bool = True) -> str:
+    root.mkdir(parents=True)
+    if config:
+        (root / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    if tokenizer:
+        (root / "tokenizer.json").write_text("{}")
+    return str(root)
+
+
+def _cases(tmp: Path) -> list[tuple[dict, str]]:
+    (tmp / "empty-data").mkdir()
+    (tmp / "no-data").mkdir()
+    (tmp / "no-data" / "notes.txt").write_text("not a data file")
+    pivot = BASE["pivot"]
+    return [
+        (_with("data.sources.0.format", "bogus"), "data.sources[0].format: unknown format 'bogus' (known: auto, "),
+        (_with("data.sources", [{"name": "m", "path": "demo:markov"}, {"name": "m", "path": "demo:arithmetic"}]),
+         "data.sources[1].name: duplicate source name 'm'"),
+        # an unnamed source is named after its path: two such are as ambiguous
+        (_with("data.sources", [{"path": "demo:markov"}, {"path": "demo:markov", "count": 3}]),
+         "data.sources[1].name: duplicate source name 'demo:markov'"),
+        (_with("sources.0.tokenizer", "builtin:nope"),
+         "sources[0].tokenizer: unknown built-in tokenizer 'builtin:nope'"),
+        (_with("sources.1.path", _model_folder(tmp / "empty-model", config=False, tokenizer=False)),
+         "sources[1].path: "),  # an empty folder: no config.json, named before the tokenizer library's error
+        (_with("sources.1.path", _model_folder(tmp / "no-tokenizer", tokenizer=False)),
+         "sources[1].path: "),
+        (_with("sources.1", {"name": "b", "path": _model_folder(tmp / "weights-only", tokenizer=False),
+                             "tokenizer": _model_folder(tmp / "no-tok-either", config=False, tokenizer=False)}),
+         "sources[1].tokenizer: "),
+        (_with("evaluate", {"judge_base_url": "not a url"}), "evaluate.judge_base_url: not an http(s) URL"),
+        (_with("evaluate", {"judge_base_url": "http://127.0.0.1:99999/v1"}),
+         "evaluate.judge_base_url: not a valid URL"),
+        (_with("evaluate", {"mt_bench": True, "mt_bench_data": str(tmp / "no-such-folder")}),
+         "evaluate.mt_bench_data: no such folder"),
+        (_with("evaluate", {"mt_bench_data": "ftp://host/mt_bench"}), "evaluate.mt_bench_data: "),
+        (_with("sources.1", {**pivot, "name": "again"}), "sources[1].path: the same model and tokenizer as 'pivot'"),
+        (_with("data.sources.0.path", str(tmp / "empty-data")), "data.sources[0].path: "),
+        (_with("data.sources.0.path", str(tmp / "no-data")), "data.sources[0].path: "),
+        (_with("evaluate", {"models": ["pivot", "nobody"]}), "evaluate.models[1]: unknown model 'nobody'"),
+        (_with("pivot.chat_template", "klingon"), "pivot.chat_template: unknown 'klingon'"),
+        (_with("train", {"accelerate_config": str(tmp / "none.yaml")}), "train.accelerate_config: no such file"),
+        (_with("store", ""), "store: empty URL"),
+        # hub ids cannot be checked offline: they pass
+        (_with("sources.1", {"name": "b", "path": "org/model-b", "revision": "v2"}), None),
+    ]
+
+
+def test_each_preflight_failure_exits_2_with_one_line_naming_the_field(tmp_path, capsys):
+    from fusechat_core.config import load_config
+    from fusechat_core.preflight import check_config
+
+    for i, (cfg, expected) in enumerate(_cases(tmp_path)):
+        path = tmp_path / f"run{i}.yaml"
+        path.write_text(yaml.safe_dump(cfg if "store" in cfg else {**cfg, "store": f"file://{tmp_path}/store"}))
+        if expected is None:
+            check_config(load_config(path))
+            continue
+        assert main(["run", str(path), "--plan"]) == 2, expected
+        line = _one_error_line(capsys)
+        assert line.startswith("fusechat: config error: " + expected), (expected, line)
+
+
+def test_known_formats_come_from_the_loader_registry(tmp_path, capsys):
+    main(["status", str(_write(tmp_path, _with("data.sources.0.format", "bogus")))])
+    known = _one_error_line(capsys).split("(known: ", 1)[1].rstrip(")").split(", ")
+    assert known == ["auto", *LOADERS.names()] and "sharegpt" in known and "alpaca" in known
+    # a registered loader is a known format at once
+    from fusechat_core.config import load_config
+    from fusechat_core.preflight import check_config
+
+    LOADERS.register("preflight-test-format")(lambda row: [])
+    try:
+        check_config(load_config(_write(tmp_path, _with("data.sources.0.format", "preflight-test-format"))))
+    finally:
+        LOADERS._items.pop("preflight-test-format")
+
+
+def test_an_empty_store_is_an_error_not_the_working_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, BASE)
+    for command in (["run", str(path), "--plan"], ["status", str(path)], ["eval", "some/model", "--heldout", "x"]):
+        assert main([*command, "--store", ""]) == 2
+        assert _one_error_line(capsys) == ("fusechat: error: --store: empty URL: "
+                                           "give a folder, a file:// or an s3:// URL")
+    assert main(["run", str(path), "--plan", "--store", " "]) == 2
+    assert _one_error_line(capsys).startswith("fusechat: ")
+    assert not (tmp_path / "_prefect-records").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_duplicate_yaml_keys_are_refused_naming_the_key(tmp_path, capsys):
+    text = yaml.safe_dump(BASE)
+    second = text.splitlines().index("name: t") + 2  # the later one is the duplicate
+    cases = {"name: t\n" + text: f"name: duplicate key (line {second})",
+             text.replace("  name: pivot\n", "  name: pivot\n  name: other\n", 1): "pivot.name: duplicate key",
+             text + "sources: []\n": "sources: duplicate key"}
+    for doc, expected in cases.items():
+        path = tmp_path / "dup.yaml"
+        path.write_text(doc)
+        assert main(["run", str(path), "--plan"]) == 2
+        assert _one_error_line(capsys).startswith("fusechat: config error: " + expected)
+
+
+def test_yaml_aliases_are_refused_before_any_expansion(tmp_path):
+    # A billion laughs: 10^9 strings once expanded. Refused at the first anchor, in a
+    # fresh interpreter whose whole run (imports included) is bounded by the timeout.
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bomb = yaml.safe_dump(BASE) + "merge:\n  method: ties\n  parameters:\n" + "".join(f"    {x}\n" for x in lines)
+    path = tmp_path / "bomb.yaml"
+    path.write_text(bomb)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path), "--plan"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr
+    line = len(yaml.safe_dump(BASE).splitlines()) + 4
+    assert proc.stderr.strip() == f"fusechat: config error: {path}: line {line}: " \
+                                  "YAML anchors and aliases are not allowed (&l0)"
+    assert took < 30, took
+    # an alias alone, without the anchor being refused first, is refused as well
+    path.write_text(yaml.safe_dump(BASE) + "seed: *nowhere\n")
+    with pytest.raises(Exception, match="YAML anchors and aliases are not allowed"):
+        from fusechat_core.config import load_config
+
+        load_config(path)
+
+
+def test_mergekit_yaml_is_read_as_strictly(tmp_path):
+    from fusechat_core.merge.translate import MergeError, configuration_from_yaml
+
+    with pytest.raises(MergeError, match=r"^merge.mergekit_yaml: line 1: YAML anchors and aliases are not allowed"):
+        configuration_from_yaml("a: &x [1, 2]\nb: *x\n", "/pivot", {})
+    with pytest.raises(MergeError, match=r"^merge.mergekit_yaml: merge_method: duplicate key"):
+        configuration_from_yaml("merge_method: linear\nmerge_method: ties\n", "/pivot", {})
