@@ -71,11 +71,28 @@ class StageAddressPolicy(CachePolicy):
 
 STAGE_POLICY = StageAddressPolicy()
 
-# Options every stage task shares: small JSON results, keyed by address.
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's ``retry_condition_fn``: retry only what can succeed on retry (a network error,
+    an S3 5xx, a judge's 429/5xx; ``fusechat_core.errors``). A config or data error fails once."""
+    from fusechat_core.errors import is_transient
+
+    exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception as err:  # a result that cannot be read back: it says why
+            exc = err
+    return isinstance(exc, BaseException) and is_transient(exc)
+
+
+# Options every stage task shares: small JSON results, keyed by address; retries (each
+# task's own count) only for transient failures.
 STAGE_TASK_OPTIONS: dict[str, Any] = dict(
     cache_policy=STAGE_POLICY,
     persist_result=True,
     result_serializer="json",
+    retry_condition_fn=retry_transient,
 )
 
 

@@ -45,7 +45,14 @@ _SINGLE = re.compile(r"\[(\d+\.?\d*)\]")
 
 
 class JudgeError(RuntimeError):
-    """The judge could not be asked (after retries); the message never holds the key."""
+    """The judge could not be asked (after retries); the message never holds the key.
+
+    ``transient``: what failed can succeed when asked again later (429, 5xx, no answer),
+    unlike a refusal (401, 404, a bad request); see ``fusechat_core.errors``."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 def parse_rating(text: str) -> float | None:
@@ -117,6 +124,7 @@ class JudgeClient:
         self.max_tokens_field = "max_tokens"
         self.requests = 0
         self.retries = 0
+        self.refusals = 0  # answers no retry changes (401, 404, a bad request)
 
     def __repr__(self) -> str:  # never the headers
         return f"JudgeClient({self.url!r}, model={self.settings.model!r})"
@@ -168,6 +176,7 @@ class JudgeClient:
                         if wait is not None:
                             wait = min(wait, s.retry_after_max_s)
                     else:
+                        self.refusals += 1
                         raise JudgeError(self._scrub(
                             f"judge {self.url}: HTTP {resp.status_code}: {_error_message(resp)}"))
             if attempt == s.max_retries:
@@ -176,7 +185,7 @@ class JudgeClient:
             delay = wait if wait is not None else self._backoff(attempt)
             log.info("judge: %s, retry %d/%d in %.1f s", last, attempt + 1, s.max_retries, delay)
             await asyncio.sleep(delay)
-        raise JudgeError(self._scrub(f"judge {self.url}: {last} after {s.max_retries + 1} attempts"))
+        raise JudgeError(self._scrub(f"judge {self.url}: {last} after {s.max_retries + 1} attempts"), transient=True)
 
     async def _post(self, messages: Sequence[dict[str, str]]) -> tuple[Any, str]:
         """One request; also the name the token limit was sent under."""
@@ -336,7 +345,8 @@ async def _grade_all(store: ArtifactStore, address: str, data: MTBenchData, answ
         log.warning("judge: %d verdicts had no parsable rating; they are counted and left out of the means",
                     unparsable)
     if len(failed) > max_failures:
-        raise JudgeError(f"{len(failed)} judge requests failed (allowed: {max_failures}); first: {failed[0].error}")
+        raise JudgeError(f"{len(failed)} judge requests failed (allowed: {max_failures}); first: {failed[0].error}",
+                         transient=client.refusals == 0)
     return out
 
 
