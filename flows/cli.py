@@ -137,7 +137,8 @@ def _print_inputs(plan: RunPlan) -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """A node being drained sends SIGTERM: stop now, children included, and keep what is done.
+    """A node being drained sends SIGTERM (a user at the terminal, Ctrl-C: SIGINT): stop now,
+    children included, and keep what is done; one line, exit 128 + the signal's number.
 
     Tasks run in worker threads, which a signal never reaches (SPEC §5), so the
     process stops here: every finished stage, shard and checkpoint is already in
@@ -145,7 +146,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     """
     import psutil
 
-    print("fusechat: terminated (SIGTERM); finished stages, shards and checkpoints are kept: "
+    what = "interrupted (SIGINT)" if signum == signal.SIGINT else "terminated (SIGTERM)"
+    print(f"fusechat: {what}; finished stages, shards and checkpoints are kept: "
           "run again to resume", file=sys.stderr, flush=True)
     children = psutil.Process().children(recursive=True)
     for child in children:
@@ -158,24 +160,66 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
 
 
+def _ours(exc: BaseException) -> bool:
+    """An error this project raises on purpose, its message one line naming the field, file or
+    row (a config, data, model or store error), as opposed to a library's or a bug's."""
+    return type(exc).__module__.split(".")[0] == "fusechat_core"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return first if _ours(exc) and first else f"{type(exc).__name__}: {first}".rstrip(": ")
+
+
+class _ExpectedErrorFilter:
+    """On the console, a task or flow failing with one of our own errors (``_ours``) is said
+    once, in the CLI's one line: Prefect's records of it (with tracebacks) go only to the
+    run's log in the API. Anything else (a bug) keeps its traceback on the console."""
+
+    def filter(self, record: Any) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            return not _ours(exc)
+        # "Finished in state Failed('Task run encountered an exception DataError: ...')"
+        return not (record.levelname == "ERROR" and record.name.startswith(("prefect.task_runs", "prefect.flow_runs"))
+                    and "Finished in state Failed" in record.getMessage())
+
+
+def _quiet_expected_errors() -> None:
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):  # "": the root, where Prefect puts it
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not any(
+                    isinstance(f, _ExpectedErrorFilter) for f in handler.filters):
+                handler.addFilter(_ExpectedErrorFilter())
+
+
 def _run(cfg: RunConfig, until: str | None, as_json: bool) -> int:
     stages = _stage_names()
     if until is not None and until not in stages:
         print(f"fusechat: error: --until: unknown stage {until!r} (stages: {', '.join(stages)})", file=sys.stderr)
         return EXIT_USAGE
-    _prefect_env()
+    from flows.ephemeral import guard_ephemeral_server
     from flows.pipeline import fusechat_pipeline, task_runner_for
 
+    guard_ephemeral_server()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    on_sigint = signal.signal(signal.SIGINT, _on_sigterm)
+    _quiet_expected_errors()
 
     t0 = time.time()
     try:
         pipeline = fusechat_pipeline.with_options(task_runner=task_runner_for(cfg))
         results = pipeline(config=cfg.model_dump(mode="json"), until=until or stages[-1])
     except Exception as exc:  # the flow's own log has the traceback; the user gets one line
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"fusechat: run failed: {msg}", file=sys.stderr)
+        print(f"fusechat: run failed: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGINT, on_sigint)
     width = max((len(k) for k in results), default=10)
     for stage, ref in results.items():
         print(f"{stage:<{width}}  {ref['state']:<10} {ref['address']}  {human_size(ref.get('size'))}")
@@ -258,7 +302,20 @@ def _setup(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before or after a run's own handler: one line, no traceback
+        print("fusechat: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    # Before anything imports Prefect: its settings are read once, at the first import.
+    _prefect_env()
     args = _parser().parse_args(argv)
+    if getattr(args, "store", None) is not None and not args.store.strip():  # never silently the working folder
+        print("fusechat: error: --store: empty URL: give a folder, a file:// or an s3:// URL", file=sys.stderr)
+        return EXIT_USAGE
     if args.command == "eval":
         return _eval(args)
     if args.command == "setup":
