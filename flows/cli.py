@@ -1,6 +1,7 @@
 """``fusechat``: run, inspect and demo a fusion run.
 
-Exit codes: 0 done, 1 the run failed, 2 usage or config error.
+Exit codes: 0 done, 1 the run failed, 2 usage or config error (found before any stage
+runs), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -254,6 +255,11 @@ def _eval(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         err = exc.errors()[0]
         print(f"fusechat: error: --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    from fusechat_core.preflight import http_url_problem
+
+    if cfg.mt_bench and (problem := http_url_problem(cfg.judge_base_url)):
+        print(f"fusechat: error: --judge-base-url: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if not cfg.mt_bench and args.heldout is None:
         print("fusechat: error: nothing to measure: give --mt-bench and/or --heldout", file=sys.stderr)

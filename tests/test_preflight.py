@@ -124,6 +124,11 @@ def test_an_empty_store_is_an_error_not_the_working_folder(tmp_path, capsys, mon
     assert not (tmp_path / "_prefect-records").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
 
 
+def test_eval_refuses_a_judge_url_that_is_not_one(capsys):
+    assert main(["eval", "some/model", "--mt-bench", "--judge-base-url", "not a url"]) == 2
+    assert _one_error_line(capsys) == "fusechat: error: --judge-base-url: not an http(s) URL: 'not a url'"
+
+
 def test_duplicate_yaml_keys_are_refused_naming_the_key(tmp_path, capsys):
     text = yaml.safe_dump(BASE)
     second = text.splitlines().index("name: t") + 2  # the later one is the duplicate
