@@ -136,12 +136,14 @@ def test_a_data_error_fails_once_with_one_line(tmp_path):
     cfg = _config(tmp_path, '[{"conversations": [}\n')  # not JSON at all: no row can be read
     proc = _start(cfg, "--until", "dataset")
     try:
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=400)
     finally:
         proc.kill()
     assert proc.returncode == 1, err
     assert _fusechat_lines(err) == [f"fusechat: run failed: {tmp_path / 'chat.json'}: not valid JSON (line 1)"], err
+    # no traceback on the console, and no retry: Prefect logs "Retry 1/2 will start ..." for each one
     assert "Traceback" not in err and "Retry" not in err, err
+    assert "Flow run encountered an exception: DataError" in err, err  # the flow did run, and fail
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
