@@ -94,8 +94,8 @@ def check_config(cfg: RunConfig) -> None:
         if other != spec.name:
             raise ConfigError(f"{field}.path: the same model and tokenizer as {other!r}, under another name")
 
-    from fusechat_core.data.build import sources_of
-    from fusechat_core.data.conversation import LOADERS
+    from fusechat_core.data.build import LOADERS  # with every loader registered
+    from fusechat_core.data.presets import sources_of
 
     preset = len(sources_of(cfg.data)) - len(cfg.data.sources)
     labels: dict[str, str] = {}
@@ -109,8 +109,16 @@ def check_config(cfg: RunConfig) -> None:
                               f"(also {labels[src.label]}); give each source its own name")
         labels[src.label] = field
         local = Path(src.path)
-        if local.is_dir() and next((f for f in local.rglob("*") if f.suffix in _DATA_SUFFIXES), None) is None:
-            raise ConfigError(f"{field}.path: {local} holds no {', '.join(_DATA_SUFFIXES)} files")
+        patterns = [src.data_files] if isinstance(src.data_files, str) else src.data_files
+        if patterns is not None and local.is_file():
+            raise ConfigError(f"{field}.data_files: selects files inside a folder or hub repository, "
+                              f"not in the file {local}")
+        if local.is_dir():
+            for pattern in patterns or []:
+                if not any(p.is_file() for p in local.glob(pattern)):
+                    raise ConfigError(f"{field}.data_files: {pattern!r} matches no file in {local}")
+            if patterns is None and next((f for f in local.rglob("*") if f.suffix in _DATA_SUFFIXES), None) is None:
+                raise ConfigError(f"{field}.path: {local} holds no {', '.join(_DATA_SUFFIXES)} files")
 
     ev = cfg.evaluate
     if problem := http_url_problem(ev.judge_base_url):
