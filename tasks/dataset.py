@@ -7,21 +7,8 @@ from prefect import get_run_logger, task
 from tasks._stage import STAGE_TASK_OPTIONS, open_store, run_name, stage_done
 
 
-def _retry_unless_bad_data(task, task_run, state) -> bool:
-    """A source that fails its checks fails the same way again: retry only other errors."""
-    from fusechat_core.data import DataError
-
-    try:
-        state.result(raise_on_failure=True)
-    except DataError:
-        return False
-    except Exception:
-        return True
-    return True
-
-
-@task(name="dataset", task_run_name=run_name("dataset"), retries=2, retry_delay_seconds=10,
-      retry_condition_fn=_retry_unless_bad_data, **STAGE_TASK_OPTIONS)
+# A source that fails its checks (DataError) fails once: STAGE_TASK_OPTIONS retries only transient errors.
+@task(name="dataset", task_run_name=run_name("dataset"), retries=2, retry_delay_seconds=10, **STAGE_TASK_OPTIONS)
 def build_dataset(config: dict, address: str, store: str) -> dict:
     """Build the FuseChat-Mixture dataset artifact."""
     from fusechat_core.config import RunConfig
