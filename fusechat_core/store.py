@@ -6,6 +6,13 @@ without a manifest, so a writer killed at any moment leaves an artifact that
 reads as missing and is recomputed. Writing first removes any old manifest, so
 an artifact being rewritten is never mistaken for a complete one.
 
+One writer per artifact: a writer holds a lease, ``<address>/.lease`` in the store
+itself (see :class:`Lease`), renewed while it works; a second writer waits for it and
+then fails with one line naming the holder, and a writer that lost its lease (it
+expired, another writer took it over after a crash) can never commit: the lease is
+checked before every file and before the manifest, and the manifest is written only
+if absent (a local hard link; an S3 PUT with ``If-None-Match: *``).
+
 The root is an fsspec URL: ``file://...`` (the default) or ``s3://bucket/prefix``
 through s3fs. S3 credentials come only from the environment (``AWS_*``), the
 endpoint from ``FUSECHAT_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL``): nothing
@@ -19,9 +26,11 @@ import hashlib
 import io
 import json
 import os
+import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +38,19 @@ from typing import IO, Any
 
 import fsspec
 
+from fusechat_core import stopping
+
 MANIFEST = "MANIFEST.json"
+LEASE = ".lease"
 _CHUNK = 8 << 20
 
 
 class StoreError(RuntimeError):
     """A store operation failed; the message is one line naming what and where."""
+
+
+class LeaseError(StoreError):
+    """Another writer holds the artifact's lease, or this writer lost it."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +175,7 @@ class ArtifactStore:
 
         class _Ctx(contextlib.AbstractContextManager):
             def __exit__(self, typ, exc, tb):
-                if exc is None or isinstance(exc, (StoreError, KeyboardInterrupt)):
+                if exc is None or isinstance(exc, StoreError) or not isinstance(exc, Exception):
                     return False
                 where = f"bucket {store.bucket!r}" if store.scheme == "s3" else store.root
                 raise StoreError(
@@ -292,12 +308,38 @@ class ArtifactStore:
                 self.fs.rm(self._path(address, MANIFEST))
 
     @contextlib.contextmanager
+    def lease(self, address: str, *, wait: float | None = None) -> Iterator[Lease]:
+        """Hold the write lease of ``address`` (and of every address under it) for the block.
+
+        A writer that works long before it writes (training) holds it from the start, so a
+        second writer waits instead of computing the same thing. Inside the block, this
+        thread's ``writer`` calls on the address, or under it, use this lease. ``wait``:
+        seconds to wait for another holder (default: ``FUSECHAT_LEASE_WAIT``, else the
+        lease's lifetime and 15 s, time for a crashed holder's lease to expire).
+        """
+        held = _held_lease(self, address)
+        if held is not None:
+            yield held
+            return
+        lease = Lease(self, address)
+        lease.acquire(wait)
+        key = (self.url, address.strip("/"), threading.get_ident())
+        _HELD[key] = lease
+        try:
+            yield lease
+        finally:
+            _HELD.pop(key, None)
+            lease.release()
+
+    @contextlib.contextmanager
     def writer(self, address: str, *, meta: dict[str, Any] | None = None) -> Iterator[ArtifactWriter]:
-        """Write an artifact; the manifest is committed only if the block succeeds."""
-        self.invalidate(address, what="write")
-        w = ArtifactWriter(self, address, dict(meta or {}))
-        yield w
-        w.commit()
+        """Write an artifact under its lease; the manifest is committed only if the block succeeds."""
+        stopping.check()
+        with self.lease(address) as lease:
+            self.invalidate(address, what="write")
+            w = ArtifactWriter(self, address, dict(meta or {}), lease)
+            yield w
+            w.commit()
 
     def put_dir(self, address: str, local: str | Path, *, meta: dict[str, Any] | None = None) -> Manifest:
         """Upload a local folder as one artifact."""
@@ -312,12 +354,19 @@ class ArtifactStore:
 class ArtifactWriter:
     """Files of one artifact being written; ``commit`` writes the manifest last."""
 
-    def __init__(self, store: ArtifactStore, address: str, meta: dict[str, Any]):
+    def __init__(self, store: ArtifactStore, address: str, meta: dict[str, Any], lease: Lease | None = None):
         self.store = store
         self.address = address
         self.meta = meta
+        self.lease = lease
         self._files: dict[str, FileEntry] = {}
         self.manifest: Manifest | None = None
+
+    def _may_write(self) -> None:
+        """Nothing more is written once the run is stopping or the lease is lost."""
+        stopping.check()
+        if self.lease is not None:
+            self.lease.check()
 
     def _record(self, rel: str, size: int, sha: str) -> None:
         if rel == MANIFEST:
@@ -346,6 +395,7 @@ class ArtifactWriter:
                 os.unlink(tmp)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
+        self._may_write()
         path = self.store._path(self.address, rel)
         with self.store._wrap("write", self.address):
             with self._sink(path) as fh:
@@ -356,6 +406,7 @@ class ArtifactWriter:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
     def put_file(self, rel: str, local: str | Path) -> None:
+        self._may_write()
         h = hashlib.sha256()
         size = 0
         path = self.store._path(self.address, rel)
@@ -370,6 +421,7 @@ class ArtifactWriter:
     @contextlib.contextmanager
     def open(self, rel: str) -> Iterator[IO[bytes]]:
         """A file to stream into (hashed as it is written)."""
+        self._may_write()
         buf = _HashingWriter()
         path = self.store._path(self.address, rel)
         with self.store._wrap("write", self.address):
@@ -382,21 +434,273 @@ class ArtifactWriter:
         man = Manifest(self.address, tuple(sorted(self._files.values(), key=lambda f: f.path)),
                        self.meta, time.time())
         path = self.store._path(self.address, MANIFEST)
+        self._may_write()  # the lease, checked right before the manifest
+        taken = False
         with self.store._wrap("commit", self.address):
             if self.store.scheme == "file":
-                # rename is atomic on a local filesystem: a reader sees no manifest or a whole one
-                tmp = f"{path}.tmp-{os.getpid()}"
-                with open(tmp, "w") as fh:
-                    fh.write(man.to_json())
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
+                # a hard link appears whole and only where nothing is: a reader sees no
+                # manifest or a whole one, and a manifest another writer committed stays
+                tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+                try:
+                    with open(tmp, "w") as fh:
+                        fh.write(man.to_json())
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    os.link(tmp, path)
+                except FileExistsError:
+                    taken = True
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+            elif self.store.scheme == "s3":
+                # an S3 PUT is atomic, and with If-None-Match: * it succeeds only where no manifest is
+                bucket, key, _ = self.store.fs.split_path(path)
+                try:
+                    self.store.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=man.to_json().encode(),
+                                          IfNoneMatch="*")
+                except Exception as exc:
+                    if not _precondition_failed(exc):
+                        raise
+                    taken = True
             else:
-                # an S3 PUT is atomic: the object appears whole or not at all
-                with self.store.fs.open(path, "wb") as fh:
-                    fh.write(man.to_json().encode())
+                if self.store.fs.exists(path):
+                    taken = True
+                else:
+                    self.store.fs.pipe_file(path, man.to_json().encode())
+        if taken:
+            raise LeaseError(f"artifact {self.address!r}: another writer committed it while this one wrote; "
+                             f"not committing over it")
         self.manifest = man
         return man
+
+
+# -- one writer per artifact ---------------------------------------------------------
+_HELD: dict[tuple[str, str, int], Lease] = {}
+
+
+def _held_lease(store: ArtifactStore, address: str) -> Lease | None:
+    """The lease this thread holds on ``address`` or on an address above it, if any."""
+    parts = address.strip("/").split("/")
+    me = threading.get_ident()
+    for n in range(len(parts), 0, -1):
+        lease = _HELD.get((store.url, "/".join(parts[:n]), me))
+        if lease is not None:
+            return lease
+    return None
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """An S3 conditional request refused (HTTP 412), whichever layer wrapped the error."""
+    while exc is not None:
+        text = f"{type(exc).__name__} {exc}"
+        if "PreconditionFailed" in text or "412" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def lease_ttl() -> float:
+    """Seconds a lease lasts without renewal (``FUSECHAT_LEASE_TTL``, default 60); renewed every quarter."""
+    return float(os.environ.get("FUSECHAT_LEASE_TTL", "60"))
+
+
+class Lease:
+    """The write lease of one address: ``<address>/.lease``, a JSON record (holder, host,
+    pid, expiry) in the store itself, so it works wherever the store does.
+
+    Acquired only where none is (create-if-absent: ``O_EXCL`` locally, ``If-None-Match: *``
+    on S3), or over an expired one (a crashed holder's): on S3 a PUT with ``If-Match`` the
+    expired record's ETag, so of two writers taking it over only one succeeds; locally under
+    a ``.lease.takeover`` file created with ``O_EXCL``, re-reading the record under it.
+    Renewed by a thread every quarter lifetime: on S3 with ``If-Match`` the ETag it last
+    wrote, so a renewal after a takeover fails and the writer knows it has lost the lease.
+    Expiry is wall-clock time: writers' clocks must agree to well within a lifetime.
+    """
+
+    def __init__(self, store: ArtifactStore, address: str):
+        self.store, self.address = store, address.strip("/")
+        self.path = store._path(address, LEASE)
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.ttl = lease_ttl()
+        self.expires = 0.0
+        self.token: str | None = None  # the S3 ETag of our record; locally the holder id
+        self.lost: str | None = None
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the record ------------------------------------------------------------------
+    def _record(self) -> bytes:
+        now = time.time()
+        self.expires = now + self.ttl
+        return json.dumps({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
+                           "renewed": now, "expires": self.expires}).encode()
+
+    def _s3(self, method: str, **kwargs: Any) -> Any:
+        bucket, key, _ = self.store.fs.split_path(self.path)
+        return self.store.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
+
+    def read(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The current record and its version (S3 ETag, read before the body), or (None, None)."""
+        try:
+            if self.store.scheme == "s3":
+                etag = self.store.fs.info(self.path)["ETag"]
+                raw = self.store.fs.cat_file(self.path)
+            else:
+                etag = None
+                with self.store.fs.open(self.path, "rb") as fh:
+                    raw = fh.read()
+        except FileNotFoundError:
+            return None, None
+        try:
+            record = json.loads(raw)
+            return (record if isinstance(record, dict) else {}), etag
+        except ValueError:
+            return {}, etag  # a torn record (a local writer died mid-write) holds nothing
+
+    def _create(self, over: str | None = None) -> bool:
+        """Write our record where none is (``over`` None) or over the expired version ``over``."""
+        body = self._record()
+        if self.store.scheme == "s3":
+            try:
+                cond = {"IfMatch": over} if over else {"IfNoneMatch": "*"}
+                self.token = self._s3("put_object", Body=body, **cond)["ETag"]
+                return True
+            except Exception as exc:
+                if _precondition_failed(exc):
+                    return False
+                raise
+        if self.store.scheme != "file":
+            if self.store.fs.exists(self.path) and over is None:
+                return False
+            self.store.fs.pipe_file(self.path, body)
+            self.token = self.holder
+            return True
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if over is None:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(body)
+        else:
+            tmp = f"{self.path}.tmp-{os.getpid()}-{threading.get_ident()}"
+            with open(tmp, "wb") as fh:
+                fh.write(body)
+            os.replace(tmp, self.path)
+        self.token = self.holder
+        return True
+
+    @contextlib.contextmanager
+    def _takeover_guard(self) -> Iterator[bool]:
+        """Locally, one taker at a time (a guard file older than a lifetime is a dead taker's)."""
+        if self.store.scheme != "file":
+            yield True
+            return
+        guard = self.path + ".takeover"
+        try:
+            fd = os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.path.getmtime(guard) > self.ttl:
+                    os.unlink(guard)
+            yield False
+            return
+        os.close(fd)
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(guard)
+
+    # -- acquire, renew, check, release ------------------------------------------------
+    def acquire(self, wait: float | None = None) -> None:
+        if wait is None:
+            wait = float(os.environ.get("FUSECHAT_LEASE_WAIT", self.ttl + 15))
+        deadline = time.monotonic() + wait
+        record: dict[str, Any] | None = None
+        with self.store._wrap("lease", self.address):
+            while True:
+                stopping.check()
+                if self._create():
+                    break
+                with self._takeover_guard() as mine:
+                    record, version = self.read()
+                    if mine and record is not None and float(record.get("expires", 0)) < time.time():
+                        if self._create(over=version or "local"):
+                            break
+                if time.monotonic() >= deadline:
+                    raise LeaseError(self._held_message(record, wait))
+                time.sleep(min(1.0, self.ttl / 8))
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease {self.address}", daemon=True)
+        self._thread.start()
+
+    def _held_message(self, record: dict[str, Any] | None, waited: float) -> str:
+        if not record:
+            return f"artifact {self.address!r} is being written by another writer (waited {waited:.0f} s)"
+        left = float(record.get("expires", 0)) - time.time()
+        return (f"artifact {self.address!r} is being written by {record.get('holder')} "
+                f"(lease expires in {left:.0f} s; waited {waited:.0f} s)")
+
+    def _renew_loop(self) -> None:
+        while not self._done.wait(self.ttl / 4):
+            try:
+                self.renew()
+            except Exception as exc:  # a store hiccup: retried at the next beat until the lease runs out
+                if time.time() >= self.expires:
+                    self.lost = f"could not renew its lease before it expired ({_describe_error(exc)})"
+            if self.lost:
+                return
+
+    def renew(self) -> None:
+        if time.time() >= self.expires:
+            self.lost = "its lease expired before it was renewed"
+            return
+        if self.store.scheme == "s3":
+            try:
+                self.token = self._s3("put_object", Body=self._record(), IfMatch=self.token)["ETag"]
+            except Exception as exc:
+                if not _precondition_failed(exc):
+                    raise
+                self.lost = f"its lease was taken over by {(self.read()[0] or {}).get('holder')}"
+            return
+        record, _ = self.read()
+        if not record or record.get("holder") != self.holder:
+            self.lost = f"its lease was taken over by {(record or {}).get('holder')}"
+            return
+        self._create(over="local")
+
+    def check(self) -> None:
+        """Raise :class:`LeaseError` unless this writer still holds the lease (read from the store)."""
+        if self.lost is None or "taken over" not in self.lost:
+            with self.store._wrap("lease check", self.address):
+                record, version = self.read()
+                ours = version == self.token if self.store.scheme == "s3" else (record or {}).get("holder") == \
+                    self.holder
+                if not ours:
+                    holder = (record or {}).get("holder")
+                    self.lost = f"its lease was taken over by {holder}" if holder else \
+                        "its lease was taken over (and since released)"
+        if self.lost is None and time.time() >= self.expires:
+            self.lost = "its lease expired before it was renewed"
+        if self.lost is not None:
+            raise LeaseError(f"artifact {self.address!r}: writer {self.holder} {self.lost}; not writing")
+
+    def release(self) -> None:
+        """Stop renewing and remove the record if it is still ours."""
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self.lost is not None:
+            return
+        with contextlib.suppress(Exception):
+            if self.store.scheme == "s3":
+                if self.store.fs.info(self.path)["ETag"] == self.token:
+                    self.store.fs.rm(self.path)
+            else:
+                record, _ = self.read()
+                if record and record.get("holder") == self.holder:
+                    self.store.fs.rm(self.path)
 
 
 def _failpoint(rel: str) -> None:

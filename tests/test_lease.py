@@ -1,0 +1,127 @@
+"""One writer per artifact: the lease in the store (SeaweedFS S3 and a local folder).
+
+A zombie (a writer frozen mid-artifact, as a run marked Crashed but still alive is) and a
+retry race on one address: while the zombie's lease lives the retry is refused with one
+line naming the holder; once it expires the retry takes over and commits; the zombie,
+woken, can write nothing more and never commits. The committed artifact is the retry's,
+byte for byte, and verifies clean.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fusechat_core.store import MANIFEST, ArtifactStore, LeaseError
+
+REPO = Path(__file__).resolve().parents[1]
+TTL = 2.0
+
+ZOMBIE = r'''
+import sys, time
+from fusechat_core.store import ArtifactStore, StoreError
+store = ArtifactStore(sys.argv[1])
+try:
+    with store.writer(sys.argv[2]) as w:
+        w.write_bytes("a.bin", b"zombie a")
+        print("holding", w.lease.holder, flush=True)
+        sys.stdin.readline()  # frozen (SIGSTOP) while it waits here; then goes on
+        w.write_bytes("b.bin", b"zombie b")
+    print("committed", flush=True)
+except StoreError as exc:
+    print("refused:", exc, flush=True)
+    sys.exit(3)
+'''
+
+
+def _race(tmp_path: Path, url: str) -> None:
+    address = f"race/{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FUSECHAT_LEASE_TTL": str(TTL)}
+    zombie = subprocess.Popen([sys.executable, "-c", ZOMBIE, url, address], cwd=REPO, env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        line = zombie.stdout.readline()
+        assert line.startswith("holding "), line + zombie.stdout.read()
+        zombie_holder = line.split()[1]
+        store = ArtifactStore(url)
+
+        # a second writer while the zombie's lease lives: refused, one line naming the holder
+        t0 = time.monotonic()
+        with pytest.raises(LeaseError) as held:
+            with store.lease(address, wait=0.5):
+                pass
+        assert zombie_holder in str(held.value) and "\n" not in str(held.value), held.value
+        assert time.monotonic() - t0 < TTL + 5
+
+        # the zombie freezes; its lease runs out; the retry takes over and commits
+        os.kill(zombie.pid, signal.SIGSTOP)
+        with store.writer(address) as w:
+            w.write_bytes("a.bin", b"retry a")
+            # the zombie wakes up mid-way and tries to go on: refused before writing anything
+            os.kill(zombie.pid, signal.SIGCONT)
+            out, _ = zombie.communicate("go\n", timeout=60)
+            assert zombie.returncode == 3, out
+            assert f"taken over by {w.lease.holder}" in out and "not writing" in out, out
+            w.write_bytes("b.bin", b"retry b")
+        committed = store.manifest(address)
+
+        assert store.manifest(address) == committed
+        assert store.read_bytes(address, "a.bin") == b"retry a"
+        assert store.read_bytes(address, "b.bin") == b"retry b"
+        assert store.is_complete(address, verify=True)
+        # the retry released its lease: the next writer gets it at once
+        with store.lease(address, wait=0):
+            pass
+    finally:
+        if zombie.poll() is None:
+            os.kill(zombie.pid, signal.SIGCONT)
+            zombie.kill()
+            zombie.wait()
+
+
+def test_zombie_and_retry_race_on_one_address_on_s3(tmp_path, s3_env, monkeypatch):
+    monkeypatch.setenv("FUSECHAT_LEASE_TTL", str(TTL))
+    _race(tmp_path, f"s3://fusechat-test/lease-{uuid.uuid4().hex[:8]}")
+
+
+def test_zombie_and_retry_race_on_one_address_locally(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSECHAT_LEASE_TTL", str(TTL))
+    _race(tmp_path, f"file://{tmp_path}/store")
+
+
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_a_manifest_another_writer_committed_is_never_overwritten(tmp_path, where, request):
+    """The last guard: the manifest is written only where none is (S3 If-None-Match: *)."""
+    if where == "s3":
+        request.getfixturevalue("s3_env")
+        url = f"s3://fusechat-test/commit-{uuid.uuid4().hex[:8]}"
+    else:
+        url = f"file://{tmp_path}/store"
+    store = ArtifactStore(url)
+    with store.writer("x") as first:
+        first.write_bytes("f.bin", b"first")
+    theirs = store.manifest("x").to_json()
+    with pytest.raises(LeaseError, match="another writer committed it"):
+        with store.writer("x") as second:
+            second.write_bytes("f.bin", b"first")
+            store.fs.pipe_file(store._path("x", MANIFEST), theirs.encode())  # the other writer's commit
+    assert store.manifest("x").to_json() == theirs
+
+
+def test_nested_writers_use_the_lease_held_above(tmp_path):
+    """A long writer (training) holds its target's lease; its checkpoints under it need no other."""
+    store = ArtifactStore(f"file://{tmp_path}/store")
+    with store.lease("train/t1") as lease:
+        with store.writer("train/t1/checkpoint-0000002") as w:
+            assert w.lease is lease
+            w.write_bytes("state.json", b"{}")
+        assert (Path(store.root) / "train/t1/.lease").exists()
+    assert store.is_complete("train/t1/checkpoint-0000002")
+    assert not (Path(store.root) / "train/t1/.lease").exists()
