@@ -20,6 +20,7 @@ from prefect.futures import PrefectFuture, wait
 from fusechat_core.config import RunConfig, load_config
 from fusechat_core.plan import CLM, RunPlan
 from fusechat_core.preflight import preflight
+from fusechat_core.stopping import stop_on_termination
 from tasks._stage import ensure_gpu_limit, open_store, result_storage_for, unwalked
 from tasks.align import align_shard, build_vocab_map, finish_align
 from tasks.dataset import build_dataset
@@ -59,6 +60,30 @@ def _settle(results: dict[str, Any], futures: dict[str, PrefectFuture]) -> None:
 def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | None = None,
                       until: str = STAGES[-1]) -> dict[str, Any]:
     """Run (or resume) a fusion run. Give the config itself, or the path/URL of its YAML file."""
+    # SIGTERM reaches this (main) thread as Prefect's TerminationSignal, mostly while it waits
+    # on a stage: the whole run stops with it (worker threads' loops, child processes), so the
+    # process is gone in seconds instead of once the running stages finish (SPEC §5).
+    with stop_on_termination(on_stop=_let_go_of_task_threads):
+        return _pipeline(config, config_path, until)
+
+
+def _let_go_of_task_threads() -> None:
+    """The thread runner's exit waits for every running task; after a stop, a task in a long
+    library call (a tokenizer conversion) would hold the run for its whole length. Its
+    threads are let go instead: the engine reports the run Crashed at once and the process
+    ends (the stop's deadline ends it if nothing else does)."""
+    import concurrent.futures
+
+    from prefect.context import FlowRunContext
+
+    runner = getattr(FlowRunContext.get(), "task_runner", None)
+    executor = getattr(runner, "_executor", None)
+    if isinstance(executor, concurrent.futures.ThreadPoolExecutor):
+        executor.shutdown(wait=False, cancel_futures=True)
+        runner._executor = None  # type: ignore[union-attr]
+
+
+def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str) -> dict[str, Any]:
     if (config is None) == (config_path is None):
         raise ValueError("give exactly one of config and config_path")
     if until not in STAGES:

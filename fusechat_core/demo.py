@@ -18,9 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fusechat_core import stopping
 from fusechat_core.chat import IGNORE, ChatFormatter
 from fusechat_core.config import ModelSpec, RunConfig
 from fusechat_core.data.synthetic import DOMAINS
+from fusechat_core.determinism import pin_compute
 from fusechat_core.models import formatter_for
 from fusechat_core.represent import head_only_supported
 from fusechat_core.store import ArtifactStore
@@ -70,6 +72,7 @@ def _supervised_loss(model: Any, ids: Any, mask: Any, labels: Any, head_only: bo
 def pretrain_demo_model(run: RunConfig, spec: ModelSpec, out_dir: Path,
                         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build and pre-train one demo model into ``out_dir``; returns its training summary."""
+    pin_compute()
     import torch
 
     from fusechat_core.models import warm_imports
@@ -101,6 +104,7 @@ def pretrain_demo_model(run: RunConfig, spec: ModelSpec, out_dir: Path,
     head_only = head_only_supported(model)
     losses = []
     for step in range(d.steps):
+        stopping.check()
         ids, labels, mask = _batch(formatter, rng, domains, weights, run.demo.batch_size,
                                    run.demo.max_length, pad)
         loss = _supervised_loss(model, ids, mask, labels, head_only)
@@ -127,7 +131,7 @@ _ONE_PRETRAINING = threading.Lock()
 def build_demo_model_artifact(run: RunConfig, spec: ModelSpec, store: ArtifactStore, address: str,
                               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        with _ONE_PRETRAINING:
+        with stopping.holding(_ONE_PRETRAINING):
             summary = pretrain_demo_model(run, spec, Path(tmp), progress)
         store.put_dir(address, tmp, meta={"stage": "demo_models", **summary})
     return summary

@@ -42,8 +42,10 @@ from typing import Any
 
 import numpy as np
 
+from fusechat_core import stopping
 from fusechat_core.chat import IGNORE, ChatFormatter
 from fusechat_core.config import ModelSpec, RepresentConfig, RunConfig
+from fusechat_core.determinism import pin_compute
 from fusechat_core.models import formatter_for, load_causal_lm, pick_device, tokenizer_of, tokenizer_ref
 from fusechat_core.store import ArtifactStore, ArtifactWriter, Manifest
 
@@ -246,6 +248,7 @@ def collect_shard(model: Any, tokenizer: Any, formatter: ChatFormatter, rows: Se
     ``head_only`` forces (True) or forbids (False) applying the LM head to kept positions
     only; None decides from the architecture.
     """
+    pin_compute()
     import torch
 
     vocab = model_vocab_size(model)
@@ -266,6 +269,7 @@ def collect_shard(model: Any, tokenizer: Any, formatter: ChatFormatter, rows: Se
     done_tokens = done_seqs = 0
     start = time.perf_counter()
     for batch in length_batches([len(e[0]) for e in encoded], cfg.batch_size):
+        stopping.check()
         width = max(len(encoded[i][0]) for i in batch)
         if width == 0:
             raise RepresentError(f"row {rows[batch[0]].get('id', '?')!r}: renders to no tokens")

@@ -17,7 +17,9 @@ Exception`` swallows it, and Prefect marks the task Crashed rather than retrying
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+from collections.abc import Callable
 
 _STOP = threading.Event()
 _REASON: list[str] = []
@@ -40,11 +42,22 @@ def check() -> None:
         raise Stopped(f"stopped: {_REASON[0] if _REASON else 'stop requested'}")
 
 
-def request_stop(reason: str, *, grace: float = 5.0) -> None:
-    """Set the stop event and terminate this process's children (SIGTERM, then SIGKILL after ``grace``)."""
+def request_stop(reason: str, *, grace: float = 5.0, exit_code: int | None = None) -> None:
+    """Set the stop event and terminate this process's children (SIGTERM, then SIGKILL after ``grace``).
+
+    ``exit_code``: also end this process with that code if it is still alive
+    ``FUSECHAT_STOP_DEADLINE_S`` seconds (default 8) from now: a stage stuck in a long
+    library call that checks nothing (a tokenizer conversion, a model download) cannot
+    keep a stopped run alive. Its artifacts are safe: a manifest is written last.
+    """
     if not _STOP.is_set():
         _REASON.append(reason)
         _STOP.set()
+        if exit_code is not None:
+            deadline = threading.Timer(float(os.environ.get("FUSECHAT_STOP_DEADLINE_S", "8")), os._exit,
+                                       args=(exit_code,))
+            deadline.daemon = True
+            deadline.start()
     terminate_children(grace=grace)
 
 
@@ -75,15 +88,32 @@ def reset() -> None:
 
 
 @contextlib.contextmanager
-def stop_on_termination():
+def stop_on_termination(on_stop: Callable[[], None] | None = None):
     """Around a flow's body, in its main thread: a termination (Prefect's ``TerminationSignal``
     on SIGTERM, ``KeyboardInterrupt``, ``SystemExit``) stops the whole run, not just the
-    main thread's wait, before it propagates; an ordinary error does not."""
+    main thread's wait, before it propagates; an ordinary error does not. ``on_stop``: what
+    else to do then (the flow lets go of its task threads, so it does not wait for them)."""
     try:
         yield
     except Exception:
         raise
     except BaseException as exc:
         if not isinstance(exc, (Stopped, GeneratorExit)):
-            request_stop(type(exc).__name__)
+            code = 130 if isinstance(exc, KeyboardInterrupt) else 128 + 15
+            request_stop(type(exc).__name__, grace=2.0, exit_code=code)
+            if on_stop is not None:
+                on_stop()
         raise
+
+
+@contextlib.contextmanager
+def holding(lock: threading.Lock):
+    """``with lock:`` for a lock a stage may wait minutes for (one training per process):
+    the wait ends with :class:`Stopped` as soon as the run is told to stop."""
+    while not lock.acquire(timeout=0.2):
+        check()
+    try:
+        check()
+        yield
+    finally:
+        lock.release()

@@ -44,7 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fusechat_core import stopping
 from fusechat_core.config import ModelSpec, RunConfig, TrainConfig, load_config
+from fusechat_core.determinism import pin_compute
 from fusechat_core.fuse import FUSION_FUNCTIONS, SparseDist, clm_and_fusion_sums, teacher_dist
 from fusechat_core.fuse.batches import Batch, FusionData
 from fusechat_core.models import ModelLoadError, load_causal_lm, model_dir, tokenizer_ref
@@ -159,6 +161,7 @@ def train_target(
     chat template). ``lam``: λ; defaults to ``cfg.lam`` (the CLM baseline
     passes 1.0).
     """
+    pin_compute()
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
@@ -236,6 +239,7 @@ def train_target(
         # -- optimizer steps ------------------------------------------------------------
         model.train()
         for step in range(start, n_steps):
+            stopping.check()
             t0 = time.perf_counter()
             batch_ids = global_batch(len(data), cfg.batch_size, cfg.seed, step)
             # Every supervised token of the whole step weighs the same, whichever
@@ -378,9 +382,18 @@ def train_from_config(cfg: RunConfig, target: str, *,
     # torch's generator is process-wide and set_seed reseeds it: two targets trained at
     # once in one process's worker threads would draw from each other's stream. One at a
     # time per process; parallel targets go to separate workers (Dask, deployments).
-    with _ONE_TRAINING:
-        return train_target(cfg.train, pivot=cfg.pivot, data=data, store=store, address=plan.train(target),
+    address = plan.train(target)
+    with stopping.holding(_ONE_TRAINING), _lease(store, address):
+        if store.is_complete(address):  # the writer we waited for finished it
+            return dict(store.require(address).meta)
+        return train_target(cfg.train, pivot=cfg.pivot, data=data, store=store, address=address,
                             lam=lam, on_event=on_event)
+
+
+def _lease(store: ArtifactStore, address: str) -> Any:
+    """The target's write lease, held by the writing rank (the main one) for the whole training,
+    so a second run of the same target waits for this one instead of training it again."""
+    return store.lease(address) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
 
 
 _ONE_TRAINING = threading.Lock()
@@ -404,11 +417,23 @@ def main(argv: list[str] | None = None) -> int:
         if rank0:
             print(json.dumps(event), flush=True)
 
+    # The task that launched this process terminates it when its run stops: stop at the
+    # next step, releasing the target's lease, instead of dying holding it.
+    import signal
+
+    def _terminated(signum: int, frame: Any) -> None:
+        stopping.request_stop("SIGTERM", grace=0)
+        raise stopping.Stopped("SIGTERM")
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         train_from_config(cfg, args.target, on_event=emit)
     except (TrainError, ValueError, StoreError, ModelLoadError) as exc:
         print(f"fusechat.train: error: {exc}", file=sys.stderr)
         return 2
+    except stopping.Stopped:
+        print("fusechat.train: stopped (SIGTERM); checkpoints are kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

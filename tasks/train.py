@@ -23,6 +23,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
+from fusechat_core import stopping
 from fusechat_core.config import RunConfig
 from fusechat_core.plan import RunPlan
 from tasks._stage import STAGE_TASK_OPTIONS, artifact_key, open_store, run_name, stage_done
@@ -139,6 +140,7 @@ def _launch(cfg: RunConfig, target: str, report: _Reporter, logger: Any) -> None
                         report(event)
                         continue
                 tail.append(line)
+        stopping.check()  # terminated with the run: not a training failure
         if proc.returncode != 0:
             last = next((x for x in reversed(tail) if x.strip()), "no output")
             raise RuntimeError(f"training of target {target!r} under accelerate launch exited with "

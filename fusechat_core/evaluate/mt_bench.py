@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusechat_core import stopping
+from fusechat_core.determinism import pin_compute
 from fusechat_core.evaluate.loading import EvaluationError
 from fusechat_core.store import ArtifactStore
 
@@ -242,12 +244,27 @@ class GenerationResult:
     finish: str  # "stop" (an end-of-turn token) or "length"
 
 
+def _stop_criteria() -> Any:
+    """Ends ``generate`` at the next token once the run is told to stop."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _OnStop(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            import torch
+
+            return torch.full((input_ids.shape[0],), stopping.stopping(), dtype=torch.bool,
+                              device=input_ids.device)
+
+    return StoppingCriteriaList([_OnStop()])
+
+
 def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, temperature: float,
                    max_new_tokens: int, stop_ids: Sequence[int], seed: int | None = None) -> list[GenerationResult]:
     """Continue each prompt (token ids) until an end-of-turn token or ``max_new_tokens``.
 
     Prompts are left-padded into one batch; below T = 1e-4 decoding is greedy, as in FastChat.
     """
+    pin_compute()
     import torch
 
     device = next(model.parameters()).device
@@ -269,8 +286,11 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
         kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
         if seed is not None:
             torch.manual_seed(seed)
+    stopping.check()
     with torch.inference_mode():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             stopping_criteria=_stop_criteria(), **kwargs)
+    stopping.check()  # a generation cut short by a stop is not an answer
     results = []
     stops = set(stop_ids)
     for row in out[:, width:].tolist():

@@ -21,7 +21,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fusechat_core import stopping
 from fusechat_core.chat import IGNORE, to_messages
+from fusechat_core.determinism import pin_compute
 from fusechat_core.evaluate.mt_bench import generate_batch, stop_token_ids
 
 
@@ -85,6 +87,7 @@ def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length:
     Rows longer than ``max_length`` tokens are cut; rows with no supervised token
     left after the cut count as sequences skipped.
     """
+    pin_compute()
     pad = formatter.tokenizer.pad_token_id
     pad = pad if pad is not None else 0
     encoded = []
@@ -102,6 +105,7 @@ def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length:
     total = _Sum()
     t0 = time.time()
     for start in range(0, len(encoded), batch_size):
+        stopping.check()
         chunk = encoded[start:start + batch_size]
         for (src, _, _, nbytes), (nll, n) in zip(chunk, sequence_nll(model, [c[1] for c in chunk],
                                                                      [c[2] for c in chunk], pad)):

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fusechat_core.determinism import pin_compute
 from fusechat_core.merge import statistics
 from fusechat_core.merge.card import model_card, weights_markdown, weights_summary
 from fusechat_core.merge.translate import (
@@ -82,6 +83,7 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
     ``tokenizer``: the pivot's tokenizer reference when it is not in the pivot folder.
     Returns a summary: the folder, the mergekit config and, for VaRM, the weights table.
     """
+    pin_compute()
     from mergekit.merge import MergeOptions, run_merge
 
     from fusechat_core.models import pick_device

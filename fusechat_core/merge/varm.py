@@ -29,6 +29,8 @@ import torch
 from mergekit import merge_methods
 from mergekit.merge_methods import BasePolicy, InputContract, PerNonBase, TensorGroup, merge_method
 
+from fusechat_core import stopping
+
 NAME = "varm"
 Granularity = Literal["matrix", "layer", "model"]
 
@@ -57,6 +59,7 @@ def varm_merge(
     weight: PerNonBase[float | None] = None,
     granularity: Granularity = "matrix",
 ) -> torch.Tensor:
+    stopping.check()
     base = group.base.tensor
     targets = group.non_base
     if not targets:
