@@ -26,7 +26,6 @@ import argparse
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +40,16 @@ from tests.corpus import natural_conversations  # noqa: E402  (after the path se
 # -- the baseline: the reference's DTW as a plain double loop ---------------------------------
 def naive_dtw_pairing(tokens_a: list[str], tokens_b: list[str]) -> list[int]:
     """Pure-Python DTW (cost: Levenshtein of marker-stripped strings, C per cell as the
-    reference's ``editdistance.eval``), backtracking diagonal > up > left, then the
-    pairing rule: the pivot token on one path cell, with a source token of the same
-    text that no other pivot token of equal text shares."""
+    reference's ``editdistance.eval``), backtracking diagonal > up (pivot) > left (source),
+    then the context pairing rule written out plainly: walking the path forward, a cell
+    entered diagonally pairs its two tokens when both sides spelled the same text since
+    the last pair; where they spelled different text (neither a prefix of the other),
+    pairing restarts there."""
     from rapidfuzz.distance import Levenshtein
 
-    from fusechat_core.align.sequence import dtw_strings, pairing_key
+    from fusechat_core.align.sequence import dtw_strings
 
     a, b = dtw_strings(tokens_a), dtw_strings(tokens_b)
-    ka, kb = [pairing_key(x) for x in tokens_a], [pairing_key(x) for x in tokens_b]
     dist = Levenshtein.distance
     inf = float("inf")
     n, m = len(a), len(b)
@@ -69,18 +69,24 @@ def naive_dtw_pairing(tokens_a: list[str], tokens_b: list[str]) -> list[int]:
                 D[i][j - 1] if j > 1 else inf]
         move = opts.index(min(opts))
         i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
-    cp = Counter(p for p, _ in path)
-    cs = Counter(s for p, s in path if ka[p] == kb[s])
+    path.reverse()
     out = [-1] * n
-    for p, s in path:
-        if cp[p] == 1 and ka[p] == kb[s] and cs[s] == 1:
+    last = (0, 0)
+    for k, (p, s) in enumerate(path):
+        if k and path[k - 1] != (p - 1, s - 1):
+            continue
+        x, y = b"".join(_bytes(tokens_a[last[0]:p])), b"".join(_bytes(tokens_b[last[1]:s]))
+        if x == y:
             out[p] = s
+            last = (p, s)
+        elif not (x.startswith(y) or y.startswith(x)):
+            last = (p, s)
     return out
 
 
 def prepare(pivot_ref: str, source_ref: str, convs: list, max_tokens: int):
     """Rendered, tokenised, cut pairs: (TokenSeq pivot, TokenSeq source, supervised mask)."""
-    from fusechat_core.align.sequence import TokenSeq, trimmed_spans
+    from fusechat_core.align.sequence import TokenSeq, prefix_starts
     from fusechat_core.align.vocab import vocabulary
     from fusechat_core.chat import ChatFormatter
     from fusechat_core.models import load_tokenizer
@@ -93,11 +99,49 @@ def prepare(pivot_ref: str, source_ref: str, convs: list, max_tokens: int):
         r = pf.encode(conv, max_tokens)
         text = r.text[:r.offsets[-1][1]]  # the source covers the same text as the cut pivot
         enc = sf.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ps.append(TokenSeq([pv.strings[i] for i in r.input_ids], trimmed_spans(r.text, np.array(r.offsets))))
-        ss.append(TokenSeq([sv.strings[i] for i in enc["input_ids"]],
-                           trimmed_spans(text, np.array(enc["offset_mapping"]))))
+        p_str = [pv.strings[i] for i in r.input_ids]
+        s_str = [sv.strings[i] for i in enc["input_ids"]]
+        ps.append(TokenSeq(p_str, prefix_starts(r.text, np.array(r.offsets), strings=p_str)))
+        ss.append(TokenSeq(s_str, prefix_starts(text, np.array(enc["offset_mapping"]), strings=s_str)))
         sup.append(np.array(r.labels) != -100)
     return ps, ss, sup
+
+
+def _bytes(strings: list[str]) -> list[bytes]:
+    return [x.encode("utf-8", "surrogateescape") for x in strings]
+
+
+def prefix_metrics(ps, ss, sup, pairing) -> dict[str, float]:
+    """coverage, prefix_precision and ceiling over the pivot's supervised rows (see the module doc).
+
+    Independent of the aligners: a token's text prefix is the bytes of the tokens before it
+    (canonical strings, ``vocab.py``), so two rows share a prefix when those byte counts are
+    equal on a text both tokenizations spell. SentencePiece's dummy prefix (v1 writes the
+    text's first ``[`` as `` [``) is the one difference allowed; a pair whose concatenations
+    differ otherwise is counted and left out of precision and ceiling.
+    """
+    rows = covered = precise = ceiling = odd = 0
+    for p, s, m, pair in zip(ps, ss, sup, pairing):
+        bp, bs = _bytes(p.strings), _bytes(s.strings)
+        jp, js = b"".join(bp), b"".join(bs)
+        op = os_ = 0
+        if jp == b" " + js:
+            op = 1
+        elif js == b" " + jp:
+            os_ = 1
+        elif jp != js:
+            odd += 1
+            continue
+        cp = np.cumsum([0] + [len(x) for x in bp[:-1]]) - op  # bytes before each pivot token
+        cs = np.cumsum([0] + [len(x) for x in bs[:-1]]) - os_
+        pair = np.asarray(pair)
+        rows += int(m.sum())
+        got = m & (pair >= 0)
+        covered += int(got.sum())
+        precise += int((cs[pair[got]] == cp[got]).sum())
+        ceiling += int(np.isin(cp[m], cs).sum())
+    return {"coverage": covered / max(rows, 1), "prefix_precision": precise / max(covered, 1),
+            "ceiling": ceiling / max(rows, 1), "rows": rows, "texts_differ": odd}
 
 
 def main() -> None:
@@ -106,6 +150,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--baseline-pairs", type=int, default=None,
                     help="time the naive DTW on the first N pairs only (default: all)")
+    ap.add_argument("--long-pairs", type=int, default=4,
+                    help="pairs cut to 2048 pivot tokens for the full vs banded DTW timing (0: skip)")
     args = ap.parse_args()
 
     from fusechat_core.align.sequence import align_dtw, align_dtw_banded, align_offsets
@@ -152,7 +198,27 @@ def main() -> None:
         print(f"offsets vs DTW agree on {agree:.2%} of pivot positions ({np.mean(o[m] == d[m]):.2%} of supervised);"
               f" {dtw_confirmed:.2%} of DTW's pairs are the offsets' pairs; of the disagreements, {only_offsets} "
               f"are pairs only the offsets make")
-        results[source] = dict(naive=t_naive, dtw=t_dtw, band=t_band, off=t_off, agree=agree, same=same)
+        pm = {name: prefix_metrics(ps, ss, sup, pr) for name, pr in (("offsets", off), ("dtw", dtw))}
+        for name, x in pm.items():
+            print(f"{name:8s} coverage {x['coverage']:.4f}  prefix_precision {x['prefix_precision']:.4f}  "
+                  f"(ceiling {x['ceiling']:.4f}; {x['rows']} supervised pivot rows; "
+                  f"{x['texts_differ']} pairs spelling different text left out)")
+        results[source] = dict(naive=t_naive, dtw=t_dtw, band=t_band, off=t_off, agree=agree, same=same, pm=pm)
+
+    if args.long_pairs:
+        ps, ss, _ = prepare("builtin:mistral-v1", "builtin:tekken", natural_conversations(args.long_pairs, chars=12000),
+                            2048)
+        t = time.perf_counter()
+        full_l = align_dtw(ps, ss)
+        t_full_l = time.perf_counter() - t
+        t = time.perf_counter()
+        band_l = align_dtw_banded(ps, ss)
+        t_band_l = time.perf_counter() - t
+        same_l = np.mean(np.concatenate(full_l) == np.concatenate(band_l))
+        print(f"\n2048 tokens, tekken, {len(ps)} pairs ({np.mean([len(p) for p in ps]):.0f} pivot tokens): full DTW "
+              f"{t_full_l / len(ps):.3f} s/pair, banded {t_band_l / len(ps):.3f} s/pair, "
+              f"same pairing on {same_l:.2%}")
+        print(f"banded_speedup_2048: {t_full_l / t_band_l:.2f}")
 
     t = time.perf_counter()
     pivot_vocab = vocabulary(load_tokenizer("builtin:mistral-v1"))
@@ -166,6 +232,10 @@ def main() -> None:
     main_r = results["builtin:tekken"]
     print(f"DTW speed-up (tekken): vectorised {main_r['naive'] / main_r['dtw']:.1f}, "
           f"banded {main_r['naive'] / main_r['band']:.1f}")
+    names = {"builtin:tekken": "tekken→v1", "builtin:mistral-v3": "v3→v1"}
+    for key in ("coverage", "prefix_precision", "ceiling"):
+        print(f"{key}: " + " | ".join(f"{names[k]} {r['pm']['offsets'][key]:.4f}" for k, r in results.items())
+              + "  (default method, offsets)")
     print(f"align_speedup_vs_naive_dtw: {main_r['naive'] / main_r['off']:.1f}")
     print(f"agreement_with_dtw: {main_r['agree']:.4f}")
     print(f"mined_map_seconds: {mined_s:.1f}")

@@ -41,9 +41,8 @@ from fusechat_core.align.sequence import (
     SEQUENCE_ALIGNERS,
     TokenSeq,
     align_sequences,
-    common_spans,
     content_char_map,
-    trimmed_spans,
+    prefix_starts,
 )
 from fusechat_core.align.vocab import VocabMap, build_vocab_map, vocabulary
 from fusechat_core.config import ModelSpec, RunConfig
@@ -195,13 +194,12 @@ def pair_sequences(method: str, conversations: Sequence[Any], row_ids: Sequence[
             s_seqs.append(TokenSeq(s_str))
             continue
         pt, st = p_texts[s], s_texts[s]
-        p_span, s_span = trimmed_spans(pt, poff), trimmed_spans(st, soff)
+        p_map = s_map = None
         if pt != st:
             contents = [m["content"] for m in to_messages(conv)]
-            p_span = common_spans(p_span, content_char_map(pt, contents)[0])
-            s_span = common_spans(s_span, content_char_map(st, contents)[0])
-        p_seqs.append(TokenSeq(p_str, p_span))
-        s_seqs.append(TokenSeq(s_str, s_span))
+            p_map, s_map = content_char_map(pt, contents)[0], content_char_map(st, contents)[0]
+        p_seqs.append(TokenSeq(p_str, prefix_starts(pt, poff, p_map, p_str)))
+        s_seqs.append(TokenSeq(s_str, prefix_starts(st, soff, s_map, s_str)))
     return align_sequences(method, p_seqs, s_seqs)
 
 

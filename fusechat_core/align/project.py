@@ -1,19 +1,37 @@
 """Distribution projection (SPEC §1.3): a source's top-k, moved onto the pivot's rows.
 
 The rows of an aligned shard are the pivot's supervised rows: row r is the
-pivot's prediction of token ``t`` (= ``sup_positions[r]``) from position
-``t-1``. When pivot token ``t`` is paired 1-to-1 with source token ``u``
-(``sequence.py``) and the source supervised ``u``, the source's row for ``u``
-predicts the same piece of text from the same context, so its top-k ids are
-mapped into pivot ids (``vocab.py``); two source ids landing on one pivot id
-keep the larger log-prob. Every other row falls back to a one-hot on the
-pivot's token ``t`` itself, the *label* of the row, i.e. the next token after
-the input position ``t-1``. (The original FuseLLM code put the one-hot on the
-input token ``t-1``, an off-by-one this module must not repeat.) A paired row
-whose top-k maps nowhere (all ids unmapped) falls back too: an empty teacher
-is no teacher.
+pivot's prediction of token ``t`` (= ``sup_positions[r]``) from the text
+before it. When ``sequence.py`` pairs pivot token ``t`` with source token
+``u`` (the same text precedes both) and the source supervised ``u``, the
+source's row for ``u`` is a prediction of what follows that same text.
 
-Log-probs are carried unchanged (not renormalised): the fusion function
+**Mapping its top-k onto pivot tokens, one rule for every row:** each source
+candidate goes to the pivot token the vocabulary map gives it (``vocab.py``).
+With ``align.vocab_mapping: prefix`` (the demo's) that is *the pivot token the
+candidate's text starts with*: its exact twin, else the pivot tokenizer's
+first piece of its text. So where the source predicts a longer piece than
+the pivot's next token (`` bullying`` where the pivot writes ``▁bul`` +
+``lying``; ``.\n`` where it writes ``.`` + ``\n``) the mass lands on the
+pivot's first piece of it (``▁bul``, ``.``), and where it predicts a shorter
+one (``'`` where the pivot writes ``'s``) on that shorter piece, a token the
+pivot can write there too. With ``mined`` (the paper's) a candidate without
+an exact twin goes to its minimum-edit-distance token instead, as in FuseLLM.
+**Duplicates merge by summing their probabilities** (`` bullying`` and
+`` bull`` both land on ``▁bul``: the pivot's next token is ``▁bul`` if
+either is right); the published scripts keep the first (largest) entry
+instead, which under-weights exactly the pieces many source tokens start
+with. Candidates that map nowhere are dropped (their mass is counted).
+
+Every other row falls back to a one-hot on the pivot's token ``t`` itself,
+the *label* of the row, i.e. the next token after the input position
+``t-1``: rows whose context ends inside a source token (``lying`` after
+`` bul``), rows the source did not supervise, and paired rows whose top-k
+maps nowhere (an empty teacher is no teacher). (The original FuseLLM code put
+the one-hot on the input token ``t-1``, an off-by-one this module must not
+repeat.)
+
+Log-probs are carried as they are (not renormalised): the fusion function
 renormalises over the kept entries at its temperature (SPEC §1.4).
 """
 
@@ -124,10 +142,10 @@ def project(pivot: Representation, source: Representation, pairing: Sequence[np.
             vmap: VocabMap) -> Aligned:
     """Map ``source``'s distributions onto ``pivot``'s supervised rows.
 
-    ``pairing[s][t]`` is the source token paired 1-to-1 with pivot token ``t``
-    of sequence ``s`` (-1: none); ``None`` means the sequences are identical
-    (verified by the caller with ``same_sequences``) so every token pairs with
-    itself.
+    ``pairing[s][t]`` is the source token preceded by the same text as pivot
+    token ``t`` of sequence ``s`` (-1: none); ``None`` means the sequences are
+    identical (verified by the caller with ``same_sequences``) so every token
+    pairs with itself.
     """
     n_rows = len(pivot.sup_positions)
     k = source.topk_ids.shape[1] if source.topk_ids.ndim == 2 else 0
@@ -177,13 +195,17 @@ def project(pivot: Representation, source: Representation, pairing: Sequence[np.
     mined_mass = float(mass[kind == MINED].sum())
     prefix_mass = float(mass[kind == PREFIX].sum())
     total_mass = float(mass.sum())
-    earlier_same = (mapped[:, :, None] == mapped[:, None, :]) & np.tri(k, k, -1, dtype=bool)[None]
+    same = (mapped[:, :, None] == mapped[:, None, :]) & (mapped[:, :, None] >= 0)
+    earlier_same = same & np.tri(k, k, -1, dtype=bool)[None]
     valid = (mapped >= 0) & ~earlier_same.any(axis=2)
-    # Compact the kept entries to the front; a stable sort keeps them descending.
-    pack = np.argsort(~valid, axis=1, kind="stable")
+    # Candidates landing on one pivot id merge into one entry holding their summed probability.
+    with np.errstate(divide="ignore"):
+        merged_lp = np.log((same * mass[:, None, :]).sum(axis=2)).astype(np.float32)
+    # Kept entries to the front, in descending merged log-prob (ties: the source's order).
+    pack = np.argsort(np.where(valid, -merged_lp, np.inf), axis=1, kind="stable")
     valid = np.take_along_axis(valid, pack, axis=1)
     out_ids = np.where(valid, np.take_along_axis(mapped, pack, axis=1), 0)
-    out_lp = np.where(valid, np.take_along_axis(raw_lp, pack, axis=1), -np.inf)
+    out_lp = np.where(valid, np.take_along_axis(merged_lp, pack, axis=1), -np.inf)
     ids[paired] = out_ids
     lps[paired] = out_lp
     empty = np.zeros(n_rows, bool)

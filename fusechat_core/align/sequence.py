@@ -1,28 +1,52 @@
-"""Sequence alignment (SPEC §1.3): which source token stands for each pivot token.
+"""Sequence alignment (SPEC §1.3): which source row stands for each pivot row.
 
-Both methods answer the same question for one rendered sequence pair: for
-every pivot token ``t``, the index ``u`` of the source token that spells the
-same piece of text **1-to-1**, or -1 where the pairing is 1-to-many,
-many-to-1 or absent. Projection then only needs that one int array.
+**The pairing rule (ours): pair by context.** Pivot row ``t`` is the pivot's
+distribution over the token that follows the text ``P`` spelled by pivot
+tokens ``0..t-1``. It takes the source row whose context is the same text
+``P``: the row predicting the source token ``u`` whose preceding source
+tokens spell exactly ``P`` (the prefix ends on a source token boundary),
+whatever tokens ``t`` and ``u`` are. ``▁bul`` + ``lying`` against
+``Ġbullying``: the row predicting ``▁bul`` takes the row predicting
+``Ġbullying`` (both follow the same text); the row predicting ``lying``
+follows `` bul``, which ends inside a source token, so no source row has its
+context and it keeps the label fallback (``project.py``). Both methods
+answer with one int array per sequence pair, ``u`` for every pivot token
+``t`` (-1: none), and ``project.py`` maps the source row's top-k onto pivot
+tokens.
 
-``offsets`` (the default; near linear): tokens of fast tokenizers carry
-character spans. A pivot token and a source token pair 1-to-1 when their
-spans, trimmed of surrounding whitespace, are equal and no other token on
-either side has that trimmed span (byte pieces of one character, which share
-its span, pair piece by piece when both sides split it identically).
-Trimming is what makes ``▁▁▁▁`` + ``return`` pair with ``ĠĠĠ`` + ``Ġreturn``
-on ``return`` (as DTW on marker-stripped strings does) while ``!`` + ``\\n``
-against ``!\\n`` stays unpaired; whitespace-only tokens compare on their raw
-span. Spans are in a *common coordinate* shared by both renderings (see
-``common_spans``).
+The published implementations pair differently, and both less strictly on
+the context: FuseLLM and FuseChat v1 pair a pivot token lying on exactly one
+DTW path cell with that cell's source token (FuseLLM's "hard" mode when the
+two strings are equal, FuseChat v1 when the pivot string is contained in the
+source's); FuseChat-2.0's default pairs one-cell tokens when one string ends
+with the other. Those rules pair ``return`` after four spaces with
+`` return`` after three (different contexts) and drop ``.`` against ``.\n``
+(same context); ours does the opposite. Before this rule we paired only
+1-to-1 tokens spelling the same text: the most precise, and 8 points short
+of the context ceiling on tekken → Mistral v1 (``benchmarks/align.py``).
+
+``offsets`` (the default; linear): fast tokenizers give each token's
+character span, so the text before token ``t`` is ``text[:start]`` whenever
+no earlier token reaches past its start (``prefix_starts``; byte pieces
+after the first of a character start inside it and get none). Pivot and
+source tokens with the same start pair. When the two models render a
+conversation with different chat templates, starts are taken in the
+conversation's content coordinates (``content_char_map``): tokens starting
+in template markup never pair, and "the same text" means the same message
+contents before it.
 
 ``dtw``: dynamic time warping on token strings alone (for tokenizers without
-offsets), with the reference's cost, the edit distance between the token
-strings with word-start markers (spaces, in canonical form) removed, and the
-reference's backtracking tie-break (diagonal, then up, then left) and its
-pairing rule: a pivot token pairs when it lies on one path cell and spells
-the same text as that cell's source token (``pairing_key``). It is
-vectorised, never a Python loop over n·m cells: a row of the recurrence
+offsets). The cost is FuseLLM's and FuseChat-2.0's, the edit distance
+between the token strings with word-start markers (spaces, in canonical
+form) removed; FuseChat v1 multiplies it by 0.1 when one string contains the
+other, and FuseChat-2.0 compares the unstripped strings when stripping
+leaves one empty; we do neither. The backtracking tie order is FuseChat-2.0's
+(diagonal, then a pivot step, then a source step; FuseLLM and FuseChat v1
+prefer the source step to the pivot step). The pairs are then read off the
+path by the same context rule (``context_pairs``): a cell entered diagonally,
+where both sides start a token, pairs when the tokens since the last pair
+spell the same text on both sides. The DTW is vectorised, never a Python
+loop over n·m cells: a row of the recurrence
 ``D[i,j] = c[i,j] + min(D[i-1,j], D[i,j-1], D[i-1,j-1])`` is a min-plus
 prefix scan, ``D[i,j] = C[j] + min_{k<=j}(min(D[i-1,k], D[i-1,k-1]) - C[k-1])``
 with ``C`` the running sum of the row's costs (exact, since costs are
@@ -45,8 +69,6 @@ import numpy as np
 
 from fusechat_core.registry import Registry
 
-# Every Unicode whitespace code point lies below U+3001.
-_WS = np.array([c for c in range(0x3001) if chr(c).isspace()], dtype=np.uint32)
 _INF = np.int32(1 << 29)
 
 
@@ -55,7 +77,7 @@ class TokenSeq:
     """One rendered sequence as a sequence aligner sees it."""
 
     strings: list[str]  # canonical token strings (vocab.canonical form)
-    spans: np.ndarray | None = None  # int64 [n, 2] trimmed spans in common coordinates; -1: none
+    starts: np.ndarray | None = None  # int64 [n]: where the text before each token ends (prefix_starts)
 
     def __len__(self) -> int:
         return len(self.strings)
@@ -65,39 +87,49 @@ Aligner = Callable[[Sequence[TokenSeq], Sequence[TokenSeq]], list[np.ndarray]]
 SEQUENCE_ALIGNERS: Registry[Aligner] = Registry("sequence alignment method")
 
 
-# -- spans -------------------------------------------------------------------------
-def _codes(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+# -- prefixes ----------------------------------------------------------------------
+def prefix_starts(text: str, offsets: np.ndarray, char_map: np.ndarray | None = None,
+                  strings: Sequence[str] | None = None) -> np.ndarray:
+    """Where the text before each token ends, as a key that increases along the text; -1 where
+    that is no place both tokenizations can share.
 
-
-def trimmed_spans(text: str, offsets: np.ndarray) -> np.ndarray:
-    """Token spans with leading/trailing whitespace trimmed; whitespace-only tokens keep their span.
-
-    ``offsets`` is int [n, 2] of character offsets into ``text``. Empty spans
-    (some special tokens) come back as (-1, -1): they spell nothing to pair on.
+    Token ``t`` (raw character offsets ``offsets[t] = (a, b)`` into ``text``, as
+    fast tokenizers give them) is preceded by exactly ``text[:a]`` when it
+    spells something (``b > a``) and no earlier token reaches past ``a``: its
+    key is ``4·a``. Byte pieces of one character share that character's span;
+    a piece that starts inside a character (an earlier token reaches past
+    ``a``) gets ``4·c + k``, ``c`` the character and ``k`` (1-3) the bytes of
+    it already spelled, counted from the canonical token ``strings`` (without
+    them: -1). With ``char_map`` (``content_char_map``: two chat templates
+    render the conversation differently) ``c`` is taken in content
+    coordinates, and a token starting in template markup gets -1.
     """
     offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    n_chars = len(text)
-    out = np.full_like(offsets, -1)
+    out = np.full(len(offsets), -1, dtype=np.int64)
     if not len(offsets):
         return out
-    ws = np.isin(_codes(text), _WS)
-    idx = np.arange(n_chars + 1, dtype=np.int64)
-    # next_non_ws[p]: first non-whitespace position >= p (n_chars if none)
-    nxt = np.where(np.append(~ws, True), idx, n_chars + 1)
-    nxt = np.minimum.accumulate(nxt[::-1])[::-1]
-    # prev_non_ws[p]: last non-whitespace position <= p (-1 if none)
-    prv = np.where(np.append(~ws, False), idx, -1)
-    prv = np.maximum.accumulate(prv)
     a, b = offsets[:, 0], offsets[:, 1]
-    nonempty = (b > a) & (a >= 0) & (b <= n_chars)
-    a_c, b_c = np.clip(a, 0, n_chars), np.clip(b - 1, 0, n_chars)
-    first, last = nxt[a_c], prv[b_c]
-    has_text = nonempty & (first < b)
-    out[has_text, 0] = first[has_text]
-    out[has_text, 1] = last[has_text] + 1
-    ws_only = nonempty & ~has_text
-    out[ws_only] = offsets[ws_only]
+    reach = np.maximum.accumulate(np.concatenate([[0], b[:-1]]))  # furthest end of the tokens before t
+    spells = (b > a) & (a >= 0) & (a < len(text))
+    clean = spells & (a >= reach)
+    pos = np.where(clean, a, -1)
+    byte = np.zeros(len(offsets), dtype=np.int64)
+    if strings is not None:
+        # Few tokens (pieces of multi-byte characters): a plain loop is fine.
+        group = np.maximum.accumulate(np.where(clean, np.arange(len(offsets)), 0))  # last clean token at or before
+        for t in np.flatnonzero(spells & ~clean & (reach > 0)).tolist():
+            g, c = int(group[t]), int(reach[t]) - 1  # the character the earlier tokens ended inside
+            if not clean[g] or g == t or a[t] != c or not a[g] <= c < len(text):
+                continue
+            spelled = sum(len(x.encode("utf-8", "surrogateescape")) for x in strings[g:t])
+            k = spelled - len(text[a[g]:c].encode("utf-8", "surrogateescape"))
+            if 0 < k < min(4, len(text[c].encode("utf-8", "surrogateescape"))):
+                pos[t], byte[t] = c, k
+    ok = pos >= 0
+    if char_map is not None:
+        pos[ok] = char_map[pos[ok]]
+        ok = pos >= 0
+    out[ok] = 4 * pos[ok] + byte[ok]
     return out
 
 
@@ -123,60 +155,20 @@ def content_char_map(text: str, contents: Sequence[str]) -> tuple[np.ndarray, in
     return cmap, base
 
 
-def common_spans(trimmed: np.ndarray, char_map: np.ndarray | None) -> np.ndarray:
-    """Trimmed spans moved into common coordinates; a span that is not one contiguous
-    run of shared text becomes (-1, -1)."""
-    if char_map is None:
-        return trimmed
-    out = np.full_like(trimmed, -1)
-    ok = trimmed[:, 0] >= 0
-    a, b = trimmed[ok, 0], trimmed[ok, 1]
-    ca, cb = char_map[a], char_map[b - 1]
-    good = (ca >= 0) & (cb >= 0) & (cb - ca == b - 1 - a)
-    rows = np.flatnonzero(ok)[good]
-    out[rows, 0] = ca[good]
-    out[rows, 1] = cb[good] + 1
-    return out
-
-
 # -- offsets method ------------------------------------------------------------------
-def align_spans(pivot_spans: np.ndarray, source_spans: np.ndarray, pivot_strings: Sequence[str] | None = None,
-                source_strings: Sequence[str] | None = None) -> np.ndarray:
-    """For each pivot token, the source token with the same (unique) span, else -1.
+def align_starts(pivot_starts: np.ndarray, source_starts: np.ndarray) -> np.ndarray:
+    """For each pivot token, the source token preceded by the same text (same start), else -1.
 
-    Several tokens can share one span: the byte pieces of one character
-    (SentencePiece byte fallback, byte-level BPE). When both sides split that
-    character into the same pieces (same count, same strings, in order) they
-    pair piece by piece; otherwise none of them pairs.
+    Valid starts (>= 0) increase strictly along each sequence, so a binary search finds the one match.
     """
-    n = len(pivot_spans)
-    out = np.full(n, -1, dtype=np.int64)
-    if n == 0 or len(source_spans) == 0:
+    out = np.full(len(pivot_starts), -1, dtype=np.int64)
+    valid = np.flatnonzero(source_starts >= 0)
+    if not len(out) or not len(valid):
         return out
-    width = int(max(pivot_spans.max(), source_spans.max())) + 2
-    pk = np.where(pivot_spans[:, 0] >= 0, pivot_spans[:, 0] * width + pivot_spans[:, 1], -1)
-    sk = np.where(source_spans[:, 0] >= 0, source_spans[:, 0] * width + source_spans[:, 1], -1)
-    pu, p_inv, pc = np.unique(pk, return_inverse=True, return_counts=True)
-    su, sc = np.unique(sk, return_counts=True)
-    p_count = pc[p_inv]
-    s_order = np.argsort(sk, kind="stable")
-    s_sorted = sk[s_order]
-    where = np.clip(np.searchsorted(s_sorted, pk), 0, len(sk) - 1)
-    found = (s_sorted[where] == pk) & (pk >= 0)
-    s_count = np.where(found, sc[np.clip(np.searchsorted(su, pk), 0, len(su) - 1)], 0)
-    ok = found & (p_count == 1) & (s_count == 1)
-    out[ok] = s_order[where[ok]]
-    if pivot_strings is not None and source_strings is not None:
-        shared = np.flatnonzero(found & (p_count > 1) & (p_count == s_count))
-        # Few tokens (pieces of multi-byte characters): a plain loop over groups is fine.
-        groups: dict[int, list[int]] = {}
-        for i in shared.tolist():
-            groups.setdefault(int(pk[i]), []).append(i)
-        for key, p_idx in groups.items():
-            start = int(np.searchsorted(s_sorted, key))
-            s_idx = s_order[start:start + len(p_idx)].tolist()  # stable sort: in sequence order
-            if [pivot_strings[i] for i in p_idx] == [source_strings[j] for j in s_idx]:
-                out[p_idx] = s_idx
+    keys = source_starts[valid]
+    at = np.clip(np.searchsorted(keys, pivot_starts), 0, len(keys) - 1)
+    hit = (pivot_starts >= 0) & (keys[at] == pivot_starts)
+    out[hit] = valid[at[hit]]
     return out
 
 
@@ -184,21 +176,13 @@ def align_spans(pivot_spans: np.ndarray, source_spans: np.ndarray, pivot_strings
 def align_offsets(pivots: Sequence[TokenSeq], sources: Sequence[TokenSeq]) -> list[np.ndarray]:
     out = []
     for p, s in zip(pivots, sources, strict=True):
-        if p.spans is None or s.spans is None:
-            raise ValueError("offsets alignment needs character spans for both tokenizers; use method 'dtw'")
-        out.append(align_spans(p.spans, s.spans, p.strings or None, s.strings or None))
+        if p.starts is None or s.starts is None:
+            raise ValueError("offsets alignment needs character offsets for both tokenizers; use method 'dtw'")
+        out.append(align_starts(p.starts, s.starts))
     return out
 
 
 # -- DTW -----------------------------------------------------------------------------------
-def pairing_key(token: str) -> str:
-    """What two paired tokens must share: their text without surrounding whitespace, or all of
-    it for a whitespace-only token (``"  "`` and ``" "`` predict different text). The same
-    rule as the offsets method's trimmed spans."""
-    stripped = token.strip()
-    return stripped if stripped else token
-
-
 def dtw_strings(strings: Sequence[str]) -> list[str]:
     """The DTW cost compares strings without word-start markers (spaces in canonical form)."""
     return [s.replace(" ", "") for s in strings]
@@ -220,25 +204,6 @@ def _batch_costs(pivots: Sequence[Sequence[str]], sources: Sequence[Sequence[str
         out[k, :len(pivots[k]), :len(sources[k])] = cdist(pivots[k], sources[k], scorer=Levenshtein.distance,
                                                           dtype=np.int32, workers=1)
     return out
-
-
-def _keys(pivots: Sequence[Sequence[str]], sources: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
-    """Pairing keys as int codes shared by both sides ([B, N], [B, M]; padding -1 / -2)."""
-    N, M = max(len(x) for x in pivots), max(len(x) for x in sources)
-    pk = np.full((len(pivots), N), -1, np.int64)
-    sk = np.full((len(sources), M), -2, np.int64)
-    flat = [t for seqs in (pivots, sources) for seq in seqs for t in seq]
-    uniq, inv = np.unique(np.array(flat, dtype=object).astype(str), return_inverse=True)
-    # the key of each distinct string once, then codes shared by both sides
-    _, key_code = np.unique(np.array([pairing_key(t) for t in uniq.tolist()], dtype=object).astype(str),
-                            return_inverse=True)
-    codes = key_code.ravel()[inv.ravel()]
-    at = 0
-    for out, seqs in ((pk, pivots), (sk, sources)):
-        for k, seq in enumerate(seqs):
-            out[k, :len(seq)] = codes[at:at + len(seq)]
-            at += len(seq)
-    return pk, sk
 
 
 def dtw_matrix(cost: np.ndarray) -> np.ndarray:
@@ -266,19 +231,13 @@ def dtw_matrix(cost: np.ndarray) -> np.ndarray:
     return D
 
 
-def dtw_backtrack(D: np.ndarray, n: np.ndarray, m: np.ndarray, p_key: np.ndarray,
-                  s_key: np.ndarray) -> list[np.ndarray]:
-    """1-to-1 pairing from the optimal paths, all pairs of the batch stepping together.
+def dtw_backtrack(D: np.ndarray, n: np.ndarray, m: np.ndarray, pivot_strings: Sequence[Sequence[str]],
+                  source_strings: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    """Context pairing from the optimal paths, all pairs of the batch stepping together.
 
-    At (i, j) the path moves to the cheapest of diagonal, up, left, in that
-    order on ties (the reference's ``argmin([diag, up, left])``). As in the
-    reference, a pivot token is paired when it lies on exactly one path cell
-    and the two tokens spell the same text (same ``pairing_key``, given as int
-    codes ``p_key`` [B, N] and ``s_key`` [B, M]): DTW also walks through cells
-    of unequal tokens (`` persu`` against `` persuas``), whose distributions
-    predict different things. The source token may cover further pivot tokens
-    (``world`` of ``Ġworld`` after a ``▁▁``), but only one of them with the
-    same text, so no source row serves two pivot rows.
+    At (i, j) the path moves to the cheapest of diagonal, up (pivot), left
+    (source), in that order on ties (FuseChat-2.0's ``argmin([diag, base,
+    blending])``). Then ``context_pairs`` reads the pairs off each path.
     """
     B, N, M = D.shape
     big = np.int64(1) << 40
@@ -286,26 +245,23 @@ def dtw_backtrack(D: np.ndarray, n: np.ndarray, m: np.ndarray, p_key: np.ndarray
     def value(b: np.ndarray, r: np.ndarray, c: np.ndarray, ok: np.ndarray) -> np.ndarray:
         return np.where(ok, D[b, np.maximum(r, 0), np.maximum(c, 0)], big)
 
-    return _walk_back(value, B, N, M, n, m, p_key, s_key)
+    return _walk_back(value, B, n, m, pivot_strings, source_strings)
 
 
-def _walk_back(value: Callable[..., np.ndarray], B: int, N: int, M: int, n: np.ndarray, m: np.ndarray,
-               p_key: np.ndarray,
-               s_key: np.ndarray) -> list[np.ndarray]:
+def _walk_back(value: Callable[..., np.ndarray], B: int, n: np.ndarray, m: np.ndarray,
+               pivot_strings: Sequence[Sequence[str]], source_strings: Sequence[Sequence[str]]) -> list[np.ndarray]:
     """The backtracking walk shared by full and banded DTW; ``value(b, i, j, ok)`` reads
     D at (i, j) for pairs ``b``, or a huge cost where ``ok`` is False or the cell is off the band."""
     i = n.astype(np.int64) - 1
     j = m.astype(np.int64) - 1
-    cnt_p = np.zeros((B, N), dtype=np.int32)
-    same_s = np.zeros((B, M), dtype=np.int32)  # path cells of each source token with equal text
-    match = np.full((B, N), -1, dtype=np.int64)
     active = (i >= 0) & (j >= 0)
     bidx = np.arange(B)
+    cells_b, cells_i, cells_j = [], [], []
     while active.any():
         b, ii, jj = bidx[active], i[active], j[active]
-        cnt_p[b, ii] += 1
-        same_s[b, jj] += p_key[b, ii] == s_key[b, jj]
-        match[b, ii] = jj
+        cells_b.append(b)
+        cells_i.append(ii)
+        cells_j.append(jj)
         done = (ii == 0) & (jj == 0)
         diag = value(b, ii - 1, jj - 1, (ii > 0) & (jj > 0))
         up = value(b, ii - 1, jj, ii > 0)
@@ -314,12 +270,44 @@ def _walk_back(value: Callable[..., np.ndarray], B: int, N: int, M: int, n: np.n
         i[b] = ii - (move <= 1)
         j[b] = jj - ((move == 0) | (move == 2))
         active[b[done]] = False
-    out = []
+    out = [np.full(int(n[k]), -1, dtype=np.int64) for k in range(B)]
+    if not cells_b:
+        return out
+    cb, ci, cj = np.concatenate(cells_b), np.concatenate(cells_i), np.concatenate(cells_j)
+    order = np.argsort(cb, kind="stable")  # per pair, its cells from the last back to (0, 0)
+    cb, ci, cj = cb[order], ci[order], cj[order]
+    bounds = np.searchsorted(cb, np.arange(B + 1))
     for k in range(B):
-        mk = match[k, :n[k]]
-        ok = (cnt_p[k, :n[k]] == 1) & (mk >= 0)
-        ok[ok] &= (p_key[k, np.flatnonzero(ok)] == s_key[k, mk[ok]]) & (same_s[k, mk[ok]] == 1)
-        out.append(np.where(ok, mk, -1))
+        lo, hi = bounds[k], bounds[k + 1]
+        if hi > lo:
+            out[k] = context_pairs(ci[lo:hi][::-1], cj[lo:hi][::-1], pivot_strings[k], source_strings[k])
+    return out
+
+
+def context_pairs(path_i: np.ndarray, path_j: np.ndarray, pivot_strings: Sequence[str],
+                  source_strings: Sequence[str]) -> np.ndarray:
+    """The pairing rule on a DTW path (forward order): pivot token i takes source token j
+    when the path enters cell (i, j) diagonally (both sequences start a token there) and the
+    tokens since the last pair spell the same bytes on both sides, so both are preceded by
+    the same text. Where the two sides spell different text since the last pair and
+    neither is a prefix of the other (template markup, SentencePiece's dummy space before
+    the first piece), pairing restarts at that cell unpaired: pairs after it share the text
+    from there on.
+    """
+    out = np.full(len(pivot_strings), -1, dtype=np.int64)
+    entered = np.ones(len(path_i), dtype=bool)
+    entered[1:] = (np.diff(path_i) == 1) & (np.diff(path_j) == 1)
+    # Compared as bytes: a character one side spells in byte pieces is the same text.
+    p_bytes = [x.encode("utf-8", "surrogateescape") for x in pivot_strings]
+    s_bytes = [x.encode("utf-8", "surrogateescape") for x in source_strings]
+    li = lj = 0
+    for i, j in zip(path_i[entered].tolist(), path_j[entered].tolist()):
+        a, b = b"".join(p_bytes[li:i]), b"".join(s_bytes[lj:j])
+        if a == b:
+            out[i] = j
+            li, lj = i, j
+        elif not (a.startswith(b) or b.startswith(a)):
+            li, lj = i, j
     return out
 
 
@@ -344,8 +332,8 @@ def align_dtw(pivots: Sequence[TokenSeq], sources: Sequence[TokenSeq], *,
             ps = [dtw_strings(pivots[k].strings) for k in live]
             ss = [dtw_strings(sources[k].strings) for k in live]
             D = dtw_matrix(_batch_costs(ps, ss))
-            p_key, s_key = _keys([pivots[k].strings for k in live], [sources[k].strings for k in live])
-            res = dtw_backtrack(D, np.array([len(x) for x in ps]), np.array([len(x) for x in ss]), p_key, s_key)
+            res = dtw_backtrack(D, np.array([len(x) for x in ps]), np.array([len(x) for x in ss]),
+                                [pivots[k].strings for k in live], [sources[k].strings for k in live])
             for k, r in zip(live, res):
                 out[k] = r
         batch.clear()
@@ -447,8 +435,9 @@ def banded_dtw_matrix(cost: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return D
 
 
-def banded_backtrack(D: np.ndarray, starts: np.ndarray, n: np.ndarray, m: np.ndarray, p_key: np.ndarray,
-                     s_key: np.ndarray, M: int) -> list[np.ndarray]:
+def banded_backtrack(D: np.ndarray, starts: np.ndarray, n: np.ndarray, m: np.ndarray,
+                     pivot_strings: Sequence[Sequence[str]],
+                     source_strings: Sequence[Sequence[str]]) -> list[np.ndarray]:
     """``dtw_backtrack`` on band coordinates: same moves, same tie-break, same pairing rule."""
     B, N, W = D.shape
     big = np.int64(1) << 40
@@ -459,7 +448,7 @@ def banded_backtrack(D: np.ndarray, starts: np.ndarray, n: np.ndarray, m: np.nda
         inside = ok & (c >= 0) & (c < W)
         return np.where(inside, D[b, rr, np.clip(c, 0, W - 1)], big)
 
-    return _walk_back(value, B, N, M, n, m, p_key, s_key)
+    return _walk_back(value, B, n, m, pivot_strings, source_strings)
 
 
 @SEQUENCE_ALIGNERS.register("dtw-banded")
@@ -501,8 +490,8 @@ def align_dtw_banded(pivots: Sequence[TokenSeq], sources: Sequence[TokenSeq], *,
             last = D[np.arange(len(live)), n - 1, m - 1 - starts[np.arange(len(live)), n - 1]]
             unreachable = last >= _INF
             full.extend(k for k, bad in zip(live, unreachable) if bad)
-            p_key, s_key = _keys([pivots[k].strings for k in live], [sources[k].strings for k in live])
-            res = banded_backtrack(D, starts, np.where(unreachable, 0, n), m, p_key, s_key, s_key.shape[1])
+            res = banded_backtrack(D, starts, np.where(unreachable, 0, n), m, [pivots[k].strings for k in live],
+                                   [sources[k].strings for k in live])
             for k, r, bad in zip(live, res, unreachable):
                 if not bad:
                     out[k] = r
