@@ -58,14 +58,19 @@ def test_hand_worked_projection(case):
     assert out.topk_ids.dtype == np.int32 and out.topk_logprobs.dtype == np.float16
     assert out.fallback.dtype == bool and out.sup_offsets.dtype == np.int64
     assert out.sup_offsets.tolist() == [0, 3, 5]
+    lp = lambda x: float(np.float16(x))  # noqa: E731  (the source's log-probs, as stored)
+    # Duplicates merge by summing probabilities (they used to keep the larger, as the published
+    # scripts do). These synthetic log-probs are no distribution, so a sum can pass 1 (log > 0).
+    merged_10 = math.log(math.exp(lp(-0.1)) + math.exp(lp(-1.0)))  # 0.241
+    merged_31 = math.log(math.exp(lp(-0.2)) + math.exp(lp(-0.4)))  # 0.398
     expect_ids = [
-        [10, 12, 0],  # t=2 <-> u=2: 20->10 (-0.1) and 21->10 (-1.0) merge keeping -0.1; 22->12
+        [10, 12, 0],  # t=2 <-> u=2: 20->10 (-0.1) and 21->10 (-1.0) merge into one entry; 22->12
         [12, 0, 0],   # t=3 unpaired: one-hot on the LABEL, token 12 at t=3 (not the input 11 at t-1)
         [13, 0, 0],   # t=4 <-> u=3, but nothing of 23..25 maps: fallback to the label 13
         [30, 0, 0],   # seq 1, t=1 <-> u=1, which the source did not supervise: fallback
-        [31, 5, 0],   # t=2 <-> u=2: 26->31 (-0.2), 27->5 (-0.3), 28->31 (-0.4) dropped
+        [31, 5, 0],   # t=2 <-> u=2: 26->31 (-0.2) and 28->31 (-0.4) merge; 27->5 (-0.3)
     ]
-    expect_lp = [[-0.1, -2.0, NEG], [0, NEG, NEG], [0, NEG, NEG], [0, NEG, NEG], [-0.2, -0.3, NEG]]
+    expect_lp = [[merged_10, -2.0, NEG], [0, NEG, NEG], [0, NEG, NEG], [0, NEG, NEG], [merged_31, -0.3, NEG]]
     assert out.topk_ids.tolist() == expect_ids
     np.testing.assert_allclose(out.topk_logprobs.astype(np.float32),
                                np.array(expect_lp, np.float16).astype(np.float32))
@@ -77,7 +82,6 @@ def test_hand_worked_projection(case):
     assert (st["rows"], st["one_to_one"], st["fallback"], st["fallback_unmapped_topk"]) == (5, 2, 3, 1)
     e = math.exp
     # mass over paired rows (rows 1, 2, 3 of the source), in float16 as stored
-    lp = lambda x: float(np.float16(x))  # noqa: E731
     total = sum(e(lp(x)) for x in (-0.1, -1.0, -2.0, -0.5, -0.7, -3.0, -0.2, -0.3, -0.4))
     exact = sum(e(lp(x)) for x in (-0.1, -2.0, -0.2, -0.3))
     mined = sum(e(lp(x)) for x in (-1.0, -0.4))
@@ -133,3 +137,85 @@ def test_unordered_source_rows_are_refused(case):
     source.sup_positions = source.sup_positions[[1, 0, 2, 3]]
     with pytest.raises(ValueError, match="not strictly increasing"):
         project(pivot, source, pairing, vmap)
+
+
+# -- the issue's hand-worked rows: Mistral v1 pivot, tekken source, real tokenizers ----------------
+def _real_rep(ids, sup, topk_ids, topk_lp, dtype):
+    return Representation(
+        input_ids=np.asarray(ids, dtype), seq_offsets=np.array([0, len(ids)], np.int64),
+        sup_positions=np.asarray(sup, np.uint16), sup_offsets=np.array([0, len(sup)], np.int64),
+        topk_ids=np.asarray(topk_ids, dtype), topk_logprobs=np.asarray(topk_lp, np.float16),
+        metric_ce=np.ones(1, np.float32), meta={})
+
+
+def test_context_rows_map_onto_the_pivot_tokens_their_text_starts_with():
+    """``It's bullying.\nStop`` tokenised by Mistral v1 (`` It`` ``'`` ``s`` ``▁bul`` ``lying`` ``.``
+    ``\n`` ``Stop``) and tekken (`` It`` ``'s`` ``Ġbullying`` ``.Ċ`` ``Stop``), paired by the offsets,
+    projected through a ``prefix`` vocabulary map: every expected id below is read off the
+    tokenizers' own outputs, the log-probs worked out by hand."""
+    from fusechat_core.align.sequence import TokenSeq, align_offsets, prefix_starts
+    from fusechat_core.align.vocab import PREFIX, Vocabulary, build_vocab_map, vocabulary
+    from fusechat_core.models import load_tokenizer
+
+    v1, tk = load_tokenizer("builtin:mistral-v1"), load_tokenizer("builtin:tekken")
+    pv, sv = vocabulary(v1), vocabulary(tk)
+    text = " It's bullying.\nStop"
+    seqs = []
+    for tok, vocab in ((v1, pv), (tk, sv)):
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        strings = [vocab.strings[i] for i in enc["input_ids"]]
+        seqs.append((enc["input_ids"], TokenSeq(strings, prefix_starts(text, np.array(enc["offset_mapping"]),
+                                                                       strings=strings))))
+    (p_ids, p), (s_ids, s) = seqs
+    # preconditions, the tokenizers' own splits (v1's dummy space merges into the text's own)
+    assert p.strings == [" It", "'", "s", " bul", "lying", ".", "\n", "Stop"]
+    assert s.strings == [" It", "'s", " bullying", ".\n", "Stop"]
+    pair = align_offsets([p], [s])[0]
+    assert pair.tolist() == [0, 1, -1, 2, -1, 3, -1, 4]
+    tid = {x: tk.convert_tokens_to_ids(tk.tokenize(x))[0] for x in
+           (" bullying", " bull", "'s", "'", ".\n", ".\n\n", ".", "Stop")}
+    assert len(set(tid.values())) == len(tid)  # each is one tekken token
+    pid = {x: i for i, x in zip(p_ids, p.strings)}  # v1 ids of the pivot's own pieces
+    twin_bull = pv.strings.index(" bull")  # v1 has a token "▁bull" (it writes "bullying" as ▁bul + lying)
+    # A source vocabulary holding only the candidates, at their real tekken ids.
+    strings = [None] * len(sv)
+    for i in tid.values():
+        strings[i] = sv.strings[i]
+    small = Vocabulary(strings, np.zeros(len(sv), bool), np.zeros(len(sv), bool), sv.family)
+    vmap = build_vocab_map(small, pv, mapping="prefix", pivot_tokenizer=v1)
+    # the rule: the pivot token each candidate's text starts with (its exact twin, else v1's first piece)
+    assert vmap.ids[tid[" bullying"]] == pid[" bul"] and vmap.kind[tid[" bullying"]] == PREFIX
+    assert vmap.ids[tid[" bull"]] == twin_bull and vmap.kind[tid[" bull"]] == EXACT
+    assert vmap.ids[tid[".\n"]] == pid["."] and vmap.ids[tid[".\n\n"]] == pid["."]
+    assert vmap.ids[tid["'s"]] == pid["'"] and vmap.ids[tid["'"]] == pid["'"]
+
+    pivot = _real_rep(p_ids, [1, 2, 3, 4, 5, 6, 7], np.zeros((7, 3)), np.zeros((7, 3)), np.uint16)
+    s_top = [[tid["'s"], tid["'"], tid["."]],                    # u=1, after " It"
+             [tid[" bullying"], tid[" bull"], tid[".\n"]],       # u=2, after " It's"
+             [tid[".\n"], tid[".\n\n"], tid["."]],              # u=3, after " It's bullying"
+             [tid["Stop"], tid["'"], tid["."]]]                   # u=4, after "...bullying.\n"
+    s_lp = [[-0.2, -2.0, -3.0], [-0.5, -1.5, -2.5], [-0.3, -1.6, -2.0], [-0.1, -3.0, -4.0]]
+    source = _real_rep(s_ids, [1, 2, 3, 4], s_top, s_lp, np.uint32)
+    out = project(pivot, source, [pair], vmap.padded(len(sv)))
+    lp = lambda x: float(np.float16(x))  # noqa: E731
+    lse = lambda *xs: math.log(sum(math.exp(lp(x)) for x in xs))  # noqa: E731
+    rows = [  # (ids, log-probs, fallback) per pivot row t = 1..7
+        # t=1 "'" after " It" <- tekken "'s": "'s" and "'" both start with "'": summed; "." on "."
+        ([pid["'"], pid["."], 0], [lse(-0.2, -2.0), lp(-3.0), NEG], False),
+        # t=2 "s" after " It'": inside tekken's "'s", no source row: one-hot on the NEXT token "s"
+        ([pid["s"], 0, 0], [0.0, NEG, NEG], True),
+        # t=3 " bul" after " It's" <- " bullying": v1 starts it with "▁bul"; " bull" has a twin
+        ([pid[" bul"], twin_bull, pid["."]], [lp(-0.5), lp(-1.5), lp(-2.5)], False),
+        # t=4 "lying" after " It's bul": inside " bullying": the label
+        ([pid["lying"], 0, 0], [0.0, NEG, NEG], True),
+        # t=5 "." after " It's bullying" <- ".\n": ".\n", ".\n\n" and "." all start with ".": one entry
+        ([pid["."], 0, 0], [lse(-0.3, -1.6, -2.0), NEG, NEG], False),
+        # t=6 "\n" after "...bullying.": inside ".\n": the label
+        ([pid["\n"], 0, 0], [0.0, NEG, NEG], True),
+        # t=7 "Stop" after "...bullying.\n" <- "Stop"
+        ([pid["Stop"], pid["'"], pid["."]], [lp(-0.1), lp(-3.0), lp(-4.0)], False),
+    ]
+    assert out.topk_ids.tolist() == [r[0] for r in rows]
+    np.testing.assert_allclose(out.topk_logprobs.astype(np.float32),
+                               np.array([r[1] for r in rows], np.float16).astype(np.float32))
+    assert out.fallback.tolist() == [r[2] for r in rows]
