@@ -1,23 +1,49 @@
-"""Token-alignment benchmark (issue 4).
+"""Token-alignment benchmark (issues 4 and 17).
 
-Sequence alignment throughput of the stage's methods against a plain
-pure-Python DTW (the reference's double loop, written here), on the same
-conversation pairs: the pivot (Mistral v1 SentencePiece, 32k) against a
-source with a very different tokenizer (tekken byte-level BPE, 131k), each
-conversation rendered with the same chat template and cut to ~512 pivot
-tokens. The text is natural and lives in the repository (``tests/corpus.py``):
-hand-written chat questions and long answers (code, lists, several scripts,
-emoji, whitespace runs) and Python standard-library documentation.
+Sequence alignment of the stage's methods against a plain pure-Python DTW
+(the reference's double loop and the pairing rule, written here), on the
+same conversation pairs: the pivot (Mistral v1 SentencePiece, 32k) against a
+source with a very different tokenizer (tekken byte-level BPE, 131k) and one
+with nearly the same (Mistral v3), each conversation rendered with the same
+chat template and cut to ~512 pivot tokens. The text is natural and lives in
+the repository (``tests/corpus.py``): hand-written chat questions and long
+answers (code, lists, several scripts, emoji, whitespace runs) and Python
+standard-library documentation.
 
-Prints the timings, whether the vectorised DTW pairs exactly as the naive
-one, how often the offsets method agrees with DTW, the time to build the
-MinED vocabulary map tekken → Mistral v1, and ends with
+**What a pairing is worth**, over the pivot's supervised rows (row ``t``
+predicts pivot token ``t`` from the text before it), for each method:
 
+- ``coverage``: the share of rows given a source distribution (a source
+  token ``u`` paired with ``t``; the source renders the same text, so it
+  supervises ``u`` as well);
+- ``prefix_precision``: the share of those rows whose source row is
+  conditioned on exactly the pivot's text prefix: the bytes spelled by
+  source tokens ``0..u-1`` equal those spelled by pivot tokens ``0..t-1``;
+- ``ceiling``: the share of rows whose prefix ends on a source token
+  boundary (some source token is preceded by exactly those bytes): the most
+  coverage any rule can reach at precision 1.
+
+Bytes are counted from the canonical token strings (``vocab.py``), not from
+the offsets the ``offsets`` method uses, so the check is independent of both
+methods. SentencePiece's dummy space before the text's first piece is the one
+difference allowed between the two concatenations; a pair of sequences that
+spell different text otherwise is left out (the count is printed).
+
+Also prints the timings, whether the vectorised DTW pairs exactly as the
+naive one, how often the offsets method agrees with DTW, full against banded
+DTW on a few pairs cut to 2048 pivot tokens, the time to build the MinED
+vocabulary map tekken → Mistral v1, and ends with
+
+    coverage: tekken→v1 C | v3→v1 C          (default method, offsets)
+    prefix_precision: tekken→v1 P | v3→v1 P
+    ceiling: tekken→v1 X | v3→v1 X
+    banded_speedup_2048: B          (full DTW time / banded DTW time, 2048 tokens)
     align_speedup_vs_naive_dtw: R   (default method, offsets, vs naive DTW)
     agreement_with_dtw: F           (share of pivot positions, offsets vs DTW)
     mined_map_seconds: S
 
-Run: ``.venv/bin/python benchmarks/align.py [--pairs 200] [--tokens 512]``.
+Run: ``.venv/bin/python benchmarks/align.py [--pairs 200] [--tokens 512]
+[--baseline-pairs N] [--long-pairs 4]``.
 """
 
 from __future__ import annotations

@@ -14,11 +14,12 @@ the pivot and of the source hold the same dataset rows in the same order, so
 each conversation is rendered again with each model's ``ChatFormatter``; the
 re-rendered ids are checked against the shard (a different tokenizer or
 template than the representation stage used is an error, never a silent
-misalignment). Character spans then live in the rendered text when both
-models render the conversation to the same text, and otherwise in the
+misalignment). A pivot row is paired with the source row that follows the
+same text (``sequence.py``): positions in the rendered text when both models
+render the conversation to the same text, and otherwise in the
 conversation's message contents, the only text both renderings share
-(``sequence.content_char_map``): template markup is then never paired and
-those rows fall back to the label.
+(``sequence.content_char_map``): tokens starting in template markup are then
+never paired and those rows fall back to the label.
 
 When the pivot's and the source's token ids are identical on the whole shard
 (checked array against array), no text is rendered and no pairing computed:
@@ -174,10 +175,10 @@ def pair_sequences(method: str, conversations: Sequence[Any], row_ids: Sequence[
                    pivot: Representation, source: Representation, pivot_formatter: Any,
                    source_formatter: Any, pivot_strings: np.ndarray,
                    source_strings: np.ndarray) -> list[np.ndarray]:
-    """For each sequence, the 1-to-1 source token of every pivot token (-1: none).
+    """For each sequence, the source token preceded by the same text as each pivot token (-1: none).
 
     ``pivot_strings``/``source_strings``: canonical token strings indexed by id
-    (object arrays), for DTW's costs and for pairing byte pieces.
+    (object arrays), for DTW's costs and text checks and for placing byte pieces.
     """
     from fusechat_core.chat import to_messages
 

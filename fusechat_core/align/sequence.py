@@ -233,55 +233,41 @@ def dtw_matrix(cost: np.ndarray) -> np.ndarray:
 
 def dtw_backtrack(D: np.ndarray, n: np.ndarray, m: np.ndarray, pivot_strings: Sequence[Sequence[str]],
                   source_strings: Sequence[Sequence[str]]) -> list[np.ndarray]:
-    """Context pairing from the optimal paths, all pairs of the batch stepping together.
+    """Context pairing from the optimal path of each pair of the batch.
 
     At (i, j) the path moves to the cheapest of diagonal, up (pivot), left
     (source), in that order on ties (FuseChat-2.0's ``argmin([diag, base,
-    blending])``). Then ``context_pairs`` reads the pairs off each path.
+    blending])``). Then ``context_pairs`` reads the pairs off the path.
     """
-    B, N, M = D.shape
-    big = np.int64(1) << 40
-
-    def value(b: np.ndarray, r: np.ndarray, c: np.ndarray, ok: np.ndarray) -> np.ndarray:
-        return np.where(ok, D[b, np.maximum(r, 0), np.maximum(c, 0)], big)
-
-    return _walk_back(value, B, n, m, pivot_strings, source_strings)
+    return [_walk_back(D[k].item, int(n[k]), int(m[k]), pivot_strings[k], source_strings[k])
+            for k in range(D.shape[0])]
 
 
-def _walk_back(value: Callable[..., np.ndarray], B: int, n: np.ndarray, m: np.ndarray,
-               pivot_strings: Sequence[Sequence[str]], source_strings: Sequence[Sequence[str]]) -> list[np.ndarray]:
-    """The backtracking walk shared by full and banded DTW; ``value(b, i, j, ok)`` reads
-    D at (i, j) for pairs ``b``, or a huge cost where ``ok`` is False or the cell is off the band."""
-    i = n.astype(np.int64) - 1
-    j = m.astype(np.int64) - 1
-    active = (i >= 0) & (j >= 0)
-    bidx = np.arange(B)
-    cells_b, cells_i, cells_j = [], [], []
-    while active.any():
-        b, ii, jj = bidx[active], i[active], j[active]
-        cells_b.append(b)
-        cells_i.append(ii)
-        cells_j.append(jj)
-        done = (ii == 0) & (jj == 0)
-        diag = value(b, ii - 1, jj - 1, (ii > 0) & (jj > 0))
-        up = value(b, ii - 1, jj, ii > 0)
-        left = value(b, ii, jj - 1, jj > 0)
-        move = np.argmin(np.stack([diag, up, left]), axis=0)
-        i[b] = ii - (move <= 1)
-        j[b] = jj - ((move == 0) | (move == 2))
-        active[b[done]] = False
-    out = [np.full(int(n[k]), -1, dtype=np.int64) for k in range(B)]
-    if not cells_b:
-        return out
-    cb, ci, cj = np.concatenate(cells_b), np.concatenate(cells_i), np.concatenate(cells_j)
-    order = np.argsort(cb, kind="stable")  # per pair, its cells from the last back to (0, 0)
-    cb, ci, cj = cb[order], ci[order], cj[order]
-    bounds = np.searchsorted(cb, np.arange(B + 1))
-    for k in range(B):
-        lo, hi = bounds[k], bounds[k + 1]
-        if hi > lo:
-            out[k] = context_pairs(ci[lo:hi][::-1], cj[lo:hi][::-1], pivot_strings[k], source_strings[k])
-    return out
+_BIG = 1 << 40
+
+
+def _walk_back(at: Callable[[int, int], int], n: int, m: int, pivot_strings: Sequence[str],
+               source_strings: Sequence[str]) -> np.ndarray:
+    """The backtracking walk shared by full and banded DTW, one pair at a time in plain Python
+    (a step is three scalar reads: numpy calls per step would cost more than the whole walk);
+    ``at(i, j)`` reads D, or a huge cost for a cell off the band."""
+    if n <= 0 or m <= 0:
+        return np.full(max(n, 0), -1, dtype=np.int64)
+    i, j = n - 1, m - 1
+    path_i, path_j = [i], [j]
+    while i or j:
+        diag = at(i - 1, j - 1) if i and j else _BIG
+        up = at(i - 1, j) if i else _BIG
+        left = at(i, j - 1) if j else _BIG
+        if diag <= up and diag <= left:
+            i, j = i - 1, j - 1
+        elif up <= left:
+            i -= 1
+        else:
+            j -= 1
+        path_i.append(i)
+        path_j.append(j)
+    return context_pairs(np.array(path_i[::-1]), np.array(path_j[::-1]), pivot_strings, source_strings)
 
 
 def context_pairs(path_i: np.ndarray, path_j: np.ndarray, pivot_strings: Sequence[str],
@@ -439,16 +425,17 @@ def banded_backtrack(D: np.ndarray, starts: np.ndarray, n: np.ndarray, m: np.nda
                      pivot_strings: Sequence[Sequence[str]],
                      source_strings: Sequence[Sequence[str]]) -> list[np.ndarray]:
     """``dtw_backtrack`` on band coordinates: same moves, same tie-break, same pairing rule."""
-    B, N, W = D.shape
-    big = np.int64(1) << 40
+    W = D.shape[2]
+    out = []
+    for k in range(D.shape[0]):
+        rows, first = D[k].tolist(), starts[k].tolist()
 
-    def value(b: np.ndarray, r: np.ndarray, col: np.ndarray, ok: np.ndarray) -> np.ndarray:
-        rr = np.maximum(r, 0)
-        c = col - starts[b, rr]
-        inside = ok & (c >= 0) & (c < W)
-        return np.where(inside, D[b, rr, np.clip(c, 0, W - 1)], big)
+        def at(i: int, j: int, rows: list = rows, first: list = first) -> int:
+            c = j - first[i]
+            return rows[i][c] if 0 <= c < W else _BIG
 
-    return _walk_back(value, B, n, m, pivot_strings, source_strings)
+        out.append(_walk_back(at, int(n[k]), int(m[k]), pivot_strings[k], source_strings[k]))
+    return out
 
 
 @SEQUENCE_ALIGNERS.register("dtw-banded")
