@@ -22,8 +22,9 @@ source's); FuseChat-2.0's default pairs one-cell tokens when one string ends
 with the other. Those rules pair ``return`` after four spaces with
 `` return`` after three (different contexts) and drop ``.`` against ``.\n``
 (same context); ours does the opposite. Before this rule we paired only
-1-to-1 tokens spelling the same text: the most precise, and 8 points short
-of the context ceiling on tekken → Mistral v1 (``benchmarks/align.py``).
+1-to-1 tokens spelling the same text: on tekken → Mistral v1
+(``benchmarks/align.py``) coverage 0.773 and prefix precision 0.978, against
+a ceiling of 0.853; the context rule reaches the ceiling at precision 1.
 
 ``offsets`` (the default; linear): fast tokenizers give each token's
 character span, so the text before token ``t`` is ``text[:start]`` whenever
