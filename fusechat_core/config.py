@@ -143,9 +143,20 @@ class DataConfig(_Section):
 class RepresentConfig(_Section):
     top_k: int = Field(default=10, ge=1, le=256)
     batch_size: int = Field(default=8, ge=1)
+    # A budget of padded tokens per forward pass (sequences × longest length), used instead
+    # of batch_size when set: memory is bounded by tokens, so one budget fits a GPU's memory
+    # for short and long sequences alike (many short ones, few long ones per batch).
+    batch_tokens: int | None = Field(default=None, ge=16)
     max_length: int = Field(default=2048, ge=16)
     shards: int = Field(default=1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_sequence_fits(self) -> RepresentConfig:
+        if self.batch_tokens is not None and self.batch_tokens < self.max_length:
+            raise _FieldError("batch_tokens", f"{self.batch_tokens} is less than max_length {self.max_length}: "
+                                              f"a sequence of max_length tokens would fit no batch")
+        return self
 
 
 class AlignConfig(_Section):

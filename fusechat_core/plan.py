@@ -97,7 +97,13 @@ class RunPlan:
 
     # -- representations (one per model, pivot included; sharded) --------------
     def represent(self, model: ModelSpec) -> str:
-        section = {"model": self.identity(model), "represent": self.cfg.represent}
+        # Batching by a token budget or by a count: only the one in use can change the
+        # bytes, and the unused one is left out, so the addresses of runs that never set
+        # batch_tokens are those they always had.
+        rep = self.cfg.represent
+        section = {"model": self.identity(model),
+                   "represent": rep.model_dump(exclude={"batch_tokens"} if rep.batch_tokens is None
+                                               else {"batch_size"})}
         return stage_address("represent", section, {"dataset": self.dataset}, key=model.name)
 
     def represent_shard(self, model: ModelSpec, index: int) -> str:

@@ -175,11 +175,24 @@ def encode_rows(formatter: ChatFormatter, rows: Sequence[dict[str, Any]],
     return out
 
 
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+def length_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int | None = None) -> list[list[int]]:
     """Indices sorted by length (longest first, so an out-of-memory shows on the first
-    batch, not after an hour) and cut into batches of ``batch_size``."""
+    batch, not after an hour) and cut into batches of ``batch_size``, or, when
+    ``batch_tokens`` is given, into the longest runs whose padded size (sequences × the
+    first, longest one's length) stays within ``batch_tokens``."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if batch_tokens is None:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * max(lengths[batches[-1][0]], 1) <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            if lengths[i] > batch_tokens:
+                raise RepresentError(f"represent.batch_tokens: a sequence of {lengths[i]} tokens exceeds the "
+                                     f"budget of {batch_tokens}")
+            batches.append([i])
+    return batches
 
 
 def head_only_supported(model: Any) -> bool:
@@ -268,7 +281,7 @@ def collect_shard(model: Any, tokenizer: Any, formatter: ChatFormatter, rows: Se
     total_tokens = int(sum(len(e[0]) for e in encoded))
     done_tokens = done_seqs = 0
     start = time.perf_counter()
-    for batch in length_batches([len(e[0]) for e in encoded], cfg.batch_size):
+    for batch in length_batches([len(e[0]) for e in encoded], cfg.batch_size, cfg.batch_tokens):
         stopping.check()
         width = max(len(encoded[i][0]) for i in batch)
         if width == 0:
