@@ -234,7 +234,9 @@ def train_target(
             emit({"event": "resume", "step": start, "checkpoint": ck_address, "history": history})
         emit({"event": "start", "step": start, "total_steps": n_steps, "steps_per_epoch": per_epoch,
               "processes": world, "lam": lam, "fusion_function": cfg.fusion_function if use_teachers else None,
-              "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)})
+              "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
+              "gradient_checkpointing": bool(getattr(accelerator.unwrap_model(model), "is_gradient_checkpointing",
+                                                     False))})
 
         # -- optimizer steps ------------------------------------------------------------
         model.train()
