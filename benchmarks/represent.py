@@ -30,8 +30,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def conversations(n: int, seed: int) -> list[dict]:
-    """Chat-shaped rows of realistic proportions: short user turns, longer answers."""
+def conversations(n: int, seed: int, exchanges: tuple[int, int] = (1, 3)) -> list[dict]:
+    """Chat-shaped rows of realistic proportions: short user turns, longer answers;
+    ``exchanges``: the range of user/assistant pairs per row."""
     from fusechat_core.data.synthetic import markov_chain
 
     chain = markov_chain()
@@ -47,7 +48,7 @@ def conversations(n: int, seed: int) -> list[dict]:
     rows = []
     for i in range(n):
         turns = []
-        for _ in range(rng.randint(1, 3)):
+        for _ in range(rng.randint(*exchanges)):
             turns.append({"from": "human", "value": text(rng.randint(10, 50))})
             turns.append({"from": "gpt", "value": text(rng.randint(40, 160))})
         rows.append({"id": f"bench-{i}", "source": "bench", "conversations": turns})
@@ -67,7 +68,7 @@ def bare_forward(model, batches, device) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def padded_batches(encoded, batch_size, device):
+def padded_batches(encoded, batch_size, device, batch_tokens=None):
     """Exactly the batches collect_shard builds: same sort, same padding."""
     import numpy as np
     import torch
@@ -75,7 +76,7 @@ def padded_batches(encoded, batch_size, device):
     from fusechat_core.represent import length_batches
 
     out = []
-    for batch in length_batches([len(e[0]) for e in encoded], batch_size):
+    for batch in length_batches([len(e[0]) for e in encoded], batch_size, batch_tokens):
         width = max(len(encoded[i][0]) for i in batch)
         ids = np.zeros((len(batch), width), dtype=np.int64)
         mask = np.zeros((len(batch), width), dtype=np.int64)

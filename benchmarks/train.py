@@ -48,12 +48,14 @@ from fusechat_core.store import ArtifactStore  # noqa: E402
 from fusechat_core.train import train_target  # noqa: E402
 
 
-def make_inputs(root: Path, *, n_seq: int, seq_len: int, vocab: int, k: int, seed: int = 0) -> tuple[list, list]:
-    """Pivot representation and aligned shards (one each) with random teachers, in contract format."""
+def make_inputs(root: Path, *, n_seq: int, seq_len: int, vocab: int, k: int, seed: int = 0,
+                min_len: int | None = None) -> tuple[list, list]:
+    """Pivot representation and aligned shards (one each) with random teachers, in contract
+    format; sequences of ``min_len`` (default seq_len // 2) to ``seq_len`` tokens."""
     from safetensors.numpy import save
 
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(seq_len // 2, seq_len + 1, n_seq)
+    lengths = rng.integers(seq_len // 2 if min_len is None else min_len, seq_len + 1, n_seq)
     ids = [rng.integers(3, vocab, n) for n in lengths]
     # the assistant's part: the second half of each sequence is supervised
     sup = [np.arange(n // 2, n) for n in lengths]
