@@ -490,29 +490,39 @@ def stage_merge(ctx: Ctx) -> None:
             wall = time.perf_counter() - t0
         return wall, p.bytes
 
-    # On the GPU: three full-size models.
-    size = folder_bytes(ctx.pivot)
-    free = shutil.disk_usage(ctx.work).free
-    if free < 3.2 * size:  # two targets and one merged model at a time
-        note(f"merge: {free / GIB:.0f} GiB free, {3.2 * size / GIB:.0f} GiB needed: GPU merge skipped")
+    for left in ctx.work.glob("train-model-*"):  # a train stage cut short leaves its model
+        shutil.rmtree(left, ignore_errors=True)
+    # On the GPU: three full-size models, when the disk holds two targets and one merged
+    # model beside the pivot; else as many whole layers as it holds (merge_gpu_params_b says).
+    free = shutil.disk_usage(ctx.work).free + 0.0
+    layers = ctx.shape["layers"]
+    while layers > 1 and (3.1 if layers == ctx.shape["layers"] else 4.1) * 2 * mistral_params(
+            {**ctx.shape, "layers": layers}) > free - 2 * GIB:  # bf16; a smaller pivot is a copy more
+        layers -= 1
+    shape = {**ctx.shape, "layers": layers}
+    if layers < ctx.shape["layers"]:
+        note(f"merge: {free / GIB:.0f} GiB of disk free: GPU merge over {layers} layers, not {ctx.shape['layers']}")
+        pivot = build_model(ctx.work / "merge-gpu" / "pivot", shape, ctx.device, seed=4)
     else:
-        models = _write_targets(ctx.pivot, ctx.work, ctx.device)
-        fig("merge_gpu_params_b", mistral_params(ctx.shape) / 1e9)
-        res = {}
-        for method in ("linear", "varm"):
-            res[method] = run(method, models, ctx.work / f"merged-{method}", ctx.device)
-            fig(f"merge_gpu_{method}_s", res[method][0])
-            fig(f"merge_gpu_{method}_peak_mem_gib", res[method][1] / GIB)
-            if method == "varm":
-                fig("merge_varm_max_error", check_varm(models, ctx.work / "merged-varm", names=(
-                    "model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight")))
-            shutil.rmtree(ctx.work / f"merged-{method}", ignore_errors=True)
-        fig("merge_gpu_varm_vs_linear", res["varm"][0] / res["linear"][0])
-        fig("merge_gpu_mem_vs_linear", res["varm"][1] / res["linear"][1])
-        for name in ("target_a", "target_b"):
-            shutil.rmtree(models[name], ignore_errors=True)
-        if ctx.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        pivot = ctx.pivot
+    models = _write_targets(pivot, pivot.parent, ctx.device)
+    fig("merge_gpu_params_b", mistral_params(shape) / 1e9)
+    res = {}
+    for method in ("linear", "varm"):
+        res[method] = run(method, models, ctx.work / f"merged-{method}", ctx.device)
+        fig(f"merge_gpu_{method}_s", res[method][0])
+        fig(f"merge_gpu_{method}_peak_mem_gib", res[method][1] / GIB)
+        if method == "varm":
+            fig("merge_varm_max_error", check_varm(models, ctx.work / "merged-varm", names=(
+                "model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight")))
+        shutil.rmtree(ctx.work / f"merged-{method}", ignore_errors=True)
+    fig("merge_gpu_varm_vs_linear", res["varm"][0] / res["linear"][0])
+    fig("merge_gpu_mem_vs_linear", res["varm"][1] / res["linear"][1])
+    for name in ("target_a", "target_b"):
+        shutil.rmtree(models[name], ignore_errors=True)
+    shutil.rmtree(ctx.work / "merge-gpu", ignore_errors=True)
+    if ctx.device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
     # Out of core on the CPU: the same layer shape, fewer layers; each merge in a fresh process.
     layers = ctx.shape["layers"] if ctx.tiny else 4
@@ -547,9 +557,9 @@ def stage_evaluate(ctx: Ctx) -> None:
     from fusechat_core.store import ArtifactStore
     from tests.corpus import write_mt_bench
 
-    n_q, batch, new_tokens = (2, 2, 4) if ctx.tiny else (16, 16, 128)
+    n_q, batch, new_tokens = (2, 2, 4) if ctx.tiny else (8, 8, 128)
     data = load_mt_bench(str(write_mt_bench(ctx.work / "mt-bench")))
-    # One temperature (greedy categories): one stream of full batches.
+    # One temperature (the 8 greedy questions of tests/corpus.py): one stream of full batches.
     qs = [q for q in data.questions if q.temperature < 1e-4][:n_q]
     lm, tok, fmt, device = load_for_eval(EvalModel("pivot", str(ctx.pivot)), ctx.device)
     for label in ("answers-warmup", "answers"):  # nothing found answered: every answer generated
