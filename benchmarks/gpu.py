@@ -666,10 +666,12 @@ def compare_reports(ref: dict, got: dict) -> dict:
     signs = []
 
     def margins(r: dict) -> dict:
+        """NLL(clm) − NLL(model) of every target and merge (report.json's fusion section)."""
         out = {}
-        for name, entry in (r.get("fusion") or {}).items():
-            if isinstance(entry, dict) and isinstance(entry.get("margin"), (int, float)):
-                out[name] = entry["margin"]
+        for group in ("targets", "merges"):
+            for name, entry in ((r.get("fusion") or {}).get(group) or {}).items():
+                if isinstance(entry, dict) and isinstance(entry.get("margin"), (int, float)):
+                    out[name] = entry["margin"]
         return out
 
     m_ref, m_got = margins(ref), margins(got)

@@ -59,7 +59,7 @@ def test_training_size_fits_the_memory_it_is_given():
 def _report(nll: float, exact: float, margin: float) -> dict:
     return {"domains": {"pivot": {"markov": {"nll": nll, "tokens": 100},
                                   "arithmetic": {"nll": nll + 1, "exact_match": exact, "tokens": 50}}},
-            "fusion": {"merge-varm": {"margin": margin}}}
+            "fusion": {"targets": {}, "merges": {"merge-varm": {"margin": margin, "beats_clm": margin > 0}}}}
 
 
 def test_reports_compare_within_the_stated_tolerance():
