@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--judge-base-url", help="an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
     ev.add_argument("--judge-api-key-env", help="name of the environment variable holding the judge's API key")
     ev.add_argument("--judge-concurrency", type=int)
+    ev.add_argument("--judge-timeout-s", type=float, metavar="S", help="seconds one judge request may take in all")
+    ev.add_argument("--judge-max-retries", type=int, metavar="N", help="retries of a failed judge request")
+    ev.add_argument("--judge-max-retry-after-s", type=float, metavar="S",
+                    help="honour a judge's Retry-After up to this many seconds (default 60)")
+    ev.add_argument("--judge-deadline-s", type=float, metavar="S",
+                    help="judge requests still unanswered this long after grading began fail")
     ev.add_argument("--max-new-tokens", type=int)
     ev.add_argument("--tokenizer", help="tokenizer reference when the model folder has none")
     ev.add_argument("--chat-template", help="a registered chat template instead of the tokenizer's own")
@@ -245,6 +251,8 @@ def _eval(args: argparse.Namespace) -> int:
     fields = {"mt_bench": args.mt_bench is not None, "heldout_nll": args.heldout is not None,
               "judge_model": args.judge_model, "judge_base_url": args.judge_base_url,
               "judge_api_key_env": args.judge_api_key_env, "judge_concurrency": args.judge_concurrency,
+              "judge_timeout_s": args.judge_timeout_s, "judge_max_retries": args.judge_max_retries,
+              "judge_max_retry_after_s": args.judge_max_retry_after_s, "judge_deadline_s": args.judge_deadline_s,
               "max_new_tokens": args.max_new_tokens, "device": args.device}
     if args.mt_bench not in (None, "fastchat"):
         fields["mt_bench_data"] = args.mt_bench

@@ -261,8 +261,14 @@ class EvaluateConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0  # sampling seed for the T > 0 MT-Bench categories
     judge_max_tokens: int = Field(default=2048, ge=1)
+    # The judge's budget (operational: not part of the evaluation's address). Each request
+    # may take judge_timeout_s in all; a server's Retry-After is honoured up to
+    # judge_max_retry_after_s; every request still unanswered judge_deadline_s after
+    # grading began fails (None: no deadline).
     judge_timeout_s: float = Field(default=120.0, gt=0)
     judge_max_retries: int = Field(default=6, ge=0)
+    judge_max_retry_after_s: float = Field(default=60.0, ge=0)
+    judge_deadline_s: float | None = Field(default=4 * 3600.0, gt=0)
     judge_max_failures: int = Field(default=0, ge=0)  # judge requests allowed to fail before the stage fails
 
 

@@ -33,11 +33,22 @@ def mt_bench_answers_address(name: str, model_ref: dict, evaluate: EvaluateConfi
     return stage_address("mt_bench_answers", section, {k: str(v) for k, v in model_ref.items()}, key=name)
 
 
+# How long and how often the judge is asked never changes a verdict it gives, so
+# changing the budget must not start a paid grading over (as train.checkpoint_every).
+JUDGE_BUDGET = ("judge_concurrency", "judge_timeout_s", "judge_max_retries", "judge_max_retry_after_s",
+                "judge_deadline_s")
+
+
+def evaluate_address(name: str, model_ref: dict, evaluate: EvaluateConfig, dataset: str | None) -> str:
+    """An evaluation: what it measures, of which model, on which dataset (run or ``fusechat eval``)."""
+    upstream = {"dataset": dataset or "", **{k: str(v) for k, v in model_ref.items()}}
+    return stage_address("evaluate", evaluate.model_dump(mode="json", exclude=set(JUDGE_BUDGET)), upstream, key=name)
+
+
 def standalone_evaluate_address(name: str, model_ref: dict, evaluate: EvaluateConfig,
                                 dataset: str | None) -> str:
     """``fusechat eval`` outside a run: the same rule as ``RunPlan.evaluate``."""
-    upstream = {"dataset": dataset or "", **{k: str(v) for k, v in model_ref.items()}}
-    return stage_address("evaluate", evaluate, upstream, key=name)
+    return evaluate_address(name, model_ref, evaluate, dataset)
 
 
 @dataclass(frozen=True)
@@ -194,8 +205,7 @@ class RunPlan:
         return mt_bench_answers_address(name, self.model_ref(name), self.cfg.evaluate)
 
     def evaluate(self, name: str) -> str:
-        upstream = {"dataset": self.dataset, **{k: str(v) for k, v in self.model_ref(name).items()}}
-        return stage_address("evaluate", self.cfg.evaluate, upstream, key=name)
+        return evaluate_address(name, self.model_ref(name), self.cfg.evaluate, self.dataset)
 
     def report_roles(self) -> dict:
         """Who is who in the report: the CLM baseline, each target's source and that source's

@@ -37,7 +37,8 @@ class JudgeServer:
     """An OpenAI-compatible /v1/chat/completions endpoint with per-(question, turn) scripts.
 
     A script is a list of replies used in order (the last one repeats): a string is a
-    200 completion with that content; a tuple is (status, headers, body).
+    200 completion with that content; a tuple is (status, headers, body); a float is a
+    judge that hangs that many seconds (or until the server stops) and then answers.
     """
 
     def __init__(self, questions: dict[str, int]):
@@ -47,6 +48,7 @@ class JudgeServer:
         self.reasoning = False  # answer as OpenAI's o-series do to a request that sends max_tokens
         self.log: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -58,6 +60,10 @@ class JudgeServer:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 reply = server._reply(self.path, dict(self.headers), body)
+                if isinstance(reply, float):
+                    if server._stopping.wait(reply):
+                        return  # the server stops: the connection closes unanswered
+                    reply = server._completion(body, server.default)
                 status, headers, payload = reply
                 data = json.dumps(payload).encode() if not isinstance(payload, bytes) else payload
                 self.send_response(status)
@@ -84,10 +90,14 @@ class JudgeServer:
             script = self.scripts.get((qid, turn))
             item = (script.pop(0) if len(script) > 1 else script[0]) if script else self.default
         if isinstance(item, str):
-            return 200, {}, {"id": "x", "object": "chat.completion", "model": body["model"],
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": item},
-                                          "finish_reason": "stop"}]}
+            return self._completion(body, item)
         return item
+
+    @staticmethod
+    def _completion(body: dict, content: str) -> tuple[int, dict, Any]:
+        return 200, {}, {"id": "x", "object": "chat.completion", "model": body["model"],
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                      "finish_reason": "stop"}]}
 
     def requests(self, qid: int, turn: int) -> list[dict]:
         return [r for r in self.log if r["qid"] == qid and r["turn"] == turn]
@@ -97,6 +107,7 @@ class JudgeServer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -328,3 +339,88 @@ def test_bad_mt_bench_files_name_file_and_line(mt_bench_dir, tmp_path):
         load_mt_bench(str(tmp_path))
     with pytest.raises(MTBenchDataError, match="no such folder"):
         load_mt_bench(str(tmp_path / "missing"))
+
+
+# -- the judge's budget ------------------------------------------------------------
+MESSAGES = [{"role": "system", "content": HELPFUL}, {"role": "user", "content": "first answer to nothing"}]
+
+
+def _ask(settings: JudgeSettings, lines: list[str]) -> tuple[str | JudgeError, float, JudgeClient]:
+    """One complete() call: (reply or the JudgeError, seconds it took, the client)."""
+    import asyncio
+
+    async def ask() -> tuple[str | JudgeError, float, JudgeClient]:
+        async with JudgeClient(settings, progress=lines.append) as client:
+            t0 = time.monotonic()
+            try:
+                reply: str | JudgeError = await client.complete(MESSAGES)
+            except JudgeError as exc:
+                reply = exc
+            return reply, time.monotonic() - t0, client
+
+    return asyncio.run(ask())
+
+
+def test_retry_after_is_capped_and_the_wait_announced(judge_server):
+    s = judge_server
+    s.scripts[(-1, 1)] = [(429, {"Retry-After": "100000"}, {"error": "slow down"}), "Rating: [[7]]"]
+    lines: list[str] = []
+    reply, took, _ = _ask(_settings(s, api_key_env=None, retry_after_max_s=0.3), lines)
+    assert reply == "Rating: [[7]]" and took < 5  # not 100000 s, nor the old 600 s cap
+    first, second = s.log
+    assert second["t"] - first["t"] >= 0.29  # the capped wait was still honoured
+    assert lines == ["judge: HTTP 429 (Retry-After 100000 s, capped at 0.3 s); waiting 0.3 s for judge "
+                     "(Retry-After), attempt 2/4 (retry 1/3)"]
+    # an HTTP-date Retry-After a day ahead is capped the same way
+    s.log.clear()
+    s.scripts[(-1, 1)] = [(503, {"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"}, {"error": "x"}), "[[8]]"]
+    reply, took, _ = _ask(_settings(s, api_key_env=None, retry_after_max_s=0.2), lines)
+    assert reply == "[[8]]" and took < 5 and "waiting 0.2 s for judge (Retry-After)" in lines[-1]
+
+
+def test_a_hanging_judge_is_cut_by_the_timeout(judge_server):
+    s = judge_server
+    s.scripts[(-1, 1)] = [60.0]  # never answers in time
+    lines: list[str] = []
+    reply, took, client = _ask(_settings(s, api_key_env=None, timeout_s=0.3, max_retries=2), lines)
+    assert isinstance(reply, JudgeError)
+    assert "no reply in 0.3 s (evaluate.judge_timeout_s) after 3 attempts" in str(reply)
+    assert 0.9 <= took < 4 and len(s.log) == 3 and client.retries == 2
+    assert len(lines) == 2 and all("waiting" in x and "(backoff)" in x for x in lines)
+    # a judge that answers within the timeout is not cut
+    s.log.clear()
+    s.scripts[(-1, 1)] = [0.05]
+    reply, _, _ = _ask(_settings(s, api_key_env=None, timeout_s=5), [])
+    assert reply == s.default and len(s.log) == 1
+
+
+def test_the_deadline_ends_all_grading(judge_server, mt_data, tmp_path):
+    s = judge_server
+    s.default = 60.0  # every request hangs
+    settings = _settings(s, api_key_env=None, timeout_s=30, max_retries=5, deadline_s=0.6)
+    reply, took, _ = _ask(settings, [])
+    assert isinstance(reply, JudgeError) and "deadline of 0.6 s (evaluate.judge_deadline_s) passed" in str(reply)
+    assert 0.5 <= took < 3
+    # a whole grading: every request in flight or waiting is cut at the deadline, the stage fails
+    t0 = time.monotonic()
+    with pytest.raises(JudgeError, match=r"8 judge requests failed .*deadline of 0.6 s"):
+        grade_answers(ArtifactStore(str(tmp_path / "store")), "evaluate/d", mt_data, _answers([81, 82, 101, 111]),
+                      settings)
+    assert time.monotonic() - t0 < 3
+    # a Retry-After that would end past the deadline fails at once instead of sleeping into it
+    s.default = (429, {"Retry-After": "5"}, {"error": "later"})
+    lines: list[str] = []
+    reply, took, _ = _ask(_settings(s, api_key_env=None, retry_after_max_s=30, deadline_s=2), lines)
+    assert isinstance(reply, JudgeError) and "deadline of 2 s" in str(reply) and "HTTP 429" in str(reply)
+    assert took < 1 and lines == []
+
+
+def test_budget_settings_come_from_the_config():
+    from fusechat_core.config import EvaluateConfig
+
+    cfg = EvaluateConfig(judge_timeout_s=7, judge_max_retries=1, judge_max_retry_after_s=3, judge_deadline_s=90)
+    s = JudgeSettings.from_config(cfg)
+    assert (s.timeout_s, s.max_retries, s.retry_after_max_s, s.deadline_s) == (7, 1, 3, 90)
+    default = JudgeSettings.from_config(EvaluateConfig())
+    assert default.retry_after_max_s == 60 and default.deadline_s == 4 * 3600
+    assert JudgeSettings.from_config(EvaluateConfig(judge_deadline_s=None)).deadline_s is None

@@ -91,14 +91,25 @@ def test_fusechat_eval_end_to_end(tiny_models, mt_subset, tmp_path, monkeypatch,
         assert [a["question_id"] for a in answers] == QIDS and all(len(a["choices"][0]["turns"]) == 2 for a in answers)
         assert {"report.md", "report.json"} <= {f.path for f in store.require(res["report"]).files}
 
-        # a second run finds everything done: no judge request, same address
-        assert main(argv) == 0
+        # a second run finds everything done: no judge request, same address (the judge's
+        # budget is operational: another budget is the same evaluation)
+        budget = ["--judge-timeout-s", "5", "--judge-max-retries", "2", "--judge-max-retry-after-s", "0.2",
+                  "--judge-deadline-s", "60"]
+        assert main(argv + budget) == 0
         again = _last_json(capsys.readouterr().out)
         assert again["address"] == res["address"] and len(judge.log) == 2 * len(QIDS)
 
-        # another judge: a new evaluation, but the answers are reused, not generated again
-        assert main(argv[:-3] + ["--judge-model", "judge-2", "--max-new-tokens", "3", "--json"]) == 0
-        other = _last_json(capsys.readouterr().out)
+        # another judge: a new evaluation, but the answers are reused, not generated again.
+        # It asks for Retry-After 100000 s once: the flag caps the wait, and the wait is announced.
+        judge.scripts[(81, 1)] = [(429, {"Retry-After": "100000"}, {"error": "slow down"}), "Rating: [[6]]"]
+        assert main(argv[:-3] + ["--judge-model", "judge-2", "--max-new-tokens", "3", "--json"] + budget) == 0
+        out = capsys.readouterr()
+        other = _last_json(out.out)
+        assert "waiting 0.2 s for judge (Retry-After), attempt 2/3" in out.err
+        asked = judge.requests(81, 1)
+        assert [r["body"]["model"] for r in asked] == ["judge-1", "judge-2", "judge-2"]
+        assert asked[2]["t"] - asked[1]["t"] < 5
+        judge.log.remove(asked[1])  # the refused request: the counts below are of graded ones
         assert other["address"] != res["address"] and other["answers"] == res["answers"]
         assert len(judge.log) == 4 * len(QIDS) and judge.log[-1]["body"]["model"] == "judge-2"
         reread = [json.loads(x) for x in store.read_bytes(res["answers"], "answers.jsonl").decode().splitlines()]
@@ -139,6 +150,9 @@ def test_fusechat_eval_bad_input(tiny_models, tmp_path, capsys):
     assert main(["eval", str(tiny_models["pivot"]), "--store", store_url, "--mt-bench", str(tmp_path),
                  "--judge-concurrency", "0"]) == 2
     assert "--judge-concurrency" in capsys.readouterr().err
+    assert main(["eval", str(tiny_models["pivot"]), "--store", store_url, "--mt-bench",
+                 "--judge-timeout-s", "0"]) == 2
+    assert "--judge-timeout-s" in capsys.readouterr().err
     # a data folder without the files: one line naming what was looked for
     assert main(["eval", str(tiny_models["pivot"]), "--store", store_url, "--mt-bench", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()

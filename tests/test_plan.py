@@ -17,6 +17,15 @@ def test_operational_training_settings_keep_the_target_address():
     assert RunPlan(base).train("moe") != RunPlan(_with(base, "train", learning_rate=1e-4)).train("moe")
 
 
+def test_the_judge_budget_keeps_the_evaluate_address():
+    base = _cfg("file:///x")
+    budget = _with(base, "evaluate", judge_timeout_s=5, judge_max_retries=0, judge_max_retry_after_s=1,
+                   judge_deadline_s=None, judge_concurrency=16)
+    assert RunPlan(base).evaluate("merge-varm") == RunPlan(budget).evaluate("merge-varm")
+    assert RunPlan(base).evaluate("merge-varm") != RunPlan(_with(base, "evaluate", judge_model="x")).evaluate(
+        "merge-varm")
+
+
 def test_a_change_propagates_downstream_and_only_downstream():
     a = RunPlan(_cfg("file:///x"))
     b = RunPlan(_with(a.cfg, "represent", top_k=5))

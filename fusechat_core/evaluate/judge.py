@@ -91,23 +91,32 @@ class JudgeSettings:
     max_retries: int = 6
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
-    retry_after_max_s: float = 600.0
+    retry_after_max_s: float = 60.0  # a server's Retry-After is honoured up to this many seconds
+    deadline_s: float | None = None  # all requests of one client together; None: no limit
 
     @classmethod
     def from_config(cls, cfg: Any) -> JudgeSettings:
         return cls(base_url=cfg.judge_base_url, model=cfg.judge_model, api_key_env=cfg.judge_api_key_env,
                    concurrency=cfg.judge_concurrency, max_tokens=cfg.judge_max_tokens,
-                   timeout_s=cfg.judge_timeout_s, max_retries=cfg.judge_max_retries)
+                   timeout_s=cfg.judge_timeout_s, max_retries=cfg.judge_max_retries,
+                   retry_after_max_s=cfg.judge_max_retry_after_s, deadline_s=cfg.judge_deadline_s)
 
 
 class JudgeClient:
     """An async chat-completions client with a concurrency limit and retries.
 
     Use ``async with JudgeClient(settings) as client: await client.complete(messages)``.
+
+    The budget: each request gets ``timeout_s`` in all (a judge that trickles bytes is
+    cut too), at most ``max_retries`` retries, a ``Retry-After`` honoured up to
+    ``retry_after_max_s``, and everything after ``deadline_s`` (counted from entering
+    the client) fails at once. Every wait before a retry is announced on ``progress``.
     """
 
-    def __init__(self, settings: JudgeSettings):
+    def __init__(self, settings: JudgeSettings, progress: Callable[[str], None] | None = None):
         self.settings = settings
+        self._say = progress or log.info
+        self._deadline: float | None = None
         self.url = settings.base_url.rstrip("/") + "/chat/completions"
         key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         if settings.api_key_env and not key:
@@ -125,6 +134,7 @@ class JudgeClient:
         self.requests = 0
         self.retries = 0
         self.refusals = 0  # answers no retry changes (401, 404, a bad request)
+        self.out_of_time = False  # judge_deadline_s passed
 
     def __repr__(self) -> str:  # never the headers
         return f"JudgeClient({self.url!r}, model={self.settings.model!r})"
@@ -137,6 +147,8 @@ class JudgeClient:
 
         limits = httpx.Limits(max_connections=self.settings.concurrency)
         self._client = httpx.AsyncClient(timeout=self.settings.timeout_s, limits=limits)
+        if self.settings.deadline_s is not None:
+            self._deadline = time.monotonic() + self.settings.deadline_s
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -146,15 +158,28 @@ class JudgeClient:
         cap = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** attempt)
         return random.uniform(cap / 2, cap)
 
+    def _left(self) -> float:
+        """Seconds left before the deadline (inf without one)."""
+        return float("inf") if self._deadline is None else self._deadline - time.monotonic()
+
+    def _past_deadline(self, last: str) -> JudgeError:
+        # Not transient: the budget is spent on purpose; asking again is a new run's decision.
+        self.out_of_time = True
+        return JudgeError(self._scrub(f"judge {self.url}: deadline of {self.settings.deadline_s:g} s "
+                                      f"(evaluate.judge_deadline_s) passed; last: {last}"))
+
     async def complete(self, messages: Sequence[dict[str, str]]) -> str:
         """The judge's reply text; retries 429/5xx/timeouts with backoff, honouring Retry-After."""
         import httpx
 
         s = self.settings
         last = "no attempt"
-        for attempt in range(s.max_retries + 1):
+        attempts = s.max_retries + 1
+        for attempt in range(attempts):
             wait: float | None = None
             async with self._sem:
+                if self._left() <= 0:
+                    raise self._past_deadline(last)
                 try:
                     resp, field = await self._post(messages)
                     if field == "max_tokens" and _rejects_max_tokens(resp):
@@ -162,6 +187,10 @@ class JudgeClient:
                             log.info("judge: %s refuses max_tokens; sending max_completion_tokens", s.model)
                         self.max_tokens_field = "max_completion_tokens"
                         resp, _ = await self._post(messages)  # at once: a renamed field, not a retry
+                except TimeoutError:
+                    if self._left() <= 0:
+                        raise self._past_deadline(f"no reply in {s.timeout_s:g} s") from None
+                    last = f"no reply in {s.timeout_s:g} s (evaluate.judge_timeout_s)"
                 except httpx.TransportError as exc:  # connection refused, reset, timeout
                     last = f"{type(exc).__name__}"
                 else:
@@ -173,8 +202,9 @@ class JudgeClient:
                     elif resp.status_code in RETRY_STATUS:
                         last = f"HTTP {resp.status_code}"
                         wait = _retry_after(resp.headers.get("retry-after"))
-                        if wait is not None:
-                            wait = min(wait, s.retry_after_max_s)
+                        if wait is not None and wait > s.retry_after_max_s:
+                            last += f" (Retry-After {wait:g} s, capped at {s.retry_after_max_s:g} s)"
+                            wait = s.retry_after_max_s
                     else:
                         self.refusals += 1
                         raise JudgeError(self._scrub(
@@ -182,17 +212,25 @@ class JudgeClient:
             if attempt == s.max_retries:
                 break
             self.retries += 1
+            why = "Retry-After" if wait is not None else "backoff"
             delay = wait if wait is not None else self._backoff(attempt)
-            log.info("judge: %s, retry %d/%d in %.1f s", last, attempt + 1, s.max_retries, delay)
+            if delay >= self._left():
+                raise self._past_deadline(last)
+            self._say(self._scrub(f"judge: {last}; waiting {delay:.1f} s for judge ({why}), "
+                                  f"attempt {attempt + 2}/{attempts} (retry {attempt + 1}/{s.max_retries})"))
             await asyncio.sleep(delay)
-        raise JudgeError(self._scrub(f"judge {self.url}: {last} after {s.max_retries + 1} attempts"), transient=True)
+        raise JudgeError(self._scrub(f"judge {self.url}: {last} after {attempts} attempts"), transient=True)
 
     async def _post(self, messages: Sequence[dict[str, str]]) -> tuple[Any, str]:
         """One request; also the name the token limit was sent under."""
         s, field = self.settings, self.max_tokens_field
         body = {"model": s.model, "messages": list(messages), "temperature": s.temperature, field: s.max_tokens}
         self.requests += 1
-        return await self._client.post(self.url, json=body, headers=self._headers), field
+        # The whole exchange, not httpx's per-read timeout: a judge that sends a byte a
+        # minute would never trip that one. The deadline cuts a request short as well.
+        limit = min(s.timeout_s, max(self._left(), 0.0))
+        post = self._client.post(self.url, json=body, headers=self._headers)
+        return await asyncio.wait_for(post, limit), field
 
 
 def _rejects_max_tokens(resp: Any) -> bool:
@@ -325,7 +363,7 @@ async def _grade_all(store: ArtifactStore, address: str, data: MTBenchData, answ
     if found:
         say(f"judge: {len(found)} questions already graded, {len(todo)} to grade")
 
-    async with JudgeClient(settings) as client:
+    async with JudgeClient(settings, progress=say) as client:
         async def grade(ans: dict) -> None:
             q = data.question(ans["question_id"])
             js = await _grade_question(client, data, q, ans)
@@ -346,7 +384,7 @@ async def _grade_all(store: ArtifactStore, address: str, data: MTBenchData, answ
                     unparsable)
     if len(failed) > max_failures:
         raise JudgeError(f"{len(failed)} judge requests failed (allowed: {max_failures}); first: {failed[0].error}",
-                         transient=client.refusals == 0)
+                         transient=client.refusals == 0 and not client.out_of_time)
     return out
 
 
