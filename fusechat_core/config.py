@@ -32,7 +32,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No setting means anything as NaN or infinity (`learning_rate: .inf` trained to NaN).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_model_ref(value: str, *, base_dir: Path | None) -> str:

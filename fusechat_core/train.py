@@ -154,12 +154,18 @@ def train_target(
     address: str,
     lam: float | None = None,
     on_event: Callable[[Event], None] | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Train one target and put it into the store at ``address``; returns its summary.
 
     ``pivot``: the model the target starts from (its weights, tokenizer and
     chat template). ``lam``: λ; defaults to ``cfg.lam`` (the CLM baseline
-    passes 1.0).
+    passes 1.0). ``name``: the target's name in messages (default: its address).
+
+    A step whose loss or gradient norm is not finite stops training with a
+    ``TrainError`` before the optimizer applies it: no checkpoint is written
+    after it and the target is not committed, so the last good checkpoint is
+    where a rerun (with other settings) starts.
     """
     pin_compute()
     from accelerate import Accelerator
@@ -270,11 +276,15 @@ def train_target(
                     sums[1] += fuse.detach().double()
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             lr = scheduler.get_last_lr()[0]
+            # Summed over ranks before the update, so every rank sees the same numbers and
+            # a non-finite step stops all of them before it reaches the weights.
+            totals = accelerator.reduce(sums, reduction="sum").cpu()
+            _require_finite(name or address, step + 1, lr, totals, grad_norm, use_teachers,
+                            lambda: complete_checkpoints(store, address))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            totals = accelerator.reduce(sums, reduction="sum").cpu()
             seconds = time.perf_counter() - t0
             clm_mean, fuse_mean = float(totals[0]) / n_sup, float(totals[1]) / n_sup
             record = {"step": step + 1, "epoch": round((step + 1) / per_epoch, 4),
@@ -320,6 +330,24 @@ def train_target(
         # A worker runs one target after another (and retries in-process):
         # drop the accelerator's hold on model and optimizer state at once.
         accelerator.free_memory()
+
+
+def _require_finite(name: str, step: int, lr: float, totals: torch.Tensor, grad_norm: Any,
+                    use_teachers: bool, checkpoints: Callable[[], list[tuple[int, str]]]) -> None:
+    """One line naming the target and the step when the step's loss or gradient norm is NaN/inf."""
+    bad = []
+    if not math.isfinite(float(totals[0])):
+        bad.append("loss" if not use_teachers else "CLM loss")
+    if use_teachers and not math.isfinite(float(totals[1])):
+        bad.append("fusion loss")
+    if not math.isfinite(float(grad_norm)):
+        bad.append("gradient norm")
+    if not bad:
+        return
+    found = checkpoints()
+    last = f"last good checkpoint: step {found[-1][0]}" if found else "no checkpoint yet"
+    raise TrainError(f"train[{name}]: non-finite {' and '.join(bad)} at step {step} (learning rate {lr:g}); "
+                     f"stopped before the update, nothing committed, {last}")
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
@@ -392,7 +420,7 @@ def train_from_config(cfg: RunConfig, target: str, *,
         if store.is_complete(address):  # the writer we waited for finished it
             return dict(store.require(address).meta)
         return train_target(cfg.train, pivot=cfg.pivot, data=data, store=store, address=address,
-                            lam=lam, on_event=on_event)
+                            lam=lam, on_event=on_event, name=plan.target_label(target))
 
 
 def _lease(store: ArtifactStore, address: str) -> Any:

@@ -61,6 +61,9 @@ BAD = [
     (("train", {"fusion_function": "maxce"}), "train.fusion_function: unknown 'maxce'"),
     (("merge", {"method": "ties", "parameters": {"densty": 0.5}}), "merge.parameters.densty: "),
     (("sources.0.path", "demo:unknown"), "sources[0].path: 'demo:unknown' needs an entry under demo.models"),
+    (("train", {"learning_rate": float("inf")}), "train.learning_rate: Input should be a finite number"),
+    (("train", {"temperature": float("nan")}), "train.temperature: Input should be a finite number"),
+    (("evaluate", {"judge_deadline_s": float("inf")}), "evaluate.judge_deadline_s: Input should be a finite"),
 ]
 
 

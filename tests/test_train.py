@@ -296,6 +296,52 @@ def test_unknown_fusion_function_and_missing_teachers_fail_clearly(fusion_inputs
                      address="train/x")
 
 
+# -- a non-finite step stops training -------------------------------------------------------
+def test_a_huge_learning_rate_stops_at_the_first_non_finite_step(fusion_inputs, tmp_path):
+    """A finite config (no check can refuse 1e30) whose first update overflows the weights."""
+    cfg = _cfg(learning_rate=1e30, warmup_ratio=0.0, checkpoint_every=1, max_steps=6)
+    data = FusionData(fusion_inputs["pivot_dirs"], max_length=MAX_LEN)
+    store = ArtifactStore(f"file://{tmp_path}")
+    events: list[dict] = []
+    with pytest.raises(RuntimeError) as err:
+        train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/clm-t", lam=1.0,
+                     on_event=events.append, name="clm")
+    steps = [e for e in events if e["event"] == "step"]
+    assert steps and all(math.isfinite(e["loss"]) and math.isfinite(e["grad_norm"]) for e in steps), str(err.value)
+    bad = len(steps) + 1
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"train[clm]: non-finite loss and gradient norm at step {bad} ")
+    cosine = 1e30 * 0.5 * (1 + math.cos(math.pi * (bad - 1) / 6))  # the schedule's rate at that step
+    assert f"(learning rate {cosine:g})" in msg and f"last good checkpoint: step {bad - 1}" in msg
+    # every good step was checkpointed, nothing after the bad one; no target was committed
+    assert [s for s, _ in complete_checkpoints(store, "train/clm-t")] == [bad - 1] == [steps[-1]["step"]]
+    assert not store.is_complete("train/clm-t")
+
+
+def test_a_poisoned_teacher_stops_fusion_training_at_its_step(fusion_inputs, tmp_path):
+    """A +inf in one aligned shard's log-probs (NaN is refused on reading; +inf passes and turns
+    the teacher's distribution into NaN): training stops at the first step that reads that sequence."""
+    store = ArtifactStore(f"file://{tmp_path}")
+    cfg = _cfg(checkpoint_every=2, max_steps=9, keep_checkpoints=5, lam=0.5)
+    # a sequence first read by the third step (index 2) of the seeded data order
+    poisoned_seq = global_batch(N_ROWS, cfg.batch_size, cfg.seed, 2)[0]
+    assert all(poisoned_seq not in global_batch(N_ROWS, cfg.batch_size, cfg.seed, s) for s in (0, 1))
+    outs = [dict(o) for o in fusion_inputs["source_out"]]
+    outs[poisoned_seq]["top_lp"] = outs[poisoned_seq]["top_lp"].clone()
+    outs[poisoned_seq]["top_lp"][1, 0] = float("inf")
+    outs[poisoned_seq]["ce"] = 0.0  # the best teacher by its metric: MinCE picks it
+    aligned = _write_shards(store, "align/poisoned", outs, _rows(), aligned=True)
+    data = FusionData(fusion_inputs["pivot_dirs"], aligned, max_length=MAX_LEN)
+    events: list[dict] = []
+    with pytest.raises(RuntimeError, match=r"^train\[target-src\]: non-finite fusion loss and gradient norm "
+                                           r"at step 3 .*nothing committed, last good checkpoint: step 2$"):
+        train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/src-p",
+                     on_event=events.append, name="target-src")
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
+    assert [s for s, _ in complete_checkpoints(store, "train/src-p")] == [2]
+    assert not store.is_complete("train/src-p")
+
+
 # -- preemption: SIGKILL, resume, identical weights ----------------------------------------
 _CHILD = textwrap.dedent("""
     import json, sys
