@@ -349,6 +349,24 @@ def test_a_target_of_another_shape_fails_with_one_line_naming_the_tensor(known, 
     assert not (tmp_path / "o2").exists()  # no half-written model left behind
 
 
+def test_a_non_finite_merge_fails_naming_the_tensor_and_the_target(known, tmp_path):
+    from fusechat_core.merge import MergeError, merge_models
+
+    bad_key = "model.layers.1.mlp.down_proj.weight"
+    delta = torch.zeros_like(known["base"][bad_key])
+    delta[3, 5] = float("nan")
+    nan_target = _make_target(known["pivot"], tmp_path / "nan", {bad_key: delta})
+    for method in ("varm", "linear"):
+        out = tmp_path / f"o-{method}"
+        with pytest.raises(MergeError) as err:
+            merge_models(method, str(known["pivot"]), {"a": str(known["a"]), "nan": str(nan_target)}, out,
+                         device="cpu")
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith(f"merge ({method}): tensor {bad_key}: "), msg
+        assert "already not finite in target nan" in msg and "target a" not in msg
+        assert not out.exists()  # nothing that looks like a model is left
+
+
 def test_cli_merges_folders_given_by_name_or_path(known, tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "flows.cli", "merge", "--method", "task_arithmetic",

@@ -141,6 +141,13 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
         raise MergeError(f"merge ({config.merge_method}) failed: {first}") from exc
     finally:
         _forget_loaders(config)
+    try:
+        inputs = {"the pivot": pivot, **{f"target {n}": p for n, p in targets.items()}}
+        _require_finite(out, config.merge_method, inputs)
+    except MergeError:
+        if created:  # a model of NaNs must not pass for a merge either
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
     _save_pivot_tokenizer(out, pivot, pivot_tok)
     (out / "mergekit_config.yml").write_text(config_yaml + "\n")
@@ -168,6 +175,47 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
     say(f"merged model in {out}")
     return {"out_dir": str(out), "method": method, "mergekit_method": config.merge_method,
             "mergekit_config": config_yaml, "table": table}
+
+
+def _require_finite(out: Path, method: str, inputs: Mapping[str, str]) -> None:
+    """Every merged tensor is finite; else one line naming the tensor and the inputs it came from
+    that are not finite there (a NaN in a target, or one the method made).
+
+    One tensor at a time from the written shards (memory-mapped), as mergekit wrote them.
+    """
+    import torch
+    from safetensors import safe_open
+
+    for shard in sorted(out.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as st:
+            for key in st.keys():
+                t = st.get_tensor(key)
+                if not t.is_floating_point():
+                    continue
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    culprits = [label for label, ref in inputs.items() if _non_finite_in(ref, key)]
+                    where = (f"already not finite in {', '.join(culprits)}" if culprits
+                             else "every input is finite there")
+                    raise MergeError(f"merge ({method}): tensor {key}: {bad} of {t.numel()} values are NaN/inf "
+                                     f"({where}); nothing stored")
+
+
+def _non_finite_in(ref: str, key: str) -> bool:
+    """Whether an input model holds tensor ``key`` with a NaN/inf (False if it cannot be read)."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        folder = _local_dir(ref)
+    except Exception:  # a hub input not in the local cache: not named, never a second failure
+        return False
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as st:
+            if key in st.keys():
+                t = st.get_tensor(key)
+                return t.is_floating_point() and not bool(torch.isfinite(t).all())
+    return False
 
 
 def _forget_loaders(config: Any) -> None:
