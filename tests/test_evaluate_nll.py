@@ -90,6 +90,21 @@ def test_supervised_tokens_are_the_assistants_only(llama):
     assert got["all"]["tokens"] == sum(1 for y in enc.labels[1:] if y != IGNORE)
 
 
+def test_a_model_with_nan_weights_fails_the_measure_naming_row_and_domain(llama):
+    import copy
+
+    from fusechat_core.evaluate.loading import EvaluationError
+
+    lm, _, fmt, _ = llama
+    poisoned = copy.deepcopy(lm)
+    with torch.no_grad():
+        poisoned.model.norm.weight[0] = float("nan")  # every position's logits become NaN
+    row = next(r for r in _rows() if r["source"] == "reverse")
+    with pytest.raises(EvaluationError, match=rf"^held-out NLL is nan on row {row['id']} of domain reverse: "):
+        heldout_nll(poisoned, fmt, [row], max_length=512)
+    assert math.isfinite(heldout_nll(lm, fmt, [row], max_length=512)["all"]["nll"])  # the model itself is fine
+
+
 def test_exact_match_against_manual_greedy_decoding(tiny_models):
     lm, tok, fmt, _ = load_for_eval(EvalModel("pivot", str(tiny_models["pivot"])), "cpu")
     rows = [r for r in _rows() if r["source"] in ("arithmetic", "reverse")]

@@ -159,6 +159,25 @@ def test_fusechat_eval_bad_input(tiny_models, tmp_path, capsys):
     assert "questions file not found" in err and len(err.splitlines()) == 1
 
 
+def test_an_evaluation_that_measures_nan_fails_naming_the_model(tiny_models, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nanmodel"
+    shutil.copytree(tiny_models["pivot"], folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    store_url = f"file://{tmp_path / 'store'}"
+    dataset = _dataset(ArtifactStore(store_url))
+    assert main(["eval", str(folder), "--store", store_url, "--heldout", dataset]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fusechat: eval failed: evaluate[nanmodel]: held-out NLL is nan on row "), err
+    assert "of domain " in err[-1]
+    assert not [a for a in ArtifactStore(store_url).list("evaluate") if "nanmodel" in a]  # nothing reported
+
+
 def test_run_models_resolve_for_loading(tiny_models, tmp_path):
     """In a run, targets and merges (store artifacts) speak the pivot's configured template."""
     from fusechat_core.chat import TEMPLATES

@@ -24,6 +24,7 @@ from typing import Any
 from fusechat_core import stopping
 from fusechat_core.chat import IGNORE, to_messages
 from fusechat_core.determinism import pin_compute
+from fusechat_core.evaluate.loading import EvaluationError
 from fusechat_core.evaluate.mt_bench import generate_batch, stop_token_ids
 
 
@@ -85,7 +86,8 @@ def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length:
     """``{"sources": {source: {nll, tokens, sequences, perplexity}}, "all": {...}}``.
 
     Rows longer than ``max_length`` tokens are cut; rows with no supervised token
-    left after the cut count as sequences skipped.
+    left after the cut count as sequences skipped. A row whose NLL is NaN/inf (a
+    model with non-finite weights or outputs) fails the measure, naming it.
     """
     pin_compute()
     pad = formatter.tokenizer.pad_token_id
@@ -98,7 +100,7 @@ def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length:
             skipped += 1
             continue
         encoded.append((r.get("source") or "unknown", enc.input_ids, enc.labels,
-                        supervised_bytes(enc.text, enc.labels, enc.offsets)))
+                        supervised_bytes(enc.text, enc.labels, enc.offsets), r.get("id")))
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
     encoded.sort(key=lambda e: -len(e[1]))
     per: dict[str, _Sum] = {}
@@ -107,8 +109,11 @@ def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length:
     for start in range(0, len(encoded), batch_size):
         stopping.check()
         chunk = encoded[start:start + batch_size]
-        for (src, _, _, nbytes), (nll, n) in zip(chunk, sequence_nll(model, [c[1] for c in chunk],
-                                                                     [c[2] for c in chunk], pad)):
+        for (src, _, _, nbytes, row_id), (nll, n) in zip(chunk, sequence_nll(model, [c[1] for c in chunk],
+                                                                             [c[2] for c in chunk], pad)):
+            if not math.isfinite(nll):
+                raise EvaluationError(f"held-out NLL is {nll} on row {row_id} of domain {src}: "
+                                      f"the model's outputs are not finite")
             for acc in (per.setdefault(src, _Sum()), total):
                 acc.nll += nll
                 acc.tokens += n

@@ -75,8 +75,11 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
             if not rows:
                 say(f"{name}: dataset {dataset} has no held-out rows; no offline measures")
             if rows and cfg.heldout_nll:
-                results["heldout_nll"] = heldout_nll(lm, fmt, rows, max_length=cfg.max_length,
-                                                     batch_size=cfg.batch_size, progress=say)
+                try:
+                    results["heldout_nll"] = heldout_nll(lm, fmt, rows, max_length=cfg.max_length,
+                                                         batch_size=cfg.batch_size, progress=say)
+                except EvaluationError as exc:  # a NaN is a failed evaluation, never a figure in the report
+                    raise EvaluationError(f"evaluate[{name}]: {exc}") from None
             if rows and cfg.exact_match_sources:
                 em = exact_match(lm, tok, fmt, rows, cfg.exact_match_sources,
                                  max_new_tokens=cfg.exact_match_max_new_tokens, batch_size=cfg.batch_size)
