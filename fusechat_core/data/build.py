@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -110,31 +111,89 @@ def _iter_local(path: Path, data_files: str | list[str] | None = None) -> Iterat
     if not files:
         raise DataError(f"{path}: no .json, .jsonl or .parquet files")
     for f in files:
-        if f.suffix == ".parquet":
-            import pyarrow.parquet as pq
+        yield from _iter_file(f)
 
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
-                yield from batch.to_pylist()
-            continue
-        raw = f.read_text(encoding="utf-8", errors="replace")
-        stripped = raw.lstrip()
-        if f.suffix == ".json" and stripped.startswith("["):
-            try:
-                rows = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{f}: not valid JSON (line {exc.lineno})") from None
-            for row in rows:
-                yield row if isinstance(row, dict) else MalformedRow("row_not_an_object")
-            continue
-        for line in raw.splitlines():
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                yield MalformedRow("invalid_json")
-                continue
-            yield row if isinstance(row, dict) else MalformedRow("row_not_an_object")
+
+_BOM = b"\xef\xbb\xbf"
+# a \uD800-\uDFFF escape: a surrogate, fine in a pair, not text when alone
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _iter_file(f: Path) -> Iterator[dict | MalformedRow]:
+    """Rows of one local file. A bad JSONL line is a skipped row with its reason
+    (``invalid_utf8``, ``invalid_json``, ``too_deep``); a whole-JSON or Parquet file that
+    cannot be read at all is a ``DataError`` naming the file."""
+    if f.suffix == ".parquet":
+        yield from _iter_parquet(f)
+        return
+    raw = f.read_bytes()
+    raw = raw[len(_BOM):] if raw.startswith(_BOM) else raw
+    if f.suffix == ".json" and raw.lstrip().startswith(b"["):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[:exc.start].count(b"\n") + 1
+            raise DataError(f"{f}: not valid UTF-8 (line {line}, byte {exc.start})") from None
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{f}: not valid JSON (line {exc.lineno})") from None
+        except RecursionError:
+            raise DataError(f"{f}: JSON nested too deeply to read") from None
+        escapes = _SURROGATE_ESCAPE.search(raw) is not None
+        for row in rows:
+            if not isinstance(row, dict):
+                yield MalformedRow("row_not_an_object")
+            elif escapes and not _is_text(row):
+                yield MalformedRow("invalid_utf8")
+            else:
+                yield row
+        return
+    for line in raw.split(b"\n"):  # not str.splitlines: U+2028 and friends may sit inside a JSON string
+        if line.strip():
+            yield _json_line(line)
+
+
+def _json_line(line: bytes) -> dict | MalformedRow:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return MalformedRow("invalid_utf8")  # never kept as U+FFFD: that would be other text
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError:
+        return MalformedRow("invalid_json")
+    except RecursionError:
+        return MalformedRow("too_deep")
+    if not isinstance(row, dict):
+        return MalformedRow("row_not_an_object")
+    try:
+        if _SURROGATE_ESCAPE.search(line) and not _is_text(row):
+            return MalformedRow("invalid_utf8")
+    except RecursionError:
+        return MalformedRow("too_deep")
+    return row
+
+
+def _is_text(row: dict) -> bool:
+    """Every string in the row encodes to UTF-8 (a lone \\udXXX escape decodes to a surrogate that does not)."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _iter_parquet(f: Path) -> Iterator[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{f}: not a readable Parquet file ({first})") from None
 
 
 def _iter_hub(spec: DataSourceSpec) -> Iterator[dict]:
@@ -146,6 +205,14 @@ def _iter_hub(spec: DataSourceSpec) -> Iterator[dict]:
 
 
 def iter_rows(spec: DataSourceSpec, seed: int) -> Iterator[dict | MalformedRow]:
+    """The source's raw rows; a source that cannot be read fails in one line naming it."""
+    try:
+        yield from _iter_source(spec, seed)
+    except DataError as exc:
+        raise DataError(f"data source {spec.label}: {exc}") from None
+
+
+def _iter_source(spec: DataSourceSpec, seed: int) -> Iterator[dict | MalformedRow]:
     if spec.path.startswith("demo:"):
         yield from synthetic.generate(spec.path[len("demo:"):], spec.count or 1000, seed)
     elif Path(spec.path).exists():

@@ -1,0 +1,99 @@
+"""Hostile data files: each bad row is skipped and counted under its own reason, and a file
+that cannot be read at all fails in one line naming the source and the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fusechat_core.config import DataConfig, DataSourceSpec
+from fusechat_core.data.build import DataError, build_mixture, token_counter
+
+GOOD = [{"conversations": [{"from": "human", "value": f"Question {i}?"}, {"from": "gpt", "value": f"Answer {i}."}]}
+        for i in range(20)]
+
+
+def _build(path: Path, name: str = "hostile"):
+    spec = DataSourceSpec(name=name, path=str(path), format="sharegpt")
+    cfg = DataConfig(sources=[spec], max_length=256, heldout_fraction=0.0)
+    return build_mixture(cfg, seed=1, count=token_counter([]))
+
+
+def _texts(mix) -> set[str]:
+    return {t["value"] for r in mix.train + mix.heldout for t in r["conversations"]}
+
+
+def test_deep_nesting_and_bad_utf8_lines_are_skipped_under_their_own_reasons(tmp_path):
+    deep = b'{"conversations": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    latin1 = json.dumps({"conversations": [{"from": "human", "value": "Caf\u00e9?"},
+                                           {"from": "gpt", "value": "Oui."}]}, ensure_ascii=False).encode("latin-1")
+    lone = b'{"conversations": [{"from": "human", "value": "broken \\ud800 half"}, {"from": "gpt", "value": "x"}]}'
+    # a valid escaped pair (an emoji) and a literal U+2028 inside a string are text: kept
+    pair = json.dumps({"conversations": [{"from": "human", "value": "smile \U0001F600?"},
+                                         {"from": "gpt", "value": "line\u2028separator"}]}).encode()
+    assert b"\\ud83d\\ude00" in pair
+    raw_sep = json.dumps({"conversations": [{"from": "human", "value": "para\u2029graph?"},
+                                            {"from": "gpt", "value": "Yes."}]}, ensure_ascii=False).encode()
+    assert "\u2029".encode() in raw_sep
+    lines = [json.dumps(r).encode() for r in GOOD] + [deep, latin1, b"\xff\xfe{}", lone, pair, raw_sep]
+    path = tmp_path / "hostile.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+    mix = _build(path)
+    st = mix.stats["sources"]["hostile"]
+    assert st["skipped"] == {"too_deep": 1, "invalid_utf8": 3}
+    assert st["rows_read"] == len(lines) and st["kept"] == len(GOOD) + 2
+    texts = _texts(mix)
+    assert "smile \U0001F600?" in texts and "line\u2028separator" in texts and "para\u2029graph?" in texts
+    assert not any("\ufffd" in t for t in texts)  # nothing was kept as a replacement character
+    assert not any("Caf" in t for t in texts)
+
+
+def test_a_whole_json_file_with_bad_bytes_or_deep_nesting_fails_naming_the_file(tmp_path):
+    rows = json.dumps(GOOD, ensure_ascii=False).encode()
+    bad = tmp_path / "latin.json"
+    bad.write_bytes(rows[:40] + b"\xe9" + rows[40:])
+    with pytest.raises(DataError) as err:
+        _build(bad, "latin")
+    assert str(err.value) == f"data source latin: {bad}: not valid UTF-8 (line 1, byte 40)"
+
+    deep = tmp_path / "deep.json"
+    deep.write_bytes(b"[" + rows[1:-1] + b", " + b"[" * 100_000 + b"]" * 100_000 + b"]")
+    with pytest.raises(DataError) as err:
+        _build(deep, "deep")
+    assert str(err.value) == f"data source deep: {deep}: JSON nested too deeply to read"
+
+    # a lone surrogate inside an otherwise good whole-JSON file is one skipped row
+    lone = tmp_path / "lone.json"
+    lone.write_bytes(rows[:-1] + b', {"conversations": [{"from": "human", "value": "\\udfff"}, '
+                     b'{"from": "gpt", "value": "x"}]}]')
+    mix = _build(lone, "lone")
+    assert mix.stats["sources"]["lone"]["skipped"] == {"invalid_utf8": 1}
+    # a byte-order mark is not an error
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + rows)
+    assert _build(bom, "bom").stats["sources"]["bom"]["kept"] == len(GOOD)
+
+
+@pytest.mark.parametrize("content", [b"", b"PAR1 this is not a parquet file at all", "truncated"])
+def test_an_empty_or_corrupt_parquet_file_fails_naming_source_and_file(tmp_path, content):
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(GOOD * 50), path)
+    if content == "truncated":
+        data = path.read_bytes()
+        content = data[: len(data) // 2] + data[-8:]  # the footer survives, the pages do not
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        _build(path, "pq")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"data source pq: {path}: not a readable Parquet file ("), msg
+
+
+def test_a_good_parquet_file_still_reads(tmp_path):
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(GOOD), path)
+    assert _build(path).stats["sources"]["hostile"]["kept"] == len(GOOD)
