@@ -142,8 +142,8 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
     finally:
         _forget_loaders(config)
     try:
-        inputs = {"the pivot": pivot, **{f"target {n}": p for n, p in targets.items()}}
-        _require_finite(out, config.merge_method, inputs)
+        named = {"the pivot": pivot, **{f"target {n}": p for n, p in targets.items()}}
+        _require_finite(out, config.merge_method, named)
     except MergeError:
         if created:  # a model of NaNs must not pass for a merge either
             shutil.rmtree(out, ignore_errors=True)
