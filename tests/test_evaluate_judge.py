@@ -403,9 +403,10 @@ def test_the_deadline_ends_all_grading(judge_server, mt_data, tmp_path):
     assert 0.5 <= took < 3
     # a whole grading: every request in flight or waiting is cut at the deadline, the stage fails
     t0 = time.monotonic()
-    with pytest.raises(JudgeError, match=r"8 judge requests failed .*deadline of 0.6 s"):
+    with pytest.raises(JudgeError, match=r"8 judge requests failed .*deadline of 0.6 s") as err:
         grade_answers(ArtifactStore(str(tmp_path / "store")), "evaluate/d", mt_data, _answers([81, 82, 101, 111]),
                       settings)
+    assert err.value.transient is False  # a spent budget is not retried by Prefect
     assert time.monotonic() - t0 < 3
     # a Retry-After that would end past the deadline fails at once instead of sleeping into it
     s.default = (429, {"Retry-After": "5"}, {"error": "later"})
