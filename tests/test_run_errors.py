@@ -140,7 +140,8 @@ def test_a_data_error_fails_once_with_one_line(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 1, err
-    assert _fusechat_lines(err) == [f"fusechat: run failed: {tmp_path / 'chat.json'}: not valid JSON (line 1)"], err
+    assert _fusechat_lines(err) == [f"fusechat: run failed: data source chat: {tmp_path / 'chat.json'}: "
+                                    "not valid JSON (line 1)"], err
     # no traceback on the console, and no retry: Prefect logs "Retry 1/2 will start ..." for each one
     assert "Traceback" not in err and "Retry" not in err, err
     assert "Flow run encountered an exception: DataError" in err, err  # the flow did run, and fail
