@@ -18,7 +18,8 @@ out. Nothing hides in callbacks; ``on_event`` only reports.
 - Checkpoints: model, optimizer, scheduler, RNG states (python, numpy, torch,
   cuda) via ``Accelerator.save_state``, plus ``trainer_state.json`` (step,
   data position, metrics so far), each an artifact of its own at
-  ``<target>/checkpoint-<step:07d>`` with its own manifest. A start resumes
+  ``<target>.checkpoints/checkpoint-<step:07d>`` with its own manifest: beside
+  the target, never inside the folder a user uploads. A start resumes
   from the newest *complete* one: a checkpoint cut short by a SIGKILL has no
   manifest and is ignored.
 """
@@ -49,6 +50,7 @@ from fusechat_core.config import ModelSpec, RunConfig, TrainConfig, load_config
 from fusechat_core.determinism import pin_compute
 from fusechat_core.fuse import FUSION_FUNCTIONS, SparseDist, clm_and_fusion_sums, teacher_dist
 from fusechat_core.fuse.batches import Batch, FusionData
+from fusechat_core.merge.card import target_card
 from fusechat_core.models import ModelLoadError, load_causal_lm, model_dir, tokenizer_ref
 from fusechat_core.store import ArtifactStore, StoreError
 
@@ -110,14 +112,20 @@ def resolve_mixed_precision(value: str) -> str:
 
 
 # -- checkpoints in the store ---------------------------------------------------
+def checkpoints_prefix(target_address: str) -> str:
+    """Where a target's checkpoints live: a sibling of the target's folder, not inside it
+    (optimizer state and pickles have no place in a model folder that is uploaded)."""
+    return f"{target_address.rstrip('/')}.checkpoints"
+
+
 def checkpoint_address(target_address: str, step: int) -> str:
-    return f"{target_address}/checkpoint-{step:07d}"
+    return f"{checkpoints_prefix(target_address)}/checkpoint-{step:07d}"
 
 
 def complete_checkpoints(store: ArtifactStore, target_address: str) -> list[tuple[int, str]]:
     """(step, address) of every complete checkpoint of a target, oldest first."""
     found = []
-    for address in store.list(target_address):
+    for address in store.list(checkpoints_prefix(target_address)):
         m = _CHECKPOINT.search(address)
         if m and address == checkpoint_address(target_address, int(m.group(1))):
             found.append((int(m.group(1)), address))
@@ -155,12 +163,14 @@ def train_target(
     lam: float | None = None,
     on_event: Callable[[Event], None] | None = None,
     name: str | None = None,
+    card: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one target and put it into the store at ``address``; returns its summary.
 
     ``pivot``: the model the target starts from (its weights, tokenizer and
     chat template). ``lam``: λ; defaults to ``cfg.lam`` (the CLM baseline
     passes 1.0). ``name``: the target's name in messages (default: its address).
+    ``card``: what the model card says of the data (name → text).
 
     A step whose loss or gradient norm is not finite stops training with a
     ``TrainError`` before the optimizer applies it: no checkpoint is written
@@ -320,6 +330,10 @@ def train_target(
                 (out / TRAINING_LOG).write_text(json.dumps(
                     {"train_config": cfg.model_dump(mode="json"), "lam": lam, "steps": n_steps,
                      "sequences": len(data), "history": history}, indent=1))
+                (out / "README.md").write_text(target_card(
+                    name=name or address.rsplit("/", 1)[-1], pivot=pivot.path, lam=lam,
+                    fusion_function=summary["fusion_function"], steps=n_steps, sequences=len(data),
+                    train_config=cfg.model_dump(mode="json"), data=card))
                 store.put_dir(address, out, meta={"stage": "train", **summary})
             finally:
                 shutil.rmtree(out, ignore_errors=True)
@@ -416,11 +430,14 @@ def train_from_config(cfg: RunConfig, target: str, *,
     # once in one process's worker threads would draw from each other's stream. One at a
     # time per process; parallel targets go to separate workers (Dask, deployments).
     address = plan.train(target)
+    card = {"data": f"dataset artifact `{plan.dataset}` (run `{cfg.name}`)",
+            "teacher": "the pivot only" if lam >= 1.0 else f"the pivot and source `{target}` "
+                                                            f"(`{plan.model(target).path}`)"}
     with stopping.holding(_ONE_TRAINING), _lease(store, address):
         if store.is_complete(address):  # the writer we waited for finished it
             return dict(store.require(address).meta)
         return train_target(cfg.train, pivot=cfg.pivot, data=data, store=store, address=address,
-                            lam=lam, on_event=on_event, name=plan.target_label(target))
+                            lam=lam, on_event=on_event, name=plan.target_label(target), card=card)
 
 
 def _lease(store: ArtifactStore, address: str) -> Any:

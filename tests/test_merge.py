@@ -483,3 +483,61 @@ def test_mixtral_layer_granularity_matches_the_formula_in_memory(tiny_models, tm
         s = sums[group(n)]
         want = p + (s[0] * (sd["a"][n] - p) + s[1] * (sd["b"][n] - p)) / sum(s)
         assert (sd["m"][n] - want).abs().max().item() <= 1e-6, n
+
+
+def _safetensors_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def test_fusechat_mergekit_yaml_runs_varm_as_fusechat_merge_does_byte_for_byte(known, tmp_path):
+    """mergekit's own CLI, VaRM registered: a hand-written YAML and the replayed mergekit_config.yml
+    both give `fusechat merge --method varm`'s weights, byte for byte."""
+    import tomllib
+
+    import yaml
+
+    from flows.cli import main
+    from fusechat_core.merge.mergekit_yaml import main as mergekit_yaml
+
+    ours = tmp_path / "ours"
+    assert main(["merge", "--method", "varm", "--pivot", str(known["pivot"]), "--targets", f"a={known['a']}",
+                 f"b={known['b']}", "--out", str(ours), "--device", "cpu"]) == 0
+    saved = yaml.safe_load((ours / "mergekit_config.yml").read_text())
+    # the saved config names the real folders, absolute, so it replays anywhere they are
+    refs = [saved["base_model"], *(m["model"] for m in saved["models"])]
+    assert refs == [str(known["pivot"].resolve()), str(known["a"].resolve()), str(known["b"].resolve())]
+    hand = tmp_path / "varm.yml"
+    hand.write_text(f"merge_method: varm\nbase_model: {known['pivot']}\ndtype: float32\nout_dtype: float32\n"
+                    f"models:\n  - model: {known['a']}\n  - model: {known['b']}\n")
+    expected = _safetensors_bytes(ours)
+    assert expected and sum(len(b) for b in expected.values()) > 100_000
+    for name, cfg in (("replay", ours / "mergekit_config.yml"), ("hand", hand)):
+        out = tmp_path / name
+        assert mergekit_yaml([str(cfg), str(out), "--device", "cpu"]) == 0
+        got = _safetensors_bytes(out)
+        assert got.keys() == expected.keys() and all(got[k] == expected[k] for k in got), name
+    # and the entry point the package installs is that command
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["fusechat-mergekit-yaml"] == "fusechat_core.merge.mergekit_yaml:main"
+
+
+def test_a_run_merge_replays_from_its_store_with_fusechat_mergekit_yaml(known, tmp_path):
+    """The run's merged folder names store addresses (same bytes in every store); `--store` turns
+    them into the absolute folders holding them, and the replay gives the same weights."""
+    import yaml
+
+    cfg = _run_config(tmp_path, known, "varm")
+    _, store, address = _stage(cfg, {"a": known["a"], "b": known["b"]})
+    folder = store.fetch(address)
+    saved = yaml.safe_load((folder / "mergekit_config.yml").read_text())
+    assert {m["model"] for m in saved["models"]} == {RunPlan(cfg).train("a"), RunPlan(cfg).train("b")}
+    out = tmp_path / "replay"
+    # as an installed console script runs it: a process of its own
+    proc = subprocess.run([sys.executable, "-m", "fusechat_core.merge.mergekit_yaml", "--store", cfg.store,
+                           str(folder / "mergekit_config.yml"), str(out), "--device", "cpu",
+                           "--out-shard-size", str(cfg.merge.shard_size)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _safetensors_bytes(out) == _safetensors_bytes(folder)
+    replayed = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    assert {m["model"] for m in replayed["models"]} == {str(Path(store.root, RunPlan(cfg).train(t))) for t in "ab"}

@@ -253,8 +253,19 @@ def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs,
     assert tok.chat_template and len(tok) == 32000
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.model_type == "mistral"
-    # checkpoints: at 5, 10 and the end (12); only the newest is kept
+    # checkpoints: at 5, 10 and the end (12); only the newest is kept, beside the model folder
     assert [s for s, _ in complete_checkpoints(store, "train/src-t")] == [12]
+    assert complete_checkpoints(store, "train/src-t")[0][1] == "train/src-t.checkpoints/checkpoint-0000012"
+    assert not any("checkpoint" in p.as_posix() for p in folder.rglob("*")), "no checkpoint in the model folder"
+    assert not [f.path for f in store.manifest("train/src-t").files if f.path.endswith((".pkl", ".bin"))]
+    assert "optimizer.bin" in {f.path for f in store.manifest("train/src-t.checkpoints/checkpoint-0000012").files}
+    # a Hub model card: base model, λ and the fusion function
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model_relation == "finetune" and "mince" in card.data.tags
+    assert "λ: 0.5" in card.text and "fusion function: mince" in card.text
+    assert fusion_inputs["pivot"].path in card.text
     ck = [e["step"] for e in events if e["event"] == "checkpoint"]
     assert ck == [5, 10, 12]
 

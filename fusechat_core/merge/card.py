@@ -79,27 +79,71 @@ def weights_markdown(table: dict[str, Any], *, max_rows: int | None = None) -> s
     return "\n".join(lines) + "\n"
 
 
+def _card(data: dict[str, Any], body: list[str]) -> str:
+    """A Hugging Face model card (``huggingface_hub.ModelCard``): YAML metadata the Hub reads
+    (``base_model``, ``tags``...), then the markdown ``body``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    meta = ModelCardData(**{k: v for k, v in data.items() if v not in (None, [], {})})
+    return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(body)))
+
+
+def _hub_ref(ref: str) -> str | None:
+    """``ref`` as the Hub's ``base_model`` takes it: a hub id (``org/name``), else nothing."""
+    return ref if re.fullmatch(r"[\w.-]+/[\w.-]+", ref) and not ref.startswith((".", "/")) else None
+
+
 def model_card(*, name: str, method: str, pivot: str, targets: dict[str, str], sources: list[str] | None,
                parameters: dict[str, Any], granularity: str, dtype: str, mergekit_yaml: str,
-               table: dict[str, Any] | None, method_note: str = "") -> str:
+               table: dict[str, Any] | None, method_note: str = "",
+               training: dict[str, Any] | None = None) -> str:
+    """The merged model's card: base model (the pivot), the merge method and its parameters, the
+    VaRM weights table, the targets' training (``training``: λ, fusion function, data) and the
+    mergekit configuration."""
     src = ", ".join(f"`{s}`" for s in sources) if sources else "not recorded (merged outside a run)"
-    lines = [
-        "---", "library_name: transformers", "tags:", "- fusechat", "- merge", f"- {method}", "---", "",
+    body = [
         f"# {name}", "",
         f"A knowledge fusion of chat LLMs in the manner of FuseChat (Wan et al. 2024, arXiv 2402.16107): "
         f"targets fine-tuned from one pivot, merged in parameter space with **{method}**"
         + (f" ({method_note})" if method_note else "") + ".", "",
         "## Models", "",
-        f"- pivot: `{pivot}` (tokenizer and chat template of this model)",
+        f"- base model (pivot): `{pivot}` (tokenizer and chat template of this model)",
         f"- sources: {src}",
     ]
-    lines += [f"- target `{t}`: `{p}`" for t, p in targets.items()]
-    lines += ["", "## Merge", "", f"- method: `{method}`", f"- saved as: {dtype}"]
+    body += [f"- target `{t}`: `{p}`" for t, p in targets.items()]
+    if training:
+        body += ["", "## Training of the targets", ""] + [f"- {k}: {v}" for k, v in training.items()]
+    body += ["", "## Merge", "", f"- method: `{method}`", f"- saved as: {dtype}"]
     if method == "varm":
-        lines.append(f"- VaRM granularity: {granularity}")
+        body.append(f"- VaRM granularity: {granularity}")
     if parameters:
-        lines.append("- parameters: " + ", ".join(f"`{k}={v}`" for k, v in parameters.items()))
+        body.append("- parameters: " + ", ".join(f"`{k}={v}`" for k, v in parameters.items()))
     if table is not None:
-        lines += ["", weights_markdown(table, max_rows=400)]
-    lines += ["## mergekit configuration", "", "```yaml", mergekit_yaml.rstrip(), "```", ""]
-    return "\n".join(lines)
+        body += ["", weights_markdown(table, max_rows=400)]
+    body += ["", "## mergekit configuration", "", "```yaml", mergekit_yaml.rstrip(), "```", ""]
+    return _card({"base_model": _hub_ref(pivot), "base_model_relation": "merge", "library_name": "transformers",
+                  "tags": ["fusechat", "merge", "mergekit", method], "pipeline_tag": "text-generation"}, body)
+
+
+def target_card(*, name: str, pivot: str, lam: float, fusion_function: str | None, steps: int, sequences: int,
+                train_config: dict[str, Any], data: dict[str, Any] | None = None) -> str:
+    """A trained target's card: base model (the pivot), λ, the fusion function, the data."""
+    kind = "the CLM baseline (λ = 1: no fusion term)" if fusion_function is None else \
+        f"a fusion target (λ = {lam}, fusion function `{fusion_function}`)"
+    body = [f"# {name}", "",
+            f"The pivot `{pivot}` fine-tuned with FuseChat's pairwise fusion loss "
+            f"λ·L_CLM + (1−λ)·L_fuse (Wan et al. 2024, arXiv 2402.16107): {kind}.", "",
+            "## Training", "",
+            f"- base model (pivot): `{pivot}`",
+            f"- λ: {lam}",
+            f"- fusion function: {fusion_function or 'none (λ = 1)'}",
+            f"- optimizer steps: {steps}; training sequences: {sequences}"]
+    body += [f"- {k}: {v}" for k, v in (data or {}).items()]
+    keys = ("learning_rate", "epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "temperature",
+            "seed")
+    body += ["", "| setting | value |", "|---|---|"]
+    body += [f"| {k} | {train_config[k]} |" for k in keys if k in train_config]
+    body.append("")
+    return _card({"base_model": _hub_ref(pivot), "base_model_relation": "finetune", "library_name": "transformers",
+                  "tags": ["fusechat", "knowledge-fusion", fusion_function or "clm"],
+                  "pipeline_tag": "text-generation"}, body)

@@ -76,11 +76,13 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
                  shard_size: int = 2_000_000_000, device: str = "auto", seed: int = 0,
                  tokenizer: tuple[str, str | None] | None = None, chat_template: str | None = None,
                  sources: list[str] | None = None, name: str | None = None,
+                 training: Mapping[str, Any] | None = None,
                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Merge ``targets`` (name → folder or hub id), all fine-tunes of ``pivot``, into ``out_dir``.
 
     ``mergekit_yaml`` (text) replaces the translation from ``method``/``parameters``.
     ``tokenizer``: the pivot's tokenizer reference when it is not in the pivot folder.
+    ``training``: how the targets were trained (λ, fusion function, data), for the model card.
     Returns a summary: the folder, the mergekit config and, for VaRM, the weights table.
     """
     pin_compute()
@@ -170,7 +172,7 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
     card = model_card(name=name or out.name, method=method if mergekit_yaml is None else config.merge_method,
                       pivot=pivot, targets=targets, sources=sources, parameters=dict(parameters or {}),
                       granularity=granularity, dtype=dtype, mergekit_yaml=config_yaml, table=table,
-                      method_note=spec.note if mergekit_yaml is None else "")
+                      method_note=spec.note if mergekit_yaml is None else "", training=dict(training or {}))
     (out / "README.md").write_text(card)
     say(f"merged model in {out}")
     return {"out_dir": str(out), "method": method, "mergekit_method": config.merge_method,

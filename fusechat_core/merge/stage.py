@@ -12,6 +12,7 @@ from fusechat_core.config import RunConfig
 from fusechat_core.merge.methods import method_parameters
 from fusechat_core.merge.run import WEIGHTS_JSON, merge_models
 from fusechat_core.models import cache_dir, model_dir
+from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
 
 
@@ -45,10 +46,14 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
             parameters=method_parameters(m, method), granularity=m.granularity if method == "varm" else "matrix",
             dtype=m.dtype, mergekit_yaml=m.mergekit_yaml if is_main else None, shard_size=m.shard_size,
             device=m.device, seed=0, tokenizer=tokenizer, chat_template=pivot.chat_template,
-            sources=[s.name for s in cfg.sources], name=f"{cfg.name}-merge-{method}", progress=progress)
+            sources=[s.name for s in cfg.sources], name=f"{cfg.name}-merge-{method}", progress=progress,
+            training=_training(cfg, targets))
         # The folder names where inputs were cached on this machine; what it records must
         # name the inputs themselves, or the same merge would differ from store to store.
-        _relabel(out, {folder: pivot.path, **{local_targets[n]: addr for n, addr in targets.items()}})
+        # A demo pivot is an artifact too: named by its address, as the targets are, so
+        # `fusechat-mergekit-yaml --store URL` replays the saved mergekit_config.yml.
+        pivot_label = RunPlan(cfg).demo_model(pivot) if pivot.path.startswith("demo:") else pivot.path
+        _relabel(out, {folder: pivot_label, **{local_targets[n]: addr for n, addr in targets.items()}})
         meta = {"method": method, "mergekit_method": result["mergekit_method"], "targets": dict(targets),
                 "pivot": pivot.name, "granularity": m.granularity if method == "varm" else None}
         if result["table"] is not None:
@@ -58,6 +63,15 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"address": address, "method": method, "table": result["table"], "cached": False}
+
+
+def _training(cfg: RunConfig, targets: Mapping[str, str]) -> dict[str, Any]:
+    """How the merged targets were made, for the model card."""
+    plan = RunPlan(cfg)
+    t = cfg.train
+    return {"λ (weight of the CLM loss)": t.lam, "fusion function": f"`{t.fusion_function}`",
+            "data": f"dataset artifact `{plan.dataset}`", "learning rate": t.learning_rate, "epochs": t.epochs,
+            **{f"target `{n}`": f"train artifact `{a}`" for n, a in targets.items()}}
 
 
 def _relabel(folder: Path, labels: dict[str, str]) -> None:
