@@ -12,6 +12,7 @@ invalidated. Tasks exchange small references, never data.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -49,6 +50,33 @@ def task_runner_for(cfg: RunConfig) -> Any:
     return ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers)
 
 
+def run_name() -> str:
+    """A flow run's name: the run's (``demo``, ``fusechat-7b-varm``), and ``-until-<stage>`` when
+    it stops early, so the dashboard's list of runs says which is which."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters or {}
+    cfg, path = params.get("config"), params.get("config_path")
+    name = (cfg or {}).get("name") or (Path(str(path).rstrip("/")).stem if path else "fusechat")
+    until = params.get("until") or STAGES[-1]
+    return name if until == STAGES[-1] else f"{name}-until-{until}"
+
+
+def one_at_a_time(futures: list[PrefectFuture]) -> list[Any] | None:
+    """``wait_for`` that starts a task only once the one submitted before it has finished,
+    failed or not: the in-process stages that draw on torch's process-wide generator
+    (demo pre-training, training) wait *Pending* on the dashboard, not Running behind a lock.
+    Under Dask each task has a process of its own and nothing waits."""
+    from prefect.context import FlowRunContext
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect.utilities.annotations import allow_failure
+
+    ctx = FlowRunContext.get()
+    if not futures or ctx is None or not isinstance(ctx.task_runner, ThreadPoolTaskRunner):
+        return None
+    return [allow_failure(futures[-1])]
+
+
 def _settle(results: dict[str, Any], futures: dict[str, PrefectFuture]) -> None:
     """Wait for a stage's futures and record each one's reference and Prefect state."""
     wait(list(futures.values()))
@@ -56,7 +84,7 @@ def _settle(results: dict[str, Any], futures: dict[str, PrefectFuture]) -> None:
         results[label] = {**fut.result(), "state": fut.state.name}
 
 
-@flow(name="fusechat-pipeline", flow_run_name="fusechat-{until}", validate_parameters=True)
+@flow(name="fusechat-pipeline", flow_run_name=run_name, validate_parameters=True)
 def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | None = None,
                       until: str = STAGES[-1]) -> dict[str, Any]:
     """Run (or resume) a fusion run. Give the config itself, or the path/URL of its YAML file."""
@@ -103,8 +131,10 @@ def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str
     results: dict[str, Any] = {}
     stop = STAGES.index(until)
 
-    demo = {f"demo_models[{m.name}]": build_demo_model.with_options(**opts).submit(
-        config, m.name, plan.demo_model(m), store) for m in plan.demo_specs()}
+    demo: dict[str, PrefectFuture] = {}
+    for m in plan.demo_specs():
+        demo[f"demo_models[{m.name}]"] = build_demo_model.with_options(**opts).submit(
+            config, m.name, plan.demo_model(m), store, wait_for=one_at_a_time(list(demo.values())))
     _settle(results, demo)
     if stop <= STAGES.index("demo_models"):
         return results
@@ -134,8 +164,12 @@ def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str
         return results
 
     # One target per source (and the CLM baseline), independent: each may run on its own GPU worker.
-    trained = {t: train_target.with_options(tags=gpu(plan.train(t)), **opts).submit(config, t, plan.train(t), store)
-               for t in plan.target_names()}
+    # In-process training runs one target at a time (torch's generator is process-wide).
+    trained: dict[str, PrefectFuture] = {}
+    for t in plan.target_names():
+        wait = None if cfg.train.accelerate_config else one_at_a_time(list(trained.values()))
+        trained[t] = train_target.with_options(tags=gpu(plan.train(t)), **opts).submit(
+            config, t, plan.train(t), store, wait_for=wait)
     _settle(results, {f"train[{t}]": f for t, f in trained.items()})
     if stop <= STAGES.index("train"):
         return results

@@ -70,8 +70,10 @@ def _supervised_loss(model: Any, ids: Any, mask: Any, labels: Any, head_only: bo
 
 
 def pretrain_demo_model(run: RunConfig, spec: ModelSpec, out_dir: Path,
-                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Build and pre-train one demo model into ``out_dir``; returns its training summary."""
+                        progress: Callable[[str], None] | None = None,
+                        on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Build and pre-train one demo model into ``out_dir``; returns its training summary.
+    ``on_step(done, total)``: called after every optimizer step."""
     pin_compute()
     import torch
 
@@ -114,6 +116,8 @@ def pretrain_demo_model(run: RunConfig, spec: ModelSpec, out_dir: Path,
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, d.steps)
         if progress and (step + 1) % 50 == 0:
             progress(f"demo model {name}: step {step + 1}/{d.steps}, loss {sum(losses[-50:]) / 50:.3f}")
     model.eval()
@@ -129,10 +133,11 @@ _ONE_PRETRAINING = threading.Lock()
 
 
 def build_demo_model_artifact(run: RunConfig, spec: ModelSpec, store: ArtifactStore, address: str,
-                              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                              progress: Callable[[str], None] | None = None,
+                              on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         with stopping.holding(_ONE_PRETRAINING):
-            summary = pretrain_demo_model(run, spec, Path(tmp), progress)
+            summary = pretrain_demo_model(run, spec, Path(tmp), progress, on_step)
         store.put_dir(address, tmp, meta={"stage": "demo_models", **summary})
     return summary
 

@@ -135,6 +135,39 @@ def artifact_key(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def dashboard_key(store_url: str, address: str, what: str = "") -> str:
+    """The dashboard key of what a stage posts about ``address`` (``what``: ``metrics``...):
+    the address, readable, then a short hash of the store's URL and the address, so the same
+    address in two stores (two teams, one Prefect server) never shares a key."""
+    tag = hashlib.sha256(f"{store_url}\n{address}".encode()).hexdigest()[:10]
+    return artifact_key(f"{address}-{what}-{tag}" if what else f"{address}-{tag}")
+
+
+class ProgressArtifact:
+    """A progress artifact on the dashboard (``done`` of ``total``), updated at whole percents.
+    Outside a Prefect task run it does nothing."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.id: Any = None
+        self.last = -1.0
+
+    def __call__(self, done: int, total: int) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+        from prefect.context import TaskRunContext
+
+        if total <= 0 or TaskRunContext.get() is None:
+            return
+        pct = min(100.0, 100.0 * done / total)
+        if self.id is None:
+            self.id = create_progress_artifact(progress=pct, description=self.description)
+        elif pct - self.last >= 1.0 or done >= total:
+            update_progress_artifact(self.id, progress=pct, description=f"{self.description}: {done} of {total}")
+        else:
+            return
+        self.last = pct
+
+
 def run_name(stage: str, param: str | None = None, *, label: str | None = None,
              shard: str | None = None) -> Callable[..., str]:
     """A ``task_run_name`` that says which instance a run is, e.g. ``represent[model=pivot, shard=1/2]``.
@@ -184,8 +217,9 @@ def stage_done(store: ArtifactStore, address: str, title: str, started: float, *
     made, where, how long it took, and its key figures (the manifest's, then ``figures``), then
     ``details`` (markdown; a leading title line is dropped).
 
-    The key is the address's: the same artifact made again (after its store was wiped) adds
-    a version under the same key, a changed one has a key of its own. ``started``:
+    The key is the address's in this store (``dashboard_key``): the same artifact made again
+    (after its store was wiped) adds a version under the same key, a changed one has a key of
+    its own, and the same address in another store another key. ``started``:
     ``time.monotonic()`` when the task began; ``computed``: whether this run made the
     artifact (else it found it complete in the store). Outside a Prefect run
     (``task.fn(...)``) nothing is posted.
@@ -205,7 +239,7 @@ def stage_done(store: ArtifactStore, address: str, title: str, started: float, *
         if details.startswith("# "):  # the summary has its own title
             details = details.partition("\n")[2].strip()
         markdown = f"# {title}\n\n| | |\n|---|---|\n{table}\n" + (f"\n{details}\n" if details else "")
-        create_markdown_artifact(markdown, key=artifact_key(address), description=f"{title}: {address}")
+        create_markdown_artifact(markdown, key=dashboard_key(store.url, address), description=f"{title}: {address}")
     return stage_ref(store, address, man, **extra)
 
 

@@ -4,7 +4,7 @@ import time
 
 from prefect import get_run_logger, task
 
-from tasks._stage import STAGE_TASK_OPTIONS, open_store, run_name, stage_done
+from tasks._stage import STAGE_TASK_OPTIONS, ProgressArtifact, open_store, run_name, stage_done
 
 
 @task(name="demo_model", task_run_name=run_name("demo_model", "model", label=""), retries=1,
@@ -21,7 +21,8 @@ def build_demo_model(config: dict, model: str, address: str, store: str) -> dict
     st = open_store(store)
     computed = not st.is_complete(address)
     if computed:
-        summary = build_demo_model_artifact(cfg, spec, st, address, progress=logger.info)
+        summary = build_demo_model_artifact(cfg, spec, st, address, progress=logger.info,
+                                            on_step=ProgressArtifact(f"Demo model {model}: pre-training steps"))
         logger.info("demo model %s: %s parameters, final loss %.3f", model, f"{summary['params']:,}",
                     summary["final_loss"])
     return stage_done(st, address, f"Demo model `{model}`", started, computed=computed)

@@ -6,7 +6,7 @@ import time
 
 from prefect import get_run_logger, task
 
-from tasks._stage import STAGE_TASK_OPTIONS, open_store, run_name, stage_done
+from tasks._stage import STAGE_TASK_OPTIONS, ProgressArtifact, open_store, run_name, stage_done
 
 
 @task(name="evaluate", task_run_name=run_name("evaluate", "name", label="model"), retries=1,
@@ -33,8 +33,10 @@ def evaluate_model(config: dict, name: str, model: dict, address: str, store: st
             model = run_model_ref(run, name, model, st)
     else:
         cfg = EvaluateConfig.model_validate(config.get("evaluate", config))
+    bars = {"mt_bench": ProgressArtifact(f"Evaluation of {name}: MT-Bench questions answered"),
+            "heldout": ProgressArtifact(f"Evaluation of {name}: held-out sequences measured")}
     results = _evaluate_model(st, address, name, model, cfg, dataset=dataset, answers_address=answers,
-                              progress=logger.info)
+                              progress=logger.info, on_count=lambda what, done, total: bars[what](done, total))
     summary = {k: results[k]["all"] for k in ("heldout_nll", "exact_match") if k in results}
     if "mt_bench" in results:
         mt = results["mt_bench"]
@@ -49,6 +51,7 @@ def build_run_report(config: dict, evaluations: dict[str, str], address: str, st
     """The run's report from its evaluate artifacts; ``training``: target name → train address;
     ``roles``: ``RunPlan.report_roles()``, for the comparison with the CLM baseline."""
     from fusechat_core.evaluate import write_report
+    from fusechat_core.evaluate.report import inline_images
 
     started = time.monotonic()
     cfg_name = config.get("name", "fusechat")
@@ -59,6 +62,7 @@ def build_run_report(config: dict, evaluations: dict[str, str], address: str, st
                                 roles=roles)["markdown"]
     else:
         markdown = st.read_bytes(address, "report.md").decode()
-    # Plots stay in the store: a Prefect markdown artifact cannot embed local files.
+    # The dashboard cannot reach the store: the plots go into the markdown itself, as data: URIs.
+    markdown = inline_images(markdown, lambda rel: st.read_bytes(address, rel))
     return stage_done(st, address, f"Report of run `{cfg_name}`", started, computed=computed,
-                      details=markdown + "\nPlots and report.json are in the store (location above).")
+                      details=markdown + "\nreport.json and the plots' PNG files are in the store (location above).")

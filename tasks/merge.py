@@ -6,7 +6,7 @@ import time
 
 from prefect import get_run_logger, task
 
-from tasks._stage import STAGE_TASK_OPTIONS, open_store, run_config, run_name, stage_done
+from tasks._stage import STAGE_TASK_OPTIONS, ProgressArtifact, open_store, run_config, run_name, stage_done
 
 
 @task(name="merge", task_run_name=run_name("merge", "method"), retries=1, retry_delay_seconds=30,
@@ -20,7 +20,8 @@ def merge_targets(config: dict, method: str, targets: dict[str, str], address: s
     logger = get_run_logger()
     cfg = run_config(config)
     st = open_store(store)
-    out = merge_stage(cfg, st, address, method, targets, progress=logger.info)
+    out = merge_stage(cfg, st, address, method, targets, progress=logger.info,
+                      on_tensor=ProgressArtifact(f"Merge {method}: tensors written"))
     # VaRM: which target dominates which matrix
     details = "" if out["table"] is None else weights_markdown(out["table"], max_rows=400)
     return stage_done(st, address, f"Merge `{method}`", started, computed=not out["cached"], details=details,

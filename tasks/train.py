@@ -26,7 +26,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from fusechat_core import stopping
 from fusechat_core.config import RunConfig
 from fusechat_core.plan import RunPlan
-from tasks._stage import STAGE_TASK_OPTIONS, artifact_key, open_store, run_name, stage_done
+from tasks._stage import STAGE_TASK_OPTIONS, dashboard_key, open_store, run_name, stage_done
 
 TABLE_ROWS = 200  # a table of every step of a 2,000-step run would not be read by anyone
 
@@ -34,8 +34,8 @@ TABLE_ROWS = 200  # a table of every step of a 2,000-step run would not be read 
 class _Reporter:
     """Turns training events into logs, a progress artifact and a metrics table."""
 
-    def __init__(self, target: str, logger: Any):
-        self.target, self.logger = target, logger
+    def __init__(self, target: str, logger: Any, key: str):
+        self.target, self.logger, self.key = target, logger, key
         self.rows: list[dict[str, Any]] = []
         self.progress_id: Any = None
         self.total = 0
@@ -87,7 +87,7 @@ class _Reporter:
         rows = self.rows[::stride]
         if rows[-1] is not self.rows[-1]:
             rows.append(self.rows[-1])
-        create_table_artifact(table=rows, key=artifact_key(f"train-{self.target}-metrics"),
+        create_table_artifact(table=rows, key=self.key,
                               description=f"Training metrics of target {self.target} (every {stride} step(s))")
 
 
@@ -104,7 +104,7 @@ def train_target(config: dict, target: str, address: str, store: str) -> dict:
     st = open_store(store)
     computed = not st.is_complete(address)
     if computed:
-        report = _Reporter(target, logger)
+        report = _Reporter(target, logger, dashboard_key(st.url, address, "metrics"))
         if cfg.train.accelerate_config:
             _launch(cfg, target, report, logger)
         else:

@@ -28,7 +28,7 @@ from flows.cli import DEMO_CONFIG, main
 from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
-from tasks._stage import artifact_key
+from tasks._stage import dashboard_key
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -57,7 +57,7 @@ def demo(tmp_path_factory):
         api_url = str(client.api_url)
     return {"last": json.loads(out.strip().splitlines()[-1]), "store_url": store_url, "cfg": cfg,
             "plan": RunPlan(cfg), "store": ArtifactStore(store_url), "task_runs": task_runs,
-            "artifacts": artifacts, "api_url": api_url}
+            "artifacts": artifacts, "api_url": api_url, "flow_run": run}
 
 
 def test_demo_shows_fusion_beating_plain_fine_tuning(demo):
@@ -137,14 +137,35 @@ def test_every_stage_posts_a_summary_under_its_address(demo):
     assert {n.stage for n in nodes} >= {"demo_models", "dataset", "represent", "vocab_map", "align", "train",
                                         "merge", "evaluate", "report"}
     for node in nodes:
-        art = summaries.get(artifact_key(node.address))
+        art = summaries.get(dashboard_key(demo["store"].url, node.address))
         assert art is not None, f"{node.label}: no summary artifact"
         assert f"`{node.address}`" in art.data and "| took |" in art.data, node.label
-    assert "Did fusion beat plain fine-tuning?" in summaries[artifact_key(plan.report())].data
-    # the progress artifacts of the long stages are there too
-    progress = [a.description or "" for a in demo["artifacts"] if a.type == "progress"]
-    assert any(d.startswith("Representations of") for d in progress)
-    assert any(d.startswith("Training target") for d in progress)
+    report = summaries[dashboard_key(demo["store"].url, plan.report())].data
+    assert "Did fusion beat plain fine-tuning?" in report
+    # the plots are in the markdown itself: the dashboard cannot reach the store
+    assert "](plots/" not in report and report.count("](data:image/png;base64,") == 5
+    # the progress artifacts of the long stages are there too, and the finished ones at 100 %
+    progress = {a.description or "": a.data for a in demo["artifacts"] if a.type == "progress"}
+    for prefix in ("Representations of", "Training target", "Demo model pivot: pre-training steps",
+                   "Merge varm: tensors written", "Evaluation of merge-varm: held-out sequences measured"):
+        found = [v for d, v in progress.items() if d.startswith(prefix)]
+        assert found, (prefix, sorted(progress))
+    assert all(v == 100 for d, v in progress.items() if d.startswith(("Merge", "Evaluation", "Demo model"))), \
+        progress
+    # metrics tables are keyed by their target's address in this store
+    tables = {a.key for a in demo["artifacts"] if a.type == "table"}
+    assert {dashboard_key(demo["store"].url, plan.train(t), "metrics") for t in plan.target_names()} <= tables
+
+
+def test_the_flow_run_is_named_after_the_run_and_waiting_shows_as_waiting(demo):
+    assert demo["flow_run"].name == "demo"
+    # in-process training and pre-training run one at a time: the next one waits Pending
+    # (never Running) until the one before it has finished
+    for prefix in ("train[", "demo_model["):
+        runs = sorted((r for r in demo["task_runs"] if r.name.startswith(prefix)), key=lambda r: r.start_time)
+        assert len(runs) >= 3
+        for before, after in zip(runs, runs[1:]):
+            assert after.start_time >= before.end_time, (before.name, after.name)
 
 
 RERUN = """

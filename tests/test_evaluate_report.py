@@ -140,3 +140,26 @@ def test_report_without_a_clm_baseline_has_no_verdict(tmp_path):
                        roles={"clm": None, "targets": {}, "merges": []})
     assert json.loads((tmp_path / "report.json").read_text())["fusion"] is None
     assert "Did fusion beat" not in rep["markdown"]
+
+
+def test_plots_inline_as_data_uris_a_browser_renders_without_the_store(tmp_path):
+    import base64
+    import io
+    import re
+
+    from fusechat_core.evaluate.report import inline_images
+
+    losses = {"mixtral": [{"step": s, "loss": 3.0 / (s + 1)} for s in range(20)]}
+    rep = build_report("Run demo", _results(), tmp_path, losses)
+    md = inline_images(rep["markdown"], lambda rel: (tmp_path / rel).read_bytes())
+    assert "](plots/" not in md  # no link left that only the store could serve
+    found = dict(re.findall(r"!\[([^\]]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", md))
+    assert set(found) == {p.split("/")[-1][:-4] for p in rep["plots"]}
+    for stem, b64 in found.items():
+        raw = base64.b64decode(b64, validate=True)
+        assert raw == (tmp_path / "plots" / f"{stem}.png").read_bytes()
+        with Image.open(io.BytesIO(raw)) as img:
+            assert img.format == "PNG" and img.size == (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
+    # the artifact stays a reasonable size for the Prefect database and a browser
+    assert len(md) < 400_000, len(md)
+    print(f"report markdown with {len(found)} inline plots: {len(md) / 1000:.0f} kB")

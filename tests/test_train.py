@@ -402,10 +402,10 @@ def test_sigkill_and_resume_give_bit_identical_weights(fusion_inputs, tmp_path):
     # 2. resumes from step 3; killed while writing checkpoint 6 (its files, no manifest)
     rc, ev = _child(run, env_extra={"FUSECHAT_KILL_AFTER_FILE": "optimizer.bin"})
     assert rc == -signal.SIGKILL and ev[0]["event"] == "resume" and ev[0]["step"] == 3
-    assert ev[0]["checkpoint"] == "train/kill-t/checkpoint-0000003" and len(ev[0]["history"]) == 3
+    assert ev[0]["checkpoint"] == "train/kill-t.checkpoints/checkpoint-0000003" and len(ev[0]["history"]) == 3
     store = ArtifactStore(run_store)
     assert [s for s, _ in complete_checkpoints(store, "train/kill-t")] == [3]
-    assert (Path(store.root) / "train/kill-t/checkpoint-0000006").is_dir()  # the torn one is there, ignored
+    assert (Path(store.root) / "train/kill-t.checkpoints/checkpoint-0000006").is_dir()  # the torn one is there, ignored
     # 3. resumes from step 3 again and finishes
     rc, ev = _child(run)
     assert rc == 0 and ev[0]["event"] == "resume" and ev[0]["step"] == 3

@@ -316,8 +316,10 @@ def _stored_answer(store: ArtifactStore, answers_address: str, q: Question) -> d
 
 def answer_questions(store: ArtifactStore, answers_address: str, model_name: str, model: Any, tokenizer: Any,
                      formatter: Any, questions: Iterable[Question], *, max_new_tokens: int, batch_size: int = 8,
-                     seed: int = 0, progress: Callable[[str], None] | None = None) -> list[dict]:
+                     seed: int = 0, progress: Callable[[str], None] | None = None,
+                     on_count: Callable[[int, int], None] | None = None) -> list[dict]:
     """Answer both turns of every question not yet answered; return every answer record.
+    ``on_count(done, total)``: questions answered so far (found ones included), after each batch.
 
     Questions are batched by temperature; each question's record is committed as
     soon as its second turn is done.
@@ -371,6 +373,8 @@ def answer_questions(store: ArtifactStore, answers_address: str, model_name: str
                                   meta={"stage": "mt_bench_answers", "question_id": q.question_id}) as w:
                     w.write_json(answer_file(q.question_id), rec)
                 done[q.question_id] = rec
+            if on_count is not None:
+                on_count(len(done), len(questions))
             (progress or log.info)(f"{model_name}: answered MT-Bench questions "
                                    f"{[q.question_id for q in batch]} (T={temperature}) in {time.time() - t0:.1f} s")
     return [done[q.question_id] for q in questions]

@@ -82,8 +82,10 @@ def sequence_nll(model: Any, batch_ids: Sequence[Sequence[int]], batch_labels: S
 
 
 def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length: int, batch_size: int = 8,
-                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[str], None] | None = None,
+                on_count: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """``{"sources": {source: {nll, tokens, sequences, perplexity}}, "all": {...}}``.
+    ``on_count(done, total)``: sequences measured so far, after each batch.
 
     Rows longer than ``max_length`` tokens are cut; rows with no supervised token
     left after the cut count as sequences skipped. A row whose NLL is NaN/inf (a
@@ -119,6 +121,8 @@ def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length:
                 acc.tokens += n
                 acc.bytes += nbytes
                 acc.sequences += 1
+        if on_count is not None:
+            on_count(min(start + batch_size, len(encoded)), len(encoded))
     if progress:
         progress(f"held-out NLL: {len(encoded)} sequences, {total.tokens} tokens in {time.time() - t0:.1f} s")
     return {"sources": {k: per[k].as_dict() for k in sorted(per)}, "all": total.as_dict(),

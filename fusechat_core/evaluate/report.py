@@ -8,8 +8,10 @@ and PNG plots (matplotlib's Agg backend: no display needed).
 
 from __future__ import annotations
 
+import base64
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +277,19 @@ def render_markdown(title: str, results: Mapping[str, dict], plots: Sequence[str
     lines += [f"- {n}" for n in notes]
     lines += [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines).rstrip() + "\n"
+
+
+_IMAGE = re.compile(r"!\[([^\]]*)\]\((plots/[^)\s]+\.png)\)")
+
+
+def inline_images(markdown: str, read: Callable[[str], bytes]) -> str:
+    """``markdown`` with every ``![alt](plots/x.png)`` made a ``data:image/png;base64`` URI, so a
+    viewer that cannot reach the store (the Prefect dashboard) shows the plot itself.
+    ``read(rel)``: the PNG's bytes. A plot is 1000 × 500 pixels, some 20-60 kB."""
+    def sub(m: re.Match) -> str:
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(read(m.group(2))).decode()})"
+
+    return _IMAGE.sub(sub, markdown)
 
 
 def build_report(title: str, results: Mapping[str, dict], out_dir: str | Path,

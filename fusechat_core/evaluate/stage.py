@@ -43,9 +43,11 @@ def _public_url(url: str) -> str:
 
 def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dict[str, Any],
                    cfg: EvaluateConfig, *, dataset: str | None = None, answers_address: str | None = None,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None,
+                   on_count: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Evaluate one model into the artifact at ``address``; returns its results.
 
+    ``on_count(what, done, total)``: ``mt_bench`` questions answered, ``heldout`` sequences measured.
     ``answers_address`` is where the MT-Bench answers live (``RunPlan.mt_bench_answers``);
     ``dataset`` the dataset artifact whose held-out split is measured.
     """
@@ -66,7 +68,8 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
         if need_answers:
             recs = answer_questions(store, answers_address, name, lm, tok, fmt, data.questions,
                                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                    seed=cfg.seed, progress=say)
+                                    seed=cfg.seed, progress=say,
+                                    on_count=None if on_count is None else lambda d, t: on_count("mt_bench", d, t))
             write_answers_artifact(store, answers_address, name, recs, data)
         if dataset is not None:
             from fusechat_core.data import read_split
@@ -77,7 +80,9 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
             if rows and cfg.heldout_nll:
                 try:
                     results["heldout_nll"] = heldout_nll(lm, fmt, rows, max_length=cfg.max_length,
-                                                         batch_size=cfg.batch_size, progress=say)
+                                                         batch_size=cfg.batch_size, progress=say,
+                                                         on_count=None if on_count is None
+                                                         else lambda d, t: on_count("heldout", d, t))
                 except EvaluationError as exc:  # a NaN is a failed evaluation, never a figure in the report
                     raise EvaluationError(f"evaluate[{name}]: {exc}") from None
             if rows and cfg.exact_match_sources:

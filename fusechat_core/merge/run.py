@@ -9,9 +9,11 @@ with them), the VaRM weights table, and a model card naming sources and targets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -77,12 +79,14 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
                  tokenizer: tuple[str, str | None] | None = None, chat_template: str | None = None,
                  sources: list[str] | None = None, name: str | None = None,
                  training: Mapping[str, Any] | None = None,
-                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[str], None] | None = None,
+                 on_tensor: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Merge ``targets`` (name → folder or hub id), all fine-tunes of ``pivot``, into ``out_dir``.
 
     ``mergekit_yaml`` (text) replaces the translation from ``method``/``parameters``.
     ``tokenizer``: the pivot's tokenizer reference when it is not in the pivot folder.
     ``training``: how the targets were trained (λ, fusion function, data), for the model card.
+    ``on_tensor(done, total)``: called as each output tensor is written.
     Returns a summary: the folder, the mergekit config and, for VaRM, the weights table.
     """
     pin_compute()
@@ -130,12 +134,13 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
     inputs = ([str(m.model) for m in config.models] if config.models
               else sorted(str(m) for m in config.referenced_models()))
     try:
-        if is_varm:
-            with recording(base, [i for i in inputs if i != base]) as raw_table:
+        with counting_tensors(on_tensor):
+            if is_varm:
+                with recording(base, [i for i in inputs if i != base]) as raw_table:
+                    run_merge(config, str(out), options, config_source=config_yaml)
+            else:
+                raw_table = None
                 run_merge(config, str(out), options, config_source=config_yaml)
-        else:
-            raw_table = None
-            run_merge(config, str(out), options, config_source=config_yaml)
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         if created:  # half-written shards must not pass for a model
             shutil.rmtree(out, ignore_errors=True)
@@ -218,6 +223,54 @@ def _non_finite_in(ref: str, key: str) -> bool:
                 t = st.get_tensor(key)
                 return t.is_floating_point() and not bool(torch.isfinite(t).all())
     return False
+
+
+# -- tensors written, for progress ----------------------------------------------------------
+# mergekit's executor runs its tasks in the calling thread and reports progress only to a
+# terminal (tqdm). Its planner's output and its tensor writes are wrapped once, so a merge
+# asking for progress (this thread's ``counting_tensors``) hears of each tensor written.
+_COUNTER = threading.local()
+
+
+def _install_counter() -> None:
+    from mergekit.io.tasks import FinalizeModel, SaveTensor
+    from mergekit.plan import MergePlanner
+
+    if getattr(SaveTensor.execute, "_fusechat_counts", False):
+        return
+    save, plan = SaveTensor.execute, MergePlanner.plan_to_disk
+
+    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = save(self, *args, **kwargs)
+        hook = getattr(_COUNTER, "hook", None)
+        if hook is not None:
+            hook["done"] += 1
+            hook["fn"](hook["done"], hook["total"])
+        return out
+
+    def plan_to_disk(self: Any, *args: Any, **kwargs: Any) -> Any:
+        targets = plan(self, *args, **kwargs)
+        hook = getattr(_COUNTER, "hook", None)
+        if hook is not None:
+            hook["total"] = sum(len(t.tensor_save_tasks) for t in targets if isinstance(t, FinalizeModel))
+        return targets
+
+    execute._fusechat_counts = True  # type: ignore[attr-defined]
+    SaveTensor.execute, MergePlanner.plan_to_disk = execute, plan_to_disk
+
+
+@contextlib.contextmanager
+def counting_tensors(fn: Callable[[int, int], None] | None) -> Any:
+    """While inside, ``fn(done, total)`` after each output tensor this thread's merge writes."""
+    if fn is None:
+        yield
+        return
+    _install_counter()
+    _COUNTER.hook = {"done": 0, "total": 0, "fn": fn}
+    try:
+        yield
+    finally:
+        _COUNTER.hook = None
 
 
 def _forget_loaders(config: Any) -> None:

@@ -17,7 +17,8 @@ from fusechat_core.store import ArtifactStore
 
 
 def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
-                targets: Mapping[str, str], *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                targets: Mapping[str, str], *, progress: Callable[[str], None] | None = None,
+                on_tensor: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Merge the trained targets (target name → ``plan.train`` address) with ``method``.
 
     The pivot is loaded as every stage loads it (``models.model_dir``: a local
@@ -47,7 +48,7 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
             dtype=m.dtype, mergekit_yaml=m.mergekit_yaml if is_main else None, shard_size=m.shard_size,
             device=m.device, seed=0, tokenizer=tokenizer, chat_template=pivot.chat_template,
             sources=[s.name for s in cfg.sources], name=f"{cfg.name}-merge-{method}", progress=progress,
-            training=_training(cfg, targets))
+            training=_training(cfg, targets), on_tensor=on_tensor)
         # The folder names where inputs were cached on this machine; what it records must
         # name the inputs themselves, or the same merge would differ from store to store.
         # A demo pivot is an artifact too: named by its address, as the targets are, so
