@@ -27,7 +27,22 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it says it itself (a flag's is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings \
+                or action.required or isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(EXIT_USAGE, f"fusechat: error: {message}\n")
 
@@ -36,40 +51,52 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fusechat", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    stages = ", ".join(_stage_names())
     run = sub.add_parser("run", help="run the pipeline for a config (finished stages are skipped)")
-    run.add_argument("config")
-    run.add_argument("--store", help="artifact root URL (overrides the config's store)")
-    run.add_argument("--until", help="stop after this stage")
+    run.add_argument("config", help="the run's YAML file (a path or a URL in the store)")
+    run.add_argument("--store", help="artifact root URL (default: the config's store)")
+    run.add_argument("--until", metavar="STAGE", help=f"stop after this stage, one of: {stages} "
+                                                      "(default: the last)")
     run.add_argument("--plan", action="store_true", help="print every stage's address and state; run nothing")
     run.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
     st = sub.add_parser("status", help="every stage: done / partial / missing, address, size")
-    st.add_argument("config")
-    st.add_argument("--store")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("config", help="the run's YAML file")
+    st.add_argument("--store", help="artifact root URL (default: the config's store)")
+    st.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     st.add_argument("--verify", action="store_true", help="re-hash every file against its manifest")
 
     ev = sub.add_parser("eval", help="evaluate one model (folder, hub id or store artifact) outside a run")
-    ev.add_argument("model", metavar="MODEL_OR_ADDRESS")
+    ev.add_argument("model", metavar="MODEL_OR_ADDRESS", help="a model folder, a hub id or a store address")
     ev.add_argument("--store", help="artifact root URL (default: ./fusechat-artifacts)")
     ev.add_argument("--name", help="the model's name in the report (default: the last path part)")
     ev.add_argument("--heldout", metavar="DATASET_ADDRESS", help="held-out NLL / exact match on this dataset artifact")
     ev.add_argument("--mt-bench", nargs="?", const="fastchat", metavar="LOCATION",
                     help="answer and judge MT-Bench; LOCATION: folder or URL of the data files (default: FastChat's)")
-    ev.add_argument("--judge-model")
-    ev.add_argument("--judge-base-url", help="an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
-    ev.add_argument("--judge-api-key-env", help="name of the environment variable holding the judge's API key")
-    ev.add_argument("--judge-concurrency", type=int)
-    ev.add_argument("--judge-timeout-s", type=float, metavar="S", help="seconds one judge request may take in all")
-    ev.add_argument("--judge-max-retries", type=int, metavar="N", help="retries of a failed judge request")
+    from fusechat_core.config import EvaluateConfig
+
+    d = EvaluateConfig()
+    ev.add_argument("--judge-model", help=f"the judge's model name (default: {d.judge_model})")
+    ev.add_argument("--judge-base-url", help="an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 "
+                                             f"(default: {d.judge_base_url})")
+    ev.add_argument("--judge-api-key-env", help="name of the environment variable holding the judge's API key "
+                                                f"(default: {d.judge_api_key_env})")
+    ev.add_argument("--judge-concurrency", type=int, help=f"judge requests at once (default: {d.judge_concurrency})")
+    ev.add_argument("--judge-timeout-s", type=float, metavar="S",
+                    help=f"seconds one judge request may take in all (default: {d.judge_timeout_s:g})")
+    ev.add_argument("--judge-max-retries", type=int, metavar="N",
+                    help=f"retries of a failed judge request (default: {d.judge_max_retries})")
     ev.add_argument("--judge-max-retry-after-s", type=float, metavar="S",
-                    help="honour a judge's Retry-After up to this many seconds (default 60)")
+                    help="honour a judge's Retry-After up to this many seconds "
+                         f"(default: {d.judge_max_retry_after_s:g})")
     ev.add_argument("--judge-deadline-s", type=float, metavar="S",
-                    help="judge requests still unanswered this long after grading began fail")
-    ev.add_argument("--max-new-tokens", type=int)
-    ev.add_argument("--tokenizer", help="tokenizer reference when the model folder has none")
-    ev.add_argument("--chat-template", help="a registered chat template instead of the tokenizer's own")
-    ev.add_argument("--device", choices=("auto", "cpu", "cuda"))
+                    help="judge requests still unanswered this long after grading began fail "
+                         f"(default: {d.judge_deadline_s:g})")
+    ev.add_argument("--max-new-tokens", type=int, help=f"tokens per MT-Bench answer (default: {d.max_new_tokens})")
+    ev.add_argument("--tokenizer", help="tokenizer reference when the model folder has none "
+                                        "(default: the model's own)")
+    ev.add_argument("--chat-template", help="a registered chat template (default: the tokenizer's own)")
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"), help=f"where the model runs (default: {d.device})")
     ev.add_argument("--json", action="store_true", help="print the results as JSON as the last line")
 
     mg = sub.add_parser("merge", help="merge targets (folders or hub ids) onto their pivot outside a run")
@@ -78,16 +105,20 @@ def _parser() -> argparse.ArgumentParser:
     _merge_arguments(mg)
 
     setup = sub.add_parser("setup", help="prepare a Prefect server: GPU concurrency limit, crash detection, work pool")
-    setup.add_argument("--gpu-tag", default="gpu")
+    setup.add_argument("--gpu-tag", default="gpu", help="the tag GPU tasks carry (runner.gpu_tag)")
     setup.add_argument("--gpu-limit", type=int, default=1, help="GPUs in the pool: at most this many GPU tasks at once")
     setup.add_argument("--heartbeat-timeout", type=int, default=90,
                        help="seconds without a heartbeat before a flow run is marked Crashed")
     setup.add_argument("--work-pool", default="fusechat-local", help="process work pool to create ('' for none)")
+    setup.add_argument("--gpu-work-pool", default="fusechat-gpu",
+                       help="Kubernetes GPU work pool to create, with deployments/kubernetes-gpu.json as its base "
+                            "job template ('' for none)")
 
     demo = sub.add_parser("demo", help="run the built-in demo (tiny local models, local store)")
     demo.add_argument("--store", help="artifact root URL (default: ./fusechat-artifacts)")
-    demo.add_argument("--until")
-    demo.add_argument("--json", action="store_true")
+    demo.add_argument("--until", metavar="STAGE", help=f"stop after this stage, one of: {stages} "
+                                                       "(default: the last)")
+    demo.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     return p
 
 
@@ -98,7 +129,9 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     # Telemetry races the first write to a cold SQLite database and prints a lock error.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from tasks._stage import quiet_progress_bars
+
+    quiet_progress_bars()
 
 
 def _stage_names() -> tuple[str, ...]:
@@ -306,7 +339,8 @@ def _setup(args: argparse.Namespace) -> int:
 
     try:
         for line in setup_server(gpu_tag=args.gpu_tag, gpu_limit=args.gpu_limit,
-                                 heartbeat_timeout_s=args.heartbeat_timeout, work_pool=args.work_pool or None):
+                                 heartbeat_timeout_s=args.heartbeat_timeout, work_pool=args.work_pool or None,
+                                 gpu_work_pool=args.gpu_work_pool or None):
             print(line)
     except Exception as exc:  # the API's own message, on one line
         print(f"fusechat: setup failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",

@@ -5,16 +5,21 @@
   that was SIGKILLed (preempted) cannot report its own death, and without this
   the dashboard would show the run as Running forever. Runs send heartbeats when
   ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set (the CLI sets 30 s by default).
-- The work pool the deployments in ``prefect.yaml`` use (a process pool here;
-  ``deployments/`` has the Kubernetes GPU template).
+- Every work pool the deployments in ``prefect.yaml`` use, so ``prefect deploy --all``
+  works right after: ``fusechat-local`` (process) and ``fusechat-gpu`` (Kubernetes, with
+  ``deployments/kubernetes-gpu.json`` as its base job template).
 
 Every step is idempotent: running it again updates what exists.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
+
+GPU_JOB_TEMPLATE = Path(__file__).resolve().parents[1] / "deployments" / "kubernetes-gpu.json"
 
 ZOMBIE_AUTOMATION = "fusechat: crash flow runs whose heartbeats stopped"
 # Prefect's least ``within`` for a proactive trigger. A real cluster wants several heartbeat periods
@@ -50,7 +55,7 @@ def zombie_automation(within_s: int) -> Any:
 
 
 def setup_server(*, gpu_tag: str = "gpu", gpu_limit: int = 1, heartbeat_timeout_s: int = 90,
-                 work_pool: str | None = "fusechat-local") -> list[str]:
+                 work_pool: str | None = "fusechat-local", gpu_work_pool: str | None = "fusechat-gpu") -> list[str]:
     """Apply the set-up to the Prefect API in ``PREFECT_API_URL``; returns what was done.
 
     ``heartbeat_timeout_s`` is the automation's ``within``: how long after a heartbeat a flow run may
@@ -68,12 +73,20 @@ def setup_server(*, gpu_tag: str = "gpu", gpu_limit: int = 1, heartbeat_timeout_
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag=gpu_tag, concurrency_limit=gpu_limit)
         done.append(f"concurrency limit: tag {gpu_tag!r} at most {gpu_limit} task runs")
-        if work_pool:
+        pools = [(work_pool, "process", None)]
+        if gpu_work_pool:
+            # The server stores the pool as it is given; a Kubernetes worker (prefect-kubernetes)
+            # is only needed where the pool's runs are executed.
+            pools.append((gpu_work_pool, "kubernetes", json.loads(GPU_JOB_TEMPLATE.read_text())))
+        for name, kind, template in pools:
+            if not name:
+                continue
             try:
-                client.create_work_pool(WorkPoolCreate(name=work_pool, type="process"))
-                done.append(f"work pool {work_pool!r} (process) created")
+                client.create_work_pool(WorkPoolCreate(name=name, type=kind, **(
+                    {"base_job_template": template} if template else {})))
+                done.append(f"work pool {name!r} ({kind}) created")
             except ObjectAlreadyExists:
-                done.append(f"work pool {work_pool!r} exists")
+                done.append(f"work pool {name!r} exists")
     wanted = zombie_automation(heartbeat_timeout_s)
     try:
         existing = Automation.read(name=ZOMBIE_AUTOMATION)

@@ -65,6 +65,10 @@ class ModelSpec(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     chat_template: str | None = None  # a registered template name; None: the tokenizer's own
     trust_remote_code: bool = False
+    # Spread the model over every visible GPU (transformers' ``device_map``), for a model
+    # bigger than one GPU (Mixtral 8x7B in bf16: ~94 GB). Where it sits is not what it is:
+    # not part of any address. Ignored on the CPU.
+    device_map: Literal["auto", "balanced", "sequential"] | None = None
 
     @model_validator(mode="before")
     @classmethod

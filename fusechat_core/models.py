@@ -176,14 +176,16 @@ def load_causal_lm(spec: Any, device: str = "auto", dtype: str | None = None) ->
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device)
+    # ``device_map``: the model spread over every visible GPU (its inputs go to the first)
+    spread = getattr(spec, "device_map", None) if device.startswith("cuda") else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir(spec), revision=spec.revision, dtype=torch_dtype(dtype or spec.dtype, device),
-            trust_remote_code=spec.trust_remote_code)
+            trust_remote_code=spec.trust_remote_code, **({"device_map": spread} if spread else {}))
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"model {spec.name!r}: cannot load {spec.path}: {first}") from exc
-    return model.to(device).eval()
+    return (model if spread else model.to(device)).eval()
 
 
 def warm_imports() -> None:

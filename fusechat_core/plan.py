@@ -21,8 +21,9 @@ CLM = "clm"  # the λ = 1 baseline target: plain fine-tuning of the pivot
 
 
 def _model_identity(spec: ModelSpec) -> dict:
-    # The name is a label, not content: renaming a model must not recompute it.
-    return spec.model_dump(exclude={"name"})
+    # The name is a label, not content: renaming a model must not recompute it; nor does
+    # spreading it over several GPUs.
+    return spec.model_dump(exclude={"name", "device_map"})
 
 
 def mt_bench_answers_address(name: str, model_ref: dict, evaluate: EvaluateConfig) -> str:

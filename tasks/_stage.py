@@ -26,6 +26,24 @@ from fusechat_core.store import ArtifactStore, Manifest, human_size
 
 RECORDS_PREFIX = "_prefect-records"
 
+# Third-party progress bars write carriage-return lines that fill a task's log (and the
+# dashboard) with noise: stages report progress as progress artifacts instead.
+_QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1",       # huggingface_hub, and transformers, which follows it
+          "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # datasets
+          "TQDM_DISABLE": "1",                       # any other tqdm bar left at its default
+          "TRANSFORMERS_VERBOSITY": "warning"}
+
+
+def quiet_progress_bars() -> None:
+    """Turn third-party progress bars off in this process (and the processes it starts),
+    unless the environment already says otherwise. Read when those libraries are first
+    imported: every process that runs a stage imports this module before them."""
+    for key, value in _QUIET.items():
+        os.environ.setdefault(key, value)
+
+
+quiet_progress_bars()
+
 
 def record_key(address: str) -> str:
     return address.replace("/", "--")

@@ -114,3 +114,73 @@ def test_demo_and_paper_configs_validate():
 
     cfg = load_config(DEMO_CONFIG)
     assert cfg.pivot.name == "pivot" and len(cfg.sources) == 2
+
+
+def test_paper_config_ships_an_8_gpu_fsdp_launch_and_spreads_mixtral_over_gpus():
+    import transformers
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from fusechat_core.plan import RunPlan
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "fusechat-7b-varm.yaml")
+    # relative to the repository's root, the working folder of a deployment run
+    accel = REPO / cfg.train.accelerate_config
+    assert accel.is_file()
+    launch = load_config_from_file(str(accel))  # accelerate's own reader of `accelerate config` files
+    assert str(launch.distributed_type) in ("FSDP", "DistributedType.FSDP") and launch.num_processes == 8
+    assert launch.mixed_precision == cfg.train.mixed_precision == "bf16"
+    # FSDP wraps each decoder layer of the pivot (OpenChat-3.5: a Mistral model)
+    assert hasattr(transformers, launch.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].replace(
+        "DecoderLayer", "ForCausalLM"))
+    from transformers.models.mistral import modeling_mistral
+
+    assert hasattr(modeling_mistral, launch.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
+    mixtral = next(s for s in cfg.sources if s.name == "mixtral")
+    assert mixtral.device_map == "auto"
+    # where a model sits is not what it is: no address moves
+    plain = cfg.model_copy(update={"sources": [s.model_copy(update={"device_map": None}) for s in cfg.sources]})
+    assert [n.address for n in RunPlan(plain).nodes()] == [n.address for n in RunPlan(cfg).nodes()]
+
+
+def test_every_cli_option_has_help_and_shows_its_default():
+    import argparse
+
+    from flows.cli import _parser
+
+    parser = _parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (name, action.option_strings)
+            if not action.required and not isinstance(action, argparse._StoreTrueAction):
+                formatter = sub._get_formatter()
+                assert "default" in formatter._get_help_string(action), (name, action.option_strings)
+        assert "(default: %" not in text, name  # every %(default)s was filled in
+    run_help = subs.choices["run"].format_help()
+    for stage in ("dataset", "represent", "align", "train", "merge", "evaluate", "report"):
+        assert stage in run_help  # --until lists the stages
+    assert "(default: 90)" in subs.choices["setup"].format_help()
+
+
+def test_third_party_progress_bars_are_off_where_stages_run():
+    """Any process that runs a stage imports tasks._stage first: the bars of transformers,
+    datasets, huggingface_hub and plain tqdm are off there."""
+    code = ("import tasks._stage, io, tqdm, transformers, datasets, huggingface_hub.utils as h\n"
+            "from transformers.utils import logging as tl\n"
+            "from datasets.utils import logging as dl\n"
+            "buf = io.StringIO()\n"
+            "for _ in tqdm.tqdm(range(3), file=buf): pass\n"
+            "print(tl.is_progress_bar_enabled(), dl.is_progress_bar_enabled(), h.are_progress_bars_disabled(),"
+            " repr(buf.getvalue()))\n")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False False True ''"

@@ -54,10 +54,13 @@ def demo(tmp_path_factory):
         runs = FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
         task_runs = client.read_task_runs(flow_run_filter=runs)
         artifacts = client.read_artifacts(flow_run_filter=runs)
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
         api_url = str(client.api_url)
     return {"last": json.loads(out.strip().splitlines()[-1]), "store_url": store_url, "cfg": cfg,
             "plan": RunPlan(cfg), "store": ArtifactStore(store_url), "task_runs": task_runs,
-            "artifacts": artifacts, "api_url": api_url, "flow_run": run}
+            "artifacts": artifacts, "api_url": api_url, "flow_run": run, "logs": logs}
 
 
 def test_demo_shows_fusion_beating_plain_fine_tuning(demo):
@@ -159,6 +162,10 @@ def test_every_stage_posts_a_summary_under_its_address(demo):
 
 def test_the_flow_run_is_named_after_the_run_and_waiting_shows_as_waiting(demo):
     assert demo["flow_run"].name == "demo"
+    # the task logs hold our lines, no third-party progress bars
+    assert len(demo["logs"]) > 20
+    bars = [r.message for r in demo["logs"] if re.search(r"\d+%\||it/s\]|s/it\]", r.message)]
+    assert not bars, bars[:3]
     # in-process training and pre-training run one at a time: the next one waits Pending
     # (never Running) until the one before it has finished
     for prefix in ("train[", "demo_model["):

@@ -3,10 +3,12 @@ a deployment from prefect.yaml, and the S3 store on SeaweedFS."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,48 @@ from tests.tiny_config import tiny_run_config
 
 def _cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_setup_then_deploy_all_and_the_repo_dir_is_read_at_run_time(tmp_path, prefect_server, monkeypatch):
+    """`fusechat setup` creates every work pool prefect.yaml names, so `prefect deploy --all` works
+    right after; the deployments hold no checkout path (FUSECHAT_REPO_DIR is read by the pull step
+    when a run starts, so it is not even set here)."""
+    import yaml
+
+    server = prefect_server
+    env = {**server.client_env(tmp_path / "prefect-home")}
+    env.pop("FUSECHAT_REPO_DIR", None)
+    setup = _cli([str(BIN / "fusechat"), "setup", "--gpu-limit", "2", "--heartbeat-timeout", "60"], env)
+    assert setup.returncode == 0, setup.stderr
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    wanted = {d["work_pool"]["name"] for d in spec["deployments"]}
+    assert wanted == {"fusechat-local", "fusechat-gpu"}
+    pools = {p["name"]: p for p in server.post("/work_pools/filter", {})}
+    assert wanted <= set(pools), sorted(pools)
+    assert pools["fusechat-gpu"]["type"] == "kubernetes"
+    gpu = pools["fusechat-gpu"]["base_job_template"]["job_configuration"]["job_manifest"]
+    assert "nvidia.com/gpu" in json.dumps(gpu)
+
+    deploy = _cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    deployments = {d["name"]: d for d in server.post("/deployments/filter", {})}
+    assert {d["name"] for d in spec["deployments"]} <= set(deployments)
+    for name in (d["name"] for d in spec["deployments"]):
+        assert deployments[name]["pull_steps"] == [{"flows.steps.enter_repo_dir": {}}], deployments[name]
+        assert str(REPO) not in json.dumps(deployments[name]), name
+
+    # the pull step itself: the variable's value when the run starts, checked
+    from flows.steps import enter_repo_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FUSECHAT_REPO_DIR", str(REPO))
+    assert enter_repo_dir() == {"directory": str(REPO)} and Path.cwd() == REPO
+    monkeypatch.setenv("FUSECHAT_REPO_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=r"^FUSECHAT_REPO_DIR=.*: no fusechat checkout there"):
+        enter_repo_dir()
+    monkeypatch.delenv("FUSECHAT_REPO_DIR")
+    with pytest.raises(ValueError, match=r"^FUSECHAT_REPO_DIR is not set on this worker"):
+        enter_repo_dir()
 
 
 @pytest.mark.slow

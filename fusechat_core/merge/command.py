@@ -23,16 +23,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the targets (fine-tunes of the pivot): folders or hub ids, optionally NAME=DIR")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or absent)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method parameter (YAML value; a list gives one value per target), repeatable")
+                   help="a method parameter (YAML value; a list gives one value per target), repeatable "
+                        "(default: the method's defaults)")
     p.add_argument("--granularity", choices=("matrix", "layer", "model"), default="matrix", help="VaRM weights per")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="saved dtype")
     p.add_argument("--mergekit-yaml", metavar="FILE",
-                   help="a mergekit config used as given (${pivot} and ${<target name>} are replaced)")
+                   help="a mergekit config used as given (${pivot} and ${<target name>} are replaced; "
+                        "default: one built from --method and --param)")
     p.add_argument("--shard-size", type=int, default=2_000_000_000, help="bytes per output shard")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the merge computes")
     p.add_argument("--seed", type=int, default=0, help="seed of the random methods (DARE)")
-    p.add_argument("--tokenizer", help="tokenizer reference when the pivot folder has none")
-    p.add_argument("--chat-template", help="a registered chat template instead of the tokenizer's own")
+    p.add_argument("--tokenizer", help="tokenizer reference when the pivot folder has none (default: the pivot's)")
+    p.add_argument("--chat-template", help="a registered chat template (default: the tokenizer's own)")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
 
