@@ -495,9 +495,15 @@ def test_prefect_task_trains_each_target_reports_and_caches(run_setup):
         log = json.loads((store.fetch(ref["address"]) / "fusechat_training.json").read_text())
         assert log["lam"] == (1.0 if name == "clm" else 0.9) and len(log["history"]) == 4
     keys = {a.key for a in made if a.key}
-    assert {"train-clm-metrics", "train-src-metrics"} <= keys
+    from tasks._stage import artifact_key, dashboard_key
+
+    src_key = dashboard_key(store.url, src_address, "metrics")
+    assert {dashboard_key(store.url, clm_address, "metrics"), src_key} <= keys
+    # the key names the target's address, and another store's run of it has a key of its own
+    assert src_key.startswith(artifact_key(src_address) + "-metrics-")
+    assert dashboard_key("s3://elsewhere/x", src_address, "metrics") != src_key
     # one version per checkpoint (2 rows, then 4) and at the end; the newest has every step
-    table = max((a for a in made if a.key == "train-src-metrics"), key=lambda a: a.created)
+    table = max((a for a in made if a.key == src_key), key=lambda a: a.created)
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["fusion_loss"] is not None for r in rows)
     progress = [a for a in made if a.type == "progress"]
