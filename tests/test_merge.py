@@ -192,7 +192,7 @@ def _run_config(tmp_path: Path, known, method: str, parameters: dict | None = No
     return parse_config(raw)
 
 
-def _stage(cfg, targets: dict[str, Path], store: ArtifactStore | None = None):
+def _stage(cfg, targets: dict[str, Path], store: ArtifactStore | None = None, **kw):
     """Targets uploaded as train artifacts, merged by the run's merge stage, read back from the store."""
     from fusechat_core.merge.stage import merge_stage
 
@@ -203,7 +203,7 @@ def _stage(cfg, targets: dict[str, Path], store: ArtifactStore | None = None):
         addresses[name] = plan.train(name)
         store.put_dir(addresses[name], folder)
     address = plan.merge(cfg.merge.method)
-    out = merge_stage(cfg, store, address, cfg.merge.method, addresses)
+    out = merge_stage(cfg, store, address, cfg.merge.method, addresses, **kw)
     assert store.is_complete(address) and out["address"] == address
     return _load_folder(store.fetch(address)), store, address
 
@@ -527,7 +527,11 @@ def test_a_run_merge_replays_from_its_store_with_fusechat_mergekit_yaml(known, t
     import yaml
 
     cfg = _run_config(tmp_path, known, "varm")
-    _, store, address = _stage(cfg, {"a": known["a"], "b": known["b"]})
+    counts: list[tuple[int, int]] = []
+    merged, store, address = _stage(cfg, {"a": known["a"], "b": known["b"]},
+                                    on_tensor=lambda done, total: counts.append((done, total)))
+    # progress: one call per tensor written, out of every tensor of the merged model
+    assert counts == [(i, len(merged)) for i in range(1, len(merged) + 1)]
     folder = store.fetch(address)
     saved = yaml.safe_load((folder / "mergekit_config.yml").read_text())
     assert {m["model"] for m in saved["models"]} == {RunPlan(cfg).train("a"), RunPlan(cfg).train("b")}
