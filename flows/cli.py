@@ -135,9 +135,9 @@ def _prefect_env() -> None:
 
 
 def _stage_names() -> tuple[str, ...]:
-    from flows.pipeline import STAGES
+    from fusechat_core.stages import PIPELINE_STAGES  # not flows.pipeline: no Prefect import to parse
 
-    return STAGES
+    return PIPELINE_STAGES
 
 
 def status_rows(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:

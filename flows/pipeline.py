@@ -21,6 +21,7 @@ from prefect.futures import PrefectFuture, wait
 from fusechat_core.config import RunConfig, load_config
 from fusechat_core.plan import CLM, RunPlan
 from fusechat_core.preflight import preflight
+from fusechat_core.stages import PIPELINE_STAGES
 from fusechat_core.stopping import stop_on_termination
 from tasks._stage import ensure_gpu_limit, open_store, result_storage_for, unwalked
 from tasks.align import align_shard, build_vocab_map, finish_align
@@ -31,7 +32,7 @@ from tasks.merge import merge_targets
 from tasks.represent import submit_represent
 from tasks.train import train_target
 
-STAGES = ("demo_models", "dataset", "represent", "align", "train", "merge", "evaluate", "report")
+STAGES = PIPELINE_STAGES
 
 
 def task_runner_for(cfg: RunConfig) -> Any:

@@ -16,6 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+# The pipeline's stages in order: what `--until` / the flow's `until` may name.
+PIPELINE_STAGES = ("demo_models", "dataset", "represent", "align", "train", "merge", "evaluate", "report")
+
 # Bumped by hand when a stage's output format or semantics change.
 STAGE_VERSIONS: dict[str, int] = {
     "demo_models": 4,
