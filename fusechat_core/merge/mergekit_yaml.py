@@ -3,7 +3,8 @@
 VaRM is registered in mergekit's method registry (``varm.py``), so any mergekit
 YAML may say ``merge_method: varm`` and mergekit's machinery (its planner,
 out-of-core loader, writer and every ``mergekit-yaml`` option) runs it, exactly
-as it runs its own methods::
+as it runs its own methods, with the compute pinned as in every fusechat merge
+(``determinism.pin_compute``), so the bytes are ``fusechat merge``'s::
 
     fusechat-mergekit-yaml varm.yml ./merged [any mergekit-yaml option]
 
@@ -72,9 +73,13 @@ def resolve_store_references(text: str, store_url: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from mergekit.scripts.run_yaml import main as mergekit_yaml
 
+    from fusechat_core.determinism import pin_compute
     from fusechat_core.merge import varm
 
     varm.register()
+    # the compute settings every fusechat merge runs with (one intra-op thread, deterministic
+    # kernels): VaRM's weights are sums whose rounding depends on the thread count
+    pin_compute()
     args = list(sys.argv[1:] if argv is None else argv)
     store_url = _pop_store(args)
     with tempfile.TemporaryDirectory(prefix="fusechat-mergekit-") as tmp:
