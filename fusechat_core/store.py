@@ -13,6 +13,26 @@ expired, another writer took it over after a crash) can never commit: the lease 
 checked before every file and before the manifest, and the manifest is written only
 if absent (a local hard link; an S3 PUT with ``If-None-Match: *``).
 
+Nothing read is trusted either (``check``, ``open``, ``fetch``):
+
+- every read verifies the bytes against the manifest's sha256: ``open`` hashes while
+  the caller reads (the rest of the file at close, if the caller skipped some), ``fetch``
+  hashes each file as it copies it, or, on a local store whose folder it returns, once
+  when it hands the folder out (a process does not hash the same unchanged file twice).
+  A mismatch raises ``DamagedArtifact`` and forgets the artifact's verification, so the
+  next completeness check re-hashes it, finds the damage and the artifact is recomputed;
+- completeness (``check``/``is_complete``, what a Prefect cache hit rests on) is cheap
+  and honest: the manifest must be well-formed and name only paths inside its artifact,
+  every file must be there with its size, and every file must match the *verified
+  marker* (``.verified.json``: the manifest's digest and each file's stat identity —
+  size, mtime and ctime on a local store, size and ETag from one listing on S3 — taken
+  when the file was last hashed: by its writer at commit, or by a re-hash). A file whose
+  identity changed since is re-hashed then, so a rewritten or touched byte is found
+  before any stage trusts it; damage that keeps a file's size, mtime and ctime (bit rot)
+  is found by the reader's own hash, or by ``check(verify=True)``;
+- ``state`` says ``damaged`` (committed, but a file is missing, short or wrong, or the
+  manifest is malformed or names a path outside its artifact) apart from ``missing``.
+
 The root is an fsspec URL: ``file://...`` (the default) or ``s3://bucket/prefix``
 through s3fs. S3 credentials come only from the environment (``AWS_*``), the
 endpoint from ``FUSECHAT_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL``): nothing
@@ -26,6 +46,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -42,7 +63,13 @@ from fusechat_core import stopping
 
 MANIFEST = "MANIFEST.json"
 LEASE = ".lease"
+VERIFIED = ".verified.json"  # the verified marker: not part of the artifact, never in its manifest
 _CHUNK = 8 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# A writer's temporary file: ``<file>.tmp-<host>-<pid>-<thread>``.
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+_TMP = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-(?P<tid>\d+)$")
+STALE_TMP_S = 3600  # a temporary file nobody has written for this long belongs to a dead writer
 
 
 class StoreError(RuntimeError):
@@ -51,6 +78,64 @@ class StoreError(RuntimeError):
 
 class LeaseError(StoreError):
     """Another writer holds the artifact's lease, or this writer lost it."""
+
+
+class DamagedArtifact(StoreError):
+    """An artifact's bytes do not match its manifest; it is recomputed on the next run."""
+
+    def __init__(self, address: str, reason: str):
+        super().__init__(f"artifact {address!r} is damaged: {reason}; it is recomputed on the next run")
+        self.address, self.reason = address, reason
+
+
+# Bytes verified by this process: (path, size, mtime_ns, ctime_ns, sha256). A file that
+# was hashed and has not changed since is not hashed again by the same process.
+_VERIFIED_READS: set[tuple] = set()
+_VERIFIED_LOCK = threading.Lock()
+# Seconds this process spent hashing what it read (the benchmarks report the share).
+VERIFY_SECONDS = [0.0]
+
+
+def _stat_key(path: str | Path) -> tuple:
+    st = os.stat(path)
+    return (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a local file, read in chunks; the time goes to ``VERIFY_SECONDS``."""
+    t0 = time.perf_counter()
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    VERIFY_SECONDS[0] += time.perf_counter() - t0
+    return h.hexdigest()
+
+
+def verify_local_file(path: str | Path, sha256: str) -> bool:
+    """Whether a local file's bytes have this sha256 (remembered while the file is unchanged)."""
+    key = _stat_key(path) + (sha256,)
+    with _VERIFIED_LOCK:
+        if key in _VERIFIED_READS:
+            return True
+    if sha256_file(path) != sha256 or _stat_key(path) + (sha256,) != key:
+        return False
+    with _VERIFIED_LOCK:
+        _VERIFIED_READS.add(key)
+    return True
+
+
+@dataclass(frozen=True)
+class Check:
+    """What ``ArtifactStore.check`` found: ``done``, ``damaged`` (with why) or ``missing``."""
+
+    state: str
+    reason: str = ""
+    manifest: Manifest | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "done"
 
 
 @dataclass(frozen=True)
@@ -93,13 +178,35 @@ class Manifest:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
+    def from_json(cls, text: str | bytes) -> Manifest:
+        """Parse and check a manifest: ValueError naming the fault when it is malformed or
+        names a file outside its artifact (absolute, ``..``, the manifest itself)."""
         raw = json.loads(text)
+        if not isinstance(raw, dict) or not isinstance(raw.get("address"), str) \
+                or not isinstance(raw.get("files"), list) or not isinstance(raw.get("meta", {}), dict):
+            raise ValueError("not a manifest (address, files, meta)")
+        files, seen = [], set()
+        for f in raw["files"]:
+            if not isinstance(f, dict) or set(f) != {"path", "size", "sha256"}:
+                raise ValueError(f"file entry {str(f)[:80]!r} is not {{path, size, sha256}}")
+            rel, size, sha = f["path"], f["size"], f["sha256"]
+            parts = rel.split("/") if isinstance(rel, str) else [""]
+            if any(p in ("", ".", "..") for p in parts) or "\\" in rel or rel in (MANIFEST, VERIFIED):
+                raise ValueError(f"file {str(rel)[:80]!r} is not a path inside the artifact")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ValueError(f"file {rel!r}: size {size!r} is not a byte count")
+            if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+                raise ValueError(f"file {rel!r}: sha256 {str(sha)[:80]!r} is not a sha256")
+            if rel in seen:
+                raise ValueError(f"file {rel!r} is listed twice")
+            seen.add(rel)
+            files.append(FileEntry(rel, size, sha))
+        created = raw.get("created", 0.0)
         return cls(
             address=raw["address"],
-            files=tuple(FileEntry(**f) for f in raw["files"]),
+            files=tuple(files),
             meta=raw.get("meta", {}),
-            created=raw.get("created", 0.0),
+            created=created if isinstance(created, (int, float)) else 0.0,
         )
 
 
@@ -185,63 +292,164 @@ class ArtifactStore:
         return _Ctx()
 
     # -- reading -----------------------------------------------------------
-    def manifest(self, address: str) -> Manifest | None:
-        """The artifact's manifest, or None when it is missing or unreadable."""
+    def _read_manifest(self, address: str) -> tuple[Manifest | None, str]:
+        """(manifest, "") or (None, why): "" when there is none, else what is wrong with it."""
         path = self._path(address, MANIFEST)
         with self._wrap("read", address):
             try:
                 with self.fs.open(path, "rb") as fh:
-                    text = fh.read().decode()
+                    text = fh.read()
             except FileNotFoundError:
-                return None
+                return None, ""
         try:
-            return Manifest.from_json(text)
-        except (ValueError, KeyError, TypeError):
-            return None
+            man = Manifest.from_json(text)
+        except (ValueError, KeyError, TypeError) as exc:
+            return None, f"malformed manifest: {str(exc)[:160] or type(exc).__name__}"
+        if man.address.strip("/") != address.strip("/"):
+            return None, f"its manifest is {man.address!r}'s"
+        return man, ""
+
+    def manifest(self, address: str) -> Manifest | None:
+        """The artifact's manifest, or None when it is missing, unreadable or malformed."""
+        return self._read_manifest(address)[0]
+
+    def _identities(self, address: str, man: Manifest) -> dict[str, tuple]:
+        """Each present file's stat identity: (size, ...) whose change means its bytes may have."""
+        if self.scheme == "file":
+            out = {}
+            for entry in man.files:
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    st = os.stat(self._path(address, entry.path))
+                    out[entry.path] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            return out
+        base = self._path(address)
+        if self.scheme == "s3":  # one listing: sizes and ETags of every object of the artifact
+            try:
+                found = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                found = {}
+            wanted = {f"{base}/{e.path}" for e in man.files}
+            return {p[len(base) + 1:]: (int(info.get("size", -1)), str(info.get("ETag", "")))
+                    for p, info in found.items() if p in wanted}
+        out = {}
+        for entry in man.files:
+            with contextlib.suppress(FileNotFoundError):
+                info = self.fs.info(self._path(address, entry.path))
+                out[entry.path] = (int(info.get("size", -1)), str(info.get("created", info.get("mtime", ""))))
+        return out
+
+    def _marker(self, address: str) -> dict[str, Any]:
+        try:
+            with self.fs.open(self._path(address, VERIFIED), "rb") as fh:
+                raw = json.loads(fh.read())
+            return raw if isinstance(raw, dict) else {}
+        except Exception:  # no marker, or an unreadable one: nothing is taken as verified
+            return {}
+
+    def _mark_verified(self, address: str, man: Manifest, ids: dict[str, tuple]) -> None:
+        """Record that these files, with these identities, matched the manifest (best effort:
+        a store we may not write to just re-hashes next time)."""
+        text = json.dumps({"digest": man.digest, "files": {k: list(v) for k, v in sorted(ids.items())}})
+        path = self._path(address, VERIFIED)
+        with contextlib.suppress(Exception):
+            if self.scheme == "file":
+                tmp = f"{path}.tmp-{_HOST}-{os.getpid()}-{threading.get_ident()}"
+                with open(tmp, "w") as fh:
+                    fh.write(text)
+                os.replace(tmp, path)
+            else:
+                with self.fs.open(path, "wb") as fh:
+                    fh.write(text.encode())
+
+    def _forget_verified(self, address: str) -> None:
+        with contextlib.suppress(Exception):
+            self.fs.rm(self._path(address, VERIFIED))
+
+    def check(self, address: str, *, verify: bool = False) -> Check:
+        """``done``, ``damaged`` or ``missing`` (no manifest: never committed, or being written).
+
+        ``done``: the manifest is well-formed and names only files inside the artifact, each
+        is there with its size, and each matches the verified marker (see the module's
+        docstring) or, where it does not, is re-hashed now and matches. ``verify=True``
+        re-hashes every file whatever the marker says (``status --verify``).
+        """
+        with self._wrap("check", address):
+            man, why = self._read_manifest(address)
+            if man is None:
+                return Check("damaged", why) if why else Check("missing")
+            ids = self._identities(address, man)
+            for entry in man.files:
+                if entry.path not in ids:
+                    return Check("damaged", f"{entry.path} is missing", man)
+                if ids[entry.path][0] != entry.size:
+                    return Check("damaged", f"{entry.path} has {ids[entry.path][0]} bytes, its manifest says "
+                                            f"{entry.size}", man)
+            marker = {} if verify else self._marker(address)
+            seen = marker.get("files", {}) if marker.get("digest") == man.digest else {}
+            stale = [e for e in man.files if not isinstance(seen, dict) or seen.get(e.path) != list(ids[e.path])]
+            if not stale:
+                return Check("done", "", man)
+            for entry in stale:
+                if self._sha256(self._path(address, entry.path)) != entry.sha256:
+                    self._forget_verified(address)
+                    return Check("damaged", f"{entry.path} does not match its manifest's sha256", man)
+            # identities read after hashing: a file rewritten meanwhile is hashed again next time
+            after = self._identities(address, man)
+            if after == ids:
+                self._mark_verified(address, man, ids)
+            return Check("done", "", man)
 
     def is_complete(self, address: str, *, verify: bool = False) -> bool:
-        """A manifest exists and every file it lists is there with its size.
-
-        ``verify=True`` also re-hashes every file (costly; used by ``status``).
-        """
-        man = self.manifest(address)
-        if man is None:
-            return False
-        with self._wrap("check", address):
-            for entry in man.files:
-                path = self._path(address, entry.path)
-                try:
-                    size = self.fs.size(path)
-                except FileNotFoundError:
-                    return False
-                if size != entry.size:
-                    return False
-                if verify and self._sha256(path) != entry.sha256:
-                    return False
-        return True
+        """The artifact is committed and its files match its manifest (``check``)."""
+        return self.check(address, verify=verify).ok
 
     def _sha256(self, path: str) -> str:
+        if self.scheme == "file":
+            return sha256_file(path)
+        t0 = time.perf_counter()
         h = hashlib.sha256()
         with self.fs.open(path, "rb") as fh:
             while chunk := fh.read(_CHUNK):
                 h.update(chunk)
+        VERIFY_SECONDS[0] += time.perf_counter() - t0
         return h.hexdigest()
 
+    def damaged(self, address: str, reason: str) -> DamagedArtifact:
+        """The error for damage a reader found; the artifact's verification is forgotten, so
+        the next completeness check re-hashes it and it is recomputed."""
+        self._forget_verified(address)
+        return DamagedArtifact(address, reason)
+
     def require(self, address: str) -> Manifest:
-        man = self.manifest(address)
-        if man is None or not self.is_complete(address):
+        c = self.check(address)
+        if c.state == "damaged":
+            raise self.damaged(address, c.reason)
+        if not c.ok or c.manifest is None:
             raise StoreError(f"artifact {address!r} is missing or incomplete in {self.url}")
-        return man
+        return c.manifest
 
     @contextlib.contextmanager
     def open(self, address: str, rel: str, mode: str = "rb") -> Iterator[IO]:
-        """Open a file of a complete artifact for reading."""
+        """Open a file of a complete artifact for reading; its bytes are hashed as they are
+        read (what the caller skipped, at the end) and checked against the manifest when the
+        block ends: DamagedArtifact then, also when the block failed on the bad bytes."""
         man = self.require(address)
-        if rel not in {f.path for f in man.files}:
+        entry = next((f for f in man.files if f.path == rel), None)
+        if entry is None:
             raise StoreError(f"artifact {address!r} has no file {rel!r}")
+        if mode != "rb":
+            raise StoreError(f"artifact {address!r}: files are opened 'rb', not {mode!r}")
         with self._wrap("read", address):
-            with self.fs.open(self._path(address, rel), mode) as fh:
-                yield fh
+            with self.fs.open(self._path(address, rel), "rb") as fh:
+                reader = _VerifyingReader(fh)
+                try:
+                    yield reader  # type: ignore[misc]
+                except Exception as exc:
+                    if reader.sha256() != entry.sha256:
+                        raise self.damaged(address, f"{rel} does not match its manifest's sha256") from exc
+                    raise
+                if reader.sha256() != entry.sha256:
+                    raise self.damaged(address, f"{rel} does not match its manifest's sha256")
 
     def read_bytes(self, address: str, rel: str) -> bytes:
         with self.open(address, rel) as fh:
@@ -251,27 +459,49 @@ class ArtifactStore:
         return json.loads(self.read_bytes(address, rel))
 
     def fetch(self, address: str, dest: str | Path | None = None) -> Path:
-        """A local folder with the artifact's files (the folder itself for file://).
+        """A local folder with the artifact's files (the folder itself for file://), every
+        file verified against the manifest: hashed once when the folder is handed out (a
+        file this process verified and has not changed since is not hashed again), or as it
+        is copied. Readers then map or load the files as they are.
 
         Remote artifacts are copied into a local cache keyed by manifest digest,
-        so a second fetch of the same content copies nothing.
+        so a second fetch of the same content copies nothing (it re-verifies the copy).
         """
         man = self.require(address)
         if self.scheme == "file" and dest is None:
-            return Path(self._path(address))
+            folder = Path(self._path(address))
+            for entry in man.files:
+                if not verify_local_file(folder / entry.path, entry.sha256):
+                    raise self.damaged(address, f"{entry.path} does not match its manifest's sha256")
+            return folder
         if dest is None:
             cache = Path(os.environ.get("FUSECHAT_CACHE", Path(tempfile.gettempdir()) / "fusechat-cache"))
             dest = cache / man.digest[:24]
         dest = Path(dest)
         done = dest / ".complete"
         if done.exists() and done.read_text() == man.digest:
-            return dest
+            if all((dest / e.path).is_file() and verify_local_file(dest / e.path, e.sha256) for e in man.files):
+                return dest
+            done.unlink()  # the local copy was damaged: copy again
         dest.mkdir(parents=True, exist_ok=True)
         with self._wrap("fetch", address):
             for entry in man.files:
                 target = dest / entry.path
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get(self._path(address, entry.path), str(target))
+                tmp = Path(f"{target}.tmp-{_HOST}-{os.getpid()}-{threading.get_ident()}")
+                try:
+                    with self.fs.open(self._path(address, entry.path), "rb") as src, open(tmp, "wb") as out:
+                        reader = _VerifyingReader(src)
+                        while chunk := reader.read(_CHUNK):
+                            out.write(chunk)
+                        if reader.sha256() != entry.sha256:
+                            raise self.damaged(address, f"{entry.path} does not match its manifest's sha256")
+                    os.replace(tmp, target)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
+                with _VERIFIED_LOCK:
+                    _VERIFIED_READS.add(_stat_key(target) + (entry.sha256,))
         done.write_text(man.digest)
         return dest
 
@@ -302,10 +532,32 @@ class ArtifactStore:
                     self.fs.rm(self._path(address), recursive=True)
 
     def invalidate(self, address: str, *, what: str = "invalidate") -> None:
-        """Drop only the manifest: the artifact reads as missing, files stay for inspection."""
+        """Drop only the manifest (and its verified marker): the artifact reads as missing,
+        files stay for inspection."""
         with self._wrap(what, address):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self._path(address, MANIFEST))
+            self._forget_verified(address)
+
+    def remove_stale_temporaries(self, address: str) -> list[str]:
+        """Remove the temporary files killed writers left under the artifact's folder (a
+        local store's; an S3 PUT leaves none): those of a process of this machine that is
+        gone, or untouched for ``STALE_TMP_S``. A live writer's are kept. Returns their paths."""
+        if self.scheme != "file":
+            return []
+        removed = []
+        for dirpath, _, names in os.walk(self._path(address)):
+            for name in names:
+                m = _TMP.search(name)
+                if m is None:
+                    continue
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(FileNotFoundError):
+                    dead = m["host"] == _HOST and not _alive(int(m["pid"]))
+                    if dead or time.time() - os.stat(path).st_mtime > STALE_TMP_S:
+                        os.unlink(path)
+                        removed.append(path)
+        return removed
 
     @contextlib.contextmanager
     def lease(self, address: str, *, wait: float | None = None) -> Iterator[Lease]:
@@ -333,10 +585,13 @@ class ArtifactStore:
 
     @contextlib.contextmanager
     def writer(self, address: str, *, meta: dict[str, Any] | None = None) -> Iterator[ArtifactWriter]:
-        """Write an artifact under its lease; the manifest is committed only if the block succeeds."""
+        """Write an artifact under its lease; the manifest is committed only if the block succeeds.
+        What a killed writer of this address left behind (its temporary files) is removed first."""
         stopping.check()
         with self.lease(address) as lease:
             self.invalidate(address, what="write")
+            with self._wrap("write", address):
+                self.remove_stale_temporaries(address)
             w = ArtifactWriter(self, address, dict(meta or {}), lease)
             yield w
             w.commit()
@@ -346,7 +601,7 @@ class ArtifactStore:
         local = Path(local)
         with self.writer(address, meta=meta) as w:
             for p in sorted(local.rglob("*")):
-                if p.is_file() and p.name != MANIFEST:
+                if p.is_file() and p.name not in (MANIFEST, VERIFIED):
                     w.put_file(p.relative_to(local).as_posix(), p)
         return w.manifest
 
@@ -369,8 +624,8 @@ class ArtifactWriter:
             self.lease.check()
 
     def _record(self, rel: str, size: int, sha: str) -> None:
-        if rel == MANIFEST:
-            raise StoreError(f"{MANIFEST} is reserved")
+        if rel in (MANIFEST, VERIFIED):
+            raise StoreError(f"{rel} is reserved")
         self._files[rel] = FileEntry(rel, size, sha)
         _failpoint(rel)
 
@@ -385,7 +640,7 @@ class ArtifactWriter:
                 yield fh
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        tmp = f"{path}.tmp-{_HOST}-{os.getpid()}-{threading.get_ident()}"
         try:
             with open(tmp, "wb") as fh:
                 yield fh
@@ -440,7 +695,7 @@ class ArtifactWriter:
             if self.store.scheme == "file":
                 # a hard link appears whole and only where nothing is: a reader sees no
                 # manifest or a whole one, and a manifest another writer committed stays
-                tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+                tmp = f"{path}.tmp-{_HOST}-{os.getpid()}-{threading.get_ident()}"
                 try:
                     with open(tmp, "w") as fh:
                         fh.write(man.to_json())
@@ -470,6 +725,11 @@ class ArtifactWriter:
         if taken:
             raise LeaseError(f"artifact {self.address!r}: another writer committed it while this one wrote; "
                              f"not committing over it")
+        # Verified as written: the files were hashed on their way in; their identities now
+        # are what a later check compares against.
+        ids = self.store._identities(self.address, man)
+        if set(ids) == {f.path for f in man.files}:
+            self.store._mark_verified(self.address, man, ids)
         self.manifest = man
         return man
 
@@ -712,6 +972,71 @@ def _failpoint(rel: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _VerifyingReader(io.RawIOBase):
+    """A file being read, hashed as it goes: bytes read in order from the start are hashed
+    once; ``sha256`` hashes whatever the reader skipped or did not reach (after seeks)."""
+
+    def __init__(self, fh: IO[bytes]):
+        self._fh = fh
+        self._hash = hashlib.sha256()
+        self._hashed = 0  # bytes [0, _hashed) are in the hash
+        self._pos = 0
+        self._seconds = 0.0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = self._fh.seek(offset, whence)
+        return self._pos
+
+    def read(self, n: int | None = -1) -> bytes:  # type: ignore[override]
+        data = self._fh.read() if n is None or n < 0 else self._fh.read(n)
+        if self._pos == self._hashed and data:
+            t0 = time.perf_counter()
+            self._hash.update(data)
+            self._seconds += time.perf_counter() - t0
+            self._hashed += len(data)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def sha256(self) -> str:
+        """The whole file's sha256 (reads the part not read yet)."""
+        t0 = time.perf_counter()
+        self._fh.seek(self._hashed)
+        while chunk := self._fh.read(_CHUNK):
+            self._hash.update(chunk)
+            self._hashed += len(chunk)
+        self._fh.seek(self._pos)
+        VERIFY_SECONDS[0] += self._seconds + time.perf_counter() - t0
+        self._seconds = 0.0
+        return self._hash.hexdigest()
 
 
 class _HashingWriter(io.RawIOBase):

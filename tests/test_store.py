@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from fusechat_core.store import MANIFEST, ArtifactStore, StoreError
+from fusechat_core.store import (
+    _HOST,
+    MANIFEST,
+    STALE_TMP_S,
+    VERIFY_SECONDS,
+    ArtifactStore,
+    DamagedArtifact,
+    StoreError,
+)
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -90,21 +100,114 @@ def test_damaged_files_are_detected(store):
     path = store._path("s/d", "f")
     with store.fs.open(path, "wb") as fh:  # truncated
         fh.write(b"01234")
-    assert not store.is_complete("s/d")
-    with store.fs.open(path, "wb") as fh:  # same size, other bytes: only a re-hash sees it
+    c = store.check("s/d")
+    assert c.state == "damaged" and "f has 5 bytes" in c.reason and not store.is_complete("s/d")
+    # same size, other bytes: the file's identity (mtime/ctime, or ETag) changed, so it is re-hashed
+    with store.fs.open(path, "wb") as fh:
         fh.write(b"9876543210")
-    assert store.is_complete("s/d")
-    assert not store.is_complete("s/d", verify=True)
+    c = store.check("s/d")
+    assert c.state == "damaged" and "sha256" in c.reason
+    assert store.check("s/d", verify=True).state == "damaged"
+    with pytest.raises(DamagedArtifact, match="s/d"):
+        store.read_bytes("s/d", "f")
     store.fs.rm(store._path("s/d", "g"))  # missing file
-    assert not store.is_complete("s/d")
+    assert store.check("s/d").state == "damaged"
+    # rewritten: done again
+    with store.writer("s/d") as w:
+        w.write_bytes("f", b"0123456789")
+    assert store.check("s/d").state == "done"
 
 
-def test_unreadable_manifest_reads_as_missing(store):
+def test_unchanged_files_are_not_hashed_again_and_a_touched_one_is(store):
+    with store.writer("s/t") as w:
+        w.write_bytes("f", b"x" * 1000)
+    before = VERIFY_SECONDS[0]
+    for _ in range(3):
+        assert store.is_complete("s/t")
+    assert VERIFY_SECONDS[0] == before, "the writer's marker must spare a re-hash"
+    with store.fs.open(store._path("s/t", "f"), "wb") as fh:  # same bytes: new mtime (an S3 ETag stays)
+        fh.write(b"x" * 1000)
+    assert store.is_complete("s/t") and (VERIFY_SECONDS[0] > before) == (store.scheme == "file")
+    again = VERIFY_SECONDS[0]
+    assert store.is_complete("s/t") and VERIFY_SECONDS[0] == again, "the re-hash is remembered"
+
+
+def test_damage_the_cheap_check_cannot_see_is_found_by_the_reader(store, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    local = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"x": list(range(5000)), "y": [str(i) for i in range(5000)]}), local)
+    with store.writer("s/rot") as w:
+        w.put_file("t.parquet", local)
+        w.write_bytes("b", b"0123456789")
+    # random access (footer first) still checks every byte
+    with store.open("s/rot", "t.parquet") as fh:
+        assert pq.read_table(fh).num_rows == 5000
+    # bit rot: the bytes change but the stat identity recorded says nothing changed
+    path = store._path("s/rot", "b")
+    with store.fs.open(path, "wb") as fh:
+        fh.write(b"0123456780")
+    man = store.manifest("s/rot")
+    store._mark_verified("s/rot", man, store._identities("s/rot", man))
+    assert store.is_complete("s/rot")
+    with pytest.raises(DamagedArtifact, match="b does not match"):
+        store.read_bytes("s/rot", "b")
+    with pytest.raises(DamagedArtifact):
+        store.fetch("s/rot", tmp_path / "fetched" if store.scheme != "file" else None)
+    # the reader's finding sticks: the next cheap check re-hashes and says damaged
+    assert store.check("s/rot").state == "damaged"
+    assert store.check("s/rot", verify=True).state == "damaged"
+
+
+def test_malformed_or_escaping_manifests_are_damage_and_get_rewritten(store):
     with store.writer("s/m") as w:
         w.write_bytes("f", b"x")
-    with store.fs.open(store._path("s/m", MANIFEST), "wb") as fh:
-        fh.write(b'{"files": [')  # a torn write
-    assert store.manifest("s/m") is None and not store.is_complete("s/m")
+    good = store.manifest("s/m")
+    raw = json.loads(good.to_json())
+    cases = {
+        b'{"files": [': "malformed manifest",  # a torn write
+        json.dumps({**raw, "files": [{"path": "../../../../etc/passwd", "size": 1, "sha256": "0" * 64}]}).encode():
+            "not a path inside",
+        json.dumps({**raw, "files": [{"path": "/etc/passwd", "size": 1, "sha256": "0" * 64}]}).encode():
+            "not a path inside",
+        json.dumps({**raw, "files": [{"path": "f", "size": "1", "sha256": "0" * 64}]}).encode(): "byte count",
+        json.dumps({**raw, "address": "s/other"}).encode(): "'s/other'",
+    }
+    for text, why in cases.items():
+        with store.fs.open(store._path("s/m", MANIFEST), "wb") as fh:
+            fh.write(text)
+        c = store.check("s/m")
+        assert c.state == "damaged" and why in c.reason, (text, c)
+        assert store.manifest("s/m") is None and not store.is_complete("s/m")
+        with pytest.raises(DamagedArtifact):
+            store.read_bytes("s/m", "f")
+    with store.writer("s/m") as w:  # the next run rewrites it
+        w.write_bytes("f", b"x")
+    assert store.check("s/m").state == "done" and store.read_bytes("s/m", "f") == b"x"
+
+
+def test_a_killed_writers_temporary_files_are_removed_when_the_address_is_written_again(tmp_path):
+    import subprocess
+
+    store = ArtifactStore(f"file://{tmp_path}/store")
+    folder = Path(store._path("s/tmp"))
+    (folder / "sub").mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = _HOST
+    stale = [folder / f"data.bin.tmp-{host}-{dead.pid}-1", folder / "sub" / f"MANIFEST.json.tmp-{host}-{dead.pid}-7"]
+    old = folder / "x.tmp-otherhost-12345-1"
+    live = folder / f"y.tmp-{host}-{os.getpid()}-99"  # a writer that is still running
+    elsewhere = folder / "z.tmp-otherhost-12345-2"  # another machine's, recently written
+    for p in (*stale, old, live, elsewhere):
+        p.write_bytes(b"half")
+    os.utime(old, (time.time() - STALE_TMP_S - 60,) * 2)
+    with store.writer("s/tmp") as w:
+        w.write_bytes("data.bin", b"whole")
+    assert not any(p.exists() for p in (*stale, old))
+    assert live.exists() and elsewhere.exists()
+    assert store.read_bytes("s/tmp", "data.bin") == b"whole"
 
 
 def test_list_fetch_delete(store, tmp_path):
