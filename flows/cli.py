@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--plan", action="store_true", help="print every stage's address and state; run nothing")
     run.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
-    st = sub.add_parser("status", help="every stage: done / partial / missing, address, size")
+    st = sub.add_parser("status", help="every stage: done / damaged / partial / missing, address, size "
+                                       "(exit 1 when anything is damaged)")
     st.add_argument("config", help="the run's YAML file")
     st.add_argument("--store", help="artifact root URL (default: the config's store)")
     st.add_argument("--json", action="store_true", help="print the rows as one JSON list")
@@ -141,29 +142,40 @@ def _stage_names() -> tuple[str, ...]:
 
 
 def status_rows(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
+    """Every artifact of the run, with its shards: ``done``, ``damaged`` (committed, but a
+    file is missing, short or fails its hash, or its manifest is malformed; ``reason`` says
+    which), ``k/N`` shards done, ``partial`` (started, not committed) or ``missing``, and its
+    true size (its files and its shards'). ``verify``: re-hash every file."""
     store = ArtifactStore(cfg.store)
     rows = []
     for node in RunPlan(cfg).nodes():
-        man = store.manifest(node.address)
-        if man is not None and store.is_complete(node.address, verify=verify):
-            state, size = "done", man.size + int(man.meta.get("shards_size", 0))
-        elif node.shards:
-            done = sum(store.is_complete(shard_address(node.address, i, node.shards)) for i in range(node.shards))
-            state = f"{done}/{node.shards}" if done else (
-                "partial" if store.fs.exists(store._path(node.address)) else "missing")
-            size = None
-        elif man is not None or store.fs.exists(store._path(node.address)):
-            state, size = "partial", None
+        parts = [node.address] + [shard_address(node.address, i, node.shards) for i in range(node.shards)]
+        checks = {a: store.check(a, verify=verify) for a in parts}
+        own, done = checks[node.address], sum(checks[a].ok for a in parts[1:])
+        damaged = [a for a in parts if checks[a].state == "damaged"]
+        if damaged:
+            state, reason = "damaged", f"{damaged[0]}: {checks[damaged[0]].reason}"
+        elif own.ok and done == node.shards:
+            state, reason = "done", ""
+        elif done:
+            state, reason = f"{done}/{node.shards}", ""
+        elif own.ok or store.fs.exists(store._path(node.address)):
+            state, reason = "partial", ""
         else:
-            state, size = "missing", None
-        rows.append({"stage": node.label, "state": state, "address": node.address, "size": size})
+            state, reason = "missing", ""
+        sizes = [c.manifest.size for c in checks.values() if c.manifest is not None]
+        row = {"stage": node.label, "state": state, "address": node.address, "size": sum(sizes) if sizes else None}
+        if reason:
+            row["reason"] = reason
+        rows.append(row)
     return rows
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
     w = max(len(r["stage"]) for r in rows)
     for r in rows:
-        print(f"{r['stage']:<{w}}  {r['state']:<8}  {r['address']}  {human_size(r['size'])}")
+        why = f"  ({r['reason']})" if r.get("reason") else ""
+        print(f"{r['stage']:<{w}}  {r['state']:<8}  {r['address']}  {human_size(r['size'])}{why}")
 
 
 def _print_inputs(plan: RunPlan) -> None:
@@ -387,6 +399,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(rows) if args.json else "", end="\n" if args.json else "")
             if not args.json:
                 _print_rows(rows)
+            damaged = [r["stage"] for r in rows if r["state"] == "damaged"]
+            if damaged:
+                print(f"fusechat: damaged: {', '.join(damaged)} (the next run recomputes them)", file=sys.stderr)
+                return EXIT_FAILED
             return EXIT_OK
         if args.command == "run" and args.plan:
             try:

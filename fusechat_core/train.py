@@ -123,11 +123,12 @@ def checkpoint_address(target_address: str, step: int) -> str:
 
 
 def complete_checkpoints(store: ArtifactStore, target_address: str) -> list[tuple[int, str]]:
-    """(step, address) of every complete checkpoint of a target, oldest first."""
+    """(step, address) of every complete checkpoint of a target, oldest first (a damaged
+    one is passed over: training resumes from an older one, or from the start)."""
     found = []
     for address in store.list(checkpoints_prefix(target_address)):
         m = _CHECKPOINT.search(address)
-        if m and address == checkpoint_address(target_address, int(m.group(1))):
+        if m and address == checkpoint_address(target_address, int(m.group(1))) and store.is_complete(address):
             found.append((int(m.group(1)), address))
     return sorted(found)
 

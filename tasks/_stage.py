@@ -4,8 +4,16 @@ posts on the dashboard when done (``stage_done``).
 
 A stage task's cache key is its artifact address (SPEC §3), so a rerun in a
 new flow run finds the finished stage and Prefect reports it Cached. Prefect's
-cache record alone is not trusted: when the artifact's manifest is missing or
-fails its check, the record is dropped and the stage runs again.
+cache record alone is not trusted: a hit counts only for an artifact whose files
+match their manifest (``ArtifactStore.check``), else the record is dropped and
+the stage runs again. The rule, cheap and honest: the manifest is well-formed and
+names only files inside the artifact; each file is there with its size; and each
+file's stat identity (size, mtime, ctime; on S3 size and ETag, from one listing)
+is the one recorded in the artifact's verified marker when its bytes were last
+hashed (by the writer, or by a re-hash), else it is re-hashed now. So a changed
+byte is found before the hit; damage that leaves the identity alone (bit rot) is
+found by the stage that reads the bytes, which hashes them, fails, and forgets
+the marker, so the next run re-hashes, finds it and recomputes that artifact.
 """
 
 from __future__ import annotations
@@ -75,7 +83,8 @@ def _drop_record(store: ArtifactStore, key: str) -> None:
 
 
 class StageAddressPolicy(CachePolicy):
-    """Cache key = the ``address`` argument of the task; valid only while the artifact is complete."""
+    """Cache key = the ``address`` argument of the task; valid only while the artifact's files
+    match their manifest (the rule in this module's docstring)."""
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
