@@ -41,6 +41,7 @@ vocabulary map tekken → Mistral v1, and ends with
     align_speedup_vs_naive_dtw: R   (default method, offsets, vs naive DTW)
     agreement_with_dtw: F           (share of pivot positions, offsets vs DTW)
     mined_map_seconds: S
+    verify_share_of_align: V        (verifying the shards read, over itself + alignment; <= 0.05)
 
 Run: ``.venv/bin/python benchmarks/align.py [--pairs 200] [--tokens 512]
 [--baseline-pairs N] [--long-pairs 4]``.
@@ -229,7 +230,8 @@ def main() -> None:
             print(f"{name:8s} coverage {x['coverage']:.4f}  prefix_precision {x['prefix_precision']:.4f}  "
                   f"(ceiling {x['ceiling']:.4f}; {x['rows']} supervised pivot rows; "
                   f"{x['texts_differ']} pairs spelling different text left out)")
-        results[source] = dict(naive=t_naive, dtw=t_dtw, band=t_band, off=t_off, agree=agree, same=same, pm=pm)
+        results[source] = dict(naive=t_naive, dtw=t_dtw, band=t_band, off=t_off, agree=agree, same=same, pm=pm,
+                               verify=verify_shard_reads(ps, ss, sup, source))
 
     if args.long_pairs:
         ps, ss, _ = prepare("builtin:mistral-v1", "builtin:tekken", natural_conversations(args.long_pairs, chars=12000),
@@ -265,6 +267,38 @@ def main() -> None:
     print(f"align_speedup_vs_naive_dtw: {main_r['naive'] / main_r['off']:.1f}")
     print(f"agreement_with_dtw: {main_r['agree']:.4f}")
     print(f"mined_map_seconds: {mined_s:.1f}")
+    share = main_r["verify"] / (main_r["off"] + main_r["verify"])
+    print(f"verification of the shards read (pivot and source representations, vocabulary map): "
+          f"{main_r['verify'] * 1e3:.1f} ms against {main_r['off'] * 1e3:.1f} ms of sequence alignment alone "
+          f"(an upper bound: the stage also projects every distribution)")
+    print(f"verify_share_of_align: {share:.4f}")
+
+
+def verify_shard_reads(ps, ss, sup, source: str, k: int = 10) -> float:
+    """Seconds the align stage spends verifying what it reads for these pairs: the pivot's and
+    the source's REPRESENTATION shards (as many bytes as the contract stores for them: ids,
+    supervised positions, top-k ids and float16 log-probs) and the vocabulary map, hashed
+    against their manifests when the store hands them out (``fetch``), as the stage does."""
+    import tempfile
+
+    from fusechat_core.store import VERIFY_SECONDS, ArtifactStore
+
+    n_p, n_s = sum(len(p) for p in ps), sum(len(s) for s in ss)
+    sup_p = int(sum(int(np.sum(m)) for m in sup))
+    sup_s = int(sup_p * n_s / max(n_p, 1))
+    id_s = 4 if "tekken" in source else 2  # int32 ids above 65,536 entries
+    sizes = {"pivot": n_p * 2 + sup_p * (2 + k * 4), "source": n_s * id_s + sup_s * (2 + k * (id_s + 2)),
+             "vocab_map": (131072 if "tekken" in source else 32768) * 9}
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="fusechat-bench-align-") as tmp:
+        store = ArtifactStore(f"file://{tmp}/store")
+        for name, size in sizes.items():
+            with store.writer(f"bench/{name}") as w:
+                w.write_bytes("data.bin", rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+        before = VERIFY_SECONDS[0]
+        for name in sizes:
+            store.fetch(f"bench/{name}")
+        return VERIFY_SECONDS[0] - before
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ starts: model, optimizer state, activations, loss tensors), so the shared
 cost of importing torch does not dilute the ratio. ``tracemalloc`` would not
 see torch's allocations at all. On a GPU the child reports
 ``torch.cuda.max_memory_allocated`` instead.
+
+Verification: the shards are hashed against their manifests when the store hands
+out their folder, as the stage does; ``verify_share_of_train_epoch`` is that time
+over (itself + one epoch of fusion steps over the same shards). Target <= 0.05.
 """
 
 from __future__ import annotations
@@ -165,7 +169,13 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="fusechat-bench-train-"))
     model = build_model(root, args.hidden, args.layers)
     vocab = 32000
+    from fusechat_core.store import VERIFY_SECONDS
+
+    hashed = VERIFY_SECONDS[0]
     pivot_dirs, aligned_dirs = make_inputs(root, n_seq=args.n_seq, seq_len=args.seq_len, vocab=vocab, k=args.top_k)
+    # The stage verifies every shard it reads once, when the store hands out its folder (fetch).
+    verify_s = VERIFY_SECONDS[0] - hashed
+    shard_bytes = sum(p.stat().st_size for d in (*pivot_dirs, *aligned_dirs) for p in Path(d).iterdir() if p.is_file())
     fusion_data = FusionData(pivot_dirs, aligned_dirs, max_length=args.seq_len)
     clm_data = FusionData(pivot_dirs, None, max_length=args.seq_len)
     n_params = sum(t.numel() for t in __import__("safetensors.torch", fromlist=["load_file"])
@@ -211,7 +221,13 @@ def main() -> None:
     dense = rows * vocab * 4
     print(f"fusion targets per micro-batch ({rows} supervised rows): {sparse / 2**10:.0f} KiB sparse "
           f"(k × teachers, independent of the vocabulary) vs {dense / 2**20:.0f} MiB as a dense fp32 target")
+    # One epoch reads every row of the shards once: the least a training stage does with what it verified.
+    epoch_s = -(-args.n_seq // args.batch) * fus_t
+    print(f"verification: {shard_bytes / 2**20:.1f} MiB of shards hashed in {verify_s * 1e3:.1f} ms "
+          f"({shard_bytes / max(verify_s, 1e-9) / 2**20:.0f} MiB/s), against {epoch_s:.2f} s for one epoch "
+          f"of fusion steps over them")
     print(f"fusion_step_vs_clm: {fus_t / clm_t:.3f}")
+    print(f"verify_share_of_train_epoch: {verify_s / (epoch_s + verify_s):.4f}")
     print(f"fusion_peak_mem_vs_clm: {peaks['fusion']['peak_bytes'] / peaks['clm']['peak_bytes']:.3f}")
 
 
