@@ -426,7 +426,9 @@ def open_arrays(folder: str | Path, filename: str, names: Sequence[str],
 def open_shard(folder: str | Path, where: str | None = None) -> Representation:
     """The one reader of a REPRESENTATION shard folder, checked against the contract (shapes,
     offsets, meta). Arrays are memory-mapped: opening a shard reads its offsets, never its
-    top-k tables. ``where`` names the shard in errors.
+    top-k tables. ``where`` names the shard in errors. The stages open folders the store
+    handed out (``read_shard``, ``ArtifactStore.fetch``), whose bytes it verified against
+    the manifest's sha256 on the way.
     """
     where = where or str(Path(folder) / REPRESENTATION_FILE)
     arrays, meta = open_arrays(folder, REPRESENTATION_FILE, ARRAYS, where)
