@@ -30,6 +30,7 @@ from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
 from tasks._stage import dashboard_key
 from tests.conftest import REPO
+from tests.damage import damage_drill
 
 pytestmark = pytest.mark.slow
 
@@ -199,81 +200,10 @@ def test_rerun_is_all_cached_identical_and_imports_no_torch(demo):
     assert {r["state"] for r in status} == {"done"}, [r for r in status if r["state"] != "done"]
 
 
-def _flip_a_byte(path: Path) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(path.stat().st_size // 2)
-        byte = fh.read(1)
-        fh.seek(-1, os.SEEK_CUR)
-        fh.write(bytes([byte[0] ^ 0x01]))
-
 
 def test_damage_is_reported_and_only_the_damaged_artifacts_are_recomputed(demo):
     """A flipped byte in a shard and in a target's model, a truncated shard, a manifest naming
     a path outside its artifact: ``status --verify`` says damaged and exits 1; the rerun
     recomputes exactly those artifacts, to the same bytes, and the report is the original."""
-    import subprocess as sp
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    from fusechat_core.store import _HOST, MANIFEST
-
-    plan, store, url = demo["plan"], demo["store"], demo["store_url"]
-    root = Path(store.root)
-    mixtral, llama = plan.model("mixtral"), plan.model("llama")
-    flipped_shard, flipped_target = plan.represent_shard(mixtral, 1), plan.train("llama")
-    truncated, escaping = plan.align_shard(llama, 0), plan.evaluate("pivot")
-    damaged = {flipped_shard, flipped_target, truncated, escaping}
-    digests = {a: store.manifest(a).digest for a in damaged}
-    report = (root / plan.report() / "report.json").read_bytes()
-
-    _flip_a_byte(root / flipped_shard / "representation.safetensors")
-    _flip_a_byte(root / flipped_target / "model.safetensors")
-    aligned = root / truncated / "aligned.safetensors"
-    aligned.write_bytes(aligned.read_bytes()[:100])
-    raw = json.loads((root / escaping / MANIFEST).read_text())
-    raw["files"][0]["path"] = "../../../../etc/passwd"
-    (root / escaping / MANIFEST).write_text(json.dumps(raw))
-    dead = sp.Popen(["true"])
-    dead.wait()
-    stale = root / flipped_target / f"model.safetensors.tmp-{_HOST}-{dead.pid}-1"  # a killed writer's
-    stale.write_bytes(b"half a model")
-
-    env = {**os.environ, "PREFECT_API_URL": demo["api_url"]}
-
-    def cli(*args: str) -> sp.CompletedProcess:
-        return sp.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
-                      text=True, timeout=600)
-
-    status = cli("status", str(DEMO_CONFIG), "--store", url, "--verify", "--json")
-    assert status.returncode == 1, status.stderr[-2000:]
-    rows = {r["stage"]: r for r in json.loads(status.stdout.strip().splitlines()[-1])}
-    bad = {k: r["reason"] for k, r in rows.items() if r["state"] == "damaged"}
-    assert set(bad) == {"represent[mixtral]", "train[llama]", "align[llama]", "evaluate[pivot]"}, bad
-    assert "sha256" in bad["represent[mixtral]"] and "sha256" in bad["train[llama]"]
-    assert "100 bytes" in bad["align[llama]"] and "not a path inside" in bad["evaluate[pivot]"]
-    assert {r["state"] for k, r in rows.items() if k not in bad} == {"done"}
-    assert "damaged" in status.stderr
-    # true sizes: a representation's shards are counted (megabytes, not its kilobyte of manifest meta)
-    shards = [plan.represent_shard(plan.model("pivot"), i) for i in range(plan.cfg.represent.shards)]
-    assert rows["represent[pivot]"]["size"] == store.manifest(plan.represent(plan.model("pivot"))).size + sum(
-        (root / a / "representation.safetensors").stat().st_size + (root / a / "meta.json").stat().st_size
-        for a in shards)
-
-    rerun = cli("demo", "--store", url, "--json")
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
-    states = {r.name: r.state.name for r in task_runs}
-    recomputed = {"represent[model=mixtral, shard=2/2]", "align[source=llama, shard=1/2]", "train[target=llama]",
-                  "evaluate[model=pivot]"}
-    assert {n for n, s in states.items() if s != "Cached"} == recomputed, states
-    assert all(states[n] == "Completed" for n in recomputed), states
-    assert {a: store.manifest(a).digest for a in damaged} == digests, "recomputed to other bytes"
-    assert (root / plan.report() / "report.json").read_bytes() == report
-    assert not stale.exists()
-    again = cli("status", str(DEMO_CONFIG), "--store", url, "--verify", "--json")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert {r["state"] for r in json.loads(again.stdout.strip().splitlines()[-1])} == {"done"}
+    damage_drill(demo["plan"], ["demo", "--store", demo["store_url"]],
+                 ["status", str(DEMO_CONFIG), "--store", demo["store_url"]], demo["api_url"])

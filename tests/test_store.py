@@ -165,9 +165,10 @@ def test_malformed_or_escaping_manifests_are_damage_and_get_rewritten(store):
         w.write_bytes("f", b"x")
     good = store.manifest("s/m")
     raw = json.loads(good.to_json())
+    escape = "../../../../etc/passwd"  # outside-path: refused
     cases = {
         b'{"files": [': "malformed manifest",  # a torn write
-        json.dumps({**raw, "files": [{"path": "../../../../etc/passwd", "size": 1, "sha256": "0" * 64}]}).encode():
+        json.dumps({**raw, "files": [{"path": escape, "size": 1, "sha256": "0" * 64}]}).encode():
             "not a path inside",
         json.dumps({**raw, "files": [{"path": "/etc/passwd", "size": 1, "sha256": "0" * 64}]}).encode():
             "not a path inside",
