@@ -759,6 +759,25 @@ def _precondition_failed(exc: BaseException) -> bool:
     return False
 
 
+def _holder_gone(record: dict[str, Any]) -> bool:
+    """A lease whose holder ran on this host in a process that no longer exists (a run
+    SIGKILLed by a preemption drill or the OOM killer) holds nothing: a rerun on the same
+    machine takes it over at once instead of waiting out its lifetime. Assumes processes
+    that share a host name share a PID namespace (true for a machine, a VM and a
+    Kubernetes pod's containers restarted in place). A PID that exists again, reused by
+    another process, only makes the rerun wait for the expiry."""
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, but not ours to signal
+        return False
+    return False
+
+
 def lease_ttl() -> float:
     """Seconds a lease lasts without renewal (``FUSECHAT_LEASE_TTL``, default 60); renewed every quarter."""
     return float(os.environ.get("FUSECHAT_LEASE_TTL", "60"))
@@ -886,7 +905,8 @@ class Lease:
                     break
                 with self._takeover_guard() as mine:
                     record, version = self.read()
-                    if mine and record is not None and float(record.get("expires", 0)) < time.time():
+                    if mine and record is not None and (float(record.get("expires", 0)) < time.time()
+                                                        or _holder_gone(record)):
                         if self._create(over=version or "local"):
                             break
                 if time.monotonic() >= deadline:

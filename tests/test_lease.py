@@ -125,3 +125,32 @@ def test_nested_writers_use_the_lease_held_above(tmp_path):
         assert (Path(store.root) / "train/t1/.lease").exists()
     assert store.is_complete("train/t1/checkpoint-0000002")
     assert not (Path(store.root) / "train/t1/.lease").exists()
+
+
+def test_a_sigkilled_holder_on_this_host_is_taken_over_at_once(tmp_path):
+    """A run SIGKILLed mid-artifact (no cleanup) leaves its lease behind; a rerun on the same
+    machine takes it over at once rather than waiting out the lifetime, while a live holder
+    with the same lifetime still refuses it."""
+    url = f"file://{tmp_path / 'store'}"
+    address = "killed/a"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FUSECHAT_LEASE_TTL": "300"}
+    holder = subprocess.Popen([sys.executable, "-c", ZOMBIE, url, address], cwd=REPO, env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        line = holder.stdout.readline()
+        assert line.startswith("holding "), line + holder.stdout.read()
+        store = ArtifactStore(url)
+        with pytest.raises(LeaseError, match=line.split()[1]):  # alive: its 300 s lease stands
+            with store.lease(address, wait=0.5):
+                pass
+        holder.kill()
+        holder.wait()
+        t0 = time.monotonic()
+        with store.writer(address) as w:
+            w.write_bytes("a.bin", b"rerun")
+        assert time.monotonic() - t0 < 10  # not the 300 s lifetime
+        assert store.read_bytes(address, "a.bin") == b"rerun" and store.is_complete(address, verify=True)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
