@@ -3,6 +3,24 @@
 The flow, ``fusechat status`` and ``--plan`` all ask this module, so what the
 pipeline writes and what status reports can never disagree. Each method names
 exactly the config fields and upstream addresses its stage depends on.
+
+Addresses depend only on what a stage reads (incremental fusion):
+
+- ``dataset``: the data section, the sources as read, the seed and the pivot's
+  tokenizer (blocks are cut to fit the pivot, never the sources);
+- ``represent[m]``: model ``m`` itself, the represent section, the dataset;
+- ``vocab_map[s]``: the pivot's and ``s``'s tokenizers, the mapping settings;
+- ``align[s]``: the pivot's and ``s``'s representations, ``s``'s vocab map, the align section;
+- ``train[s]``: the dataset, the pivot's representation, ``align[s]`` (none for CLM);
+- ``merge[method]``: every source's target, the method and its parameters;
+- ``evaluate[n]``: model ``n`` and the evaluate section; ``report``: every evaluation.
+
+So adding or removing a source leaves the dataset, the pivot's and the other
+sources' representations, vocab maps, alignments and targets at their addresses
+(Cached); only the new source's chain, the merges, their evaluations and the
+report are new. Adding a merge method adds that merge, its evaluation and the
+report; evaluation settings change only evaluations and the report. The pivot,
+the data, or a stage's own section still change everything downstream.
 """
 
 from __future__ import annotations
@@ -102,10 +120,17 @@ class RunPlan:
             # whose pins change makes another dataset, though its name stays the same.
             "sources": sources_of(self.cfg.data),
             "seed": self.cfg.seed,
-            # Blocks must fit every model's tokenizer, so the tokenizers are inputs.
-            "tokenizers": [(m.tokenizer or m.path, m.revision) for m in self.cfg.models],
+            # Blocks are cut to fit the PIVOT's tokenizer only (``pivot_tokenizer``): the
+            # dataset is what the pivot reads, so adding or removing a source keeps it, and
+            # with it every address that does not read the new source.
+            "pivot_tokenizer": self.pivot_tokenizer(),
         }
         return stage_address("dataset", section)
+
+    def pivot_tokenizer(self) -> tuple[str, str | None]:
+        """The tokenizer the dataset stage cuts blocks by: the pivot's (reference, revision)."""
+        p = self.cfg.pivot
+        return (p.tokenizer or p.path, p.revision)
 
     # -- representations (one per model, pivot included; sharded) --------------
     def represent(self, model: ModelSpec) -> str:

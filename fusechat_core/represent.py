@@ -21,6 +21,14 @@ order, which alignment and training rely on. A sequence left with no supervised 
 (its assistant text cut by ``represent.max_length``) keeps its ids, has no supervised
 rows and ``metric_ce`` NaN: the mean of nothing, and it contributes no loss anyway.
 
+Cut views. The dataset is cut into blocks by the pivot's tokenizer only (so its
+address does not depend on the sources). A model whose rendering of a row is longer
+than ``represent.max_length`` stores the prefix that fits: the row stays in its place,
+``meta.cut_rows`` lists its index in the shard and ``n_cut`` counts it (shard and stage
+manifests, so the stage summary shows it). Alignment then pairs only the prefix: the
+pivot positions beyond it fall back to the label, and the cut source is ranked no
+better than the pivot on that sequence (``align.project.comparable_metric_ce``).
+
 Inside a shard, sequences are sorted by length and batched, so padding costs almost no
 compute; results are stored back in dataset order. For the common decoder families the
 LM head is applied only to the positions that are kept, so collection never builds the
@@ -158,17 +166,21 @@ class Representation:
 # -- collection ------------------------------------------------------------------------------------
 
 def encode_rows(formatter: ChatFormatter, rows: Sequence[dict[str, Any]],
-                max_length: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(ids, supervised positions t >= 1) of each row rendered with the model's template."""
+                max_length: int, cut: list[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, supervised positions t >= 1) of each row rendered with the model's template,
+    cut to its first ``max_length`` tokens; the index of every row so cut is appended to
+    ``cut`` when given."""
     out = []
-    for row in rows:
+    for i, row in enumerate(rows):
         try:
-            r = formatter.encode(row["conversations"], max_length)
+            r = formatter.encode(row["conversations"])
         except Exception as exc:  # a template or tokenizer failure names the row it failed on
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RepresentError(f"row {row.get('id', '?')!r}: cannot render: {first}") from exc
-        ids = np.asarray(r.input_ids, dtype=np.int64)
-        labels = np.asarray(r.labels, dtype=np.int64)
+        ids = np.asarray(r.input_ids[:max_length], dtype=np.int64)
+        labels = np.asarray(r.labels[:max_length], dtype=np.int64)
+        if cut is not None and len(r.input_ids) > max_length:
+            cut.append(i)
         pos = np.nonzero(labels != IGNORE)[0]
         # Position 0 has no preceding token to predict it from.
         out.append((ids, pos[pos >= 1].astype(np.int64)))
@@ -268,7 +280,8 @@ def collect_shard(model: Any, tokenizer: Any, formatter: ChatFormatter, rows: Se
     k = cfg.top_k
     if k > vocab:
         raise RepresentError(f"represent.top_k: {k} exceeds the model's vocabulary of {vocab}")
-    encoded = encode_rows(formatter, rows, cfg.max_length)
+    cut: list[int] = []
+    encoded = encode_rows(formatter, rows, cfg.max_length, cut)
     for row, (ids, _) in zip(rows, encoded):
         if len(ids) and int(ids.max()) >= vocab:
             raise RepresentError(f"row {row.get('id', '?')!r}: token id {int(ids.max())} is outside the "
@@ -344,6 +357,8 @@ def collect_shard(model: Any, tokenizer: Any, formatter: ChatFormatter, rows: Se
         "n_tokens": int(lengths.sum()),
         "n_supervised": int(n_sup.sum()),
         "n_without_supervision": int((n_sup == 0).sum()),
+        "n_cut": len(cut),
+        "cut_rows": cut,  # sequences longer than max_length: only their first max_length tokens are here
         "ids_sha256": tokenization_digest(rep.input_ids, rep.seq_offsets),
         "vocab_fingerprint": vocab_fingerprint(tokenizer),
         "head_only": scorer.head_only,
@@ -551,15 +566,16 @@ def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: Model
         rep = collect_shard(model, tok, formatter, part, cfg.represent, device, progress=report,
                             meta={"model": spec.name, "tokenizer": tokenizer_ref(spec)[0], "shard": i,
                                   "shards": shards, "dataset": plan.dataset})
-        summary = {k: rep.meta[k] for k in ("n_seq", "n_tokens", "n_supervised", "ids_sha256",
+        summary = {k: rep.meta[k] for k in ("n_seq", "n_tokens", "n_supervised", "n_cut", "ids_sha256",
                                             "vocab_fingerprint")}
         with store.writer(address, meta={"stage": "represent", "model": spec.name, "shard": i,
                                          "shards": shards, **summary}) as w:
             write_shard(w, rep)
         secs = rep.seconds
         rate = rep.meta["n_tokens"] / secs if secs > 0 else 0.0
-        log.info("represent %s shard %d/%d: %d sequences, %d tokens in %.1f s (%.0f tokens/s)",
-                 spec.name, i + 1, shards, rep.meta["n_seq"], rep.meta["n_tokens"], secs, rate)
+        log.info("represent %s shard %d/%d: %d sequences (%d cut to represent.max_length), %d tokens "
+                 "in %.1f s (%.0f tokens/s)", spec.name, i + 1, shards, rep.meta["n_seq"], rep.meta["n_cut"],
+                 rep.meta["n_tokens"], secs, rate)
         report({"event": "shard_done", "tokens_per_s": rate, **summary})
         out.append({"shard": i, "address": address, "computed": True, "seconds": secs, **summary})
     return sorted(out, key=lambda s: s["shard"])
@@ -589,12 +605,13 @@ def commit_representation(cfg: RunConfig, store: ArtifactStore, plan: Any, spec:
         vocab_fp.add(meta["vocab_fingerprint"])
         vocab_size.add(meta["vocab_size"])
         entries.append({"address": shard_address, "digest": man.digest, "size": man.size,
-                        **{k: meta[k] for k in ("n_seq", "n_tokens", "n_supervised", "ids_sha256")}})
+                        **{k: meta[k] for k in ("n_seq", "n_tokens", "n_supervised", "ids_sha256")},
+                        "n_cut": len(meta.get("cut_rows", []))})
     if len(vocab_fp) != 1 or len(vocab_size) != 1:
         raise RepresentError(f"represent {spec.name}: shards were made with different tokenizers or models")
     meta = {"stage": "represent", "model": spec.name, "dataset": plan.dataset, "top_k": cfg.represent.top_k,
             "vocab_size": vocab_size.pop(), "vocab_fingerprint": vocab_fp.pop(), "shards": entries,
-            **{k: sum(e[k] for e in entries) for k in ("n_seq", "n_tokens", "n_supervised")}}
+            **{k: sum(e[k] for e in entries) for k in ("n_seq", "n_tokens", "n_supervised", "n_cut")}}
     with store.writer(address, meta=meta) as w:
         w.write_json(SHARDS_FILE, meta)
     return w.manifest  # type: ignore[return-value]

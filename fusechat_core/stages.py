@@ -22,10 +22,10 @@ PIPELINE_STAGES = ("demo_models", "dataset", "represent", "align", "train", "mer
 # Bumped by hand when a stage's output format or semantics change.
 STAGE_VERSIONS: dict[str, int] = {
     "demo_models": 4,
-    "dataset": 3,
-    "represent": 1,
+    "dataset": 4,
+    "represent": 2,
     "vocab_map": 1,
-    "align": 2,
+    "align": 3,
     "train": 1,
     "merge": 1,
     "mt_bench_answers": 1,

@@ -95,8 +95,9 @@ def commit_represent(config: dict, model: str, address: str, store: str, shards:
     computed = not st.is_complete(address)
     if computed:
         man = commit_representation(cfg, st, plan, spec)
-        get_run_logger().info("represent %s: %d shards, %d sequences, %d supervised tokens", model,
-                              len(man.meta["shards"]), man.meta["n_seq"], man.meta["n_supervised"])
+        get_run_logger().info("represent %s: %d shards, %d sequences (%d cut to represent.max_length), "
+                              "%d supervised tokens", model, len(man.meta["shards"]), man.meta["n_seq"],
+                              man.meta["n_cut"], man.meta["n_supervised"])
     return stage_done(st, address, f"Representations of `{model}`", started, computed=computed,
                       figures={"shards": cfg.represent.shards}, model=model)
 

@@ -57,3 +57,64 @@ def test_report_roles_name_each_demo_source_expert_data():
                                 "target-llama": {"source": "llama", "expert_domains": ["ballad", "reverse"]}}
     paper = RunPlan(load_config("configs/fusechat-7b-varm.yaml")).report_roles()
     assert all(t["expert_domains"] is None for t in paper["targets"].values())
+
+
+# -- incremental fusion: an address depends only on what its stage reads ------------------
+
+def _tiny(tmp_path, **edit):
+    import yaml
+
+    from fusechat_core.config import load_config
+    from tests.tiny_config import tiny_run_config
+
+    path = tiny_run_config(tmp_path, "file:///x")
+    raw = yaml.safe_load(path.read_text())
+    for fn in edit.values():
+        fn(raw)
+    path.write_text(yaml.safe_dump(raw))
+    return RunPlan(load_config(path))
+
+
+def _add_wide(raw):
+    raw["sources"].append({"name": "wide", "path": "demo:wide", "tokenizer": "builtin:tekken", "dtype": "float32"})
+    raw["demo"]["models"]["wide"] = {"arch": "llama", "hidden": 32, "intermediate": 64, "steps": 2,
+                                     "domains": {"markov": 1}}
+
+
+def _changed(a: RunPlan, b: RunPlan) -> set[str]:
+    """Labels of b's nodes whose address a does not have (new or recomputed)."""
+    old = {n.address for n in a.nodes()}
+    return {n.label for n in b.nodes() if n.address not in old}
+
+
+def test_adding_a_source_adds_only_its_chain_the_merges_and_the_report(tmp_path):
+    a = _tiny(tmp_path)
+    b = _tiny(tmp_path, add=_add_wide)
+    assert _changed(a, b) == {
+        "demo_models[wide]", "represent[wide]", "vocab_map[wide]", "align[wide]", "train[wide]",
+        "merge[varm]", "merge[linear]", "evaluate[wide]", "evaluate[target-wide]", "evaluate[merge-varm]",
+        "evaluate[merge-linear]", "report"}
+    # removing it again is the first run, address for address
+    assert _changed(b, a) == {"merge[varm]", "merge[linear]", "evaluate[merge-varm]", "evaluate[merge-linear]",
+                              "report"}
+    # removing another source: the rest of the run is untouched
+    c = _tiny(tmp_path, add=_add_wide, drop=lambda raw: raw["sources"].pop(1))
+    assert _changed(b, c) == {"merge[varm]", "merge[linear]", "evaluate[merge-varm]", "evaluate[merge-linear]",
+                              "report"}
+
+
+def test_a_merge_method_or_evaluation_settings_change_only_what_reads_them(tmp_path):
+    a = _tiny(tmp_path)
+    m = _tiny(tmp_path, m=lambda raw: raw["merge"]["methods_extra"].append("ties"))
+    assert _changed(a, m) == {"merge[ties]", "evaluate[merge-ties]", "report"}
+    e = _tiny(tmp_path, e=lambda raw: raw["evaluate"].update(batch_size=4))
+    assert _changed(a, e) == {n.label for n in a.nodes() if n.stage in ("evaluate", "report")}
+
+
+def test_the_pivot_and_the_data_still_change_everything_downstream(tmp_path):
+    a = _tiny(tmp_path)
+    every = {n.label for n in a.nodes() if n.stage not in ("demo_models", "vocab_map")}
+    p = _tiny(tmp_path, p=lambda raw: raw["pivot"].update(tokenizer="builtin:mistral-v3"))
+    assert every <= _changed(a, p)
+    d = _tiny(tmp_path, d=lambda raw: raw["data"].update(max_length=80))
+    assert _changed(a, d) == every  # the models' own evaluations too: they read the held-out split

@@ -21,6 +21,12 @@ conversation's message contents, the only text both renderings share
 (``sequence.content_char_map``): tokens starting in template markup are then
 never paired and those rows fall back to the label.
 
+A source's representation may hold a cut view of a row (the dataset fits blocks to
+the pivot's tokenizer only; see ``fusechat_core.represent``): the re-rendered ids
+are compared on the stored prefix, pairing covers that prefix, and every pivot
+row beyond it falls back to the label. Such sequences are counted
+(``source_cut_sequences``) in each shard's and the stage's summary.
+
 When the pivot's and the source's token ids are identical on the whole shard
 (checked array against array), no text is rendered and no pairing computed:
 the identity is the pairing, and with an identity vocabulary map the top-k
@@ -277,6 +283,7 @@ def align_shard_artifact(cfg: RunConfig, store: ArtifactStore, source: ModelSpec
     st = aligned.stats
     say(f"align {source.name} shard {index + 1}/{shards}: {st['rows']} rows, "
         f"{st['share_one_to_one']:.1%} 1-to-1, {st['share_fallback']:.1%} fallback, "
+        f"{st['source_cut_sequences']} sequences cut for the source, "
         f"mass exact {st['mass_exact']:.1%} / prefix {st['mass_prefix']:.1%} / MinED {st['mass_mined']:.1%} "
         f"({st['sequence_alignment']})")
     return st
@@ -308,7 +315,11 @@ def summarise(shard_stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
     fb = sum(s["fallback"] for s in shard_stats)
     sums = {k: sum(s["mass_sums"].get(k, 0.0) for s in shard_stats) for k in ("total", "exact", "prefix", "mined")}
     denom = sums["total"] or 1.0
-    return {"rows": rows, "fallback": fb, "share_one_to_one": (rows - fb) / rows if rows else 0.0,
+    return {"rows": rows, "fallback": fb,
+            # sequences the source saw only a prefix of (represent's cut views): their rows
+            # beyond the prefix are among the fallbacks
+            "source_cut_sequences": sum(s.get("source_cut_sequences", 0) for s in shard_stats),
+            "share_one_to_one": (rows - fb) / rows if rows else 0.0,
             "share_fallback": fb / rows if rows else 0.0, "mass_exact": sums["exact"] / denom,
             "mass_prefix": sums["prefix"] / denom, "mass_mined": sums["mined"] / denom,
             "mass_unmapped": max(0.0, sums["total"] - sums["exact"] - sums["prefix"] - sums["mined"]) / denom,

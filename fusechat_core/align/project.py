@@ -127,15 +127,29 @@ def comparable_metric_ce(pivot: Representation, source: Representation) -> np.nd
     supervised text, divided by the pivot's supervised token count, ranks exactly as the
     two models' likelihoods of that text do. With one tokenization (the paper's case)
     the counts are equal and this is ``metric_ce`` itself.
+
+    A sequence whose source view was cut (``meta.cut_rows`` of the representation: the
+    source saw only its first ``represent.max_length`` tokens) has no source likelihood of
+    the whole text; it is ranked as good as the pivot, no better: its value is the pivot's
+    own ``metric_ce`` (MinCE keeps the pivot on ties, AvgCE weighs the two alike).
     """
     ce = source.metric_ce.astype(np.float64)
     n_source = np.diff(source.sup_offsets.astype(np.int64))
     n_pivot = np.diff(pivot.sup_offsets.astype(np.int64))
     if np.array_equal(n_source, n_pivot):
-        return source.metric_ce.astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scaled = np.where(n_pivot > 0, ce * n_source / np.maximum(n_pivot, 1), np.nan)
-    return scaled.astype(np.float32)
+        scaled = source.metric_ce.astype(np.float32).copy()
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scaled = np.where(n_pivot > 0, ce * n_source / np.maximum(n_pivot, 1), np.nan).astype(np.float32)
+    cut = cut_sequences(source)
+    if len(cut):
+        scaled[cut] = np.asarray(pivot.metric_ce, dtype=np.float32)[cut]
+    return scaled
+
+
+def cut_sequences(rep: Representation) -> np.ndarray:
+    """Indices of the shard's sequences the model saw only a prefix of (``represent``'s cut views)."""
+    return np.asarray((rep.meta or {}).get("cut_rows", []), dtype=np.int64)
 
 
 def project(pivot: Representation, source: Representation, pairing: Sequence[np.ndarray] | None,
@@ -163,6 +177,7 @@ def project(pivot: Representation, source: Representation, pairing: Sequence[np.
         p = np.exp(source.topk_logprobs.astype(np.float32))
         total = float(p.sum())
         stats = _stats(n_rows, np.zeros(n_rows, bool), 0, total, total, 0.0, identity=True)
+        stats["source_cut_sequences"] = len(cut_sequences(source))
         return Aligned(sup_offsets, ids, source.topk_logprobs.astype(np.float16), metric_ce,
                        np.zeros(n_rows, bool), stats)
 
@@ -219,6 +234,7 @@ def project(pivot: Representation, source: Representation, pairing: Sequence[np.
     lps[fallback, 0] = 0.0
     stats = _stats(n_rows, fallback, int(empty.sum()), total_mass, exact_mass, mined_mass, identity=False,
                    prefix=prefix_mass)
+    stats["source_cut_sequences"] = len(cut_sequences(source))
     return Aligned(sup_offsets, ids, lps.astype(np.float16), metric_ce, fallback, stats)
 
 

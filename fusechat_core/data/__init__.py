@@ -16,8 +16,14 @@ log = logging.getLogger("fusechat.data")
 
 def build_dataset_artifact(cfg: RunConfig, store: ArtifactStore, address: str,
                            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Build the mixture and write it under ``address``; returns its stats."""
-    tokenizers = [load_tokenizer(*tokenizer_ref(m)) for m in cfg.models if _loadable(m)]
+    """Build the mixture and write it under ``address``; returns its stats.
+
+    Blocks are cut to fit ``data.max_length`` under the PIVOT's tokenizer only
+    (``RunPlan.dataset`` has it as its one tokenizer input): a source whose
+    tokenizer needs more tokens sees a cut view of the row (``represent``), never
+    another set of rows.
+    """
+    tokenizers = [load_tokenizer(*tokenizer_ref(cfg.pivot))] if _loadable(cfg.pivot) else []
     mix = build_mixture(cfg.data, cfg.seed, token_counter(tokenizers), progress=progress)
     with store.writer(address, meta={"stage": "dataset", "train": len(mix.train),
                                      "heldout": len(mix.heldout)}) as w:

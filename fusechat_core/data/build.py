@@ -2,8 +2,13 @@
 
 load → normalise → clean (``clean: vicuna``) → drop exact duplicates → sample
 ``count`` per source (seeded) → hold out a split → cut long conversations into
-blocks that fit ``max_length`` under every model's tokenizer. Every skipped row
+blocks that fit ``max_length`` under the pivot's tokenizer. Every skipped row
 is counted under a reason; the counts go into ``stats.json`` and the log.
+
+Only the pivot's tokenizer counts: the dataset is an input of every stage, so
+making it depend on the sources would make adding a source recompute the whole
+run. A source that needs more tokens than ``max_length`` for a block gets a cut
+view of it at the representation stage (see ``fusechat_core.represent``).
 
 A source that yields no usable row, or loses more than its ``max_skipped_fraction``
 of rows as malformed, fails the stage (``DataError``, one line naming the source,
@@ -261,7 +266,7 @@ def split_blocks(conv: list[dict[str, str]], max_length: int, count: TokenCounte
 
 
 def token_counter(tokenizers: Iterable[Any]) -> TokenCounter:
-    """Length under every model's tokenizer: the block must fit all of them."""
+    """Length under the given tokenizers (the stage gives the pivot's only): the longest."""
     toks = list(tokenizers)
 
     def count(text: str) -> int:
