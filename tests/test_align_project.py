@@ -219,3 +219,18 @@ def test_context_rows_map_onto_the_pivot_tokens_their_text_starts_with():
     np.testing.assert_allclose(out.topk_logprobs.astype(np.float32),
                                np.array([r[1] for r in rows], np.float16).astype(np.float32))
     assert out.fallback.tolist() == [r[2] for r in rows]
+
+
+def test_a_cut_source_view_falls_back_to_the_label_beyond_its_prefix(case):
+    """The source saw only ``1 20`` of sequence 0 (a cut view, listed in ``cut_rows``):
+    every pivot row of it falls back to its label, and the source is ranked as the pivot there."""
+    pivot, _, vmap, _ = case
+    source = _rep([[1, 20], [1, 40, 41]], [[1], [2]], [[5, 6, 7], [26, 27, 28]],
+                  [[-0.3, -0.4, -0.5], [-0.2, -0.3, -0.4]], [0.1, 0.5])
+    source.meta["cut_rows"] = [0]
+    out = project(pivot, source, [np.array([0, 1, -1, -1, -1]), np.array([0, 1, 2])], vmap)
+    assert out.fallback.tolist() == [True, True, True, True, False]  # seq 1 as before: source supervises t=2 only
+    assert out.topk_ids[:3, 0].tolist() == [11, 12, 13]  # the labels
+    # sequence 0: the pivot's own 2.0, not the source's 0.1 over a prefix; sequence 1: 0.5 · 1 / 2
+    assert out.metric_ce.tolist() == pytest.approx([2.0, 0.25])
+    assert out.stats["source_cut_sequences"] == 1

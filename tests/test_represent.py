@@ -203,6 +203,9 @@ def test_sequence_without_supervision_is_kept_with_nan_ce(tiny_models):
     assert rep.rows(1).start == rep.rows(1).stop and np.isnan(rep.metric_ce[1])
     assert rep.meta["n_without_supervision"] == 1
     assert np.isfinite(rep.metric_ce[[0, 2]]).all()
+    # the row longer than max_length is kept, cut, and listed as cut (a cut view)
+    longer = [i for i, r in enumerate(rows) if len(fmt.encode(r["conversations"]).input_ids) > 20]
+    assert 1 in longer and rep.meta["cut_rows"] == longer and rep.meta["n_cut"] == len(longer)
 
 
 def test_top_k_larger_than_vocabulary_is_a_clear_error(tiny_models):
