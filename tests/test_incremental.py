@@ -120,7 +120,7 @@ def test_adding_a_source_runs_only_its_chain_and_keeps_rows_aligned(tmp_path, ca
     # rendering, tokenized, is longer than represent.max_length.
     from fusechat_core.models import load_tokenizer, tokenizer_ref
 
-    tok = load_tokenizer(*tokenizer_ref(cfg.model("wide")))
+    tok = load_tokenizer(*tokenizer_ref(plan.model("wide")))
     template = TEMPLATES.get(VERBOSE)
     roles = {"human": "user", "gpt": "assistant"}
     longer = 0
@@ -129,17 +129,17 @@ def test_adding_a_source_runs_only_its_chain_and_keeps_rows_aligned(tmp_path, ca
         text = tok.apply_chat_template(messages, chat_template=template, tokenize=False)
         longer += len(tok(text, add_special_tokens=False)["input_ids"]) > cfg.represent.max_length
     assert 0 < longer < len(rows), "the test needs some rows cut for the new source and some not"
-    wide = store.manifest(plan.represent(cfg.model("wide"))).meta
+    wide = store.manifest(plan.represent(plan.model("wide"))).meta
     assert wide["n_cut"] == longer and wide["n_seq"] == len(rows)
     assert store.manifest(plan.represent(cfg.pivot)).meta["n_cut"] == 0  # the dataset fits the pivot
-    assert store.manifest(plan.align(cfg.model("wide"))).meta["source_cut_sequences"] == longer
+    assert store.manifest(plan.align(plan.model("wide"))).meta["source_cut_sequences"] == longer
     # ... and the represent stage's summary on the dashboard says so
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from tasks._stage import artifact_key
 
-    key = artifact_key(plan.represent(cfg.model("wide")))
+    key = artifact_key(plan.represent(plan.model("wide")))
     with get_client(sync_client=True) as client:
         [summary] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
                                           limit=1)
