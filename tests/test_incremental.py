@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,13 @@ def _run(path: Path, capsys) -> dict[str, str]:
     assert code == 0, out[-3000:]
     with get_client(sync_client=True) as client:
         run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        # Task-run states reach the API as events, shortly after the flow returns: wait for them.
+        deadline = time.monotonic() + 60
+        while True:
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            if all(t.state.is_final() for t in tasks) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
     states = {t.name: t.state.name for t in tasks}
     assert len(states) == len(tasks), "task run names must tell instances apart"
     return states
