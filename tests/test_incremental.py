@@ -144,9 +144,9 @@ def test_adding_a_source_runs_only_its_chain_and_keeps_rows_aligned(tmp_path, ca
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from tasks._stage import artifact_key
+    from tasks._stage import dashboard_key
 
-    key = artifact_key(plan.represent(plan.model("wide")))
+    key = dashboard_key(store.url, plan.represent(plan.model("wide")))
     with get_client(sync_client=True) as client:
         [summary] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
                                           limit=1)
