@@ -7,7 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fusechat-installed
 TORCH ?= torch==2.13.0
-PYTEST_ARGS ?=
+# Two workers, one test file each at a time (module fixtures such as the demo run are made
+# once): the suite waits on servers and subprocesses much of the time, so two cores keep busy.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: setup demo test lint bench clean
 

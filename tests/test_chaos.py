@@ -17,7 +17,7 @@ import pytest
 
 from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
-from fusechat_core.store import MANIFEST, ArtifactStore
+from fusechat_core.store import LEASE, MANIFEST, VERIFIED, ArtifactStore
 from tests.tiny_config import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def _manifests(root: Path) -> int:
 def _file_digests(store: ArtifactStore, address: str) -> dict[str, str]:
     root = Path(store.root) / address
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (MANIFEST, VERIFIED, LEASE)}
 
 
 @pytest.mark.slow

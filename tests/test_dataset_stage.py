@@ -20,7 +20,7 @@ from flows.cli import main
 from fusechat_core.config import load_config
 from fusechat_core.data import read_split
 from fusechat_core.plan import RunPlan
-from fusechat_core.store import MANIFEST, ArtifactStore
+from fusechat_core.store import LEASE, MANIFEST, VERIFIED, ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,9 @@ def test_dataset_builds_skips_and_rebuilds(tmp_path, capsys):
 
 def _digests(store: ArtifactStore, address: str) -> dict[str, str]:
     root = Path(store.root) / address
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir()) if p.name != MANIFEST}
+    # the manifest and the store's bookkeeping (verified marker, lease) are not the artifact's bytes
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir())
+            if p.name not in (MANIFEST, VERIFIED, LEASE)}
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

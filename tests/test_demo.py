@@ -32,7 +32,9 @@ from tasks._stage import dashboard_key
 from tests.conftest import REPO
 from tests.damage import damage_drill
 
-pytestmark = pytest.mark.slow
+# the module's fixture is one whole demo run (~6½ min on 2 busy cores): more than the suite's 600 s default
+# would leave no margin on a slower machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,11 @@ def demo(tmp_path_factory):
     capture = tmp_path_factory.mktemp("demo-out") / "stdout.txt"
     import contextlib
 
-    with open(capture, "w") as fh, contextlib.redirect_stdout(fh):
+    from prefect.settings import PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+    # the session turns API logging off (conftest); this run's logs are read back below
+    with open(capture, "w") as fh, contextlib.redirect_stdout(fh), \
+            temporary_settings(updates={PREFECT_LOGGING_TO_API_ENABLED: True}):
         code = main(["demo", "--store", store_url, "--json"])
     out = capture.read_text()
     assert code == 0, out[-3000:]
@@ -147,7 +153,9 @@ def test_every_stage_posts_a_summary_under_its_address(demo):
     report = summaries[dashboard_key(demo["store"].url, plan.report())].data
     assert "Did fusion beat plain fine-tuning?" in report
     # the plots are in the markdown itself: the dashboard cannot reach the store
-    assert "](plots/" not in report and report.count("](data:image/png;base64,") == 5
+    stored = demo["store"].read_bytes(plan.report(), "report.md").decode()
+    n_plots = stored.count("](plots/")  # the demo has no MT-Bench judge: no MT-Bench plot
+    assert n_plots >= 4 and "](plots/" not in report and report.count("](data:image/png;base64,") == n_plots
     # the progress artifacts of the long stages are there too, and the finished ones at 100 %
     progress = {a.description or "": a.data for a in demo["artifacts"] if a.type == "progress"}
     for prefix in ("Representations of", "Training target", "Demo model pivot: pre-training steps",
