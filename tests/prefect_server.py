@@ -113,3 +113,15 @@ class PrefectServer:
             flt["related"] = {"id": [related]}
         return self.post("/events/filter", {"filter": flt, "limit": 50})["events"]
 
+
+def wait_until(what: str, check, timeout: float, *, interval: float = 0.5, log: Path | None = None):
+    """``check()``'s first truthy value, polled every ``interval`` s; after ``timeout`` s an
+    AssertionError naming ``what``, with the end of ``log`` (a worker's or run's output)."""
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}" + (f"\n{log.read_text()[-4000:]}" if log else ""))
+        time.sleep(interval)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from flows.setup import MIN_HEARTBEAT_TIMEOUT_S, ZOMBIE_AUTOMATION, setup_server
-from tests.prefect_server import PrefectServer, spawn, stop
+from tests.prefect_server import PrefectServer, spawn, stop, wait_until
 
 # Two flow runs in one process: `quick` finishes right after its first heartbeat, `silent` sleeps
 # until it is killed. Each prints its flow run id.
@@ -41,17 +41,6 @@ def silent():
 quick()
 silent()
 '''
-
-
-def _wait(what: str, check, timeout: float, interval: float = 0.5, log: Path | None = None):
-    deadline = time.time() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}" + (f"\n{log.read_text()[-3000:]}" if log else ""))
-        time.sleep(interval)
 
 
 def _apply_setup(server: PrefectServer, **kwargs) -> list[str]:
@@ -82,10 +71,10 @@ def test_a_killed_flow_run_is_marked_crashed_when_its_heartbeats_stop(tmp_path, 
     env = {**server.client_env(tmp_path / "prefect-home"), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
     proc = spawn([sys.executable, str(script)], env, log)
     try:
-        ids = _wait("the silent flow run to start", lambda: _flow_run_ids(log), 90, log=log)
+        ids = wait_until("the silent flow run to start", lambda: _flow_run_ids(log), 90, log=log)
         silent = f"prefect.flow-run.{ids['silent']}"
-        heartbeat = _wait("the silent run's first heartbeat",
-                          lambda: server.events("prefect.flow-run.heartbeat", resource=silent), 30, log=log)[0]
+        heartbeat = wait_until("the silent run's first heartbeat",
+                               lambda: server.events("prefect.flow-run.heartbeat", resource=silent), 30, log=log)[0]
         assert server.get(f"/flow_runs/{ids['silent']}")["state"]["type"] == "RUNNING"
         assert server.get(f"/flow_runs/{ids['quick']}")["state"]["type"] == "COMPLETED"
         assert server.events("prefect.flow-run.heartbeat", resource=f"prefect.flow-run.{ids['quick']}")
@@ -98,7 +87,7 @@ def test_a_killed_flow_run_is_marked_crashed_when_its_heartbeats_stop(tmp_path, 
             state = server.get(f"/flow_runs/{ids['silent']}")["state"]
             return state if state["type"] != "RUNNING" else None
 
-        state = _wait("the automation to mark the run Crashed", left_running, timeout_s + 45, log=log)
+        state = wait_until("the automation to mark the run Crashed", left_running, timeout_s + 45, log=log)
         print(f"Crashed {time.time() - killed_at:.1f} s after the kill")
         assert (state["type"], state["name"]) == ("CRASHED", "Crashed"), state
         assert state["message"].startswith(f"No heartbeat for {timeout_s} s"), state
@@ -106,8 +95,8 @@ def test_a_killed_flow_run_is_marked_crashed_when_its_heartbeats_stop(tmp_path, 
         silent_for = (_when(state["timestamp"]) - _when(heartbeat["occurred"])).total_seconds()
         assert silent_for >= timeout_s, (state, heartbeat)
         # the automation did it, and did nothing to the run that finished
-        executed = _wait("the automation's action event",
-                         lambda: server.events("prefect.automation.action.executed", related=silent), 15)
+        executed = wait_until("the automation's action event",
+                              lambda: server.events("prefect.automation.action.executed", related=silent), 15)
         assert {e["resource"]["prefect.resource.name"] for e in executed} == {ZOMBIE_AUTOMATION}
         assert not server.events("prefect.automation.action.triggered", related=f"prefect.flow-run.{ids['quick']}")
         assert server.get(f"/flow_runs/{ids['quick']}")["state"]["type"] == "COMPLETED"

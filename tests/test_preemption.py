@@ -22,7 +22,7 @@ import yaml
 from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
-from tests.prefect_server import BIN, REPO, spawn, stop
+from tests.prefect_server import BIN, REPO, spawn, stop, wait_until
 from tests.tiny_config import tiny_run_config
 
 LIMIT_S = 10.0
@@ -30,17 +30,6 @@ LIMIT_S = 10.0
 
 def _cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def _wait(what: str, check, timeout: float, log: Path, interval: float = 0.25):
-    deadline = time.time() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{log.read_text()[-4000:]}")
-        time.sleep(interval)
 
 
 def _start_run(env: dict[str, str], config: Path) -> str:
@@ -54,7 +43,7 @@ def _final_state(server, flow_run_id: str, timeout: float, log: Path) -> dict:
     def final():
         state = server.get(f"/flow_runs/{flow_run_id}")["state"]
         return state if state["type"] not in ("SCHEDULED", "PENDING", "RUNNING") else None
-    return _wait("the flow run's final state", final, timeout, log, interval=1)
+    return wait_until("the flow run's final state", final, timeout, log=log, interval=1)
 
 
 @pytest.mark.slow
@@ -93,8 +82,8 @@ def test_sigterm_to_a_deployment_run_stops_it_within_10_s_and_a_retry_finishes(t
             return any(r["name"].startswith("demo_model[pivot") and (r.get("state") or {}).get("type") == "RUNNING"
                        for r in runs)
 
-        proc = _wait("the flow-run process", engine, 180, log)
-        _wait("the pivot's pre-training", pivot_training, 300, log)
+        proc = wait_until("the flow-run process", engine, 180, log=log, interval=0.25)
+        wait_until("the pivot's pre-training", pivot_training, 300, log=log, interval=0.25)
         time.sleep(1)
         assert not store.is_complete(pivot), "the stage finished before the test could interrupt it"
         children = proc.children(recursive=True)
