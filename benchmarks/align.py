@@ -111,6 +111,13 @@ def naive_dtw_pairing(tokens_a: list[str], tokens_b: list[str]) -> list[int]:
     return out
 
 
+def timed(fn, *args):
+    """(fn(*args), wall seconds it took)."""
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
 def prepare(pivot_ref: str, source_ref: str, convs: list, max_tokens: int):
     """Rendered, tokenised, cut pairs: (TokenSeq pivot, TokenSeq source, supervised mask)."""
     from fusechat_core.align.sequence import TokenSeq, prefix_starts
@@ -192,15 +199,9 @@ def main() -> None:
         n_tok = sum(len(p) for p in ps)
         print(f"\n== pivot builtin:mistral-v1 vs source {source}: {len(ps)} pairs, "
               f"{n_tok / len(ps):.0f} pivot / {sum(len(s) for s in ss) / len(ss):.0f} source tokens per pair")
-        t = time.perf_counter()
-        off = align_offsets(ps, ss)
-        t_off = time.perf_counter() - t
-        t = time.perf_counter()
-        dtw = align_dtw(ps, ss)
-        t_dtw = time.perf_counter() - t
-        t = time.perf_counter()
-        banded = align_dtw_banded(ps, ss)
-        t_band = time.perf_counter() - t
+        off, t_off = timed(align_offsets, ps, ss)
+        dtw, t_dtw = timed(align_dtw, ps, ss)
+        banded, t_band = timed(align_dtw_banded, ps, ss)
         nb = args.baseline_pairs or len(ps)
         t = time.perf_counter()
         naive = [naive_dtw_pairing(p.strings, s.strings) for p, s in zip(ps[:nb], ss[:nb])]
@@ -236,12 +237,8 @@ def main() -> None:
     if args.long_pairs:
         ps, ss, _ = prepare("builtin:mistral-v1", "builtin:tekken", natural_conversations(args.long_pairs, chars=12000),
                             2048)
-        t = time.perf_counter()
-        full_l = align_dtw(ps, ss)
-        t_full_l = time.perf_counter() - t
-        t = time.perf_counter()
-        band_l = align_dtw_banded(ps, ss)
-        t_band_l = time.perf_counter() - t
+        full_l, t_full_l = timed(align_dtw, ps, ss)
+        band_l, t_band_l = timed(align_dtw_banded, ps, ss)
         same_l = np.mean(np.concatenate(full_l) == np.concatenate(band_l))
         print(f"\n2048 tokens, tekken, {len(ps)} pairs ({np.mean([len(p) for p in ps]):.0f} pivot tokens): full DTW "
               f"{t_full_l / len(ps):.3f} s/pair, banded {t_band_l / len(ps):.3f} s/pair, "
