@@ -11,6 +11,7 @@ from pathlib import Path
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import _HOST, MANIFEST, ArtifactStore
 from tests.conftest import REPO
+from tests.prefect_server import final_task_runs
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -29,7 +30,6 @@ def damage_drill(plan: RunPlan, run_args: list[str], status_args: list[str], api
     at ``api_url``) must recompute exactly those (their tasks Completed, every other task
     Cached) to the same bytes, leave the report as it was, and remove the temporary file."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import FlowRunSort
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -82,7 +82,7 @@ def damage_drill(plan: RunPlan, run_args: list[str], status_args: list[str], api
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        task_runs = final_task_runs(client, run.id)
     states = {r.name: r.state.name for r in task_runs}
     n = plan.cfg.represent.shards
     recomputed = {f"represent[model={first.name}, shard=2/{n}]", f"align[source={second.name}, shard=1/{n}]",

@@ -125,3 +125,20 @@ def wait_until(what: str, check, timeout: float, *, interval: float = 0.5, log: 
         if time.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}" + (f"\n{log.read_text()[-4000:]}" if log else ""))
         time.sleep(interval)
+
+
+def final_task_runs(client, flow_run_id, timeout: float = 60) -> list:
+    """The flow run's task runs once every one has a final state.
+
+    Task-run states reach the API as events, after the flow itself returns; a run read at once
+    may list a task with no state yet, or one still Running.
+    """
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+
+    def settled():
+        tasks = client.read_task_runs(flow_run_filter=runs)
+        return tasks if tasks and all(t.state is not None and t.state.is_final() for t in tasks) else None
+
+    return wait_until(f"final states of flow run {flow_run_id}'s task runs", settled, timeout)

@@ -31,6 +31,7 @@ from fusechat_core.store import ArtifactStore
 from tasks._stage import dashboard_key
 from tests.conftest import REPO
 from tests.damage import damage_drill
+from tests.prefect_server import final_task_runs
 
 # the module's fixture is one whole demo run (~6½ min on 2 busy cores): more than the suite's 600 s default
 # would leave no margin on a slower machine
@@ -59,7 +60,7 @@ def demo(tmp_path_factory):
     with get_client(sync_client=True) as client:
         run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
         runs = FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
-        task_runs = client.read_task_runs(flow_run_filter=runs)
+        task_runs = final_task_runs(client, run.id)
         artifacts = client.read_artifacts(flow_run_filter=runs)
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 

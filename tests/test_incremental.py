@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from fusechat_core.chat import TEMPLATES
 from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
+from tests.prefect_server import final_task_runs
 from tests.tiny_config import tiny_run_config
 
 pytestmark = pytest.mark.slow
@@ -46,7 +46,6 @@ if VERBOSE not in TEMPLATES:
 def _run(path: Path, capsys) -> dict[str, str]:
     """Run the config to the end; every task run of that flow run, by name → state name."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import FlowRunSort
 
     capsys.readouterr()
@@ -55,13 +54,7 @@ def _run(path: Path, capsys) -> dict[str, str]:
     assert code == 0, out[-3000:]
     with get_client(sync_client=True) as client:
         run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
-        # Task-run states reach the API as events, shortly after the flow returns: wait for them.
-        deadline = time.monotonic() + 60
-        while True:
-            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
-            if all(t.state.is_final() for t in tasks) or time.monotonic() > deadline:
-                break
-            time.sleep(1)
+        tasks = final_task_runs(client, run.id)
     states = {t.name: t.state.name for t in tasks}
     assert len(states) == len(tasks), "task run names must tell instances apart"
     return states
