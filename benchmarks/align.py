@@ -42,9 +42,22 @@ vocabulary map tekken → Mistral v1, and ends with
     agreement_with_dtw: F           (share of pivot positions, offsets vs DTW)
     mined_map_seconds: S
     verify_share_of_align: V        (verifying the shards read, over itself + alignment; <= 0.05)
+    verify_share_of_align_stage: W  (the same, over the WHOLE align stage's time; <= 0.05)
+
+``verify_share_of_align`` sets the verification against the pairing alone (an upper
+bound). ``verify_share_of_align_stage`` times the stage itself: the function the align
+task calls (``align.align_shard_artifact``: reading the dataset, both representation
+shards and the vocabulary map from the store, re-rendering, pairing, projecting the top-k,
+writing the aligned shard) on a real store: the dataset stage's artifact built from the
+natural conversations, representation shards of the pivot (Mistral v1) and of a tekken
+source written by the representation stage's writer (real tokenisation at
+``--stage-tokens``; the top-k, ``--stage-top-k`` wide, is synthetic: the label, then other
+ids), the prefix vocabulary map (the demo's). It is timed with the store's verification
+as it is (every byte read hashed against the manifest; nothing remembered from an earlier
+read), and the seconds spent hashing (``store.VERIFY_SECONDS``) are its share.
 
 Run: ``.venv/bin/python benchmarks/align.py [--pairs 200] [--tokens 512]
-[--baseline-pairs N] [--long-pairs 4]``.
+[--baseline-pairs N] [--long-pairs 4] [--stage-seqs 300] [--stage-only]``.
 """
 
 from __future__ import annotations
@@ -186,7 +199,16 @@ def main() -> None:
                     help="time the naive DTW on the first N pairs only (default: all)")
     ap.add_argument("--long-pairs", type=int, default=4,
                     help="pairs cut to 2048 pivot tokens for the full vs banded DTW timing (0: skip)")
+    ap.add_argument("--stage-seqs", type=int, default=300,
+                    help="dataset rows for the whole-stage timing (0: skip it)")
+    ap.add_argument("--stage-tokens", type=int, default=512)
+    ap.add_argument("--stage-top-k", type=int, default=10)
+    ap.add_argument("--stage-shards", type=int, default=2)
+    ap.add_argument("--stage-only", action="store_true", help="only the whole-stage timing")
     args = ap.parse_args()
+    if args.stage_only:
+        stage_timing(args)
+        return
 
     from fusechat_core.align.sequence import align_dtw, align_dtw_banded, align_offsets
     from fusechat_core.align.vocab import build_vocab_map, vocabulary
@@ -269,6 +291,103 @@ def main() -> None:
           f"{main_r['verify'] * 1e3:.1f} ms against {main_r['off'] * 1e3:.1f} ms of sequence alignment alone "
           f"(an upper bound: the stage also projects every distribution)")
     print(f"verify_share_of_align: {share:.4f}")
+    if args.stage_seqs:
+        stage_timing(args)
+
+
+def _synthetic_shard(spec, rows, index: int, shards: int, max_length: int, k: int):
+    """A REPRESENTATION shard of ``rows``' part ``index`` with the model's real tokenisation and a
+    synthetic top-k (the label, then k-1 other ids; descending log-probs)."""
+    from fusechat_core.chat import IGNORE
+    from fusechat_core.models import formatter_for
+    from fusechat_core.represent import Representation, id_dtype, position_dtype, shard_rows
+
+    fmt = formatter_for(spec)
+    part = [rows[j] for j in shard_rows(len(rows), index, shards)]
+    vocab = len(fmt.tokenizer)
+    rng = np.random.default_rng(index)
+    ids, seq_off, sup, sup_off, tk = [], [0], [], [0], []
+    for row in part:
+        r = fmt.encode(row["conversations"], max_length)
+        ids += r.input_ids
+        seq_off.append(len(ids))
+        pos = [t for t in range(1, len(r.labels)) if r.labels[t] != IGNORE]
+        sup += pos
+        sup_off.append(len(sup))
+        labels = np.asarray(r.input_ids, np.int64)[pos]
+        tk.append(np.concatenate([labels[:, None], rng.integers(0, vocab, (len(pos), k - 1))], axis=1))
+    top = np.concatenate(tk) if tk else np.zeros((0, k), np.int64)
+    lp = np.sort(np.log(rng.dirichlet(np.ones(k), len(top)) + 1e-6), axis=1)[:, ::-1]
+    dt = id_dtype(vocab)
+    meta = {"model": spec.name, "vocab_size": vocab, "top_k": k, "max_length": max_length,
+            "row_ids": [r["id"] for r in part], "n_seq": len(part), "n_tokens": len(ids), "n_supervised": len(sup)}
+    return Representation(np.array(ids, dt), np.array(seq_off, np.int64), np.array(sup, position_dtype(max_length)),
+                          np.array(sup_off, np.int64), top.astype(dt), np.ascontiguousarray(lp, np.float16),
+                          np.ones(len(part), np.float32), meta)
+
+
+def stage_timing(args) -> dict[str, float]:
+    """The whole align stage (``align_shard_artifact``), timed with verification, and the
+    verification's share of it (see the module docstring)."""
+    import json
+    import tempfile
+
+    from fusechat_core import store as store_mod
+    from fusechat_core.align import align_shard_artifact, build_vocab_map_artifact
+    from fusechat_core.config import parse_config
+    from fusechat_core.data import build_dataset_artifact, read_split
+    from fusechat_core.plan import RunPlan
+    from fusechat_core.represent import write_shard
+
+    with tempfile.TemporaryDirectory(prefix="fusechat-bench-align-stage-") as tmp:
+        data = Path(tmp) / "chat.jsonl"
+        data.write_text("\n".join(json.dumps({"conversations": c}, ensure_ascii=False)
+                                  for c in natural_conversations(args.stage_seqs)))
+        cfg = parse_config({
+            "name": "bench-align", "store": f"file://{tmp}/store",
+            "pivot": {"name": "pivot", "path": "builtin:mistral-v1", "chat_template": "mistral"},
+            "sources": [{"name": "tekken", "path": "builtin:tekken", "chat_template": "mistral"}],
+            "data": {"sources": [{"path": str(data), "name": "chat"}], "max_length": args.stage_tokens,
+                     "heldout_fraction": 0.05},
+            "represent": {"top_k": args.stage_top_k, "max_length": args.stage_tokens, "shards": args.stage_shards},
+            "align": {"vocab_mapping": "prefix"},
+        })
+        store = store_mod.ArtifactStore(cfg.store)
+        plan = RunPlan(cfg)
+        build_dataset_artifact(cfg, store, plan.dataset)
+        rows = read_split(store, plan.dataset, "train")
+        source = cfg.sources[0]
+        for spec in cfg.models:
+            for i in range(cfg.represent.shards):
+                rep = _synthetic_shard(spec, rows, i, cfg.represent.shards, cfg.represent.max_length,
+                                       cfg.represent.top_k)
+                with store.writer(plan.represent_shard(spec, i), meta=rep.meta) as w:
+                    write_shard(w, rep)
+        build_vocab_map_artifact(cfg, store, plan.vocab_map(source), source, progress=lambda _: None)
+        read_bytes = sum(store.require(a).size for a in
+                         [plan.dataset, plan.vocab_map(source)]
+                         + [plan.represent_shard(m, i) for m in cfg.models for i in range(cfg.represent.shards)])
+
+        def one_pass() -> tuple[float, float]:
+            with store_mod._VERIFIED_LOCK:
+                store_mod._VERIFIED_READS.clear()  # nothing remembered: every byte read is hashed
+            v0, t0 = store_mod.VERIFY_SECONDS[0], time.perf_counter()
+            for i in range(cfg.represent.shards):
+                align_shard_artifact(cfg, store, source, i, progress=lambda _: None)
+            return time.perf_counter() - t0, store_mod.VERIFY_SECONDS[0] - v0
+
+        one_pass()  # warm-up: tokenizers loaded and cached, as in a running worker
+        passes = [one_pass() for _ in range(3)]
+        total, verify = min(passes, key=lambda p: p[0])
+    share = verify / total
+    print(f"\n== whole align stage (align_shard_artifact), {len(rows)} rows in {cfg.represent.shards} shards, "
+          f"pivot builtin:mistral-v1, source builtin:tekken, top-{cfg.represent.top_k}, "
+          f"max_length {cfg.represent.max_length}; {read_bytes / 2**20:.1f} MiB of artifacts read")
+    print(f"stage wall time {total:.3f} s (best of {len(passes)}: " + ", ".join(f"{p[0]:.3f}" for p in passes)
+          + f"); of it hashing what was read {verify * 1e3:.1f} ms "
+          f"({read_bytes / max(verify, 1e-9) / 2**20:.0f} MiB/s); without it {total - verify:.3f} s")
+    print(f"verify_share_of_align_stage: {share:.4f}")
+    return {"total": total, "verify": verify, "share": share}
 
 
 def verify_shard_reads(ps, ss, sup, source: str, k: int = 10) -> float:
