@@ -334,7 +334,7 @@ def train_target(
                 (out / "README.md").write_text(target_card(
                     name=name or address.rsplit("/", 1)[-1], pivot=pivot.path, lam=lam,
                     fusion_function=summary["fusion_function"], steps=n_steps, sequences=len(data),
-                    train_config=cfg.model_dump(mode="json"), data=card))
+                    train_config=cfg.model_dump(mode="json"), data=card, pivot_folder=model_dir(pivot)))
                 store.put_dir(address, out, meta={"stage": "train", **summary})
             finally:
                 shutil.rmtree(out, ignore_errors=True)

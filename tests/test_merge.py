@@ -125,6 +125,12 @@ def test_varm_matches_the_formula_tensor_by_tensor_and_the_model_generates(known
     assert set(index["weight_map"]) == set(expected) and len(set(index["weight_map"].values())) > 1
     card = (out / "README.md").read_text()
     assert "varm" in card and str(known["a"]) in card and "lm_head.weight" in card
+    # a local pivot saved by transformers 5 records no hub id: named in the text, no base_model
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard(card).data.to_dict()
+    assert "base_model" not in meta and "base_model_relation" not in meta and "varm" in meta["tags"]
+    assert f"base model (pivot): `{known['pivot']}` (a local model" in card
     tok = AutoTokenizer.from_pretrained(out)
     pivot_tok = AutoTokenizer.from_pretrained(known["pivot"])
     assert tok.chat_template == pivot_tok.chat_template and len(tok) == len(pivot_tok)
@@ -142,6 +148,48 @@ def test_varm_matches_the_formula_tensor_by_tensor_and_the_model_generates(known
     with torch.no_grad():
         assert torch.allclose(logits, ref(ids).logits, atol=1e-4)
     assert res["table"]["summary"]["dominated"]["b"] > res["table"]["summary"]["dominated"]["a"]
+
+
+def test_a_cards_base_model_is_a_hub_id_or_nothing(known, tmp_path):
+    """The Hub takes as ``base_model`` only a model id it hosts. A hub pivot is one (its revision
+    goes to the text); a local copy whose config.json records the hub id it came from (what
+    transformers 4 saved as ``_name_or_path``) names that id; a local folder that records a
+    path, or nothing, is named in the text alone."""
+    from huggingface_hub import ModelCard
+
+    from fusechat_core.merge.card import model_card, target_card
+
+    def local(name: str, recorded: str | None) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        config = json.loads((known["pivot"] / "config.json").read_text())
+        if recorded is not None:
+            config["_name_or_path"] = recorded
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    copy = local("copy", "openchat/openchat_3.5")
+    cases = {  # pivot → (base_model, a phrase of the text)
+        "openchat/openchat_3.5@c0ffee": ("openchat/openchat_3.5", "`openchat/openchat_3.5` (revision `c0ffee`)"),
+        str(copy): ("openchat/openchat_3.5", f"`{copy}` (a local copy of `openchat/openchat_3.5`)"),
+        str(local("trained", "/data/ckpt/run-7")): (None, "trained` (a local model"),
+        str(local("bare", None)): (None, "bare` (a local model"),
+        "demo:pivot": (None, "`demo:pivot` (a local model"),
+    }
+    for pivot, (base, phrase) in cases.items():
+        cards = [model_card(name="m", method="varm", pivot=pivot, targets={"a": "/t/a"}, sources=None,
+                            parameters={}, granularity="matrix", dtype="float32", mergekit_yaml="x: 1", table=None),
+                 target_card(name="t", pivot=pivot, lam=0.9, fusion_function="mince", steps=1, sequences=1,
+                             train_config={})]
+        for text, relation in zip(cards, ("merge", "finetune"), strict=True):
+            meta = ModelCard(text).data.to_dict()
+            assert meta.get("base_model") == base, (pivot, meta)
+            assert meta.get("base_model_relation") == (relation if base else None), (pivot, meta)
+            assert phrase in text, (pivot, text)
+    # a demo pivot's target names its built folder's record through pivot_folder
+    demo = target_card(name="t", pivot="demo:pivot", pivot_folder=str(copy), lam=0.9, fusion_function="mince",
+                       steps=1, sequences=1, train_config={})
+    assert ModelCard(demo).data.base_model == "openchat/openchat_3.5"
 
 
 @pytest.mark.parametrize("granularity", ["layer", "model"])

@@ -263,9 +263,11 @@ def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs,
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(folder / "README.md")
-    assert card.data.base_model_relation == "finetune" and "mince" in card.data.tags
+    assert "mince" in card.data.tags and "fusechat" in card.data.tags
     assert "λ: 0.5" in card.text and "fusion function: mince" in card.text
-    assert fusion_inputs["pivot"].path in card.text
+    assert f"base model (pivot): `{fusion_inputs['pivot'].path}` (a local model" in card.text
+    # a local folder that records no hub id is no Hub base_model (nor has a relation to one)
+    assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
     ck = [e["step"] for e in events if e["event"] == "checkpoint"]
     assert ck == [5, 10, 12]
 
