@@ -34,7 +34,8 @@ def evaluate_model(config: dict, name: str, model: dict, address: str, store: st
     else:
         cfg = EvaluateConfig.model_validate(config.get("evaluate", config))
     bars = {"mt_bench": ProgressArtifact(f"Evaluation of {name}: MT-Bench questions answered"),
-            "heldout": ProgressArtifact(f"Evaluation of {name}: held-out sequences measured")}
+            "heldout": ProgressArtifact(f"Evaluation of {name}: held-out sequences measured"),
+            "judge": ProgressArtifact(f"Evaluation of {name}: MT-Bench questions graded")}
     results = _evaluate_model(st, address, name, model, cfg, dataset=dataset, answers_address=answers,
                               progress=logger.info, on_count=lambda what, done, total: bars[what](done, total))
     summary = {k: results[k]["all"] for k in ("heldout_nll", "exact_match") if k in results}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 import logging
 import threading
@@ -135,6 +137,24 @@ def _settings(server: JudgeServer, **kw: Any) -> JudgeSettings:
     return JudgeSettings(**{**base, **kw})
 
 
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller")
+
+
+class _Counts:
+    """An ``on_count`` that records (done, total, the caller's context, an event loop running)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, str | None, bool]] = []
+
+    def __call__(self, done: int, total: int) -> None:
+        try:
+            asyncio.get_running_loop()
+            loop = True
+        except RuntimeError:
+            loop = False
+        self.seen.append((done, total, _CALLER.get(None), loop))
+
+
 def test_parse_rating_follows_fastchat_rule():
     assert parse_rating("Rating: [[7]]") == 7.0
     assert parse_rating("explanation [[8.5]] then [[2]]") == 8.5  # the first double-bracket wins
@@ -164,7 +184,11 @@ def test_grading_over_http(judge_server, mt_data, tmp_path, monkeypatch, caplog,
     s.scripts[(111, 2)] = ["Rating: [[4]]"]
     store = ArtifactStore(str(tmp_path / "store"))
     qids = [81, 82, 101, 111]
-    js = grade_answers(store, "evaluate/m-1", mt_data, _answers(qids), _settings(s))
+    counts, token = _Counts(), _CALLER.set("the caller")
+    try:
+        js = grade_answers(store, "evaluate/m-1", mt_data, _answers(qids), _settings(s), on_count=counts)
+    finally:
+        _CALLER.reset(token)
     got = {(j.question_id, j.turn): (j.status, j.score) for j in js}
     assert got == {(81, 1): ("ok", 7.0), (81, 2): ("ok", 8.0), (82, 1): ("ok", 9.0), (82, 2): ("unparsable", None),
                    (101, 1): ("ok", 3.5), (101, 2): ("ok", 2.0), (111, 1): ("unparsable", None),
@@ -200,9 +224,21 @@ def test_grading_over_http(judge_server, mt_data, tmp_path, monkeypatch, caplog,
         if f.is_file():
             assert SECRET.encode() not in f.read_bytes(), f
 
-    # graded questions are saved one by one: a second call asks nothing
+    # progress, questions graded of all, one question at a time and in order, to the caller's
+    # context on a thread with no event loop (where a Prefect progress artifact can be posted)
+    assert counts.seen == [(n, 4, "the caller", False) for n in range(5)]
+
+    # graded questions are saved one by one: a second call asks nothing. Called from a running
+    # event loop (as from an async task), its progress still reaches the caller's context.
     before = len(s.log)
-    again = grade_answers(store, "evaluate/m-1", mt_data, _answers(qids), _settings(s))
+
+    async def from_a_loop() -> list:
+        _CALLER.set("an async caller")
+        return grade_answers(store, "evaluate/m-1", mt_data, _answers(qids), _settings(s), on_count=counts)
+
+    counts.seen.clear()
+    again = asyncio.run(from_a_loop())
+    assert counts.seen == [(4, 4, "an async caller", False)]
     assert len(s.log) == before
     assert [(j.question_id, j.turn, j.score) for j in again] == [(j.question_id, j.turn, j.score) for j in js]
 
@@ -221,10 +257,13 @@ def test_failures_are_counted_and_resumed(judge_server, mt_data, tmp_path, monke
     # tolerated failures are reported, not hidden
     js = grade_answers(store, "evaluate/m-2", mt_data, _answers([81, 83, 84]), settings, max_failures=1)
     assert summarise(js)["failed"] == 1 and summarise(js)["scored"] == 5
-    # once the judge recovers, only the question that failed is asked again
+    # once the judge recovers, only the question that failed is asked again; progress starts
+    # from the questions already graded
     s.scripts[(83, 2)] = ["Rating: [[6]]"]
     before = {(q, t): len(s.requests(q, t)) for q in (81, 83, 84) for t in (1, 2)}
-    js = grade_answers(store, "evaluate/m-2", mt_data, _answers([81, 83, 84]), settings)
+    counts = _Counts()
+    js = grade_answers(store, "evaluate/m-2", mt_data, _answers([81, 83, 84]), settings, on_count=counts)
+    assert [c[:2] for c in counts.seen] == [(2, 3), (3, 3)]
     after = {(q, t): len(s.requests(q, t)) for q in (81, 83, 84) for t in (1, 2)}
     assert {k: after[k] - before[k] for k in after} == {(81, 1): 0, (81, 2): 0, (83, 1): 1, (83, 2): 1,
                                                         (84, 1): 0, (84, 2): 0}

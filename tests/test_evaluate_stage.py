@@ -215,3 +215,49 @@ def test_fusechat_eval_of_a_store_artifact(tiny_models, tmp_path, capsys):
     assert res["name"] == "target-x-0123" and res["answers"] is None
     assert res["results"]["model_ref"] == {"artifact": "train/target-x-0123"}
     assert "mt_bench" not in res["results"] and res["results"]["heldout_nll"]["all"]["sequences"] == 12
+
+
+def test_the_evaluate_task_posts_grading_progress(tiny_models, mt_bench_dir, prefect_server, tmp_path, monkeypatch):
+    """The evaluate task on a real Prefect server, judged over HTTP: its dashboard shows the
+    MT-Bench questions answered and then graded, each bar at 100 % when the task is done."""
+    import asyncio
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from fusechat_core.config import EvaluateConfig
+    from tasks._stage import result_storage_for
+    from tasks.evaluate import evaluate_model
+
+    monkeypatch.setenv("FUSECHAT_TEST_JUDGE_KEY", SECRET)
+    data = load_mt_bench(str(mt_bench_dir))
+    qids = [q.question_id for q in data.questions][:3]
+    keep = tmp_path / "mt-bench-3"
+    write_mt_bench(keep, qids=qids)
+    cfg = EvaluateConfig(mt_bench=True, mt_bench_data=str(keep), max_new_tokens=2, heldout_nll=False,
+                         judge_model="judge-1", judge_api_key_env="FUSECHAT_TEST_JUDGE_KEY", judge_concurrency=2)
+    store = f"file://{tmp_path / 'store'}"
+
+    @flow(name="grading-progress", result_storage=result_storage_for(store))
+    def one_evaluation(judge_url: str) -> dict:
+        conf = cfg.model_copy(update={"judge_base_url": judge_url}).model_dump(mode="json")
+        return evaluate_model(conf, "pivot", {"model": {"path": str(tiny_models["pivot"])}}, "evaluate/pivot-p",
+                              store, answers="mt_bench_answers/pivot-p")
+
+    async def progress_bars(flow_run_id) -> dict[str, float]:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+        async with get_client() as client:
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["progress"])))
+        return {a.description.split(":")[1].strip(): float(a.data) for a in arts}
+
+    with JudgeServer({q.turns[0]: q.question_id for q in data.questions}) as judge, \
+            temporary_settings(updates={PREFECT_API_URL: prefect_server.api}):
+        state = one_evaluation(judge.url, return_state=True)
+        assert state.is_completed(), state
+        assert state.result()["summary"]["mt_bench"]["scored"] == 2 * len(qids)
+        assert len(judge.log) == 2 * len(qids)
+        bars = asyncio.run(progress_bars(state.state_details.flow_run_id))
+    assert bars == {"MT-Bench questions answered": 100.0, "MT-Bench questions graded": 100.0}, bars

@@ -21,6 +21,7 @@ run asks the judge only about the rest.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import email.utils
 import hashlib
 import json
@@ -335,19 +336,24 @@ async def _grade_question(client: JudgeClient, data: MTBenchData, q: Question, a
 
 def grade_answers(store: ArtifactStore, evaluate_address: str, data: MTBenchData, answers: Sequence[dict],
                   settings: JudgeSettings, *, max_failures: int = 0,
-                  progress: Callable[[str], None] | None = None) -> list[Judgment]:
+                  progress: Callable[[str], None] | None = None,
+                  on_count: Callable[[int, int], None] | None = None) -> list[Judgment]:
     """Grade every answer (both turns), reusing judgments saved by an earlier attempt.
 
     A question whose two judgments came back (scored or unparsable) is saved at
     once; one with a failed request is not, so the next attempt asks again. More
     than ``max_failures`` failed requests fail the call after the rest are saved.
+    ``on_count(done, total)``: questions done (graded now or by an earlier attempt, or failed
+    after every retry) of all, called from a thread of its own with the caller's context and no event loop running,
+    as a synchronous caller's callback expects (a Prefect progress artifact needs both).
     """
-    return _run(_grade_all(store, evaluate_address, data, answers, settings, max_failures, progress))
+    return _run(_grade_all(store, evaluate_address, data, answers, settings, max_failures, progress, on_count))
 
 
 async def _grade_all(store: ArtifactStore, address: str, data: MTBenchData, answers: Sequence[dict],
                      settings: JudgeSettings, max_failures: int,
-                     progress: Callable[[str], None] | None) -> list[Judgment]:
+                     progress: Callable[[str], None] | None,
+                     on_count: Callable[[int, int], None] | None = None) -> list[Judgment]:
     say = progress or log.info
     found: dict[int, list[Judgment]] = {}
     todo = []
@@ -362,7 +368,17 @@ async def _grade_all(store: ArtifactStore, address: str, data: MTBenchData, answ
         todo.append(ans)
     if found:
         say(f"judge: {len(found)} questions already graded, {len(todo)} to grade")
+    done, total = len(found), len(answers)
+    counted = asyncio.Lock()  # one count at a time, in order: a bar never steps back
 
+    async def count(step: int) -> None:
+        nonlocal done
+        async with counted:
+            done += step
+            if on_count is not None:
+                await asyncio.to_thread(on_count, done, total)
+
+    await count(0)
     async with JudgeClient(settings, progress=say) as client:
         async def grade(ans: dict) -> None:
             q = data.question(ans["question_id"])
@@ -370,6 +386,7 @@ async def _grade_all(store: ArtifactStore, address: str, data: MTBenchData, answ
             found[q.question_id] = js
             if all(j.status != "failed" for j in js):
                 await asyncio.to_thread(_save, store, address, q.question_id, js)
+            await count(1)
 
         t0 = time.time()
         await asyncio.gather(*(grade(a) for a in todo))
@@ -407,7 +424,8 @@ def _run(coro: Coroutine) -> Any:
         except BaseException as exc:  # handed to the caller's thread below
             box["error"] = exc
 
-    t = threading.Thread(target=target, name="fusechat-judge")
+    # the caller's context goes along (a Prefect task's run context, for its progress artifacts)
+    t = threading.Thread(target=contextvars.copy_context().run, args=(target,), name="fusechat-judge")
     t.start()
     t.join()
     if "error" in box:

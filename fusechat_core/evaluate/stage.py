@@ -47,7 +47,8 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
                    on_count: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Evaluate one model into the artifact at ``address``; returns its results.
 
-    ``on_count(what, done, total)``: ``mt_bench`` questions answered, ``heldout`` sequences measured.
+    ``on_count(what, done, total)``: ``mt_bench`` questions answered, ``heldout`` sequences measured,
+    ``judge`` questions graded.
     ``answers_address`` is where the MT-Bench answers live (``RunPlan.mt_bench_answers``);
     ``dataset`` the dataset artifact whose held-out split is measured.
     """
@@ -98,7 +99,8 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
         answers = read_answers(store, answers_address)
         settings = JudgeSettings.from_config(cfg)
         judgments = grade_answers(store, address, data, answers, settings,
-                                  max_failures=cfg.judge_max_failures, progress=say)
+                                  max_failures=cfg.judge_max_failures, progress=say,
+                                  on_count=None if on_count is None else lambda d, t: on_count("judge", d, t))
         results["mt_bench"] = {**summarise(judgments), "judge_model": cfg.judge_model,
                                "judge_base_url": _public_url(cfg.judge_base_url),
                                "answers": answers_address, "data_sources": data.sources,
