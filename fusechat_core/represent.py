@@ -452,6 +452,23 @@ def open_shard(folder: str | Path, where: str | None = None) -> Representation:
     return rep
 
 
+def bad_logprob(logprobs: np.ndarray) -> tuple[int, float] | None:
+    """(row, value) of the first top-k log-prob that is NaN or +inf, or None.
+
+    A log-prob is finite or -inf (padding, probability 0); NaN or +inf is a damaged teacher
+    (+inf would pass every other check and turn the fused distribution into NaN). Readers
+    check the rows they read (align the source's shard it projects, training each batch's
+    rows) and refuse them with one line naming the shard and the row.
+    """
+    rows = np.asarray(logprobs)
+    bad = np.isnan(rows) | np.isposinf(rows)
+    if not bad.any():
+        return None
+    bad = bad.reshape(len(rows), -1)
+    r = int(np.nonzero(bad.any(axis=1))[0][0])
+    return r, float(rows.reshape(len(rows), -1)[r][bad[r]][0])
+
+
 def read_shard(store: ArtifactStore, address: str) -> Representation:
     """A complete shard artifact of ``store``, memory-mapped and checked (``open_shard``)."""
     return open_shard(store.fetch(address), f"{address}/{REPRESENTATION_FILE}")

@@ -66,10 +66,10 @@ def run(tiny_models, tmp_path_factory):
     return cfg, store, plan
 
 
-def write_representation(store, address, spec, rows, index, cfg, *, tokenizer=None):
+def write_representation(store, address, spec, rows, index, cfg, *, tokenizer=None, edit=None):
     """A REPRESENTATION shard from the real tokenisation, written by the representation
     stage's writer. The teacher is synthetic but checkable: its top-1 is the label
-    (log 0.7), then three other ids."""
+    (log 0.7), then three other ids. ``edit(rep)`` may change it before it is written."""
     tok = tokenizer or load_tokenizer(*tokenizer_ref(spec))
     fmt = ChatFormatter(tok, spec.chat_template)
     n = len(rows)
@@ -95,6 +95,8 @@ def write_representation(store, address, spec, rows, index, cfg, *, tokenizer=No
     rep = Representation(np.array(ids, dt), np.array(seq_off, np.int64), np.array(sup, np.uint16),
                          np.array(sup_off, np.int64), np.array(tk, dt).reshape(-1, K),
                          np.array(tl, np.float16).reshape(-1, K), np.array(ce, np.float32), meta)
+    if edit is not None:
+        edit(rep)
     with store.writer(address, meta=meta) as w:
         write_shard(w, rep)  # the representation stage's own writer and contract check
 
@@ -218,6 +220,32 @@ def test_representation_made_with_another_tokenizer_is_refused(run, tmp_path):
     other.put_dir(plan.dataset, store.fetch(plan.dataset))
     with pytest.raises(AlignError, match=r"row .*source's re-rendered tokens differ"):
         align_shard_artifact(cfg, other, spec, 0)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_teacher_log_prob_is_refused_naming_shard_and_row(run, tmp_path, value):
+    """+inf (or NaN) is no log-prob: the align stage refuses the source's shard when it reads
+    it, with one line naming the shard and the row, instead of carrying it into training."""
+    cfg, store, plan = run
+    spec = plan.model("mixtral")
+    rows = read_split(store, plan.dataset, "train")
+    other = ArtifactStore(f"file://{tmp_path}")
+
+    def poison(rep):
+        rep.topk_logprobs[5, 1] = value
+
+    for src in (cfg.pivot, spec):
+        write_representation(other, plan.represent_shard(src, 0), src, rows, 0, cfg,
+                             edit=poison if src is spec else None)
+    from fusechat_core.align import align_shard_artifact, build_vocab_map_artifact
+
+    build_vocab_map_artifact(cfg, other, plan.vocab_map(spec), spec)
+    other.put_dir(plan.dataset, store.fetch(plan.dataset))
+    with pytest.raises(AlignError) as err:
+        align_shard_artifact(cfg, other, spec, 0)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{plan.represent_shard(spec, 0)}: topk_logprobs row 5 is {value}")
+    assert not other.is_complete(plan.align_shard(spec, 0))
 
 
 def test_wrong_address_is_refused(run):

@@ -331,9 +331,11 @@ def test_a_huge_learning_rate_stops_at_the_first_non_finite_step(fusion_inputs, 
     assert not store.is_complete("train/clm-t")
 
 
-def test_a_poisoned_teacher_stops_fusion_training_at_its_step(fusion_inputs, tmp_path):
-    """A +inf in one aligned shard's log-probs (NaN is refused on reading; +inf passes and turns
-    the teacher's distribution into NaN): training stops at the first step that reads that sequence."""
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_poisoned_teacher_is_refused_when_its_rows_are_read(fusion_inputs, tmp_path, value):
+    """A +inf (or NaN) in one aligned shard's log-probs is no log-prob (+inf would turn the
+    teacher's distribution into NaN): training stops at the first step that reads that
+    sequence, with one line naming the shard and the row; the last good checkpoint stays."""
     store = ArtifactStore(f"file://{tmp_path}")
     cfg = _cfg(checkpoint_every=2, max_steps=9, keep_checkpoints=5, lam=0.5)
     # a sequence first read by the third step (index 2) of the seeded data order
@@ -341,15 +343,20 @@ def test_a_poisoned_teacher_stops_fusion_training_at_its_step(fusion_inputs, tmp
     assert all(poisoned_seq not in global_batch(N_ROWS, cfg.batch_size, cfg.seed, s) for s in (0, 1))
     outs = [dict(o) for o in fusion_inputs["source_out"]]
     outs[poisoned_seq]["top_lp"] = outs[poisoned_seq]["top_lp"].clone()
-    outs[poisoned_seq]["top_lp"][1, 0] = float("inf")
+    outs[poisoned_seq]["top_lp"][1, 0] = value
     outs[poisoned_seq]["ce"] = 0.0  # the best teacher by its metric: MinCE picks it
     aligned = _write_shards(store, "align/poisoned", outs, _rows(), aligned=True)
     data = FusionData(fusion_inputs["pivot_dirs"], aligned, max_length=MAX_LEN)
+    shard, per_shard = divmod(poisoned_seq, N_ROWS // SHARDS)
+    first = shard * (N_ROWS // SHARDS)  # the row: the shard's supervised rows before the sequence, then 1
+    row = sum(len(o["sup"]) for o in outs[first:poisoned_seq]) + 1
     events: list[dict] = []
-    with pytest.raises(RuntimeError, match=r"^train\[target-src\]: non-finite fusion loss and gradient norm "
-                                           r"at step 3 .*nothing committed, last good checkpoint: step 2$"):
+    with pytest.raises(ContractError) as err:
         train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/src-p",
                      on_event=events.append, name="target-src")
+    msg = str(err.value)
+    assert "\n" not in msg and msg == (f"{aligned[shard] / 'aligned.safetensors'}: topk_logprobs row {row} "
+                                       f"(sequence {per_shard}) is {value}, not a log-prob (finite or -inf)")
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
     assert [s for s, _ in complete_checkpoints(store, "train/src-p")] == [2]
     assert not store.is_complete("train/src-p")

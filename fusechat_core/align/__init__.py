@@ -53,7 +53,7 @@ from fusechat_core.align.sequence import (
 )
 from fusechat_core.align.vocab import VocabMap, build_vocab_map, vocabulary
 from fusechat_core.config import ModelSpec, RunConfig
-from fusechat_core.represent import Representation
+from fusechat_core.represent import Representation, bad_logprob
 from fusechat_core.store import ArtifactStore, StoreError
 
 log = logging.getLogger("fusechat.align")
@@ -265,6 +265,9 @@ def align_shard_artifact(cfg: RunConfig, store: ArtifactStore, source: ModelSpec
     shards = cfg.represent.shards
     pivot_rep = read_representation(store, plan.represent_shard(cfg.pivot, index))
     source_rep = read_representation(store, plan.represent_shard(source, index))
+    if (bad := bad_logprob(source_rep.topk_logprobs)) is not None:  # the rows projected are the source's
+        raise AlignError(f"{plan.represent_shard(source, index)}: topk_logprobs row {bad[0]} is {bad[1]}, "
+                         f"not a log-prob (finite or -inf)")
     vmap = read_vocab_map(store, plan.vocab_map(source))
     every = read_split(store, plan.dataset, "train")
     rows = [every[j] for j in shard_rows(len(every), index, shards)]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fusechat_core.align import ALIGNED_FILE, AlignError, open_aligned
-from fusechat_core.represent import REPRESENTATION_FILE, RepresentError, open_shard
+from fusechat_core.represent import REPRESENTATION_FILE, RepresentError, bad_logprob, open_shard
 
 
 class ContractError(ValueError):
@@ -157,7 +157,12 @@ class FusionData:
             if use_teachers:
                 for j, sh in enumerate((ps, self.aligned[i])):  # type: ignore[index]
                     t_ids[j].append(_rows(sh.topk_ids, r0, r1, np.int64)[keep])
-                    t_lps[j].append(_rows(sh.topk_logprobs, r0, r1)[keep])
+                    lp = _rows(sh.topk_logprobs, r0, r1)
+                    if (bad := bad_logprob(lp.numpy())) is not None:
+                        path = self.pivot_paths[i] if j == 0 else self.aligned_paths[i]  # type: ignore[index]
+                        raise ContractError(f"{path}: topk_logprobs row {r0 + bad[0]} (sequence {s}) is "
+                                            f"{bad[1]}, not a log-prob (finite or -inf)")
+                    t_lps[j].append(lp[keep])
                 ce = torch.tensor([self._ce[i][0][s], self._ce[i][1][s]], dtype=torch.float32)
                 ces.append(ce.expand(len(pos), 2))
         sup_batch, sup_pos = torch.cat(sup_b), torch.cat(sup_t)
