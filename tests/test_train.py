@@ -231,9 +231,16 @@ def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs,
     cfg = _cfg(max_steps=12, checkpoint_every=5, keep_checkpoints=1, warmup_ratio=0.0, lam=0.5)
     data = FusionData(fusion_inputs["pivot_dirs"], fusion_inputs["aligned_dirs"], max_length=MAX_LEN)
     store = ArtifactStore(f"file://{tmp_path}")
-    events = []
+    events, kept = [], {}
+
+    def on_event(e):
+        events.append(e)
+        if e["event"] == "checkpoint":  # what the store holds right after each checkpoint
+            kept[e["step"]] = ([s for s, _ in complete_checkpoints(store, "train/src-t")],
+                               {f.path for f in store.manifest(e["address"]).files})
+
     train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/src-t",
-                 on_event=events.append)
+                 on_event=on_event)
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, 13))
     fuse = [e["fusion_loss"] for e in steps]
@@ -253,12 +260,15 @@ def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs,
     assert tok.chat_template and len(tok) == 32000
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.model_type == "mistral"
-    # checkpoints: at 5, 10 and the end (12); only the newest is kept, beside the model folder
-    assert [s for s, _ in complete_checkpoints(store, "train/src-t")] == [12]
-    assert complete_checkpoints(store, "train/src-t")[0][1] == "train/src-t.checkpoints/checkpoint-0000012"
+    # checkpoints at 5 and 10, none at the end (12: the target is committed instead); only the
+    # newest is kept, beside the model folder, with the optimizer's state; once the target is
+    # committed they are all gone (~87 GB of optimizer state at 7B resumes nothing then)
+    assert {k: v[0] for k, v in kept.items()} == {5: [5], 10: [10]}
+    assert "optimizer.bin" in kept[10][1]
+    assert complete_checkpoints(store, "train/src-t") == []
+    assert not (Path(store.root) / "train/src-t.checkpoints").exists()
     assert not any("checkpoint" in p.as_posix() for p in folder.rglob("*")), "no checkpoint in the model folder"
     assert not [f.path for f in store.manifest("train/src-t").files if f.path.endswith((".pkl", ".bin"))]
-    assert "optimizer.bin" in {f.path for f in store.manifest("train/src-t.checkpoints/checkpoint-0000012").files}
     # a Hub model card: base model, λ and the fusion function
     from huggingface_hub import ModelCard
 
@@ -269,7 +279,24 @@ def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs,
     # a local folder that records no hub id is no Hub base_model (nor has a relation to one)
     assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
     ck = [e["step"] for e in events if e["event"] == "checkpoint"]
-    assert ck == [5, 10, 12]
+    assert ck == [5, 10]
+
+
+def test_a_committed_target_leaves_no_checkpoints_behind(fusion_inputs, tmp_path):
+    """A run killed between committing its target and deleting its checkpoints: the next
+    start finds the target done and deletes them (complete and torn ones alike)."""
+    store = ArtifactStore(f"file://{tmp_path}")
+    with store.writer("train/done-t") as w:
+        w.write_bytes("model.safetensors", b"weights")
+    with store.writer("train/done-t.checkpoints/checkpoint-0000004") as w:
+        w.write_bytes("optimizer.bin", b"state")
+    torn = Path(store.root) / "train/done-t.checkpoints/checkpoint-0000006"
+    torn.mkdir(parents=True)
+    (torn / "optimizer.bin").write_bytes(b"half")
+    out = train_target(_cfg(), pivot=fusion_inputs["pivot"], data=FusionData(fusion_inputs["pivot_dirs"]),
+                       store=store, address="train/done-t")
+    assert out == {"address": "train/done-t", "skipped": True}
+    assert not (Path(store.root) / "train/done-t.checkpoints").exists() and store.is_complete("train/done-t")
 
 
 def test_gradient_checkpointing_gives_the_same_losses_gradients_and_weights(fusion_inputs, tmp_path):
@@ -511,7 +538,7 @@ def test_prefect_task_trains_each_target_reports_and_caches(run_setup):
     # the key names the target's address, and another store's run of it has a key of its own
     assert src_key.startswith(artifact_key(src_address) + "-metrics-")
     assert dashboard_key("s3://elsewhere/x", src_address, "metrics") != src_key
-    # one version per checkpoint (2 rows, then 4) and at the end; the newest has every step
+    # one version per checkpoint (2 rows at step 2; none at the last step) and at the end: every step
     table = max((a for a in made if a.key == src_key), key=lambda a: a.created)
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["fusion_loss"] is not None for r in rows)
