@@ -31,6 +31,18 @@ class ConfigError(ValueError):
     """A bad config: ``str(err)`` is one line naming the field and the problem."""
 
 
+# The largest float32: a learning rate above it is inf inside the optimizer (torch's AdamW
+# then fails with a raw overflow error after loading the model).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32_rate(value: float) -> float:
+    if value > FLOAT32_MAX:
+        raise ValueError(f"{value:g} cannot be represented in float32 (at most {FLOAT32_MAX:.4g}), the precision "
+                         f"the optimizer works in")
+    return value
+
+
 class _Section(BaseModel):
     # No setting means anything as NaN or infinity (`learning_rate: .inf` trained to NaN).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -196,6 +208,8 @@ class TrainConfig(_Section):
     clm_baseline: bool = False  # also train the λ = 1 "CLM" row of the paper
     seed: int = 42
 
+    _learning_rate_fits = field_validator("learning_rate")(_float32_rate)
+
     @model_validator(mode="after")
     def _micro_divides(self) -> TrainConfig:
         if self.batch_size % self.micro_batch_size:
@@ -307,6 +321,8 @@ class DemoConfig(_Section):
     learning_rate: float = Field(default=3e-3, gt=0)
     max_length: int = Field(default=128, ge=16)
     seed: int = 0
+
+    _learning_rate_fits = field_validator("learning_rate")(_float32_rate)
 
 
 class RunConfig(_Section):

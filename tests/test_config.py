@@ -62,6 +62,8 @@ BAD = [
     (("merge", {"method": "ties", "parameters": {"densty": 0.5}}), "merge.parameters.densty: "),
     (("sources.0.path", "demo:unknown"), "sources[0].path: 'demo:unknown' needs an entry under demo.models"),
     (("train", {"learning_rate": float("inf")}), "train.learning_rate: Input should be a finite number"),
+    (("train", {"learning_rate": 1e39}), "train.learning_rate: 1e+39 cannot be represented in float32"),
+    (("demo.learning_rate", 3.5e38), "demo.learning_rate: 3.5e+38 cannot be represented in float32"),
     (("train", {"temperature": float("nan")}), "train.temperature: Input should be a finite number"),
     (("evaluate", {"judge_deadline_s": float("inf")}), "evaluate.judge_deadline_s: Input should be a finite"),
 ]
