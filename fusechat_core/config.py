@@ -198,6 +198,11 @@ class TrainConfig(_Section):
     micro_batch_size: int = Field(default=2, ge=1)
     max_length: int = Field(default=2048, ge=16)
     grad_clip: float = Field(default=1.0, gt=0)
+    # auto: bf16 where the process making the plan sees a CUDA GPU with bf16, else no. The
+    # target's address holds the resolved value (RunPlan.train), so an auto run on a GPU and
+    # one on the CPU never share an address; a train task on a machine that resolves it
+    # otherwise than the plan did is refused: set it explicitly when planning on a machine
+    # of another kind than the one that trains (a CPU head, GPU workers).
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
     checkpoint_every: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)  # newest complete ones kept; older deleted

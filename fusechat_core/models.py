@@ -156,6 +156,21 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def resolve_mixed_precision(value: str) -> str:
+    """``train.mixed_precision`` as training runs it: ``auto`` is ``bf16`` where a CUDA GPU
+    with bf16 is visible to this process, else ``no`` (CPU autocast in bf16 is slower than
+    fp32 and changes results); any other value is itself. The plan puts the resolved value
+    into the target's address (``RunPlan.train``), so the address says what ran."""
+    return _auto_mixed_precision() if value == "auto" else value
+
+
+@lru_cache(maxsize=1)
+def _auto_mixed_precision() -> str:
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def torch_dtype(dtype: str, device: str) -> Any:
     """The dtype a model computes in: ``auto`` keeps the checkpoint's own on a GPU (bf16 for
     7B chat models); on the CPU half precision is slow and imprecise, so float32."""

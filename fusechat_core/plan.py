@@ -33,6 +33,7 @@ from pathlib import Path
 from fusechat_core.config import EvaluateConfig, ModelSpec, RunConfig
 from fusechat_core.data.presets import sources_of
 from fusechat_core.merge.methods import method_parameters
+from fusechat_core.models import resolve_mixed_precision
 from fusechat_core.stages import shard_address, stage_address
 
 CLM = "clm"  # the λ = 1 baseline target: plain fine-tuning of the pivot
@@ -179,6 +180,10 @@ class RunPlan:
         # How often checkpoints are written and kept never changes the weights (resumption
         # is bit-exact), so changing it must not restart a week of training.
         train = self.cfg.train.model_dump(exclude={"clm_baseline", "checkpoint_every", "keep_checkpoints"})
+        # What runs, not what was asked: ``auto`` is bf16 on a GPU and no precision change on
+        # the CPU, different weights under one address unless resolved here (the train task
+        # re-derives the address where it runs and refuses a disagreement).
+        train["mixed_precision"] = resolve_mixed_precision(self.cfg.train.mixed_precision)
         upstream = {"dataset": self.dataset, "pivot": self.represent(self.cfg.pivot)}
         if target == CLM:
             train["lam"] = 1.0  # the paper's "CLM" row: same data and steps, no fusion term

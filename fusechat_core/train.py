@@ -53,7 +53,7 @@ from fusechat_core.determinism import pin_compute
 from fusechat_core.fuse import FUSION_FUNCTIONS, SparseDist, clm_and_fusion_sums, teacher_dist
 from fusechat_core.fuse.batches import Batch, FusionData
 from fusechat_core.merge.card import target_card
-from fusechat_core.models import ModelLoadError, load_causal_lm, model_dir, tokenizer_ref
+from fusechat_core.models import ModelLoadError, load_causal_lm, model_dir, resolve_mixed_precision, tokenizer_ref
 from fusechat_core.store import ArtifactStore, StoreError
 
 STATE_FILE = "trainer_state.json"
@@ -103,14 +103,6 @@ def micro_batches(batch: list[int], lengths: np.ndarray, micro: int, rank: int =
     by_len = sorted(batch, key=lambda g: (-int(lengths[g]), g))
     mine = by_len[rank::world]
     return [mine[i:i + micro] for i in range(0, len(mine), micro)]
-
-
-def resolve_mixed_precision(value: str) -> str:
-    if value != "auto":
-        return value
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"  # CPU autocast in bf16 is slower than fp32 and changes results
 
 
 # -- checkpoints in the store ---------------------------------------------------
@@ -330,6 +322,7 @@ def train_target(
         state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards on the main process
         summary: dict[str, Any] = {"address": address, "steps": n_steps, "lam": lam,
                                    "fusion_function": cfg.fusion_function if use_teachers else None,
+                                   "mixed_precision": accelerator.mixed_precision,
                                    "final_loss": history[-1]["loss"] if history else None}
         if main:
             out = Path(tempfile.mkdtemp(prefix="fusechat-target-"))

@@ -100,7 +100,13 @@ def train_target(config: dict, target: str, address: str, store: str) -> dict:
     cfg = RunConfig.model_validate(config).model_copy(update={"store": store})
     expected = RunPlan(cfg).train(target)
     if expected != address:
-        raise ValueError(f"train task for {target!r}: address {address!r} is not the plan's {expected!r}")
+        why = ""
+        if cfg.train.mixed_precision == "auto":
+            from fusechat_core.models import resolve_mixed_precision
+
+            why = (f" (train.mixed_precision: auto resolves to {resolve_mixed_precision('auto')!r} on this machine, "
+                   f"and the plan was made on another kind: set it explicitly)")
+        raise ValueError(f"train task for {target!r}: address {address!r} is not the plan's {expected!r}{why}")
     st = open_store(store)
     computed = not st.is_complete(address)
     if computed:

@@ -17,6 +17,22 @@ def test_operational_training_settings_keep_the_target_address():
     assert RunPlan(base).train("moe") != RunPlan(_with(base, "train", learning_rate=1e-4)).train("moe")
 
 
+def test_the_target_address_holds_the_precision_that_runs(monkeypatch):
+    """``train.mixed_precision: auto`` is bf16 on a GPU and no change on the CPU: two different
+    trainings. The address holds the resolved value: ``auto`` shares its address with the
+    explicit value it resolves to on the machine making the plan, and never with the other."""
+    import fusechat_core.models as models
+
+    base = _cfg("file:///x")
+    plans = {p: RunPlan(_with(base, "train", mixed_precision=p)) for p in ("auto", "bf16", "no", "fp16")}
+    for machine, other in (("bf16", "no"), ("no", "bf16")):  # a bf16 GPU; a CPU
+        monkeypatch.setattr(models, "_auto_mixed_precision", lambda machine=machine: machine)
+        auto = plans["auto"].train("moe")
+        assert auto == plans[machine].train("moe") != plans[other].train("moe")
+        assert plans["auto"].merge("varm") == plans[machine].merge("varm")  # downstream follows
+    assert len({plans[p].train("moe") for p in ("bf16", "no", "fp16")}) == 3
+
+
 def test_the_judge_budget_keeps_the_evaluate_address():
     base = _cfg("file:///x")
     budget = _with(base, "evaluate", judge_timeout_s=5, judge_max_retries=0, judge_max_retry_after_s=1,

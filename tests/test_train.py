@@ -269,6 +269,7 @@ def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs,
     assert not (Path(store.root) / "train/src-t.checkpoints").exists()
     assert not any("checkpoint" in p.as_posix() for p in folder.rglob("*")), "no checkpoint in the model folder"
     assert not [f.path for f in store.manifest("train/src-t").files if f.path.endswith((".pkl", ".bin"))]
+    assert store.manifest("train/src-t").meta["mixed_precision"] == "no"  # what ran, recorded
     # a Hub model card: base model, λ and the fusion function
     from huggingface_hub import ModelCard
 
