@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fusechat_core.config import ConfigError, RunConfig, load_config
+from fusechat_core.cost import DEFAULT_UTILISATION, H100_BF16_DENSE_TFLOPS
 from fusechat_core.plan import RunPlan
 from fusechat_core.preflight import preflight
 from fusechat_core.stages import shard_address
@@ -57,8 +58,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--store", help="artifact root URL (default: the config's store)")
     run.add_argument("--until", metavar="STAGE", help=f"stop after this stage, one of: {stages} "
                                                       "(default: the last)")
-    run.add_argument("--plan", action="store_true", help="print every stage's address and state; run nothing")
-    run.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    run.add_argument("--plan", action="store_true",
+                     help="run nothing; print every stage instance's state (cached / to run / partial), the work "
+                          "it implies (sequences, tokens, supervised tokens, bytes to store, FLOPs, GPU-hours; "
+                          "offline: N from config.json in the local HF cache) and totals")
+    run.add_argument("--against", metavar="OLD.yaml",
+                     help="with --plan: list the stage instances this config invalidates against OLD.yaml, and "
+                          "which input of each address changed")
+    run.add_argument("--gpu-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, metavar="T",
+                     help="with --plan: one GPU's peak TFLOPS (default: 989, an H100 SXM's dense bf16)")
+    run.add_argument("--gpu-utilisation", type=float, default=DEFAULT_UTILISATION, metavar="U",
+                     help="with --plan: the share of --gpu-tflops sustained (model FLOPs utilisation) "
+                          "(default: 0.4)")
+    run.add_argument("--json", action="store_true",
+                     help="print a JSON summary as the last line (with --plan: only one JSON object)")
 
     st = sub.add_parser("status", help="every stage: done / damaged / partial / missing, address, size "
                                        "(exit 1 when anything is damaged)")
@@ -186,6 +199,58 @@ def _print_inputs(plan: RunPlan) -> None:
             print(f"\n{node.label} inputs:")
             for line in lines:
                 print(f"  {line}")
+
+
+def _plan(cfg: RunConfig, args: argparse.Namespace) -> int:
+    """``run --plan``: the cost view (``fusechat_core.cost``), or with ``--against`` the diff."""
+    plan = RunPlan(cfg)
+    if args.against:
+        try:
+            old = load_config(args.against, store=args.store)
+        except ConfigError as exc:
+            print(f"fusechat: config error: --against: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        changes = plan.diff(RunPlan(old))
+        if args.json:
+            print(json.dumps({"config": args.config, "against": args.against, "stages": changes}))
+        else:
+            _print_diff(changes)
+        return EXIT_OK
+    if not (args.gpu_tflops > 0 and 0 < args.gpu_utilisation <= 1):
+        print("fusechat: error: --gpu-tflops must be > 0 and --gpu-utilisation in (0, 1]", file=sys.stderr)
+        return EXIT_USAGE
+    from fusechat_core.cost import cost_table, plan_costs
+
+    store = ArtifactStore(cfg.store)
+    try:
+        rows = status_rows(cfg)
+    except StoreError as exc:  # a plan is still worth printing without the store
+        print(f"fusechat: states unknown: {exc}", file=sys.stderr)
+        rows = [{"stage": n.label, "state": "unknown", "address": n.address, "size": None} for n in plan.nodes()]
+    costs = plan_costs(plan, store, {r["stage"]: r for r in rows}, gpu_tflops=args.gpu_tflops,
+                       utilisation=args.gpu_utilisation)
+    if args.json:
+        print(json.dumps(costs))
+        return EXIT_OK
+    for line in cost_table(costs):
+        print(line)
+    _print_inputs(plan)
+    return EXIT_OK
+
+
+def _print_diff(changes: list[dict[str, Any]]) -> None:
+    """What ``--plan --against`` prints: each invalidated instance and why, then the unchanged."""
+    moved = [c for c in changes if c["change"] != "unchanged"]
+    w = max((len(c["stage"]) for c in moved), default=0)
+    for c in moved:
+        why = c["why"]
+        print(f"{c['change']:<8}  {c['stage']:<{w}}  {why[0] if why else ''}")
+        for more in why[1:]:
+            print(f"{'':<8}  {'':<{w}}  {more}")
+    same = [c["stage"] for c in changes if c["change"] == "unchanged"]
+    print(f"unchanged ({len(same)}): {', '.join(same) if same else '-'}")
+    runs = sum(c["change"] in ("changed", "new") for c in changes)
+    print(f"{runs} of {runs + len(same)} stage instances to compute; {len(same)} kept (Cached)")
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -405,15 +470,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_FAILED
             return EXIT_OK
         if args.command == "run" and args.plan:
-            try:
-                rows = status_rows(cfg)
-            except StoreError as exc:  # a plan is still worth printing without the store
-                print(f"fusechat: states unknown: {exc}", file=sys.stderr)
-                rows = [{"stage": n.label, "state": "unknown", "address": n.address, "size": None}
-                        for n in RunPlan(cfg).nodes()]
-            _print_rows(rows)
-            _print_inputs(RunPlan(cfg))
-            return EXIT_OK
+            return _plan(cfg, args)
+        if args.command == "run" and args.against:
+            print("fusechat: error: --against needs --plan", file=sys.stderr)
+            return EXIT_USAGE
         return _run(cfg, args.until, args.json)
     except StoreError as exc:
         print(f"fusechat: {exc}", file=sys.stderr)

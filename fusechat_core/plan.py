@@ -29,12 +29,13 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from fusechat_core.config import EvaluateConfig, ModelSpec, RunConfig
 from fusechat_core.data.presets import sources_of
 from fusechat_core.merge.methods import method_parameters
 from fusechat_core.models import resolve_mixed_precision
-from fusechat_core.stages import shard_address, stage_address
+from fusechat_core.stages import canonical, shard_address, stage_address
 
 CLM = "clm"  # the λ = 1 baseline target: plain fine-tuning of the pivot
 
@@ -45,12 +46,16 @@ def _model_identity(spec: ModelSpec) -> dict:
     return spec.model_dump(exclude={"name", "device_map"})
 
 
-def mt_bench_answers_address(name: str, model_ref: dict, evaluate: EvaluateConfig) -> str:
-    """A model's MT-Bench answers: only what changes the answers is an input, so judging
-    them again with another judge (a new evaluate address) reuses them."""
+def mt_bench_answers_inputs(model_ref: dict, evaluate: EvaluateConfig) -> tuple[dict, dict]:
+    """(section, upstream) of a model's MT-Bench answers: only what changes the answers is an
+    input, so judging them again with another judge (a new evaluate address) reuses them."""
     section = {"questions": evaluate.mt_bench_data, "max_new_tokens": evaluate.max_new_tokens,
                "seed": evaluate.seed}
-    return stage_address("mt_bench_answers", section, {k: str(v) for k, v in model_ref.items()}, key=name)
+    return section, {k: str(v) for k, v in model_ref.items()}
+
+
+def mt_bench_answers_address(name: str, model_ref: dict, evaluate: EvaluateConfig) -> str:
+    return stage_address("mt_bench_answers", *mt_bench_answers_inputs(model_ref, evaluate), key=name)
 
 
 # How long and how often the judge is asked never changes a verdict it gives, so
@@ -59,10 +64,15 @@ JUDGE_BUDGET = ("judge_concurrency", "judge_timeout_s", "judge_max_retries", "ju
                 "judge_deadline_s")
 
 
-def evaluate_address(name: str, model_ref: dict, evaluate: EvaluateConfig, dataset: str | None) -> str:
-    """An evaluation: what it measures, of which model, on which dataset (run or ``fusechat eval``)."""
+def evaluate_inputs(model_ref: dict, evaluate: EvaluateConfig, dataset: str | None) -> tuple[dict, dict]:
+    """(section, upstream) of an evaluation: what it measures, of which model, on which dataset."""
     upstream = {"dataset": dataset or "", **{k: str(v) for k, v in model_ref.items()}}
-    return stage_address("evaluate", evaluate.model_dump(mode="json", exclude=set(JUDGE_BUDGET)), upstream, key=name)
+    return evaluate.model_dump(mode="json", exclude=set(JUDGE_BUDGET)), upstream
+
+
+def evaluate_address(name: str, model_ref: dict, evaluate: EvaluateConfig, dataset: str | None) -> str:
+    """An evaluation's address (run or ``fusechat eval``)."""
+    return stage_address("evaluate", *evaluate_inputs(model_ref, evaluate, dataset), key=name)
 
 
 def standalone_evaluate_address(name: str, model_ref: dict, evaluate: EvaluateConfig,
@@ -83,9 +93,46 @@ class Node:
         return f"{self.stage}[{self.key}]" if self.key else self.stage
 
 
+@dataclass(frozen=True)
+class Derivation:
+    """What one address was derived from: the very arguments ``stage_address`` hashed
+    (``--plan --against`` compares two of these to say why an address changed)."""
+
+    stage: str
+    key: str | None
+    section: Any  # canonical form, as hashed
+    upstream: dict  # name -> upstream address
+    root: str = ""  # the config section's name when the section is a whole one ("align")
+
+
+def _leaves(obj: Any, path: str = "") -> dict[str, Any]:
+    """``{"represent.max_length": 2048, "data.sources[1].path": "...", ...}`` of a canonical value."""
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_leaves(v, f"{path}.{k}" if path else str(k)))
+        return out
+    if isinstance(obj, list) and obj:
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_leaves(v, f"{path}[{i}]"))
+        return out
+    return {path: obj}
+
+
 class RunPlan:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        # address -> its inputs, filled as addresses are derived (``_address``: the one place)
+        self.derivations: dict[str, Derivation] = {}
+
+    def _address(self, stage: str, section: Any, upstream: dict | None = None, *, key: str | None = None,
+                 root: str = "") -> str:
+        """``stage_address``, remembering what it hashed. ``root``: the config section's name
+        when ``section`` is a whole config section, to name its fields in a diff."""
+        address = stage_address(stage, section, upstream, key=key)
+        self.derivations[address] = Derivation(stage, key, canonical(section), dict(upstream or {}), root)
+        return address
 
     def identity(self, spec: ModelSpec) -> dict:
         """What a pivot/source model *is*, for addresses; a demo model is its built artifact."""
@@ -101,7 +148,7 @@ class RunPlan:
         section = {"model": self.cfg.demo.models[name],
                    "training": self.cfg.demo.model_dump(exclude={"models"}),
                    "tokenizer": spec.tokenizer, "chat_template": spec.chat_template}
-        return stage_address("demo_models", section, key=name)
+        return self._address("demo_models", section, key=name)
 
     def demo_specs(self) -> list[ModelSpec]:
         return [m for m in self.cfg.models if m.path.startswith("demo:")]
@@ -126,7 +173,7 @@ class RunPlan:
             # with it every address that does not read the new source.
             "pivot_tokenizer": self.pivot_tokenizer(),
         }
-        return stage_address("dataset", section)
+        return self._address("dataset", section)
 
     def pivot_tokenizer(self) -> tuple[str, str | None]:
         """The tokenizer the dataset stage cuts blocks by: the pivot's (reference, revision)."""
@@ -142,7 +189,7 @@ class RunPlan:
         section = {"model": self.identity(model),
                    "represent": rep.model_dump(exclude={"batch_tokens"} if rep.batch_tokens is None
                                                else {"batch_size"})}
-        return stage_address("represent", section, {"dataset": self.dataset}, key=model.name)
+        return self._address("represent", section, {"dataset": self.dataset}, key=model.name)
 
     def represent_shard(self, model: ModelSpec, index: int) -> str:
         return shard_address(self.represent(model), index, self.cfg.represent.shards)
@@ -156,12 +203,12 @@ class RunPlan:
             "mapping": self.cfg.align.vocab_mapping,
             "threshold": self.cfg.align.mined_threshold,
         }
-        return stage_address("vocab_map", section, key=source.name)
+        return self._address("vocab_map", section, key=source.name)
 
     def align(self, source: ModelSpec) -> str:
         upstream = {"pivot": self.represent(self.cfg.pivot), "source": self.represent(source),
                     "vocab_map": self.vocab_map(source)}
-        return stage_address("align", self.cfg.align, upstream, key=source.name)
+        return self._address("align", self.cfg.align, upstream, key=source.name, root="align")
 
     def align_shard(self, source: ModelSpec, index: int) -> str:
         return shard_address(self.align(source), index, self.cfg.represent.shards)
@@ -190,7 +237,7 @@ class RunPlan:
         else:
             upstream["aligned"] = self.align(self.model(target))
         section = {"train": train, "pivot": self.identity(self.cfg.pivot)}
-        return stage_address("train", section, upstream, key=target)
+        return self._address("train", section, upstream, key=target)
 
     # -- merging -----------------------------------------------------------------
     def merge_methods(self) -> list[str]:
@@ -209,7 +256,7 @@ class RunPlan:
         }
         # The CLM baseline is a comparison row, never an input to the merge.
         upstream = {f"target:{s.name}": self.train(s.name) for s in self.cfg.sources}
-        return stage_address("merge", section, upstream, key=method)
+        return self._address("merge", section, upstream, key=method)
 
     # -- evaluation ------------------------------------------------------------------
     def evaluated_models(self) -> list[str]:
@@ -233,10 +280,12 @@ class RunPlan:
         return {"model": self.identity(spec)}
 
     def mt_bench_answers(self, name: str) -> str:
-        return mt_bench_answers_address(name, self.model_ref(name), self.cfg.evaluate)
+        section, upstream = mt_bench_answers_inputs(self.model_ref(name), self.cfg.evaluate)
+        return self._address("mt_bench_answers", section, upstream, key=name, root="evaluate")
 
     def evaluate(self, name: str) -> str:
-        return evaluate_address(name, self.model_ref(name), self.cfg.evaluate, self.dataset)
+        section, upstream = evaluate_inputs(self.model_ref(name), self.cfg.evaluate, self.dataset)
+        return self._address("evaluate", section, upstream, key=name, root="evaluate")
 
     def report_roles(self) -> dict:
         """Who is who in the report: the CLM baseline, each target's source and that source's
@@ -257,7 +306,7 @@ class RunPlan:
 
     def report(self) -> str:
         upstream = {n: self.evaluate(n) for n in self.evaluated_models()}
-        return stage_address("report", {"name": self.cfg.name}, upstream)
+        return self._address("report", {"name": self.cfg.name}, upstream)
 
     def inputs(self, node: Node) -> list[str]:
         """What ``--plan`` shows under a stage's row: the dataset's sources as they will be
@@ -298,3 +347,67 @@ class RunPlan:
         out += [Node("evaluate", n, self.evaluate(n)) for n in self.evaluated_models()]
         out.append(Node("report", None, self.report()))
         return out
+
+    # -- what a config change invalidates (``--plan --against OLD``) -----------------------
+    def diff(self, old: RunPlan) -> list[dict[str, Any]]:
+        """Every stage instance of this plan against ``old``'s, in execution order, then the
+        ones only ``old`` has: ``{"stage": label, "change": "unchanged" | "changed" | "new" |
+        "removed", "address", "old_address", "why": [...]}``.
+
+        ``why`` says which input of a changed address changed, from the very arguments the
+        address was hashed from (``Derivation``): a field of the stage's own section
+        (``represent.max_length: 2048 → 4096``, ``data.sources[1].path: ...``), or an
+        upstream artifact (``dataset changed``), or the model a stage reads.
+        """
+        new_nodes, old_nodes = self.nodes(), old.nodes()
+        old_by_label = {n.label: n for n in old_nodes}
+        labels = {n.address: n.label for n in new_nodes} | {n.address: n.label for n in old_nodes}
+        out: list[dict[str, Any]] = []
+        for n in new_nodes:
+            was = old_by_label.get(n.label)
+            if was is None:
+                out.append({"stage": n.label, "change": "new", "address": n.address, "old_address": None,
+                            "why": ["not in the old config"]})
+            elif was.address == n.address:
+                out.append({"stage": n.label, "change": "unchanged", "address": n.address,
+                            "old_address": was.address, "why": []})
+            else:
+                why = _why(old.derivations[was.address], self.derivations[n.address], labels)
+                out.append({"stage": n.label, "change": "changed", "address": n.address,
+                            "old_address": was.address, "why": why})
+        new_labels = {n.label for n in new_nodes}
+        out += [{"stage": n.label, "change": "removed", "address": None, "old_address": n.address,
+                 "why": ["not in the new config"]} for n in old_nodes if n.label not in new_labels]
+        return out
+
+
+def _short(value: Any, width: int = 48) -> str:
+    text = "(none)" if value is _MISSING else json.dumps(value, separators=(",", ":"))
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+_MISSING = object()
+
+
+def _why(old: Derivation, new: Derivation, labels: dict[str, str]) -> list[str]:
+    """Which inputs of an address differ between two derivations of it, in words."""
+    why = []
+    a, b = _leaves(old.section), _leaves(new.section)
+    for path in sorted(set(a) | set(b)):
+        va, vb = a.get(path, _MISSING), b.get(path, _MISSING)
+        if va != vb:
+            name = f"{new.root}.{path}" if new.root and path else (new.root or path)
+            why.append(f"{name}: {_short(va)} → {_short(vb)}")
+    for name in sorted(set(old.upstream) | set(new.upstream)):
+        ua, ub = old.upstream.get(name, _MISSING), new.upstream.get(name, _MISSING)
+        if ua == ub:
+            continue
+        if ub in labels or ua in labels:
+            what = labels.get(ub) or labels.get(ua)
+            why.append(f"{what} changed" if ua is not _MISSING and ub is not _MISSING
+                       else f"{what} {'added' if ua is _MISSING else 'removed'}")
+        else:
+            why.append(f"{name}: {_short(ua)} → {_short(ub)}")
+    if old.stage != new.stage or old.key != new.key:
+        why.append(f"instance {old.stage}[{old.key}] → {new.stage}[{new.key}]")
+    return why or ["the stage's version (code) changed"]

@@ -1,0 +1,203 @@
+"""``fusechat run CFG --plan``: the cost view (states, work, bytes, FLOPs); ``--against``: what a change invalidates."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+
+import pytest
+import yaml
+
+from fusechat_core.config import ModelSpec, parse_config
+from fusechat_core.cost import model_size, plan_costs
+from fusechat_core.plan import RunPlan
+from fusechat_core.store import ArtifactStore
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt fails the test: the plan must stay offline."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _hub_cache(root, repo: str, config_json: str):
+    """A Hugging Face cache holding only ``repo``'s config.json, laid out as the hub client writes it."""
+    commit = "0" * 40
+    base = root / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    snap = base / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(config_json)
+    return root
+
+
+def test_parameter_counts_are_the_real_models(tiny_models, tmp_path, monkeypatch, no_network):
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM
+
+    for name, folder in tiny_models.items():
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        size = model_size(_cfg(tiny_models, tmp_path), ModelSpec(name=name, path=str(folder)))
+        assert size.total == model.num_parameters(), name
+        c = model.config
+        if name == "mixtral":  # only 2 of the 4 experts' MLPs (3 matrices each) run per token
+            idle = c.num_hidden_layers * (c.num_local_experts - c.num_experts_per_tok) * 3 * c.hidden_size \
+                * c.intermediate_size
+            assert size.active == size.total - idle and idle > 0
+        else:
+            assert size.active == size.total
+        assert size.vocab_size == c.vocab_size
+    # a hub model: its config.json from the local cache only, counted the same way
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(_hub_cache(tmp_path / "hub", "org/tiny-pivot",
+                                                                  (tiny_models["pivot"] / "config.json").read_text())))
+    hub = model_size(_cfg(tiny_models, tmp_path), ModelSpec(name="p", path="org/tiny-pivot"))
+    assert hub.total == AutoModelForCausalLM.from_pretrained(tiny_models["pivot"]).num_parameters()
+    missing = model_size(_cfg(tiny_models, tmp_path), ModelSpec(name="m", path="org/not-cached"))
+    assert missing.total is None and missing.fill == "huggingface-cli download org/not-cached config.json"
+
+
+def _cfg(tiny_models, tmp_path, **represent):
+    return parse_config({
+        "name": "cost-test", "store": f"file://{tmp_path}/store", "seed": 5,
+        "pivot": {"name": "pivot", "path": str(tiny_models["pivot"])},
+        "sources": [{"name": "mixtral", "path": str(tiny_models["mixtral"])}],
+        "data": {"sources": [{"path": "demo:markov", "count": 9}, {"path": "demo:arithmetic", "count": 7}],
+                 "heldout_fraction": 0.25, "max_length": 256},
+        "represent": {"top_k": 4, "batch_size": 4, "max_length": 256, "shards": 2, "device": "cpu", **represent},
+        "train": {"batch_size": 4, "micro_batch_size": 2, "epochs": 2, "max_length": 256},
+    })
+
+
+def _costs(cfg):
+    from flows.cli import status_rows
+
+    return plan_costs(RunPlan(cfg), ArtifactStore(cfg.store), {r["stage"]: r for r in status_rows(cfg)})
+
+
+def _row(costs, label):
+    return next(r for r in costs["stages"] if r["stage"] == label)
+
+
+def test_the_cost_view_follows_the_store_and_its_estimates_hold(tiny_models, tmp_path, no_network):
+    from transformers import AutoModelForCausalLM
+
+    from fusechat_core.data import build_dataset_artifact
+    from fusechat_core.represent import commit_representation, represent_model
+
+    cfg = _cfg(tiny_models, tmp_path)
+    plan, store = RunPlan(cfg), ArtifactStore(cfg.store)
+    n_pivot = AutoModelForCausalLM.from_pretrained(tiny_models["pivot"]).num_parameters()
+
+    # nothing in the store: every instance to run, the work bounded by the config's counts
+    empty = _costs(cfg)
+    assert {r["state"] for r in empty["stages"]} == {"to run"}
+    rep = _row(empty, "represent[pivot]")
+    assert (rep["sequences"], rep["tokens"], rep["basis"]) == (12, 12 * 256, "bound")  # (9-2)+(7-2) rows
+    assert rep["flops"] == 2 * n_pivot * 12 * 256
+    assert empty["totals"]["to_run"] == empty["totals"]["all"] and not empty["totals"]["all"]["unknown"]
+
+    # the dataset built: its rows counted as the representation stage will render them
+    build_dataset_artifact(cfg, store, plan.dataset)
+    with_data = _costs(cfg)
+    assert _row(with_data, "dataset")["state"] == "cached"
+    expected = _row(with_data, "represent[pivot]")
+    assert expected["basis"] == "dataset" and expected["sequences"] == store.read_json(plan.dataset,
+                                                                                       "stats.json")["train"]
+    assert _row(with_data, "represent[mixtral]")["basis"] == "~dataset"  # the pivot's count, not its own
+
+    # one shard of two: partial, and half the represent work still to do
+    represent_model(cfg, store, plan, cfg.pivot, 0)
+    half = _costs(cfg)
+    row = _row(half, "represent[pivot]")
+    assert row["state"] == "partial (1 of 2 shards)" and row["remaining"] == 0.5
+    assert half["totals"]["to_run"]["flops"] < half["totals"]["all"]["flops"]
+
+    # committed: cached, measured; the counts and the byte estimate made before it existed hold
+    represent_model(cfg, store, plan, cfg.pivot)
+    commit_representation(cfg, store, plan, cfg.pivot)
+    done = _row(_costs(cfg), "represent[pivot]")
+    assert done["state"] == "cached" and done["basis"] == "measured" and done["bytes_basis"] == "stored"
+    man = store.manifest(plan.represent(cfg.pivot)).meta
+    assert (expected["sequences"], expected["tokens"], expected["supervised_tokens"]) == \
+        (man["n_seq"], man["n_tokens"], man["n_supervised"])
+    assert done["flops"] == 2 * n_pivot * man["n_tokens"]
+    # the estimate is within 10% of the bytes the stage stored (stage manifest + shards)
+    assert abs(expected["bytes"] - done["bytes"]) <= 0.10 * done["bytes"], (expected["bytes"], done["bytes"])
+    # training: steps × batch sequences, 6·N·tokens for 2 epochs of the measured tokens
+    train = _row(_costs(cfg), "train[mixtral]")
+    assert train["steps"] == 6 and train["sequences"] == 24  # ceil(12/4) × 2 epochs, batch 4
+    assert train["flops"] == 6 * n_pivot * round(man["n_tokens"] * 2)
+
+
+def test_plan_offline_with_a_hub_model_prints_question_marks_and_how_to_fill(tiny_models, tmp_path, capsys,
+                                                                             no_network):
+    from flows.cli import main
+
+    raw = yaml.safe_load(yaml.safe_dump(_cfg(tiny_models, tmp_path).model_dump(mode="json")))
+    raw["sources"].append({"name": "solar", "path": "NousResearch/Nous-Hermes-2-SOLAR-10.7B"})
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path), "--plan", "--json", "--gpu-tflops", "100", "--gpu-utilisation", "0.5"]) == 0
+    costs = json.loads(capsys.readouterr().out)
+    solar = _row(costs, "represent[solar]")
+    assert solar["parameters"] is None and solar["flops"] is None and solar["gpu_hours"] is None
+    assert "represent[solar]" in costs["totals"]["all"]["unknown"]
+    pivot = _row(costs, "represent[pivot]")
+    assert pivot["gpu_hours"] == pytest.approx(pivot["flops"] / (100e12 * 0.5) / 3600)
+    assert costs["models"]["solar"]["fill"] == "huggingface-cli download NousResearch/Nous-Hermes-2-SOLAR-10.7B " \
+                                               "config.json"
+    assert main(["run", str(path), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "N of solar unknown: huggingface-cli download NousResearch/Nous-Hermes-2-SOLAR-10.7B config.json" in out
+    cells = re.split(r"\s{2,}", next(x for x in out.splitlines() if x.startswith("represent[solar]")))
+    assert cells[1] == "to run" and cells[2:5] == ["≤12", "≤3.07k", "≤3.07k"] and cells[6:9] == ["?", "?", "?"]
+    assert "total whole run:" in out and "+ ? (represent[solar]" in out
+
+
+# -- --against: which instances a change invalidates, and why ---------------------------------------
+
+def _diff(old_cfg, new_cfg):
+    return {c["stage"]: c for c in RunPlan(new_cfg).diff(RunPlan(old_cfg))}
+
+
+def test_against_names_the_input_that_changed(tiny_models, tmp_path, capsys):
+    old = _cfg(tiny_models, tmp_path)
+    longer = _cfg(tiny_models, tmp_path, max_length=512)
+    d = _diff(old, longer)
+    assert d["dataset"]["change"] == "unchanged" and d["vocab_map[mixtral]"]["change"] == "unchanged"
+    assert d["represent[pivot]"]["why"] == ["represent.max_length: 256 → 512"]
+    assert d["represent[mixtral]"]["why"] == ["represent.max_length: 256 → 512"]
+    assert set(d["align[mixtral]"]["why"]) == {"represent[pivot] changed", "represent[mixtral] changed"}
+    assert "align[mixtral] changed" in d["train[mixtral]"]["why"]
+    assert d["evaluate[pivot]"]["change"] == "unchanged"  # a model's own evaluation reads no representation
+
+    raw = old.model_dump(mode="json")
+    raw["data"]["sources"][1]["count"] = 8
+    raw["sources"].append({"name": "llama", "path": str(tiny_models["llama"])})
+    d = _diff(old, parse_config(raw))
+    assert "data.sources[1].count: 7 → 8" in d["dataset"]["why"]
+    assert d["represent[pivot]"]["why"] == ["dataset changed"]
+    assert d["represent[llama]"]["change"] == "new"
+    # the data reaches every stage but the vocabulary maps, which read only the two tokenizers
+    assert {k for k, c in d.items() if c["change"] == "unchanged"} == {"vocab_map[mixtral]"}
+
+    # the command line: one line per invalidated instance, the unchanged counted
+    from flows.cli import main
+
+    a, b = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    a.write_text(yaml.safe_dump(old.model_dump(mode="json")))
+    b.write_text(yaml.safe_dump(longer.model_dump(mode="json")))
+    assert main(["run", str(b), "--plan", "--against", str(a)]) == 0
+    out = capsys.readouterr().out
+    assert any(x.split() == ["changed", "represent[pivot]", "represent.max_length:", "256", "→", "512"]
+               for x in out.splitlines()), out
+    n_same = sum(c["change"] == "unchanged" for c in _diff(old, longer).values())
+    assert f"unchanged ({n_same}): dataset, " in out
+    assert main(["run", str(b), "--against", str(a)]) == 2  # --against needs --plan
