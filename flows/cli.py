@@ -243,7 +243,10 @@ def _print_diff(changes: list[dict[str, Any]]) -> None:
     moved = [c for c in changes if c["change"] != "unchanged"]
     w = max((len(c["stage"]) for c in moved), default=0)
     for c in moved:
-        why = c["why"]
+        # upstream artifacts that changed, on one line; the stage's own inputs one a line
+        ups = [x[: -len(" changed")] for x in c["why"] if x.endswith(" changed") and ":" not in x]
+        why = [x for x in c["why"] if not (x.endswith(" changed") and ":" not in x)]
+        why += [f"upstream changed: {', '.join(ups)}"] if ups else []
         print(f"{c['change']:<8}  {c['stage']:<{w}}  {why[0] if why else ''}")
         for more in why[1:]:
             print(f"{'':<8}  {'':<{w}}  {more}")

@@ -370,10 +370,11 @@ class Costing:
             t = MT_BENCH_TURNS * self.cfg.evaluate.max_new_tokens
             work = Work(MT_BENCH_TURNS, t, None, "bound")
         elif node.stage == "evaluate":
-            model = _evaluated_model(self.plan, node.key)  # type: ignore[arg-type]
-            if self.cfg.evaluate.heldout_nll:
-                passes = 2
+            if self.cfg.evaluate.heldout_nll:  # else it only grades answers: no GPU work here
+                model, passes = _evaluated_model(self.plan, node.key), 2  # type: ignore[arg-type]
                 work = self.dataset_work("heldout", self.cfg.evaluate.max_length)
+        # stages whose bytes are estimated at all (the small ones: vocab maps, evaluations, the report, not)
+        bytes_known = node.stage in ("demo_models", "dataset", "represent", "align", "train", "merge")
         if st.get("size") is not None and state == "cached":
             bytes_ = st["size"]
         size = self.size(model) if model is not None else None
@@ -390,6 +391,7 @@ class Costing:
                "remaining": remaining, "sequences": work.sequences, "tokens": work.tokens,
                "supervised_tokens": work.supervised, "basis": work.basis or None, "bytes": bytes_,
                "bytes_basis": "stored" if state == "cached" and st.get("size") is not None else "estimate",
+               "bytes_known": bytes_known,
                "gpu": gpu, "model": model, "parameters": size.total if size else None,
                "active_parameters": size.active if size else None, "flops": flops, **extra}
         return row
@@ -440,8 +442,9 @@ def plan_costs(plan: RunPlan, store: Any, states: dict[str, dict[str, Any]], *,
     ``supervised_tokens``, ``basis`` (``measured`` / ``dataset`` / ``bound``; ``~``: estimated),
     ``bytes``, ``bytes_basis`` (``stored`` / ``estimate``), ``gpu``, ``model``, ``parameters``,
     ``active_parameters``, ``flops``, ``gpu_hours`` (null: unknown); train rows add ``steps``,
-    ``epochs``. T: ``{"flops", "gpu_hours", "bytes", "unknown": [labels whose figures are
-    unknown]}``, the remaining share of each row (``to_run``) or all of it (``all``).
+    ``epochs``. T: ``{"flops", "gpu_hours", "bytes", "unknown": [GPU stages whose FLOPs are
+    unknown], "bytes_unknown": [stages whose bytes are]}``, over the remaining share of each row
+    (``to_run``) or all of it (``all``).
     ``states``: ``{label: status row}`` as ``fusechat status`` gives them.
     """
     costing = Costing(plan, store, states)
@@ -453,7 +456,7 @@ def plan_costs(plan: RunPlan, store: Any, states: dict[str, dict[str, Any]], *,
         rows.append(row)
     totals = {}
     for which in ("to_run", "all"):
-        t: dict[str, Any] = {"flops": 0.0, "gpu_hours": 0.0, "bytes": 0, "unknown": []}
+        t: dict[str, Any] = {"flops": 0.0, "gpu_hours": 0.0, "bytes": 0, "unknown": [], "bytes_unknown": []}
         for r in rows:
             share = r["remaining"] if which == "to_run" else 1.0
             if share == 0:
@@ -466,6 +469,8 @@ def plan_costs(plan: RunPlan, store: Any, states: dict[str, dict[str, Any]], *,
                     t["gpu_hours"] += r["gpu_hours"] * share
             if r["bytes"] is not None:
                 t["bytes"] += round(r["bytes"] * share)
+            elif r["bytes_known"]:
+                t["bytes_unknown"].append(r["stage"])
         totals[which] = t
     models = {}
     for spec in plan.cfg.models:
@@ -489,6 +494,23 @@ def _num(n: float | None, basis: str | None = None, unit: str = "") -> str:
     return f"{mark}{n:.0f}{unit}"
 
 
+def _few(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f", … {len(names) - n} more" if len(names) > n else "")
+
+
+def _flops(f: float | None) -> str:
+    """FLOPs in scientific notation (``2.82e18``): the only unit that spans 1e9 to 1e21 readably."""
+    if f is None:
+        return "?"
+    if f == 0:
+        return "0"
+    text = f"{f:.3g}"
+    if "e" not in text:
+        return text
+    mantissa, exponent = text.split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def _hours(h: float | None) -> str:
     if h is None:
         return "?"
@@ -499,6 +521,7 @@ def cost_table(costs: dict[str, Any]) -> list[str]:
     """The printed view: one line per stage instance, then the totals and how to fill any ``?``."""
     from fusechat_core.store import human_size
 
+    labels = [r["stage"] for r in costs["stages"]]
     head = ("stage", "state", "seqs", "tokens", "sup.tokens", "bytes", "N", "FLOPs", "GPU-h", "address")
     lines = []
     for r in costs["stages"]:
@@ -506,8 +529,8 @@ def cost_table(costs: dict[str, Any]) -> list[str]:
         lines.append((r["stage"], r["state"], _num(r["sequences"], r["basis"]), _num(r["tokens"], r["basis"]),
                       _num(r["supervised_tokens"], r["basis"] if r["kind"] != "mt_bench_answers" else None),
                       ("" if r["bytes_basis"] == "stored" else "~") + human_size(r["bytes"]) if r["bytes"] is not None
-                      else "-", _num(n, "") if r["model"] is not None else "-",
-                      _num(r["flops"], "") if r["gpu"] else "-", _hours(r["gpu_hours"]) if r["gpu"] else "-",
+                      else "?" if r["bytes_known"] else "-", _num(n, "") if r["model"] is not None else "-",
+                      _flops(r["flops"]) if r["gpu"] else "-", _hours(r["gpu_hours"]) if r["gpu"] else "-",
                       r["address"]))
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
 
@@ -519,15 +542,21 @@ def cost_table(costs: dict[str, Any]) -> list[str]:
     tp = costs["throughput"]
     for which, title in (("to_run", "to run"), ("all", "whole run")):
         t = costs["totals"][which]
-        more = f" + ? ({', '.join(t['unknown'])})" if t["unknown"] else ""
-        out.append(f"total {title}: {_num(t['flops'])}FLOP{more}, {_hours(t['gpu_hours'])} GPU-hours{more and ' + ?'}, "
-                   f"~{human_size(t['bytes'])} to store")
+        q = " + ?" if t["unknown"] else ""
+        out.append(f"total {title}: {_flops(t['flops'])} FLOPs{q}, {_hours(t['gpu_hours'])} GPU-hours{q}, "
+                   f"~{human_size(t['bytes'])}{' + ?' if t['bytes_unknown'] else ''} to store")
+        if t["unknown"] or t["bytes_unknown"]:
+            out.append(f"  ? : N unknown for {len(set(t['unknown']) | set(t['bytes_unknown']))} stage instances "
+                       f"({_few(sorted(set(t['unknown']) | set(t['bytes_unknown']), key=labels.index))})")
     out.append(f"GPU-hours at {tp['gpu_tflops']:g} TFLOPS × {tp['utilisation']:g} utilisation "
                f"= {tp['effective_tflops']:g} TFLOPS sustained (--gpu-tflops, --gpu-utilisation); "
                "≤ upper bound, ~ estimate; N: parameters per token")
     for name, m in costs["models"].items():
         if m["fill"]:
             out.append(f"N of {name} unknown: {m['fill']}")
+        else:
+            moe = f", {m['active_parameters']:,} per token" if m["active_parameters"] != m["parameters"] else ""
+            out.append(f"N of {name}: {m['parameters']:,} parameters{moe} (from {m['config']})")
     out += costs["notes"]
     return out
 

@@ -158,7 +158,10 @@ def test_plan_offline_with_a_hub_model_prints_question_marks_and_how_to_fill(tin
     assert "N of solar unknown: huggingface-cli download NousResearch/Nous-Hermes-2-SOLAR-10.7B config.json" in out
     cells = re.split(r"\s{2,}", next(x for x in out.splitlines() if x.startswith("represent[solar]")))
     assert cells[1] == "to run" and cells[2:5] == ["≤12", "≤3.07k", "≤3.07k"] and cells[6:9] == ["?", "?", "?"]
-    assert "total whole run:" in out and "+ ? (represent[solar]" in out
+    total = next(x for x in out.splitlines() if x.startswith("total whole run:"))
+    assert " FLOPs + ?, " in total and " GPU-hours + ?, " in total
+    # solar's representation and held-out evaluation: the only GPU work whose N is unknown
+    assert "  ? : N unknown for 2 stage instances (represent[solar], evaluate[solar])" in out
 
 
 # -- --against: which instances a change invalidates, and why ---------------------------------------
@@ -198,6 +201,8 @@ def test_against_names_the_input_that_changed(tiny_models, tmp_path, capsys):
     out = capsys.readouterr().out
     assert any(x.split() == ["changed", "represent[pivot]", "represent.max_length:", "256", "→", "512"]
                for x in out.splitlines()), out
+    assert any(x.split() == ["changed", "align[mixtral]", "upstream", "changed:", "represent[pivot],",
+                             "represent[mixtral]"] for x in out.splitlines()), out
     n_same = sum(c["change"] == "unchanged" for c in _diff(old, longer).values())
     assert f"unchanged ({n_same}): dataset, " in out
     assert main(["run", str(b), "--against", str(a)]) == 2  # --against needs --plan
