@@ -312,14 +312,14 @@ class Costing:
         posb = 2 if self.cfg.represent.max_length < 65536 else 4  # represent.position_dtype
         k, shards, n, sup = self.cfg.represent.top_k, self.cfg.represent.shards, w.sequences, w.supervised or 0
         arrays = w.tokens * idb + 2 * 8 * (n + shards) + sup * posb + sup * k * (idb + 2) + 4 * n
-        return arrays + shards * (_SAFETENSORS_HEADER + _SHARD_META + _SHARD_ENTRY) + n * _ROW_ID_BYTES + _STAGE_META
+        return arrays + _fixed(_REPRESENT_FIXED, shards, n)
 
     def align_bytes(self, w: Work) -> int | None:
         if w.sequences is None or w.supervised is None:
             return None
         k, shards, n, sup = self.cfg.represent.top_k, self.cfg.represent.shards, w.sequences, w.supervised
         arrays = 8 * (n + shards) + sup * k * (4 + 2) + 4 * n + sup
-        return arrays + shards * (_SAFETENSORS_HEADER + _ALIGN_META + _SHARD_ENTRY) + n * _ROW_ID_BYTES + _STAGE_META
+        return arrays + _fixed(_ALIGN_FIXED, shards, n)
 
     # -- one row ------------------------------------------------------------------------------------
     def row(self, node: Node) -> dict[str, Any]:
@@ -398,13 +398,16 @@ class Costing:
 
 
 # Parts of the stored files that do not grow with the tokens, measured on a tiny run's artifacts
-# (tests/test_plan_cost.py checks the whole estimate against one).
-_SAFETENSORS_HEADER = 550  # the JSON header naming the arrays
-_SHARD_META = 520  # a shard's meta.json less its row ids (digests, counts, the tokenizer)
-_ALIGN_META = 900  # an aligned shard's meta.json less its row ids (the statistics)
-_STAGE_META = 300  # the stage artifact's own file, plus _SHARD_ENTRY per shard listed
-_SHARD_ENTRY = 350
+# (tests/test_plan_cost.py checks the whole estimates against one): per shard, the safetensors
+# header naming the arrays, meta.json less its row ids (digests, counts, statistics) and the
+# shard's entry in the stage artifact's list; per stage, that list's own keys; per row, its id.
+_REPRESENT_FIXED = {"header": 550, "meta": 520, "entry": 350, "stage": 300}
+_ALIGN_FIXED = {"header": 360, "meta": 650, "entry": 210, "stage": 200}
 _ROW_ID_BYTES = 30  # one row id in a shard's meta.json ("demo:markov-000004-0", indented)
+
+
+def _fixed(parts: dict[str, int], shards: int, rows: int) -> int:
+    return shards * (parts["header"] + parts["meta"] + parts["entry"]) + parts["stage"] + rows * _ROW_ID_BYTES
 
 
 def _mul(a: float | None, b: float | None) -> int | None:

@@ -71,6 +71,7 @@ def _cfg(tiny_models, tmp_path, **represent):
         "data": {"sources": [{"path": "demo:markov", "count": 9}, {"path": "demo:arithmetic", "count": 7}],
                  "heldout_fraction": 0.25, "max_length": 256},
         "represent": {"top_k": 4, "batch_size": 4, "max_length": 256, "shards": 2, "device": "cpu", **represent},
+        "align": {"vocab_mapping": "prefix"},
         "train": {"batch_size": 4, "micro_batch_size": 2, "epochs": 2, "max_length": 256},
     })
 
@@ -130,6 +131,19 @@ def test_the_cost_view_follows_the_store_and_its_estimates_hold(tiny_models, tmp
     assert done["flops"] == 2 * n_pivot * man["n_tokens"]
     # the estimate is within 10% of the bytes the stage stored (stage manifest + shards)
     assert abs(expected["bytes"] - done["bytes"]) <= 0.10 * done["bytes"], (expected["bytes"], done["bytes"])
+    # the aligned shards' estimate too (their rows are the pivot's supervised rows)
+    from fusechat_core.align import align_shard_artifact, build_vocab_map_artifact, finish_align_artifact
+
+    src = cfg.sources[0]
+    aligned_estimate = _row(_costs(cfg), "align[mixtral]")["bytes"]
+    represent_model(cfg, store, plan, src)
+    build_vocab_map_artifact(cfg, store, plan.vocab_map(src), src)
+    for i in range(2):
+        align_shard_artifact(cfg, store, src, i)
+    finish_align_artifact(cfg, store, src)
+    aligned = _row(_costs(cfg), "align[mixtral]")
+    assert aligned["state"] == "cached" and abs(aligned_estimate - aligned["bytes"]) <= 0.10 * aligned["bytes"], \
+        (aligned_estimate, aligned["bytes"])
     # training: steps × batch sequences, 6·N·tokens for 2 epochs of the measured tokens
     train = _row(_costs(cfg), "train[mixtral]")
     assert train["steps"] == 6 and train["sequences"] == 24  # ceil(12/4) × 2 epochs, batch 4
