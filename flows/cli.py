@@ -457,7 +457,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
             cfg = load_config(DEMO_CONFIG, store=args.store)
         else:
             cfg = load_config(args.config, store=args.store)
-        preflight(cfg)
+        # A run (or its --plan) checks the stages it runs; status makes nothing. An unknown --until is _run's error.
+        until = getattr(args, "until", None) or _stage_names()[-1]
+        preflight(cfg, until if args.command in ("run", "demo") and until in _stage_names() else None)
     except ConfigError as exc:
         print(f"fusechat: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -118,7 +118,7 @@ def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str
     if until not in STAGES:
         raise ValueError(f"until: unknown stage {until!r} (stages: {', '.join(STAGES)})")
     cfg = load_config(config_path) if config_path else RunConfig.model_validate(config)
-    preflight(cfg)
+    preflight(cfg, until)
     plan = RunPlan(cfg)
     config = unwalked(cfg.model_dump(mode="json"))
     store = cfg.store

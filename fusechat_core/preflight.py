@@ -3,9 +3,11 @@ or an unknown fusion function fails in the first second, not after a week of
 training. Errors are ``ConfigError`` lines naming the field, like the config's own.
 
 The registries import torch and mergekit (seconds). A check guards the stages it is
-about, so it runs only while one of them is still to be made: the rerun of a finished
-run imports neither. The fields checked are part of those stages' addresses, so a
-changed field always means an unfinished stage, and the check runs.
+about, so it runs only while one of them is still to be made and this invocation runs
+it (``until``): the rerun of a finished run imports neither, nor does a run that stops
+before training (``--until represent``) or ``status``, which makes nothing. The fields
+checked are part of those stages' addresses, so a changed field always means an
+unfinished stage, and the check runs.
 
 ``check_config`` holds the checks that need no registry import and no store: names that
 must be known or unique, folders that must hold a model, URLs that must be URLs. They
@@ -156,20 +158,30 @@ def _to_make(cfg: RunConfig, addresses: list[str]) -> bool:
         return True
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Everything checkable before a stage runs; ``ConfigError``, one line naming the field."""
+def preflight(cfg: RunConfig, until: str | None = "report") -> None:
+    """Everything checkable before a stage runs; ``ConfigError``, one line naming the field.
+
+    ``until``: the last stage this invocation runs (``None``: none, as for ``status``); the
+    registry checks of later stages wait for the invocation that runs them.
+    """
     from fusechat_core.plan import RunPlan
+    from fusechat_core.stages import PIPELINE_STAGES
 
     check_config(cfg)
 
+    last = -1 if until is None else PIPELINE_STAGES.index(until)
+
+    def runs(stage: str) -> bool:
+        return PIPELINE_STAGES.index(stage) <= last
+
     plan = RunPlan(cfg)
-    if _to_make(cfg, [plan.train(t) for t in plan.target_names()]):
+    if runs("train") and _to_make(cfg, [plan.train(t) for t in plan.target_names()]):
         from fusechat_core.fuse import FUSION_FUNCTIONS
 
         if cfg.train.fusion_function not in FUSION_FUNCTIONS:
             raise ConfigError(f"train.fusion_function: unknown {cfg.train.fusion_function!r} "
                               f"(known: {', '.join(FUSION_FUNCTIONS.names())})")
-    if _to_make(cfg, [plan.merge(m) for m in plan.merge_methods()]):
+    if runs("merge") and _to_make(cfg, [plan.merge(m) for m in plan.merge_methods()]):
         from fusechat_core.merge.translate import MergeError, check_merge_config
 
         try:

@@ -174,3 +174,28 @@ def test_mergekit_yaml_is_read_as_strictly(tmp_path):
         configuration_from_yaml("a: &x [1, 2]\nb: *x\n", "/pivot", {})
     with pytest.raises(MergeError, match=r"^merge.mergekit_yaml: merge_method: duplicate key"):
         configuration_from_yaml("merge_method: linear\nmerge_method: ties\n", "/pivot", {})
+
+
+def test_registry_checks_wait_for_the_invocation_that_runs_their_stage(tmp_path, capsys):
+    """A bad merge parameter fails any run that merges (and its --plan), before anything runs; a run
+    stopping before the merge (``--until represent``) and ``status`` neither check it nor pay for
+    importing mergekit (seconds, in every such process)."""
+    from fusechat_core.config import ConfigError, load_config
+    from fusechat_core.preflight import preflight
+
+    path = _write(tmp_path, _with("merge", {"method": "ties", "parameters": {"densty": 0.5}}))
+    cfg = load_config(path)
+    for until in ("merge", "report"):
+        with pytest.raises(ConfigError, match=r"^merge\.parameters\.densty"):
+            preflight(cfg, until)
+    preflight(cfg, "represent")
+    preflight(cfg, None)
+    assert main(["run", str(path), "--plan", "--until", "merge"]) == 2
+    assert _one_error_line(capsys).startswith("fusechat: config error: merge.parameters.densty")
+    assert main(["run", str(path), "--plan", "--until", "train"]) == 0
+    capsys.readouterr()
+    code = ("import sys; from flows.cli import main; main(['status', sys.argv[1]]); "
+            "print('mergekit' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
