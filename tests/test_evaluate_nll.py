@@ -59,6 +59,13 @@ def test_heldout_nll_matches_a_manual_computation(llama):
             assert got["sources"][src]["tokens"] == n
             assert got["sources"][src]["nll"] == pytest.approx(nll / n, rel=1e-4)
             assert got["sources"][src]["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-3)
+            # the per-sequence figures the report's bootstrap resamples add up to the same sums
+            seq = got["sequences"]
+            mine = [k for k, s in enumerate(seq["source"]) if s == src]
+            assert sum(seq["nll"][k] for k in mine) == pytest.approx(nll, rel=1e-4)
+            assert sum(seq["tokens"][k] for k in mine) == n
+            assert sum(seq["bytes"][k] for k in mine) == got["sources"][src]["bytes"]
+        assert seq["id"] == sorted(seq["id"]) and len(set(seq["id"])) == got["all"]["sequences"]
         total_nll = sum(v[0] for v in want.values())
         total_n = sum(v[1] for v in want.values())
         assert got["all"]["tokens"] == total_n

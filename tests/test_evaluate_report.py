@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from PIL import Image
@@ -122,15 +123,17 @@ def test_report_json_answers_whether_fusion_beat_the_clm_baseline(tmp_path):
     # by hand: x over (a, b) 2.55 vs clm 2.5; y over (b, c) 1.98 vs clm 2.0
     assert fx["margins"] == pytest.approx({"a": 0.1, "b": -0.2}) and fx["margin"] == pytest.approx(-0.05)
     assert fx["beats_clm"] is False
-    assert fy["mean_nll"] == pytest.approx(1.98) and fy["margin"] == pytest.approx(0.02) and fy["beats_clm"]
+    assert fy["mean_nll"] == pytest.approx(1.98) and fy["margin"] == pytest.approx(0.02)
+    # per-domain aggregates only: no interval, so no claim either way
+    assert fy["interval"] is None and fy["verdict"] == "not distinguishable" and fy["beats_clm"] is False
     m = data["fusion"]["merges"]["merge-varm"]
     # by hand: clm mean 2.0, merge mean (1.95 + 3.0 + 1.02) / 3 = 1.99
-    assert m["mean_nll"] == pytest.approx(1.99) and m["margin"] == pytest.approx(0.01) and m["beats_clm"]
+    assert m["mean_nll"] == pytest.approx(1.99) and m["margin"] == pytest.approx(0.01)
     md = rep["markdown"]
     assert "Did fusion beat plain fine-tuning?" in md
-    assert ("**target-x** on x's expert data (a, b): no, 2.5500 vs 2.5000, margin -0.0500 "
+    assert ("**target-x** on x's expert data (a, b): not distinguishable, 2.5500 vs 2.5000, margin -0.0500 "
             "(per data source: a +0.1000, b -0.2000)") in md
-    assert "**merge-varm** on all data sources: yes, 1.9900 vs 2.0000, margin +0.0100" in md
+    assert "**merge-varm** on all data sources: not distinguishable, 1.9900 vs 2.0000, margin +0.0100" in md
     assert rep["plots"][0] == "plots/fusion_margin.png" and "![fusion_margin](plots/fusion_margin.png)" in md
     assert Image.open(tmp_path / "plots" / "fusion_margin.png").size == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
 
@@ -163,3 +166,65 @@ def test_plots_inline_as_data_uris_a_browser_renders_without_the_store(tmp_path)
     # the artifact stays a reasonable size for the Prefect database and a browser
     assert len(md) < 400_000, len(md)
     print(f"report markdown with {len(found)} inline plots: {len(md) / 1000:.0f} kB")
+
+
+def _seq_results(per_model: dict[str, list[float]], tokens: dict[str, int], domains: list[str]) -> dict:
+    """Results with per-sequence held-out figures (as ``nll.heldout_nll`` stores them): every
+    sequence has 40 bytes; sequence i belongs to ``domains[i % len(domains)]``."""
+    out = {}
+    for m, nlls in per_model.items():
+        ids = [f"r{i:03d}" for i in range(len(nlls))]
+        src = [domains[i % len(domains)] for i in range(len(nlls))]
+        n = tokens[m]
+        sources = {d: {"nll": sum(x for x, s in zip(nlls, src) if s == d) / (n * src.count(d))} for d in domains}
+        out[m] = {"heldout_nll": {"sources": sources, "sequences": {
+            "id": ids, "source": src, "nll": nlls, "tokens": [n] * len(nlls), "bytes": [40] * len(nlls)}}}
+    return out
+
+
+def test_margins_carry_paired_bootstrap_intervals_and_the_gap_closed(tmp_path):
+    n = 60
+    base = [20.0 + (i * 7 % 11) for i in range(n)]  # sequences of very different difficulty
+    wobble = [0.5 if (i // 2) % 2 else -0.5 for i in range(n)]  # mean 0 within each domain
+    per_model = {"clm": base,
+                 "target-x": [b - 1.0 + w for b, w in zip(base, wobble)],  # 0.1 nats/token better
+                 "x": [b - 3.0 for b in base],  # the expert: 3 nats per sequence better
+                 "target-x-lam0": [b - 2.0 + w for b, w in zip(base, wobble)],
+                 "merge-varm": [b + w for b, w in zip(base, wobble)]}  # no better than clm
+    tokens = {"clm": 10, "target-x": 10, "target-x-lam0": 10, "merge-varm": 10, "x": 8}
+    roles = {"clm": "clm", "merges": ["merge-varm"],
+             "targets": {"target-x": {"source": "x", "expert_domains": ["a"]}},
+             "ablation": {"x": {"1.0": "clm", "0.9": "target-x", "0.0": "target-x-lam0"}}}
+    why = {"target-x": {"source": "x", "fusion_function": "mince", "coverage": 0.75,
+                        "source_chosen": {"a": 0.9, "b": 0.2}}}
+    rep = build_report("Run", _seq_results(per_model, tokens, ["a", "b"]), tmp_path, roles=roles,
+                       fusion_stats=why)
+    data = json.loads((tmp_path / "report.json").read_text())
+    f = data["fusion"]
+    t = f["targets"]["target-x"]
+    assert t["margin"] == pytest.approx(0.1)
+    lo, hi = t["interval"]
+    assert 0 < lo < 0.1 < hi < 0.2 and t["verdict"] == "yes" and t["beats_clm"] is True
+    assert t["intervals"]["a"] == t["interval"]  # one expert domain: its mean is itself
+    m = f["merges"]["merge-varm"]
+    assert m["interval"][0] < 0 < m["interval"][1] and m["verdict"] == "not distinguishable"
+    assert f["bootstrap"]["resamples"] >= 1000 and f["bootstrap"]["level"] == 0.95
+    # gap closed in bits per byte, by hand: 1 nat of 3 per sequence, the same bytes
+    g = f["gap_closed"]["target-x"]
+    assert g["source"] == "x" and g["gap_closed"] == pytest.approx(1 / 3)
+    bpb_clm = sum(b for i, b in enumerate(base) if i % 2 == 0) / (30 * 40 * math.log(2))
+    assert g["per_domain"]["a"]["bpb"]["clm"] == pytest.approx(bpb_clm)
+    assert g["interval"][0] < 1 / 3 < g["interval"][1] and g["interval"][1] - g["interval"][0] < 0.2
+    ab = f["ablation"]["x"]
+    assert list(ab) == ["0.0", "0.9", "1.0"]
+    assert ab["1.0"]["gap_closed"] == 0.0 and ab["0.0"]["gap_closed"] == pytest.approx(2 / 3)
+    # the per-sequence figures stay in the evaluate artifacts, not in the report
+    assert all("sequences" not in r["heldout_nll"] for r in data["results"].values())
+    assert data["why"] == why
+    md = rep["markdown"]
+    assert "**target-x** on x's expert data (a): yes, " in md and f"margin +0.1000 [{lo:+.4f}, {hi:+.4f}]" in md
+    assert "2000 resamples" in md and "**merge-varm** on all data sources: not distinguishable" in md
+    assert "**target-x**: 33.3%" in md and "| x | 0 | target-x-lam0 | 66.7%" in md
+    assert "| target-x | x | mince | 75.0% | 90% | 20% |" in md
+    assert rep["plots"][:2] == ["plots/fusion_margin.png", "plots/gap_closed.png"]
+    assert Image.open(tmp_path / "plots" / "gap_closed.png").size == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)

@@ -84,7 +84,9 @@ def sequence_nll(model: Any, batch_ids: Sequence[Sequence[int]], batch_labels: S
 def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length: int, batch_size: int = 8,
                 progress: Callable[[str], None] | None = None,
                 on_count: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """``{"sources": {source: {nll, tokens, sequences, perplexity}}, "all": {...}}``.
+    """``{"sources": {source: {nll, tokens, sequences, perplexity}}, "all": {...}, "sequences": {...}}``;
+    ``sequences`` holds columns ``id``, ``source``, ``nll`` (summed over the sequence), ``tokens``
+    and ``bytes``, one entry per measured sequence, in row-id order.
     ``on_count(done, total)``: sequences measured so far, after each batch.
 
     Rows longer than ``max_length`` tokens are cut; rows with no supervised token
@@ -107,6 +109,7 @@ def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length:
     encoded.sort(key=lambda e: -len(e[1]))
     per: dict[str, _Sum] = {}
     total = _Sum()
+    seqs: dict[str, list] = {"id": [], "source": [], "nll": [], "tokens": [], "bytes": []}
     t0 = time.time()
     for start in range(0, len(encoded), batch_size):
         stopping.check()
@@ -116,6 +119,8 @@ def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length:
             if not math.isfinite(nll):
                 raise EvaluationError(f"held-out NLL is {nll} on row {row_id} of domain {src}: "
                                       f"the model's outputs are not finite")
+            for key, v in zip(seqs, (row_id, src, nll, n, nbytes)):
+                seqs[key].append(v)
             for acc in (per.setdefault(src, _Sum()), total):
                 acc.nll += nll
                 acc.tokens += n
@@ -125,8 +130,12 @@ def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length:
             on_count(min(start + batch_size, len(encoded)), len(encoded))
     if progress:
         progress(f"held-out NLL: {len(encoded)} sequences, {total.tokens} tokens in {time.time() - t0:.1f} s")
+    # Per sequence too, in row-id order: the report's paired bootstrap resamples these (the same
+    # sequences for every model), so its intervals need no second pass over any model.
+    order = sorted(range(len(seqs["id"])), key=lambda i: str(seqs["id"][i]))
     return {"sources": {k: per[k].as_dict() for k in sorted(per)}, "all": total.as_dict(),
-            "skipped_no_supervised": skipped}
+            "skipped_no_supervised": skipped,
+            "sequences": {k: [v[i] for i in order] for k, v in seqs.items()}}
 
 
 def normalise_answer(text: str) -> str:

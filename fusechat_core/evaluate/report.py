@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from fusechat_core.evaluate.bootstrap import LEVEL, N_RESAMPLES, SEED, paired_bootstrap, verdict
 from fusechat_core.evaluate.mt_bench import CATEGORIES
 
 FIGSIZE = (10.0, 5.0)  # inches
@@ -82,12 +86,21 @@ def markdown_table(results: Mapping[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _grouped_bars(ax: Any, groups: list[str], series: Mapping[str, list[float | None]], ylabel: str) -> None:
+def _grouped_bars(ax: Any, groups: list[str], series: Mapping[str, list[float | None]], ylabel: str,
+                  intervals: Mapping[str, list[Sequence[float] | None]] | None = None) -> None:
+    """Bars per group and series; ``intervals[name][i]``: (low, high) drawn as an error bar."""
     n = max(len(series), 1)
     width = 0.8 / n
     for k, (name, vals) in enumerate(series.items()):
         xs = [i + (k - (n - 1) / 2) * width for i in range(len(groups))]
-        ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=name)
+        ys = [v if v is not None else 0.0 for v in vals]
+        ax.bar(xs, ys, width, label=name)
+        ci = (intervals or {}).get(name)
+        if ci:
+            have = [i for i, c in enumerate(ci) if c is not None and vals[i] is not None]
+            err = [[max(ys[i] - ci[i][0], 0.0) for i in have], [max(ci[i][1] - ys[i], 0.0) for i in have]]
+            ax.errorbar([xs[i] for i in have], [ys[i] for i in have], yerr=err, fmt="none", ecolor="black",
+                        elinewidth=0.8, capsize=2)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=20, ha="right")
     ax.set_ylabel(ylabel)
@@ -167,20 +180,102 @@ def _nll(domains: Mapping[str, Mapping[str, dict]], model: str, src: str) -> flo
     return (domains.get(model) or {}).get(src, {}).get("nll")
 
 
-def fusion_vs_clm(domains: Mapping[str, Mapping[str, dict]], roles: Mapping[str, Any]) -> dict[str, Any] | None:
+def sequence_columns(results: Mapping[str, dict], models: Sequence[str]) -> tuple[list[str], np.ndarray] | None:
+    """The held-out sequences every one of ``models`` was measured on, paired by row id:
+    ``(data source per row, [n, 3·M] columns)``, model k's summed NLL, tokens and bytes in
+    columns 3k, 3k+1, 3k+2. None when a model has no per-sequence figures."""
+    tables = []
+    for m in models:
+        seq = ((results.get(m) or {}).get("heldout_nll") or {}).get("sequences")
+        if not seq:
+            return None
+        tables.append({i: (s, n, t, b) for i, s, n, t, b in zip(seq["id"], seq["source"], seq["nll"],
+                                                                 seq["tokens"], seq["bytes"])})
+    common = sorted(set.intersection(*(set(t) for t in tables)), key=str)
+    if not common:
+        return None
+    strata = [str(tables[0][i][0]) for i in common]
+    return strata, np.array([[x for t in tables for x in t[i][1:]] for i in common], dtype=np.float64)
+
+
+def _interval(lo: Any, hi: Any) -> list[float]:
+    return [float(lo), float(hi)]
+
+
+def _margins(results: Mapping[str, dict], clm: str, model: str, over: Sequence[str]) -> dict[str, Any] | None:
+    """Bootstrap intervals of the per-domain margins NLL(clm) − NLL(model) and of their mean."""
+    table = sequence_columns(results, [clm, model])
+    if table is None:
+        return None
+    strata, values = table
+    labels = sorted(set(strata))
+    if any(d not in labels for d in over):
+        return None
+    idx = [labels.index(d) for d in over]
+
+    def stat(sums: np.ndarray) -> np.ndarray:
+        per = (sums[..., idx, 0] / sums[..., idx, 1]) - (sums[..., idx, 3] / sums[..., idx, 4])
+        return np.concatenate([per, per.mean(axis=-1, keepdims=True)], axis=-1)
+
+    _, lo, hi = paired_bootstrap(strata, values, stat, n_resamples=N_RESAMPLES, seed=SEED, level=LEVEL)
+    return {"interval": _interval(lo[-1], hi[-1]),
+            "intervals": {d: _interval(lo[k], hi[k]) for k, d in enumerate(over)}}
+
+
+def gap_closed(results: Mapping[str, dict], clm: str, target: str, source: str,
+               over: Sequence[str]) -> dict[str, Any] | None:
+    """Share of the gap between plain fine-tuning and the expert that fusion closed, in bits per
+    byte (the source speaks other tokens): ``(BPB_clm − BPB_target) / (BPB_clm − BPB_source)``
+    per data source of ``over`` and over them (mean BPB, each data source weighted equally),
+    each with a paired bootstrap interval (the three models resampled on the same sequences)."""
+    table = sequence_columns(results, [clm, target, source])
+    if table is None or not over:
+        return None
+    strata, values = table
+    labels = sorted(set(strata))
+    if any(d not in labels for d in over):
+        return None
+    idx = [labels.index(d) for d in over]
+
+    def bpb(sums: np.ndarray, k: int) -> np.ndarray:
+        return sums[..., idx, 3 * k] / (sums[..., idx, 3 * k + 2] * math.log(2))
+
+    def stat(sums: np.ndarray) -> np.ndarray:
+        c, t, s = bpb(sums, 0), bpb(sums, 1), bpb(sums, 2)
+        per = (c - t) / (c - s)
+        pooled = (c.mean(-1) - t.mean(-1)) / (c.mean(-1) - s.mean(-1))
+        return np.concatenate([per, pooled[..., None], c, t, s], axis=-1)
+
+    est, lo, hi = paired_bootstrap(strata, values, stat, n_resamples=N_RESAMPLES, seed=SEED, level=LEVEL)
+    n = len(over)
+    return {"domains": list(over), "gap_closed": float(est[n]), "interval": _interval(lo[n], hi[n]),
+            "per_domain": {d: {"gap_closed": float(est[k]), "interval": _interval(lo[k], hi[k]),
+                               "bpb": {"clm": float(est[n + 1 + k]), "target": float(est[2 * n + 1 + k]),
+                                       "source": float(est[3 * n + 1 + k])}}
+                           for k, d in enumerate(over)}}
+
+
+def fusion_vs_clm(domains: Mapping[str, Mapping[str, dict]], roles: Mapping[str, Any],
+                  results: Mapping[str, dict] | None = None) -> dict[str, Any] | None:
     """Did fusion beat plain fine-tuning? Held-out NLL margins over the CLM baseline.
 
     ``roles`` (``RunPlan.report_roles``): the baseline's name, each target's source and
-    that source's expert data sources (None when the run does not say), the merges.
-    A margin is ``NLL(clm) - NLL(model)``: positive when the fused model is better. A
-    target is compared on the mean NLL over its source's expert data sources (over all
-    of them when they are not known), a merge over all data sources; each data source
-    weighs the same, and the per-source margins are kept too.
+    that source's expert data sources (None when the run does not say), the merges, the
+    λ ablation's targets. A margin is ``NLL(clm) - NLL(model)``: positive when the fused
+    model is better. A target is compared on the mean NLL over its source's expert data
+    sources (over all of them when they are not known), a merge over all data sources;
+    each data source weighs the same, and the per-source margins are kept too.
+
+    With ``results`` holding per-sequence figures (``nll.heldout_nll``), every margin gets
+    a paired bootstrap interval (``bootstrap.py``) and a verdict: ``yes`` when the
+    interval lies above 0, ``no`` below, ``not distinguishable`` else (also when there is
+    no interval). Each target also gets the share of the gap to its source it closed.
     """
     clm = roles.get("clm")
     if not clm or clm not in domains:
         return None
     shared = sorted(domains[clm])
+    results = results or {}
 
     def compare(model: str, over: Sequence[str]) -> dict[str, Any] | None:
         nll = {d: _nll(domains, model, d) for d in over}
@@ -188,60 +283,123 @@ def fusion_vs_clm(domains: Mapping[str, Mapping[str, dict]], roles: Mapping[str,
             return None
         mine = sum(nll.values()) / len(over)  # type: ignore[arg-type]
         base = sum(_nll(domains, clm, d) for d in over) / len(over)  # type: ignore[misc]
-        return {"domains": list(over), "mean_nll": mine, "clm_mean_nll": base, "margin": base - mine,
-                "margins": {d: _nll(domains, clm, d) - v for d, v in nll.items()},  # type: ignore[operator]
-                "beats_clm": base - mine > 0}
+        row = {"domains": list(over), "mean_nll": mine, "clm_mean_nll": base, "margin": base - mine,
+               "margins": {d: _nll(domains, clm, d) - v for d, v in nll.items()},  # type: ignore[operator]
+               "interval": None, "intervals": None}
+        row.update(_margins(results, clm, model, over) or {})
+        row["verdict"] = verdict(*row["interval"]) if row["interval"] else "not distinguishable"
+        row["beats_clm"] = row["verdict"] == "yes"
+        return row
 
-    targets = {}
+    targets, gaps = {}, {}
     for label, t in (roles.get("targets") or {}).items():
         experts = [d for d in (t.get("expert_domains") or shared) if d in shared]
         row = compare(label, experts) if label in domains else None
         if row is not None:
             targets[label] = {"source": t.get("source"), **row}
+            gap = gap_closed(results, clm, label, t.get("source"), experts) if t.get("source") in results else None
+            if gap is not None:
+                gaps[label] = {"source": t.get("source"), **gap}
     merges = {}
     for label in roles.get("merges") or []:
         row = compare(label, shared) if label in domains else None
         if row is not None:
             merges[label] = row
-    return {"clm": clm, "domains": shared, "targets": targets, "merges": merges}
+    ablation: dict[str, dict[str, Any]] = {}
+    for source, by_lam in (roles.get("ablation") or {}).items():
+        experts = next((t.get("expert_domains") for t in (roles.get("targets") or {}).values()
+                        if t.get("source") == source), None) or shared
+        experts = [d for d in experts if d in shared]
+        for lam, label in sorted(by_lam.items(), key=lambda kv: float(kv[0])):
+            gap = gap_closed(results, clm, label, source, experts) if label in results else None
+            if gap is not None:
+                ablation.setdefault(source, {})[lam] = {"model": label, **gap}
+    return {"clm": clm, "domains": shared, "targets": targets, "merges": merges, "gap_closed": gaps,
+            "ablation": ablation,
+            "bootstrap": {"resamples": N_RESAMPLES, "seed": SEED, "level": LEVEL,
+                          "unit": "held-out sequence, resampled within its data source, the same draw "
+                                  "for every model compared (paired)"}}
+
+
+def _ci(iv: Sequence[float] | None, digits: int = 4, pct: bool = False) -> str:
+    if not iv:
+        return ""
+    if pct:
+        return f" [{iv[0]:.0%}, {iv[1]:.0%}]"
+    return f" [{iv[0]:+.{digits}f}, {iv[1]:+.{digits}f}]"
 
 
 def fusion_markdown(fusion: Mapping[str, Any] | None) -> list[str]:
     if not fusion:
         return []
-    clm = fusion["clm"]
+    clm, bs = fusion["clm"], fusion.get("bootstrap") or {}
     lines = ["## Did fusion beat plain fine-tuning?", "",
              f"Margin = held-out NLL of `{clm}` (λ = 1: same data, same steps, no fusion term) minus the "
-             "model's, as a mean over data sources (each weighted equally); positive means fusion helped.", ""]
+             "model's, as a mean over data sources (each weighted equally); positive means fusion helped. "
+             f"In brackets: the {bs.get('level', LEVEL):.0%} interval of a paired bootstrap over held-out "
+             f"sequences ({bs.get('resamples', N_RESAMPLES)} resamples, seed {bs.get('seed', SEED)}; each "
+             "resample draws every data source's sequences with replacement, the same draw for both models). "
+             "**yes** only when the interval lies above 0, **no** when below, else not distinguishable.", ""]
 
     def line(label: str, what: str, r: Mapping[str, Any]) -> str:
-        parts = ", ".join(f"{d} {m:+.4f}" for d, m in r["margins"].items())
-        return (f"- **{label}** on {what}: {'yes' if r['beats_clm'] else 'no'}, {r['mean_nll']:.4f} vs "
-                f"{r['clm_mean_nll']:.4f}, margin {r['margin']:+.4f} (per data source: {parts})")
+        ivs = r.get("intervals") or {}
+        parts = ", ".join(f"{d} {m:+.4f}{_ci(ivs.get(d))}" for d, m in r["margins"].items())
+        return (f"- **{label}** on {what}: {r['verdict']}, {r['mean_nll']:.4f} vs "
+                f"{r['clm_mean_nll']:.4f}, margin {r['margin']:+.4f}{_ci(r.get('interval'))} "
+                f"(per data source: {parts})")
 
     for label, t in fusion["targets"].items():
         lines.append(line(label, f"{t['source']}'s expert data ({', '.join(t['domains'])})", t))
     for label, m in fusion["merges"].items():
         lines.append(line(label, "all data sources", m))
-    return lines + [""]
+    lines.append("")
+    if fusion.get("gap_closed"):
+        lines += ["### Share of the gap to the expert closed", "",
+                  f"`(BPB_{clm} − BPB_target) / (BPB_{clm} − BPB_source)` in bits per byte (the source speaks "
+                  "other tokens) on the source's expert data: 0 is plain fine-tuning, 1 the expert itself. "
+                  "Intervals: the same paired bootstrap, the three models on the same sequences.", ""]
+        for label, g in fusion["gap_closed"].items():
+            per = ", ".join(f"{d} {x['gap_closed']:.1%}{_ci(x['interval'], pct=True)} (BPB {clm} "
+                            f"{x['bpb']['clm']:.3f}, target {x['bpb']['target']:.3f}, {g['source']} "
+                            f"{x['bpb']['source']:.3f})" for d, x in g["per_domain"].items())
+            lines.append(f"- **{label}**: {g['gap_closed']:.1%}{_ci(g['interval'], pct=True)} of the gap to "
+                         f"`{g['source']}` (per data source: {per})")
+        lines.append("")
+    if fusion.get("ablation"):
+        lines += ["### λ ablation: gap closed against λ", "",
+                  "One target per (source, λ), same data and steps; λ = 1 is the CLM baseline itself (gap 0).",
+                  "", "| source | λ | model | " + " | ".join(["gap closed"]) + " | per data source |",
+                  "|---|---:|---|---:|---|"]
+        for source, by_lam in fusion["ablation"].items():
+            for lam, g in by_lam.items():
+                per = ", ".join(f"{d} {x['gap_closed']:.1%}{_ci(x['interval'], pct=True)}"
+                                for d, x in g["per_domain"].items())
+                lines.append(f"| {source} | {float(lam):g} | {g['model']} | {g['gap_closed']:.1%}"
+                             f"{_ci(g['interval'], pct=True)} | {per} |")
+        lines.append("")
+    return lines
 
 
 def plot_fusion(domains: Mapping[str, Mapping[str, dict]], fusion: Mapping[str, Any], out_dir: str | Path) -> Path:
-    """Held-out NLL margin over the CLM baseline, per data source, for every target and merge:
-    the differences are a few thousandths of a nat, invisible on the absolute NLL plot."""
+    """Held-out NLL margin over the CLM baseline, per data source, for every target and merge,
+    with its bootstrap interval: the differences are a few thousandths of a nat, invisible on
+    the absolute NLL plot."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clm, groups = fusion["clm"], list(fusion["domains"])
     series = {m: [_nll(domains, clm, d) - _nll(domains, m, d) for d in groups]  # type: ignore[operator]
               for m in [*fusion["targets"], *fusion["merges"]]}
+    rows = {**fusion["targets"], **fusion["merges"]}
+    intervals = {m: [(rows[m].get("intervals") or {}).get(d) for d in groups] for m in series}
     fig, ax = _figure()
-    _grouped_bars(ax, groups, series, f"NLL({clm}) - NLL(model)")
+    _grouped_bars(ax, groups, series, f"NLL({clm}) - NLL(model)", intervals)
     ax.axhline(0.0, color="black", linewidth=0.8)
     # The scale is the targets' and the run's own merge method's: a baseline far off it
     # (TIES at tiny scale) would flatten every other bar to nothing. Its bars are cut at
     # the edge and labelled with their value.
     main = [*fusion["targets"], *list(fusion["merges"])[:1]]
     ref = max((abs(v) for m in main for v in series[m] if v is not None), default=0.0)
+    ref = max([ref] + [abs(c) for m in main for iv in intervals[m] if iv for c in iv])
     lim = 1.3 * ref
     if lim > 0 and any(abs(v) > lim for vals in series.values() for v in vals if v is not None):
         ax.set_ylim(-lim, lim)
@@ -252,14 +410,77 @@ def plot_fusion(domains: Mapping[str, Mapping[str, dict]], fusion: Mapping[str, 
                     x = i + (k - (n - 1) / 2) * width
                     ax.text(x, 0.92 * lim if v > 0 else -0.92 * lim, f"{v:+.2f}", ha="center", va="center",
                             fontsize="x-small", rotation=90)
-    ax.set_title(f"Fusion vs plain fine-tuning: held-out NLL margin over {clm} (above 0: fusion helped)")
+    level = (fusion.get("bootstrap") or {}).get("level", LEVEL)
+    ax.set_title(f"Fusion vs plain fine-tuning: held-out NLL margin over {clm} (above 0: fusion helped; "
+                 f"bars: {level:.0%} paired bootstrap)", fontsize="medium")
     return _save(fig, out / "fusion_margin.png")
 
 
+def plot_gap_closed(fusion: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Share of the gap to the expert closed, in bits per byte, with its interval: per target
+    and expert data source (left), and against λ per source and expert data source when the run
+    has a λ ablation (right)."""
+    from matplotlib.figure import Figure
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ablation = fusion.get("ablation") or {}
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    axes = [fig.add_subplot(1, 2 if ablation else 1, k + 1) for k in range(2 if ablation else 1)]
+    gaps = fusion["gap_closed"]
+    groups = sorted({d for g in gaps.values() for d in g["per_domain"]})
+    series = {label: [g["per_domain"][d]["gap_closed"] if d in g["per_domain"] else None for d in groups]
+              for label, g in gaps.items()}
+    intervals = {label: [g["per_domain"][d]["interval"] if d in g["per_domain"] else None for d in groups]
+                 for label, g in gaps.items()}
+    _grouped_bars(axes[0], groups, series, "share of the BPB gap closed", intervals)
+    axes[0].axhline(0.0, color="black", linewidth=0.8)
+    axes[0].set_title("Gap to the expert closed (0: plain fine-tuning, 1: the expert)", fontsize="medium")
+    if ablation:
+        ax = axes[1]
+        for source, by_lam in ablation.items():
+            lams = sorted(by_lam, key=float)
+            for d in by_lam[lams[0]]["per_domain"]:
+                ys = [by_lam[lam]["per_domain"][d]["gap_closed"] for lam in lams]
+                err = [[max(y - by_lam[lam]["per_domain"][d]["interval"][0], 0.0) for y, lam in zip(ys, lams)],
+                       [max(by_lam[lam]["per_domain"][d]["interval"][1] - y, 0.0) for y, lam in zip(ys, lams)]]
+                ax.errorbar([float(lam) for lam in lams], ys, yerr=err, marker="o", capsize=3,
+                            label=f"{source}: {d}")
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xlabel("λ (weight of the CLM loss)")
+        ax.set_ylabel("share of the BPB gap closed")
+        ax.set_title("Gap closed against λ", fontsize="medium")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return _save(fig, out / "gap_closed.png")
+
+
+def why_markdown(fusion_stats: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Per target: the alignment coverage of its source and how often MinCE chose the source."""
+    rows = {k: v for k, v in fusion_stats.items() if v}
+    if not rows:
+        return []
+    domains = sorted({d for v in rows.values() for d in (v.get("source_chosen") or {})})
+    lines = ["## Why: what each target distilled from", "",
+             "Coverage: share of the supervised rows whose teacher is the source's distribution (aligned "
+             "1-to-1) rather than the label (fallback). Source chosen: share of the training sequences "
+             "for which the fusion function took the source rather than the pivot, per data source.", "",
+             "| target | source | fusion function | coverage | " + " | ".join(f"source chosen: {d}" for d in domains)
+             + " |", "|---|---|---|---:|" + "---:|" * len(domains)]
+    for label, v in rows.items():
+        chosen = v.get("source_chosen") or {}
+        cells = [f"{chosen[d]:.0%}" if d in chosen else "–" for d in domains]
+        lines.append(f"| {label} | {v.get('source') or '–'} | {v.get('fusion_function') or '–'} | "
+                     f"{v['coverage']:.1%} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def render_markdown(title: str, results: Mapping[str, dict], plots: Sequence[str] = (),
-                    notes: Sequence[str] = (), fusion: Mapping[str, Any] | None = None) -> str:
+                    notes: Sequence[str] = (), fusion: Mapping[str, Any] | None = None,
+                    fusion_stats: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     lines = [f"# {title}", "", markdown_table(results), ""]
     lines += fusion_markdown(fusion)
+    lines += why_markdown(fusion_stats or {})
     mt = {n: r["mt_bench"] for n, r in results.items() if r.get("mt_bench")}
     if mt:
         lines.append("MT-Bench: mean judge score (1-10) over both turns; unparsable verdicts are counted, "
@@ -294,24 +515,32 @@ def inline_images(markdown: str, read: Callable[[str], bytes]) -> str:
 
 def build_report(title: str, results: Mapping[str, dict], out_dir: str | Path,
                  loss_histories: Mapping[str, Sequence[dict]] | None = None,
-                 notes: Sequence[str] = (), roles: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 notes: Sequence[str] = (), roles: Mapping[str, Any] | None = None,
+                 fusion_stats: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Write report.md, report.json and plots/*.png into ``out_dir``; returns the report object.
 
     ``report.json`` holds ``domains`` (model -> data source -> ``nll`` and, where the source
-    has one right answer, ``exact_match``), ``fusion`` (margins over the CLM baseline, when
-    ``roles`` names one) and every model's full ``results``.
+    has one right answer, ``exact_match``), ``fusion`` (margins over the CLM baseline with
+    their bootstrap intervals, the gap to each expert closed, the λ ablation, when ``roles``
+    names a baseline), ``why`` (``fusion_stats``: per target, its alignment coverage and how
+    often the fusion function chose the source) and every model's ``results`` (without the
+    per-sequence figures the intervals were computed from: those stay in the evaluate artifacts).
     """
     out = Path(out_dir)
     plots = plot_results(results, loss_histories, out / "plots")
     domains = per_domain(results)
-    fusion = fusion_vs_clm(domains, roles) if roles else None
+    fusion = fusion_vs_clm(domains, roles, results) if roles else None
     if fusion and (fusion["targets"] or fusion["merges"]):
         plots.insert(0, plot_fusion(domains, fusion, out / "plots"))
+        if fusion["gap_closed"]:
+            plots.insert(1, plot_gap_closed(fusion, out / "plots"))
     rel = [p.relative_to(out).as_posix() for p in plots]
-    md = render_markdown(title, results, rel, notes, fusion)
+    md = render_markdown(title, results, rel, notes, fusion, fusion_stats)
     (out / "report.md").write_text(md)
+    slim = {name: {**r, "heldout_nll": {k: v for k, v in r["heldout_nll"].items() if k != "sequences"}}
+            if isinstance(r.get("heldout_nll"), dict) else r for name, r in results.items()}
     report = {"title": title, "models": list(results), "domains": domains, "fusion": fusion,
-              "results": dict(results),
+              "why": dict(fusion_stats or {}), "results": slim,
               "columns": [h for _, h, _ in columns(results)], "plots": rel,
               "loss_histories": {k: list(v) for k, v in (loss_histories or {}).items()}}
     (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True, default=str))
