@@ -26,7 +26,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "represent": 2,
     "vocab_map": 1,
     "align": 3,
-    "train": 1,
+    "train": 2,  # 2: the training log says what the source gave (coverage, MinCE choices)
     "merge": 1,
     "mt_bench_answers": 1,
     "evaluate": 2,  # 2: held-out NLL per sequence, for the report's bootstrap

@@ -40,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +166,7 @@ def train_target(
     on_event: Callable[[Event], None] | None = None,
     name: str | None = None,
     card: dict[str, Any] | None = None,
+    domains: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train one target and put it into the store at ``address``; returns its summary.
 
@@ -173,6 +174,9 @@ def train_target(
     chat template). ``lam``: λ; defaults to ``cfg.lam`` (the CLM baseline
     passes 1.0). ``name``: the target's name in messages (default: its address).
     ``card``: what the model card says of the data (name → text).
+    ``domains``: each training sequence's data source; with them, the training log's
+    ``teachers`` says per data source how much of the source's teacher the alignment
+    covered and how often the fusion function chose it (``FusionData.teacher_summary``).
 
     A step whose loss or gradient norm is not finite stops training with a
     ``TrainError`` before the optimizer applies it: no checkpoint is written
@@ -331,9 +335,11 @@ def train_target(
                 # of a 5e-6-lr update, and VaRM weighs exactly those deltas.
                 accelerator.unwrap_model(model).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
                 tok.save_pretrained(out)
-                (out / TRAINING_LOG).write_text(json.dumps(
-                    {"train_config": cfg.model_dump(mode="json"), "lam": lam, "steps": n_steps,
-                     "sequences": len(data), "history": history}, indent=1))
+                log_ = {"train_config": cfg.model_dump(mode="json"), "lam": lam, "steps": n_steps,
+                        "sequences": len(data), "history": history}
+                if use_teachers and domains is not None:
+                    log_["teachers"] = data.teacher_summary(domains, cfg.fusion_function)
+                (out / TRAINING_LOG).write_text(json.dumps(log_, indent=1))
                 (out / "README.md").write_text(target_card(
                     name=name or address.rsplit("/", 1)[-1], pivot=pivot.path, lam=lam,
                     fusion_function=summary["fusion_function"], steps=n_steps, sequences=len(data),
@@ -430,6 +436,9 @@ def train_from_config(cfg: RunConfig, target: str, *,
         store.require(plan.align(source))
         aligned_dirs = [store.fetch(plan.align_shard(source, i)) for i in range(shards)]
     data = FusionData(pivot_dirs, aligned_dirs, max_length=cfg.train.max_length)
+    from fusechat_core.represent import _train_table
+
+    domains = _train_table(store, plan.dataset, ["source"]).column("source").to_pylist()
     materialise(plan, store)  # a demo: pivot loads from its built artifact
     # torch's generator is process-wide and set_seed reseeds it: two targets trained at
     # once in one process's worker threads would draw from each other's stream. One at a
@@ -442,7 +451,8 @@ def train_from_config(cfg: RunConfig, target: str, *,
         if store.is_complete(address):  # the writer we waited for finished it
             return dict(store.require(address).meta)
         return train_target(cfg.train, pivot=cfg.pivot, data=data, store=store, address=address,
-                            lam=lam, on_event=on_event, name=plan.target_label(target), card=card)
+                            lam=lam, on_event=on_event, name=plan.target_label(target), card=card,
+                            domains=domains)
 
 
 def _lease(store: ArtifactStore, address: str) -> Any:

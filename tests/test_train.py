@@ -26,7 +26,7 @@ from fusechat_core.data import synthetic
 from fusechat_core.fuse.batches import ContractError, FusionData
 from fusechat_core.store import ArtifactStore
 from fusechat_core.tiny import build_tiny_model
-from fusechat_core.train import complete_checkpoints, global_batch, micro_batches, train_target
+from fusechat_core.train import TRAINING_LOG, complete_checkpoints, global_batch, micro_batches, train_target
 
 REPO = Path(__file__).resolve().parents[1]
 N_ROWS, SHARDS, TOP_K, MAX_LEN = 24, 2, 8, 96
@@ -72,7 +72,8 @@ def _write_shards(store: ArtifactStore, prefix: str, outs: list[dict], rows: lis
              "metric_ce": torch.tensor([o["ce"] for o in part], dtype=torch.float32)}
         if aligned:
             t["topk_ids"] = torch.cat([o["top_ids"] for o in part]).to(torch.int32)
-            t["fallback"] = torch.zeros(int(sup_off[-1]), dtype=torch.bool)
+            t["fallback"] = torch.cat([o.get("fallback", torch.zeros(len(o["sup"]), dtype=torch.bool))
+                                       for o in part])
             name = "aligned.safetensors"
         else:
             t["topk_ids"] = torch.cat([o["top_ids"] for o in part]).to(torch.uint16)
@@ -232,6 +233,7 @@ def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs,
     data = FusionData(fusion_inputs["pivot_dirs"], fusion_inputs["aligned_dirs"], max_length=MAX_LEN)
     store = ArtifactStore(f"file://{tmp_path}")
     events, kept = [], {}
+    domains = ["markov"] * (N_ROWS // 2) + ["arithmetic"] * (N_ROWS - N_ROWS // 2)  # as _rows() makes them
 
     def on_event(e):
         events.append(e)
@@ -240,7 +242,7 @@ def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs,
                                {f.path for f in store.manifest(e["address"]).files})
 
     train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/src-t",
-                 on_event=on_event)
+                 on_event=on_event, domains=domains)
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, 13))
     fuse = [e["fusion_loss"] for e in steps]
@@ -281,6 +283,15 @@ def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs,
     assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
     ck = [e["step"] for e in events if e["event"] == "checkpoint"]
     assert ck == [5, 10]
+    # the training log says what the source gave: identity alignment covers every row; MinCE took
+    # the source where its CE of the sequence was the lower (counted here from the models' own CEs)
+    teachers = json.loads((folder / TRAINING_LOG).read_text())["teachers"]
+    assert teachers["coverage"] == 1.0 and teachers["fusion_function"] == "mince"
+    for d in ("markov", "arithmetic"):
+        mine = [i for i, x in enumerate(domains) if x == d]
+        won = sum(fusion_inputs["source_out"][i]["ce"] < fusion_inputs["pivot_out"][i]["ce"] for i in mine)
+        assert teachers["domains"][d]["source_chosen"] == pytest.approx(won / len(mine))
+        assert teachers["domains"][d]["sequences"] == len(mine)
 
 
 def test_a_committed_target_leaves_no_checkpoints_behind(fusion_inputs, tmp_path):
@@ -298,6 +309,42 @@ def test_a_committed_target_leaves_no_checkpoints_behind(fusion_inputs, tmp_path
                        store=store, address="train/done-t")
     assert out == {"address": "train/done-t", "skipped": True}
     assert not (Path(store.root) / "train/done-t.checkpoints").exists() and store.is_complete("train/done-t")
+
+
+def test_teacher_summary_counts_coverage_and_mince_choices_per_data_source(tmp_path):
+    """On synthetic contract shards: label fallbacks and CEs chosen by hand, ties included."""
+    g = torch.Generator().manual_seed(0)
+    n, domains = 10, ["a", "b", "b", "a", "c", "a", "b", "c", "c", "a"]
+    rows = [{"id": f"s{i}"} for i in range(n)]
+    pivot, source = [], []
+    for i in range(n):
+        length = 6 + i % 4
+        ids = torch.randint(5, 100, (length,), generator=g)
+        sup = torch.arange(2, length) if i != 4 else torch.arange(2, 2)  # row 4: no supervised token
+        top = torch.randint(0, 100, (len(sup), TOP_K), generator=g)
+        lp = -torch.rand(len(sup), TOP_K, generator=g)
+        fb = torch.tensor([(i + k) % 3 == 0 for k in range(len(sup))], dtype=torch.bool)
+        ce_p = 1.0 + 0.1 * i
+        ce_s = {0: ce_p - 0.5, 1: ce_p + 0.5, 2: ce_p, 3: ce_p - 0.1}[i % 4]  # i % 4 == 2: a tie
+        pivot.append({"ids": ids, "sup": sup, "top_ids": top, "top_lp": lp, "ce": ce_p})
+        source.append({"ids": ids, "sup": sup, "top_ids": top, "top_lp": lp, "ce": ce_s, "fallback": fb})
+    store = ArtifactStore(f"file://{tmp_path}")
+    data = FusionData(_write_shards(store, "represent/p", pivot, rows, aligned=False),
+                      _write_shards(store, "align/s", source, rows, aligned=True))
+    got = data.teacher_summary(domains, "mince")
+    for d in "abc":
+        mine = [i for i in range(n) if domains[i] == d and len(source[i]["sup"])]
+        total = sum(len(source[i]["fallback"]) for i in mine)
+        covered = sum(int((~source[i]["fallback"]).sum()) for i in mine)
+        chosen = sum(source[i]["ce"] < pivot[i]["ce"] for i in mine)  # a tie stays with the pivot
+        assert got["domains"][d] == {"sequences": len(mine), "rows": total, "coverage": pytest.approx(covered / total),
+                                     "source_chosen": pytest.approx(chosen / len(mine))}
+    assert got["rows"] == sum(len(o["sup"]) for o in source)
+    assert "source_chosen" not in data.teacher_summary(domains, "avgce")["domains"]["a"]
+    assert FusionData(_write_shards(store, "represent/p2", pivot, rows, aligned=False)).teacher_summary(
+        domains, "mince") == {}
+    with pytest.raises(ValueError, match="3 data sources given for 10 training sequences"):
+        data.teacher_summary(domains[:3], "mince")
 
 
 def test_gradient_checkpointing_gives_the_same_losses_gradients_and_weights(fusion_inputs, tmp_path):

@@ -164,19 +164,37 @@ def loss_history(store: ArtifactStore, train_address: str) -> list[dict] | None:
     return out or None
 
 
+def teacher_summary(store: ArtifactStore, train_address: str) -> dict[str, Any] | None:
+    """What a trained target's source gave it (``FusionData.teacher_summary``), from its
+    training log; None for the CLM baseline or a target trained elsewhere."""
+    from fusechat_core.train import TRAINING_LOG
+
+    man = store.manifest(train_address)
+    if man is None or TRAINING_LOG not in {f.path for f in man.files}:
+        return None
+    return store.read_json(train_address, TRAINING_LOG).get("teachers") or None
+
+
 def write_report(store: ArtifactStore, address: str, title: str, evaluations: Mapping[str, str],
                  train_artifacts: Mapping[str, str] | None = None, notes: tuple[str, ...] = (),
                  roles: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The run's report artifact from its evaluate artifacts (and training logs, when present);
     ``roles`` (``RunPlan.report_roles``) adds the comparison with the CLM baseline."""
     results = {name: store.read_json(addr, RESULTS_FILE) for name, addr in evaluations.items()}
-    histories = {}
+    histories, why = {}, {}
+    sources = {label: t.get("source") for label, t in ((roles or {}).get("targets") or {}).items()}
     for name, addr in (train_artifacts or {}).items():
         hist = loss_history(store, addr)
         if hist:
             histories[name] = hist
+        teachers = teacher_summary(store, addr) if name in sources else None
+        if teachers:
+            why[name] = {"source": sources[name], **teachers,
+                         "source_chosen": {d: v["source_chosen"] for d, v in teachers["domains"].items()
+                                           if v.get("source_chosen") is not None},
+                         "source_chosen_all": teachers.get("source_chosen")}
     with tempfile.TemporaryDirectory() as tmp:
-        rep = build_report(title, results, tmp, histories, notes, roles)
+        rep = build_report(title, results, tmp, histories, notes, roles, why)
         meta = {"stage": "report", "models": list(results), "evaluations": dict(evaluations)}
         store.put_dir(address, tmp, meta=meta)
     return rep

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,6 +129,43 @@ class FusionData:
     @property
     def n_teachers(self) -> int:
         return 0 if self.aligned is None else 2
+
+    def teacher_summary(self, domains: Sequence[str], fusion_function: str) -> dict[str, Any]:
+        """What the source gave this target, per data source (``domains[g]``: sequence g's).
+
+        ``coverage``: the share of supervised rows whose source teacher is the source's own
+        distribution (aligned 1-to-1) rather than the label (the alignment's fallback);
+        ``source_chosen`` (MinCE only): the share of sequences for which MinCE takes the
+        source over the pivot, by the rule ``mince`` applies (``mince_choice``). None for the
+        CLM baseline, which has no source.
+        """
+        if self.aligned is None:
+            return {}
+        if len(domains) != len(self):
+            raise ContractError(f"{len(domains)} data sources given for {len(self)} training sequences")
+        from fusechat_core.fuse.mince import mince_choice
+
+        rows = np.concatenate([np.diff(o) for o in self._sup_off])
+        covered = []
+        for al, o in zip(self.aligned, self._sup_off):
+            c = np.concatenate([[0], np.cumsum(~np.asarray(al.fallback, dtype=bool), dtype=np.int64)])
+            covered.append(c[o[1:]] - c[o[:-1]])  # 1-to-1 rows per sequence
+        covered = np.concatenate(covered)
+        ce = torch.from_numpy(np.concatenate([np.stack(c, axis=1) for c in self._ce]))  # [n, 2]
+        chosen = (mince_choice(ce) == 1).numpy() if fusion_function == "mince" else None
+        domains = np.asarray(domains)
+        per: dict[str, dict[str, Any]] = {}
+        for d in sorted(set(domains.tolist())):
+            mine = (domains == d) & (rows > 0)
+            per[d] = {"sequences": int(mine.sum()), "rows": int(rows[mine].sum()),
+                      "coverage": float(covered[mine].sum() / max(rows[mine].sum(), 1))}
+            if chosen is not None:
+                per[d]["source_chosen"] = float(chosen[mine].mean()) if mine.any() else None
+        out: dict[str, Any] = {"fusion_function": fusion_function, "rows": int(rows.sum()),
+                               "coverage": float(covered.sum() / max(rows.sum(), 1)), "domains": per}
+        if chosen is not None:
+            out["source_chosen"] = float(chosen[rows > 0].mean())
+        return out
 
     def collate(self, indices: Sequence[int], pad_id: int, *, teachers: bool = True) -> Batch:
         """The micro-batch of the given sequence indices, in that order."""
