@@ -187,7 +187,10 @@ class AlignConfig(_Section):
 class TrainConfig(_Section):
     fusion_function: str = "mince"
     temperature: float = Field(default=1.0, gt=0)
-    lam: float = Field(default=0.9, ge=0.0, le=1.0)  # λ of L = λ·L_CLM + (1-λ)·L_fuse
+    # λ of L = λ·L_CLM + (1-λ)·L_fuse. A list is a λ ablation: its first value is the run's
+    # (those targets are merged); each further value trains one more target per source on the
+    # same data and steps, sharing every upstream artifact (λ = 1 is the CLM baseline itself).
+    lam: float | list[float] = 0.9
     learning_rate: float = Field(default=5e-6, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -215,10 +218,36 @@ class TrainConfig(_Section):
 
     _learning_rate_fits = field_validator("learning_rate")(_float32_rate)
 
+    @field_validator("lam")
+    @classmethod
+    def _lam_in_range(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise ValueError("an empty list: give one λ, or several for an ablation")
+        for x in values:
+            if not 0.0 <= x <= 1.0:
+                raise ValueError(f"λ {x} is outside [0, 1]")
+        if len(set(values)) != len(values):
+            raise ValueError(f"{values}: a λ is listed twice")
+        return value
+
+    @property
+    def lams(self) -> list[float]:
+        """Every λ of the run: the run's own first, then the ablation's."""
+        return [float(x) for x in self.lam] if isinstance(self.lam, list) else [float(self.lam)]
+
+    @property
+    def run_lam(self) -> float:
+        """The λ of the run's own targets (the ones merged)."""
+        return self.lams[0]
+
     @model_validator(mode="after")
     def _micro_divides(self) -> TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise ValueError("batch_size must be a multiple of micro_batch_size")
+        if len(self.lams) > 1 and not self.clm_baseline:
+            raise _FieldError("lam", f"{self.lams}: a λ ablation is measured against the CLM baseline "
+                                     "(gap closed, λ = 1): set train.clm_baseline: true")
         return self
 
 

@@ -11,7 +11,9 @@ Addresses depend only on what a stage reads (incremental fusion):
 - ``represent[m]``: model ``m`` itself, the represent section, the dataset;
 - ``vocab_map[s]``: the pivot's and ``s``'s tokenizers, the mapping settings;
 - ``align[s]``: the pivot's and ``s``'s representations, ``s``'s vocab map, the align section;
-- ``train[s]``: the dataset, the pivot's representation, ``align[s]`` (none for CLM);
+- ``train[s]``: the dataset, the pivot's representation, ``align[s]`` (none for CLM), and the
+  one λ it is trained at: a λ ablation (``train.lam`` a list) adds targets and recomputes nothing
+  upstream, its first λ's targets being those of a run with that λ alone;
 - ``merge[method]``: every source's target, the method and its parameters;
 - ``evaluate[n]``: model ``n`` and the evaluate section; ``report``: every evaluation.
 
@@ -215,8 +217,31 @@ class RunPlan:
 
     # -- training (one target per source, plus the CLM baseline) ---------------
     def target_names(self) -> list[str]:
-        names = [s.name for s in self.cfg.sources]
+        """The run's targets (one per source, at the run's λ), the λ ablation's, the baseline."""
+        names = [s.name for s in self.cfg.sources] + list(self.ablation_targets)
         return names + [CLM] if self.cfg.train.clm_baseline else names
+
+    @cached_property
+    def ablation_targets(self) -> dict[str, tuple[str, float]]:
+        """``<source>-lam<λ>`` → (source, λ): one more target per source for each further λ of a
+        ``train.lam`` list. λ = 1 has none: it is the CLM baseline (same data, steps, loss)."""
+        out = {}
+        for lam in self.cfg.train.lams[1:]:
+            if lam < 1.0:
+                for s in self.cfg.sources:
+                    out[f"{s.name}-lam{lam:g}"] = (s.name, lam)
+        return out
+
+    def target_source(self, target: str) -> str | None:
+        """The source a target distils from (None for the CLM baseline)."""
+        if target == CLM:
+            return None
+        return self.ablation_targets[target][0] if target in self.ablation_targets else self.model(target).name
+
+    def target_lam(self, target: str) -> float:
+        if target == CLM:
+            return 1.0
+        return self.ablation_targets[target][1] if target in self.ablation_targets else self.cfg.train.run_lam
 
     @staticmethod
     def target_label(target: str) -> str:
@@ -232,10 +257,12 @@ class RunPlan:
         # re-derives the address where it runs and refuses a disagreement).
         train["mixed_precision"] = resolve_mixed_precision(self.cfg.train.mixed_precision)
         upstream = {"dataset": self.dataset, "pivot": self.represent(self.cfg.pivot)}
-        if target == CLM:
-            train["lam"] = 1.0  # the paper's "CLM" row: same data and steps, no fusion term
-        else:
-            upstream["aligned"] = self.align(self.model(target))
+        # One λ per target: a λ ablation's run-λ targets keep the addresses of a run with that λ
+        # alone, and the ablation's targets differ from them only by λ.
+        train["lam"] = self.target_lam(target)  # CLM: 1, the paper's "CLM" row: no fusion term
+        source = self.target_source(target)
+        if source is not None:
+            upstream["aligned"] = self.align(self.model(source))
         section = {"train": train, "pivot": self.identity(self.cfg.pivot)}
         return self._address("train", section, upstream, key=target)
 
@@ -301,8 +328,20 @@ class RunPlan:
                 experts = [src.label for src in self.cfg.data.sources
                            if src.path.startswith("demo:") and d.domains.get(src.path[len("demo:"):]) == top]
             targets[self.target_label(s.name)] = {"source": s.name, "expert_domains": experts}
-        return {"clm": CLM if self.cfg.train.clm_baseline else None, "targets": targets,
-                "merges": [f"merge-{m}" for m in self.merge_methods()]}
+        roles = {"clm": CLM if self.cfg.train.clm_baseline else None, "targets": targets,
+                 "merges": [f"merge-{m}" for m in self.merge_methods()]}
+        if len(self.cfg.train.lams) > 1:
+            # source → λ → the model trained at it (λ = 1: the CLM baseline)
+            ablation: dict[str, dict[str, str]] = {s.name: {} for s in self.cfg.sources}
+            for s in self.cfg.sources:
+                ablation[s.name][f"{self.cfg.train.run_lam:g}"] = self.target_label(s.name)
+            for t, (source, lam) in self.ablation_targets.items():
+                ablation[source][f"{lam:g}"] = self.target_label(t)
+            if 1.0 in self.cfg.train.lams:
+                for s in self.cfg.sources:
+                    ablation[s.name]["1"] = CLM
+            roles["ablation"] = ablation
+        return roles
 
     def report(self) -> str:
         upstream = {n: self.evaluate(n) for n in self.evaluated_models()}

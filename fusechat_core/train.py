@@ -188,7 +188,7 @@ def train_target(
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    lam = cfg.lam if lam is None else float(lam)
+    lam = cfg.run_lam if lam is None else float(lam)
     emit = on_event or (lambda event: None)
     if store.is_complete(address):
         drop_checkpoints(store, address)  # left by a run killed between its commit and their removal
@@ -426,13 +426,13 @@ def train_from_config(cfg: RunConfig, target: str, *,
     store = ArtifactStore(cfg.store)
     if target not in plan.target_names() and target != CLM:
         raise TrainError(f"no target {target!r} in this run (targets: {', '.join(plan.target_names())})")
-    lam = 1.0 if target == CLM else cfg.train.lam
+    lam = plan.target_lam(target)
     shards = cfg.represent.shards
     store.require(plan.represent(cfg.pivot))
     pivot_dirs = [store.fetch(plan.represent_shard(cfg.pivot, i)) for i in range(shards)]
     aligned_dirs = None
     if lam < 1.0:
-        source = plan.model(target)
+        source = plan.model(plan.target_source(target))  # type: ignore[arg-type]
         store.require(plan.align(source))
         aligned_dirs = [store.fetch(plan.align_shard(source, i)) for i in range(shards)]
     data = FusionData(pivot_dirs, aligned_dirs, max_length=cfg.train.max_length)
@@ -444,9 +444,10 @@ def train_from_config(cfg: RunConfig, target: str, *,
     # once in one process's worker threads would draw from each other's stream. One at a
     # time per process; parallel targets go to separate workers (Dask, deployments).
     address = plan.train(target)
+    source_name = plan.target_source(target)
     card = {"data": f"dataset artifact `{plan.dataset}` (run `{cfg.name}`)",
-            "teacher": "the pivot only" if lam >= 1.0 else f"the pivot and source `{target}` "
-                                                            f"(`{plan.model(target).path}`)"}
+            "teacher": "the pivot only" if lam >= 1.0 else f"the pivot and source `{source_name}` "
+                                                            f"(`{plan.model(source_name).path}`)"}
     with stopping.holding(_ONE_TRAINING), _lease(store, address):
         if store.is_complete(address):  # the writer we waited for finished it
             return dict(store.require(address).meta)

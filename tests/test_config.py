@@ -56,6 +56,9 @@ BAD = [
     (("pivot.dtype", "int8"), "pivot.dtype: "),
     (("sources", []), "sources: "),
     (("train", {"lam": 1.5}), "train.lam: "),
+    (("train", {"lam": [0.9, 1.2]}), "train.lam: "),
+    (("train", {"lam": [0.9, 0.5, 0.9], "clm_baseline": True}), "train.lam: "),
+    (("train", {"lam": [0.9, 0.5]}), "train.lam: [0.9, 0.5]: a λ ablation is measured against the CLM baseline"),
     (("merge", {"granularity": "neuron"}), "merge.granularity: "),
     (("pivot.name", "Bad Name!"), "pivot.name: "),
     (("train", {"fusion_function": "maxce"}), "train.fusion_function: unknown 'maxce'"),
@@ -116,6 +119,35 @@ def test_demo_and_paper_configs_validate():
 
     cfg = load_config(DEMO_CONFIG)
     assert cfg.pivot.name == "pivot" and len(cfg.sources) == 2
+
+
+def test_demo_ablation_is_the_demo_with_a_lambda_list_and_shares_every_upstream_address():
+    """configs/demo-ablation.yaml: demo.yaml but name and train.lam; its addresses of every stage
+    above training, of the λ = 0.9 targets and of the CLM baseline are the demo's (Cached after
+    `fusechat demo`); it adds one target per source and λ < 1 beyond the first."""
+    from flows.cli import DEMO_CONFIG
+    from fusechat_core.plan import RunPlan
+
+    demo_raw = yaml.safe_load(DEMO_CONFIG.read_text())
+    abl_raw = yaml.safe_load((DEMO_CONFIG.parent / "demo-ablation.yaml").read_text())
+    assert abl_raw["train"].pop("lam") == [0.9, 1.0, 0.5, 0.0] and abl_raw.pop("name") == "demo-ablation"
+    demo_raw.pop("name")
+    assert abl_raw == demo_raw
+    demo = RunPlan(load_config(DEMO_CONFIG))
+    abl = RunPlan(load_config(DEMO_CONFIG.parent / "demo-ablation.yaml"))
+    shared = {n.label: n.address for n in demo.nodes() if n.stage != "report"}  # evaluations too
+    mine = {n.label: n.address for n in abl.nodes()}
+    assert all(mine[k] == v for k, v in shared.items()), [k for k, v in shared.items() if mine.get(k) != v]
+    extra = sorted(set(mine) - set(shared) - {"report"})
+    assert extra == [f"{stage}[{p}{s}-lam{lam}]" for stage, p in (("evaluate", "target-"), ("train", ""))
+                     for s in ("llama", "mixtral") for lam in ("0.5", "0")]
+    assert abl.target_lam("mixtral-lam0") == 0.0 and abl.target_source("mixtral-lam0") == "mixtral"
+    # an ablation target differs from its run-λ sibling by λ alone: same upstream artifacts
+    assert abl.train("mixtral-lam0.5") != abl.train("mixtral")
+    assert abl.report_roles()["ablation"] == {
+        s: {"0.9": f"target-{s}", "1": "clm", "0.5": f"target-{s}-lam0.5", "0": f"target-{s}-lam0"}
+        for s in ("mixtral", "llama")}
+    assert "ablation" not in demo.report_roles()
 
 
 def test_paper_config_ships_an_8_gpu_fsdp_launch_and_spreads_mixtral_over_gpus():

@@ -70,7 +70,7 @@ def _training(cfg: RunConfig, targets: Mapping[str, str]) -> dict[str, Any]:
     """How the merged targets were made, for the model card."""
     plan = RunPlan(cfg)
     t = cfg.train
-    return {"λ (weight of the CLM loss)": t.lam, "fusion function": f"`{t.fusion_function}`",
+    return {"λ (weight of the CLM loss)": t.run_lam, "fusion function": f"`{t.fusion_function}`",
             "data": f"dataset artifact `{plan.dataset}`", "learning rate": t.learning_rate, "epochs": t.epochs,
             **{f"target `{n}`": f"train artifact `{a}`" for n, a in targets.items()}}
 
