@@ -15,6 +15,7 @@ On that one run:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -108,6 +109,41 @@ def test_demo_shows_fusion_beating_plain_fine_tuning(demo):
     for label, m in margins.items():
         assert fusion[label]["margin"] == pytest.approx(m) and fusion[label]["beats_clm"] is True
         assert f"**{label}**" in md and f"margin {m:+.4f}" in md
+
+
+def test_every_margin_has_a_bootstrap_interval_and_the_gap_closed_is_recomputed(demo):
+    """Item 1-3 of #18 on the demo: intervals on every margin (the verdict follows the interval,
+    not the sign), the gap to each expert closed in bits per byte recomputed here from the
+    per-sequence figures the evaluate stage stored, and the why table."""
+    plan, store = demo["plan"], demo["store"]
+    report = json.loads(store.read_bytes(plan.report(), "report.json"))
+    md = store.read_bytes(plan.report(), "report.md").decode()
+    f = report["fusion"]
+    assert f["bootstrap"]["resamples"] == 2000 and f["bootstrap"]["level"] == 0.95 and "2000 resamples" in md
+    for label, row in {**f["targets"], **f["merges"]}.items():
+        lo, hi = row["interval"]
+        assert lo <= row["margin"] <= hi, label
+        assert row["verdict"] == ("yes" if lo > 0 else "no" if hi < 0 else "not distinguishable"), label
+        assert f"**{label}**" in md and f"margin {row['margin']:+.4f} [{lo:+.4f}, {hi:+.4f}]" in md
+        for d, (dlo, dhi) in row["intervals"].items():
+            assert dlo <= row["margins"][d] <= dhi, (label, d)
+    roles = plan.report_roles()
+    sources = sorted(s.label for s in plan.cfg.data.sources)
+    for label, t in roles["targets"].items():
+        seqs = {m: store.read_json(plan.evaluate(m), "results.json")["heldout_nll"]["sequences"]
+                for m in ("clm", label, t["source"])}
+        assert seqs["clm"]["id"] == seqs[label]["id"] == seqs[t["source"]]["id"]  # the same held-out sequences
+        for d in t["expert_domains"]:
+            bpb = {m: sum(x for x, s in zip(q["nll"], q["source"]) if s == d)
+                   / (sum(b for b, s in zip(q["bytes"], q["source"]) if s == d) * math.log(2))
+                   for m, q in seqs.items()}
+            want = (bpb["clm"] - bpb[label]) / (bpb["clm"] - bpb[t["source"]])
+            got = f["gap_closed"][label]["per_domain"][d]
+            assert got["gap_closed"] == pytest.approx(want, rel=1e-9), (label, d)
+            assert got["interval"][0] <= want <= got["interval"][1], (label, d)
+        why = report["why"][label]
+        assert 0 < why["coverage"] <= 1 and sorted(why["source_chosen"]) == sources
+    assert "## Why: what each target distilled from" in md and "plots/gap_closed.png" in report["plots"]
 
 
 def test_every_stage_ran_at_the_plans_address(demo):

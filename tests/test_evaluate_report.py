@@ -206,6 +206,7 @@ def test_margins_carry_paired_bootstrap_intervals_and_the_gap_closed(tmp_path):
     lo, hi = t["interval"]
     assert 0 < lo < 0.1 < hi < 0.2 and t["verdict"] == "yes" and t["beats_clm"] is True
     assert t["intervals"]["a"] == t["interval"]  # one expert domain: its mean is itself
+    assert t["intervals_all"]["a"] == t["interval"] and set(t["intervals_all"]) == {"a", "b"}  # for the plot
     m = f["merges"]["merge-varm"]
     assert m["interval"][0] < 0 < m["interval"][1] and m["verdict"] == "not distinguishable"
     assert f["bootstrap"]["resamples"] >= 1000 and f["bootstrap"]["level"] == 0.95
@@ -224,7 +225,7 @@ def test_margins_carry_paired_bootstrap_intervals_and_the_gap_closed(tmp_path):
     md = rep["markdown"]
     assert "**target-x** on x's expert data (a): yes, " in md and f"margin +0.1000 [{lo:+.4f}, {hi:+.4f}]" in md
     assert "2000 resamples" in md and "**merge-varm** on all data sources: not distinguishable" in md
-    assert "**target-x**: 33.3%" in md and "| x | 0 | target-x-lam0 | 66.7%" in md
+    assert "**target-x**: 33.3%" in md and "| x | 0 | target-x-lam0 | 66.7% [" in md
     assert "| target-x | x | mince | 75.0% | 90% | 20% |" in md
     assert rep["plots"][:2] == ["plots/fusion_margin.png", "plots/gap_closed.png"]
     assert Image.open(tmp_path / "plots" / "gap_closed.png").size == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)

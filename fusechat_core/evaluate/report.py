@@ -202,8 +202,10 @@ def _interval(lo: Any, hi: Any) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def _margins(results: Mapping[str, dict], clm: str, model: str, over: Sequence[str]) -> dict[str, Any] | None:
-    """Bootstrap intervals of the per-domain margins NLL(clm) − NLL(model) and of their mean."""
+def _margins(results: Mapping[str, dict], clm: str, model: str, over: Sequence[str],
+             every: Sequence[str] = ()) -> dict[str, Any] | None:
+    """Bootstrap intervals of the per-domain margins NLL(clm) − NLL(model) and of their mean
+    over ``over``; ``intervals_all``: each of ``every`` data source's margin (for the plot)."""
     table = sequence_columns(results, [clm, model])
     if table is None:
         return None
@@ -212,14 +214,19 @@ def _margins(results: Mapping[str, dict], clm: str, model: str, over: Sequence[s
     if any(d not in labels for d in over):
         return None
     idx = [labels.index(d) for d in over]
+    rest = [d for d in every if d in labels]
+    idx_all = [labels.index(d) for d in rest]
 
     def stat(sums: np.ndarray) -> np.ndarray:
-        per = (sums[..., idx, 0] / sums[..., idx, 1]) - (sums[..., idx, 3] / sums[..., idx, 4])
-        return np.concatenate([per, per.mean(axis=-1, keepdims=True)], axis=-1)
+        per = (sums[..., :, 0] / sums[..., :, 1]) - (sums[..., :, 3] / sums[..., :, 4])
+        return np.concatenate([per[..., idx], per[..., idx].mean(axis=-1, keepdims=True), per[..., idx_all]],
+                              axis=-1)
 
     _, lo, hi = paired_bootstrap(strata, values, stat, n_resamples=N_RESAMPLES, seed=SEED, level=LEVEL)
-    return {"interval": _interval(lo[-1], hi[-1]),
-            "intervals": {d: _interval(lo[k], hi[k]) for k, d in enumerate(over)}}
+    n = len(over)
+    return {"interval": _interval(lo[n], hi[n]),
+            "intervals": {d: _interval(lo[k], hi[k]) for k, d in enumerate(over)},
+            "intervals_all": {d: _interval(lo[n + 1 + k], hi[n + 1 + k]) for k, d in enumerate(rest)}}
 
 
 def gap_closed(results: Mapping[str, dict], clm: str, target: str, source: str,
@@ -286,7 +293,7 @@ def fusion_vs_clm(domains: Mapping[str, Mapping[str, dict]], roles: Mapping[str,
         row = {"domains": list(over), "mean_nll": mine, "clm_mean_nll": base, "margin": base - mine,
                "margins": {d: _nll(domains, clm, d) - v for d, v in nll.items()},  # type: ignore[operator]
                "interval": None, "intervals": None}
-        row.update(_margins(results, clm, model, over) or {})
+        row.update(_margins(results, clm, model, over, shared) or {})
         row["verdict"] = verdict(*row["interval"]) if row["interval"] else "not distinguishable"
         row["beats_clm"] = row["verdict"] == "yes"
         return row
@@ -325,7 +332,7 @@ def _ci(iv: Sequence[float] | None, digits: int = 4, pct: bool = False) -> str:
     if not iv:
         return ""
     if pct:
-        return f" [{iv[0]:.0%}, {iv[1]:.0%}]"
+        return f" [{iv[0]:.1%}, {iv[1]:.1%}]"
     return f" [{iv[0]:+.{digits}f}, {iv[1]:+.{digits}f}]"
 
 
@@ -390,7 +397,7 @@ def plot_fusion(domains: Mapping[str, Mapping[str, dict]], fusion: Mapping[str, 
     series = {m: [_nll(domains, clm, d) - _nll(domains, m, d) for d in groups]  # type: ignore[operator]
               for m in [*fusion["targets"], *fusion["merges"]]}
     rows = {**fusion["targets"], **fusion["merges"]}
-    intervals = {m: [(rows[m].get("intervals") or {}).get(d) for d in groups] for m in series}
+    intervals = {m: [(rows[m].get("intervals_all") or {}).get(d) for d in groups] for m in series}
     fig, ax = _figure()
     _grouped_bars(ax, groups, series, f"NLL({clm}) - NLL(model)", intervals)
     ax.axhline(0.0, color="black", linewidth=0.8)
