@@ -109,6 +109,9 @@ def test_demo_shows_fusion_beating_plain_fine_tuning(demo):
     for label, m in margins.items():
         assert fusion[label]["margin"] == pytest.approx(m) and fusion[label]["beats_clm"] is True
         assert f"**{label}**" in md and f"margin {m:+.4f}" in md
+        # #18 item 5, as the README states it: each target's interval on its expert data, and
+        # VaRM's on all data, lie above 0 (the verdict is the interval's, checked below)
+        assert fusion[label]["interval"][0] > 0 and fusion[label]["verdict"] == "yes", (label, fusion[label])
 
 
 def test_every_margin_has_a_bootstrap_interval_and_the_gap_closed_is_recomputed(demo):
