@@ -154,6 +154,10 @@ def micro_batch_sums(model: torch.nn.Module, batch: Batch, *, fusion: Any, tempe
     return clm_and_fusion_sums(student, batch.labels, teachers, batch.metric_ce, fusion)
 
 
+# A step's timings: in its event (logs, dashboard), never in what the store keeps.
+_TIMINGS = ("tokens_per_s", "seconds")
+
+
 # -- the loop ------------------------------------------------------------------------
 def train_target(
     cfg: TrainConfig,
@@ -310,7 +314,9 @@ def train_target(
                       "lr": lr, "grad_norm": float(grad_norm), "tokens": int(totals[2]),
                       "supervised_tokens": n_sup, "tokens_per_s": float(totals[2]) / max(seconds, 1e-9),
                       "seconds": seconds}
-            history.append(record)
+            # the stored history (training log, checkpoint state) keeps what the step computed, not
+            # how fast this machine was: the same address holds the same bytes under any runner
+            history.append({k: v for k, v in record.items() if k not in _TIMINGS})
             emit({"event": "step", "total_steps": n_steps, **record})
 
             done = step + 1

@@ -78,7 +78,9 @@ class _Reporter:
         return {"step": e["step"], "epoch": e["epoch"], "loss": round(e["loss"], 5),
                 "clm_loss": round(e["clm_loss"], 5),
                 "fusion_loss": None if e["fusion_loss"] is None else round(e["fusion_loss"], 5),
-                "lr": e["lr"], "grad_norm": round(e["grad_norm"], 4), "tokens_per_s": round(e["tokens_per_s"], 1)}
+                "lr": e["lr"], "grad_norm": round(e["grad_norm"], 4),
+                # a resumed step's speed was another process's: the stored history keeps none
+                "tokens_per_s": round(e["tokens_per_s"], 1) if "tokens_per_s" in e else None}
 
     def table(self) -> None:
         if not self.rows:

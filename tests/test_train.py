@@ -258,6 +258,10 @@ def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs,
 
     folder = store.fetch("train/src-t")
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    # the stored log keeps what each step computed, not this machine's speed (same address, same bytes)
+    logged = json.loads((folder / "fusechat_training.json").read_text())["history"]
+    assert [h["step"] for h in logged] == list(range(1, 13))
+    assert not {"tokens_per_s", "seconds"} & {k for h in logged for k in h}
     tok = AutoTokenizer.from_pretrained(folder)
     assert tok.chat_template and len(tok) == 32000
     model = AutoModelForCausalLM.from_pretrained(folder)
