@@ -92,15 +92,18 @@ def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | N
     # SIGTERM reaches this (main) thread as Prefect's TerminationSignal, mostly while it waits
     # on a stage: the whole run stops with it (worker threads' loops, child processes), so the
     # process is gone in seconds instead of once the running stages finish (SPEC §5).
-    with stop_on_termination(on_stop=_let_go_of_task_threads):
+    with stop_on_termination(on_stop=_let_go_of_the_task_runner):
         return _pipeline(config, config_path, until)
 
 
-def _let_go_of_task_threads() -> None:
-    """The thread runner's exit waits for every running task; after a stop, a task in a long
-    library call (a tokenizer conversion) would hold the run for its whole length. Its
-    threads are let go instead: the engine reports the run Crashed at once and the process
-    ends (the stop's deadline ends it if nothing else does)."""
+def _let_go_of_the_task_runner() -> None:
+    """Before a stop terminates this process's children. The thread runner's exit waits for
+    every running task; after a stop, a task in a long library call (a tokenizer conversion)
+    would hold the run for its whole length. Its threads are let go instead: the engine
+    reports the run Crashed at once and the process ends (the stop's deadline ends it if
+    nothing else does). A local Dask cluster's nannies would restart the terminated worker
+    processes, and the scheduler would hand them the lost tasks again: they are told the
+    cluster is closing first."""
     import concurrent.futures
 
     from prefect.context import FlowRunContext
@@ -110,6 +113,11 @@ def _let_go_of_task_threads() -> None:
     if isinstance(executor, concurrent.futures.ThreadPoolExecutor):
         executor.shutdown(wait=False, cancel_futures=True)
         runner._executor = None  # type: ignore[union-attr]
+    cluster = getattr(runner, "_cluster", None)  # prefect_dask's DaskTaskRunner
+    for nanny in list(getattr(cluster, "workers", {}).values()):
+        close_gracefully = getattr(nanny, "close_gracefully", None)  # in-process nannies only
+        if close_gracefully is not None:
+            close_gracefully(reason="fusechat-stop")
 
 
 def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str) -> dict[str, Any]:

@@ -23,8 +23,10 @@ from collections.abc import Callable
 
 _STOP = threading.Event()
 _REASON: list[str] = []
-# Child processes that must outlive a stop: the ephemeral Prefect API (the flow reports
-# its final state there after the stop). Matched against a child's command line.
+# Child processes that must outlive a stop: this process's own ephemeral Prefect API (the
+# flow reports its final state there after the stop). Matched against the command line of
+# a direct child only: the API a Dask worker process started for itself goes with the
+# worker, or it would run on, orphaned, once the worker is gone.
 _SPARED = ("prefect.server",)
 
 
@@ -64,14 +66,15 @@ def request_stop(reason: str, *, grace: float = 5.0, exit_code: int | None = Non
 def terminate_children(grace: float = 5.0) -> None:
     import psutil
 
+    me = os.getpid()
     try:
-        children = psutil.Process().children(recursive=True)
+        children = psutil.Process(me).children(recursive=True)
     except psutil.Error:
         return
     doomed = []
     for child in children:
         with contextlib.suppress(psutil.Error):
-            if any(s in " ".join(child.cmdline()) for s in _SPARED):
+            if child.ppid() == me and any(s in " ".join(child.cmdline()) for s in _SPARED):
                 continue
             child.terminate()
             doomed.append(child)
@@ -92,7 +95,9 @@ def stop_on_termination(on_stop: Callable[[], None] | None = None):
     """Around a flow's body, in its main thread: a termination (Prefect's ``TerminationSignal``
     on SIGTERM, ``KeyboardInterrupt``, ``SystemExit``) stops the whole run, not just the
     main thread's wait, before it propagates; an ordinary error does not. ``on_stop``: what
-    else to do then (the flow lets go of its task threads, so it does not wait for them)."""
+    else to do, first (the flow lets go of its task threads, so it does not wait for them,
+    and tells a local Dask cluster's nannies not to restart the workers about to be
+    terminated)."""
     try:
         yield
     except Exception:
@@ -100,9 +105,11 @@ def stop_on_termination(on_stop: Callable[[], None] | None = None):
     except BaseException as exc:
         if not isinstance(exc, (Stopped, GeneratorExit)):
             code = 130 if isinstance(exc, KeyboardInterrupt) else 128 + 15
-            request_stop(type(exc).__name__, grace=2.0, exit_code=code)
-            if on_stop is not None:
-                on_stop()
+            try:
+                if on_stop is not None:
+                    on_stop()
+            finally:
+                request_stop(type(exc).__name__, grace=2.0, exit_code=code)
         raise
 
 

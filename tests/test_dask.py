@@ -10,7 +10,14 @@ the trained targets, must be byte for byte the same (SPEC §3).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -18,12 +25,15 @@ from flows.cli import main
 from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.stages import shard_address
-from fusechat_core.store import ArtifactStore
+from fusechat_core.store import MANIFEST, ArtifactStore
+from fusechat_core.train import complete_checkpoints
 from tests.tiny_config import tiny_run_config
 
 pytest.importorskip("prefect_dask")
 
+REPO = Path(__file__).resolve().parents[1]
 UNTIL = "train"
+LIMIT_S = 10.0
 COMPARED = ("demo_models", "dataset", "represent", "vocab_map", "align", "train")
 
 
@@ -73,3 +83,78 @@ def test_dask_cluster_and_threads_write_identical_artifacts(tmp_path, capsys):
         "the runner must not change addresses"
     a, b = _digests(threads), _digests(dask)
     assert len(a) > 10 and a == b, {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
+
+    _sigterm_stops_the_dask_run_and_its_accelerate_children(tmp_path, raw)
+
+
+def _descendants_of_the_run(pid: int) -> list[str]:
+    """Processes still running that the run started (orphans are re-parented, so by the
+    session the run's process led: start_new_session made its pid the session id)."""
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(p.pid) == pid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(" ".join(p.cmdline()))
+        except (psutil.Error, OSError):
+            pass
+    return out
+
+
+def _sigterm_stops_the_dask_run_and_its_accelerate_children(tmp_path: Path, raw: dict) -> None:
+    """SIGTERM to `fusechat run` on a local Dask cluster while its targets train under
+    ``accelerate launch``: the CLI, the cluster's worker processes, each launcher and the
+    training processes it started are gone within 10 s; the run exits 143; the targets are not
+    committed (their checkpoints are, whole), and every manifest in the store verifies.
+
+    The upstream stages are the Dask run's above (Cached); only training differs: launched,
+    and long enough to be interrupted."""
+    accel = tmp_path / "accelerate.yaml"
+    accel.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\n"
+                     "mixed_precision: 'no'\nuse_cpu: true\n")
+    long = {**raw, "store": f"file://{tmp_path}/dask", "runner": {"task_runner": "dask", "max_workers": 2},
+            "train": {**raw["train"], "epochs": 100, "max_steps": 400, "checkpoint_every": 3,
+                      "accelerate_config": str(accel)}}
+    path = tmp_path / "dask-accelerate.yaml"
+    path.write_text(yaml.safe_dump(long))
+    cfg = load_config(path)
+    plan, store = RunPlan(cfg), ArtifactStore(cfg.store)
+    targets = [plan.train(t) for t in plan.target_names()]
+
+    log = tmp_path / "sigterm.log"
+    with open(log, "wb") as out:
+        cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--until", UNTIL], cwd=REPO,
+                               env=os.environ.copy(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(complete_checkpoints(store, t) for t in targets):
+            assert cli.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        tree = psutil.Process(cli.pid).children(recursive=True)
+        lines = [" ".join(p.cmdline()) for p in tree]
+        launched = [c for c in lines if "accelerate.commands.launch" in c]
+        training = [c for c in lines if "-m fusechat_core.train" in c and "accelerate" not in c]
+        assert launched and training and any("distributed" in c or "multiprocessing" in c for c in lines), lines
+
+        t0 = time.monotonic()
+        cli.send_signal(signal.SIGTERM)
+        main = psutil.Process(cli.pid)
+        gone, alive = psutil.wait_procs([main, *tree], timeout=LIMIT_S)
+        took = time.monotonic() - t0
+        print(f"fusechat run (Dask, accelerate launch) gone {took:.1f} s after SIGTERM, {len(tree)} descendants")
+        assert not alive, [(p.pid, " ".join(p.cmdline())) for p in alive if p.is_running()]
+        code = next(p.returncode for p in gone if p.pid == cli.pid)  # psutil reaped it
+        assert code == 128 + signal.SIGTERM, log.read_text()[-4000:]
+        # no process the cluster started afterwards (a nanny restarting its worker) outlives the run
+        assert not _descendants_of_the_run(cli.pid), _descendants_of_the_run(cli.pid)
+        assert "Restarting worker" not in log.read_text()
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()
+    # nothing half-committed: the targets are not, their checkpoints and everything else verify
+    assert not any(store.is_complete(t) for t in targets)
+    root = Path(store.root)
+    for manifest in root.rglob(MANIFEST):
+        address = manifest.parent.relative_to(root).as_posix()
+        if "_prefect-records" not in address:
+            assert store.is_complete(address, verify=True), address
