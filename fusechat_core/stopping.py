@@ -48,19 +48,32 @@ def request_stop(reason: str, *, grace: float = 5.0, exit_code: int | None = Non
     """Set the stop event and terminate this process's children (SIGTERM, then SIGKILL after ``grace``).
 
     ``exit_code``: also end this process with that code if it is still alive
-    ``FUSECHAT_STOP_DEADLINE_S`` seconds (default 8) from now: a stage stuck in a long
-    library call that checks nothing (a tokenizer conversion, a model download) cannot
-    keep a stopped run alive. Its artifacts are safe: a manifest is written last.
+    ``FUSECHAT_STOP_DEADLINE_S`` seconds (default 8) from now, or ``AFTER_MAIN_S`` after its
+    main thread has finished (the flow reported its state): a stage stuck in a long library
+    call that checks nothing (a tokenizer conversion, loading a model) cannot keep a stopped
+    run alive, and the interpreter's exit, which joins every thread, does not wait for it.
+    (Prefect's supervisor polls its flow-run process every 3 s: every second counts against a
+    10 s drain.) Its artifacts are safe: a manifest is written last.
     """
     if not _STOP.is_set():
         _REASON.append(reason)
         _STOP.set()
         if exit_code is not None:
-            deadline = threading.Timer(float(os.environ.get("FUSECHAT_STOP_DEADLINE_S", "8")), os._exit,
-                                       args=(exit_code,))
-            deadline.daemon = True
-            deadline.start()
+            _exit_after(float(os.environ.get("FUSECHAT_STOP_DEADLINE_S", "8")), exit_code)
+            with contextlib.suppress(AttributeError, RuntimeError):  # RuntimeError: already exiting
+                # run by the main thread's exit before it joins the others (threading's own hook,
+                # as concurrent.futures and Prefect's services use; these run after this one)
+                threading._register_atexit(_exit_after, AFTER_MAIN_S, exit_code)  # type: ignore[attr-defined]
     terminate_children(grace=grace)
+
+
+AFTER_MAIN_S = 1.5  # what a stopped process's exit may take once its main thread is done
+
+
+def _exit_after(seconds: float, code: int) -> None:
+    timer = threading.Timer(seconds, os._exit, args=(code,))
+    timer.daemon = True
+    timer.start()
 
 
 def terminate_children(grace: float = 5.0) -> None:
