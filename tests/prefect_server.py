@@ -127,18 +127,26 @@ def wait_until(what: str, check, timeout: float, *, interval: float = 0.5, log: 
         time.sleep(interval)
 
 
-def final_task_runs(client, flow_run_id, timeout: float = 60) -> list:
-    """The flow run's task runs once every one has a final state.
+def final_task_runs(client, flow_run_id, timeout: float = 90, expected: int | None = None) -> list:
+    """The flow run's task runs once they have all reached the API with a final state.
 
-    Task-run states reach the API as events, after the flow itself returns; a run read at once
-    may list a task with no state yet, or one still Running.
+    Task runs and their states reach the API as events, after the flow itself returns: read at
+    once, a run may miss task runs, or list one with no state yet or still Running. So: all
+    final, and ``expected`` of them, or (not knowing how many) the same runs on three polls
+    in a row.
     """
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    seen: list = []
 
     def settled():
-        tasks = client.read_task_runs(flow_run_filter=runs)
-        return tasks if tasks and all(t.state is not None and t.state.is_final() for t in tasks) else None
+        tasks = client.read_task_runs(flow_run_filter=runs, limit=200)
+        final = bool(tasks) and all(t.state is not None and t.state.is_final() for t in tasks)
+        key = sorted((str(t.id), t.state.name if t.state else "") for t in tasks)
+        seen.append(key if final else None)
+        if expected is not None:
+            return tasks if final and len(tasks) == expected else None
+        return tasks if len(seen) >= 3 and seen[-1] is not None and seen[-1] == seen[-2] == seen[-3] else None
 
-    return wait_until(f"final states of flow run {flow_run_id}'s task runs", settled, timeout)
+    return wait_until(f"final states of flow run {flow_run_id}'s task runs", settled, timeout, interval=1)

@@ -8,14 +8,21 @@ import yaml
 
 
 def tiny_run_config(folder: Path, store: str) -> Path:
-    """A complete run small enough for CI: three architectures, three tokenizers."""
+    """A complete run small enough for CI: three architectures, two vocabularies.
+
+    The pipeline-level drills (resume, preemption, deployment, Dask, incremental fusion) test
+    orchestration, so the sources speak Mistral v3 against the pivot's v1: a real alignment
+    (32,768 → 32,000), at half the CPU of a tekken source, whose 131,072-token MinED vocabulary
+    map and head dominated every tiny run. Byte-level BPE end to end is the demo's llama
+    (tests/test_demo.py) and the align stage's tests on real tekken shards.
+    """
     cfg = {
         "name": "tiny",
         "store": store,
         "seed": 1,
         "pivot": {"name": "pivot", "path": "demo:pivot", "tokenizer": "builtin:mistral-v1", "dtype": "float32"},
         "sources": [{"name": "moe", "path": "demo:moe", "tokenizer": "builtin:mistral-v3", "dtype": "float32"},
-                    {"name": "deep", "path": "demo:deep", "tokenizer": "builtin:tekken", "dtype": "float32"}],
+                    {"name": "deep", "path": "demo:deep", "tokenizer": "builtin:mistral-v3", "dtype": "float32"}],
         "data": {"sources": [{"name": "markov", "path": "demo:markov", "count": 12},
                              {"name": "arithmetic", "path": "demo:arithmetic", "count": 12}],
                  "max_length": 96, "heldout_fraction": 0.25},
