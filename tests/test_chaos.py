@@ -46,14 +46,16 @@ def _file_digests(store: ArtifactStore, address: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_path):
+def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_path, prefect_server):
     cfg_path = tiny_run_config(tmp_path, f"file://{tmp_path}/clean")
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    # Runs report to the session's server, as on a cluster: the kill takes the run's process
+    # group, and no run pays for starting an API of its own (seconds of CPU, five times).
+    env = prefect_server.client_env(tmp_path / "prefect-home")
     log = tmp_path / "runs.log"
 
     clean = _start(cfg_path, f"file://{tmp_path}/clean", env, log)
     assert clean.wait(900) == 0, log.read_text()[-4000:]
-    _killpg(clean)  # and the ephemeral API it started
+    _killpg(clean)
     total = _manifests(tmp_path / "clean")
 
     # Kill at seeded moments spread over the run, measured in artifacts committed

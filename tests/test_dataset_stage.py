@@ -169,14 +169,15 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_write_then_rerun_equals_uninterrupted(tmp_path):
+def test_sigkill_mid_write_then_rerun_equals_uninterrupted(tmp_path, prefect_server):
+    api = prefect_server.client_env(tmp_path / "prefect-home")  # no API of its own for each of the runs
     killed_store = f"file://{tmp_path}/killed"
     clean_store = f"file://{tmp_path}/clean"
     cfg_path = _config(tmp_path, killed_store)
     address = RunPlan(load_config(cfg_path)).dataset
 
     # die right after train.parquet is written, before the manifest: a preempted node
-    proc = _cli(["run", str(cfg_path), "--until", "dataset"], {"FUSECHAT_KILL_AFTER_FILE": "train.parquet"})
+    proc = _cli(["run", str(cfg_path), "--until", "dataset"], {**api, "FUSECHAT_KILL_AFTER_FILE": "train.parquet"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     store = ArtifactStore(killed_store)
     assert (Path(store.root) / address / "train.parquet").exists()
@@ -184,12 +185,12 @@ def test_sigkill_mid_write_then_rerun_equals_uninterrupted(tmp_path):
     status = _cli(["status", str(cfg_path), "--json"], {})
     assert [r["state"] for r in json.loads(status.stdout) if r["stage"] == "dataset"] == ["partial"]
 
-    again = _cli(["run", str(cfg_path), "--until", "dataset", "--json"], {})
+    again = _cli(["run", str(cfg_path), "--until", "dataset", "--json"], api)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["stages"]["dataset"]["state"] == "Completed"
     assert store.is_complete(address, verify=True)
 
-    clean = _cli(["run", str(cfg_path), "--store", clean_store, "--until", "dataset"], {})
+    clean = _cli(["run", str(cfg_path), "--store", clean_store, "--until", "dataset"], api)
     assert clean.returncode == 0, clean.stderr[-2000:]
     assert _digests(store, address) == _digests(ArtifactStore(clean_store), address)
     # the data is real: same row count as the stats say
