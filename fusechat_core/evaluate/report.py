@@ -202,18 +202,27 @@ def _interval(lo: Any, hi: Any) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def _margins(results: Mapping[str, dict], clm: str, model: str, over: Sequence[str],
-             every: Sequence[str] = ()) -> dict[str, Any] | None:
-    """Bootstrap intervals of the per-domain margins NLL(clm) − NLL(model) and of their mean
-    over ``over``; ``intervals_all``: each of ``every`` data source's margin (for the plot)."""
-    table = sequence_columns(results, [clm, model])
+def _columns_over(results: Mapping[str, dict], models: Sequence[str], over: Sequence[str]) -> tuple | None:
+    """``sequence_columns`` of ``models`` with the data sources' labels and the indices of
+    ``over`` among them; None where a model lacks per-sequence figures or a data source."""
+    table = sequence_columns(results, list(models))
     if table is None:
         return None
     strata, values = table
     labels = sorted(set(strata))
     if any(d not in labels for d in over):
         return None
-    idx = [labels.index(d) for d in over]
+    return strata, values, labels, [labels.index(d) for d in over]
+
+
+def _margins(results: Mapping[str, dict], clm: str, model: str, over: Sequence[str],
+             every: Sequence[str] = ()) -> dict[str, Any] | None:
+    """Bootstrap intervals of the per-domain margins NLL(clm) − NLL(model) and of their mean
+    over ``over``; ``intervals_all``: each of ``every`` data source's margin (for the plot)."""
+    found = _columns_over(results, [clm, model], over)
+    if found is None:
+        return None
+    strata, values, labels, idx = found
     rest = [d for d in every if d in labels]
     idx_all = [labels.index(d) for d in rest]
 
@@ -235,14 +244,10 @@ def gap_closed(results: Mapping[str, dict], clm: str, target: str, source: str,
     byte (the source speaks other tokens): ``(BPB_clm − BPB_target) / (BPB_clm − BPB_source)``
     per data source of ``over`` and over them (mean BPB, each data source weighted equally),
     each with a paired bootstrap interval (the three models resampled on the same sequences)."""
-    table = sequence_columns(results, [clm, target, source])
-    if table is None or not over:
+    found = _columns_over(results, [clm, target, source], over) if over else None
+    if found is None:
         return None
-    strata, values = table
-    labels = sorted(set(strata))
-    if any(d not in labels for d in over):
-        return None
-    idx = [labels.index(d) for d in over]
+    strata, values, _, idx = found
 
     def bpb(sums: np.ndarray, k: int) -> np.ndarray:
         return sums[..., idx, 3 * k] / (sums[..., idx, 3 * k + 2] * math.log(2))
