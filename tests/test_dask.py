@@ -70,7 +70,17 @@ def test_dask_cluster_and_threads_write_identical_artifacts(tmp_path, capsys):
 
     results = {}
     for name, path in (("threads", threads), ("dask", dask)):
-        assert main(["run", str(path), "--until", UNTIL, "--json"]) == 0
+        # the thread runner computes in this process: with torch's default of a thread per core
+        # (at least two), not the one an xdist worker's session sets, or there would be no
+        # difference for the stages' pinning to remove
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(2, os.cpu_count() or 2) if name == "threads" else before)
+        try:
+            assert main(["run", str(path), "--until", UNTIL, "--json"]) == 0
+        finally:
+            torch.set_num_threads(before)
         results[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stages"]
     # each run computed every stage itself: nothing was shared between the two stores
     assert set(results["threads"]) == set(results["dask"])
