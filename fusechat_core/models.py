@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from functools import lru_cache
@@ -166,9 +167,24 @@ def resolve_mixed_precision(value: str) -> str:
 
 @lru_cache(maxsize=1)
 def _auto_mixed_precision() -> str:
+    if not _gpu_possible():
+        return "no"
     import torch
 
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _gpu_possible() -> bool:
+    """Whether torch could see a CUDA (or ROCm) GPU here, decided without importing torch: the
+    plan resolves ``auto`` on every start, and a cached rerun on a CPU machine must not pay
+    seconds for torch. No device nodes, no driver, or CUDA_VISIBLE_DEVICES empty: no GPU."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    if sys.platform == "darwin":
+        return False
+    if sys.platform != "linux":
+        return True  # no cheap test: ask torch
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/gpus", "/dev/kfd"))
 
 
 def torch_dtype(dtype: str, device: str) -> Any:

@@ -33,6 +33,21 @@ def test_the_target_address_holds_the_precision_that_runs(monkeypatch):
     assert len({plans[p].train("moe") for p in ("bf16", "no", "fp16")}) == 3
 
 
+def test_auto_precision_is_what_torch_says_and_needs_no_torch_without_a_gpu(monkeypatch):
+    import torch
+
+    import fusechat_core.models as models
+
+    says = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    models._auto_mixed_precision.cache_clear()
+    assert models.resolve_mixed_precision("auto") == says
+    if not torch.cuda.is_available():  # this machine: the device check alone must have said so
+        assert not models._gpu_possible()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not models._gpu_possible()
+    models._auto_mixed_precision.cache_clear()
+
+
 def test_the_judge_budget_keeps_the_evaluate_address():
     base = _cfg("file:///x")
     budget = _with(base, "evaluate", judge_timeout_s=5, judge_max_retries=0, judge_max_retry_after_s=1,
