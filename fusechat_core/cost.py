@@ -113,12 +113,17 @@ def _size_of_demo(arch: str, tokenizer: str, hidden: int, layers: int, heads: in
     return (*count_parameters(config), vocab)
 
 
-def hub_config_path(repo: str, revision: str | None) -> str | None:
-    """A hub model's config.json in the local Hugging Face cache, or None (no network)."""
+def hub_cached_file(repo: str, filename: str, revision: str | None) -> str | None:
+    """A hub repository's file in the local Hugging Face cache, or None (never the network)."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo, "config.json", revision=revision)
+    found = try_to_load_from_cache(repo, filename, revision=revision)
     return found if isinstance(found, str) else None
+
+
+def hub_config_path(repo: str, revision: str | None) -> str | None:
+    """A hub model's config.json in the local Hugging Face cache, or None (no network)."""
+    return hub_cached_file(repo, "config.json", revision)
 
 
 def model_size(cfg: RunConfig, spec: ModelSpec) -> ModelSize:
@@ -178,9 +183,7 @@ def _local_tokenizer(spec: ModelSpec) -> bool:
         return True
     if ref.startswith("demo:"):
         return False
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(ref, "tokenizer_config.json", revision=spec.revision), str)
+    return hub_cached_file(ref, "tokenizer_config.json", spec.revision) is not None
 
 
 def _count_dataset(plan: RunPlan, store: Any, split: str, caps: tuple[int, ...]) -> dict[int, Work] | None:
@@ -202,9 +205,7 @@ def _count_dataset(plan: RunPlan, store: Any, split: str, caps: tuple[int, ...])
 
     ref, revision = pivot.tokenizer or pivot.path, pivot.revision
     if not ref.startswith("builtin:") and not Path(ref).is_dir():  # a hub tokenizer: its cached folder
-        from huggingface_hub import try_to_load_from_cache
-
-        ref = str(Path(try_to_load_from_cache(ref, "tokenizer_config.json", revision=revision)).parent)
+        ref = str(Path(hub_cached_file(ref, "tokenizer_config.json", revision)).parent)  # type: ignore[arg-type]
         revision = None
     # the representation stage's rendering of the pivot (models.formatter_for), from local files only
     formatter = ChatFormatter(load_tokenizer(ref, revision), pivot.chat_template)

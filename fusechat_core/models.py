@@ -174,6 +174,10 @@ def _auto_mixed_precision() -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+# What exists on a Linux host where a CUDA (NVIDIA driver) or ROCm (/dev/kfd) GPU can be seen.
+GPU_DEVICE_PATHS = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/gpus", "/dev/kfd")
+
+
 def _gpu_possible() -> bool:
     """Whether torch could see a CUDA (or ROCm) GPU here, decided without importing torch: the
     plan resolves ``auto`` on every start, and a cached rerun on a CPU machine must not pay
@@ -184,7 +188,7 @@ def _gpu_possible() -> bool:
         return False
     if sys.platform != "linux":
         return True  # no cheap test: ask torch
-    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/gpus", "/dev/kfd"))
+    return any(Path(p).exists() for p in GPU_DEVICE_PATHS)
 
 
 def torch_dtype(dtype: str, device: str) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from fusechat_core.plan import RunPlan
 from tests.test_demo_models import _cfg
 
@@ -33,7 +35,7 @@ def test_the_target_address_holds_the_precision_that_runs(monkeypatch):
     assert len({plans[p].train("moe") for p in ("bf16", "no", "fp16")}) == 3
 
 
-def test_auto_precision_is_what_torch_says_and_needs_no_torch_without_a_gpu(monkeypatch):
+def test_auto_precision_is_what_torch_says_and_needs_no_torch_without_a_gpu(monkeypatch, tmp_path):
     import torch
 
     import fusechat_core.models as models
@@ -43,6 +45,13 @@ def test_auto_precision_is_what_torch_says_and_needs_no_torch_without_a_gpu(monk
     assert models.resolve_mixed_precision("auto") == says
     if not torch.cuda.is_available():  # this machine: the device check alone must have said so
         assert not models._gpu_possible()
+    # the device check itself, whatever this machine has: a driver's node present, then hidden
+    if sys.platform == "linux":
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        monkeypatch.setattr(models, "GPU_DEVICE_PATHS", (str(tmp_path / "nvidiactl"),))
+        assert not models._gpu_possible()
+        (tmp_path / "nvidiactl").touch()
+        assert models._gpu_possible()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert not models._gpu_possible()
     models._auto_mixed_precision.cache_clear()
