@@ -42,8 +42,13 @@ def stratified_sums(strata: Sequence[str], values: np.ndarray, n_resamples: int 
     for d, label in enumerate(labels):
         rows = values[strata == label]
         observed[d] = rows.sum(axis=0)
-        draw = rng.integers(0, len(rows), size=(n_resamples, len(rows)))
-        resampled[:, d] = rows[draw].sum(axis=1)
+        m = len(rows)
+        draw = rng.integers(0, m, size=(n_resamples, m))
+        # how often each row was drawn, then one product: rows[draw] would hold R × m × C
+        # floats (gigabytes for thousands of sequences and a dozen models), the counts R × m
+        counts = np.bincount((draw + m * np.arange(n_resamples)[:, None]).ravel(),
+                             minlength=n_resamples * m).reshape(n_resamples, m)
+        resampled[:, d] = counts @ rows
     return labels, observed, resampled
 
 
