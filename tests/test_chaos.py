@@ -18,6 +18,7 @@ import pytest
 from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import LEASE, MANIFEST, VERIFIED, ArtifactStore
+from tests.damage import damage_drill
 from tests.tiny_config import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,17 +46,24 @@ def _file_digests(store: ArtifactStore, address: str) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (MANIFEST, VERIFIED, LEASE)}
 
 
-@pytest.mark.slow
-def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_path, prefect_server):
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, prefect_server) -> dict:
+    """The tiny run, uninterrupted: the drills' reference."""
+    tmp_path = tmp_path_factory.mktemp("chaos")
     cfg_path = tiny_run_config(tmp_path, f"file://{tmp_path}/clean")
     # Runs report to the session's server, as on a cluster: the kill takes the run's process
     # group, and no run pays for starting an API of its own (seconds of CPU, five times).
     env = prefect_server.client_env(tmp_path / "prefect-home")
     log = tmp_path / "runs.log"
-
     clean = _start(cfg_path, f"file://{tmp_path}/clean", env, log)
     assert clean.wait(900) == 0, log.read_text()[-4000:]
     _killpg(clean)
+    return {"tmp": tmp_path, "config": cfg_path, "env": env, "log": log, "store": f"file://{tmp_path}/clean"}
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(clean_run):
+    tmp_path, cfg_path, env, log = clean_run["tmp"], clean_run["config"], clean_run["env"], clean_run["log"]
     total = _manifests(tmp_path / "clean")
 
     # Kill at seeded moments spread over the run, measured in artifacts committed
@@ -89,3 +97,12 @@ def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_pa
     for node in plan.nodes():
         if node.stage != "mt_bench_answers":
             assert b.is_complete(node.address, verify=True), node.label
+
+
+@pytest.mark.slow
+def test_damage_is_reported_and_only_the_damaged_artifacts_are_recomputed(clean_run, prefect_server):
+    """On the finished tiny run (two sources, so a source's shard and another's target can both
+    be damaged): see tests/damage.py. Runs after the chaos drill, which only reads this store."""
+    cfg = clean_run["config"]
+    damage_drill(RunPlan(load_config(cfg)), ["run", str(cfg), "--store", clean_run["store"]],
+                 ["status", str(cfg), "--store", clean_run["store"]], prefect_server.api)

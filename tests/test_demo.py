@@ -31,7 +31,6 @@ from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
 from tasks._stage import dashboard_key
 from tests.conftest import REPO
-from tests.damage import damage_drill
 from tests.prefect_server import final_task_runs
 
 # the module's fixture is one whole demo run (~6½ min on 2 busy cores): more than the suite's 600 s default
@@ -246,12 +245,3 @@ def test_rerun_is_all_cached_identical_and_imports_no_torch(demo):
     assert {k: r["state"] for k, r in second.items()} == {k: "Cached" for k in first}
     assert {k: r["digest"] for k, r in second.items()} == {k: r["digest"] for k, r in first.items()}
     assert {r["state"] for r in status} == {"done"}, [r for r in status if r["state"] != "done"]
-
-
-
-def test_damage_is_reported_and_only_the_damaged_artifacts_are_recomputed(demo):
-    """A flipped byte in a shard and in a target's model, a truncated shard, a manifest naming
-    a path outside its artifact: ``status --verify`` says damaged and exits 1; the rerun
-    recomputes exactly those artifacts, to the same bytes, and the report is the original."""
-    damage_drill(demo["plan"], ["demo", "--store", demo["store_url"]],
-                 ["status", str(DEMO_CONFIG), "--store", demo["store_url"]], demo["api_url"])

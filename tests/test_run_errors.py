@@ -95,9 +95,9 @@ def _config(folder: Path, data_text: str) -> Path:
     return path
 
 
-def _start(cfg: Path, *extra: str) -> subprocess.Popen:
+def _start(cfg: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), *extra], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _ephemeral_api(proc: subprocess.Popen, timeout: float = 120) -> list[psutil.Process]:
@@ -132,9 +132,10 @@ def _fusechat_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("fusechat:")]
 
 
-def test_a_data_error_fails_once_with_one_line(tmp_path):
+def test_a_data_error_fails_once_with_one_line(tmp_path, prefect_server):
     cfg = _config(tmp_path, '[{"conversations": [}\n')  # not JSON at all: no row can be read
-    proc = _start(cfg, "--until", "dataset")
+    # on the session's server: this run needs no API of its own (the next two test that one)
+    proc = _start(cfg, "--until", "dataset", env=prefect_server.client_env(tmp_path / "prefect-home"))
     try:
         out, err = proc.communicate(timeout=400)
     finally:
