@@ -21,12 +21,12 @@ PIPELINE_STAGES = ("demo_models", "dataset", "represent", "align", "train", "mer
 
 # Bumped by hand when a stage's output format or semantics change.
 STAGE_VERSIONS: dict[str, int] = {
-    "demo_models": 4,
+    "demo_models": 5,  # 5: fused AdamW
     "dataset": 4,
     "represent": 2,
     "vocab_map": 1,
     "align": 3,
-    "train": 2,  # 2: the training log says what the source gave (coverage, MinCE choices)
+    "train": 3,  # 2: the training log says what the source gave (coverage, MinCE choices); 3: fused AdamW
     "merge": 1,
     "mt_bench_answers": 1,
     "evaluate": 2,  # 2: held-out NLL per sequence, for the report's bootstrap

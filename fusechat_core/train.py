@@ -235,12 +235,15 @@ def train_target(
         # No weight decay on biases and norm weights, as transformers' Trainer.
         decay = [p for n, p in model.named_parameters() if p.requires_grad and not _no_decay(n, p)]
         no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _no_decay(n, p)]
-        # Fused on a GPU: torch's default (foreach) AdamW materialises a float32 temporary the
-        # size of every parameter (sqrt of the second moments): 29 GB at 7B, the difference
-        # between a 7B model fitting one 141 GB GPU or not. The CPU keeps the default.
+        # Fused everywhere. On a GPU, torch's default (foreach) AdamW materialises a float32
+        # temporary the size of every parameter (sqrt of the second moments): 29 GB at 7B, the
+        # difference between a 7B model fitting one 141 GB GPU or not. On the CPU the default is
+        # the per-tensor loop, 7x slower than the fused kernel (171 vs 24 ms a step for 17M
+        # parameters on one core). The kernel is elementwise, so its bytes do not depend on
+        # the thread count.
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), fused=accelerator.device.type == "cuda" or None)
+            lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), fused=True)
         optimizer = accelerator.prepare(optimizer)
         warmup = math.ceil(cfg.warmup_ratio * n_steps)
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, n_steps)
