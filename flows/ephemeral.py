@@ -35,9 +35,16 @@ def _watch_parent(parent: int) -> None:
 
 
 def guard_ephemeral_server() -> None:
-    """Make Prefect start its ephemeral API under this module's parent watch (idempotent)."""
+    """Make Prefect start its ephemeral API under this module's parent watch (idempotent).
+
+    Nothing to guard where an API is configured (a server, Prefect Cloud): Prefect starts no
+    ephemeral one then, and importing its server module costs about 4 s of CPU per start."""
     import subprocess
 
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
     from prefect.server.api import server
 
     if getattr(server.subprocess, "fusechat_guarded", False):

@@ -55,7 +55,7 @@ def _digests(path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_dask_cluster_and_threads_write_identical_artifacts(tmp_path, capsys):
+def test_dask_cluster_and_threads_write_identical_artifacts(tmp_path, capsys, prefect_server):
     raw = yaml.safe_load(tiny_run_config(tmp_path, "file://unused").read_text())
     # one source: the Mixtral one and the CLM baseline give a fusion target and a plain one,
     # through the same kernels the Llama source runs; its chain under two runners is ~45 s more
@@ -93,7 +93,7 @@ def test_dask_cluster_and_threads_write_identical_artifacts(tmp_path, capsys):
     a, b = _digests(threads), _digests(dask)
     assert len(a) > 10 and a == b, {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
 
-    _sigterm_stops_the_dask_run_and_its_accelerate_children(tmp_path, raw)
+    _sigterm_stops_the_dask_run_and_its_accelerate_children(tmp_path, raw, prefect_server)
 
 
 def _descendants_of_the_run(pid: int) -> list[str]:
@@ -109,7 +109,7 @@ def _descendants_of_the_run(pid: int) -> list[str]:
     return out
 
 
-def _sigterm_stops_the_dask_run_and_its_accelerate_children(tmp_path: Path, raw: dict) -> None:
+def _sigterm_stops_the_dask_run_and_its_accelerate_children(tmp_path: Path, raw: dict, server) -> None:
     """SIGTERM to `fusechat run` on a local Dask cluster while its targets train under
     ``accelerate launch``: the CLI, the cluster's worker processes, each launcher and the
     training processes it started are gone within 10 s; the run exits 143; the targets are not
@@ -132,7 +132,9 @@ def _sigterm_stops_the_dask_run_and_its_accelerate_children(tmp_path: Path, raw:
     log = tmp_path / "sigterm.log"
     with open(log, "wb") as out:
         cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--until", UNTIL], cwd=REPO,
-                               env=os.environ.copy(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                               # on the session's server, as on a cluster: no API of its own to start
+                               env=server.client_env(tmp_path / "prefect-home"), stdout=out,
+                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not any(complete_checkpoints(store, t) for t in targets):

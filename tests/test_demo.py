@@ -227,7 +227,8 @@ RERUN = """
 import json, sys
 from flows.cli import main
 code = main(["demo", "--store", sys.argv[1], "--json"])
-print(json.dumps({"code": code, "heavy": sorted(m for m in ("torch", "transformers", "mergekit") if m in sys.modules)}))
+heavy = ("torch", "transformers", "mergekit", "prefect.server.api.server")  # the last: no API of its own to start
+print(json.dumps({"code": code, "heavy": sorted(m for m in heavy if m in sys.modules)}))
 code = main(["status", sys.argv[2], "--store", sys.argv[1], "--json"])
 """
 
