@@ -480,8 +480,10 @@ def test_sigkill_and_resume_give_bit_identical_weights(fusion_inputs, tmp_path):
               "aligned_dirs": [str(p) for p in fusion_inputs["aligned_dirs"]], "pivot": fusion_inputs["pivot"].path,
               "cfg": cfg}
     ref_store, run_store = f"file://{tmp_path / 'ref'}", f"file://{tmp_path / 'run'}"
-    rc, _ = _child({**common, "store": ref_store})
-    assert rc == 0
+    # the uninterrupted reference, in this process (the children below are what gets killed)
+    train_target(TrainConfig(**cfg), pivot=ModelSpec(name="pivot", path=common["pivot"]),
+                 data=FusionData(common["pivot_dirs"], common["aligned_dirs"], max_length=MAX_LEN),
+                 store=ArtifactStore(ref_store), address="train/kill-t")
 
     run = {**common, "store": run_store}
     # 1. killed between checkpoints: after step 4 (checkpoint 3 is complete)
