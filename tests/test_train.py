@@ -193,7 +193,8 @@ def _reference_clm(cfg: TrainConfig, pivot: Path, data: FusionData) -> dict[str,
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.learning_rate, betas=cfg.adam_betas)
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.learning_rate, betas=cfg.adam_betas,
+                            fused=True)  # the trainer's optimizer (its kernel rounds unlike the per-tensor loop)
     steps = cfg.max_steps
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * steps), steps)
     model.train()
