@@ -55,14 +55,9 @@ def clean_run(tmp_path_factory, prefect_server) -> dict:
     # group, and no run pays for starting an API of its own (seconds of CPU, five times).
     env = prefect_server.client_env(tmp_path / "prefect-home")
     log = tmp_path / "runs.log"
-    # the reference is never killed: it runs in this process (one interpreter start with torch
-    # saved), reporting to the same server as the drill's runs
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.cli import main
-
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api}):
-        assert main(["run", str(cfg_path), "--store", f"file://{tmp_path}/clean"]) == 0
+    clean = _start(cfg_path, f"file://{tmp_path}/clean", env, log)
+    assert clean.wait(900) == 0, log.read_text()[-4000:]
+    _killpg(clean)
     return {"tmp": tmp_path, "config": cfg_path, "env": env, "log": log, "store": f"file://{tmp_path}/clean"}
 
 

@@ -63,7 +63,9 @@ def test_dask_cluster_and_threads_write_identical_artifacts(tmp_path, capsys, pr
     raw["demo"]["models"].pop("deep")
     paths = {}
     for name, runner in (("threads", {"task_runner": "threads", "max_workers": 2}),
-                         ("dask", {"task_runner": "dask", "max_workers": 2})):
+                         # one worker process: a process of its own is what differs from threads,
+                         # and each worker is an interpreter start with torch
+                         ("dask", {"task_runner": "dask", "max_workers": 1})):
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump({**raw, "store": f"file://{tmp_path}/{name}", "runner": runner}))
     threads, dask = paths["threads"], paths["dask"]
@@ -120,7 +122,7 @@ def _sigterm_stops_the_dask_run_and_its_accelerate_children(tmp_path: Path, raw:
     accel = tmp_path / "accelerate.yaml"
     accel.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\n"
                      "mixed_precision: 'no'\nuse_cpu: true\n")
-    long = {**raw, "store": f"file://{tmp_path}/dask", "runner": {"task_runner": "dask", "max_workers": 2},
+    long = {**raw, "store": f"file://{tmp_path}/dask", "runner": {"task_runner": "dask", "max_workers": 1},
             # one target (no CLM baseline): one launcher and its training process are enough to
             # show the tree stops, and each is an interpreter start with torch
             "train": {**raw["train"], "epochs": 100, "max_steps": 400, "checkpoint_every": 3,

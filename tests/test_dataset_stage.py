@@ -190,11 +190,8 @@ def test_sigkill_mid_write_then_rerun_equals_uninterrupted(tmp_path, prefect_ser
     assert json.loads(again.stdout.strip().splitlines()[-1])["stages"]["dataset"]["state"] == "Completed"
     assert store.is_complete(address, verify=True)
 
-    # the uninterrupted reference is never killed: in this process, on the same server
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api}):
-        assert main(["run", str(cfg_path), "--store", clean_store, "--until", "dataset"]) == 0
+    clean = _cli(["run", str(cfg_path), "--store", clean_store, "--until", "dataset"], api)
+    assert clean.returncode == 0, clean.stderr[-2000:]
     assert _digests(store, address) == _digests(ArtifactStore(clean_store), address)
     # the data is real: same row count as the stats say
     assert pq.read_table(Path(store.root) / address / "train.parquet").num_rows == \
