@@ -9,12 +9,14 @@ and loaded with transformers like any other tokenizer.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import sys
 import tempfile
 import threading
+import weakref
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -221,6 +223,27 @@ def load_causal_lm(spec: Any, device: str = "auto", dtype: str | None = None) ->
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"model {spec.name!r}: cannot load {spec.path}: {first}") from exc
     return (model if spread else model.to(device)).eval()
+
+
+def release_memory(*dropped: weakref.ref) -> None:
+    """Hand back the memory of models just dropped, before the next one loads.
+
+    A transformers model has no reference cycles: it is freed the moment its last name
+    goes. A full ``gc.collect()`` helps only when one of ``dropped`` (weak references taken
+    before the drop) is still alive, and it costs 0.3-0.7 s in a process that holds torch,
+    transformers and Prefect: eight evaluations of a tiny run spent 6 of its 35 CPU seconds
+    there. On CUDA it always runs (the allocator's cache only shrinks once every tensor is
+    gone, and a second at 7B is nothing), then the cache is emptied.
+    """
+    on_cuda = False
+    if "torch" in sys.modules:
+        import torch
+
+        on_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if on_cuda or any(ref() is not None for ref in dropped):
+        gc.collect()
+    if on_cuda:
+        torch.cuda.empty_cache()
 
 
 def warm_imports() -> None:

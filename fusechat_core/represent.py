@@ -43,6 +43,7 @@ import logging
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,14 @@ from fusechat_core import stopping
 from fusechat_core.chat import IGNORE, ChatFormatter
 from fusechat_core.config import ModelSpec, RepresentConfig, RunConfig
 from fusechat_core.determinism import pin_compute
-from fusechat_core.models import formatter_for, load_causal_lm, pick_device, tokenizer_of, tokenizer_ref
+from fusechat_core.models import (
+    formatter_for,
+    load_causal_lm,
+    pick_device,
+    release_memory,
+    tokenizer_of,
+    tokenizer_ref,
+)
 from fusechat_core.store import ArtifactStore, ArtifactWriter, Manifest
 
 log = logging.getLogger("fusechat.represent")
@@ -518,16 +526,11 @@ def release_model(spec: ModelSpec | None = None) -> None:
     one find the GPU free in a process that runs them all."""
     with _MODEL_LOCK:
         if spec is None or any(key[0] == spec.model_dump_json() for key in _MODEL_SLOT):
+            dropped = [weakref.ref(m) for m in _MODEL_SLOT.values()]
             _MODEL_SLOT.clear()
         else:
             return
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory(*dropped)
 
 
 def _train_table(store: ArtifactStore, dataset_address: str, columns: list[str] | None = None) -> Any:

@@ -8,11 +8,11 @@ detail files) is committed last, after every judgment has been saved.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import re
 import tempfile
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,6 +28,7 @@ from fusechat_core.evaluate.mt_bench import (
 )
 from fusechat_core.evaluate.nll import exact_match, heldout_nll
 from fusechat_core.evaluate.report import RESULTS_FILE, build_report
+from fusechat_core.models import release_memory
 from fusechat_core.store import ArtifactStore
 
 log = logging.getLogger("fusechat.evaluate")
@@ -91,9 +92,9 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
                                  max_new_tokens=cfg.exact_match_max_new_tokens, batch_size=cfg.batch_size)
                 if em["all"]["n"]:
                     results["exact_match"] = em
+        dropped = weakref.ref(lm)
         del lm
-        gc.collect()
-        _empty_cuda_cache()
+        release_memory(dropped)
     judgments = []
     if data is not None:
         answers = read_answers(store, answers_address)
@@ -124,13 +125,6 @@ def _answers_current(store: ArtifactStore, answers_address: str, data: Any) -> b
     if man is None or not store.is_complete(answers_address):
         return False
     return man.meta.get("data_digests", {}).get("questions") == data.digests["questions"]
-
-
-def _empty_cuda_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def loss_history(store: ArtifactStore, train_address: str) -> list[dict] | None:
