@@ -89,6 +89,22 @@ def prefect_server(session_tmp: Path):
 
 
 @pytest.fixture
+def gc_collections(monkeypatch) -> list[int]:
+    """Every explicit full garbage collection in this process during the test, counted (and run)."""
+    import gc
+
+    calls: list[int] = []
+    real = gc.collect
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gc, "collect", counted)
+    return calls
+
+
+@pytest.fixture
 def s3_env(s3_server, monkeypatch):
     """Credentials and endpoint of the test server, in the environment only (as in production)."""
     for key, value in s3_server.env().items():

@@ -6,22 +6,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-import pytest
-
 from fusechat_core import models
-
-
-@pytest.fixture
-def collections(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = gc.collect
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(models.gc, "collect", counted)
-    return calls
 
 
 def _tiny(tiny_models):
@@ -33,16 +18,16 @@ def _tiny(tiny_models):
     return model
 
 
-def test_a_dropped_model_is_freed_by_its_refcount_without_a_collection(tiny_models, collections):
+def test_a_dropped_model_is_freed_by_its_refcount_without_a_collection(tiny_models, gc_collections):
     model = _tiny(tiny_models)
     dropped = weakref.ref(model)
     del model
     models.release_memory(dropped)
     assert dropped() is None
-    assert collections == []
+    assert gc_collections == []
 
 
-def test_a_model_kept_alive_by_a_cycle_is_collected(tiny_models, collections):
+def test_a_model_kept_alive_by_a_cycle_is_collected(tiny_models, gc_collections):
     model = _tiny(tiny_models)
     dropped = weakref.ref(model)
     cycle: list = [model]
@@ -55,4 +40,16 @@ def test_a_model_kept_alive_by_a_cycle_is_collected(tiny_models, collections):
     finally:
         gc.enable()
     assert dropped() is None
-    assert collections == [1]
+    assert gc_collections == [1]
+
+
+def test_the_represent_stage_lets_go_of_its_kept_model_without_a_collection(tiny_models, gc_collections):
+    from fusechat_core.config import ModelSpec
+    from fusechat_core.represent import _cached_model, release_model
+
+    spec = ModelSpec(name="pivot", path=str(tiny_models["pivot"]))
+    kept = weakref.ref(_cached_model(spec, "cpu"))
+    assert kept() is not None  # the slot holds it between shards
+    release_model(spec)
+    assert kept() is None
+    assert gc_collections == []

@@ -229,7 +229,7 @@ def test_lambda_one_is_plain_clm_fine_tuning(fusion_inputs, tmp_path):
 
 
 # -- fusion ---------------------------------------------------------------------------------
-def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs, tmp_path):
+def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs, tmp_path, gc_collections):
     cfg = _cfg(max_steps=12, checkpoint_every=5, keep_checkpoints=1, warmup_ratio=0.0, lam=0.5)
     data = FusionData(fusion_inputs["pivot_dirs"], fusion_inputs["aligned_dirs"], max_length=MAX_LEN)
     store = ArtifactStore(f"file://{tmp_path}")
@@ -244,6 +244,7 @@ def test_fusion_loss_decreases_and_target_is_a_complete_hf_folder(fusion_inputs,
 
     train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/src-t",
                  on_event=on_event, domains=domains)
+    assert gc_collections == []  # on the CPU, model and optimizer go by refcount (models.release_memory)
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, 13))
     fuse = [e["fusion_loss"] for e in steps]
