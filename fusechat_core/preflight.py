@@ -164,6 +164,7 @@ def preflight(cfg: RunConfig, until: str | None = "report") -> None:
     ``until``: the last stage this invocation runs (``None``: none, as for ``status``); the
     registry checks of later stages wait for the invocation that runs them.
     """
+    from fusechat_core.models import collection_paused
     from fusechat_core.plan import RunPlan
     from fusechat_core.stages import PIPELINE_STAGES
 
@@ -176,13 +177,15 @@ def preflight(cfg: RunConfig, until: str | None = "report") -> None:
 
     plan = RunPlan(cfg)
     if runs("train") and _to_make(cfg, [plan.train(t) for t in plan.target_names()]):
-        from fusechat_core.fuse import FUSION_FUNCTIONS
+        with collection_paused():
+            from fusechat_core.fuse import FUSION_FUNCTIONS
 
         if cfg.train.fusion_function not in FUSION_FUNCTIONS:
             raise ConfigError(f"train.fusion_function: unknown {cfg.train.fusion_function!r} "
                               f"(known: {', '.join(FUSION_FUNCTIONS.names())})")
     if runs("merge") and _to_make(cfg, [plan.merge(m) for m in plan.merge_methods()]):
-        from fusechat_core.merge.translate import MergeError, check_merge_config
+        with collection_paused():
+            from fusechat_core.merge.translate import MergeError, check_merge_config
 
         try:
             check_merge_config(cfg.merge, [s.name for s in cfg.sources])

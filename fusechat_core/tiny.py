@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any, Literal
 
-from fusechat_core.models import load_tokenizer, tokenizer_to_save
+from fusechat_core.models import load_tokenizer, tokenizer_files, write_files
 
 Arch = Literal["mistral", "mixtral", "llama"]
 _INIT_LOCK = threading.Lock()
@@ -67,5 +67,5 @@ def build_tiny_model(arch: Arch, tokenizer: str, out_dir: str | Path, *, seed: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    tokenizer_to_save(tokenizer, template=chat_template).save_pretrained(out)
+    write_files(tokenizer_files(tokenizer, template=chat_template), out)
     return out

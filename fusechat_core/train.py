@@ -53,7 +53,16 @@ from fusechat_core.determinism import pin_compute
 from fusechat_core.fuse import FUSION_FUNCTIONS, SparseDist, clm_and_fusion_sums, teacher_dist
 from fusechat_core.fuse.batches import Batch, FusionData
 from fusechat_core.merge.card import target_card
-from fusechat_core.models import ModelLoadError, load_causal_lm, model_dir, resolve_mixed_precision, tokenizer_ref
+from fusechat_core.models import (
+    ModelLoadError,
+    load_causal_lm,
+    load_tokenizer,
+    model_dir,
+    resolve_mixed_precision,
+    tokenizer_files,
+    tokenizer_ref,
+    write_files,
+)
 from fusechat_core.store import ArtifactStore, StoreError
 
 STATE_FILE = "trainer_state.json"
@@ -226,7 +235,9 @@ def train_target(
         tok_ref, tok_revision = tokenizer_ref(pivot)
         if tok_ref.startswith("demo:"):  # a built demo model carries its tokenizer in its folder
             tok_ref = model_dir(pivot)
-        tok = _target_tokenizer(tok_ref, tok_revision, pivot.chat_template)
+        # the pivot's tokenizer, carrying the chat template the data was rendered with
+        tok_files = tokenizer_files(tok_ref, tok_revision, pivot.chat_template)
+        tok = load_tokenizer(tok_ref, tok_revision)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
         # The model is wrapped (DDP, or FSDP shards) before the optimizer sees its
@@ -343,7 +354,7 @@ def train_target(
                 # float32: the master weights. Rounding to bf16 here would erase most
                 # of a 5e-6-lr update, and VaRM weighs exactly those deltas.
                 accelerator.unwrap_model(model).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-                tok.save_pretrained(out)
+                write_files(tok_files, out)
                 log_ = {"train_config": cfg.model_dump(mode="json"), "lam": lam, "steps": n_steps,
                         "sequences": len(data), "history": history}
                 if use_teachers and domains is not None:
@@ -419,13 +430,6 @@ def _save_checkpoint(accelerator: Any, store: ArtifactStore, target_address: str
             store.delete(old)
     accelerator.wait_for_everyone()
     return address
-
-
-def _target_tokenizer(ref: str, revision: str | None, template: str | None) -> Any:
-    """A fresh copy of the pivot's tokenizer carrying the chat template the data was rendered with."""
-    from fusechat_core.models import tokenizer_to_save
-
-    return tokenizer_to_save(ref, revision, template)
 
 
 # -- from a run config ------------------------------------------------------------------

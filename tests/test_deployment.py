@@ -89,8 +89,9 @@ def test_deployment_runs_the_pipeline_on_server_worker_and_s3(tmp_path, s3_env, 
         deploy = _cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "pipeline"], env)
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
 
+        # polling every 2 s, not Prefect's 10: the test waits for the run, not for the worker's poll
         worker = spawn([str(BIN / "prefect"), "worker", "start", "--pool", "fusechat-local", "--limit", "1"],
-                       env, tmp_path / "worker.log")
+                       {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, tmp_path / "worker.log")
         started = _cli([str(BIN / "prefect"), "deployment", "run", "fusechat-pipeline/pipeline",
                         "--param", f"config_path={prefix}/tiny.yaml"], env)
         assert started.returncode == 0, started.stdout + started.stderr
@@ -102,7 +103,7 @@ def test_deployment_runs_the_pipeline_on_server_worker_and_s3(tmp_path, s3_env, 
             if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 break
             assert time.time() < deadline, f"flow run still {state['type']}"
-            time.sleep(3)
+            time.sleep(1)
         assert state["type"] == "COMPLETED", (state, (tmp_path / "worker.log").read_text()[-4000:])
         # the run sent heartbeats every 30 s (prefect.yaml's env job variable; Prefect's own
         # default is 180 s, beyond the crash automation's window)

@@ -53,3 +53,62 @@ def test_the_represent_stage_lets_go_of_its_kept_model_without_a_collection(tiny
     release_model(spec)
     assert kept() is None
     assert gc_collections == []
+
+
+def test_folders_with_the_same_tokenizer_files_share_one_load_and_a_changed_folder_reloads(tiny_models, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    loads = []
+    real = AutoTokenizer.from_pretrained.__func__
+
+    def counted(cls, path, *args, **kwargs):
+        loads.append(str(path))
+        return real(cls, path, *args, **kwargs)
+
+    copies = []
+    for name in ("a", "b"):
+        copies.append(tmp_path / name)
+        shutil.copytree(tiny_models["pivot"], copies[-1])
+    other = tmp_path / "other"
+    shutil.copytree(tiny_models["mixtral"], other)
+    AutoTokenizer.from_pretrained = classmethod(counted)
+    try:
+        first = models.load_tokenizer(str(copies[0]))
+        assert models.load_tokenizer(str(copies[1])) is first
+        assert loads == [str(copies[0])]
+        assert len(models.load_tokenizer(str(other))) == 32768 and len(loads) == 2
+        # a folder whose tokenizer files change is loaded again, not served from the cache
+        (copies[1] / "tokenizer_config.json").write_text(
+            (other / "tokenizer_config.json").read_text())
+        for f in ("tokenizer.json", "tokenizer.model"):
+            if (other / f).exists():
+                shutil.copy(other / f, copies[1] / f)
+        assert len(models.load_tokenizer(str(copies[1]))) == 32768 and len(loads) == 3
+    finally:
+        AutoTokenizer.from_pretrained = classmethod(real)
+
+
+def test_tokenizer_files_are_what_transformers_saves_and_repeat_without_a_reload(tmp_path):
+    """The bytes a model folder gets are those of a freshly loaded tokenizer carrying the
+    chat template, saved by transformers itself; a second folder gets the same bytes."""
+    from transformers import AutoTokenizer
+
+    from fusechat_core.chat import ChatFormatter
+
+    template = "chatml"  # not the tokenizer's own
+    files = models.tokenizer_files("builtin:mistral-v3", template=template)
+    tok = AutoTokenizer.from_pretrained(models.resolve_ref("builtin:mistral-v3"))
+    tok.chat_template = ChatFormatter(tok, template).template
+    tok.init_kwargs.pop("local_files_only", None)
+    tok.save_pretrained(tmp_path / "direct")
+    direct = {p.name: p.read_bytes() for p in (tmp_path / "direct").iterdir()}
+    assert files == direct and "tokenizer.json" in files
+    assert b"local_files_only" not in files["tokenizer_config.json"]
+    assert models.tokenizer_files("builtin:mistral-v3", template=template) is files
+    models.write_files(files, tmp_path / "model")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert loaded.chat_template == tok.chat_template != AutoTokenizer.from_pretrained(
+        models.resolve_ref("builtin:mistral-v3")).chat_template
+    assert len(loaded) == 32768

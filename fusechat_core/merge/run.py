@@ -106,7 +106,7 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
         seen[p] = f"target {n}"
     _same_architecture(pivot, targets)
     # before any tensor is read: a merge that cannot get its tokenizer is refused up front
-    pivot_tok = _load_pivot_tokenizer(pivot, tokenizer, chat_template)
+    pivot_tokenizer = _pivot_tokenizer_files(pivot, tokenizer, chat_template)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise MergeError(f"out: {out} is not empty")
@@ -156,7 +156,7 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
             shutil.rmtree(out, ignore_errors=True)
         raise
 
-    _save_pivot_tokenizer(out, pivot, pivot_tok)
+    _save_pivot_tokenizer(out, pivot, pivot_tokenizer)
     (out / "mergekit_config.yml").write_text(config_yaml + "\n")
 
     table = None
@@ -295,22 +295,25 @@ def check_pivot_tokenizer(pivot: str, tokenizer: object | None) -> None:
         raise MergeError(f"pivot {pivot}: the folder holds no tokenizer; {_TOKENIZER_HINT}")
 
 
-def _load_pivot_tokenizer(pivot: str, tokenizer: tuple[str, str | None] | None, chat_template: str | None):
-    """The pivot's tokenizer with the chat template its targets were trained with."""
-    from fusechat_core.models import tokenizer_to_save
+def _pivot_tokenizer_files(pivot: str, tokenizer: tuple[str, str | None] | None,
+                           chat_template: str | None) -> dict[str, bytes]:
+    """The pivot's tokenizer files, with the chat template its targets were trained with."""
+    from fusechat_core.models import tokenizer_files
 
     check_pivot_tokenizer(pivot, tokenizer)
     ref, revision = tokenizer or (pivot, None)
     try:
-        return tokenizer_to_save(ref, revision, chat_template)
+        return tokenizer_files(ref, revision, chat_template)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = f"; {_TOKENIZER_HINT}" if tokenizer is None else ""
         raise MergeError(f"pivot tokenizer {ref}: cannot load: {first}{hint}") from exc
 
 
-def _save_pivot_tokenizer(out: Path, pivot: str, tok) -> None:
-    tok.save_pretrained(out)
+def _save_pivot_tokenizer(out: Path, pivot: str, files: dict[str, bytes]) -> None:
+    from fusechat_core.models import write_files
+
+    write_files(files, out)
     try:
         local = _local_dir(pivot)
     except Exception as exc:  # a hub pivot whose extra files cannot be listed: the weights are still right
