@@ -23,7 +23,7 @@ os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Each xdist worker has a core of its own: one compute thread per worker and per process it
+    # The xdist workers share the cores: one compute thread per worker and per process it
     # starts (torch's default is one per core, so two workers ran four, and OpenMP's idle
     # threads spin). Stages pin their own count anyway (fusechat_core/determinism.py).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -120,7 +120,7 @@ def pytest_unconfigure(config):
     logging.raiseExceptions = False
 
 
-# Scheduling: `make test` hands whole files to two xdist workers in collection order
+# Scheduling: `make test` hands whole files to three xdist workers in collection order
 # (--no-loadscope-reorder), so the longest files go first and the short ones fill in around
 # them (longest-processing-time-first). Approximate seconds on the 2-core CI machine; a file
 # not listed is short and keeps its place after these.
@@ -143,9 +143,12 @@ def pytest_collection_finish(session):
     # the tests themselves create.
     import gc
 
-    import prefect  # noqa: F401
-    import torch  # noqa: F401
-    import transformers.modeling_utils  # noqa: F401
+    from fusechat_core.models import collection_paused
+
+    with collection_paused():
+        import prefect  # noqa: F401
+        import torch  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
 
     gc.collect()
     gc.freeze()
