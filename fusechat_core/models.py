@@ -72,8 +72,9 @@ def resolve_ref(ref: str) -> str:
     return ref
 
 
-# Files of a model folder that say nothing about its tokenizer, and are too large to hash.
+# Files of a model folder that say nothing about its tokenizer: weights (too large to hash), cards.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".md")
+_HASHED_BYTES = 256 * 2**20
 _TOKENIZERS_LOCK = threading.Lock()
 _TOKENIZERS: dict[tuple, Any] = {}
 _FOLDER_KEYS: dict[tuple, tuple] = {}
@@ -92,8 +93,10 @@ def _tokenizer_key(resolved: str, revision: str | None) -> tuple:
         key = _FOLDER_KEYS.get(seen)
     if key is None:  # hashed once per folder (and again if its files change)
         digest = hashlib.sha256()
-        for path in files:
-            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        for (name, size, mtime), path in zip(seen[1], files):
+            # no tokenizer file is this large (tekken's is 15 MB): by its size and time, unread
+            data = path.read_bytes() if size <= _HASHED_BYTES else f"{size}:{mtime}".encode()
+            digest.update(name.encode() + b"\0" + data + b"\0")
         key = ("files", digest.hexdigest())
         with _TOKENIZERS_LOCK:
             _FOLDER_KEYS[seen] = key

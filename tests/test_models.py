@@ -55,10 +55,15 @@ def test_the_represent_stage_lets_go_of_its_kept_model_without_a_collection(tiny
     assert gc_collections == []
 
 
-def test_folders_with_the_same_tokenizer_files_share_one_load_and_a_changed_folder_reloads(tiny_models, tmp_path):
+def test_folders_with_the_same_tokenizer_files_share_one_load_and_a_changed_folder_reloads(
+        tiny_models, tmp_path, monkeypatch):
     import shutil
 
     from transformers import AutoTokenizer
+
+    # this process's earlier tests have loaded these tokenizers already: start from an empty cache
+    monkeypatch.setattr(models, "_TOKENIZERS", {})
+    monkeypatch.setattr(models, "_FOLDER_KEYS", {})
 
     loads = []
     real = AutoTokenizer.from_pretrained.__func__
@@ -106,7 +111,7 @@ def test_tokenizer_files_are_what_transformers_saves_and_repeat_without_a_reload
     direct = {p.name: p.read_bytes() for p in (tmp_path / "direct").iterdir()}
     assert files == direct and "tokenizer.json" in files
     assert b"local_files_only" not in files["tokenizer_config.json"]
-    assert models.tokenizer_files("builtin:mistral-v3", template=template) is files
+    assert models.tokenizer_files("builtin:mistral-v3", template=template) is files  # made once
     models.write_files(files, tmp_path / "model")
     loaded = AutoTokenizer.from_pretrained(tmp_path / "model")
     assert loaded.chat_template == tok.chat_template != AutoTokenizer.from_pretrained(
