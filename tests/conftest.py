@@ -120,7 +120,7 @@ def pytest_unconfigure(config):
     logging.raiseExceptions = False
 
 
-# Scheduling: `make test` hands whole files to three xdist workers in collection order
+# Scheduling: `make test` hands whole files to two xdist workers in collection order
 # (--no-loadscope-reorder), so the longest files go first and the short ones fill in around
 # them (longest-processing-time-first). Approximate seconds on the 2-core CI machine; a file
 # not listed is short and keeps its place after these.
