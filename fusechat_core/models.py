@@ -78,6 +78,7 @@ _HASHED_BYTES = 256 * 2**20
 _TOKENIZERS_LOCK = threading.Lock()
 _TOKENIZERS: dict[tuple, Any] = {}
 _FOLDER_KEYS: dict[tuple, tuple] = {}
+_SAVED_TOKENIZERS: dict[tuple, dict[str, bytes]] = {}
 
 
 def _tokenizer_key(resolved: str, revision: str | None) -> tuple:
@@ -87,15 +88,16 @@ def _tokenizer_key(resolved: str, revision: str | None) -> tuple:
     folder = Path(resolved)
     if not folder.is_dir():
         return ("ref", resolved, revision)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES))
-    seen = (resolved, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    stats = sorted((p.name, p.stat()) for p in folder.iterdir()
+                   if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES))
+    seen = (resolved, tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats))
     with _TOKENIZERS_LOCK:
         key = _FOLDER_KEYS.get(seen)
     if key is None:  # hashed once per folder (and again if its files change)
         digest = hashlib.sha256()
-        for (name, size, mtime), path in zip(seen[1], files):
+        for name, size, mtime in seen[1]:
             # no tokenizer file is this large (tekken's is 15 MB): by its size and time, unread
-            data = path.read_bytes() if size <= _HASHED_BYTES else f"{size}:{mtime}".encode()
+            data = (folder / name).read_bytes() if size <= _HASHED_BYTES else f"{size}:{mtime}".encode()
             digest.update(name.encode() + b"\0" + data + b"\0")
         key = ("files", digest.hexdigest())
         with _TOKENIZERS_LOCK:
@@ -173,13 +175,11 @@ def tokenizer_files(ref: str, revision: str | None = None, template: str | None 
 
 
 def write_files(files: dict[str, bytes], out: str | Path) -> None:
+    """Write ``tokenizer_files`` into a model folder."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (out / name).write_bytes(data)
-
-
-_SAVED_TOKENIZERS: dict[tuple, dict[str, bytes]] = {}
 
 
 class ModelLoadError(RuntimeError):

@@ -23,7 +23,7 @@ os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # The xdist workers share the cores: one compute thread per worker and per process it
+    # Each xdist worker has a core of its own: one compute thread per worker and per process it
     # starts (torch's default is one per core, so two workers ran four, and OpenMP's idle
     # threads spin). Stages pin their own count anyway (fusechat_core/determinism.py).
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -78,21 +78,17 @@ def test_folders_with_the_same_tokenizer_files_share_one_load_and_a_changed_fold
         shutil.copytree(tiny_models["pivot"], copies[-1])
     other = tmp_path / "other"
     shutil.copytree(tiny_models["mixtral"], other)
-    AutoTokenizer.from_pretrained = classmethod(counted)
-    try:
-        first = models.load_tokenizer(str(copies[0]))
-        assert models.load_tokenizer(str(copies[1])) is first
-        assert loads == [str(copies[0])]
-        assert len(models.load_tokenizer(str(other))) == 32768 and len(loads) == 2
-        # a folder whose tokenizer files change is loaded again, not served from the cache
-        (copies[1] / "tokenizer_config.json").write_text(
-            (other / "tokenizer_config.json").read_text())
-        for f in ("tokenizer.json", "tokenizer.model"):
-            if (other / f).exists():
-                shutil.copy(other / f, copies[1] / f)
-        assert len(models.load_tokenizer(str(copies[1]))) == 32768 and len(loads) == 3
-    finally:
-        AutoTokenizer.from_pretrained = classmethod(real)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(counted))
+    first = models.load_tokenizer(str(copies[0]))
+    assert models.load_tokenizer(str(copies[1])) is first
+    assert loads == [str(copies[0])]
+    assert len(models.load_tokenizer(str(other))) == 32768 and len(loads) == 2
+    # a folder whose tokenizer files change is loaded again, not served from the cache
+    (copies[1] / "tokenizer_config.json").write_text((other / "tokenizer_config.json").read_text())
+    for f in ("tokenizer.json", "tokenizer.model"):
+        if (other / f).exists():
+            shutil.copy(other / f, copies[1] / f)
+    assert len(models.load_tokenizer(str(copies[1]))) == 32768 and len(loads) == 3
 
 
 def test_tokenizer_files_are_what_transformers_saves_and_repeat_without_a_reload(tmp_path):
