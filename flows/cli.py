@@ -133,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--until", metavar="STAGE", help=f"stop after this stage, one of: {stages} "
                                                        "(default: the last)")
     demo.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    demo.add_argument("--quick", action="store_true",
+                      help="a quarter of the demo's rows and pre-training steps: checks an installation end to "
+                           "end in about a quarter of the time (its margins are too noisy to be evidence)")
     return p
 
 
@@ -455,6 +458,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             cfg = load_config(DEMO_CONFIG, store=args.store)
+            if args.quick:
+                from fusechat_core.demo import quick_demo
+
+                cfg = quick_demo(cfg)
         else:
             cfg = load_config(args.config, store=args.store)
         # A run (or its --plan) checks the stages it runs; status makes nothing. An unknown --until is _run's error.

@@ -27,6 +27,24 @@ from fusechat_core.models import formatter_for
 from fusechat_core.represent import head_only_supported
 from fusechat_core.store import ArtifactStore
 
+QUICK_SHARE = 4  # `fusechat demo --quick`: a quarter of the rows and of the pre-training steps
+
+
+def quick_demo(cfg: RunConfig) -> RunConfig:
+    """The demo's world at a quarter of its budget: the same models, tokenizers, stages and
+    merges, on a quarter of each data source's rows with a quarter of each model's
+    pre-training steps (about a quarter of the demo's time). For checking an installation
+    end to end, and for CI; its experts are weaker and its held-out set smaller, so its
+    margins are not the demo's evidence. Named ``demo-quick``; its addresses differ from the
+    demo's, so both can share a store."""
+    if cfg.demo is None:
+        raise ValueError("quick_demo: the config has no demo section")
+    models = {name: m.model_copy(update={"steps": -(-m.steps // QUICK_SHARE)}) for name, m in cfg.demo.models.items()}
+    sources = [s.model_copy(update={"count": -(-s.count // QUICK_SHARE)}) if s.count else s for s in cfg.data.sources]
+    return cfg.model_copy(update={"name": f"{cfg.name}-quick",
+                                  "demo": cfg.demo.model_copy(update={"models": models}),
+                                  "data": cfg.data.model_copy(update={"sources": sources})})
+
 
 def _rng(*parts: Any) -> random.Random:
     return random.Random(int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:16], 16))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fusechat_core.config import parse_config
-from fusechat_core.demo import build_demo_model_artifact, materialise
+from fusechat_core.demo import build_demo_model_artifact, materialise, quick_demo
 from fusechat_core.models import load_causal_lm
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
@@ -36,6 +36,27 @@ def test_demo_config_changes_reach_exactly_the_dependent_addresses(tmp_path):
     # shared training settings change every demo model
     c = RunPlan(_cfg("file:///x", learning_rate=1e-2))
     assert c.demo_model(c.cfg.sources[0]) != a.demo_model(moe_a)
+
+
+def test_the_quick_demo_is_the_demo_at_a_quarter_of_its_rows_and_steps():
+    from flows.cli import DEMO_CONFIG, _parser
+    from fusechat_core.config import load_config
+
+    full = load_config(DEMO_CONFIG, store="file:///x")
+    quick = quick_demo(full)
+    assert quick.name == "demo-quick" and _parser().parse_args(["demo", "--quick"]).quick
+    # the same world, models and stages: only the counts and steps differ, each rounded up
+    assert [(m.name, m.path, m.tokenizer) for m in quick.models] == [(m.name, m.path, m.tokenizer) for m in full.models]
+    assert quick.merge == full.merge and quick.train == full.train and quick.represent == full.represent
+    assert [(s.name, s.count) for s in quick.data.sources] == [(s.name, -(-s.count // 4)) for s in full.data.sources]
+    for name, spec in full.demo.models.items():
+        assert quick.demo.models[name] == spec.model_copy(update={"steps": -(-spec.steps // 4)}), name
+    assert full.demo.models["pivot"].steps == 150 and quick.demo.models["pivot"].steps == 38
+    a, b = RunPlan(full), RunPlan(quick)
+    assert [n.label for n in a.nodes()] == [n.label for n in b.nodes()]
+    # both sit in one store: only the vocabulary maps, a function of the tokenizers alone, are shared
+    shared = {n.address for n in a.nodes()} & {n.address for n in b.nodes()}
+    assert shared == {n.address for n in a.nodes() if n.stage == "vocab_map"} and len(shared) == 2
 
 
 def test_demo_models_are_deterministic_and_load_like_hub_models(tmp_path):
