@@ -80,12 +80,27 @@ def s3_server(session_tmp: Path):
 
 @pytest.fixture(scope="session")
 def prefect_server(session_tmp: Path):
-    """`prefect server start` on 127.0.0.1, shared by the session's tests; stopped at the end."""
+    """`prefect server start` on 127.0.0.1, shared by the session's tests; stopped at the end.
+
+    Under xdist it is the controller's (pytest_configure), shared by every worker."""
     from tests.prefect_server import PrefectServer
 
+    shared = os.environ.get(_SHARED_API)
+    if shared:
+        yield PrefectServer.attach(shared, session_tmp / "prefect-server").wait()
+        return
     server = PrefectServer(session_tmp / "prefect-server").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_prefect_api_answers():
+    """In-process runs talk to the shared server: it must answer before the worker's first test."""
+    if os.environ.get(_SHARED_API):
+        from tests.prefect_server import PrefectServer
+
+        PrefectServer.attach(os.environ[_SHARED_API], _SESSION_TMP).wait()
 
 
 @pytest.fixture
@@ -112,12 +127,37 @@ def s3_env(s3_server, monkeypatch):
     return s3_server
 
 
+# One Prefect server for the whole session, started by the xdist controller while the workers
+# start and collect: each server costs ~19 CPU-s to start and ~2.5 CPU-s a minute idle, and a
+# worker that ran a flow in-process kept an ephemeral API of its own besides. Its address
+# reaches the workers (and every process they start) through the environment.
+_SHARED_API = "FUSECHAT_TEST_PREFECT_API"
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", default=None) \
+            or os.environ.get(_SHARED_API):
+        return
+    from tests.prefect_server import PrefectServer
+
+    server = PrefectServer(_SESSION_TMP / "prefect-server").launch()
+    config.stash[_SERVER_KEY] = server
+    os.environ.update({_SHARED_API: server.api, "PREFECT_API_URL": server.api,
+                       "FUSECHAT_TEST_PREFECT_LOG": str(server.log)})
+
+
+_SERVER_KEY = pytest.StashKey()
+
+
 def pytest_unconfigure(config):
     # Prefect stops its ephemeral server at interpreter exit and logs it to a
     # stream pytest has already closed; that message is not worth a traceback.
     import logging
 
     logging.raiseExceptions = False
+    server = config.stash.get(_SERVER_KEY, None)
+    if server is not None:
+        server.stop()
 
 
 # Scheduling: `make test` hands whole files to two xdist workers in collection order
@@ -125,15 +165,33 @@ def pytest_unconfigure(config):
 # them (longest-processing-time-first). Approximate seconds on the 2-core CI machine; a file
 # not listed is short and keeps its place after these.
 _HEAVY_FILES = {
-    "test_demo.py": 400, "test_chaos.py": 190, "test_deployment.py": 140, "test_dask.py": 120,
-    "test_preemption.py": 100, "test_train.py": 90, "test_incremental.py": 60, "test_dataset_stage.py": 60,
-    "test_run_errors.py": 55, "test_gpu_benchmark.py": 55, "test_ablation.py": 35, "test_determinism.py": 35,
-    "test_evaluate_generation.py": 35, "test_heartbeat.py": 30, "test_align_vocab.py": 30,
+    "test_chaos.py": 190, "test_demo.py": 170, "test_dask.py": 120, "test_train.py": 90,
+    "test_incremental.py": 60, "test_dataset_stage.py": 60, "test_run_errors.py": 55, "test_gpu_benchmark.py": 55,
+    "test_ablation.py": 35, "test_determinism.py": 35, "test_evaluate_generation.py": 35, "test_align_vocab.py": 30,
 }
+# Files that change server-wide objects of the shared Prefect server (the work pool a worker
+# polls, the deployments, the crash automation, the GPU tag's limit): one unit of work, so they
+# run one after another on one xdist worker and never under each other's feet.
+_SERVER_WIDE = {"test_deployment.py": 140, "test_preemption.py": 100, "test_heartbeat.py": 30}
+_HEAVY_FILES.update(dict.fromkeys(_SERVER_WIDE, sum(_SERVER_WIDE.values())))
 
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -_HEAVY_FILES.get(item.path.name, 0))  # stable: a file's own order is kept
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ServerWideTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "server-wide Prefect objects" if Path(scope).name in _SERVER_WIDE else scope
+
+    return ServerWideTogether(config, log)
 
 
 def pytest_collection_finish(session):

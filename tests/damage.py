@@ -11,7 +11,7 @@ from pathlib import Path
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import _HOST, MANIFEST, ArtifactStore
 from tests.conftest import REPO
-from tests.prefect_server import final_task_runs
+from tests.prefect_server import final_task_runs, latest_flow_run
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -30,7 +30,6 @@ def damage_drill(plan: RunPlan, run_args: list[str], status_args: list[str], api
     at ``api_url``) must recompute exactly those (their tasks Completed, every other task
     Cached) to the same bytes, leave the report as it was, and remove the temporary file."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     store = ArtifactStore(plan.cfg.store)
@@ -81,7 +80,7 @@ def damage_drill(plan: RunPlan, run_args: list[str], status_args: list[str], api
     rerun = cli(*run_args, "--json")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-        run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        run = latest_flow_run(client, plan.cfg.name)
         task_runs = final_task_runs(client, run.id)
     states = {r.name: r.state.name for r in task_runs}
     n = plan.cfg.represent.shards

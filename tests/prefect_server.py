@@ -1,8 +1,12 @@
 """A real Prefect API for tests: `prefect server start` on 127.0.0.1, one per test session.
 
-Tests take the session fixture ``prefect_server`` (conftest.py); they all share the one server,
-started on first use and stopped at the end of the session. Tests that change server-wide objects (automations, work
-pools, concurrency limits) set them up themselves and leave them as a production server has them.
+Tests take the session fixture ``prefect_server`` (conftest.py); they all share the one server.
+Under xdist the controller starts it before the workers exist and every worker uses it (and
+points ``PREFECT_API_URL`` at it, so no in-process run starts an ephemeral API of its own);
+without xdist the fixture starts it on first use. It is stopped at the end of the session. Tests
+that change server-wide objects (automations, work pools, concurrency limits) set them up
+themselves and leave them as a production server has them; under xdist they run one after
+another on one worker (conftest.py).
 
 The server's environment never holds the store's credentials (as in production, where only the
 workers have them), and its settings are the ones ``deployments/README.md`` lists for crash
@@ -68,23 +72,40 @@ class PrefectServer:
         self.api = f"http://127.0.0.1:{self.port}/api"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180) -> PrefectServer:
+    @classmethod
+    def attach(cls, api: str, workdir: Path) -> PrefectServer:
+        """A handle on a server another process started (the xdist controller): it only waits."""
+        server = cls(workdir)
+        server.api, server.port = api, int(api.rsplit(":", 1)[1].split("/")[0])
+        server.log = Path(os.environ.get("FUSECHAT_TEST_PREFECT_LOG", server.log))
+        return server
+
+    def launch(self) -> PrefectServer:
+        """Start the server and return at once (``wait()`` for it to answer)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_FOR_THE_SERVER)}
         env.update(SERVER_SETTINGS, PREFECT_HOME=str(self.home))
         self.proc = spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                            "--port", str(self.port)], env, self.log)
+        return self
+
+    def wait(self, timeout: float = 180) -> PrefectServer:
         deadline = time.time() + timeout
         while True:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.api}/health", timeout=2).status_code == 200:
                     return self
-            if self.proc.poll() is not None or time.time() > deadline:
+            if (self.proc is not None and self.proc.poll() is not None) or time.time() > deadline:
                 self.stop()
-                raise RuntimeError(f"prefect server did not start:\n{self.log.read_text()[-3000:]}")
+                log = self.log.read_text()[-3000:] if self.log.exists() else "(no log)"
+                raise RuntimeError(f"prefect server at {self.api} did not start:\n{log}")
             time.sleep(0.5)
 
+    def start(self, timeout: float = 180) -> PrefectServer:
+        return self.launch().wait(timeout)
+
     def stop(self) -> None:
+        """Stop the server this handle started (an attached one is its starter's to stop)."""
         if self.proc is not None and self.proc.poll() is None:
             stop(self.proc)
 
@@ -125,6 +146,18 @@ def wait_until(what: str, check, timeout: float, *, interval: float = 0.5, log: 
         if time.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}" + (f"\n{log.read_text()[-4000:]}" if log else ""))
         time.sleep(interval)
+
+
+def latest_flow_run(client, name: str):
+    """The most recent flow run named ``name``: a test's own run, on a server other tests share
+    (their runs must have other names)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])),
+                                 sort=FlowRunSort.START_TIME_DESC, limit=1)
+    assert runs, f"no flow run named {name!r}"
+    return runs[0]
 
 
 def final_task_runs(client, flow_run_id, timeout: float = 90, expected: int | None = None) -> list:

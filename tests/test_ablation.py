@@ -20,7 +20,7 @@ from flows.cli import main
 from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
-from tests.prefect_server import final_task_runs
+from tests.prefect_server import final_task_runs, latest_flow_run
 from tests.tiny_config import tiny_run_config
 
 pytestmark = pytest.mark.slow
@@ -28,21 +28,22 @@ pytestmark = pytest.mark.slow
 
 def _run(args: list[str], capsys) -> dict[str, str]:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.sorting import FlowRunSort
 
     capsys.readouterr()
     code = main(["run", *args, "--json"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     with get_client(sync_client=True) as client:
-        run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        # the flow run's name: the config's, and "-until-<stage>" when it stops early
+        name = load_config(args[0]).name + (f"-until-{args[args.index('--until') + 1]}" if "--until" in args else "")
+        run = latest_flow_run(client, name)
         return {t.name: t.state.name for t in final_task_runs(client, run.id)}
 
 
 @pytest.mark.timeout(900)
 def test_lambda_ablation_recomputes_nothing_upstream_and_reports_gap_closed_per_lambda(tmp_path, capsys):
     started = time.monotonic()
-    base = tiny_run_config(tmp_path, f"file://{tmp_path}/store")
+    base = tiny_run_config(tmp_path, f"file://{tmp_path}/store", name="tiny-ablation-base")
     raw = yaml.safe_load(base.read_text())
     raw["sources"] = raw["sources"][:1]  # one source (moe) is enough to see the sharing
     del raw["demo"]["models"]["deep"]

@@ -50,7 +50,7 @@ def _file_digests(store: ArtifactStore, address: str) -> dict[str, str]:
 def clean_run(tmp_path_factory, prefect_server) -> dict:
     """The tiny run, uninterrupted: the drills' reference."""
     tmp_path = tmp_path_factory.mktemp("chaos")
-    cfg_path = tiny_run_config(tmp_path, f"file://{tmp_path}/clean")
+    cfg_path = tiny_run_config(tmp_path, f"file://{tmp_path}/clean", name="tiny-chaos")
     # Runs report to the session's server, as on a cluster: the kill takes the run's process
     # group, and no run pays for starting an API of its own (seconds of CPU, five times).
     env = prefect_server.client_env(tmp_path / "prefect-home")

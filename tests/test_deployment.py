@@ -121,7 +121,7 @@ def test_deployment_runs_the_pipeline_on_server_worker_and_s3(tmp_path, s3_env, 
             if node.stage != "mt_bench_answers":
                 assert store.is_complete(node.address), node.label
         # ...and the dashboard shows the report and the task runs, under their names
-        artifacts = server.post("/artifacts/filter", {})
+        artifacts = server.post("/artifacts/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
         assert any(a.get("type") == "markdown" and (a.get("key") or "").startswith("report") for a in artifacts)
         tasks = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
         names = {t["name"] for t in tasks}

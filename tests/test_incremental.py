@@ -27,7 +27,7 @@ from fusechat_core.chat import TEMPLATES
 from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
-from tests.prefect_server import final_task_runs
+from tests.prefect_server import final_task_runs, latest_flow_run
 from tests.tiny_config import tiny_run_config
 
 pytestmark = pytest.mark.slow
@@ -46,14 +46,13 @@ if VERBOSE not in TEMPLATES:
 def _run(path: Path, capsys, expected: int | None = None) -> dict[str, str]:
     """Run the config to the end; every task run of that flow run, by name → state name."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.sorting import FlowRunSort
 
     capsys.readouterr()
     code = main(["run", str(path), "--json"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     with get_client(sync_client=True) as client:
-        run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        run = latest_flow_run(client, load_config(path).name)
         tasks = final_task_runs(client, run.id, expected=expected)
     states = {t.name: t.state.name for t in tasks}
     assert len(states) == len(tasks), "task run names must tell instances apart"
@@ -66,7 +65,7 @@ def _of(states: dict[str, str], *patterns: str) -> dict[str, str]:
 
 @pytest.mark.timeout(1800)  # three runs of the tiny pipeline (about 4 minutes on one free core)
 def test_adding_a_source_runs_only_its_chain_and_keeps_rows_aligned(tmp_path, capsys):
-    base = tiny_run_config(tmp_path, f"file://{tmp_path}/store")
+    base = tiny_run_config(tmp_path, f"file://{tmp_path}/store", name="tiny-incremental")
     raw = yaml.safe_load(base.read_text())
     raw["train"]["clm_baseline"] = False
     raw["merge"]["methods_extra"] = []

@@ -362,7 +362,8 @@ def test_prefect_flow_maps_shards_and_skips_them_on_rerun(tiny_models, tmp_path)
         futures = submit_represent(cfg, plan, result_storage=result_storage_for(cfg.store))
         return {name: (f.result(), f.state.name) for name, f in futures.items()}
 
-    first = run_represent()
+    state = run_represent(return_state=True)
+    first, first_run = state.result(), state.state_details.flow_run_id
     assert {n: s for n, (_, s) in first.items()} == {"pivot": "Completed", "mixtral": "Completed"}
     for spec in cfg.models:
         man = store.require(plan.represent(spec))
@@ -374,10 +375,11 @@ def test_prefect_flow_maps_shards_and_skips_them_on_rerun(tiny_models, tmp_path)
     assert not represent_module._MODEL_SLOT
     # every computed shard left a progress artifact, finished at 100 %
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        progress = [a for a in client.read_artifacts() if a.type == "progress"
-                    and "Representations of" in (a.description or "")]
+    with get_client(sync_client=True) as client:  # this flow run's: the server is the session's
+        made = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first_run])))
+        progress = [a for a in made if a.type == "progress" and "Representations of" in (a.description or "")]
     assert len(progress) >= 4 and all(a.data == 100.0 for a in progress)
     # one shard lost (a wiped prefix, a torn write): only it and its commit run again
     lost = plan.represent_shard(plan.model("mixtral"), 1)

@@ -96,6 +96,9 @@ def _config(folder: Path, data_text: str) -> Path:
 
 
 def _start(cfg: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``fusechat run``; without ``env``, as a user without a server runs it: on an ephemeral API."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), *extra], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

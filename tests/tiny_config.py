@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import yaml
 
 
-def tiny_run_config(folder: Path, store: str) -> Path:
+def tiny_run_config(folder: Path, store: str, name: str = "tiny") -> Path:
     """A complete run small enough for CI: three architectures, two vocabularies.
 
     The pipeline-level drills (resume, preemption, deployment, Dask, incremental fusion) test
@@ -15,9 +16,14 @@ def tiny_run_config(folder: Path, store: str) -> Path:
     (32,768 → 32,000), at half the CPU of a tekken source, whose 131,072-token MinED vocabulary
     map and head dominated every tiny run. Byte-level BPE end to end is the demo's llama
     (tests/test_demo.py) and the align stage's tests on real tekken shards.
+
+    ``name`` names the flow runs: a test that finds its run on the shared Prefect server by name
+    gives one no other test uses. The GPU tag is this config folder's own: a run killed while
+    holding a slot of a tag other tests share would stall their GPU tasks for the slot's
+    5-minute lease.
     """
     cfg = {
-        "name": "tiny",
+        "name": name,
         "store": store,
         "seed": 1,
         "pivot": {"name": "pivot", "path": "demo:pivot", "tokenizer": "builtin:mistral-v1", "dtype": "float32"},
@@ -31,7 +37,7 @@ def tiny_run_config(folder: Path, store: str) -> Path:
                   "checkpoint_every": 2, "clm_baseline": True, "mixed_precision": "no"},
         "merge": {"method": "varm", "methods_extra": ["linear"]},
         "evaluate": {"exact_match_sources": ["arithmetic"], "exact_match_max_new_tokens": 4, "batch_size": 8},
-        "runner": {"max_workers": 2},
+        "runner": {"max_workers": 2, "gpu_tag": "gpu-" + hashlib.sha256(str(folder).encode()).hexdigest()[:8]},
         "demo": {"batch_size": 4, "max_length": 64, "models": {
             "pivot": {"arch": "mistral", "hidden": 32, "intermediate": 64, "steps": 2, "domains": {"markov": 1}},
             "moe": {"arch": "mixtral", "hidden": 32, "intermediate": 64, "steps": 2, "domains": {"markov": 1}},
