@@ -438,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before or after a run's own handler: one line, no traceback
         print("fusechat: interrupted (SIGINT)", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
+    except BrokenPipeError:  # the reader went away (`fusechat status CONFIG | head`): nothing left to say
+        # stdout's buffer would fail again at exit, with a traceback: let it flush into /dev/null
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

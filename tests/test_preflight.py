@@ -199,3 +199,16 @@ def test_registry_checks_wait_for_the_invocation_that_runs_their_stage(tmp_path,
     out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(tmp_path):
+    """`fusechat status CONFIG | head -1`: the pipe closes before status writes; exit 1, quietly."""
+    from tests.tiny_config import tiny_run_config
+
+    path = tiny_run_config(tmp_path, f"file://{tmp_path}/store")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "status", str(path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child can have written anything: it starts in a second or more
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 1, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
