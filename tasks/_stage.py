@@ -170,14 +170,26 @@ def dashboard_key(store_url: str, address: str, what: str = "") -> str:
     return artifact_key(f"{address}-{what}-{tag}" if what else f"{address}-{tag}")
 
 
+# Progress artifact updates are API calls (and server work): a few a minute is plenty for a
+# bar, and a demo stage that takes a step per 50 ms would otherwise post one per step.
+PROGRESS_EVERY_S = 5.0
+
+
+def progress_due(pct: float, last_pct: float, last_at: float, finished: bool) -> bool:
+    """Whether a progress bar's update is worth an API call: at the end, or once it has moved a
+    whole percent and the last update is ``PROGRESS_EVERY_S`` old."""
+    return finished or (pct - last_pct >= 1.0 and time.monotonic() - last_at >= PROGRESS_EVERY_S)
+
+
 class ProgressArtifact:
-    """A progress artifact on the dashboard (``done`` of ``total``), updated at whole percents.
-    Outside a Prefect task run it does nothing."""
+    """A progress artifact on the dashboard (``done`` of ``total``), updated as
+    ``progress_due`` says. Outside a Prefect task run it does nothing."""
 
     def __init__(self, description: str):
         self.description = description
         self.id: Any = None
         self.last = -1.0
+        self.at = 0.0
 
     def __call__(self, done: int, total: int) -> None:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -188,11 +200,11 @@ class ProgressArtifact:
         pct = min(100.0, 100.0 * done / total)
         if self.id is None:
             self.id = create_progress_artifact(progress=pct, description=self.description)
-        elif pct - self.last >= 1.0 or done >= total:
+        elif progress_due(pct, self.last, self.at, done >= total):
             update_progress_artifact(self.id, progress=pct, description=f"{self.description}: {done} of {total}")
         else:
             return
-        self.last = pct
+        self.last, self.at = pct, time.monotonic()
 
 
 def run_name(stage: str, param: str | None = None, *, label: str | None = None,

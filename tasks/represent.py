@@ -16,9 +16,16 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from fusechat_core.config import RunConfig
 from fusechat_core.plan import RunPlan
-from tasks._stage import STAGE_TASK_OPTIONS, open_store, run_config, run_name, stage_done, stage_ref, unwalked
-
-_REPORT_EVERY_S = 5.0  # artifact updates are API calls: a few per minute is plenty
+from tasks._stage import (
+    PROGRESS_EVERY_S,
+    STAGE_TASK_OPTIONS,
+    open_store,
+    run_config,
+    run_name,
+    stage_done,
+    stage_ref,
+    unwalked,
+)
 
 
 class _Reporter:
@@ -40,7 +47,7 @@ class _Reporter:
                 progress=pct, description=f"Representations of {self.model}, shard {self.shard + 1} of "
                                           f"{self.shards}: sequences done")
             self.last = time.monotonic()
-        elif time.monotonic() - self.last >= _REPORT_EVERY_S:
+        elif time.monotonic() - self.last >= PROGRESS_EVERY_S:
             self.last = time.monotonic()
             update_progress_artifact(self.artifact_id, progress=pct)
             self.logger.info("represent %s shard %d/%d: %d/%d sequences, %.0f tokens/s", self.model,

@@ -26,7 +26,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from fusechat_core import stopping
 from fusechat_core.config import RunConfig
 from fusechat_core.plan import RunPlan
-from tasks._stage import STAGE_TASK_OPTIONS, dashboard_key, open_store, run_name, stage_done
+from tasks._stage import STAGE_TASK_OPTIONS, dashboard_key, open_store, progress_due, run_name, stage_done
 
 TABLE_ROWS = 200  # a table of every step of a 2,000-step run would not be read by anyone
 
@@ -40,6 +40,7 @@ class _Reporter:
         self.progress_id: Any = None
         self.total = 0
         self.last_pct = -1.0
+        self.last_at = 0.0
         self.last_log = 0.0
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -58,9 +59,10 @@ class _Reporter:
         elif kind == "step":
             self.rows.append(self._row(event))
             pct = 100.0 * event["step"] / max(self.total, 1)
-            if self.progress_id is not None and (pct - self.last_pct >= 1.0 or event["step"] == self.total):
+            if self.progress_id is not None and progress_due(pct, self.last_pct, self.last_at,
+                                                             event["step"] == self.total):
                 update_progress_artifact(self.progress_id, progress=pct)
-                self.last_pct = pct
+                self.last_pct, self.last_at = pct, time.monotonic()
             if time.monotonic() - self.last_log > 30 or event["step"] == self.total:
                 self.last_log = time.monotonic()
                 fusion = "" if event["fusion_loss"] is None else f" (clm {event['clm_loss']:.4f}, " \
