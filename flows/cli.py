@@ -135,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     demo.add_argument("--quick", action="store_true",
                       help="a quarter of the demo's rows and pre-training steps: checks an installation end to "
-                           "end in about a quarter of the time (its margins are too noisy to be evidence)")
+                           "end in about a quarter of the time (the README's figures are the full demo's)")
     return p
 
 

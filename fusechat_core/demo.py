@@ -34,9 +34,9 @@ def quick_demo(cfg: RunConfig) -> RunConfig:
     """The demo's world at a quarter of its budget: the same models, tokenizers, stages and
     merges, on a quarter of each data source's rows with a quarter of each model's
     pre-training steps (about a quarter of the demo's time). For checking an installation
-    end to end, and for CI; its experts are weaker and its held-out set smaller, so its
-    margins are not the demo's evidence. Named ``demo-quick``; its addresses differ from the
-    demo's, so both can share a store."""
+    end to end, and for CI; its experts are weaker and its held-out set a quarter of the size,
+    so the demo's figures are the full run's. Named ``demo-quick``; its addresses differ from
+    the demo's, so both can share a store."""
     if cfg.demo is None:
         raise ValueError("quick_demo: the config has no demo section")
     models = {name: m.model_copy(update={"steps": -(-m.steps // QUICK_SHARE)}) for name, m in cfg.demo.models.items()}
