@@ -60,7 +60,12 @@ def run_name() -> str:
     params = flow_run.parameters or {}
     cfg, path = params.get("config"), params.get("config_path")
     name = (cfg or {}).get("name") or (Path(str(path).rstrip("/")).stem if path else "fusechat")
-    until = params.get("until") or STAGES[-1]
+    return flow_run_name(name, params.get("until"))
+
+
+def flow_run_name(name: str, until: str | None = None) -> str:
+    """The name of a run of config ``name`` that stops after stage ``until`` (None: the last)."""
+    until = until or STAGES[-1]
     return name if until == STAGES[-1] else f"{name}-until-{until}"
 
 

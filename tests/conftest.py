@@ -95,12 +95,10 @@ def prefect_server(session_tmp: Path):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _shared_prefect_api_answers():
+def _shared_prefect_api_answers(request):
     """In-process runs talk to the shared server: it must answer before the worker's first test."""
     if os.environ.get(_SHARED_API):
-        from tests.prefect_server import PrefectServer
-
-        PrefectServer.attach(os.environ[_SHARED_API], _SESSION_TMP).wait()
+        request.getfixturevalue("prefect_server")
 
 
 @pytest.fixture

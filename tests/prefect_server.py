@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -76,7 +77,7 @@ class PrefectServer:
     def attach(cls, api: str, workdir: Path) -> PrefectServer:
         """A handle on a server another process started (the xdist controller): it only waits."""
         server = cls(workdir)
-        server.api, server.port = api, int(api.rsplit(":", 1)[1].split("/")[0])
+        server.api, server.port = api, urlsplit(api).port
         server.log = Path(os.environ.get("FUSECHAT_TEST_PREFECT_LOG", server.log))
         return server
 

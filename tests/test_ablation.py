@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from flows.cli import main
+from flows.pipeline import flow_run_name
 from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
@@ -34,9 +35,8 @@ def _run(args: list[str], capsys) -> dict[str, str]:
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     with get_client(sync_client=True) as client:
-        # the flow run's name: the config's, and "-until-<stage>" when it stops early
-        name = load_config(args[0]).name + (f"-until-{args[args.index('--until') + 1]}" if "--until" in args else "")
-        run = latest_flow_run(client, name)
+        until = args[args.index("--until") + 1] if "--until" in args else None
+        run = latest_flow_run(client, flow_run_name(load_config(args[0]).name, until))
         return {t.name: t.state.name for t in final_task_runs(client, run.id)}
 
 
