@@ -22,11 +22,13 @@ import pytest
 import yaml
 
 from flows.cli import main
+from flows.pipeline import flow_run_name
 from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.stages import shard_address
 from fusechat_core.store import MANIFEST, ArtifactStore
 from fusechat_core.train import complete_checkpoints
+from tests.prefect_server import final_task_runs, latest_flow_run
 from tests.tiny_config import tiny_run_config
 
 pytest.importorskip("prefect_dask")
@@ -56,7 +58,7 @@ def _digests(path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_dask_cluster_and_threads_write_identical_artifacts(tmp_path, capsys, prefect_server):
-    raw = yaml.safe_load(tiny_run_config(tmp_path, "file://unused").read_text())
+    raw = yaml.safe_load(tiny_run_config(tmp_path, "file://unused", name="tiny-dask", gpu_tag=True).read_text())
     # one source: the Mixtral one and the CLM baseline give a fusion target and a plain one,
     # through the same kernels the Llama source runs; its chain under two runners is ~45 s more
     raw["sources"] = [s for s in raw["sources"] if s["name"] == "moe"]
@@ -67,7 +69,8 @@ def test_dask_cluster_and_threads_write_identical_artifacts(tmp_path, capsys, pr
                          # and each worker is an interpreter start with torch
                          ("dask", {"task_runner": "dask", "max_workers": 1})):
         paths[name] = tmp_path / f"{name}.yaml"
-        paths[name].write_text(yaml.safe_dump({**raw, "store": f"file://{tmp_path}/{name}", "runner": runner}))
+        paths[name].write_text(yaml.safe_dump({**raw, "store": f"file://{tmp_path}/{name}",
+                                               "runner": {**raw["runner"], **runner}}))
     threads, dask = paths["threads"], paths["dask"]
 
     results = {}
@@ -84,6 +87,8 @@ def test_dask_cluster_and_threads_write_identical_artifacts(tmp_path, capsys, pr
         finally:
             torch.set_num_threads(before)
         results[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stages"]
+        if name == "threads":
+            _gpu_tasks_took_turns(raw["runner"]["gpu_tag"])
     # each run computed every stage itself: nothing was shared between the two stores
     assert set(results["threads"]) == set(results["dask"])
     assert all(r["state"] == "Completed" for run in results.values() for r in run.values()), results
@@ -96,6 +101,23 @@ def test_dask_cluster_and_threads_write_identical_artifacts(tmp_path, capsys, pr
     assert len(a) > 10 and a == b, {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
 
     _sigterm_stops_the_dask_run_and_its_accelerate_children(tmp_path, raw, prefect_server)
+
+
+def _gpu_tasks_took_turns(tag: str) -> None:
+    """Under the thread runner with two workers, the task runs that hold a model (represent
+    shards, training) carry the GPU tag, and its one-slot limit (runner.gpu_concurrency) kept
+    any two of them from running at once."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        run = latest_flow_run(client, flow_run_name("tiny-dask", UNTIL))
+        tasks = final_task_runs(client, run.id)
+    tagged = sorted((t.start_time, t.end_time, t.name) for t in tasks if tag in t.tags)
+    shards = [n for _, _, n in tagged if n.startswith("represent[") and "shard=" in n]
+    targets = [n for _, _, n in tagged if n.startswith("train[")]
+    assert len(shards) == 4 and len(targets) == 2 and len(tagged) == 6, tagged  # two models' two shards each
+    for (_, end, first), (start, _, second) in zip(tagged, tagged[1:]):
+        assert end <= start, f"{first} and {second} held the GPU slot at once"
 
 
 def _descendants_of_the_run(pid: int) -> list[str]:

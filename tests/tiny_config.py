@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 
-def tiny_run_config(folder: Path, store: str, name: str = "tiny") -> Path:
+def tiny_run_config(folder: Path, store: str, name: str = "tiny", gpu_tag: bool = False) -> Path:
     """A complete run small enough for CI: three architectures, two vocabularies.
 
     The pipeline-level drills (resume, preemption, deployment, Dask, incremental fusion) test
@@ -18,9 +18,14 @@ def tiny_run_config(folder: Path, store: str, name: str = "tiny") -> Path:
     (tests/test_demo.py) and the align stage's tests on real tekken shards.
 
     ``name`` names the flow runs: a test that finds its run on the shared Prefect server by name
-    gives one no other test uses. The GPU tag is this config folder's own: a run killed while
-    holding a slot of a tag other tests share would stall their GPU tasks for the slot's
-    5-minute lease.
+    gives one no other test uses.
+
+    No GPU tag by default, as for any CPU-only run (``configs/demo.yaml``): with a one-slot
+    limit the model-holding tasks take turns, each polling the server for the freed slot
+    (Prefect's Retry-After grows with the queue), which doubled a tiny run's wall time. With
+    ``gpu_tag=True`` the tag is this config folder's own (tests/test_dask.py checks the
+    limit): a run killed while holding a slot of a tag other tests share would stall their
+    GPU tasks for the slot's lease.
     """
     cfg = {
         "name": name,
@@ -37,7 +42,8 @@ def tiny_run_config(folder: Path, store: str, name: str = "tiny") -> Path:
                   "checkpoint_every": 2, "clm_baseline": True, "mixed_precision": "no"},
         "merge": {"method": "varm", "methods_extra": ["linear"]},
         "evaluate": {"exact_match_sources": ["arithmetic"], "exact_match_max_new_tokens": 4, "batch_size": 8},
-        "runner": {"max_workers": 2, "gpu_tag": "gpu-" + hashlib.sha256(str(folder).encode()).hexdigest()[:8]},
+        "runner": {"max_workers": 2,
+                   "gpu_tag": "gpu-" + hashlib.sha256(str(folder).encode()).hexdigest()[:8] if gpu_tag else None},
         "demo": {"batch_size": 4, "max_length": 64, "models": {
             "pivot": {"arch": "mistral", "hidden": 32, "intermediate": 64, "steps": 2, "domains": {"markov": 1}},
             "moe": {"arch": "mixtral", "hidden": 32, "intermediate": 64, "steps": 2, "domains": {"markov": 1}},
