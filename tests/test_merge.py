@@ -415,14 +415,16 @@ def test_a_non_finite_merge_fails_naming_the_tensor_and_the_target(known, tmp_pa
         assert not out.exists()  # nothing that looks like a model is left
 
 
-def test_cli_merges_folders_given_by_name_or_path(known, tmp_path):
+def test_cli_merges_folders_given_by_name_or_path(known, tmp_path, capsys):
+    from flows.cli import main
+
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "flows.cli", "merge", "--method", "task_arithmetic",
-           "--pivot", str(known["pivot"]), "--targets", f"first={known['a']}", str(known["b"]),
-           "--out", str(out), "--param", "weight=[0.0, 1.0]", "--shard-size", "4000000", "--json"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["mergekit_method"] == "task_arithmetic"
+    code = main(["merge", "--method", "task_arithmetic", "--pivot", str(known["pivot"]),
+                 "--targets", f"first={known['a']}", str(known["b"]), "--out", str(out),
+                 "--param", "weight=[0.0, 1.0]", "--shard-size", "4000000", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    assert json.loads(captured.out.strip().splitlines()[-1])["mergekit_method"] == "task_arithmetic"
     _assert_close(_load_folder(out), _shifted(known, {"b": 1.0}))
 
 
