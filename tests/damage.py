@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
-import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import _HOST, MANIFEST, ArtifactStore
-from tests.conftest import REPO
 from tests.prefect_server import final_task_runs, latest_flow_run
 
 
@@ -53,11 +53,15 @@ def damage_drill(plan: RunPlan, run_args: list[str], status_args: list[str], api
     stale = root / flipped_target / f"model.safetensors.tmp-{_HOST}-{dead.pid}-1"  # a killed writer's
     stale.write_bytes(b"half a model")
 
-    env = {**os.environ, "PREFECT_API_URL": api_url}
-
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=900)
+        """The CLI in this process: what it reads is the store, not anything a process keeps (a
+        process of its own would only import torch, transformers and Prefect again)."""
+        from flows.cli import main
+
+        out, err = io.StringIO(), io.StringIO()
+        with temporary_settings({PREFECT_API_URL: api_url}), redirect_stdout(out), redirect_stderr(err):
+            code = main(list(args))
+        return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
     status = cli(*status_args, "--verify", "--json")
     assert status.returncode == 1, status.stderr[-2000:]
