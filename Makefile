@@ -10,8 +10,8 @@ TORCH ?= torch==2.13.0
 # Two workers, one test file each at a time (module fixtures such as the demo run are made
 # once), longest files first (tests/conftest.py orders them; xdist keeps that order), and the
 # 25 slowest tests listed at the end, so a slower suite shows where its time went. The workers
-# share one Prefect server (tests/conftest.py). A third worker measured no clear gain: 694 s
-# against 723-830 s for two, within this machine's own variation.
+# share one Prefect server (tests/conftest.py). A third worker measured no gain: 605 s against
+# 557 s for two (the two cores were already busy 90 % of the time).
 PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 .PHONY: setup demo test lint bench clean
