@@ -231,7 +231,7 @@ def train_target(
             raise TrainError(f"representation vocab_size {data.vocab_size} exceeds the pivot model's "
                              f"{model.config.vocab_size}: the shards were not made with this pivot")
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _checkpoint_activations(model)
         tok_ref, tok_revision = tokenizer_ref(pivot)
         if tok_ref.startswith("demo:"):  # a built demo model carries its tokenizer in its folder
             tok_ref = model_dir(pivot)
@@ -279,8 +279,7 @@ def train_target(
         emit({"event": "start", "step": start, "total_steps": n_steps, "steps_per_epoch": per_epoch,
               "processes": world, "lam": lam, "fusion_function": cfg.fusion_function if use_teachers else None,
               "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
-              "gradient_checkpointing": bool(getattr(accelerator.unwrap_model(model), "is_gradient_checkpointing",
-                                                     False))})
+              "gradient_checkpointing": _checkpointing(accelerator.unwrap_model(model))})
 
         # -- optimizer steps ------------------------------------------------------------
         model.train()
@@ -379,6 +378,20 @@ def train_target(
         # model and optimizer go with this frame (no reference cycles: models.release_memory).
         if accelerator.device.type != "cpu":
             accelerator.free_memory()
+
+
+def _checkpoint_activations(model: Any) -> None:
+    """Recompute activations in the backward pass. transformers 5 renamed gradient checkpointing
+    to activation checkpointing; the old names warn on every call and go in v6."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # a transformers 5 release before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _checkpointing(model: Any) -> bool:
+    new = hasattr(type(model), "is_activation_checkpointing")
+    return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
 
 
 def _require_finite(name: str, step: int, lr: float, totals: torch.Tensor, grad_norm: Any,
