@@ -170,7 +170,7 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_sigkill_mid_write_then_rerun_equals_uninterrupted(tmp_path, prefect_server, capsys):
-    api = prefect_server.client_env(tmp_path / "prefect-home")  # no API of its own for each of the runs
+    api = prefect_server.client_env(tmp_path / "prefect-home")  # the killed run starts no API of its own
     killed_store = f"file://{tmp_path}/killed"
     clean_store = f"file://{tmp_path}/clean"
     cfg_path = _config(tmp_path, killed_store)

@@ -36,8 +36,9 @@ def test_demo_pretraining_gives_the_same_bytes_under_one_thread_and_eight(tmp_pa
     raw["store"] = f"file://{tmp_path}/store"
     config = tmp_path / "demo.yaml"
     config.write_text(yaml.safe_dump(raw))
-    # one thread, as in a Dask worker: here (an xdist worker has OMP_NUM_THREADS=1; set here
-    # for a plain pytest run too); eight, as on a many-core machine: a process of its own
+    # One thread, as in a Dask worker: in this process, set explicitly (a plain pytest run has
+    # torch's default of one per core). Eight, as on a many-core machine: a process of its own,
+    # without the OMP_NUM_THREADS=1 an xdist worker passes down.
     import torch
 
     from fusechat_core.config import load_config
