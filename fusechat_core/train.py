@@ -390,8 +390,9 @@ def _checkpoint_activations(model: Any) -> None:
 
 
 def _checkpointing(model: Any) -> bool:
-    new = hasattr(type(model), "is_activation_checkpointing")
-    return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))  # before the rename
 
 
 def _require_finite(name: str, step: int, lr: float, totals: torch.Tensor, grad_norm: Any,
