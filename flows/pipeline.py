@@ -24,7 +24,7 @@ from fusechat_core.plan import CLM, RunPlan
 from fusechat_core.preflight import preflight
 from fusechat_core.stages import PIPELINE_STAGES
 from fusechat_core.stopping import stop_on_termination
-from tasks._stage import ensure_gpu_limit, open_store, result_storage_for, unwalked
+from tasks._stage import ensure_gpu_limit, open_store, result_storage_for, tell_dask_tasks_to_stop, unwalked
 from tasks.align import align_shard, build_vocab_map, finish_align
 from tasks.dataset import build_dataset
 from tasks.demo import build_demo_model
@@ -107,14 +107,18 @@ def _let_go_of_the_task_runner() -> None:
     every running task; after a stop, a task in a long library call (a tokenizer conversion)
     would hold the run for its whole length. Its threads are let go instead: the engine
     reports the run Crashed at once and the process ends (the stop's deadline ends it if
-    nothing else does). A local Dask cluster's nannies would restart the terminated worker
-    processes, and the scheduler would hand them the lost tasks again: they are told the
-    cluster is closing first."""
+    nothing else does). Under Dask, the tasks running on workers are told to stop (workers of
+    a cluster the run did not start are not this process's children, and would train on). A
+    local Dask cluster's nannies would restart the terminated worker processes, and the
+    scheduler would hand them the lost tasks again: they are told the cluster is closing first."""
     import concurrent.futures
 
     from prefect.context import FlowRunContext
 
     runner = getattr(FlowRunContext.get(), "task_runner", None)
+    dask_client = getattr(runner, "_client", None)  # prefect_dask's DaskTaskRunner
+    if dask_client is not None:
+        tell_dask_tasks_to_stop(dask_client)
     executor = getattr(runner, "_executor", None)
     if isinstance(executor, concurrent.futures.ThreadPoolExecutor):
         executor.shutdown(wait=False, cancel_futures=True)

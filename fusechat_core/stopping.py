@@ -12,14 +12,21 @@ reads as missing and a retry resumes from it.
 
 ``Stopped`` is a ``BaseException``, like the signal that caused it: no ``except
 Exception`` swallows it, and Prefect marks the task Crashed rather than retrying it.
+
+A process that serves many runs (a Dask worker of a cluster the run did not start) must not
+stop as a whole when one run stops: there a task runs in a :func:`scope`, stopped with
+:meth:`StopScope.stop` by whoever learns of its run's stop (``tasks._stage``). :func:`check`
+and :func:`stopping` then answer for the process *and* the calling task's scope, and a
+scope's stop terminates only the processes registered with it (:func:`owned`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 _STOP = threading.Event()
 _REASON: list[str] = []
@@ -34,14 +41,81 @@ class Stopped(BaseException):
     """The run was told to stop (a termination signal); raised by the loop that noticed."""
 
 
+class StopScope:
+    """The stop of one task in a process that outlives it (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+        self._lock = threading.Lock()
+        self._children: list[int] = []
+
+    def stopped(self) -> bool:
+        return self._event.is_set()
+
+    def stop(self, reason: str, *, grace: float = 2.0) -> None:
+        """Stop the scope's task at its next :func:`check` and terminate the processes it
+        registered (with everything under them); from any thread."""
+        with self._lock:
+            if self._event.is_set():
+                return
+            self.reason = reason
+            self._event.set()
+            pids = list(self._children)
+        _terminate_trees(pids, grace)
+
+    def _own(self, pid: int) -> None:
+        with self._lock:
+            self._children.append(pid)
+        if self._event.is_set():  # stopped while the process was starting
+            _terminate_trees([pid], 2.0)
+
+    def _disown(self, pid: int) -> None:
+        with self._lock:
+            self._children.remove(pid)
+
+
+_SCOPE: contextvars.ContextVar[StopScope | None] = contextvars.ContextVar("fusechat_stop_scope", default=None)
+
+
+@contextlib.contextmanager
+def scope() -> Iterator[StopScope]:
+    """Run the body (one task, in this thread) under a stop of its own."""
+    sc = StopScope()
+    token = _SCOPE.set(sc)
+    try:
+        yield sc
+    finally:
+        _SCOPE.reset(token)
+
+
+@contextlib.contextmanager
+def owned(proc: object) -> Iterator[None]:
+    """A child process (a ``Popen``) that stops with the calling task's scope, if it has one
+    (a process-wide stop terminates every child anyway)."""
+    sc, pid = _SCOPE.get(), getattr(proc, "pid", None)
+    if sc is None or pid is None:
+        yield
+        return
+    sc._own(pid)
+    try:
+        yield
+    finally:
+        sc._disown(pid)
+
+
 def stopping() -> bool:
-    return _STOP.is_set()
+    sc = _SCOPE.get()
+    return _STOP.is_set() or (sc is not None and sc.stopped())
 
 
 def check() -> None:
     """Raise :class:`Stopped` if the run was told to stop; call it once per unit of work."""
     if _STOP.is_set():
         raise Stopped(f"stopped: {_REASON[0] if _REASON else 'stop requested'}")
+    sc = _SCOPE.get()
+    if sc is not None and sc.stopped():
+        raise Stopped(f"stopped: {sc.reason}")
 
 
 def request_stop(reason: str, *, grace: float = 5.0, exit_code: int | None = None) -> None:
@@ -95,6 +169,24 @@ def terminate_children(grace: float = 5.0) -> None:
     for child in alive:
         with contextlib.suppress(psutil.Error):
             child.kill()
+
+
+def _terminate_trees(pids: list[int], grace: float) -> None:
+    """SIGTERM each process and everything under it, SIGKILL what is left after ``grace``."""
+    import psutil
+
+    doomed = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            doomed += [*root.children(recursive=True), root]
+    for proc in doomed:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(doomed, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def reset() -> None:

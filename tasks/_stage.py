@@ -21,8 +21,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,6 +33,7 @@ from typing import Any
 
 from prefect.cache_policies import CachePolicy
 
+from fusechat_core import stopping
 from fusechat_core.store import ArtifactStore, Manifest, human_size
 
 RECORDS_PREFIX = "_prefect-records"
@@ -121,6 +125,109 @@ STAGE_TASK_OPTIONS: dict[str, Any] = dict(
     result_serializer="json",
     retry_condition_fn=retry_transient,
 )
+
+
+def stage_task(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """Prefect's ``@task`` with the options every stage task shares, around a body that stops
+    with its flow run even in a process that outlives the run (:func:`stops_with_its_flow_run`)."""
+    from prefect import task
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        @functools.wraps(fn)
+        def body(*args: Any, **kwargs: Any) -> Any:
+            with stops_with_its_flow_run():
+                return fn(*args, **kwargs)
+        return task(**options, **STAGE_TASK_OPTIONS)(body)
+    return decorate
+
+
+def dask_stop_key() -> str | None:
+    """The name of the Dask event that stops this flow run's attempt (its Running state: a
+    rescheduled attempt of the same flow run is not stopped by the one before it)."""
+    from prefect.context import FlowRunContext
+
+    run = getattr(FlowRunContext.get(), "flow_run", None)
+    if run is None or run.state is None:
+        return None
+    return f"fusechat-stop-{run.id}-{run.state.id}"
+
+
+def _dask_worker_client() -> Any:
+    """The Dask client of the worker running this task, or None outside a Dask worker."""
+    if "distributed" not in sys.modules:  # nothing imported it: not a Dask worker
+        return None
+    import distributed
+
+    try:
+        distributed.get_worker()
+    except ValueError:
+        return None
+    return distributed.get_client()
+
+
+@contextlib.contextmanager
+def stops_with_its_flow_run() -> Any:
+    """On a Dask worker, run the task under a stop of its own that the flow's stop sets.
+
+    A Dask worker of a cluster the run did not start (``runner.dask_address``) is no child of
+    the flow's process: a SIGTERM to the flow reaches neither it nor the task it runs, and
+    Dask cannot interrupt a running task (cancelling only drops its result). So the flow,
+    when it stops, sets a Dask event named for its attempt (:func:`tell_dask_tasks_to_stop`);
+    here a thread waits on it, and stops the task's scope (its loops leave at their next
+    check, nothing is committed after, the processes it started are terminated) without
+    stopping the worker or the other runs' tasks it serves."""
+    client = _dask_worker_client()
+    key = dask_stop_key() if client is not None else None
+    if key is None:
+        yield
+        return
+    from distributed import Event
+
+    with stopping.scope() as sc:
+        finished = threading.Event()
+
+        def watch() -> None:
+            event = Event(key, client=client)
+            while not finished.is_set():
+                try:
+                    if event.wait(timeout=2.0):
+                        sc.stop("its flow run stopped")
+                        return
+                except Exception as exc:  # the scheduler is gone: so is the worker, soon
+                    if not finished.is_set():
+                        logging.getLogger(__name__).warning(
+                            "no longer watching for the flow run's stop (%s): %s", key, exc)
+                    return
+
+        threading.Thread(target=watch, name="fusechat-stop-watch", daemon=True).start()
+        try:
+            yield
+        finally:
+            finished.set()
+
+
+def tell_dask_tasks_to_stop(client: Any, timeout: float = 3.0) -> None:
+    """Set this attempt's stop event on the Dask scheduler (see :func:`stops_with_its_flow_run`);
+    a scheduler that does not answer within ``timeout`` is not waited for."""
+    from distributed import Event
+
+    key = dask_stop_key()
+    if key is None:
+        return
+    errors: list[BaseException] = []
+
+    def tell() -> None:
+        try:
+            Event(key, client=client).set()
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=tell, name="fusechat-stop-tell", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive() or errors:
+        why = errors[0] if errors else f"no answer in {timeout:.0f} s"
+        logging.getLogger(__name__).warning("could not tell the Dask tasks to stop (%s): %s", key, why)
 
 
 def open_store(url: str) -> ArtifactStore:

@@ -13,12 +13,12 @@ import logging
 import time
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
 from fusechat_core.config import RunConfig
 from fusechat_core.plan import RunPlan
-from tasks._stage import STAGE_TASK_OPTIONS, open_store, run_name, stage_done, stage_ref
+from tasks._stage import open_store, run_name, stage_done, stage_ref, stage_task
 
 
 def _logger() -> Any:
@@ -37,8 +37,7 @@ def _check(address: str, expected: str, what: str) -> None:
         raise AlignError(f"{what}: address {address!r} is not the plan's {expected!r}")
 
 
-@task(name="vocab_map", task_run_name=run_name("vocab_map", "source"), retries=1, retry_delay_seconds=10,
-      **STAGE_TASK_OPTIONS)
+@stage_task(name="vocab_map", task_run_name=run_name("vocab_map", "source"), retries=1, retry_delay_seconds=10)
 def build_vocab_map(config: dict, address: str, store: str, source: str) -> dict:
     """The source → pivot vocabulary map (exact match, else MinED)."""
     from fusechat_core.align import build_vocab_map_artifact
@@ -56,8 +55,8 @@ def build_vocab_map(config: dict, address: str, store: str, source: str) -> dict
     return stage_done(st, address, f"Vocabulary map `{source}` → `{cfg.pivot.name}`", started, computed=computed)
 
 
-@task(name="align_shard", task_run_name=run_name("align", "source", shard="index"), retries=1,
-      retry_delay_seconds=10, **STAGE_TASK_OPTIONS)
+@stage_task(name="align_shard", task_run_name=run_name("align", "source", shard="index"), retries=1,
+            retry_delay_seconds=10)
 def align_shard(config: dict, address: str, store: str, source: str, index: int) -> dict:
     """One ALIGNED shard: the source's shard ``index`` at the pivot's rows, in pivot ids."""
     from fusechat_core.align import align_shard_artifact
@@ -73,8 +72,7 @@ def align_shard(config: dict, address: str, store: str, source: str, index: int)
     return stage_ref(st, address)
 
 
-@task(name="align", task_run_name=run_name("align", "source"), retries=1, retry_delay_seconds=10,
-      **STAGE_TASK_OPTIONS)
+@stage_task(name="align", task_run_name=run_name("align", "source"), retries=1, retry_delay_seconds=10)
 def finish_align(config: dict, address: str, store: str, source: str) -> dict:
     """The stage artifact of one source, once all its shards are complete."""
     from fusechat_core.align import finish_align_artifact

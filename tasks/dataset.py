@@ -2,13 +2,13 @@ from __future__ import annotations
 
 import time
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
-from tasks._stage import STAGE_TASK_OPTIONS, open_store, run_name, stage_done
+from tasks._stage import open_store, run_name, stage_done, stage_task
 
 
-# A source that fails its checks (DataError) fails once: STAGE_TASK_OPTIONS retries only transient errors.
-@task(name="dataset", task_run_name=run_name("dataset"), retries=2, retry_delay_seconds=10, **STAGE_TASK_OPTIONS)
+# A source that fails its checks (DataError) fails once: stage tasks retry only transient errors.
+@stage_task(name="dataset", task_run_name=run_name("dataset"), retries=2, retry_delay_seconds=10)
 def build_dataset(config: dict, address: str, store: str) -> dict:
     """Build the FuseChat-Mixture dataset artifact."""
     from fusechat_core.config import RunConfig

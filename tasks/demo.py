@@ -2,13 +2,13 @@ from __future__ import annotations
 
 import time
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
-from tasks._stage import STAGE_TASK_OPTIONS, ProgressArtifact, open_store, run_name, stage_done
+from tasks._stage import ProgressArtifact, open_store, run_name, stage_done, stage_task
 
 
-@task(name="demo_model", task_run_name=run_name("demo_model", "model", label=""), retries=1,
-      retry_delay_seconds=5, **STAGE_TASK_OPTIONS)
+@stage_task(name="demo_model", task_run_name=run_name("demo_model", "model", label=""), retries=1,
+            retry_delay_seconds=5)
 def build_demo_model(config: dict, model: str, address: str, store: str) -> dict:
     """Build and pre-train one of the demo's tiny models (a pivot or a source)."""
     from fusechat_core.config import RunConfig

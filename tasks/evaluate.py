@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
-from tasks._stage import STAGE_TASK_OPTIONS, ProgressArtifact, open_store, run_name, stage_done
+from tasks._stage import ProgressArtifact, open_store, run_name, stage_done, stage_task
 
 
-@task(name="evaluate", task_run_name=run_name("evaluate", "name", label="model"), retries=1,
-      retry_delay_seconds=30, **STAGE_TASK_OPTIONS)
+@stage_task(name="evaluate", task_run_name=run_name("evaluate", "name", label="model"), retries=1,
+            retry_delay_seconds=30)
 def evaluate_model(config: dict, name: str, model: dict, address: str, store: str,
                    dataset: str | None = None, answers: str | None = None) -> dict:
     """Evaluate one model of the run (``model``: ``RunPlan.model_ref(name)``).
@@ -46,7 +46,7 @@ def evaluate_model(config: dict, name: str, model: dict, address: str, store: st
                       model=name, summary=summary)
 
 
-@task(name="report", task_run_name=run_name("report"), retries=1, **STAGE_TASK_OPTIONS)
+@stage_task(name="report", task_run_name=run_name("report"), retries=1)
 def build_run_report(config: dict, evaluations: dict[str, str], address: str, store: str,
                      training: dict[str, str] | None = None, roles: dict | None = None) -> dict:
     """The run's report from its evaluate artifacts; ``training``: target name → train address;

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 
-from tasks._stage import STAGE_TASK_OPTIONS, ProgressArtifact, open_store, run_config, run_name, stage_done
+from tasks._stage import ProgressArtifact, open_store, run_config, run_name, stage_done, stage_task
 
 
-@task(name="merge", task_run_name=run_name("merge", "method"), retries=1, retry_delay_seconds=30,
-      **STAGE_TASK_OPTIONS)
+@stage_task(name="merge", task_run_name=run_name("merge", "method"), retries=1, retry_delay_seconds=30)
 def merge_targets(config: dict, method: str, targets: dict[str, str], address: str, store: str) -> dict:
     """Merge the targets (target name → ``plan.train`` address) into ``plan.merge(method)``."""
     from fusechat_core.merge import weights_markdown

@@ -11,19 +11,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from fusechat_core.config import RunConfig
 from fusechat_core.plan import RunPlan
 from tasks._stage import (
     PROGRESS_EVERY_S,
-    STAGE_TASK_OPTIONS,
     open_store,
     run_config,
     run_name,
     stage_done,
     stage_ref,
+    stage_task,
     unwalked,
 )
 
@@ -55,8 +55,8 @@ class _Reporter:
                              event["tokens_per_s"])
 
 
-@task(name="represent-shard", task_run_name=run_name("represent", "model", shard="shard"), retries=1,
-      retry_delay_seconds=10, **STAGE_TASK_OPTIONS)
+@stage_task(name="represent-shard", task_run_name=run_name("represent", "model", shard="shard"), retries=1,
+            retry_delay_seconds=10)
 def represent_shard(config: dict, model: str, shard: int, address: str, store: str) -> dict:
     """Top-k representations of one model over one shard of the fusion data."""
     from fusechat_core.represent import RepresentError, represent_model
@@ -83,8 +83,7 @@ def represent_shard(config: dict, model: str, shard: int, address: str, store: s
     return stage_ref(st, address, model=model, shard=shard)
 
 
-@task(name="represent", task_run_name=run_name("represent", "model"), retries=1, retry_delay_seconds=5,
-      **STAGE_TASK_OPTIONS)
+@stage_task(name="represent", task_run_name=run_name("represent", "model"), retries=1, retry_delay_seconds=5)
 def commit_represent(config: dict, model: str, address: str, store: str, shards: list[dict]) -> dict:
     """The model's stage artifact, once all its shards are complete (``shards``: their refs,
     passed so Prefect runs this after them)."""

@@ -20,13 +20,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from fusechat_core import stopping
 from fusechat_core.config import RunConfig
 from fusechat_core.plan import RunPlan
-from tasks._stage import STAGE_TASK_OPTIONS, dashboard_key, open_store, progress_due, run_name, stage_done
+from tasks._stage import dashboard_key, open_store, progress_due, run_name, stage_done, stage_task
 
 TABLE_ROWS = 200  # a table of every step of a 2,000-step run would not be read by anyone
 
@@ -95,8 +95,7 @@ class _Reporter:
                               description=f"Training metrics of target {self.target} (every {stride} step(s))")
 
 
-@task(name="train", task_run_name=run_name("train", "target"), retries=2, retry_delay_seconds=30,
-      **STAGE_TASK_OPTIONS)
+@stage_task(name="train", task_run_name=run_name("train", "target"), retries=2, retry_delay_seconds=30)
 def train_target(config: dict, target: str, address: str, store: str) -> dict:
     """Train one target (a source's name, or ``clm``); a retry resumes from its newest checkpoint."""
     started = time.monotonic()
@@ -138,7 +137,7 @@ def _launch(cfg: RunConfig, target: str, report: _Reporter, logger: Any) -> None
         tail: deque[str] = deque(maxlen=20)
         # credentials stay in the inherited environment, never on the command line
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=os.environ.copy()) as proc:
+                              env=os.environ.copy()) as proc, stopping.owned(proc):
             for line in proc.stdout:  # type: ignore[union-attr]
                 line = line.rstrip("\n")
                 if line.startswith("{"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -101,6 +102,7 @@ def test_dask_cluster_and_threads_write_identical_artifacts(tmp_path, capsys, pr
     assert len(a) > 10 and a == b, {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
 
     _sigterm_stops_the_dask_run_and_its_accelerate_children(tmp_path, raw, prefect_server)
+    _sigterm_stops_the_run_s_tasks_on_a_cluster_it_did_not_start(tmp_path, raw, prefect_server)
 
 
 def _gpu_tasks_took_turns(tag: str) -> None:
@@ -133,34 +135,53 @@ def _descendants_of_the_run(pid: int) -> list[str]:
     return out
 
 
+def _long_training(tmp_path: Path, raw: dict, runner: dict, name: str) -> Path:
+    """The Dask run above (its upstream stages Cached) with one target (no CLM baseline)
+    trained under ``accelerate launch`` for long enough to be interrupted: one launcher and its
+    training process are enough to show a tree stops, and each is an interpreter start with torch."""
+    accel = tmp_path / "accelerate.yaml"
+    accel.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\n"
+                     "mixed_precision: 'no'\nuse_cpu: true\n")
+    long = {**raw, "store": f"file://{tmp_path}/dask", "runner": runner,
+            "train": {**raw["train"], "epochs": 100, "max_steps": 400, "checkpoint_every": 3,
+                      "accelerate_config": str(accel), "clm_baseline": False}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(long))
+    return path
+
+
+def _start_cli(path: Path, server, tmp_path: Path, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--until", UNTIL], cwd=REPO,
+                                # on the session's server, as on a cluster: no API of its own to start
+                                env=server.client_env(tmp_path / "prefect-home"), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _nothing_half_committed(store: ArtifactStore, targets: list[str]) -> None:
+    """The targets are not committed; their checkpoints and everything else verify."""
+    assert not any(store.is_complete(t) for t in targets)
+    root = Path(store.root)
+    for manifest in root.rglob(MANIFEST):
+        address = manifest.parent.relative_to(root).as_posix()
+        if "_prefect-records" not in address:
+            assert store.is_complete(address, verify=True), address
+
+
 def _sigterm_stops_the_dask_run_and_its_accelerate_children(tmp_path: Path, raw: dict, server) -> None:
     """SIGTERM to `fusechat run` on a local Dask cluster while its targets train under
     ``accelerate launch``: the CLI, the cluster's worker processes, each launcher and the
     training processes it started are gone within 10 s; the run exits 143; the targets are not
     committed (their checkpoints are, whole), and every manifest in the store verifies.
 
-    The upstream stages are the Dask run's above (Cached); only training differs: launched,
-    and long enough to be interrupted."""
-    accel = tmp_path / "accelerate.yaml"
-    accel.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\n"
-                     "mixed_precision: 'no'\nuse_cpu: true\n")
-    long = {**raw, "store": f"file://{tmp_path}/dask", "runner": {"task_runner": "dask", "max_workers": 1},
-            # one target (no CLM baseline): one launcher and its training process are enough to
-            # show the tree stops, and each is an interpreter start with torch
-            "train": {**raw["train"], "epochs": 100, "max_steps": 400, "checkpoint_every": 3,
-                      "accelerate_config": str(accel), "clm_baseline": False}}
-    path = tmp_path / "dask-accelerate.yaml"
-    path.write_text(yaml.safe_dump(long))
+    The upstream stages are the Dask run's above (Cached); only training differs."""
+    path = _long_training(tmp_path, raw, {"task_runner": "dask", "max_workers": 1}, "dask-accelerate")
     cfg = load_config(path)
     plan, store = RunPlan(cfg), ArtifactStore(cfg.store)
     targets = [plan.train(t) for t in plan.target_names()]
 
     log = tmp_path / "sigterm.log"
-    with open(log, "wb") as out:
-        cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--until", UNTIL], cwd=REPO,
-                               # on the session's server, as on a cluster: no API of its own to start
-                               env=server.client_env(tmp_path / "prefect-home"), stdout=out,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    cli = _start_cli(path, server, tmp_path, log)
     try:
         deadline = time.monotonic() + 240
         while not any(complete_checkpoints(store, t) for t in targets):
@@ -188,10 +209,84 @@ def _sigterm_stops_the_dask_run_and_its_accelerate_children(tmp_path: Path, raw:
         if cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)
             cli.wait()
-    # nothing half-committed: the targets are not, their checkpoints and everything else verify
-    assert not any(store.is_complete(t) for t in targets)
-    root = Path(store.root)
-    for manifest in root.rglob(MANIFEST):
-        address = manifest.parent.relative_to(root).as_posix()
-        if "_prefect-records" not in address:
-            assert store.is_complete(address, verify=True), address
+    _nothing_half_committed(store, targets)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sigterm_stops_the_run_s_tasks_on_a_cluster_it_did_not_start(tmp_path: Path, raw: dict, server) -> None:
+    """``runner.dask_address``: a Dask scheduler and worker started apart from the run, as a
+    platform team's cluster is. SIGTERM to `fusechat run` while its target trains on that
+    worker under ``accelerate launch``: the CLI is gone within 10 s, and so are the launcher
+    and the training process on the worker (not the run's children: the run's stop reaches
+    them through a Dask event), while the worker itself lives on, runs nothing of the stopped
+    run and takes new work; nothing is half-committed."""
+    from distributed import Client
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    env = {**server.client_env(tmp_path / "prefect-home"), "PYTHONPATH": str(REPO)}
+    cluster_log = tmp_path / "cluster.log"
+    with open(cluster_log, "ab") as out:
+        scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                      "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
+                                     cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "1",
+                                   "--nthreads", "1", "--no-dashboard"],
+                                  cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    path = _long_training(tmp_path, raw, {"task_runner": "dask", "dask_address": address}, "dask-remote")
+    cfg = load_config(path)
+    plan, store = RunPlan(cfg), ArtifactStore(cfg.store)
+    targets = [plan.train(t) for t in plan.target_names()]
+    log = tmp_path / "sigterm-remote.log"
+    cli = None
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=120)
+            cli = _start_cli(path, server, tmp_path, log)
+
+            def training() -> list[psutil.Process]:
+                return [p for p in psutil.Process(worker.pid).children(recursive=True)
+                        if "-m fusechat_core.train" in " ".join(p.cmdline())]
+            def newest() -> int:  # the local cluster's run above left checkpoints: this one resumes
+                return max((step for step, _ in complete_checkpoints(store, targets[0])), default=0)
+            deadline = time.monotonic() + 240
+            before = newest()
+            while not (training() and newest() > before):
+                assert cli.poll() is None and time.monotonic() < deadline, \
+                    log.read_text()[-3000:] + cluster_log.read_text()[-3000:]
+                time.sleep(0.2)
+            on_worker = [p for p in psutil.Process(worker.pid).children(recursive=True)
+                         if "fusechat_core.train" in " ".join(p.cmdline())]  # the launcher and its child
+            assert not any(p.pid in {c.pid for c in psutil.Process(cli.pid).children(recursive=True)}
+                           for p in on_worker)
+
+            t0 = time.monotonic()
+            cli.send_signal(signal.SIGTERM)
+            gone, alive = psutil.wait_procs([psutil.Process(cli.pid), *on_worker], timeout=LIMIT_S)
+            took = time.monotonic() - t0
+            print(f"fusechat run (remote Dask) and {len(on_worker)} training processes on the worker "
+                  f"gone {took:.1f} s after SIGTERM")
+            assert not alive, ([(p.pid, " ".join(p.cmdline())) for p in alive if p.is_running()],
+                               cluster_log.read_text()[-3000:])
+            code = next(p.returncode for p in gone if p.pid == cli.pid)  # psutil reaped it
+            assert code == 128 + signal.SIGTERM, log.read_text()[-4000:]
+            # the cluster is whole, idle, and works for the next run
+            assert worker.poll() is None and scheduler.poll() is None
+            wait = time.monotonic() + LIMIT_S
+            while any(client.processing().values()) and time.monotonic() < wait:
+                time.sleep(0.2)
+            assert not any(client.processing().values()), client.processing()
+            assert client.submit(sum, [1, 2]).result(timeout=30) == 3
+            assert "its flow run stopped" in cluster_log.read_text()
+    finally:
+        for proc in (cli, worker, scheduler):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    _nothing_half_committed(store, targets)
