@@ -9,11 +9,10 @@ supervisor tells the engine it owns the run's next state, proposes ``AwaitingRet
 Scheduled state) and stops the engine, which exits without proposing one (Prefect 3.9's
 ``cli/flow_run.py`` ``execute`` and ``flow_engine.py``'s supervisor-owned intents). The
 supervisor and the flow-run process are gone within 10 s, the run is Scheduled, and the
-worker picks the same flow run up again: it resumes and finishes, and what it made is byte
-for byte what an uninterrupted computation of the stage makes.
+worker picks the same flow run up again: it resumes and runs the whole pipeline, and its
+``report.json`` is byte for byte an uninterrupted run's.
 
-The long stage is the demo models' pre-training (many steps for the pivot), so the test
-needs no upstream stages.
+The long stage is the demo models' pre-training (many steps for the pivot), the first stage.
 """
 
 from __future__ import annotations
@@ -43,14 +42,14 @@ def _cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subproce
     return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def _start_run(env: dict[str, str], config: Path, *, reschedule: bool = False) -> str:
+def _start_run(env: dict[str, str], config: Path, *, until: str, reschedule: bool = False) -> str:
     supervised = []
     if reschedule:  # Prefect's supervisor, told to reschedule on SIGTERM (the deployment's env kept)
         job_env = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR": "reschedule"}
         supervised = ["--job-variable", f'command="{BIN / "prefect"} flow-run execute"',
                       "--job-variable", f"env={json.dumps(job_env)}"]
     started = _cli([str(BIN / "prefect"), "deployment", "run", "fusechat-pipeline/pipeline",
-                    "--param", f"config_path={config}", "--param", "until=demo_models", *supervised], env)
+                    "--param", f"config_path={config}", "--param", f"until={until}", *supervised], env)
     assert started.returncode == 0, started.stdout + started.stderr
     return re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
 
@@ -98,9 +97,11 @@ def _sigterm_during_pretraining(server, worker: subprocess.Popen, flow_run_id: s
 
 
 @pytest.mark.slow
-def test_sigterm_to_a_deployment_run_stops_it_within_10_s_and_a_retry_finishes(tmp_path, prefect_server):
+def test_sigterm_to_a_deployment_run_stops_it_within_10_s_and_a_retry_ends_as_an_uninterrupted_run(
+        tmp_path, prefect_server):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from flows.cli import main
     from flows.setup import setup_server
 
     server = prefect_server
@@ -124,14 +125,15 @@ def test_sigterm_to_a_deployment_run_stops_it_within_10_s_and_a_retry_finishes(t
                    {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, log)
     try:
         # the process worker runs `python -m prefect.engine`: SIGTERM to it, the run is Crashed
-        flow_run_id = _start_run(env, config)
+        flow_run_id = _start_run(env, config, until="demo_models")
         _sigterm_during_pretraining(server, worker, flow_run_id, store, pivot, log, process="prefect.engine")
         state = _final_state(server, flow_run_id, 60, log)
         assert state["type"] == "CRASHED", state
 
-        # a retry (a new run of the deployment and config) under Prefect's supervisor, told to
-        # reschedule: SIGTERM to the supervisor leaves the run Scheduled (AwaitingRetry) ...
-        retry = _start_run(env, config, reschedule=True)
+        # a retry (a new run of the deployment and config, to the end) under Prefect's
+        # supervisor, told to reschedule: SIGTERM to the supervisor leaves the run Scheduled
+        # (AwaitingRetry) ...
+        retry = _start_run(env, config, until="report", reschedule=True)
         _sigterm_during_pretraining(server, worker, retry, store, pivot, log, process="flow-run execute")
         # ... and the worker runs it again, the same flow run: it resumes and finishes
         state = _final_state(server, retry, 600, log)
@@ -146,8 +148,15 @@ def test_sigterm_to_a_deployment_run_stops_it_within_10_s_and_a_retry_finishes(t
     finally:
         stop(worker)  # its process group: the worker and any flow-run process it started
 
-    # what the interrupted and resumed run made equals the stage computed uninterrupted, in
-    # another store (the stage's output is this run's only artifact: it stops at demo_models)
-    clean = ArtifactStore(f"file://{tmp_path}/uninterrupted")
+    # What the interrupted and resumed run made equals an uninterrupted computation in another
+    # store: the pivot pre-trained in one go, then the rest of the run (in this process: it is
+    # not the one interrupted) from it.
+    clean_url = f"file://{tmp_path}/uninterrupted"
+    clean = ArtifactStore(clean_url)
     build_demo_model_artifact(cfg, cfg.pivot, clean, pivot)
     assert clean.manifest(pivot).digest == store.manifest(pivot).digest
+    assert main(["run", str(config), "--store", clean_url]) == 0
+    report = RunPlan(cfg).report()
+    assert store.is_complete(report, verify=True)
+    assert (Path(clean.root) / report / "report.json").read_bytes() == \
+        (Path(store.root) / report / "report.json").read_bytes()
