@@ -188,10 +188,17 @@ def _local_tokenizer(spec: ModelSpec) -> bool:
 
 def _count_dataset(plan: RunPlan, store: Any, split: str, caps: tuple[int, ...]) -> dict[int, Work] | None:
     """Tokens of a stored dataset split rendered by the pivot, cut at each cap in ``caps``."""
+    from fusechat_core.models import tokenizer_identity
+
     pivot = plan.cfg.pivot
     if not _local_tokenizer(pivot):
         return None
-    key = {"dataset": plan.dataset, "split": split, "tokenizer": [pivot.tokenizer or pivot.path, pivot.revision],
+    ref, revision = pivot.tokenizer or pivot.path, pivot.revision
+    if not ref.startswith("builtin:") and not Path(ref).is_dir():  # a hub tokenizer: its cached folder
+        ref = str(Path(hub_cached_file(ref, "tokenizer_config.json", revision)).parent)  # type: ignore[arg-type]
+        revision = None
+    # the tokenizer by its files: counts made with a folder since edited in place are not reused
+    key = {"dataset": plan.dataset, "split": split, "tokenizer": tokenizer_identity(ref, revision),
            "template": pivot.chat_template, "caps": list(caps)}
     cached = _cache_file(key)
     if cached.exists():
@@ -203,10 +210,6 @@ def _count_dataset(plan: RunPlan, store: Any, split: str, caps: tuple[int, ...])
     from fusechat_core.models import load_tokenizer
     from fusechat_core.represent import encode_rows
 
-    ref, revision = pivot.tokenizer or pivot.path, pivot.revision
-    if not ref.startswith("builtin:") and not Path(ref).is_dir():  # a hub tokenizer: its cached folder
-        ref = str(Path(hub_cached_file(ref, "tokenizer_config.json", revision)).parent)  # type: ignore[arg-type]
-        revision = None
     # the representation stage's rendering of the pivot (models.formatter_for), from local files only
     formatter = ChatFormatter(load_tokenizer(ref, revision), pivot.chat_template)
     rows = read_split(store, plan.dataset, split)

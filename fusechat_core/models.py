@@ -105,6 +105,13 @@ def _tokenizer_key(resolved: str, revision: str | None) -> tuple:
     return key
 
 
+def tokenizer_identity(ref: str, revision: str | None = None) -> list:
+    """What a tokenizer is, for keys that outlive this process: a local folder's (a built-in
+    one's, a hub cache's) by its files' bytes, so one edited in place is a new tokenizer;
+    anything else by its name and revision."""
+    return list(_tokenizer_key(resolve_ref(ref), revision))
+
+
 def load_tokenizer(ref: str, revision: str | None = None) -> Any:
     """A (cached) tokenizer; treat it as read-only."""
     resolved = resolve_ref(ref)

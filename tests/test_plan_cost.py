@@ -220,3 +220,33 @@ def test_against_names_the_input_that_changed(tiny_models, tmp_path, capsys):
     n_same = sum(c["change"] == "unchanged" for c in _diff(old, longer).values())
     assert f"unchanged ({n_same}): dataset, " in out
     assert main(["run", str(b), "--against", str(a)]) == 2  # --against needs --plan
+
+
+def test_counts_made_with_a_tokenizer_folder_edited_since_are_made_again(tiny_models, tmp_path, monkeypatch):
+    """The dataset's token counts are kept between ``--plan`` calls under the tokenizer's
+    identity: a local folder is known by its files, so one edited in place (here: its chat
+    template, which every rendered row carries) is counted again, not read from the old counts."""
+    import shutil
+
+    from fusechat_core.chat import TEMPLATES
+    from fusechat_core.cost import _count_dataset
+    from fusechat_core.data import build_dataset_artifact
+
+    monkeypatch.setenv("FUSECHAT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "pivot"
+    shutil.copytree(tiny_models["pivot"], folder)
+    cfg = _cfg(tiny_models, tmp_path)
+    cfg = cfg.model_copy(update={"pivot": cfg.pivot.model_copy(update={"path": str(folder)})})
+    plan, store = RunPlan(cfg), ArtifactStore(cfg.store)
+    build_dataset_artifact(cfg, store, plan.dataset)
+
+    (folder / "chat_template.jinja").write_text(TEMPLATES.get("mistral"))
+    before = _count_dataset(plan, store, "train", (256,))[256]
+    assert _count_dataset(plan, store, "train", (256,))[256] == before  # kept: same files
+    # the same template behind a long system preamble: every row gets longer
+    preamble = "You are a careful assistant who answers in full sentences and never guesses. " * 3
+    (folder / "chat_template.jinja").write_text(preamble + TEMPLATES.get("mistral"))
+    after = _count_dataset(plan, store, "train", (256,))[256]
+    assert after.sequences == before.sequences and after.tokens > before.tokens + 20 * before.sequences, \
+        (before, after)
+    assert len(list((tmp_path / "cache" / "plan-counts").iterdir())) == 2
