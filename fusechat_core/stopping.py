@@ -161,18 +161,13 @@ def terminate_children(grace: float = 5.0) -> None:
     doomed = []
     for child in children:
         with contextlib.suppress(psutil.Error):
-            if child.ppid() == me and any(s in " ".join(child.cmdline()) for s in _SPARED):
-                continue
-            child.terminate()
-            doomed.append(child)
-    _, alive = psutil.wait_procs(doomed, timeout=grace)
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
+            if not (child.ppid() == me and any(s in " ".join(child.cmdline()) for s in _SPARED)):
+                doomed.append(child)
+    _terminate(doomed, grace)
 
 
 def _terminate_trees(pids: list[int], grace: float) -> None:
-    """SIGTERM each process and everything under it, SIGKILL what is left after ``grace``."""
+    """Each process and everything under it."""
     import psutil
 
     doomed = []
@@ -180,10 +175,17 @@ def _terminate_trees(pids: list[int], grace: float) -> None:
         with contextlib.suppress(psutil.Error):
             root = psutil.Process(pid)
             doomed += [*root.children(recursive=True), root]
-    for proc in doomed:
+    _terminate(doomed, grace)
+
+
+def _terminate(procs: list, grace: float) -> None:
+    """SIGTERM each process, SIGKILL those still alive ``grace`` seconds later."""
+    import psutil
+
+    for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(doomed, timeout=grace)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
