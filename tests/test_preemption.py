@@ -113,6 +113,10 @@ def test_sigterm_to_a_deployment_run_stops_it_within_10_s_and_a_retry_ends_as_an
     config = tiny_run_config(tmp_path, f"file://{tmp_path}/store")
     raw = yaml.safe_load(config.read_text())
     raw["demo"]["models"]["pivot"]["steps"] = 150  # the long stage: seconds to minutes of training
+    # one source (the Mixtral one; the CLM baseline too): the run goes to the report twice here,
+    # once resumed and once uninterrupted, and the Llama source's chain would add half again
+    raw["sources"] = [s for s in raw["sources"] if s["name"] == "moe"]
+    raw["demo"]["models"].pop("deep")
     config.write_text(yaml.safe_dump(raw))
     cfg = load_config(config)
     pivot = RunPlan(cfg).demo_model(cfg.pivot)
