@@ -163,7 +163,7 @@ def pytest_unconfigure(config):
 # them (longest-processing-time-first). Approximate seconds on the 2-core CI machine; a file
 # not listed is short and keeps its place after these.
 _HEAVY_FILES = {
-    "test_demo.py": 120, "test_chaos.py": 100, "test_dask.py": 85, "test_train.py": 80,
+    "test_demo.py": 120, "test_chaos.py": 100, "test_dask.py": 130, "test_train.py": 80,
     "test_gpu_benchmark.py": 80, "test_run_errors.py": 55, "test_incremental.py": 30, "test_merge.py": 25,
     "test_dataset_stage.py": 20, "test_evaluate_generation.py": 18, "test_determinism.py": 15, "test_ablation.py": 14,
     "test_represent.py": 12,
@@ -171,7 +171,7 @@ _HEAVY_FILES = {
 # Files that change server-wide objects of the shared Prefect server (the work pool a worker
 # polls, the deployments, the crash automation, the GPU tag's limit): one unit of work, so they
 # run one after another on one xdist worker and never under each other's feet.
-_SERVER_WIDE = {"test_deployment.py": 90, "test_preemption.py": 75, "test_heartbeat.py": 20}
+_SERVER_WIDE = {"test_deployment.py": 90, "test_preemption.py": 130, "test_heartbeat.py": 20}
 _HEAVY_FILES.update(dict.fromkeys(_SERVER_WIDE, sum(_SERVER_WIDE.values())))
 
 
