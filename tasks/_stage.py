@@ -1,6 +1,8 @@
-"""What every stage task shares: the cache policy, result storage, the reference it returns,
-its run's name (``run_name``: ``represent[model=pivot, shard=1/2]``) and the summary it
-posts on the dashboard when done (``stage_done``).
+"""What every stage task shares: its decorator (``stage_task``: Prefect's ``@task`` with the
+options below, stopping with its flow run even on a Dask worker), the cache policy, result
+storage, the reference it returns, its run's name (``run_name``:
+``represent[model=pivot, shard=1/2]``) and the summary it posts on the dashboard when done
+(``stage_done``).
 
 A stage task's cache key is its artifact address (SPEC §3), so a rerun in a
 new flow run finds the finished stage and Prefect reports it Cached. Prefect's
