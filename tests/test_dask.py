@@ -143,7 +143,9 @@ def _long_training(tmp_path: Path, raw: dict, runner: dict, name: str, *, launch
     accel = tmp_path / "accelerate.yaml"
     accel.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\n"
                      "mixed_precision: 'no'\nuse_cpu: true\n")
-    long = {**raw, "store": f"file://{tmp_path}/dask", "runner": runner,
+    # No GPU tag: a killed run's slot stays taken until the server's lease on it expires, and
+    # the next run's training would wait that long for it (tens of seconds, idle).
+    long = {**raw, "store": f"file://{tmp_path}/dask", "runner": {**runner, "gpu_tag": None},
             "train": {**raw["train"], "epochs": 100, "max_steps": 400, "checkpoint_every": 3,
                       "accelerate_config": str(accel) if launch else None, "clm_baseline": False}}
     path = tmp_path / f"{name}.yaml"
