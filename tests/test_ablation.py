@@ -75,11 +75,12 @@ def test_lambda_ablation_recomputes_nothing_upstream_and_reports_gap_closed_per_
     report = json.loads(store.read_bytes(plan.report(), "report.json"))
     gaps = report["fusion"]["ablation"]["moe"]
     assert sorted(gaps, key=float) == ["0", "0.9", "1"]
-    assert gaps["1"]["model"] == "clm" and gaps["1"]["gap_closed"] == 0.0
+    # λ = 1 is the baseline itself: it closes nothing, where there is a gap to close
+    assert gaps["1"]["model"] == "clm" and gaps["1"]["gap_closed"] == (0.0 if gaps["1"]["gap"]["bpb"] > 0 else None)
     assert gaps["0"]["model"] == "target-moe-lam0" and gaps["0.9"]["model"] == "target-moe"
     for g in gaps.values():
-        lo, hi = g["interval"]
-        assert lo <= hi and set(g["per_domain"]) == {"markov"}  # moe's expert domain in the tiny world
+        assert set(g["per_domain"]) == {"markov"}  # moe's expert domain in the tiny world
+        assert g["interval"] is None or g["interval"][0] <= g["gap_closed"] <= g["interval"][1], g
     # the gap closed at λ = 0.9 is the report's own figure for target-moe
     assert gaps["0.9"]["gap_closed"] == report["fusion"]["gap_closed"]["target-moe"]["gap_closed"]
     assert "plots/gap_closed.png" in report["plots"]

@@ -212,7 +212,8 @@ def test_margins_carry_paired_bootstrap_intervals_and_the_gap_closed(tmp_path):
     assert f["bootstrap"]["resamples"] >= 1000 and f["bootstrap"]["level"] == 0.95
     # gap closed in bits per byte, by hand: 1 nat of 3 per sequence, the same bytes
     g = f["gap_closed"]["target-x"]
-    assert g["source"] == "x" and g["gap_closed"] == pytest.approx(1 / 3)
+    assert g["source"] == "x" and g["gap_closed"] == pytest.approx(1 / 3) and g["status"] == "closed"
+    assert g["gap"]["bpb"] == pytest.approx(3 / (40 * math.log(2))) and g["gap"]["interval"][0] > 0
     bpb_clm = sum(b for i, b in enumerate(base) if i % 2 == 0) / (30 * 40 * math.log(2))
     assert g["per_domain"]["a"]["bpb"]["clm"] == pytest.approx(bpb_clm)
     assert g["interval"][0] < 1 / 3 < g["interval"][1] and g["interval"][1] - g["interval"][0] < 0.2
@@ -228,4 +229,39 @@ def test_margins_carry_paired_bootstrap_intervals_and_the_gap_closed(tmp_path):
     assert "**target-x**: 33.3%" in md and "| x | 0 | target-x-lam0 | 66.7% [" in md
     assert "| target-x | x | mince | 75.0% | 90% | 20% |" in md
     assert rep["plots"][:2] == ["plots/fusion_margin.png", "plots/gap_closed.png"]
+    assert Image.open(tmp_path / "plots" / "gap_closed.png").size == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
+
+
+def test_the_gap_closed_is_no_share_where_the_baseline_already_matches_the_expert(tmp_path):
+    """A share of the gap means something only where the source is better than the baseline.
+    Domain a: the source is *worse* than clm (a ratio there, 1 / -2 = -50%, would say "moved
+    away from the expert" of a move toward a better model); domain b: a gap of 0.05 nats a
+    sequence under a noise of ±3, so the ratio's interval is unbounded."""
+    n = 60
+    base = [20.0 + (i * 7 % 11) for i in range(n)]
+    wobble = [0.5 if (i // 2) % 2 else -0.5 for i in range(n)]  # mean 0 within each domain
+    per_model = {"clm": base,
+                 "target-x": [b - (1.0 if i % 2 == 0 else 0.02) for i, b in enumerate(base)],
+                 "x": [b + 2.0 if i % 2 == 0 else b - 0.05 + 6 * w for i, (b, w) in enumerate(zip(base, wobble))]}
+    tokens = {"clm": 10, "target-x": 10, "x": 8}
+    roles = {"clm": "clm", "merges": [], "targets": {"target-x": {"source": "x", "expert_domains": ["a", "b"]}},
+             "ablation": {"x": {"1.0": "clm", "0.9": "target-x"}}}
+    rep = build_report("Run", _seq_results(per_model, tokens, ["a", "b"]), tmp_path, roles=roles)
+    g = json.loads((tmp_path / "report.json").read_text())["fusion"]["gap_closed"]["target-x"]
+    a, b = g["per_domain"]["a"], g["per_domain"]["b"]
+    per_byte = 1 / (40 * math.log(2))  # one nat a sequence of 40 bytes, in bits per byte
+    assert a["gap"]["bpb"] == pytest.approx(-2.0 * per_byte)
+    assert a["gap_closed"] is None and a["interval"] is None and a["status"] == "no gap"
+    assert a["gap"]["interval"][1] < 0
+    assert b["gap"]["bpb"] == pytest.approx(0.05 * per_byte)
+    assert b["gap"]["interval"][0] < 0 < b["gap"]["interval"][1]
+    assert b["gap_closed"] == pytest.approx(0.02 / 0.05) and b["interval"] is None
+    assert b["status"] == "gap not distinguishable from 0"
+    # over both domains the source is worse than the baseline: no share either
+    assert g["gap_closed"] is None and g["status"] == "no gap"
+    assert g["gap"]["bpb"] == pytest.approx((-2.0 + 0.05) / 2 * per_byte)
+    md = rep["markdown"]
+    assert "a no gap to close (the baseline is at least as good as the source: -0.072 BPB)" in md
+    assert "b 40.0% (no interval: the gap itself, +0.002 [" in md and "is not distinguishable from 0)" in md
+    assert "| x | 1 | clm | no gap to close" in md  # λ = 1 is the baseline: nothing moved, no gap to move into
     assert Image.open(tmp_path / "plots" / "gap_closed.png").size == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)

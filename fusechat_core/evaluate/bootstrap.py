@@ -14,6 +14,7 @@ statistic over the resamples; the point estimate is the statistic on the data.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -66,7 +67,9 @@ def paired_bootstrap(strata: Sequence[str], values: np.ndarray,
         estimate = np.asarray(statistic(observed[None]))[0]
         samples = np.asarray(statistic(resampled))
     tail = 100 * (1 - level) / 2
-    low, high = np.nanpercentile(samples, [tail, 100 - tail], axis=0)
+    with warnings.catch_warnings():  # a figure undefined in every resample: NaN, said by the caller
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanpercentile(samples, [tail, 100 - tail], axis=0)
     return estimate, low, high
 
 

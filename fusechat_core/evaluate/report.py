@@ -238,12 +238,30 @@ def _margins(results: Mapping[str, dict], clm: str, model: str, over: Sequence[s
             "intervals_all": {d: _interval(lo[n + 1 + k], hi[n + 1 + k]) for k, d in enumerate(rest)}}
 
 
+def _share(est: float, lo: float, hi: float, gap: float, gap_lo: float, gap_hi: float) -> dict[str, Any]:
+    """One share of the gap closed, read as far as the data allow. The ratio means something
+    only where the expert is better than the baseline: with no gap (the baseline already as
+    good as the source) it is ``None``; with a gap whose interval reaches 0 the ratio's interval
+    is unbounded (a denominator that may be 0), so only the estimate is given."""
+    out: dict[str, Any] = {"gap": {"bpb": float(gap), "interval": _interval(gap_lo, gap_hi)}}
+    if not gap > 0:
+        return {**out, "gap_closed": None, "interval": None, "status": "no gap"}
+    if not gap_lo > 0:
+        return {**out, "gap_closed": float(est), "interval": None, "status": "gap not distinguishable from 0"}
+    return {**out, "gap_closed": float(est), "interval": _interval(lo, hi), "status": "closed"}
+
+
 def gap_closed(results: Mapping[str, dict], clm: str, target: str, source: str,
                over: Sequence[str]) -> dict[str, Any] | None:
     """Share of the gap between plain fine-tuning and the expert that fusion closed, in bits per
     byte (the source speaks other tokens): ``(BPB_clm − BPB_target) / (BPB_clm − BPB_source)``
     per data source of ``over`` and over them (mean BPB, each data source weighted equally),
-    each with a paired bootstrap interval (the three models resampled on the same sequences)."""
+    each with a paired bootstrap interval (the three models resampled on the same sequences).
+
+    The gap itself, ``BPB_clm − BPB_source``, comes with its interval; ``status`` says how far
+    the share can be read (``_share``): ``closed``, ``gap not distinguishable from 0`` (estimate,
+    no interval) or ``no gap`` (the baseline is already at least as good as the expert: no share).
+    """
     found = _columns_over(results, [clm, target, source], over) if over else None
     if found is None:
         return None
@@ -254,17 +272,26 @@ def gap_closed(results: Mapping[str, dict], clm: str, target: str, source: str,
 
     def stat(sums: np.ndarray) -> np.ndarray:
         c, t, s = bpb(sums, 0), bpb(sums, 1), bpb(sums, 2)
-        per = (c - t) / (c - s)
-        pooled = (c.mean(-1) - t.mean(-1)) / (c.mean(-1) - s.mean(-1))
-        return np.concatenate([per, pooled[..., None], c, t, s], axis=-1)
+        gap = np.concatenate([c - s, (c.mean(-1) - s.mean(-1))[..., None]], axis=-1)
+        moved = np.concatenate([c - t, (c.mean(-1) - t.mean(-1))[..., None]], axis=-1)
+        # a resample without a gap has no share: left out of the interval (NaN), which is
+        # read only when the gap's own interval lies above 0
+        share = np.where(gap > 0, moved / np.where(gap > 0, gap, 1.0), np.nan)
+        return np.concatenate([share, gap, c, t, s], axis=-1)
 
     est, lo, hi = paired_bootstrap(strata, values, stat, n_resamples=N_RESAMPLES, seed=SEED, level=LEVEL)
     n = len(over)
-    return {"domains": list(over), "gap_closed": float(est[n]), "interval": _interval(lo[n], hi[n]),
-            "per_domain": {d: {"gap_closed": float(est[k]), "interval": _interval(lo[k], hi[k]),
-                               "bpb": {"clm": float(est[n + 1 + k]), "target": float(est[2 * n + 1 + k]),
-                                       "source": float(est[3 * n + 1 + k])}}
-                           for k, d in enumerate(over)}}
+
+    def share(k: int) -> dict[str, Any]:
+        g = n + 1 + k
+        return _share(est[k], lo[k], hi[k], est[g], lo[g], hi[g])
+
+    def bpbs(k: int) -> dict[str, float]:
+        at = 2 * (n + 1) + k
+        return {"clm": float(est[at]), "target": float(est[at + n]), "source": float(est[at + 2 * n])}
+
+    return {"domains": list(over), **share(n),
+            "per_domain": {d: {**share(k), "bpb": bpbs(k)} for k, d in enumerate(over)}}
 
 
 def fusion_vs_clm(domains: Mapping[str, Mapping[str, dict]], roles: Mapping[str, Any],
@@ -341,6 +368,17 @@ def _ci(iv: Sequence[float] | None, digits: int = 4, pct: bool = False) -> str:
     return f" [{iv[0]:+.{digits}f}, {iv[1]:+.{digits}f}]"
 
 
+def _share_text(x: Mapping[str, Any]) -> str:
+    """A share of the gap closed in words, as far as ``x['status']`` lets it be read."""
+    gap = x.get("gap") or {}
+    if x.get("gap_closed") is None:
+        return f"no gap to close (the baseline is at least as good as the source: {gap.get('bpb', 0.0):+.3f} BPB)"
+    if x.get("interval") is None:
+        return (f"{x['gap_closed']:.1%} (no interval: the gap itself, {gap['bpb']:+.3f}"
+                f"{_ci(gap['interval'], digits=3)} BPB, is not distinguishable from 0)")
+    return f"{x['gap_closed']:.1%}{_ci(x['interval'], pct=True)}"
+
+
 def fusion_markdown(fusion: Mapping[str, Any] | None) -> list[str]:
     if not fusion:
         return []
@@ -371,11 +409,10 @@ def fusion_markdown(fusion: Mapping[str, Any] | None) -> list[str]:
                   "other tokens) on the source's expert data: 0 is plain fine-tuning, 1 the expert itself. "
                   "Intervals: the same paired bootstrap, the three models on the same sequences.", ""]
         for label, g in fusion["gap_closed"].items():
-            per = ", ".join(f"{d} {x['gap_closed']:.1%}{_ci(x['interval'], pct=True)} (BPB {clm} "
+            per = ", ".join(f"{d} {_share_text(x)} (BPB {clm} "
                             f"{x['bpb']['clm']:.3f}, target {x['bpb']['target']:.3f}, {g['source']} "
                             f"{x['bpb']['source']:.3f})" for d, x in g["per_domain"].items())
-            lines.append(f"- **{label}**: {g['gap_closed']:.1%}{_ci(g['interval'], pct=True)} of the gap to "
-                         f"`{g['source']}` (per data source: {per})")
+            lines.append(f"- **{label}**: {_share_text(g)} of the gap to `{g['source']}` (per data source: {per})")
         lines.append("")
     if fusion.get("ablation"):
         lines += ["### λ ablation: gap closed against λ", "",
@@ -384,10 +421,8 @@ def fusion_markdown(fusion: Mapping[str, Any] | None) -> list[str]:
                   "|---|---:|---|---:|---|"]
         for source, by_lam in fusion["ablation"].items():
             for lam, g in by_lam.items():
-                per = ", ".join(f"{d} {x['gap_closed']:.1%}{_ci(x['interval'], pct=True)}"
-                                for d, x in g["per_domain"].items())
-                lines.append(f"| {source} | {float(lam):g} | {g['model']} | {g['gap_closed']:.1%}"
-                             f"{_ci(g['interval'], pct=True)} | {per} |")
+                per = ", ".join(f"{d} {_share_text(x)}" for d, x in g["per_domain"].items())
+                lines.append(f"| {source} | {float(lam):g} | {g['model']} | {_share_text(g)} | {per} |")
         lines.append("")
     return lines
 
@@ -447,23 +482,36 @@ def plot_gap_closed(fusion: Mapping[str, Any], out_dir: str | Path) -> Path:
                  for label, g in gaps.items()}
     _grouped_bars(axes[0], groups, series, "share of the BPB gap closed", intervals)
     axes[0].axhline(0.0, color="black", linewidth=0.8)
+    width = 0.8 / max(len(series), 1)
+    for k, (label, vals) in enumerate(series.items()):
+        for i, (d, v) in enumerate(zip(groups, vals)):
+            if v is None and d in gaps[label]["per_domain"]:  # a missing bar, not a share of 0
+                axes[0].text(i + (k - (len(series) - 1) / 2) * width, 0.0, "no gap", ha="center", va="bottom",
+                             rotation=90, fontsize="x-small")
     axes[0].set_title("Gap to the expert closed (0: plain fine-tuning, 1: the expert)", fontsize="medium")
     if ablation:
         ax = axes[1]
         for source, by_lam in ablation.items():
             lams = sorted(by_lam, key=float)
             for d in by_lam[lams[0]]["per_domain"]:
-                ys = [by_lam[lam]["per_domain"][d]["gap_closed"] for lam in lams]
-                err = [[max(y - by_lam[lam]["per_domain"][d]["interval"][0], 0.0) for y, lam in zip(ys, lams)],
-                       [max(by_lam[lam]["per_domain"][d]["interval"][1] - y, 0.0) for y, lam in zip(ys, lams)]]
-                ax.errorbar([float(lam) for lam in lams], ys, yerr=err, marker="o", capsize=3,
+                # a λ whose share has no interval (no gap, or one that reaches 0) is not drawn as
+                # a point with a bar it does not have
+                pts = [(float(lam), x["gap_closed"], x["interval"]) for lam in lams
+                       for x in [by_lam[lam]["per_domain"][d]] if x["interval"] is not None]
+                if not pts:
+                    continue
+                err = [[max(y - iv[0], 0.0) for _, y, iv in pts], [max(iv[1] - y, 0.0) for _, y, iv in pts]]
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, marker="o", capsize=3,
                             label=f"{source}: {d}")
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xlabel("λ (weight of the CLM loss)")
         ax.set_ylabel("share of the BPB gap closed")
         ax.set_title("Gap closed against λ", fontsize="medium")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no λ has a gap to close with an interval", transform=ax.transAxes, ha="center")
     return _save(fig, out / "gap_closed.png")
 
 
