@@ -117,6 +117,15 @@ def gc_collections(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.fixture(scope="session")
+def deployed_run(session_tmp: Path, prefect_server, s3_server):
+    """The pipeline run by a deployment on a process worker into S3, once per session
+    (tests/deployed_run.py): test_deployment checks it, test_preemption compares with it."""
+    from tests.deployed_run import run_deployment
+
+    return run_deployment(session_tmp / "deployed-run", prefect_server, s3_server)
+
+
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
     """Credentials and endpoint of the test server, in the environment only (as in production)."""
@@ -171,7 +180,7 @@ _HEAVY_FILES = {
 # Files that change server-wide objects of the shared Prefect server (the work pool a worker
 # polls, the deployments, the crash automation, the GPU tag's limit): one unit of work, so they
 # run one after another on one xdist worker and never under each other's feet.
-_SERVER_WIDE = {"test_deployment.py": 90, "test_preemption.py": 130, "test_heartbeat.py": 20}
+_SERVER_WIDE = {"test_deployment.py": 65, "test_preemption.py": 65, "test_heartbeat.py": 20}
 _HEAVY_FILES.update(dict.fromkeys(_SERVER_WIDE, sum(_SERVER_WIDE.values())))
 
 

@@ -10,7 +10,8 @@ Scheduled state) and stops the engine, which exits without proposing one (Prefec
 ``cli/flow_run.py`` ``execute`` and ``flow_engine.py``'s supervisor-owned intents). The
 supervisor and the flow-run process are gone within 10 s, the run is Scheduled, and the
 worker picks the same flow run up again: it resumes and runs the whole pipeline, and its
-``report.json`` is byte for byte an uninterrupted run's.
+``report.json`` is byte for byte an uninterrupted run's: test_deployment's run of the same
+config into S3 (tests/deployed_run.py), made once for both files.
 
 The long stage is the demo models' pre-training (many steps for the pivot), the first stage.
 """
@@ -26,20 +27,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
 from fusechat_core.config import load_config
-from fusechat_core.demo import build_demo_model_artifact
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
+from tests.deployed_run import cli, preemption_config
 from tests.prefect_server import BIN, REPO, spawn, stop, wait_until
-from tests.tiny_config import tiny_run_config
 
 LIMIT_S = 10.0
-
-
-def _cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def _start_run(env: dict[str, str], config: Path, *, until: str, reschedule: bool = False) -> str:
@@ -48,7 +43,7 @@ def _start_run(env: dict[str, str], config: Path, *, until: str, reschedule: boo
         job_env = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR": "reschedule"}
         supervised = ["--job-variable", f'command="{BIN / "prefect"} flow-run execute"',
                       "--job-variable", f"env={json.dumps(job_env)}"]
-    started = _cli([str(BIN / "prefect"), "deployment", "run", "fusechat-pipeline/pipeline",
+    started = cli([str(BIN / "prefect"), "deployment", "run", "fusechat-pipeline/pipeline",
                     "--param", f"config_path={config}", "--param", f"until={until}", *supervised], env)
     assert started.returncode == 0, started.stdout + started.stderr
     return re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
@@ -98,10 +93,9 @@ def _sigterm_during_pretraining(server, worker: subprocess.Popen, flow_run_id: s
 
 @pytest.mark.slow
 def test_sigterm_to_a_deployment_run_stops_it_within_10_s_and_a_retry_ends_as_an_uninterrupted_run(
-        tmp_path, prefect_server):
+        tmp_path, prefect_server, s3_env, deployed_run):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.cli import main
     from flows.setup import setup_server
 
     server = prefect_server
@@ -110,19 +104,14 @@ def test_sigterm_to_a_deployment_run_stops_it_within_10_s_and_a_retry_ends_as_an
     with temporary_settings(updates={PREFECT_API_URL: server.api}):
         setup_server(gpu_limit=1, heartbeat_timeout_s=90, work_pool="fusechat-local")
 
-    config = tiny_run_config(tmp_path, f"file://{tmp_path}/store")
-    raw = yaml.safe_load(config.read_text())
-    raw["demo"]["models"]["pivot"]["steps"] = 150  # the long stage: seconds to minutes of training
-    # one source (the Mixtral one; the CLM baseline too): the run goes to the report twice here,
-    # once resumed and once uninterrupted, and the Llama source's chain would add half again
-    raw["sources"] = [s for s in raw["sources"] if s["name"] == "moe"]
-    raw["demo"]["models"].pop("deep")
-    config.write_text(yaml.safe_dump(raw))
+    # the deployment test's config (one source: the run goes to the report here once resumed,
+    # and once uninterrupted there), in a local store
+    config = preemption_config(tmp_path, f"file://{tmp_path}/store")
     cfg = load_config(config)
     pivot = RunPlan(cfg).demo_model(cfg.pivot)
     store = ArtifactStore(cfg.store)
 
-    deploy = _cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "pipeline"], env)
+    deploy = cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "pipeline"], env)
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
     log = tmp_path / "worker.log"
     worker = spawn([str(BIN / "prefect"), "worker", "start", "--pool", "fusechat-local", "--limit", "1"],
@@ -152,15 +141,15 @@ def test_sigterm_to_a_deployment_run_stops_it_within_10_s_and_a_retry_ends_as_an
     finally:
         stop(worker)  # its process group: the worker and any flow-run process it started
 
-    # What the interrupted and resumed run made equals an uninterrupted computation in another
-    # store: the pivot pre-trained in one go, then the rest of the run (in this process: it is
-    # not the one interrupted) from it.
-    clean_url = f"file://{tmp_path}/uninterrupted"
-    clean = ArtifactStore(clean_url)
-    build_demo_model_artifact(cfg, cfg.pivot, clean, pivot)
+    # What the interrupted and resumed run made equals the uninterrupted run of the same
+    # config (the deployment test's, into S3): the pivot, whose pre-training was cut twice,
+    # and the report at the end of the chain.
+    reference = load_config(deployed_run.config)
+    assert deployed_run.state["type"] == "COMPLETED", deployed_run.state
+    assert reference.model_dump(exclude={"store"}) == cfg.model_dump(exclude={"store"})
+    clean = ArtifactStore(reference.store)
     assert clean.manifest(pivot).digest == store.manifest(pivot).digest
-    assert main(["run", str(config), "--store", clean_url]) == 0
     report = RunPlan(cfg).report()
-    assert store.is_complete(report, verify=True)
-    assert (Path(clean.root) / report / "report.json").read_bytes() == \
-        (Path(store.root) / report / "report.json").read_bytes()
+    assert RunPlan(reference).report() == report
+    assert store.is_complete(report, verify=True) and clean.is_complete(report, verify=True)
+    assert clean.read_bytes(report, "report.json") == store.read_bytes(report, "report.json")
