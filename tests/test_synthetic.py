@@ -43,3 +43,26 @@ def test_ballad_words_follow_the_grammar_probabilities():
     # and the first line is one or two clauses, 70:30
     two = sum(" and " in t.split(". ")[0] for t in _answers("ballad", 3000))
     assert abs(two / 3000 - 0.3) < 0.03
+
+
+def test_the_floor_benchmark_draws_answers_as_the_generators_do():
+    """benchmarks/demo_floor.py samples the domains with its own code to know each answer's
+    probability: its answers must be distributed as the generators' (same lengths in bytes,
+    same sentence counts), or its floor is another world's."""
+    import random
+    import statistics
+
+    from benchmarks import demo_floor
+
+    for domain, draw in (("markov", demo_floor.markov), ("ballad", demo_floor.ballad)):
+        rng = random.Random(5)
+        mine = [draw(rng)[1] for _ in range(4000)]
+        real = [len(t.encode()) for t in _answers(domain, 4000)]
+        assert abs(statistics.fmean(mine) / statistics.fmean(real) - 1) < 0.02, domain
+        assert abs(statistics.pstdev(mine) / statistics.pstdev(real) - 1) < 0.05, domain
+    # a floor is a mean of -log2 p over bytes: positive, under a bit a byte for these low-entropy
+    # domains, and stable across seeds to its standard error
+    for draw in (demo_floor.markov, demo_floor.ballad):
+        a, se = demo_floor.floor(draw, 3000, seed=1)
+        b, _ = demo_floor.floor(draw, 3000, seed=2)
+        assert 0 < a < 1 and abs(a - b) < 6 * se
