@@ -30,7 +30,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "merge": 1,
     "mt_bench_answers": 1,
     "evaluate": 2,  # 2: held-out NLL per sequence, for the report's bootstrap
-    "report": 3,  # 3: intervals, gap closed, the λ ablation, the why table
+    "report": 4,  # 3: intervals, gap closed, the λ ablation, the why table; 4: no share without a gap
 }
 
 

@@ -485,9 +485,13 @@ def plot_gap_closed(fusion: Mapping[str, Any], out_dir: str | Path) -> Path:
     width = 0.8 / max(len(series), 1)
     for k, (label, vals) in enumerate(series.items()):
         for i, (d, v) in enumerate(zip(groups, vals)):
-            if v is None and d in gaps[label]["per_domain"]:  # a missing bar, not a share of 0
-                axes[0].text(i + (k - (len(series) - 1) / 2) * width, 0.0, "no gap", ha="center", va="bottom",
-                             rotation=90, fontsize="x-small")
+            entry = gaps[label]["per_domain"].get(d)
+            if entry is None or entry["interval"] is not None:
+                continue
+            # a missing bar is no share of 0, and a bar without an error bar has none to draw
+            axes[0].text(i + (k - (len(series) - 1) / 2) * width, max(v or 0.0, 0.0),
+                         "no gap" if v is None else "gap ≈ 0: no interval", ha="center", va="bottom",
+                         rotation=90, fontsize="x-small")
     axes[0].set_title("Gap to the expert closed (0: plain fine-tuning, 1: the expert)", fontsize="medium")
     if ablation:
         ax = axes[1]
