@@ -5,7 +5,8 @@ synthetic.py``), so the best any model can do on them, its expected bits per UTF
 the answer, is the generator's entropy: the mean of ``-log2 p(answer)`` over answers it draws,
 divided by their mean length in bytes. Each answer's probability is that of the choices that
 made it (both domains are unambiguous: the answer determines the choices). This script draws
-the answers with its own sampler of the world's tables (``markov_chain()``, ``GRAMMAR``) and
+the answers with its own sampler of the world's tables (``markov_chain()``, ``GRAMMAR``,
+``ballad_choices``) and
 the generators' lengths (12-24 Markov steps, 1 or 2 ballad lines, uniform), a second
 implementation of the generators' structure, and prints each floor with its Monte Carlo
 standard error.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusechat_core.data.synthetic import _WORDS, GRAMMAR, markov_chain  # noqa: E402
+from fusechat_core.data.synthetic import _WORDS, GRAMMAR, WORD_CLASSES, ballad_choices, markov_chain  # noqa: E402
 
 MARKOV_STEPS = (12, 24)  # synthetic._markov: rng.randint(12, 24) words after the prompt's
 BALLAD_LINES = (1, 2)  # synthetic._ballad: rng.randint(1, 2) lines
@@ -51,16 +52,16 @@ def markov(rng: random.Random) -> tuple[float, int]:
     return bits, len((" ".join(words[1:]) + ".").encode())
 
 
-def _expand(rng: random.Random, symbol: str) -> tuple[list[str], float]:
+def _expand(rng: random.Random, symbol: str, words: list[str]) -> float:
+    if symbol in WORD_CLASSES:  # a word of the class, among the three its predecessor allows
+        word, bits = _choose(rng, list(ballad_choices(symbol, words[-1] if words else "")))
+        words.append(word)
+        return bits
     if symbol not in GRAMMAR:
-        return [symbol], 0.0
+        words.append(symbol)
+        return 0.0
     expansion, bits = _choose(rng, GRAMMAR[symbol])
-    words = []
-    for part in expansion:
-        w, b = _expand(rng, part)
-        words += w
-        bits += b
-    return words, bits
+    return bits + sum(_expand(rng, part, words) for part in expansion)
 
 
 def ballad(rng: random.Random) -> tuple[float, int]:
@@ -68,9 +69,9 @@ def ballad(rng: random.Random) -> tuple[float, int]:
     bits = math.log2(BALLAD_LINES[1] - BALLAD_LINES[0] + 1)
     lines = []
     for _ in range(n):
-        words, b = _expand(rng, "LINE")
+        words: list[str] = []
+        bits += _expand(rng, "LINE", words)
         lines.append(" ".join(words))
-        bits += b
     return bits, len((". ".join(line.capitalize() for line in lines) + ".").encode())
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fusechat_core.config import EvaluateConfig, ModelSpec, RunConfig
+from fusechat_core.data import synthetic
 from fusechat_core.data.presets import sources_of
 from fusechat_core.merge.methods import method_parameters
 from fusechat_core.models import resolve_mixed_precision
@@ -149,7 +150,8 @@ class RunPlan:
         name = spec.path[len("demo:"):]
         section = {"model": self.cfg.demo.models[name],
                    "training": self.cfg.demo.model_dump(exclude={"models"}),
-                   "tokenizer": spec.tokenizer, "chat_template": spec.chat_template}
+                   "tokenizer": spec.tokenizer, "chat_template": spec.chat_template,
+                   "world": synthetic.WORLD_VERSION}
         return self._address("demo_models", section, key=name)
 
     def demo_specs(self) -> list[ModelSpec]:
@@ -175,6 +177,8 @@ class RunPlan:
             # with it every address that does not read the new source.
             "pivot_tokenizer": self.pivot_tokenizer(),
         }
+        if any(s.path.startswith("demo:") for s in section["sources"]):
+            section["demo_world"] = synthetic.WORLD_VERSION  # only where the synthetic world is read
         return self._address("dataset", section)
 
     def pivot_tokenizer(self) -> tuple[str, str | None]:

@@ -30,16 +30,27 @@ def test_markov_transitions_follow_the_chain():
         assert abs(counts[word][nxt] / total - p) < 0.05, (nxt, counts[word][nxt] / total, p)
 
 
-def test_ballad_words_follow_the_grammar_probabilities():
-    # Every noun is drawn from NOUN's rule alone, whatever expands around it: its share
-    # of noun slots is the rule probability.
-    nouns = dict((w[0], p) for w, p in synthetic.GRAMMAR["NOUN"])
-    seen = collections.Counter(w for text in _answers("ballad", 3000)
-                               for w in text.lower().replace(".", " ").split() if w in nouns)
-    total = sum(seen.values())
-    assert total > 3000
-    for w, p in nouns.items():
-        assert abs(seen[w] / total - p) < 0.03, (w, seen[w] / total, p)
+def test_ballad_words_follow_the_word_before_them():
+    # A noun right after a determiner is one of the three ballad_choices("NOUN", that
+    # determiner) allows, with their probabilities; which three differs between determiners.
+    follow: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    lines = [line for text in _answers("ballad", 3000) for line in text.lower().rstrip(".").split(". ")]
+    for line in lines:
+        words = line.split()
+        for a, b in zip(words, words[1:]):
+            if a in synthetic.WORD_CLASSES["DET"] and b in synthetic.WORD_CLASSES["NOUN"]:
+                follow[a][b] += 1
+    assert len(follow) == len(synthetic.WORD_CLASSES["DET"])
+    allowed = {d: dict(synthetic.ballad_choices("NOUN", d)) for d in follow}
+    assert len({tuple(sorted(a)) for a in allowed.values()}) > 1  # the context matters
+    for det, seen in follow.items():
+        total = sum(seen.values())
+        assert total > 150 and set(seen) <= set(allowed[det]), (det, seen)
+        for noun, p in allowed[det].items():
+            assert abs(seen[noun] / total - p) < 0.08, (det, noun, seen[noun] / total, p)
+    # a line's first word is one of the three determiners a line may start with
+    starts = collections.Counter(line.split()[0] for line in lines)
+    assert set(starts) == {w for w, _ in synthetic.ballad_choices("DET", "")}
     # and the first line is one or two clauses, 70:30
     two = sum(" and " in t.split(". ")[0] for t in _answers("ballad", 3000))
     assert abs(two / 3000 - 0.3) < 0.03

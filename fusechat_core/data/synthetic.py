@@ -3,9 +3,10 @@
 Domains of different character, so that fusion has something to show:
 ``markov`` text whose next word is genuinely uncertain (a fixed Markov chain
 with known transition probabilities), ``ballad`` lines from a stochastic
-grammar (known rule probabilities, other words), and tasks with one right answer:
+grammar whose words depend on the word before (known probabilities, other
+words), and tasks with one right answer:
 ``arithmetic``, ``reverse`` (string transformation) and ``facts`` (lookups in
-a generated fact table). The *world* (chain, fact table) is fixed by
+a generated fact table). The *world* (chain, grammar's word tables, fact table) is fixed by
 ``WORLD_SEED``; the run seed only picks which examples are drawn, so the
 held-out split and training data come from the same world.
 """
@@ -15,11 +16,15 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Iterator
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from fusechat_core.registry import Registry
 
 WORLD_SEED = 20240226
+# Bumped when a domain's generator changes what it draws: the addresses of the demo's datasets
+# and models carry it (plan.py), so a store made in an older world is not read as this one's,
+# and a run on real data keeps its addresses. 2: ballad words depend on the word before.
+WORLD_VERSION = 2
 DOMAINS: Registry[Callable[[random.Random], tuple[str, str]]] = Registry("synthetic domain")
 
 _SYLLABLES = ["ka", "lo", "mi", "ra", "ten", "su", "vi", "dor", "pa", "gen", "lu", "sha", "ko", "ber", "ni", "tal"]
@@ -67,39 +72,56 @@ def _markov(rng: random.Random) -> tuple[str, str]:
     return f"Continue the story: {word}", " ".join(words[1:]) + "."
 
 
-def _zipf(words: str) -> list[tuple[tuple[str, ...], float]]:
-    """Word choices with probabilities ∝ 1/rank: a few common words and a long tail."""
-    ws = words.split()
-    z = sum(1 / (r + 1) for r in range(len(ws)))
-    return [((w,), 1 / (r + 1) / z) for r, w in enumerate(ws)]
-
-
-# A stochastic grammar: nonterminal -> [(expansion, probability)]. Its words are not the
-# Markov chain's, so the two uncertain domains are distinct skills; each is one token in
-# every demo tokenizer, so the domain measures what a model knows, not how well two
-# vocabularies line up (a word one tokenizer splits has no 1-to-1 partner, SPEC §1.3).
+# A stochastic grammar whose words depend on the word before them. Rules: nonterminal ->
+# [(expansion, probability)]; a word class (DET, ADJ, NOUN, VERB, PREP) is filled by one of
+# three of its words, with probabilities 0.6, 0.3 and 0.1, and WHICH three depends on the word
+# before it (``ballad_choices``): a table of some eighty contexts that a model learns only from
+# many lines, as it learns the Markov chain's. Its words are not the chain's, so the two
+# uncertain domains are distinct skills; each is one token in every demo tokenizer, so the
+# domain measures what a model knows, not how well two vocabularies line up (a word one
+# tokenizer splits has no 1-to-1 partner, SPEC §1.3).
 GRAMMAR: dict[str, list[tuple[tuple[str, ...], float]]] = {
     "LINE": [(("NP", "VP"), 0.7), (("NP", "VP", "and", "VP"), 0.3)],
     "NP": [(("DET", "NOUN"), 0.6), (("DET", "ADJ", "NOUN"), 0.4)],
     "VP": [(("VERB", "NP"), 0.5), (("VERB", "PREP", "NP"), 0.3), (("VERB",), 0.2)],
-    "DET": _zipf("the a every one no this that"),
-    "ADJ": _zipf("cold dark old young red white black long small great wild"),
-    "NOUN": _zipf("ship sea star night king queen man woman child bird horse wolf fire stone river road"),
-    "VERB": _zipf("saw heard called found kept took gave held turned walked followed left met lost"),
-    "PREP": _zipf("near over under past with from"),
 }
+WORD_CLASSES: dict[str, tuple[str, ...]] = {
+    "DET": tuple("the a every one no this that".split()),
+    "ADJ": tuple("cold dark old young red white black long small great wild".split()),
+    "NOUN": tuple("ship sea star night king queen man woman child bird horse wolf fire stone river road".split()),
+    "VERB": tuple("saw heard called found kept took gave held turned walked followed left met lost".split()),
+    "PREP": tuple("near over under past with from".split()),
+}
+CHOICE_PROBS = (0.6, 0.3, 0.1)
 
 
-def _expand(rng: random.Random, symbol: str) -> list[str]:
-    if symbol not in GRAMMAR:
-        return [symbol]
-    expansions, probs = zip(*GRAMMAR[symbol])
-    return [w for part in rng.choices(expansions, probs)[0] for w in _expand(rng, part)]
+@cache
+def ballad_choices(word_class: str, previous: str) -> tuple[tuple[str, float], ...]:
+    """The words that may fill ``word_class`` after the word ``previous`` (``""`` at the start
+    of a line), with their probabilities: three of the class, fixed by the world's seed."""
+    words = _rng(WORLD_SEED, "ballad", word_class, previous).sample(WORD_CLASSES[word_class], 3)
+    return tuple(zip(words, CHOICE_PROBS))
+
+
+def _expand(rng: random.Random, symbol: str, words: list[str]) -> None:
+    if symbol in WORD_CLASSES:
+        choices, probs = zip(*ballad_choices(symbol, words[-1] if words else ""))
+        words.append(rng.choices(choices, probs)[0])
+    elif symbol in GRAMMAR:
+        expansions, probs = zip(*GRAMMAR[symbol])
+        for part in rng.choices(expansions, probs)[0]:
+            _expand(rng, part, words)
+    else:
+        words.append(symbol)
 
 
 @DOMAINS.register("ballad")
 def _ballad(rng: random.Random) -> tuple[str, str]:
-    lines = [" ".join(_expand(rng, "LINE")) for _ in range(rng.randint(1, 2))]
+    lines = []
+    for _ in range(rng.randint(1, 2)):
+        words: list[str] = []
+        _expand(rng, "LINE", words)
+        lines.append(" ".join(words))
     return "Sing a line of the ballad.", ". ".join(line.capitalize() for line in lines) + "."
 
 
