@@ -43,6 +43,10 @@ def _float32_rate(value: float) -> float:
     return value
 
 
+def _optional_float32_rate(value: float | None) -> float | None:
+    return None if value is None else _float32_rate(value)
+
+
 class _Section(BaseModel):
     # No setting means anything as NaN or infinity (`learning_rate: .inf` trained to NaN).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -347,6 +351,12 @@ class DemoModelSpec(_Section):
     intermediate: int = Field(default=128, ge=8)
     domains: dict[str, float]  # pre-training mixture: synthetic domain -> weight
     steps: int = Field(default=200, ge=0)
+    # this model's own peak learning rate (``demo.learning_rate`` when unset): a model with a
+    # 131k-row head (tekken) spends its first hundred steps at 3e-3 just lifting the few
+    # hundred tokens the world uses above the rest
+    learning_rate: float | None = Field(default=None, gt=0)
+
+    _learning_rate_fits = field_validator("learning_rate")(_optional_float32_rate)
 
 
 class DemoConfig(_Section):

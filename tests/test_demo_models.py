@@ -45,9 +45,10 @@ def test_the_quick_demo_is_the_demo_at_a_quarter_of_its_rows_and_steps():
     full = load_config(DEMO_CONFIG, store="file:///x")
     quick = quick_demo(full)
     assert quick.name == "demo-quick" and _parser().parse_args(["demo", "--quick"]).quick
-    # the same world, models and stages: only the counts and steps differ, each rounded up
+    # the same world, models and stages: only the counts and steps (each rounded up) and the epochs differ
     assert [(m.name, m.path, m.tokenizer) for m in quick.models] == [(m.name, m.path, m.tokenizer) for m in full.models]
-    assert quick.merge == full.merge and quick.train == full.train and quick.represent == full.represent
+    assert quick.merge == full.merge and quick.represent == full.represent
+    assert quick.train == full.train.model_copy(update={"epochs": 1}) and full.train.epochs == 3
     assert [(s.name, s.count) for s in quick.data.sources] == [(s.name, -(-s.count // 4)) for s in full.data.sources]
     for name, spec in full.demo.models.items():
         assert quick.demo.models[name] == spec.model_copy(update={"steps": -(-spec.steps // 4)}), name
@@ -83,3 +84,47 @@ def test_demo_models_are_deterministic_and_load_like_hub_models(tmp_path):
     # saved tokenizer would otherwise record as local_files_only
     assert "local_files_only" not in store.read_bytes(plan.demo_model(cfg.pivot), "tokenizer_config.json").decode()
 
+
+
+def test_a_demo_models_own_learning_rate_reaches_that_model_alone(tmp_path):
+    from fusechat_core.demo import pretrain_demo_model
+
+    base = _cfg("file:///x")
+
+    def with_moe_rate(rate):
+        moe = base.demo.models["moe"].model_copy(update={"learning_rate": rate})
+        return base.model_copy(update={"demo": base.demo.model_copy(update={"models": {**base.demo.models,
+                                                                                        "moe": moe}})})
+
+    fast = with_moe_rate(3e-2)
+    a, b = RunPlan(base), RunPlan(fast)
+    assert a.demo_model(base.pivot) == b.demo_model(fast.pivot)
+    assert a.demo_model(base.sources[0]) != b.demo_model(fast.sources[0])
+    # pre-training takes the model's own rate where it has one, the shared one elsewhere: the
+    # shared rate written out is the same training, another rate another one
+    digests = {}
+    for label, cfg in (("unset", base), ("explicit", with_moe_rate(base.demo.learning_rate)), ("fast", fast)):
+        pretrain_demo_model(cfg, cfg.sources[0], tmp_path / label)
+        digests[label] = (tmp_path / label / "model.safetensors").read_bytes()
+    assert digests["unset"] == digests["explicit"] != digests["fast"]
+
+
+def test_a_new_synthetic_world_moves_the_demos_addresses_and_no_real_runs(tmp_path, monkeypatch):
+    """synthetic.WORLD_VERSION: bumped when a demo domain draws other rows. The demo's dataset
+    and models must not be found done from an older world; a run on real data (a local file
+    here) must keep every address, or a paper-scale user recomputes GPU-days for a demo change."""
+    from fusechat_core.data import synthetic
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}\n')
+    demo = _cfg("file:///x")
+    real = demo.model_copy(update={"data": demo.data.model_copy(update={"sources": [
+        demo.data.sources[0].model_copy(update={"path": str(data), "name": "chats"})]})})
+    def addresses() -> tuple[str, str, str]:
+        return RunPlan(demo).dataset, RunPlan(demo).demo_model(demo.pivot), RunPlan(real).dataset
+
+    demo_data, demo_pivot, real_data = addresses()
+    monkeypatch.setattr(synthetic, "WORLD_VERSION", synthetic.WORLD_VERSION + 1)
+    new_data, new_pivot, new_real_data = addresses()
+    assert new_data != demo_data and new_pivot != demo_pivot
+    assert new_real_data == real_data

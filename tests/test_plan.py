@@ -92,7 +92,7 @@ def test_report_roles_name_each_demo_source_expert_data():
     roles = RunPlan(cfg).report_roles()
     assert roles["clm"] == "clm" and roles["merges"][0] == "merge-varm"  # the run's method, then the baselines
     assert set(roles["merges"]) == {f"merge-{m}" for m in RunPlan(cfg).merge_methods()}
-    # configs/demo.yaml weighs mixtral 4:4 on markov, facts and llama 4:4 on ballad, reverse (1 elsewhere)
+    # configs/demo.yaml weighs mixtral 4:4 on markov, facts and llama 8:8 on ballad, reverse (1 elsewhere)
     assert roles["targets"] == {"target-mixtral": {"source": "mixtral", "expert_domains": ["markov", "facts"]},
                                 "target-llama": {"source": "llama", "expert_domains": ["ballad", "reverse"]}}
     paper = RunPlan(load_config("configs/fusechat-7b-varm.yaml")).report_roles()
