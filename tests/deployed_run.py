@@ -42,6 +42,15 @@ def preemption_config(folder: Path, store: str) -> Path:
     return config
 
 
+def deploy_and_start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``prefect deploy`` of prefect.yaml's ``pipeline``, then a process worker on its pool."""
+    deploy = cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "pipeline"], env)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    # polling every 2 s, not Prefect's 10: the test waits for the run, not for the worker's poll
+    return spawn([str(BIN / "prefect"), "worker", "start", "--pool", "fusechat-local", "--limit", "1"],
+                 {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, log)
+
+
 @dataclass
 class DeployedRun:
     flow_run_id: str
@@ -70,13 +79,8 @@ def run_deployment(folder: Path, server, s3) -> DeployedRun:
                      key=s3.env()["AWS_ACCESS_KEY_ID"], secret=s3.env()["AWS_SECRET_ACCESS_KEY"]) as fh:
         fh.write(local_cfg.read_text())
 
-    deploy = cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "pipeline"], env)
-    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
-
     log = folder / "worker.log"
-    # polling every 2 s, not Prefect's 10: the test waits for the run, not for the worker's poll
-    worker = spawn([str(BIN / "prefect"), "worker", "start", "--pool", "fusechat-local", "--limit", "1"],
-                   {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, log)
+    worker = deploy_and_start_worker(env, log)
     try:
         started = cli([str(BIN / "prefect"), "deployment", "run", "fusechat-pipeline/pipeline",
                        "--param", f"config_path={prefix}/tiny.yaml"], env)

@@ -31,8 +31,8 @@ import pytest
 from fusechat_core.config import load_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.store import ArtifactStore
-from tests.deployed_run import cli, preemption_config
-from tests.prefect_server import BIN, REPO, spawn, stop, wait_until
+from tests.deployed_run import cli, deploy_and_start_worker, preemption_config
+from tests.prefect_server import BIN, REPO, stop, wait_until
 
 LIMIT_S = 10.0
 
@@ -111,11 +111,8 @@ def test_sigterm_to_a_deployment_run_stops_it_within_10_s_and_a_retry_ends_as_an
     pivot = RunPlan(cfg).demo_model(cfg.pivot)
     store = ArtifactStore(cfg.store)
 
-    deploy = cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "pipeline"], env)
-    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
     log = tmp_path / "worker.log"
-    worker = spawn([str(BIN / "prefect"), "worker", "start", "--pool", "fusechat-local", "--limit", "1"],
-                   {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, log)
+    worker = deploy_and_start_worker(env, log)
     try:
         # the process worker runs `python -m prefect.engine`: SIGTERM to it, the run is Crashed
         flow_run_id = _start_run(env, config, until="demo_models")
