@@ -75,7 +75,7 @@ def _markov(rng: random.Random) -> tuple[str, str]:
 # A stochastic grammar whose words depend on the word before them. Rules: nonterminal ->
 # [(expansion, probability)]; a word class (DET, ADJ, NOUN, VERB, PREP) is filled by one of
 # three of its words, with probabilities 0.6, 0.3 and 0.1, and WHICH three depends on the word
-# before it (``ballad_choices``): a table of some eighty contexts that a model learns only from
+# before it (``ballad_choices``): tables for about 75 contexts that a model learns only from
 # many lines, as it learns the Markov chain's. Its words are not the chain's, so the two
 # uncertain domains are distinct skills; each is one token in every demo tokenizer, so the
 # domain measures what a model knows, not how well two vocabularies line up (a word one
