@@ -20,8 +20,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
+import pytest
 import yaml
 
+from fusechat_core.store import s3_storage_options
 from tests.prefect_server import BIN, REPO, spawn, stop
 from tests.tiny_config import tiny_run_config
 
@@ -73,11 +76,13 @@ def run_deployment(folder: Path, server, s3) -> DeployedRun:
 
     prefix = f"s3://fusechat-test/deploy-{uuid.uuid4().hex[:8]}"
     local_cfg = preemption_config(folder, f"{prefix}/store")
-    import fsspec
-
-    with fsspec.open(f"{prefix}/tiny.yaml", "w", client_kwargs={"endpoint_url": s3.endpoint},
-                     key=s3.env()["AWS_ACCESS_KEY_ID"], secret=s3.env()["AWS_SECRET_ACCESS_KEY"]) as fh:
-        fh.write(local_cfg.read_text())
+    # written as a user would: credentials and endpoint from the environment, through the
+    # store's own s3fs options (the worker reads the file the same way)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in s3.env().items():
+            mp.setenv(key, value)
+        fs = fsspec.filesystem("s3", **s3_storage_options(), skip_instance_cache=True)
+        fs.pipe_file(f"{prefix}/tiny.yaml", local_cfg.read_bytes())
 
     log = folder / "worker.log"
     worker = deploy_and_start_worker(env, log)
