@@ -23,20 +23,27 @@ sources' representations, vocab maps, alignments and targets at their addresses
 report are new. Adding a merge method adds that merge, its evaluation and the
 report; evaluation settings change only evaluations and the report. The pivot,
 the data, or a stage's own section still change everything downstream.
+
+A registered loader, synthetic domain, sequence aligner or merge method past its
+first version (``Registry``) enters the address of the stages that use it: the
+dataset (its sources' loaders or domains), a demo model (its domains), an
+alignment, a merge. Changing one of them moves only what was made with it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from fusechat_core.align.sequence import SEQUENCE_ALIGNERS
 from fusechat_core.config import EvaluateConfig, ModelSpec, RunConfig
 from fusechat_core.data import synthetic
+from fusechat_core.data.build import reader_versions
 from fusechat_core.data.presets import sources_of
-from fusechat_core.merge.methods import method_parameters
+from fusechat_core.merge.methods import MERGE_METHODS, method_parameters
 from fusechat_core.models import resolve_mixed_precision
 from fusechat_core.stages import canonical, shard_address, stage_address
 
@@ -106,6 +113,9 @@ class Derivation:
     section: Any  # canonical form, as hashed
     upstream: dict  # name -> upstream address
     root: str = ""  # the config section's name when the section is a whole one ("align")
+    # kind -> {name: version past 1}; the same for both plans of a diff (one process's code),
+    # so a difference here always comes with the section field that chose another entry
+    implementations: dict = field(default_factory=dict)
 
 
 def _leaves(obj: Any, path: str = "") -> dict[str, Any]:
@@ -130,11 +140,14 @@ class RunPlan:
         self.derivations: dict[str, Derivation] = {}
 
     def _address(self, stage: str, section: Any, upstream: dict | None = None, *, key: str | None = None,
-                 root: str = "") -> str:
+                 root: str = "", implementations: dict[str, dict[str, int]] | None = None) -> str:
         """``stage_address``, remembering what it hashed. ``root``: the config section's name
-        when ``section`` is a whole config section, to name its fields in a diff."""
-        address = stage_address(stage, section, upstream, key=key)
-        self.derivations[address] = Derivation(stage, key, canonical(section), dict(upstream or {}), root)
+        when ``section`` is a whole config section, to name its fields in a diff.
+        ``implementations``: the versions of the registered entries the stage uses, by kind
+        (``Registry.versions``)."""
+        used = {kind: dict(v) for kind, v in (implementations or {}).items() if v}
+        address = stage_address(stage, section, upstream, key=key, implementations=used)
+        self.derivations[address] = Derivation(stage, key, canonical(section), dict(upstream or {}), root, used)
         return address
 
     def identity(self, spec: ModelSpec) -> dict:
@@ -148,11 +161,13 @@ class RunPlan:
         """The demo stage's artifact for a ``demo:NAME`` model: built and pre-trained on CPU."""
         assert self.cfg.demo is not None
         name = spec.path[len("demo:"):]
-        section = {"model": self.cfg.demo.models[name],
+        model = self.cfg.demo.models[name]
+        section = {"model": model,
                    "training": self.cfg.demo.model_dump(exclude={"models"}),
-                   "tokenizer": spec.tokenizer, "chat_template": spec.chat_template,
-                   "world": synthetic.WORLD_VERSION}
-        return self._address("demo_models", section, key=name)
+                   "tokenizer": spec.tokenizer, "chat_template": spec.chat_template}
+        # pre-trained on its domains' rows: a domain that draws other rows makes another model
+        return self._address("demo_models", section, key=name,
+                             implementations={"domain": synthetic.DOMAINS.versions(model.domains)})
 
     def demo_specs(self) -> list[ModelSpec]:
         return [m for m in self.cfg.models if m.path.startswith("demo:")]
@@ -177,9 +192,8 @@ class RunPlan:
             # with it every address that does not read the new source.
             "pivot_tokenizer": self.pivot_tokenizer(),
         }
-        if any(s.path.startswith("demo:") for s in section["sources"]):
-            section["demo_world"] = synthetic.WORLD_VERSION  # only where the synthetic world is read
-        return self._address("dataset", section)
+        # the loaders and synthetic domains that read these sources, where one has changed
+        return self._address("dataset", section, implementations=reader_versions(section["sources"]))
 
     def pivot_tokenizer(self) -> tuple[str, str | None]:
         """The tokenizer the dataset stage cuts blocks by: the pivot's (reference, revision)."""
@@ -214,7 +228,10 @@ class RunPlan:
     def align(self, source: ModelSpec) -> str:
         upstream = {"pivot": self.represent(self.cfg.pivot), "source": self.represent(source),
                     "vocab_map": self.vocab_map(source)}
-        return self._address("align", self.cfg.align, upstream, key=source.name, root="align")
+        # ``auto`` is the offsets method, or DTW where a tokenizer has no offsets (align stage)
+        methods = ("offsets", "dtw") if self.cfg.align.method == "auto" else (self.cfg.align.method,)
+        return self._address("align", self.cfg.align, upstream, key=source.name, root="align",
+                             implementations={"aligner": SEQUENCE_ALIGNERS.versions(methods)})
 
     def align_shard(self, source: ModelSpec, index: int) -> str:
         return shard_address(self.align(source), index, self.cfg.represent.shards)
@@ -287,7 +304,8 @@ class RunPlan:
         }
         # The CLM baseline is a comparison row, never an input to the merge.
         upstream = {f"target:{s.name}": self.train(s.name) for s in self.cfg.sources}
-        return self._address("merge", section, upstream, key=method)
+        return self._address("merge", section, upstream, key=method,
+                             implementations={"merge method": MERGE_METHODS.versions([method])})
 
     # -- evaluation ------------------------------------------------------------------
     def evaluated_models(self) -> list[str]:

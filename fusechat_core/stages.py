@@ -5,6 +5,9 @@ config section, upstream addresses). Same inputs give the same address, so a
 finished stage is found and skipped; any upstream change changes every
 downstream address. Bump a stage's version in ``STAGE_VERSIONS`` when its code
 changes what it writes: that, not the source text, invalidates old artifacts.
+Where the change is inside one registered loader, synthetic domain, fusion
+function or merge method, bump that entry's version instead (``Registry``): the
+address carries it, and only artifacts made with that entry are recomputed.
 """
 
 from __future__ import annotations
@@ -59,11 +62,16 @@ def stage_address(
     *,
     key: str | None = None,
     version: int | None = None,
+    implementations: Mapping[str, Mapping[str, int]] | None = None,
 ) -> str:
     """``<stage>/<key>-<hash>`` (or ``<stage>/<hash>``): readable and content-derived.
 
     ``key`` names the instance (a model, a source, a merge method) and is part
-    of the hash too, so two instances never share an address.
+    of the hash too, so two instances never share an address. ``implementations``:
+    the versions of the registered loaders, domains, fusion functions or merge methods
+    the stage uses, by kind (``{"loader": {"sharegpt": 2}}``), as ``Registry.versions``
+    gives them: only those past their first version, so an address is the same with
+    none given as with every one at version 1.
     """
     if stage not in STAGE_VERSIONS and version is None:
         raise KeyError(f"unknown stage {stage!r}")
@@ -74,6 +82,9 @@ def stage_address(
         "config": section,
         "upstream": dict(upstream or {}),
     }
+    used = {kind: dict(v) for kind, v in (implementations or {}).items() if v}
+    if used:
+        payload["implementations"] = used
     h = digest(payload)[:20]
     return f"{stage}/{key}-{h}" if key else f"{stage}/{h}"
 

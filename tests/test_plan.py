@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from fusechat_core.plan import RunPlan
 from tests.test_demo_models import _cfg
 
@@ -158,3 +160,98 @@ def test_the_pivot_and_the_data_still_change_everything_downstream(tmp_path):
     assert every <= _changed(a, p)
     d = _tiny(tmp_path, d=lambda raw: raw["data"].update(max_length=80))
     assert _changed(a, d) == every  # the models' own evaluations too: they read the held-out split
+
+
+# -- a registered entry's version moves only what was made with it --------------------------
+
+def _bump(monkeypatch, registry, name: str, version: int = 2) -> None:
+    """As if ``name`` had been registered with ``version`` (the entry's code changed)."""
+    assert name in registry
+    monkeypatch.setitem(registry._versions, name, version)
+
+
+def _moved(before: dict[str, str], plan: RunPlan) -> set[str]:
+    """Labels whose address differs from ``before`` (label -> address, taken before a bump:
+    a plan derives its addresses when asked, so an old plan asked again sees the new code)."""
+    return {n.label for n in plan.nodes() if before.get(n.label) != n.address}
+
+
+def _snapshot(plan: RunPlan) -> dict[str, str]:
+    return {n.label: n.address for n in plan.nodes()}
+
+
+def test_first_versions_move_no_address_of_an_existing_run():
+    """Addresses derived before registry versions existed (commit b8a0af7, the paper's 7B
+    config): every entry at version 1 must leave them where they were, or a user's finished
+    week of GPU work would be recomputed by an upgrade."""
+    from fusechat_core.config import load_config
+
+    plan = RunPlan(load_config("configs/fusechat-7b-varm.yaml", store="file:///x"))
+    assert plan.dataset == "dataset/473d65c6e6cfbac5e7e1"
+    assert plan.align(plan.model("mixtral")) == "align/mixtral-21f780e7b72c3273ec07"
+    assert plan.report() == "report/2aea7ae592ddbf7b77e7"  # and so everything upstream of it
+
+
+def test_a_domain_version_moves_the_demo_artifacts_that_read_it_and_nothing_else(tmp_path, monkeypatch):
+    from fusechat_core.data.synthetic import DOMAINS
+
+    a = _snapshot(_tiny(tmp_path))
+    every = {label for label in a if label.split("[")[0] not in ("demo_models", "vocab_map")}
+    _bump(monkeypatch, DOMAINS, "ballad", 3)  # the tiny run reads no ballad
+    assert _moved(a, _tiny(tmp_path)) == set()
+    _bump(monkeypatch, DOMAINS, "arithmetic")  # read by the dataset and by deep's pre-training
+    assert _moved(a, _tiny(tmp_path)) == every | {"demo_models[deep]"}
+
+
+def _real_data(tmp_path, fmt: str):
+    path = tmp_path / "chats.jsonl"
+    path.write_text('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}\n')
+    return lambda raw: raw["data"].update(sources=[{"name": "chats", "path": str(path), "format": fmt}])
+
+
+def test_a_loader_version_moves_the_datasets_it_may_read(tmp_path, monkeypatch):
+    from fusechat_core.data.conversation import LOADERS
+    from fusechat_core.data.synthetic import DOMAINS
+
+    formats = ("sharegpt", "alpaca", "auto")
+    before = {f: _tiny(tmp_path, d=_real_data(tmp_path, f)).dataset for f in formats}
+    assert len(set(before.values())) == 3
+    _bump(monkeypatch, DOMAINS, "markov")  # a demo domain: real data keeps its address
+    _bump(monkeypatch, LOADERS, "no_robots")  # a loader ``auto`` never chooses
+    assert {f: _tiny(tmp_path, d=_real_data(tmp_path, f)).dataset for f in formats} == before
+    _bump(monkeypatch, LOADERS, "sharegpt")
+    after = {f: _tiny(tmp_path, d=_real_data(tmp_path, f)).dataset for f in formats}
+    assert after["alpaca"] == before["alpaca"]
+    assert after["sharegpt"] != before["sharegpt"] and after["auto"] != before["auto"]
+
+
+def test_an_aligner_or_merge_method_version_moves_only_what_it_made(tmp_path, monkeypatch):
+    from fusechat_core.align.sequence import SEQUENCE_ALIGNERS
+    from fusechat_core.merge.methods import MERGE_METHODS
+
+    offsets = lambda raw: raw.update(align={"method": "offsets"})  # noqa: E731
+    a, a_offsets = _snapshot(_tiny(tmp_path)), _snapshot(_tiny(tmp_path, o=offsets))
+    _bump(monkeypatch, MERGE_METHODS, "linear")
+    assert _moved(a, _tiny(tmp_path)) == {"merge[linear]", "evaluate[merge-linear]", "report"}
+    _bump(monkeypatch, SEQUENCE_ALIGNERS, "dtw")
+    # ``auto`` may fall back to DTW (a tokenizer without offsets); ``offsets`` never does
+    assert _moved(a_offsets, _tiny(tmp_path, o=offsets)) == {"merge[linear]", "evaluate[merge-linear]", "report"}
+    changed = _moved(a, _tiny(tmp_path))
+    assert {"align[moe]", "align[deep]", "train[moe]", "train[deep]"} <= changed
+    assert not {n for n in changed if n.split("[")[0] in ("dataset", "represent", "vocab_map", "demo_models")}
+    assert "train[clm]" not in changed
+
+
+def test_only_registries_whose_versions_enter_addresses_take_one():
+    from fusechat_core.registry import Registry
+
+    free, addressed = Registry("fusion function"), Registry("data loader", addressed=True)
+    with pytest.raises(ValueError, match="enters no address; bump the stage's version"):
+        free.register("x", version=2)(object())
+    free.register("x")(object())  # a first version is every entry's
+    with pytest.raises(ValueError, match="versions start at 1"):
+        addressed.register("y", version=0)
+    addressed.register("a")(object())
+    addressed.register("b", version=3)(object())
+    assert addressed.versions(["a", "b", "b", "unknown"]) == {"b": 3}
+    assert addressed.version("a") == 1

@@ -88,7 +88,7 @@ class TokenSeq:
 
 
 Aligner = Callable[[Sequence[TokenSeq], Sequence[TokenSeq]], list[np.ndarray]]
-SEQUENCE_ALIGNERS: Registry[Aligner] = Registry("sequence alignment method")
+SEQUENCE_ALIGNERS: Registry[Aligner] = Registry("sequence alignment method", addressed=True)
 
 
 # -- prefixes ----------------------------------------------------------------------

@@ -34,7 +34,15 @@ from fusechat_core.config import DataConfig, DataSourceSpec
 from fusechat_core.data import loaders as _loaders  # noqa: F401  (fills LOADERS)
 from fusechat_core.data import synthetic
 from fusechat_core.data.clean import CLEANERS
-from fusechat_core.data.conversation import GPT, HUMAN, LOADERS, MalformedRow, detect_format, normalise
+from fusechat_core.data.conversation import (
+    AUTO_FORMATS,
+    GPT,
+    HUMAN,
+    LOADERS,
+    MalformedRow,
+    detect_format,
+    normalise,
+)
 from fusechat_core.data.presets import sources_of
 from fusechat_core.store import ArtifactStore, ArtifactWriter
 
@@ -224,6 +232,18 @@ def _iter_source(spec: DataSourceSpec, seed: int) -> Iterator[dict | MalformedRo
         yield from _iter_local(Path(spec.path), spec.data_files)
     else:
         yield from _iter_hub(spec)
+
+
+def reader_versions(specs: Iterable[DataSourceSpec]) -> dict[str, dict[str, int]]:
+    """The versions (past the first) of the code that turns these sources into rows, by kind:
+    the synthetic domain of a ``demo:`` source, the loader of any other (for ``format: auto``,
+    every loader it may choose). The dataset's address carries them (``RunPlan.dataset``):
+    a change to one loader or domain moves only the datasets it reads."""
+    specs = list(specs)
+    demo = [s.path[len("demo:"):] for s in specs if s.path.startswith("demo:")]
+    formats = [f for s in specs if not s.path.startswith("demo:")
+               for f in (AUTO_FORMATS if s.format == "auto" else (s.format,))]
+    return {"domain": synthetic.DOMAINS.versions(demo), "loader": LOADERS.versions(formats)}
 
 
 def conversation_key(conv: list[dict[str, str]]) -> str:

@@ -22,7 +22,7 @@ _ROLES = {
 }
 
 Loader = Callable[[dict[str, Any]], list[tuple[str, str]]]
-LOADERS: Registry[Loader] = Registry("data loader")
+LOADERS: Registry[Loader] = Registry("data loader", addressed=True)
 
 
 class MalformedRow(ValueError):
@@ -73,8 +73,12 @@ def normalise(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
     return out
 
 
+# Every loader ``detect_format`` may choose: a ``format: auto`` source may be read by any.
+AUTO_FORMATS = ("orca_best", "sharegpt", "openai", "capybara", "alpaca", "chatml", "prompt_response")
+
+
 def detect_format(row: dict[str, Any]) -> str:
-    """The registered loader for a row's shape (used by ``format: auto``)."""
+    """The registered loader for a row's shape (used by ``format: auto``; one of ``AUTO_FORMATS``)."""
     keys = set(row)
     if isinstance(row.get("cluster"), dict):  # shahules786/orca-best
         return "orca_best"

@@ -29,11 +29,11 @@ class MethodSpec:
     note: str = ""
 
 
-MERGE_METHODS: Registry[MethodSpec] = Registry("merge method")
+MERGE_METHODS: Registry[MethodSpec] = Registry("merge method", addressed=True)
 
 
-def _add(spec: MethodSpec) -> None:
-    MERGE_METHODS.register(spec.name)(spec)
+def _add(spec: MethodSpec, *, version: int = 1) -> None:
+    MERGE_METHODS.register(spec.name, version=version)(spec)
 
 
 _add(MethodSpec(
