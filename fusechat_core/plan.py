@@ -371,7 +371,13 @@ class RunPlan:
 
     def inputs(self, node: Node) -> list[str]:
         """What ``--plan`` shows under a stage's row: the dataset's sources as they will be
-        read (files, split, config, revision), and the parameters each merge runs with."""
+        read (files, split, config, revision), the parameters each merge runs with, and any
+        registered implementation past its first version that the address carries."""
+        used = self.derivations[node.address].implementations if node.address in self.derivations else {}
+        named = [f"{kind} {name} version {v}" for kind, vs in sorted(used.items()) for name, v in sorted(vs.items())]
+        return self._inputs(node) + ([f"implementations: {', '.join(named)}"] if named else [])
+
+    def _inputs(self, node: Node) -> list[str]:
         if node.stage == "dataset":
             out = []
             for s in sources_of(self.cfg.data):

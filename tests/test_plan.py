@@ -219,10 +219,18 @@ def test_a_loader_version_moves_the_datasets_it_may_read(tmp_path, monkeypatch):
     _bump(monkeypatch, DOMAINS, "markov")  # a demo domain: real data keeps its address
     _bump(monkeypatch, LOADERS, "no_robots")  # a loader ``auto`` never chooses
     assert {f: _tiny(tmp_path, d=_real_data(tmp_path, f)).dataset for f in formats} == before
+    def dataset_inputs(fmt: str) -> list[str]:
+        plan = _tiny(tmp_path, d=_real_data(tmp_path, fmt))
+        return plan.inputs(next(n for n in plan.nodes() if n.stage == "dataset"))
+
+    assert not [line for line in dataset_inputs("auto") if line.startswith("implementations")]
     _bump(monkeypatch, LOADERS, "sharegpt")
     after = {f: _tiny(tmp_path, d=_real_data(tmp_path, f)).dataset for f in formats}
     assert after["alpaca"] == before["alpaca"]
     assert after["sharegpt"] != before["sharegpt"] and after["auto"] != before["auto"]
+    # --plan names what the address carries under the dataset's row
+    assert dataset_inputs("auto")[-1] == "implementations: loader sharegpt version 2"
+    assert not [line for line in dataset_inputs("alpaca") if line.startswith("implementations")]
 
 
 def test_an_aligner_or_merge_method_version_moves_only_what_it_made(tmp_path, monkeypatch):
