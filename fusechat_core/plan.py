@@ -24,10 +24,10 @@ report are new. Adding a merge method adds that merge, its evaluation and the
 report; evaluation settings change only evaluations and the report. The pivot,
 the data, or a stage's own section still change everything downstream.
 
-A registered loader, synthetic domain, sequence aligner or merge method past its
-first version (``Registry``) enters the address of the stages that use it: the
-dataset (its sources' loaders or domains), a demo model (its domains), an
-alignment, a merge. Changing one of them moves only what was made with it.
+A registered loader, cleaner, synthetic domain, sequence aligner or merge method
+past its first version (``Registry``) enters the address of the stages that use
+it: the dataset (its sources' loaders or domains, its cleaner), a demo model (its
+domains), an alignment, a merge. Changing one of them moves only what was made with it.
 """
 
 from __future__ import annotations
@@ -192,8 +192,9 @@ class RunPlan:
             # with it every address that does not read the new source.
             "pivot_tokenizer": self.pivot_tokenizer(),
         }
-        # the loaders and synthetic domains that read these sources, where one has changed
-        return self._address("dataset", section, implementations=reader_versions(section["sources"]))
+        # the loaders, synthetic domains and cleaner that read these sources, where one has changed
+        used = reader_versions(section["sources"], self.cfg.data.clean)
+        return self._address("dataset", section, implementations=used)
 
     def pivot_tokenizer(self) -> tuple[str, str | None]:
         """The tokenizer the dataset stage cuts blocks by: the pivot's (reference, revision)."""

@@ -6,8 +6,8 @@ only names. Importing the package that holds them fills the registry.
 
 Each entry has a version, 1 when first registered, bumped by hand when the entry's
 code changes what it produces (``register(name, version=2)``). Addresses carry the
-versions of the entries a stage uses (``versions``), so a changed loader, domain,
-aligner or merge method moves only the artifacts made with it; a change to
+versions of the entries a stage uses (``versions``), so a changed loader, cleaner,
+domain, aligner or merge method moves only the artifacts made with it; a change to
 the engine itself is a stage's version (``stages.STAGE_VERSIONS``), which moves all.
 Only registries created with ``addressed=True`` take versions: those whose entries
 the plan can name without importing the heavy stack (a rerun that finds everything

@@ -209,7 +209,7 @@ def _real_data(tmp_path, fmt: str):
     return lambda raw: raw["data"].update(sources=[{"name": "chats", "path": str(path), "format": fmt}])
 
 
-def test_a_loader_version_moves_the_datasets_it_may_read(tmp_path, monkeypatch):
+def test_a_loader_or_cleaner_version_moves_the_datasets_it_may_read(tmp_path, monkeypatch):
     from fusechat_core.data.conversation import LOADERS
     from fusechat_core.data.synthetic import DOMAINS
 
@@ -231,6 +231,14 @@ def test_a_loader_version_moves_the_datasets_it_may_read(tmp_path, monkeypatch):
     # --plan names what the address carries under the dataset's row
     assert dataset_inputs("auto")[-1] == "implementations: loader sharegpt version 2"
     assert not [line for line in dataset_inputs("alpaca") if line.startswith("implementations")]
+    # the cleaner likewise: only datasets that are cleaned move
+    from fusechat_core.data.clean import CLEANERS
+
+    cleaned = lambda raw: raw["data"].update(clean="vicuna")  # noqa: E731
+    was_cleaned = _tiny(tmp_path, d=_real_data(tmp_path, "alpaca"), c=cleaned).dataset
+    _bump(monkeypatch, CLEANERS, "vicuna")
+    assert _tiny(tmp_path, d=_real_data(tmp_path, "alpaca"), c=cleaned).dataset != was_cleaned
+    assert _tiny(tmp_path, d=_real_data(tmp_path, "alpaca")).dataset == before["alpaca"]
 
 
 def test_an_aligner_or_merge_method_version_moves_only_what_it_made(tmp_path, monkeypatch):

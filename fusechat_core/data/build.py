@@ -234,16 +234,17 @@ def _iter_source(spec: DataSourceSpec, seed: int) -> Iterator[dict | MalformedRo
         yield from _iter_hub(spec)
 
 
-def reader_versions(specs: Iterable[DataSourceSpec]) -> dict[str, dict[str, int]]:
+def reader_versions(specs: Iterable[DataSourceSpec], clean: str | None) -> dict[str, dict[str, int]]:
     """The versions (past the first) of the code that turns these sources into rows, by kind:
     the synthetic domain of a ``demo:`` source, the loader of any other (for ``format: auto``,
-    every loader it may choose). The dataset's address carries them (``RunPlan.dataset``):
-    a change to one loader or domain moves only the datasets it reads."""
+    every loader it may choose), the cleaner. The dataset's address carries them
+    (``RunPlan.dataset``): a change to one of them moves only the datasets it reads."""
     specs = list(specs)
     demo = [s.path[len("demo:"):] for s in specs if s.path.startswith("demo:")]
     formats = [f for s in specs if not s.path.startswith("demo:")
                for f in (AUTO_FORMATS if s.format == "auto" else (s.format,))]
-    return {"domain": synthetic.DOMAINS.versions(demo), "loader": LOADERS.versions(formats)}
+    return {"domain": synthetic.DOMAINS.versions(demo), "loader": LOADERS.versions(formats),
+            "cleaner": CLEANERS.versions([clean] if clean else [])}
 
 
 def conversation_key(conv: list[dict[str, str]]) -> str:
@@ -309,7 +310,7 @@ class Mixture:
 def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
                   progress: Callable[[str], None] | None = None) -> Mixture:
     seen: set[str] = set()
-    clean = CLEANERS[cfg.clean] if cfg.clean else None
+    clean = CLEANERS.get(cfg.clean) if cfg.clean else None
     per_source: dict[str, SourceStats] = {}
     train: list[dict[str, Any]] = []
     heldout: list[dict[str, Any]] = []

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
+
+from fusechat_core.registry import Registry
 
 MIN_PROSE_LETTERS = 20
 MAX_SPECIAL_SHARE = 0.5
@@ -47,6 +50,11 @@ def language(text: str) -> str | None:
     return _identifier().classify(prose)[0]
 
 
+# ``data.clean`` names one; a version past 1 enters the addresses of the datasets it cleans.
+CLEANERS: Registry[Callable[[list[dict[str, str]]], str | None]] = Registry("cleaner", addressed=True)
+
+
+@CLEANERS.register("vicuna")
 def vicuna_reason(conv: list[dict[str, str]]) -> str | None:
     """Why Vicuna's cleaning drops this conversation, or None to keep it."""
     text = "\n".join(t["value"] for t in conv)
@@ -57,5 +65,3 @@ def vicuna_reason(conv: list[dict[str, str]]) -> str | None:
         return "non_english"
     return None
 
-
-CLEANERS = {"vicuna": vicuna_reason}
