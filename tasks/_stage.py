@@ -427,7 +427,9 @@ def _release_dead_slots(client: Any, tag: str) -> None:
     """Free GPU slots that a killed run (SIGKILL, preemption) took with it.
 
     Prefect 3 backs a tag limit with a global limit (``tag:<tag>``) whose slots are
-    leases. A Prefect server revokes a lease its holder stops renewing (5 minutes);
+    leases. A Prefect server revokes a lease its holder stops renewing (the task engine
+    takes 60-second leases; the server's repossessor looks every 15 s, so a killed run's
+    slot is back within about 75 s);
     the ephemeral API has no such service, so a slot held when a run was killed
     would hang every later run (SPEC §5). Without a server no other process holds
     slots when a flow starts, so every held slot there is a dead run's.
