@@ -219,6 +219,7 @@ def test_a_loader_or_cleaner_version_moves_the_datasets_it_may_read(tmp_path, mo
     _bump(monkeypatch, DOMAINS, "markov")  # a demo domain: real data keeps its address
     _bump(monkeypatch, LOADERS, "no_robots")  # a loader ``auto`` never chooses
     assert {f: _tiny(tmp_path, d=_real_data(tmp_path, f)).dataset for f in formats} == before
+
     def dataset_inputs(fmt: str) -> list[str]:
         plan = _tiny(tmp_path, d=_real_data(tmp_path, fmt))
         return plan.inputs(next(n for n in plan.nodes() if n.stage == "dataset"))
