@@ -48,8 +48,9 @@ def test_the_represent_stage_lets_go_of_its_kept_model_without_a_collection(tiny
     from fusechat_core.represent import _cached_model, release_model
 
     spec = ModelSpec(name="pivot", path=str(tiny_models["pivot"]))
-    # the slot is per process: an earlier test file (test_align_stage's represent run of this
-    # very spec) may have left its model there, with references of its own elsewhere
+    # the slot is per process: an earlier file's in-process represent run of this very spec
+    # (test_represent's, test_align_stage's) leaves its model there, and the load below would
+    # hand back that model, with whatever references of its own it still has
     release_model()
     gc_collections.clear()
     kept = weakref.ref(_cached_model(spec, "cpu"))
@@ -61,8 +62,9 @@ def test_the_represent_stage_lets_go_of_its_kept_model_without_a_collection(tiny
 
 def _holders(obj: object) -> str:
     """What still refers to ``obj``, for the failure message: once, in a full suite on two
-    workers, something kept the model alive through a collection, and the files that ran
-    before this one, rerun in one process, did not do it again."""
+    workers, the model survived a collection. It was an earlier file's (the slot held the
+    same spec's model: seen in a one-process rerun of that worker's files); whatever held it
+    did not hold it again there, so the message names it if it ever comes back."""
     return "referred to by: " + "; ".join(f"{type(r).__name__} {repr(r)[:160]}" for r in gc.get_referrers(obj))
 
 
