@@ -323,3 +323,27 @@ def test_all_malformed_source_fails_the_stage_exit_1_nothing_committed(tmp_path,
     store = ArtifactStore(store_url)
     assert store.manifest(address) is None and not store.is_complete(address)
     assert not (Path(store.root) / address / "train.parquet").exists()
+
+
+def test_format_auto_names_the_loader_of_each_shape_and_only_auto_formats():
+    """One row per shape ``format: auto`` knows, the loader named by hand; ties go to the
+    earlier shape (an orca-best row also has ``instruction``). The names met are exactly
+    ``AUTO_FORMATS``, which the dataset's address takes the versions of."""
+    from fusechat_core.data.conversation import AUTO_FORMATS, MalformedRow, detect_format
+
+    shapes = [
+        ({"instruction": "sys", "cluster": {"samples": []}}, "orca_best"),
+        ({"conversations": [], "messages": []}, "sharegpt"),
+        ({"messages": []}, "openai"),
+        ({"conversation": []}, "capybara"),
+        ({"instruction": "q", "input": "", "output": "a", "prompt": "p", "response": "r"}, "alpaca"),
+        ({"text": "<|im_start|>user\nhi<|im_end|>"}, "chatml"),
+        ({"text": "plain", "question": "q", "answer": "a"}, "prompt_response"),
+        ({"problem": "p", "solution": "s"}, "prompt_response"),
+        ({"query": "q", "response": "r"}, "prompt_response"),
+    ]
+    assert [detect_format(row) for row, _ in shapes] == [name for _, name in shapes]
+    assert {name for _, name in shapes} == set(AUTO_FORMATS)
+    for unknown in ({"text": "plain"}, {"cluster": "not a dict"}, {"prompt": "only"}):
+        with pytest.raises(MalformedRow, match="unknown_shape"):
+            detect_format(unknown)

@@ -73,27 +73,25 @@ def normalise(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
     return out
 
 
+_PROMPT_RESPONSE_KEYS = (("prompt", "response"), ("prompt", "completion"), ("query", "response"),
+                         ("problem", "solution"), ("question", "answer"))
+# ``format: auto``: the first shape a row fits names its loader, in this order.
+_SHAPES: tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...] = (
+    ("orca_best", lambda row: isinstance(row.get("cluster"), dict)),  # shahules786/orca-best
+    ("sharegpt", lambda row: "conversations" in row),
+    ("openai", lambda row: "messages" in row),
+    ("capybara", lambda row: "conversation" in row),
+    ("alpaca", lambda row: "instruction" in row and "output" in row),
+    ("chatml", lambda row: isinstance(row.get("text"), str) and "<|im_start|>" in row["text"]),
+    ("prompt_response", lambda row: any(a in row and b in row for a, b in _PROMPT_RESPONSE_KEYS)),
+)
 # Every loader ``detect_format`` may choose: a ``format: auto`` source may be read by any.
-AUTO_FORMATS = ("orca_best", "sharegpt", "openai", "capybara", "alpaca", "chatml", "prompt_response")
+AUTO_FORMATS = tuple(name for name, _ in _SHAPES)
 
 
 def detect_format(row: dict[str, Any]) -> str:
     """The registered loader for a row's shape (used by ``format: auto``; one of ``AUTO_FORMATS``)."""
-    keys = set(row)
-    if isinstance(row.get("cluster"), dict):  # shahules786/orca-best
-        return "orca_best"
-    if "conversations" in keys:
-        return "sharegpt"
-    if "messages" in keys:
-        return "openai"
-    if "conversation" in keys:
-        return "capybara"
-    if "instruction" in keys and "output" in keys:
-        return "alpaca"
-    if "text" in keys and isinstance(row.get("text"), str) and "<|im_start|>" in row["text"]:
-        return "chatml"
-    for a, b in (("prompt", "response"), ("prompt", "completion"), ("query", "response"),
-                 ("problem", "solution"), ("question", "answer")):
-        if a in keys and b in keys:
-            return "prompt_response"
+    for name, fits in _SHAPES:
+        if fits(row):
+            return name
     raise MalformedRow("unknown_shape")
