@@ -113,8 +113,9 @@ class Derivation:
     section: Any  # canonical form, as hashed
     upstream: dict  # name -> upstream address
     root: str = ""  # the config section's name when the section is a whole one ("align")
-    # kind -> {name: version past 1}; the same for both plans of a diff (one process's code),
-    # so a difference here always comes with the section field that chose another entry
+    # kind -> {name: version past 1} (a kind may be empty); the same for both plans of a
+    # diff (one process's code), so a difference here always comes with the section field
+    # that chose another entry
     implementations: dict = field(default_factory=dict)
 
 
@@ -145,7 +146,7 @@ class RunPlan:
         when ``section`` is a whole config section, to name its fields in a diff.
         ``implementations``: the versions of the registered entries the stage uses, by kind
         (``Registry.versions``)."""
-        used = {kind: dict(v) for kind, v in (implementations or {}).items() if v}
+        used = dict(implementations or {})
         address = stage_address(stage, section, upstream, key=key, implementations=used)
         self.derivations[address] = Derivation(stage, key, canonical(section), dict(upstream or {}), root, used)
         return address

@@ -5,9 +5,10 @@ config section, upstream addresses). Same inputs give the same address, so a
 finished stage is found and skipped; any upstream change changes every
 downstream address. Bump a stage's version in ``STAGE_VERSIONS`` when its code
 changes what it writes: that, not the source text, invalidates old artifacts.
-Where the change is inside one registered loader, synthetic domain, fusion
-function or merge method, bump that entry's version instead (``Registry``): the
-address carries it, and only artifacts made with that entry are recomputed.
+Where the change is inside one registered loader, cleaner, synthetic domain,
+sequence aligner or merge method, bump that entry's version instead
+(``Registry``): the address carries it, and only artifacts made with that entry
+are recomputed.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def stage_address(
 
     ``key`` names the instance (a model, a source, a merge method) and is part
     of the hash too, so two instances never share an address. ``implementations``:
-    the versions of the registered loaders, domains, fusion functions or merge methods
-    the stage uses, by kind (``{"loader": {"sharegpt": 2}}``), as ``Registry.versions``
+    the versions of the registered loaders, domains, aligners or merge methods the
+    stage uses, by kind (``{"loader": {"sharegpt": 2}}``), as ``Registry.versions``
     gives them: only those past their first version, so an address is the same with
     none given as with every one at version 1.
     """

@@ -85,7 +85,6 @@ def test_demo_models_are_deterministic_and_load_like_hub_models(tmp_path):
     assert "local_files_only" not in store.read_bytes(plan.demo_model(cfg.pivot), "tokenizer_config.json").decode()
 
 
-
 def test_a_demo_models_own_learning_rate_reaches_that_model_alone(tmp_path):
     from fusechat_core.demo import pretrain_demo_model
 
