@@ -27,6 +27,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _SCHEMES = ("builtin:", "demo:")
 
 
+def demo_name(ref: str) -> str | None:
+    """The demo model or synthetic domain a ``demo:NAME`` reference names; None for any
+    other reference (a folder, a hub id, ``builtin:``)."""
+    return ref[len("demo:"):] if ref.startswith("demo:") else None
+
+
 class ConfigError(ValueError):
     """A bad config: ``str(err)`` is one line naming the field and the problem."""
 
@@ -403,9 +409,10 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _demo_models_defined(self) -> RunConfig:
         for i, m in enumerate(self.models):
-            if m.path.startswith("demo:"):
+            name = demo_name(m.path)
+            if name is not None:
                 field = "pivot.path" if i == 0 else f"sources[{i - 1}].path"
-                if self.demo is None or m.path[len("demo:"):] not in self.demo.models:
+                if self.demo is None or name not in self.demo.models:
                     raise _FieldError(field, f"{m.path!r} needs an entry under demo.models")
                 if m.tokenizer is None:
                     raise _FieldError(field.replace("path", "tokenizer"), "a demo model needs a tokenizer")

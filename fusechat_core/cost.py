@@ -43,7 +43,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from fusechat_core.config import ModelSpec, RunConfig
+from fusechat_core.config import ModelSpec, RunConfig, demo_name
 from fusechat_core.plan import CLM, Node, RunPlan
 
 # An H100 SXM's dense bf16 tensor throughput (NVIDIA's datasheet: 989 TFLOPS; 1979 is with
@@ -128,8 +128,9 @@ def hub_config_path(repo: str, revision: str | None) -> str | None:
 
 def model_size(cfg: RunConfig, spec: ModelSpec) -> ModelSize:
     """N of a pivot or source model, from its config.json, offline."""
-    if spec.path.startswith("demo:"):
-        d = cfg.demo.models[spec.path[len("demo:"):]] if cfg.demo else None
+    name = demo_name(spec.path)
+    if name is not None:
+        d = cfg.demo.models[name] if cfg.demo else None
         if d is None or spec.tokenizer is None:
             return ModelSize(None, None, None, "demo", f"{spec.path}: no demo.models entry")
         total, active, vocab = _size_of_demo(d.arch, spec.tokenizer, d.hidden, d.layers, d.heads, d.kv_heads,

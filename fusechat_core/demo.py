@@ -20,7 +20,7 @@ from typing import Any
 
 from fusechat_core import stopping
 from fusechat_core.chat import IGNORE, ChatFormatter
-from fusechat_core.config import ModelSpec, RunConfig
+from fusechat_core.config import ModelSpec, RunConfig, demo_name
 from fusechat_core.data.synthetic import DOMAINS
 from fusechat_core.determinism import pin_compute
 from fusechat_core.models import formatter_for
@@ -106,7 +106,7 @@ def pretrain_demo_model(run: RunConfig, spec: ModelSpec, out_dir: Path,
     from transformers import AutoModelForCausalLM
 
     assert run.demo is not None and spec.tokenizer is not None
-    name = spec.path[len("demo:"):]
+    name = demo_name(spec.path)
     d = run.demo.models[name]
     seed = int(hashlib.sha256(f"{run.demo.seed}:{name}".encode()).hexdigest()[:8], 16)
     build_tiny_model(d.arch, spec.tokenizer, out_dir, seed=seed, chat_template=spec.chat_template,

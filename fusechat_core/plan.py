@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fusechat_core.align.sequence import SEQUENCE_ALIGNERS
-from fusechat_core.config import EvaluateConfig, ModelSpec, RunConfig
+from fusechat_core.config import EvaluateConfig, ModelSpec, RunConfig, demo_name
 from fusechat_core.data import synthetic
 from fusechat_core.data.build import reader_versions
 from fusechat_core.data.presets import sources_of
@@ -161,7 +161,7 @@ class RunPlan:
     def demo_model(self, spec: ModelSpec) -> str:
         """The demo stage's artifact for a ``demo:NAME`` model: built and pre-trained on CPU."""
         assert self.cfg.demo is not None
-        name = spec.path[len("demo:"):]
+        name = demo_name(spec.path)
         model = self.cfg.demo.models[name]
         section = {"model": model,
                    "training": self.cfg.demo.model_dump(exclude={"models"}),
@@ -346,11 +346,11 @@ class RunPlan:
         targets = {}
         for s in self.cfg.sources:
             experts = None
-            d = demo.models.get(s.path[len("demo:"):]) if demo and s.path.startswith("demo:") else None
+            d = demo.models.get(demo_name(s.path)) if demo else None
             if d is not None and d.domains:
                 top = max(d.domains.values())
                 experts = [src.label for src in self.cfg.data.sources
-                           if src.path.startswith("demo:") and d.domains.get(src.path[len("demo:"):]) == top]
+                           if d.domains.get(demo_name(src.path)) == top]
             targets[self.target_label(s.name)] = {"source": s.name, "expert_domains": experts}
         roles = {"clm": CLM if self.cfg.train.clm_baseline else None, "targets": targets,
                  "merges": [f"merge-{m}" for m in self.merge_methods()]}

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusechat_core.config import DataConfig, DataSourceSpec
+from fusechat_core.config import DataConfig, DataSourceSpec, demo_name
 from fusechat_core.data import loaders as _loaders  # noqa: F401  (fills LOADERS)
 from fusechat_core.data import synthetic
 from fusechat_core.data.clean import CLEANERS
@@ -226,8 +226,9 @@ def iter_rows(spec: DataSourceSpec, seed: int) -> Iterator[dict | MalformedRow]:
 
 
 def _iter_source(spec: DataSourceSpec, seed: int) -> Iterator[dict | MalformedRow]:
-    if spec.path.startswith("demo:"):
-        yield from synthetic.generate(spec.path[len("demo:"):], spec.count or 1000, seed)
+    domain = demo_name(spec.path)
+    if domain is not None:
+        yield from synthetic.generate(domain, spec.count or 1000, seed)
     elif Path(spec.path).exists():
         yield from _iter_local(Path(spec.path), spec.data_files)
     else:
@@ -240,8 +241,8 @@ def reader_versions(specs: Iterable[DataSourceSpec], clean: str | None) -> dict[
     every loader it may choose), the cleaner. The dataset's address carries them
     (``RunPlan.dataset``): a change to one of them moves only the datasets it reads."""
     specs = list(specs)
-    demo = [s.path[len("demo:"):] for s in specs if s.path.startswith("demo:")]
-    formats = [f for s in specs if not s.path.startswith("demo:")
+    demo = [name for s in specs if (name := demo_name(s.path)) is not None]
+    formats = [f for s in specs if demo_name(s.path) is None
                for f in (AUTO_FORMATS if s.format == "auto" else (s.format,))]
     return {"domain": synthetic.DOMAINS.versions(demo), "loader": LOADERS.versions(formats),
             "cleaner": CLEANERS.versions([clean] if clean else [])}
