@@ -98,11 +98,16 @@ def run_child(method: str, models: dict[str, Path], out: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def check_varm(models: dict[str, Path], out: Path,
-               names: tuple[str, ...] = ("model.embed_tokens.weight", "model.layers.3.self_attn.q_proj.weight",
-                                         "model.layers.11.mlp.down_proj.weight")) -> float:
-    """The benchmark's VaRM output is the formula's, on a few tensors (float64 reference)."""
+def check_varm(models: dict[str, Path], out: Path, names: tuple[str, ...] | None = None) -> float:
+    """The benchmark's VaRM output is the formula's, on a few tensors (float64 reference):
+    by default the embedding, the first layer's query and the last layer's down projection,
+    whatever ``--layers`` made."""
     from safetensors import safe_open
+
+    if names is None:
+        last = json.loads((models["pivot"] / "config.json").read_text())["num_hidden_layers"] - 1
+        names = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                 f"model.layers.{last}.mlp.down_proj.weight")
 
     def get(folder: Path, name: str):
         for f in folder.glob("*.safetensors"):
