@@ -1,7 +1,8 @@
 """Evaluation benchmark (issue 7).
 
-1. Judging: one model's full MT-Bench grading (80 questions × 2 turns = 160
-   requests, FastChat's real judge prompts) against a local OpenAI-compatible
+1. Judging: one model's grading at MT-Bench's size (80 questions × 2 turns = 160
+   requests: the repository's questions of ``tests/corpus.py`` repeated under new
+   ids, with FastChat's judge prompts) against a local OpenAI-compatible
    server on 127.0.0.1 that answers after a fixed latency and throws a 429
    (Retry-After: 0) at every 10th request, at several concurrency limits. The
    ideal wall time is requests × latency / concurrency.
@@ -28,15 +29,28 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+MT_BENCH_QUESTIONS = 80  # FastChat's question.jsonl
 
 
-def _mt_bench():
+
+def _mt_bench(n_questions: int | None = None):
     """MT-Bench-format files written into a temporary folder (tests/corpus.py): nothing is
-    read from outside the repository."""
+    read from outside the repository. ``n_questions``: that many, the corpus's repeated under
+    new ids (references with them), so the judge sees as many requests as the real set makes."""
+    import dataclasses
+
     from fusechat_core.evaluate.mt_bench import load_mt_bench
     from tests.corpus import write_mt_bench
 
-    return load_mt_bench(str(write_mt_bench(Path(tempfile.mkdtemp(prefix="mt-bench-")))))
+    data = load_mt_bench(str(write_mt_bench(Path(tempfile.mkdtemp(prefix="mt-bench-")))))
+    if n_questions is None:
+        return data
+    base = data.questions
+    questions = [dataclasses.replace(base[i % len(base)], question_id=10_000 + i) for i in range(n_questions)]
+    references = {q.question_id: data.references[b.question_id]
+                  for q, b in zip(questions, (base[i % len(base)] for i in range(n_questions)))
+                  if b.question_id in data.references}
+    return dataclasses.replace(data, questions=questions, references=references)
 
 
 def bench_judge(latency: float, concurrencies: list[int]) -> dict[str, float]:
@@ -47,7 +61,7 @@ def bench_judge(latency: float, concurrencies: list[int]) -> dict[str, float]:
     from fusechat_core.evaluate.judge import JudgeSettings, grade_answers
     from fusechat_core.store import ArtifactStore
 
-    data = _mt_bench()
+    data = _mt_bench(MT_BENCH_QUESTIONS)
     answers = [{"question_id": q.question_id, "choices": [{"index": 0, "turns": ["An answer.", "Another."]}]}
                for q in data.questions]
     counter = {"n": 0}
@@ -92,7 +106,7 @@ def bench_judge(latency: float, concurrencies: list[int]) -> dict[str, float]:
                 t0 = time.perf_counter()
                 js = grade_answers(ArtifactStore(tmp), "evaluate/bench", data, answers, settings)
                 wall = time.perf_counter() - t0
-                assert all(j.score == 7.0 for j in js) and len(js) == 160
+                assert all(j.score == 7.0 for j in js) and len(js) == 2 * MT_BENCH_QUESTIONS
                 ideal = counter["n"] * latency / c
                 print(f"judge: concurrency {c:>2}: {len(js)} judgments, {counter['n']} requests "
                       f"in {wall:.2f} s (ideal {ideal:.2f} s, {len(js) / wall:.1f} judgments/s)")
@@ -143,7 +157,8 @@ def bench_model(n_questions: int, new_tokens: int, tmp: Path) -> dict[str, float
                      batch_size=8, progress=lambda m: None)
     per_q = (time.perf_counter() - t0) / len(qs)
     assert all(store.is_complete(question_address("mt_bench_answers/bench", q.question_id)) for q in qs)
-    print(f"resume: {per_q * 1000:.2f} ms per already answered question (80 questions: {per_q * 80:.2f} s)")
+    print(f"resume: {per_q * 1000:.2f} ms per already answered question "
+          f"({MT_BENCH_QUESTIONS} questions: {per_q * MT_BENCH_QUESTIONS:.2f} s)")
     out["resume_ms_per_question"] = per_q * 1000
 
     rows = []
