@@ -709,14 +709,7 @@ class ArtifactWriter:
                         os.unlink(tmp)
             elif self.store.scheme == "s3":
                 # an S3 PUT is atomic, and with If-None-Match: * it succeeds only where no manifest is
-                bucket, key, _ = self.store.fs.split_path(path)
-                try:
-                    self.store.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=man.to_json().encode(),
-                                          IfNoneMatch="*")
-                except Exception as exc:
-                    if not _precondition_failed(exc):
-                        raise
-                    taken = True
+                taken = _put_if(self.store, path, man.to_json().encode(), IfNoneMatch="*") is None
             else:
                 if self.store.fs.exists(path):
                     taken = True
@@ -749,14 +742,56 @@ def _held_lease(store: ArtifactStore, address: str) -> Lease | None:
     return None
 
 
-def _precondition_failed(exc: BaseException) -> bool:
-    """An S3 conditional request refused (HTTP 412), whichever layer wrapped the error."""
+def _s3_status(exc: BaseException | None) -> tuple[str | None, int | None]:
+    """(error code, HTTP status) of the S3 answer behind ``exc``, whichever layer wrapped it
+    (s3fs turns botocore's ClientError into an OSError whose cause it is)."""
     while exc is not None:
-        text = f"{type(exc).__name__} {exc}"
-        if "PreconditionFailed" in text or "412" in text:
-            return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return False
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            return response["Error"].get("Code"), response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        exc = exc.__cause__ or exc.__context__
+    return None, None
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """An S3 conditional request refused (HTTP 412). Read from the answer's code and status,
+    not the message: an address's hex digits may well spell "412"."""
+    code, status = _s3_status(exc)
+    return code == "PreconditionFailed" or status == 412
+
+
+def _conditional_conflict(exc: BaseException) -> bool:
+    """S3's 409 ConditionalRequestConflict: another conditional write to the key raced this
+    one and S3 decided neither; AWS's PutObject documentation says to retry."""
+    code, status = _s3_status(exc)
+    return code == "ConditionalRequestConflict" or status == 409
+
+
+def _put_if(store: ArtifactStore, path: str, body: bytes, **condition: str) -> str | None:
+    """PUT ``body`` at ``path`` under an S3 condition (``IfNoneMatch="*"`` or ``IfMatch=etag``):
+    its ETag, or None when the condition failed because another writer's object is there.
+
+    A 412 is not always another writer's: botocore and s3fs resend a request whose answer was
+    lost (a timeout, a dropped connection), and when the first send had landed the resent one
+    fails its own condition. The object then holds this very body, byte for byte (a lease
+    record and a manifest carry their writer and time), so the write is ours. A 409 is
+    retried as AWS says, a few times, then raised."""
+    bucket, key, _ = store.fs.split_path(path)
+    for attempt in range(5):
+        try:
+            return store.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
+        except Exception as exc:
+            if _conditional_conflict(exc) and attempt < 4:
+                time.sleep(0.1 * 2 ** attempt)
+                continue
+            if not _precondition_failed(exc):
+                raise
+            break
+    try:
+        etag = store.fs.info(path)["ETag"]  # read before the body: a later writer changes both
+        return etag if store.fs.cat_file(path) == body else None
+    except FileNotFoundError:
+        return None
 
 
 def _holder_gone(record: dict[str, Any]) -> bool:
@@ -814,10 +849,6 @@ class Lease:
         return json.dumps({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
                            "renewed": now, "expires": self.expires}).encode()
 
-    def _s3(self, method: str, **kwargs: Any) -> Any:
-        bucket, key, _ = self.store.fs.split_path(self.path)
-        return self.store.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
-
     def read(self) -> tuple[dict[str, Any] | None, str | None]:
         """The current record and its version (S3 ETag, read before the body), or (None, None)."""
         try:
@@ -840,14 +871,11 @@ class Lease:
         """Write our record where none is (``over`` None) or over the expired version ``over``."""
         body = self._record()
         if self.store.scheme == "s3":
-            try:
-                cond = {"IfMatch": over} if over else {"IfNoneMatch": "*"}
-                self.token = self._s3("put_object", Body=body, **cond)["ETag"]
-                return True
-            except Exception as exc:
-                if _precondition_failed(exc):
-                    return False
-                raise
+            token = _put_if(self.store, self.path, body, **({"IfMatch": over} if over else {"IfNoneMatch": "*"}))
+            if token is None:
+                return False
+            self.token = token
+            return True
         if self.store.scheme != "file":
             if self.store.fs.exists(self.path) and over is None:
                 return False
@@ -937,12 +965,11 @@ class Lease:
             self.lost = "its lease expired before it was renewed"
             return
         if self.store.scheme == "s3":
-            try:
-                self.token = self._s3("put_object", Body=self._record(), IfMatch=self.token)["ETag"]
-            except Exception as exc:
-                if not _precondition_failed(exc):
-                    raise
+            token = _put_if(self.store, self.path, self._record(), IfMatch=self.token)
+            if token is None:
                 self.lost = f"its lease was taken over by {(self.read()[0] or {}).get('holder')}"
+            else:
+                self.token = token
             return
         record, _ = self.read()
         if not record or record.get("holder") != self.holder:

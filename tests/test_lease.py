@@ -9,6 +9,7 @@ byte for byte, and verifies clean.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fusechat_core.store import MANIFEST, ArtifactStore, LeaseError
+from fusechat_core.store import MANIFEST, ArtifactStore, Lease, LeaseError
 
 REPO = Path(__file__).resolve().parents[1]
 TTL = 2.0
@@ -154,3 +155,90 @@ def test_a_sigkilled_holder_on_this_host_is_taken_over_at_once(tmp_path):
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+def _resend_first_put(store: ArtifactStore, suffix: str) -> list[int]:
+    """Make botocore send every PutObject to a key ending in ``suffix`` twice: its own retry
+    hook asks for a retry after the first attempt, exactly as when that attempt's answer is
+    lost (a timeout, a dropped connection) though S3 stored the object. Returns the attempt
+    numbers seen, to show the resend happened."""
+    seen: list[int] = []
+
+    def again(attempts, request_dict, **kwargs):
+        if request_dict["url"].endswith(suffix):
+            seen.append(attempts)
+            if attempts == 1:
+                return 0  # retry at once
+        return None
+
+    store.fs.connect()
+    store.fs.s3.meta.events.register("needs-retry.s3.PutObject", again)
+    return seen
+
+
+def test_a_resent_conditional_write_that_had_landed_is_ours(s3_env, monkeypatch):
+    """S3 writes under a condition (a lease where none is, a renewal over our own record, a
+    manifest where none is); when the SDK resends such a request after its answer was lost,
+    the resend fails its own condition (412). Before, a writer then waited out its own lease
+    as if another held it, gave up its lease on a renewal, or refused to commit a finished
+    artifact ("another writer committed it"): on real S3, one lost answer failed a training
+    task at its very end. Now the object being this very body makes the write ours, while
+    another writer's object still wins."""
+    monkeypatch.setenv("FUSECHAT_LEASE_TTL", "30")
+    store = ArtifactStore(f"s3://fusechat-test/resend-{uuid.uuid4().hex[:8]}")
+    leases = _resend_first_put(store, "/.lease")
+    manifests = _resend_first_put(store, "/" + MANIFEST)
+
+    t0 = time.monotonic()
+    with store.writer("t/a") as w:  # acquire: create-if-absent, resent
+        assert leases == [1, 2] and time.monotonic() - t0 < 10  # not the 30 s lifetime
+        record, version = w.lease.read()
+        assert record["holder"] == w.lease.holder and version == w.lease.token
+        # the lease is really held: another writer is refused, naming this one
+        with pytest.raises(LeaseError, match=w.lease.holder):
+            Lease(ArtifactStore(store.url), "t/a").acquire(wait=0.5)
+        w.lease.renew()  # renewal over our own record (If-Match), resent
+        assert leases == [1, 2, 1, 2] and w.lease.lost is None
+        assert w.lease.read()[1] == w.lease.token
+        w.lease.check()
+        w.write_bytes("f.bin", b"trained")
+    assert manifests == [1, 2]  # the commit was resent too, and committed
+    assert store.is_complete("t/a", verify=True) and store.read_bytes("t/a", "f.bin") == b"trained"
+
+    # another writer's object is still another writer's: a record someone else wrote over
+    # ours loses us the lease at the next renewal, and a manifest already there is not ours
+    with store.lease("t/b") as lease:
+        theirs = json.dumps({"holder": "elsewhere:1:feedface", "expires": time.time() + 30}).encode()
+        store.fs.pipe_file(store._path("t/b", ".lease"), theirs)
+        lease.renew()
+        assert lease.lost == "its lease was taken over by elsewhere:1:feedface"
+    theirs = store.manifest("t/a").to_json().encode()
+    with pytest.raises(LeaseError, match="another writer committed it"):
+        with store.writer("t/c") as late:
+            late.write_bytes("f.bin", b"late")
+            store.fs.pipe_file(store._path("t/c", MANIFEST), theirs)  # the other writer's commit
+    # resent: our commit of t/a, the other writer's plain PUT, our refused commit
+    assert manifests == [1, 2] * 3 and store.fs.cat_file(store._path("t/c", MANIFEST)) == theirs
+
+
+def test_a_412_is_read_from_the_answer_not_from_digits_in_the_message():
+    """Addresses are hex: an unrelated S3 error naming one must not read as 'another writer'."""
+    from fusechat_core.store import _conditional_conflict, _precondition_failed
+
+    assert not _precondition_failed(OSError(5, "AccessDenied: s3://b/dataset/4127a0c9e1f0/MANIFEST.json"))
+
+    class ClientError(Exception):  # botocore's shape: the parsed answer in .response
+        response = {"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}}
+
+    wrapped = OSError(22, "At least one of the pre-conditions you specified did not hold")
+    wrapped.__cause__ = ClientError()
+    assert _precondition_failed(wrapped) and not _conditional_conflict(wrapped)
+
+    # AWS's 409 on racing conditional writes is retried, not taken for another writer's object
+    # (SeaweedFS never answers 409, so only its reading is checked here)
+    class Conflict(Exception):
+        response = {"Error": {"Code": "ConditionalRequestConflict"}, "ResponseMetadata": {"HTTPStatusCode": 409}}
+
+    busy = OSError(16, "conflict")
+    busy.__cause__ = Conflict()
+    assert _conditional_conflict(busy) and not _precondition_failed(busy)
