@@ -43,6 +43,12 @@ class SeaweedS3:
         args = [weed_binary(), "mini", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1", f"-bucket={BUCKET}", f"-s3.port={self.port}"]
         args += [f"-{k}={v}" for k, v in ports.items()]
+        # Catalog servers that recent `weed mini` starts on fixed ports (Iceberg 8181, Lance
+        # 9101): a second server on the machine (the other xdist worker's) died on them.
+        # Unused here; off where this weed has them ("0 to disable").
+        usage = subprocess.run([weed_binary(), "mini", "-h"], capture_output=True, text=True)
+        args += [f"-{flag}=0" for flag in ("s3.port.iceberg", "s3.port.lance")
+                 if f"-{flag} " in usage.stdout + usage.stderr]
         self.log = open(self.workdir / "weed.log", "wb")
         self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=self.workdir, start_new_session=True)
