@@ -1000,6 +1000,9 @@ class Lease:
             self._thread.join(5)
         if self.lost is not None:
             return
+        # Best effort, and nothing is lost when it fails: a record left behind expires within
+        # a lifetime, and a rerun on this host takes it over at once (its process is gone).
+        # Raising here would turn a committed artifact into a failed task.
         with contextlib.suppress(Exception):
             if self.store.scheme == "s3":
                 if self.store.fs.info(self.path)["ETag"] == self.token:
