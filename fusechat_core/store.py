@@ -45,6 +45,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import socket
@@ -61,6 +62,8 @@ import fsspec
 
 from fusechat_core import stopping
 
+log = logging.getLogger("fusechat.store")
+
 MANIFEST = "MANIFEST.json"
 LEASE = ".lease"
 VERIFIED = ".verified.json"  # the verified marker: not part of the artifact, never in its manifest
@@ -69,6 +72,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # A writer's temporary file: ``<file>.tmp-<host>-<pid>-<thread>``.
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 _TMP = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-(?P<tid>\d+)$")
+_UPLOADS_UNLISTED: set[str] = set()  # buckets where listing multipart uploads is refused (warned once)
 STALE_TMP_S = 3600  # a temporary file nobody has written for this long belongs to a dead writer
 
 
@@ -540,9 +544,12 @@ class ArtifactStore:
             self._forget_verified(address)
 
     def remove_stale_temporaries(self, address: str) -> list[str]:
-        """Remove the temporary files killed writers left under the artifact's folder (a
-        local store's; an S3 PUT leaves none): those of a process of this machine that is
-        gone, or untouched for ``STALE_TMP_S``. A live writer's are kept. Returns their paths."""
+        """Remove what killed writers left under the artifact's folder. On a local store,
+        temporary files: those of a process of this machine that is gone, or untouched for
+        ``STALE_TMP_S``; a live writer's are kept. On S3, unfinished multipart uploads (below).
+        Returns their paths."""
+        if self.scheme == "s3":
+            return self._abort_unfinished_uploads(address)
         if self.scheme != "file":
             return []
         removed = []
@@ -558,6 +565,44 @@ class ArtifactStore:
                         os.unlink(path)
                         removed.append(path)
         return removed
+
+    def _abort_unfinished_uploads(self, address: str) -> list[str]:
+        """S3's temporary files: a file over s3fs's block size (50 MiB: model shards, training
+        checkpoints) goes up as a multipart upload, and a writer killed mid-file (a preempted
+        node) leaves its parts behind, invisible to a listing and billed until aborted; at
+        7B, up to a checkpoint's tens of GB per preemption. The caller holds this address's
+        lease, so no live writer of it has an upload under it; a sub-artifact (an address
+        below with its own lease or manifest) is its own writer's to clean, and is left."""
+        bucket, key, _ = self.fs.split_path(self._path(address))
+        prefix = key.rstrip("/") + "/"
+        aborted: list[str] = []
+        more: dict[str, str] = {}
+        while True:
+            try:
+                page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **more)
+            except Exception as exc:
+                if not (isinstance(exc, PermissionError) or _s3_status(exc)[0] == "NotImplemented"):
+                    raise
+                # a policy without s3:ListBucketMultipartUploads, or a server without the call:
+                # writing goes on, and the user learns what is left to a lifecycle rule
+                if bucket not in _UPLOADS_UNLISTED:
+                    _UPLOADS_UNLISTED.add(bucket)
+                    log.warning("s3://%s: cannot list unfinished multipart uploads (%s): parts that killed "
+                                "writers leave are not removed; a lifecycle rule with "
+                                "AbortIncompleteMultipartUpload removes them", bucket, _describe_error(exc))
+                return aborted
+            for upload in page.get("Uploads", []):
+                parts = upload["Key"][len(prefix):].split("/")[:-1]
+                below = [prefix + "/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+                if any(self.fs.exists(f"{bucket}/{d}/{LEASE}") or self.fs.exists(f"{bucket}/{d}/{MANIFEST}")
+                       for d in below):
+                    continue
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
+                                UploadId=upload["UploadId"])
+                aborted.append(f"s3://{bucket}/{upload['Key']}")
+            if not page.get("IsTruncated") or "NextKeyMarker" not in page:
+                return aborted
+            more = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page.get("NextUploadIdMarker", "")}
 
     @contextlib.contextmanager
     def lease(self, address: str, *, wait: float | None = None) -> Iterator[Lease]:

@@ -278,3 +278,55 @@ def test_rewriting_a_file_keeps_the_bytes_a_reader_has_mapped(tmp_path):
     assert mapped[:4] == b"xxxx" and len(mapped) == 8192
     assert store.read_bytes("stage/a", "data.bin") == b"y" * 10
     assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
+
+
+_KILLED_MID_FILE = r'''
+import sys, time
+from fusechat_core.store import ArtifactStore
+with ArtifactStore(sys.argv[1]).writer("ckpt/a") as w:
+    with w.open("model/weights.bin") as fh:
+        fh.write(b"\x01" * (55 << 20))  # over s3fs's 50 MiB block: a multipart upload, one part up
+        print("uploading", flush=True)
+        time.sleep(600)  # killed here, as a preempted node would be
+'''
+
+
+def test_a_writer_killed_mid_file_leaves_no_multipart_upload_behind_on_s3(s3_env):
+    """A file over s3fs's block size goes up in parts; a writer SIGKILLed mid-file leaves an
+    unfinished upload that no listing shows and S3 bills until it is aborted (at 7B, a
+    training checkpoint's tens of GB per preemption). The next writer of the address aborts
+    it, and only it: a sub-artifact's upload (its own lease) and another address's stay."""
+    import subprocess
+    import sys
+
+    from fusechat_core.store import Lease
+
+    url = f"s3://fusechat-test/{uuid.uuid4().hex}"
+    repo = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_MID_FILE, url], cwd=repo, text=True,
+                             env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == "uploading"
+    finally:
+        child.kill()
+        child.wait()
+    store = ArtifactStore(url)
+    bucket, root, _ = store.fs.split_path(store.root)
+
+    def uploads() -> set[str]:
+        page = store.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=root + "/")
+        return {u["Key"][len(root) + 1:] for u in page.get("Uploads", [])}
+
+    sub = Lease(store, "ckpt/a/step-2")  # a live writer of a sub-artifact, uploading
+    sub.acquire(wait=0)
+    for rel in ("ckpt/a/step-2/state.bin", "ckpt/b/weights.bin"):
+        key = store.fs.split_path(store._path(rel))[1]
+        store.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+    assert uploads() == {"ckpt/a/model/weights.bin", "ckpt/a/step-2/state.bin", "ckpt/b/weights.bin"}
+    assert not store.fs.exists(store._path("ckpt/a/model/weights.bin"))  # invisible but for the upload list
+
+    with store.writer("ckpt/a") as w:  # the rerun: takes the dead writer's lease over at once
+        w.write_bytes("model/weights.bin", b"rewritten")
+    sub.release()
+    assert uploads() == {"ckpt/a/step-2/state.bin", "ckpt/b/weights.bin"}
+    assert store.is_complete("ckpt/a", verify=True) and store.read_bytes("ckpt/a", "model/weights.bin") == b"rewritten"
