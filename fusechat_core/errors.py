@@ -48,6 +48,16 @@ def _status(exc: BaseException) -> int | None:
     return code if isinstance(code, int) else None
 
 
+def s3_answer(exc: BaseException) -> tuple[str | None, int | None]:
+    """(error code, HTTP status) of the S3 answer behind ``exc`` (botocore's ClientError,
+    which s3fs wraps in an OSError), or (None, None) when no answer is in its chain."""
+    for e in _chain(exc):
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict) and isinstance(resp.get("Error"), dict):
+            return resp["Error"].get("Code"), resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return None, None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether trying again later may succeed (see the module's doc)."""
     for e in _chain(exc):

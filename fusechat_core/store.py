@@ -61,6 +61,7 @@ from typing import IO, Any
 import fsspec
 
 from fusechat_core import stopping
+from fusechat_core.errors import s3_answer
 
 log = logging.getLogger("fusechat.store")
 
@@ -581,7 +582,7 @@ class ArtifactStore:
             try:
                 page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **more)
             except Exception as exc:
-                if not (isinstance(exc, PermissionError) or _s3_status(exc)[0] == "NotImplemented"):
+                if not (isinstance(exc, PermissionError) or s3_answer(exc)[0] == "NotImplemented"):
                     raise
                 # a policy without s3:ListBucketMultipartUploads, or a server without the call:
                 # writing goes on, and the user learns what is left to a lifecycle rule
@@ -787,28 +788,17 @@ def _held_lease(store: ArtifactStore, address: str) -> Lease | None:
     return None
 
 
-def _s3_status(exc: BaseException | None) -> tuple[str | None, int | None]:
-    """(error code, HTTP status) of the S3 answer behind ``exc``, whichever layer wrapped it
-    (s3fs turns botocore's ClientError into an OSError whose cause it is)."""
-    while exc is not None:
-        response = getattr(exc, "response", None)
-        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
-            return response["Error"].get("Code"), response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        exc = exc.__cause__ or exc.__context__
-    return None, None
-
-
 def _precondition_failed(exc: BaseException) -> bool:
     """An S3 conditional request refused (HTTP 412). Read from the answer's code and status,
     not the message: an address's hex digits may well spell "412"."""
-    code, status = _s3_status(exc)
+    code, status = s3_answer(exc)
     return code == "PreconditionFailed" or status == 412
 
 
 def _conditional_conflict(exc: BaseException) -> bool:
     """S3's 409 ConditionalRequestConflict: another conditional write to the key raced this
     one and S3 decided neither; AWS's PutObject documentation says to retry."""
-    code, status = _s3_status(exc)
+    code, status = s3_answer(exc)
     return code == "ConditionalRequestConflict" or status == 409
 
 
