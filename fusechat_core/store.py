@@ -680,7 +680,19 @@ class ArtifactWriter:
         """Where one file's bytes go. On a local store, a temporary file renamed over the
         path once whole: a reader that has the old file open or memory-mapped keeps the
         old bytes, where truncating it in place would kill that reader (SIGBUS). An S3
-        PUT is whole or absent already."""
+        PUT is whole or absent already; but s3fs closes a file on any exit, an error's
+        too, and closing completes the upload with what was written so far, so on an
+        error the upload is aborted instead: nothing partial lands under the name."""
+        if self.store.scheme == "s3":
+            fh = self.store.fs.open(path, "wb")
+            try:
+                yield fh
+            except BaseException:
+                fh.discard()  # aborts the multipart upload, if one was begun
+                fh.closed = True  # so that nothing closes (and commits) it later
+                raise
+            fh.close()
+            return
         if self.store.scheme != "file":
             with self.store.fs.open(path, "wb") as fh:
                 yield fh

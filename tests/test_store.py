@@ -330,3 +330,28 @@ def test_a_writer_killed_mid_file_leaves_no_multipart_upload_behind_on_s3(s3_env
     sub.release()
     assert uploads() == {"ckpt/a/step-2/state.bin", "ckpt/b/weights.bin"}
     assert store.is_complete("ckpt/a", verify=True) and store.read_bytes("ckpt/a", "model/weights.bin") == b"rewritten"
+
+
+def test_a_file_whose_writing_fails_leaves_nothing_under_its_name_on_s3(s3_env):
+    """s3fs closes a file on any exit, and closing completes its upload: a writer failing
+    mid-file (a read error, a stop) put a truncated object under the name, finishing a
+    multipart upload of up to 50 MiB more first. Now the upload is aborted: nothing lands,
+    in parts or whole, and the error is the one raised."""
+    from fusechat_core.store import StoreError
+
+    store = ArtifactStore(f"s3://fusechat-test/{uuid.uuid4().hex}")
+    bucket, root, _ = store.fs.split_path(store.root)
+    for size in (10, 55 << 20):  # a plain PUT; a multipart upload with one part up
+        with pytest.raises(StoreError, match="OSError: disk gone"):
+            with store.writer("half/a") as w:
+                with w.open("weights.bin") as fh:
+                    fh.write(b"\x02" * size)
+                    raise OSError("disk gone")
+        assert not store.fs.exists(store._path("half/a", "weights.bin")), size
+        assert store.manifest("half/a") is None
+        page = store.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=root + "/")
+        assert not page.get("Uploads"), page.get("Uploads")
+    with store.writer("half/a") as w:  # and the store goes on as before
+        with w.open("weights.bin") as fh:
+            fh.write(b"whole")
+    assert store.read_bytes("half/a", "weights.bin") == b"whole" and store.is_complete("half/a", verify=True)
