@@ -347,12 +347,18 @@ def _run(cfg: RunConfig, until: str | None, as_json: bool) -> int:
     for stage, ref in results.items():
         print(f"{stage:<{width}}  {ref['state']:<10} {ref['address']}  {human_size(ref.get('size'))}")
     print(f"done in {time.time() - t0:.1f} s; artifacts in {cfg.store}")
+    if "report" in results:  # the run's answer, where a user looks first
+        from fusechat_core.evaluate.report import fusion_summary
+        from fusechat_core.store import ArtifactStore
+
+        store, address = ArtifactStore(cfg.store), results["report"]["address"]
+        print(f"report: {store.uri(address, 'report.md')}")
+        for line in fusion_summary(store.read_json(address, "report.json").get("fusion")):
+            print(line)
     if as_json:
         out: dict = {"store": cfg.store}
         if "report" in results:
-            from fusechat_core.store import ArtifactStore
-
-            out["report"] = ArtifactStore(cfg.store).uri(results["report"]["address"], "report.json")
+            out["report"] = store.uri(address, "report.json")
         print(json.dumps({**out, "stages": results}))
     return EXIT_OK
 

@@ -79,7 +79,7 @@ def demo(tmp_path_factory):
 
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
         api_url = str(client.api_url)
-    return {"last": json.loads(out.strip().splitlines()[-1]), "store_url": store_url, "cfg": cfg,
+    return {"last": json.loads(out.strip().splitlines()[-1]), "out": out, "store_url": store_url, "cfg": cfg,
             "plan": RunPlan(cfg), "store": ArtifactStore(store_url), "task_runs": task_runs,
             "artifacts": artifacts, "api_url": api_url, "flow_run": run, "logs": logs}
 
@@ -124,6 +124,17 @@ def test_demo_shows_fusion_beating_plain_fine_tuning(demo):
         # #18 item 5, as the README states it: each target's interval on its expert data, and
         # VaRM's on all data, lie above 0 (the verdict is the interval's, checked below)
         assert fusion[label]["interval"][0] > 0 and fusion[label]["verdict"] == "yes", (label, fusion[label])
+
+    # and the terminal says it too, after the stage table: where the report is, then one line
+    # per target and merge with its verdict, margin and interval
+    out = demo["out"].splitlines()
+    at = out.index(f"report: {store.uri(plan.report(), 'report.md')}")
+    row = re.compile(r"  (\S+) +(yes|no|not distinguishable) +([+-]\d\.\d{4}) \[([+-]\d\.\d{4}), ([+-]\d\.\d{4})\] ")
+    said = {m[1]: m.groups()[1:] for line in out[at + 2:] if (m := row.match(line))}
+    assert set(said) == set(fusion), out[at:]
+    for label, f in fusion.items():
+        lo, hi = f["interval"]
+        assert said[label] == (f["verdict"], f"{f['margin']:+.4f}", f"{lo:+.4f}", f"{hi:+.4f}"), said[label]
 
 
 def test_every_margin_has_a_bootstrap_interval_and_the_gap_closed_is_recomputed(demo):

@@ -427,6 +427,22 @@ def fusion_markdown(fusion: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def fusion_summary(fusion: Mapping[str, Any] | None) -> list[str]:
+    """The report's answer in a few lines for a terminal: a verdict and margin per target
+    (on its source's expert data) and per merge (on all data sources)."""
+    if not fusion or not (fusion.get("targets") or fusion.get("merges")):
+        return []
+    rows = [(label, f"on {t['source']}'s expert data ({', '.join(t['domains'])})", t)
+            for label, t in fusion["targets"].items()]
+    rows += [(label, "on all data sources", m) for label, m in fusion["merges"].items()]
+    name, verdict = max(len(r[0]) for r in rows), max(len(r[2]["verdict"]) for r in rows)
+    level = (fusion.get("bootstrap") or {}).get("level", LEVEL)
+    return [f"Did fusion beat plain fine-tuning (`{fusion['clm']}`, λ = 1)? Held-out NLL margin, "
+            f"{level:.0%} interval:"] + [
+        f"  {label:<{name}}  {r['verdict']:<{verdict}}  {r['margin']:+.4f}{_ci(r.get('interval'))}  {what}"
+        for label, what, r in rows]
+
+
 def plot_fusion(domains: Mapping[str, Mapping[str, dict]], fusion: Mapping[str, Any], out_dir: str | Path) -> Path:
     """Held-out NLL margin over the CLM baseline, per data source, for every target and merge,
     with its bootstrap interval: the differences are a few thousandths of a nat, invisible on
