@@ -687,8 +687,12 @@ class ArtifactWriter:
             fh = self.store.fs.open(path, "wb")
             try:
                 yield fh
-            except BaseException:
-                fh.discard()  # aborts the multipart upload, if one was begun
+            except BaseException as exc:
+                try:
+                    fh.discard()  # aborts the multipart upload, if one was begun
+                except Exception as why:  # the error raised stays the one to report
+                    exc.add_note(f"its unfinished upload was not aborted ({_describe_error(why)}); "
+                                 f"the next writer of {self.address!r} aborts it")
                 fh.closed = True  # so that nothing closes (and commits) it later
                 raise
             fh.close()
@@ -821,7 +825,7 @@ def _put_if(store: ArtifactStore, path: str, body: bytes, **condition: str) -> s
     A 412 is not always another writer's: botocore and s3fs resend a request whose answer was
     lost (a timeout, a dropped connection), and when the first send had landed the resent one
     fails its own condition. The object then holds this very body, byte for byte (a lease
-    record and a manifest carry their writer and time), so the write is ours. A 409 is
+    record carries its writer and time, a manifest its creation time), so the write is ours. A 409 is
     retried as AWS says, a few times, then raised."""
     bucket, key, _ = store.fs.split_path(path)
     for attempt in range(5):
