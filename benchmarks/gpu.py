@@ -247,6 +247,15 @@ class Ctx:
     def pivot(self) -> Path:
         return self.work / "pivot"
 
+    def built_pivot(self) -> Path:
+        """The 7B-shaped pivot the "models" stage writes; built here, inside the calling
+        stage's budget, when that stage was cut short (one slow disk must not cost every
+        stage that reads the pivot its figures)."""
+        if not (self.pivot / "config.json").exists():
+            note("the pivot is missing (the models stage was cut short?): building it in this stage")
+            build_model(self.pivot, self.shape, self.device)
+        return self.pivot
+
 
 # -- stages -----------------------------------------------------------------------------------
 
@@ -272,7 +281,7 @@ def stage_represent(ctx: Ctx) -> None:
 
     n_rows, batch_tokens, repeats = (4, 2 * 128, 2) if ctx.tiny else (64, 32 * 2048, 2)
     cfg = parse_config({
-        "pivot": {"name": "pivot", "path": str(ctx.pivot), "dtype": "bfloat16"},
+        "pivot": {"name": "pivot", "path": str(ctx.built_pivot()), "dtype": "bfloat16"},
         "sources": [{"name": "source", "path": str(ctx.pivot), "dtype": "bfloat16"}],
         "data": {"sources": [{"name": "bench", "path": "demo:markov"}]},
         "represent": {"top_k": 10, "batch_tokens": batch_tokens, "max_length": ctx.seq_len, "shards": 1,
@@ -499,16 +508,16 @@ def stage_merge(ctx: Ctx) -> None:
     # On the GPU: three full-size models, when the disk holds two targets and one merged
     # model beside the pivot; else as many whole layers as it holds (merge_gpu_params_b says).
     free = shutil.disk_usage(ctx.work).free + 0.0
-    layers = ctx.shape["layers"]
-    while layers > 1 and (3.1 if layers == ctx.shape["layers"] else 4.1) * 2 * mistral_params(
-            {**ctx.shape, "layers": layers}) > free - 2 * GIB:  # bf16; a smaller pivot is a copy more
+    layers, have_pivot = ctx.shape["layers"], (ctx.pivot / "config.json").exists()
+    while layers > 1 and (3.1 if layers == ctx.shape["layers"] and have_pivot else 4.1) * 2 * mistral_params(
+            {**ctx.shape, "layers": layers}) > free - 2 * GIB:  # bf16; a pivot still to write is a copy more
         layers -= 1
     shape = {**ctx.shape, "layers": layers}
     if layers < ctx.shape["layers"]:
         note(f"merge: {free / GIB:.0f} GiB of disk free: GPU merge over {layers} layers, not {ctx.shape['layers']}")
         pivot = build_model(ctx.work / "merge-gpu" / "pivot", shape, ctx.device, seed=4)
     else:
-        pivot = ctx.pivot
+        pivot = ctx.built_pivot()
     models = _write_targets(pivot, pivot.parent, ctx.device)
     fig("merge_gpu_params_b", mistral_params(shape) / 1e9)
     res = {}
@@ -565,7 +574,7 @@ def stage_evaluate(ctx: Ctx) -> None:
     data = load_mt_bench(str(write_mt_bench(ctx.work / "mt-bench")))
     # One temperature (the 8 greedy questions of tests/corpus.py): one stream of full batches.
     qs = [q for q in data.questions if q.temperature < 1e-4][:n_q]
-    lm, tok, fmt, device = load_for_eval(EvalModel("pivot", str(ctx.pivot)), ctx.device)
+    lm, tok, fmt, device = load_for_eval(EvalModel("pivot", str(ctx.built_pivot())), ctx.device)
     for label in ("answers-warmup", "answers"):  # nothing found answered: every answer generated
         shutil.rmtree(ctx.work / label, ignore_errors=True)
     answer_questions(ArtifactStore(str(ctx.work / "answers-warmup")), "mt_bench_answers/warmup", "pivot", lm, tok,

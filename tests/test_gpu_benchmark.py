@@ -109,3 +109,18 @@ def test_tiny_run_prints_every_figure(tmp_path):
     assert f["train_gradient_checkpointing"] is True and f["train_mixed_precision"] == "no"
     assert f["merge_varm_max_error"] < 1e-3  # VaRM's formula, to bf16 rounding
     assert f["evaluate_new_tokens"] > 0
+
+
+def test_a_stage_builds_the_pivot_when_the_models_stage_was_cut_short(tmp_path):
+    """On the GPU the "models" stage writes a 14 GB pivot in a 40 s budget; a slow disk would
+    cut it short. The stages that read the pivot then build it within their own budget,
+    rather than every one of them losing its figures."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--tiny", "--only", "evaluate",
+                           "--budget", "models=0.01", "--workdir", str(tmp_path / "work"), "--verbose"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # a stage timed out
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["stages"] == {"models": "timeout after 0 s", "evaluate": "ok"}, summary["stages"]
+    assert "the pivot is missing" in proc.stdout
+    assert summary["figures"]["models_write_s"] is None and summary["figures"]["evaluate_new_tokens"] > 0
