@@ -349,11 +349,15 @@ def _run(cfg: RunConfig, until: str | None, as_json: bool) -> int:
     print(f"done in {time.time() - t0:.1f} s; artifacts in {cfg.store}")
     if "report" in results:  # the run's answer, where a user looks first
         from fusechat_core.evaluate.report import fusion_summary
-        from fusechat_core.store import ArtifactStore
 
         store, address = ArtifactStore(cfg.store), results["report"]["address"]
         print(f"report: {store.uri(address, 'report.md')}")
-        for line in fusion_summary(store.read_json(address, "report.json").get("fusion")):
+        try:
+            fusion = store.read_json(address, "report.json").get("fusion")
+        except StoreError as exc:  # the run succeeded; only its summary here is missing
+            print(f"fusechat: warning: the report's summary could not be read: {exc}", file=sys.stderr)
+            fusion = None
+        for line in fusion_summary(fusion):
             print(line)
     if as_json:
         out: dict = {"store": cfg.store}
