@@ -222,23 +222,22 @@ def test_a_resent_conditional_write_that_had_landed_is_ours(s3_env, monkeypatch)
 
 
 def test_a_412_is_read_from_the_answer_not_from_digits_in_the_message():
-    """Addresses are hex: an unrelated S3 error naming one must not read as 'another writer'."""
+    """Addresses are hex: an unrelated S3 error naming one must not read as 'another writer'.
+    The answers are botocore's own errors, wrapped as s3fs wraps them."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
     from fusechat_core.store import _conditional_conflict, _precondition_failed
 
-    assert not _precondition_failed(OSError(5, "AccessDenied: s3://b/dataset/4127a0c9e1f0/MANIFEST.json"))
+    def answer(code: str, status: int, message: str) -> BaseException:
+        return translate_boto_error(ClientError({"Error": {"Code": code, "Message": message},
+                                                 "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"))
 
-    class ClientError(Exception):  # botocore's shape: the parsed answer in .response
-        response = {"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}}
-
-    wrapped = OSError(22, "At least one of the pre-conditions you specified did not hold")
-    wrapped.__cause__ = ClientError()
-    assert _precondition_failed(wrapped) and not _conditional_conflict(wrapped)
-
+    denied = answer("AccessDenied", 403, "Access Denied to s3://b/dataset/4127a0c9e1f0/MANIFEST.json")
+    assert "412" in str(denied) and not _precondition_failed(denied) and not _conditional_conflict(denied)
+    refused = answer("PreconditionFailed", 412, "At least one of the pre-conditions you specified did not hold")
+    assert _precondition_failed(refused) and not _conditional_conflict(refused)
     # AWS's 409 on racing conditional writes is retried, not taken for another writer's object
     # (SeaweedFS never answers 409, so only its reading is checked here)
-    class Conflict(Exception):
-        response = {"Error": {"Code": "ConditionalRequestConflict"}, "ResponseMetadata": {"HTTPStatusCode": 409}}
-
-    busy = OSError(16, "conflict")
-    busy.__cause__ = Conflict()
-    assert _conditional_conflict(busy) and not _precondition_failed(busy)
+    raced = answer("ConditionalRequestConflict", 409, "A conflicting operation occurred")
+    assert _conditional_conflict(raced) and not _precondition_failed(raced)
