@@ -265,3 +265,23 @@ def test_the_gap_closed_is_no_share_where_the_baseline_already_matches_the_exper
     assert "b 40.0% (no interval: the gap itself, +0.002 [" in md and "is not distinguishable from 0)" in md
     assert "| x | 1 | clm | no gap to close" in md  # λ = 1 is the baseline: nothing moved, no gap to move into
     assert Image.open(tmp_path / "plots" / "gap_closed.png").size == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
+
+
+def test_the_terminal_summary_reads_any_report_json_it_is_given():
+    """The lines a run ends with: one per target and merge, widths set by the longest name and
+    verdict; a report.json from an older version (no verdict, no interval, a merge without a
+    margin) gives what it has, and no fusion section gives no lines."""
+    from fusechat_core.evaluate.report import fusion_summary
+
+    fusion = {"clm": "clm", "bootstrap": {"level": 0.9},
+              "targets": {"target-a": {"source": "a", "domains": ["x", "y"], "margin": 0.01234, "verdict": "yes",
+                                       "interval": [0.001, 0.02]}},
+              "merges": {"merge-varm": {"margin": -0.5, "verdict": "not distinguishable", "interval": [-1.0, 0.1]},
+                         "merge-old": {"beats_clm": True}}}
+    assert fusion_summary(fusion) == [
+        "Did fusion beat plain fine-tuning (`clm`, λ = 1)? Held-out NLL margin, 90% interval:",
+        "  target-a    yes                  +0.0123 [+0.0010, +0.0200]  on a's expert data (x, y)",
+        "  merge-varm  not distinguishable  -0.5000 [-1.0000, +0.1000]  on all data sources"]
+    del fusion["targets"]["target-a"]["verdict"], fusion["targets"]["target-a"]["interval"]
+    assert fusion_summary(fusion)[1] == "  target-a    None                 +0.0123  on a's expert data (x, y)"
+    assert fusion_summary(None) == fusion_summary({}) == fusion_summary({"targets": {}, "merges": {}}) == []

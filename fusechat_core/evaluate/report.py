@@ -430,16 +430,18 @@ def fusion_markdown(fusion: Mapping[str, Any] | None) -> list[str]:
 def fusion_summary(fusion: Mapping[str, Any] | None) -> list[str]:
     """The report's answer in a few lines for a terminal: a verdict and margin per target
     (on its source's expert data) and per merge (on all data sources)."""
-    if not fusion or not (fusion.get("targets") or fusion.get("merges")):
+    # A report.json from an older version may lack a field: what it has is shown, nothing raised.
+    rows = [(label, f"on {t.get('source')}'s expert data ({', '.join(t.get('domains') or [])})", t)
+            for label, t in ((fusion or {}).get("targets") or {}).items()]
+    rows += [(label, "on all data sources", m) for label, m in ((fusion or {}).get("merges") or {}).items()]
+    rows = [(label, what, r) for label, what, r in rows if isinstance(r.get("margin"), (int, float))]
+    if not rows:
         return []
-    rows = [(label, f"on {t['source']}'s expert data ({', '.join(t['domains'])})", t)
-            for label, t in fusion["targets"].items()]
-    rows += [(label, "on all data sources", m) for label, m in fusion["merges"].items()]
-    name, verdict = max(len(r[0]) for r in rows), max(len(r[2]["verdict"]) for r in rows)
+    name, verdict = max(len(r[0]) for r in rows), max(len(str(r[2].get("verdict"))) for r in rows)
     level = (fusion.get("bootstrap") or {}).get("level", LEVEL)
-    return [f"Did fusion beat plain fine-tuning (`{fusion['clm']}`, λ = 1)? Held-out NLL margin, "
+    return [f"Did fusion beat plain fine-tuning (`{fusion.get('clm')}`, λ = 1)? Held-out NLL margin, "
             f"{level:.0%} interval:"] + [
-        f"  {label:<{name}}  {r['verdict']:<{verdict}}  {r['margin']:+.4f}{_ci(r.get('interval'))}  {what}"
+        f"  {label:<{name}}  {r.get('verdict')!s:<{verdict}}  {r['margin']:+.4f}{_ci(r.get('interval'))}  {what}"
         for label, what, r in rows]
 
 
