@@ -632,13 +632,25 @@ class ArtifactStore:
     @contextlib.contextmanager
     def writer(self, address: str, *, meta: dict[str, Any] | None = None) -> Iterator[ArtifactWriter]:
         """Write an artifact under its lease; the manifest is committed only if the block succeeds.
-        What a killed writer of this address left behind (its temporary files) is removed first."""
+        What a killed writer of this address left behind (its temporary files) is removed first.
+
+        An artifact that is complete once the lease is held is kept, and the block's writes
+        are discarded (``ArtifactWriter.kept``): another writer of the same address (the same
+        inputs: addresses derive from them) committed it while this one computed, and readers
+        may already be using it. Rewriting it would hide it from them until this writer
+        commits, and put bytes under it that what they derived from it was not made from.
+        Only a damaged or missing artifact is rewritten; to redo a complete one, delete it."""
         stopping.check()
         with self.lease(address) as lease:
-            self.invalidate(address, what="write")
-            with self._wrap("write", address):
-                self.remove_stale_temporaries(address)
-            w = ArtifactWriter(self, address, dict(meta or {}), lease)
+            kept = self.check(address)
+            if not kept.ok:
+                self.invalidate(address, what="write")
+                with self._wrap("write", address):
+                    self.remove_stale_temporaries(address)
+            w = ArtifactWriter(self, address, dict(meta or {}), lease, kept=kept.manifest if kept.ok else None)
+            if w.kept is not None:
+                log.info("artifact %s was committed by another writer while this one computed; it is kept "
+                         "and this writer's files are discarded", address)
             yield w
             w.commit()
 
@@ -655,11 +667,15 @@ class ArtifactStore:
 class ArtifactWriter:
     """Files of one artifact being written; ``commit`` writes the manifest last."""
 
-    def __init__(self, store: ArtifactStore, address: str, meta: dict[str, Any], lease: Lease | None = None):
+    def __init__(self, store: ArtifactStore, address: str, meta: dict[str, Any], lease: Lease | None = None,
+                 kept: Manifest | None = None):
         self.store = store
         self.address = address
         self.meta = meta
         self.lease = lease
+        # the complete artifact another writer committed first (``ArtifactStore.writer``):
+        # what this writer is given is hashed and dropped, and ``commit`` returns that manifest
+        self.kept = kept
         self._files: dict[str, FileEntry] = {}
         self.manifest: Manifest | None = None
 
@@ -683,6 +699,9 @@ class ArtifactWriter:
         PUT is whole or absent already; but s3fs closes a file on any exit, an error's
         too, and closing completes the upload with what was written so far, so on an
         error the upload is aborted instead: nothing partial lands under the name."""
+        if self.kept is not None:
+            yield _Discard()
+            return
         if self.store.scheme == "s3":
             fh = self.store.fs.open(path, "wb")
             try:
@@ -748,6 +767,10 @@ class ArtifactWriter:
         self._record(rel, buf.size, buf.hash.hexdigest())
 
     def commit(self) -> Manifest:
+        if self.kept is not None:
+            self._may_write()
+            self.manifest = self.kept
+            return self.kept
         man = Manifest(self.address, tuple(sorted(self._files.values(), key=lambda f: f.path)),
                        self.meta, time.time())
         path = self.store._path(self.address, MANIFEST)
@@ -1156,3 +1179,12 @@ class _HashingWriter(io.RawIOBase):
         self.target.write(b)
         return len(b)
 
+
+class _Discard(io.RawIOBase):
+    """Where a writer's bytes go when the artifact it writes is kept as another writer left it."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        return len(b)

@@ -87,10 +87,48 @@ def test_failed_write_leaves_no_manifest(store):
 def test_rewrite_hides_the_old_artifact_until_the_new_one_is_committed(store):
     with store.writer("s/r") as w:
         w.write_bytes("f", b"old")
+    store.fs.pipe_file(store._path("s/r", "f"), b"rotten")  # damaged: the next writer redoes it
     with store.writer("s/r") as w:
         assert not store.is_complete("s/r"), "a reader must not see the artifact mid-rewrite"
         w.write_bytes("f", b"new")
     assert store.read_bytes("s/r", "f") == b"new"
+
+
+def test_a_writer_that_waited_for_another_keeps_what_that_one_committed(store):
+    """Two runs of one config write the same address: the second waits for the first's lease.
+    What the first committed is kept (a downstream stage of the first run may be reading it),
+    the second's bytes are dropped, and both get the one manifest."""
+    import threading
+
+    first_in, second_waiting = threading.Event(), threading.Event()
+    got: dict = {}
+
+    def second() -> None:
+        second_waiting.set()
+        with store.writer("s/twice", meta={"by": "second"}) as w:
+            got["complete_inside"] = store.is_complete("s/twice")
+            w.write_bytes("f", b"second")
+            w.write_bytes("only-second", b"2")
+            with w.open("streamed") as fh:
+                fh.write(b"second")
+        got["manifest"] = w.manifest
+
+    with store.writer("s/twice", meta={"by": "first"}) as w:
+        first_in.set()
+        t = threading.Thread(target=second)
+        t.start()
+        second_waiting.wait(10)
+        time.sleep(0.5)  # the second writer is now waiting for this one's lease
+        w.write_bytes("f", b"first")
+    t.join(60)
+    assert not t.is_alive()
+    committed = store.manifest("s/twice")
+    assert got["complete_inside"], "the second writer hid the artifact the first had just committed"
+    assert committed.meta == {"by": "first"} and got["manifest"] == committed
+    assert [f.path for f in committed.files] == ["f"]
+    assert store.read_bytes("s/twice", "f") == b"first"
+    assert not store.fs.exists(store._path("s/twice", "only-second"))
+    assert not store.fs.exists(store._path("s/twice", "streamed"))
 
 
 def test_damaged_files_are_detected(store):
@@ -266,10 +304,12 @@ def test_rewriting_a_file_keeps_the_bytes_a_reader_has_mapped(tmp_path):
     store = ArtifactStore(f"file://{tmp_path}/store")
     with store.writer("stage/a", meta={}) as w:
         w.write_bytes("data.bin", b"x" * 8192)
+        w.write_bytes("other.bin", b"o")
     path = Path(store.root) / "stage" / "a" / "data.bin"
     with open(path, "rb") as fh:
         mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    # the artifact is redone (e.g. its manifest failed a check) while a reader holds the old file mapped:
+    os.unlink(path.parent / "other.bin")
+    # the artifact is redone (one of its files is gone) while a reader holds the old file mapped:
     # written in place, the truncation would make the next read of the mapping a SIGBUS
     inode = path.stat().st_ino
     with store.writer("stage/a", meta={}) as w:
