@@ -84,10 +84,19 @@ def one_at_a_time(futures: list[PrefectFuture]) -> list[Any] | None:
     return [allow_failure(futures[-1])]
 
 
-def _settle(results: dict[str, Any], futures: dict[str, PrefectFuture]) -> None:
-    """Wait for a stage's futures and record each one's reference and Prefect state."""
+def _settle(results: dict[str, Any], futures: dict[str, PrefectFuture],
+            upstream: list[PrefectFuture] = ()) -> None:  # type: ignore[assignment]
+    """Wait for a stage's futures and record each one's reference and Prefect state.
+
+    A task that never ran because a task it waited for (in ``upstream``) failed is left
+    Pending by Prefect ("NotReady"): the run then fails with the error of the task that
+    failed (a shard's one line naming its row or file), not with "Run is in PENDING state"."""
     wait(list(futures.values()))
     for label, fut in futures.items():
+        if not fut.state.is_final():
+            for up in upstream:
+                if up.state.is_failed() or up.state.is_crashed():
+                    up.result()  # raises that task's error
         results[label] = {**fut.result(), "state": fut.state.name}
 
 
@@ -170,20 +179,21 @@ def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str
     # Vocabulary maps need only tokenizers: they run while the models run.
     vocab = {s.name: build_vocab_map.with_options(**opts).submit(config, plan.vocab_map(s), store, s.name)
              for s in cfg.sources}
-    represent = submit_represent(cfg, plan, result_storage=opts["result_storage"], tags=gpu_tags)
-    _settle(results, {f"represent[{k}]": v for k, v in represent.items()})
+    represent, represent_shards = submit_represent(cfg, plan, result_storage=opts["result_storage"], tags=gpu_tags)
+    _settle(results, {f"represent[{k}]": v for k, v in represent.items()}, upstream=represent_shards)
     if stop <= STAGES.index("represent"):
         return results
 
-    aligned = {}
+    aligned, align_shards = {}, []
     for s in cfg.sources:
         shards = [align_shard.with_options(**opts).submit(config, plan.align_shard(s, i), store, s.name, i,
                                                           wait_for=[vocab[s.name]])
                   for i in range(cfg.represent.shards)]
+        align_shards += shards
         aligned[s.name] = finish_align.with_options(**opts).submit(config, plan.align(s), store, s.name,
                                                                    wait_for=shards)
     _settle(results, {f"vocab_map[{k}]": v for k, v in vocab.items()})
-    _settle(results, {f"align[{k}]": v for k, v in aligned.items()})
+    _settle(results, {f"align[{k}]": v for k, v in aligned.items()}, upstream=align_shards)
     if stop <= STAGES.index("align"):
         return results
 

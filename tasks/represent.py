@@ -109,11 +109,12 @@ def commit_represent(config: dict, model: str, address: str, store: str, shards:
 
 
 def submit_represent(cfg: RunConfig, plan: RunPlan, *, result_storage: Any = None,
-                     tags: list[str] | None = None) -> dict[str, Any]:
+                     tags: list[str] | None = None) -> tuple[dict[str, Any], list[Any]]:
     """Inside a flow: map every (model, shard) to a task, then commit each model.
 
-    Returns ``{model name: future of its stage ref}``. ``tags`` (e.g. the GPU tag) go on
-    the shard tasks, the only ones that hold a model.
+    Returns ``{model name: future of its stage ref}`` and the shard tasks' futures (a
+    failed shard's error is the run's, where its model's commit is left waiting). ``tags``
+    (e.g. the GPU tag) go on the shard tasks, the only ones that hold a model.
     """
     config = unwalked(cfg.model_dump(mode="json"))
     options: dict[str, Any] = {}
@@ -134,4 +135,4 @@ def submit_represent(cfg: RunConfig, plan: RunPlan, *, result_storage: Any = Non
     for m, spec in enumerate(cfg.models):
         mine = list(futures[m * n:(m + 1) * n])
         out[spec.name] = commit_task.submit(config, spec.name, plan.represent(spec), cfg.store, mine)
-    return out
+    return out, futures

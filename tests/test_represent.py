@@ -359,7 +359,7 @@ def test_prefect_flow_maps_shards_and_skips_them_on_rerun(tiny_models, tmp_path)
 
     @flow(name="represent-test")
     def run_represent() -> dict:
-        futures = submit_represent(cfg, plan, result_storage=result_storage_for(cfg.store))
+        futures, _ = submit_represent(cfg, plan, result_storage=result_storage_for(cfg.store))
         return {name: (f.result(), f.state.name) for name, f in futures.items()}
 
     state = run_represent(return_state=True)
@@ -391,6 +391,32 @@ def test_prefect_flow_maps_shards_and_skips_them_on_rerun(tiny_models, tmp_path)
     assert second["pivot"][1] == "Cached" and second["mixtral"][1] == "Completed"
     assert store.is_complete(lost) and store.manifest(kept).created == kept_created
     assert second["mixtral"][0]["digest"] == first["mixtral"][0]["digest"]
+
+
+def test_a_failed_shard_fails_the_run_with_its_own_error(tiny_models, tmp_path, monkeypatch):
+    """Prefect leaves a model's commit Pending when one of its shards fails: the run must fail
+    with the shard's error (its one line names the row), not "Run is in PENDING state"."""
+    from flows.pipeline import fusechat_pipeline
+    from fusechat_core import represent as represent_module
+
+    raw, cfg, store, plan = _setup(tiny_models, tmp_path, shards=2)
+    cfg = cfg.model_copy(update={"sources": cfg.sources[:1]})  # pivot and mixtral
+    plan = RunPlan(cfg)
+    real = represent_module.collect_shard
+
+    def failing(*args, meta=None, **kwargs):  # a fault in one shard, as a bad row would be
+        if meta["model"] == "mixtral" and meta["shard"] == 1:
+            raise RepresentError("represent mixtral shard 1: row row-5: no supervised token")
+        return real(*args, meta=meta, **kwargs)
+
+    monkeypatch.setattr(represent_module, "collect_shard", failing)
+    with pytest.raises(RepresentError, match="row row-5: no supervised token"):
+        fusechat_pipeline(config=cfg.model_dump(mode="json"), until="represent")
+    mixtral = plan.model("mixtral")
+    assert store.is_complete(plan.represent_shard(mixtral, 0)), "the good shard is kept for the rerun"
+    assert not store.is_complete(plan.represent_shard(mixtral, 1))
+    assert not store.is_complete(plan.represent(mixtral))
+    assert store.is_complete(plan.represent(plan.model("pivot")))
 
 
 def test_built_demo_model_loads_with_its_own_tokenizer(tiny_models):
