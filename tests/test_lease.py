@@ -109,6 +109,7 @@ def test_a_manifest_another_writer_committed_is_never_overwritten(tmp_path, wher
     with store.writer("x") as first:
         first.write_bytes("f.bin", b"first")
     theirs = store.manifest("x").to_json()
+    store.fs.pipe_file(store._path("x", "f.bin"), b"rotten")  # damaged: the second writer redoes it
     with pytest.raises(LeaseError, match="another writer committed it"):
         with store.writer("x") as second:
             second.write_bytes("f.bin", b"first")
