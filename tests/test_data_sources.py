@@ -347,3 +347,29 @@ def test_format_auto_names_the_loader_of_each_shape_and_only_auto_formats():
     for unknown in ({"text": "plain"}, {"cluster": "not a dict"}, {"prompt": "only"}):
         with pytest.raises(MalformedRow, match="unknown_shape"):
             detect_format(unknown)
+
+
+def test_held_out_conversations_over_the_cap_train_instead_of_being_lost(tmp_path):
+    """heldout_max caps the held-out split across sources; every sampled conversation is in
+    exactly one split, and each source's counts add up to what the splits hold."""
+    def conv(tag: str, i: int) -> dict:
+        return {"conversations": [{"from": "human", "value": f"{tag} question {i}?"},
+                                  {"from": "gpt", "value": f"{tag} answer {i}."}]}
+
+    a = _write(tmp_path, "a", [conv("a", i) for i in range(40)], "jsonl")
+    b = _write(tmp_path, "b", [conv("b", i) for i in range(20)], "jsonl")
+    sources = [DataSourceSpec(name="a", path=str(a), format="sharegpt"),
+               DataSourceSpec(name="b", path=str(b), format="sharegpt")]
+    cfg = DataConfig(sources=sources, heldout_fraction=0.5, heldout_max=7, max_length=4096)
+    mix = build_mixture(cfg, 0, token_counter([]))
+    firsts = lambda rows: [r["conversations"][0]["value"] for r in rows]  # noqa: E731
+    held, trained = firsts(mix.heldout), firsts(mix.train)
+    assert len(held) == 7  # 30 were drawn (half of each source), 7 kept
+    assert sorted(held + trained) == sorted([f"a question {i}?" for i in range(40)]
+                                            + [f"b question {i}?" for i in range(20)])
+    per = mix.stats["sources"]
+    assert per["a"]["heldout"] + per["b"]["heldout"] == 7 == mix.stats["heldout"]
+    for name, n in (("a", 40), ("b", 20)):
+        assert per[name]["heldout"] + per[name]["blocks"] == n
+        assert per[name]["heldout"] == sum(h["source"] == name for h in mix.heldout)
+    assert len({r["id"] for r in mix.train + mix.heldout}) == 60

@@ -308,6 +308,18 @@ class Mixture:
     stats: dict[str, Any]
 
 
+def _add_training_blocks(train: list[dict[str, Any]], st: SourceStats, label: str, i: int,
+                         conv: list[dict[str, str]], cfg: DataConfig, count: TokenCounter) -> None:
+    """Conversation ``i`` of source ``label`` as training rows: one per block of at most
+    ``max_length`` pivot tokens (``split_blocks``)."""
+    blocks, dropped = split_blocks(conv, cfg.max_length, count, cfg.template_overhead)
+    st.too_long += dropped
+    st.split_conversations += len(blocks) > 1
+    for b, block in enumerate(blocks):
+        train.append({"id": f"{label}-{i:06d}-{b}", "source": label, "conversations": block})
+        st.blocks += 1
+
+
 def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
                   progress: Callable[[str], None] | None = None) -> Mixture:
     seen: set[str] = set()
@@ -361,21 +373,24 @@ def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
         for i, conv in enumerate(convs):
             if i in held_idx:
                 heldout.append({"id": f"{label}-{i:06d}", "source": label, "conversations": conv})
-                continue
-            blocks, dropped = split_blocks(conv, cfg.max_length, count, cfg.template_overhead)
-            st.too_long += dropped
-            st.split_conversations += len(blocks) > 1
-            for b, block in enumerate(blocks):
-                train.append({"id": f"{label}-{i:06d}-{b}", "source": label, "conversations": block})
-                st.blocks += 1
+            else:
+                _add_training_blocks(train, st, label, i, conv, cfg, count)
         if progress:
             progress(f"{label}: {st.rows_read} rows read, {st.sampled} sampled, "
                      f"{sum(st.skipped.values())} malformed skipped, {sum(st.cleaned.values())} cleaned out")
         if spec.count is not None and st.kept < spec.count:
             log.warning("data source %s: asked for %d conversations, only %d usable", label, spec.count, st.kept)
     if cfg.heldout_max is not None and len(heldout) > cfg.heldout_max:
+        # The conversations over the cap were sampled into the mixture like the rest: they
+        # train, where they would otherwise be in neither split.
         keep = set(_seeded(seed, "heldout-cap").sample(range(len(heldout)), cfg.heldout_max))
-        heldout = [h for i, h in enumerate(heldout) if i in keep]
+        for j, h in enumerate(heldout):
+            if j not in keep:
+                st = per_source[h["source"]]
+                st.heldout -= 1
+                _add_training_blocks(train, st, h["source"], int(h["id"].rsplit("-", 1)[1]), h["conversations"],
+                                     cfg, count)
+        heldout = [h for j, h in enumerate(heldout) if j in keep]
     # A fixed, seeded order: training reads rows in this order, so it is part of the result.
     _seeded(seed, "shuffle").shuffle(train)
     stats = {
