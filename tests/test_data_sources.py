@@ -9,6 +9,7 @@ loader. The expected conversations are written out by hand, not produced by the 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -373,3 +374,32 @@ def test_held_out_conversations_over_the_cap_train_instead_of_being_lost(tmp_pat
         assert per[name]["heldout"] + per[name]["blocks"] == n
         assert per[name]["heldout"] == sum(h["source"] == name for h in mix.heldout)
     assert len({r["id"] for r in mix.train + mix.heldout}) == 60
+
+
+_HUB_OFFLINE = r'''
+import json, sys
+from fusechat_core.config import DataSourceSpec
+from fusechat_core.data.build import DataError, iter_rows
+from fusechat_core.errors import is_transient
+try:
+    next(iter_rows(DataSourceSpec(name="orca", path="no-such-org/no-such-dataset", format="sharegpt"), 0))
+except DataError as exc:
+    print(json.dumps({"message": str(exc), "transient": is_transient(exc)}))
+'''
+
+
+def test_a_hub_source_that_cannot_be_loaded_fails_in_one_line_naming_it():
+    """The Hub's own errors name a repository at best; the user needs the config's source.
+    (Offline mode: the Hub's answer without a network, the way a cluster without one fails.)"""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", _HUB_OFFLINE], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["message"].startswith("data source orca: no-such-org/no-such-dataset: cannot be loaded from "
+                                     "the Hugging Face Hub (ConnectionError: "), got
+    assert "\n" not in got["message"]
+    assert got["transient"] is True  # a network error keeps its retry

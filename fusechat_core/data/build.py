@@ -44,6 +44,7 @@ from fusechat_core.data.conversation import (
     normalise,
 )
 from fusechat_core.data.presets import sources_of
+from fusechat_core.errors import is_transient
 from fusechat_core.store import ArtifactStore, ArtifactWriter
 
 log = logging.getLogger("fusechat.data")
@@ -212,8 +213,15 @@ def _iter_parquet(f: Path) -> Iterator[dict]:
 def _iter_hub(spec: DataSourceSpec) -> Iterator[dict]:
     import datasets
 
-    ds = datasets.load_dataset(spec.path, spec.subset, data_files=spec.data_files, split=spec.split,
-                               revision=spec.revision)
+    try:
+        ds = datasets.load_dataset(spec.path, spec.subset, data_files=spec.data_files, split=spec.split,
+                                   revision=spec.revision)
+    except Exception as exc:  # datasets' own errors name the repo at best, never our source
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err = DataError(f"{spec.path}: cannot be loaded from the Hugging Face Hub "
+                        f"({type(exc).__name__}: {first})".replace(": )", ")"))
+        err.transient = is_transient(exc)  # a network error is still worth a retry
+        raise err from exc
     yield from ds
 
 
@@ -222,7 +230,10 @@ def iter_rows(spec: DataSourceSpec, seed: int) -> Iterator[dict | MalformedRow]:
     try:
         yield from _iter_source(spec, seed)
     except DataError as exc:
-        raise DataError(f"data source {spec.label}: {exc}") from None
+        err = DataError(f"data source {spec.label}: {exc}")
+        if isinstance(getattr(exc, "transient", None), bool):
+            err.transient = exc.transient
+        raise err from exc.__cause__  # a Hub error's own traceback stays in the log
 
 
 def _iter_source(spec: DataSourceSpec, seed: int) -> Iterator[dict | MalformedRow]:
