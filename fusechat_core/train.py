@@ -165,6 +165,9 @@ def micro_batch_sums(model: torch.nn.Module, batch: Batch, *, fusion: Any, tempe
 
 # A step's timings: in its event (logs, dashboard), never in what the store keeps.
 _TIMINGS = ("tokens_per_s", "seconds")
+# fp16 updates the loss scaler may skip in a row before training calls it divergence: from
+# GradScaler's initial 2**16 to below 1 takes 17 halvings, so 25 leaves room and no more.
+MAX_SCALER_OVERFLOWS = 25
 
 
 # -- the loop ------------------------------------------------------------------------
@@ -283,6 +286,7 @@ def train_target(
 
         # -- optimizer steps ------------------------------------------------------------
         model.train()
+        overflows = 0  # fp16 updates skipped in a row (below)
         for step in range(start, n_steps):
             stopping.check()
             t0 = time.perf_counter()
@@ -313,10 +317,28 @@ def train_target(
             # Summed over ranks before the update, so every rank sees the same numbers and
             # a non-finite step stops all of them before it reaches the weights.
             totals = accelerator.reduce(sums, reduction="sum").cpu()
+            # fp16's loss scaler starts high on purpose and finds its scale by overflowing: an
+            # inf gradient norm under a finite loss is its signal, not divergence. It skips
+            # that update and halves the scale; the learning rate waits for a real update
+            # (as in transformers' Trainer). Too many in a row is divergence after all.
+            scaled = accelerator.scaler is not None
             _require_finite(name or address, step + 1, lr, totals, grad_norm, use_teachers,
-                            lambda: complete_checkpoints(store, address))
+                            lambda: complete_checkpoints(store, address), gradient_may_overflow=scaled)
+            scale_before = accelerator.scaler.get_scale() if scaled else None
             optimizer.step()
-            scheduler.step()
+            # The scaler lowers its scale exactly when it skipped the update. (accelerate's
+            # optimizer_step_was_skipped cannot tell under a fused optimizer: the fused kernel
+            # is called and skips by itself.)
+            skipped = scaled and accelerator.scaler.get_scale() < scale_before
+            if skipped:
+                overflows += 1
+                if overflows > MAX_SCALER_OVERFLOWS:
+                    raise TrainError(f"train[{name or address}]: the fp16 gradient overflowed in "
+                                     f"{overflows} steps in a row, up to step {step + 1}, whatever the loss "
+                                     f"scale (learning rate {lr:g}); nothing committed")
+            else:
+                overflows = 0
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
             seconds = time.perf_counter() - t0
@@ -324,9 +346,11 @@ def train_target(
             record = {"step": step + 1, "epoch": round((step + 1) / per_epoch, 4),
                       "loss": clm_mean if not use_teachers else lam * clm_mean + (1 - lam) * fuse_mean,
                       "clm_loss": clm_mean, "fusion_loss": fuse_mean if use_teachers else None,
-                      "lr": lr, "grad_norm": float(grad_norm), "tokens": int(totals[2]),
+                      "lr": lr, "grad_norm": None if skipped else float(grad_norm), "tokens": int(totals[2]),
                       "supervised_tokens": n_sup, "tokens_per_s": float(totals[2]) / max(seconds, 1e-9),
                       "seconds": seconds}
+            if skipped:
+                record["update_skipped"] = "fp16 gradient overflow: loss scale lowered"
             # the stored history (training log, checkpoint state) keeps what the step computed, not
             # how fast this machine was: the same address holds the same bytes under any runner
             history.append({k: v for k, v in record.items() if k not in _TIMINGS})
@@ -396,14 +420,17 @@ def _checkpointing(model: Any) -> bool:
 
 
 def _require_finite(name: str, step: int, lr: float, totals: torch.Tensor, grad_norm: Any,
-                    use_teachers: bool, checkpoints: Callable[[], list[tuple[int, str]]]) -> None:
-    """One line naming the target and the step when the step's loss or gradient norm is NaN/inf."""
+                    use_teachers: bool, checkpoints: Callable[[], list[tuple[int, str]]], *,
+                    gradient_may_overflow: bool = False) -> None:
+    """One line naming the target and the step when the step's loss or gradient norm is NaN/inf.
+    ``gradient_may_overflow``: under a loss scaler (fp16), whose overflow is not an error when
+    the loss itself is finite (the scaler skips the update)."""
     bad = []
     if not math.isfinite(float(totals[0])):
         bad.append("loss" if not use_teachers else "CLM loss")
     if use_teachers and not math.isfinite(float(totals[1])):
         bad.append("fusion loss")
-    if not math.isfinite(float(grad_norm)):
+    if not math.isfinite(float(grad_norm)) and (bad or not gradient_may_overflow):
         bad.append("gradient norm")
     if not bad:
         return

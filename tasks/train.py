@@ -58,6 +58,9 @@ class _Reporter:
                 description=f"Training target {self.target}: optimizer steps done")
         elif kind == "step":
             self.rows.append(self._row(event))
+            if event.get("update_skipped"):
+                self.logger.warning("target %s: step %d/%d made no update (%s)", self.target, event["step"],
+                                    self.total, event["update_skipped"])
             pct = 100.0 * event["step"] / max(self.total, 1)
             if self.progress_id is not None and progress_due(pct, self.last_pct, self.last_at,
                                                              event["step"] == self.total):
@@ -80,7 +83,7 @@ class _Reporter:
         return {"step": e["step"], "epoch": e["epoch"], "loss": round(e["loss"], 5),
                 "clm_loss": round(e["clm_loss"], 5),
                 "fusion_loss": None if e["fusion_loss"] is None else round(e["fusion_loss"], 5),
-                "lr": e["lr"], "grad_norm": round(e["grad_norm"], 4),
+                "lr": e["lr"], "grad_norm": None if e["grad_norm"] is None else round(e["grad_norm"], 4),
                 # a resumed step's speed was another process's: the stored history keeps none
                 "tokens_per_s": round(e["tokens_per_s"], 1) if "tokens_per_s" in e else None}
 

@@ -24,6 +24,7 @@ from fusechat_core.chat import IGNORE, ChatFormatter
 from fusechat_core.config import ModelSpec, TrainConfig
 from fusechat_core.data import synthetic
 from fusechat_core.fuse.batches import ContractError, FusionData
+from fusechat_core.models import load_causal_lm
 from fusechat_core.store import ArtifactStore
 from fusechat_core.tiny import build_tiny_model
 from fusechat_core.train import TRAINING_LOG, complete_checkpoints, global_batch, micro_batches, train_target
@@ -410,6 +411,71 @@ def test_a_huge_learning_rate_stops_at_the_first_non_finite_step(fusion_inputs, 
     # every good step was checkpointed, nothing after the bad one; no target was committed
     assert [s for s, _ in complete_checkpoints(store, "train/clm-t")] == [bad - 1] == [steps[-1]["step"]]
     assert not store.is_complete("train/clm-t")
+
+
+@pytest.fixture
+def cpu_loss_scaler(monkeypatch):
+    """fp16 as on a GPU, on this CPU: accelerate gives a CPU no loss scaler, so each Accelerator
+    made for fp16 gets torch's own GradScaler (the one it uses on CUDA) with the options set
+    here: a start far too high, as fp16 training's always is (2**16 for 7B losses)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    options: dict = {}
+    init = Accelerator.__init__
+    # accelerate keeps one precision per process: the tests before this one set "no"
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    def with_scaler(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.state.mixed_precision == "fp16":
+            self.native_amp = True
+            self.scaler = torch.amp.GradScaler("cpu", **options)
+
+    monkeypatch.setattr(Accelerator, "__init__", with_scaler)
+    yield options
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_fp16_loss_scale_overflows_skip_the_update_and_training_goes_on(fusion_inputs, tmp_path, cpu_loss_scaler):
+    cpu_loss_scaler.update(init_scale=2.0 ** 24)  # fp16 gradients overflow (65504) at this scale
+    cfg = _cfg(mixed_precision="fp16", max_steps=8, warmup_ratio=0.5, checkpoint_every=100)
+    data = FusionData(fusion_inputs["pivot_dirs"], max_length=MAX_LEN)
+    store = ArtifactStore(f"file://{tmp_path}")
+    events: list[dict] = []
+    train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/fp16", lam=1.0,
+                 on_event=events.append, name="clm")
+    steps = [e for e in events if e["event"] == "step"]
+    skipped = [e["step"] for e in steps if e.get("update_skipped")]
+    assert len(steps) == 8 and skipped and skipped == list(range(1, len(skipped) + 1)) and len(skipped) < 8
+    assert all(e["grad_norm"] is None for e in steps[:len(skipped)])
+    assert all(math.isfinite(e["grad_norm"]) for e in steps[len(skipped):])
+    # the schedule waits for real updates: the first real one gets warmup's first rate, as step 1 did
+    rates = [e["lr"] for e in steps]
+    assert rates[:len(skipped) + 1] == [rates[0]] * (len(skipped) + 1) and rates[len(skipped) + 1] > rates[0]
+    assert store.is_complete("train/fp16")
+    # skipped updates left the weights alone: the trained target moved from the pivot, and only by real updates
+    pivot = load_causal_lm(fusion_inputs["pivot"], device="cpu", dtype="float32").state_dict()
+    got = _weights(store.fetch("train/fp16"))
+    assert any(not torch.equal(got[k], pivot[k]) for k in got)
+
+
+def test_fp16_overflow_in_every_step_is_divergence(fusion_inputs, tmp_path, cpu_loss_scaler):
+    from fusechat_core.train import MAX_SCALER_OVERFLOWS
+
+    # a scale that barely comes down: the gradient overflows step after step
+    cpu_loss_scaler.update(init_scale=2.0 ** 127, backoff_factor=0.999)
+    cfg = _cfg(mixed_precision="fp16", max_steps=MAX_SCALER_OVERFLOWS + 5, warmup_ratio=0.0, checkpoint_every=100)
+    data = FusionData(fusion_inputs["pivot_dirs"], max_length=MAX_LEN)
+    store = ArtifactStore(f"file://{tmp_path}")
+    with pytest.raises(RuntimeError) as err:
+        train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/fp16-bad",
+                     lam=1.0, name="clm")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"train[clm]: the fp16 gradient overflowed in "
+                                              f"{MAX_SCALER_OVERFLOWS + 1} steps in a row, up to step "
+                                              f"{MAX_SCALER_OVERFLOWS + 1}")
+    assert not store.is_complete("train/fp16-bad")
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
