@@ -937,9 +937,19 @@ class Lease:
             return None, None
         try:
             record = json.loads(raw)
-            return (record if isinstance(record, dict) else {}), etag
+            if isinstance(record, dict):
+                return record, etag
         except ValueError:
-            return {}, etag  # a torn record (a local writer died mid-write) holds nothing
+            pass
+        # Not a record: torn by a crash, or written by an older version in two steps
+        # (create, then write). It holds a lifetime from when it was written, like a record:
+        # a writer between those steps must not lose its lease to whoever reads it first.
+        with contextlib.suppress(FileNotFoundError, KeyError, TypeError, ValueError):
+            info = self.store.fs.info(self.path)
+            written = info.get("mtime") or info.get("LastModified")
+            written = written.timestamp() if hasattr(written, "timestamp") else float(written)
+            return {"expires": written + self.ttl}, etag
+        return {}, etag
 
     def _create(self, over: str | None = None) -> bool:
         """Write our record where none is (``over`` None) or over the expired version ``over``."""
@@ -957,18 +967,23 @@ class Lease:
             self.token = self.holder
             return True
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        if over is None:
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(body)
-        else:
-            tmp = f"{self.path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        # Written whole first, then put in place: a hard link only where nothing is (a new
+        # lease), a rename over the expired record (a takeover, under the takeover guard).
+        # A reader sees no record or a whole one, never an empty file it could take for expired.
+        tmp = f"{self.path}.tmp-{_HOST}-{os.getpid()}-{threading.get_ident()}"
+        try:
             with open(tmp, "wb") as fh:
                 fh.write(body)
-            os.replace(tmp, self.path)
+            if over is None:
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    return False
+            else:
+                os.replace(tmp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         self.token = self.holder
         return True
 

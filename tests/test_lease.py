@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fusechat_core.store import MANIFEST, ArtifactStore, Lease, LeaseError
+from fusechat_core.store import LEASE, MANIFEST, ArtifactStore, Lease, LeaseError
 
 REPO = Path(__file__).resolve().parents[1]
 TTL = 2.0
@@ -242,3 +242,25 @@ def test_a_412_is_read_from_the_answer_not_from_digits_in_the_message():
     # (SeaweedFS never answers 409, so only its reading is checked here)
     raced = answer("ConditionalRequestConflict", 409, "A conflicting operation occurred")
     assert _conditional_conflict(raced) and not _precondition_failed(raced)
+
+
+def test_a_lease_file_without_a_record_holds_a_lifetime_from_when_it_was_written(tmp_path, monkeypatch):
+    """A lease file that is not a record (an older version's writer between creating the
+    file and writing its record; a torn write) is not free for the first reader to take:
+    it holds until a lifetime after it was written."""
+    monkeypatch.setenv("FUSECHAT_LEASE_TTL", str(TTL))
+    store = ArtifactStore(f"file://{tmp_path}/store")
+    path = Path(store._path("x", LEASE))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    with pytest.raises(LeaseError, match="'x' is being written"):
+        Lease(store, "x").acquire(wait=TTL / 2)
+    old = time.time() - 3 * TTL
+    os.utime(path, (old, old))
+    lease = Lease(store, "x")
+    lease.acquire(wait=TTL / 2)
+    try:
+        assert lease.read()[0]["holder"] == lease.holder
+        assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]  # the new record went in whole
+    finally:
+        lease.release()
