@@ -630,7 +630,8 @@ class ArtifactStore:
             lease.release()
 
     @contextlib.contextmanager
-    def writer(self, address: str, *, meta: dict[str, Any] | None = None) -> Iterator[ArtifactWriter]:
+    def writer(self, address: str, *, meta: dict[str, Any] | None = None,
+               replace: bool = False) -> Iterator[ArtifactWriter]:
         """Write an artifact under its lease; the manifest is committed only if the block succeeds.
         What a killed writer of this address left behind (its temporary files) is removed first.
 
@@ -639,10 +640,11 @@ class ArtifactStore:
         inputs: addresses derive from them) committed it while this one computed, and readers
         may already be using it. Rewriting it would hide it from them until this writer
         commits, and put bytes under it that what they derived from it was not made from.
-        Only a damaged or missing artifact is rewritten; to redo a complete one, delete it."""
+        Only a damaged or missing artifact is rewritten, unless ``replace``: the caller found
+        the complete one stale (an MT-Bench question whose text changed at its location)."""
         stopping.check()
         with self.lease(address) as lease:
-            kept = self.check(address)
+            kept = Check("missing") if replace else self.check(address)
             if not kept.ok:
                 self.invalidate(address, what="write")
                 with self._wrap("write", address):
@@ -654,10 +656,11 @@ class ArtifactStore:
             yield w
             w.commit()
 
-    def put_dir(self, address: str, local: str | Path, *, meta: dict[str, Any] | None = None) -> Manifest:
-        """Upload a local folder as one artifact."""
+    def put_dir(self, address: str, local: str | Path, *, meta: dict[str, Any] | None = None,
+                replace: bool = False) -> Manifest:
+        """Upload a local folder as one artifact (``replace``: as in ``writer``)."""
         local = Path(local)
-        with self.writer(address, meta=meta) as w:
+        with self.writer(address, meta=meta, replace=replace) as w:
             for p in sorted(local.rglob("*")):
                 if p.is_file() and p.name not in (MANIFEST, VERIFIED):
                     w.put_file(p.relative_to(local).as_posix(), p)

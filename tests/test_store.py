@@ -395,3 +395,13 @@ def test_a_file_whose_writing_fails_leaves_nothing_under_its_name_on_s3(s3_env):
         with w.open("weights.bin") as fh:
             fh.write(b"whole")
     assert store.read_bytes("half/a", "weights.bin") == b"whole" and store.is_complete("half/a", verify=True)
+
+
+def test_replace_rewrites_a_complete_artifact_its_caller_found_stale(store):
+    with store.writer("s/stale", meta={"v": 1}) as w:
+        w.write_bytes("f", b"old answer")
+    with store.writer("s/stale", meta={"v": 2}, replace=True) as w:
+        assert not store.is_complete("s/stale"), "a reader must not see the artifact mid-rewrite"
+        w.write_bytes("f", b"new answer")
+    assert store.read_bytes("s/stale", "f") == b"new answer" and store.manifest("s/stale").meta == {"v": 2}
+    assert w.manifest == store.manifest("s/stale")

@@ -406,7 +406,9 @@ async def _grade_all(store: ArtifactStore, address: str, data: MTBenchData, answ
 
 
 def _save(store: ArtifactStore, address: str, qid: int, js: list[Judgment]) -> None:
-    with store.writer(judgment_address(address, qid), meta={"stage": "evaluate", "question_id": qid}) as w:
+    # replace: a question's stored verdicts are graded again when its answer changed
+    with store.writer(judgment_address(address, qid), meta={"stage": "evaluate", "question_id": qid},
+                      replace=True) as w:
         w.write_json(judgment_file(qid), [asdict(j) for j in js])
 
 

@@ -369,8 +369,10 @@ def answer_questions(store: ArtifactStore, answers_address: str, model_name: str
                     "new_tokens": [r.new_tokens for r in results[i]],
                     "finish": [r.finish for r in results[i]],
                 }
+                # replace: a stored answer to a question whose text has changed is answered again
                 with store.writer(question_address(answers_address, q.question_id),
-                                  meta={"stage": "mt_bench_answers", "question_id": q.question_id}) as w:
+                                  meta={"stage": "mt_bench_answers", "question_id": q.question_id},
+                                  replace=True) as w:
                     w.write_json(answer_file(q.question_id), rec)
                 done[q.question_id] = rec
             if on_count is not None:
@@ -386,7 +388,8 @@ def write_answers_artifact(store: ArtifactStore, answers_address: str, model_nam
     body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
     meta = {"stage": "mt_bench_answers", "model": model_name, "questions": len(records),
             "data_sources": data.sources, "data_digests": data.digests}
-    with store.writer(answers_address, meta=meta) as w:
+    # replace: the answers of an earlier version of the questions (their location changed) go
+    with store.writer(answers_address, meta=meta, replace=True) as w:
         w.write_bytes(ANSWERS_FILE, body.encode())
 
 
