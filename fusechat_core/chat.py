@@ -16,7 +16,7 @@ is supervised when its character span starts inside such a span.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fusechat_core.registry import Registry
@@ -68,10 +68,28 @@ class Rendered:
     input_ids: list[int]
     labels: list[int]  # IGNORE where not supervised; the token id where it is
     offsets: list[tuple[int, int]]
+    # Where each assistant message's own words are in ``text``: the assistant's span less
+    # the template's markers around them (``</s>``, ``<|im_end|>``), which differ per model.
+    content: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def n_supervised(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
+
+
+def _content_spans(text: str, spans: Sequence[tuple[int, int]], answers: Sequence[str]) -> list[tuple[int, int]]:
+    """Each answer's place inside its assistant span: as given, else as the template may
+    trim it; a template that rewrites the words leaves the whole span."""
+    out = []
+    for (a, b), answer in zip(spans, answers):
+        for words in (answer, answer.strip()):
+            pos = text.find(words, a, b) if words else -1
+            if pos >= 0:
+                out.append((pos, pos + len(words)))
+                break
+        else:
+            out.append((a, b))
+    return out
 
 
 class ChatFormatter:
@@ -121,7 +139,8 @@ class ChatFormatter:
                 labels[t] = ids[t]
         if max_length is not None and len(ids) > max_length:
             ids, labels, offsets = ids[:max_length], labels[:max_length], offsets[:max_length]
-        return Rendered(text, ids, labels, offsets)
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        return Rendered(text, ids, labels, offsets, _content_spans(text, spans, answers))
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a conversation ending with the generation prompt (for answering)."""

@@ -80,10 +80,27 @@ def test_heldout_nll_matches_a_manual_computation(llama):
         lo += sum(len(t["value"].encode()) for t in r["conversations"] if t["from"] == "gpt")
         hi += sum(len(text[a:b].encode()) for a, b in spans)
     assert lo <= full["all"]["bytes"] <= hi
+    assert full["all"]["bytes"] == lo  # the answers' own bytes, no template marker
     assert full["all"]["bits_per_byte"] == pytest.approx(
         full["all"]["nll"] * full["all"]["tokens"] / (full["all"]["bytes"] * math.log(2)), rel=1e-9)
     # a random model over a 131k vocabulary sits near log(V) nats per token
     assert abs(got["all"]["nll"] - math.log(len(tok))) < 1.5
+
+
+def test_bits_per_byte_count_the_answers_bytes_once_whatever_the_tokenizer(llama, tiny_models):
+    """Two tokenizers and templates (tekken byte-level BPE; Mistral v1's SentencePiece, whose
+    byte fallback gives one character several tokens with the same offsets): the byte count
+    is the UTF-8 length of the answers, counted by hand, for both."""
+    rows = _rows() + [{"id": "utf8", "source": "markov", "conversations": [
+        {"from": "human", "value": "Order a coffee."},
+        {"from": "gpt", "value": "Un café ☕, s'il vous plaît — 日本茶も。🙂"}]}]
+    want = sum(len(t["value"].encode()) for r in rows for t in r["conversations"] if t["from"] == "gpt")
+    pivot = load_for_eval(EvalModel("pivot", str(tiny_models["pivot"])), "cpu")
+    enc = pivot[2].encode(rows[-1]["conversations"])
+    spans = [o for o, y in zip(enc.offsets, enc.labels) if y != IGNORE]
+    assert len(spans) != len(set(spans)), "no byte-fallback token here: the test would not test it"
+    for lm, _, fmt, _ in (llama, pivot):
+        assert heldout_nll(lm, fmt, rows, max_length=512)["all"]["bytes"] == want
 
 
 def test_supervised_tokens_are_the_assistants_only(llama):

@@ -41,10 +41,20 @@ class _Sum:
                 "bits_per_byte": self.nll / (self.bytes * math.log(2)) if self.bytes else None}
 
 
-def supervised_bytes(text: str, labels: Sequence[int], offsets: Sequence[tuple[int, int]]) -> int:
-    """UTF-8 bytes of the text the scored tokens (labels at t >= 1) cover."""
-    return sum(len(text[a:b].encode()) for t, ((a, b), y) in enumerate(zip(offsets, labels))
-               if t >= 1 and y != IGNORE)
+def supervised_bytes(text: str, labels: Sequence[int], offsets: Sequence[tuple[int, int]],
+                     content: Sequence[tuple[int, int]]) -> int:
+    """UTF-8 bytes of the assistant's words (``content``: ``Rendered.content``) that the scored
+    tokens (labels at t >= 1) cover, each byte once.
+
+    Once: byte-fallback tokens of one character (``<0xE2>`` ``<0x98>`` ``<0x95>``) each carry
+    that whole character's offsets. Words only: the template's markers (``</s>``,
+    ``<|im_end|>``) differ per model. So a text has one byte count whatever the tokenizer
+    and template, and bits per byte compare models that share neither."""
+    covered = bytearray(len(text))
+    for t, ((a, b), y) in enumerate(zip(offsets, labels)):
+        if t >= 1 and y != IGNORE:
+            covered[a:b] = b"\x01" * (b - a)
+    return sum(len(text[i].encode()) for a, b in content for i in range(a, min(b, len(text))) if covered[i])
 
 
 def sequence_nll(model: Any, batch_ids: Sequence[Sequence[int]], batch_labels: Sequence[Sequence[int]],
@@ -104,7 +114,7 @@ def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length:
             skipped += 1
             continue
         encoded.append((r.get("source") or "unknown", enc.input_ids, enc.labels,
-                        supervised_bytes(enc.text, enc.labels, enc.offsets), r.get("id")))
+                        supervised_bytes(enc.text, enc.labels, enc.offsets, enc.content), r.get("id")))
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
     encoded.sort(key=lambda e: -len(e[1]))
     per: dict[str, _Sum] = {}
