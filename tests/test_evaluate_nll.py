@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,34 @@ def test_normalise_answer():
     assert normalise_answer("  12\n") == "12"
     assert normalise_answer("a  b\tc") == "a b c"
     assert normalise_answer("ab") != normalise_answer("a b")
+
+
+def test_every_model_is_evaluated_in_float32_unless_told_so_a_small_update_is_seen(tiny_models, tmp_path):
+    """A target is its pivot moved a little. Every weight moved by 2**-10 of itself (under half a
+    bf16 step, over a thousand float32 steps): in float32 the held-out NLL sees it; in bf16
+    both load as the same numbers."""
+    import shutil
+
+    def copy(name: str, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(tiny_models["pivot"], folder)
+        lm = load_for_eval(EvalModel(name, str(folder)), "cpu")[0]
+        assert {p.dtype for p in lm.parameters()} == {torch.float32}  # the default
+        with torch.no_grad():
+            for p in lm.parameters():
+                p.copy_(change(p))
+        lm.save_pretrained(folder)  # float32, as training saves its targets
+        return folder
+
+    # a pivot as the hub ships one, in bf16 (here stored as float32), and its target
+    pivot = copy("pivot", lambda p: p.to(torch.bfloat16).float())
+    nudged = copy("nudged", lambda p: p.to(torch.bfloat16).float() * (1 + 2.0 ** -10))
+    rows = _rows()[:4]
+    nll = {}
+    for dtype in ("float32", "bfloat16"):
+        for name, path in (("pivot", pivot), ("nudged", nudged)):
+            m, _, f, _ = load_for_eval(EvalModel(name, str(path)), "cpu", dtype)
+            assert {p.dtype for p in m.parameters()} == {getattr(torch, dtype)}
+            nll[dtype, name] = heldout_nll(m, f, rows, max_length=512)["all"]["nll"]
+    assert nll["float32", "pivot"] != nll["float32", "nudged"]
+    assert nll["bfloat16", "pivot"] == nll["bfloat16", "nudged"]

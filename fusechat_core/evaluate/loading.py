@@ -29,7 +29,6 @@ class EvalModel:
     revision: str | None = None
     tokenizer: str | None = None
     chat_template: str | None = None
-    dtype: str = "auto"
     trust_remote_code: bool = False
 
     @property
@@ -51,21 +50,20 @@ def resolve_model(store: ArtifactStore, name: str, ref: dict[str, Any]) -> EvalM
                               f"pass its artifact address instead")
     return EvalModel(name=name, path=resolve_ref(path), revision=spec.get("revision"),
                      tokenizer=spec.get("tokenizer"), chat_template=spec.get("chat_template"),
-                     dtype=spec.get("dtype") or "auto", trust_remote_code=bool(spec.get("trust_remote_code")))
+                     trust_remote_code=bool(spec.get("trust_remote_code")))
 
 
-def load_for_eval(model: EvalModel, device: str = "auto") -> tuple[Any, Any, ChatFormatter, str]:
-    """(model in eval mode on its device, tokenizer, chat formatter, device)."""
+def load_for_eval(model: EvalModel, device: str = "auto",
+                  dtype: str = "float32") -> tuple[Any, Any, ChatFormatter, str]:
+    """(model in eval mode on its device, tokenizer, chat formatter, device).
+
+    One precision for every model of a run (``evaluate.dtype``), float32 unless told: targets
+    are saved in float32 (master weights) while the pivot ships in bf16, and at the paper's
+    learning rate (5e-6, Adam: about that much per update) every weight above 3e-3 in
+    magnitude moves by less than half a bf16 step (2**-9 of it) per update: loaded in bf16,
+    a target rounds back towards its pivot and the fusion measured shrinks."""
     warm_imports()
     device = pick_device(device)
-    dtype = model.dtype
-    if dtype == "auto" and device.startswith("cuda"):
-        import torch
-
-        # One precision for every model of a run: targets are saved in float32 (master
-        # weights) while the pivot ships in bf16; "auto" would compare them at different
-        # precisions and run the float32 ones at half speed.
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     lm = load_causal_lm(model, device, dtype=dtype)
     tok = load_tokenizer(model.tokenizer_ref, model.revision)
     return lm, tok, ChatFormatter(tok, model.chat_template), device

@@ -64,8 +64,8 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
     need_model = need_answers or (dataset is not None and (cfg.heldout_nll or cfg.exact_match_sources))
     if need_model:
         model = resolve_model(store, name, model_ref)
-        lm, tok, fmt, device = load_for_eval(model, cfg.device)
-        results["device"] = device
+        lm, tok, fmt, device = load_for_eval(model, cfg.device, cfg.dtype)
+        results["device"], results["dtype"] = device, cfg.dtype
         say(f"{name}: evaluating {model.path} on {device}")
         if need_answers:
             recs = answer_questions(store, answers_address, name, lm, tok, fmt, data.questions,
