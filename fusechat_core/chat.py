@@ -71,6 +71,7 @@ class Rendered:
     # Where each assistant message's own words are in ``text``: the assistant's span less
     # the template's markers around them (``</s>``, ``<|im_end|>``), which differ per model.
     content: list[tuple[int, int]] = field(default_factory=list)
+    cut: bool = False  # cut to ``max_length`` tokens: the tail of ``text`` is not in ``input_ids``
 
     @property
     def n_supervised(self) -> int:
@@ -137,10 +138,11 @@ class ChatFormatter:
                 s += 1
             if s < len(spans) and spans[s][0] <= a < spans[s][1] and b > a:
                 labels[t] = ids[t]
-        if max_length is not None and len(ids) > max_length:
+        cut = max_length is not None and len(ids) > max_length
+        if cut:
             ids, labels, offsets = ids[:max_length], labels[:max_length], offsets[:max_length]
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
-        return Rendered(text, ids, labels, offsets, _content_spans(text, spans, answers))
+        return Rendered(text, ids, labels, offsets, _content_spans(text, spans, answers), cut)
 
     def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a conversation ending with the generation prompt (for answering)."""

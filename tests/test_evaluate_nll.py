@@ -67,6 +67,9 @@ def test_heldout_nll_matches_a_manual_computation(llama):
             assert sum(seq["tokens"][k] for k in mine) == n
             assert sum(seq["bytes"][k] for k in mine) == got["sources"][src]["bytes"]
         assert seq["id"] == sorted(seq["id"]) and len(set(seq["id"])) == got["all"]["sequences"]
+        whole = {r["id"]: len(fmt.encode(r["conversations"]).input_ids) for r in rows}
+        assert seq["cut"] == [whole[i] > max_length for i in seq["id"]]
+        assert any(seq["cut"]) == (max_length == 24)
         total_nll = sum(v[0] for v in want.values())
         total_n = sum(v[1] for v in want.values())
         assert got["all"]["tokens"] == total_n

@@ -232,6 +232,29 @@ def test_margins_carry_paired_bootstrap_intervals_and_the_gap_closed(tmp_path):
     assert Image.open(tmp_path / "plots" / "gap_closed.png").size == (FIGSIZE[0] * DPI, FIGSIZE[1] * DPI)
 
 
+def test_the_gap_closed_leaves_out_rows_a_tokenizer_cut(tmp_path):
+    """A row longer than evaluate.max_length is cut by each tokenizer at its own place: the
+    source then measured other text than the pivot's models. Its bits per byte would be
+    compared across different text, so the gap closed leaves such rows out."""
+    n = 40
+    base = [20.0 + (i * 7 % 11) for i in range(n)]
+    per_model = {"clm": base, "target-x": [b - 1.0 for b in base], "x": [b - 3.0 for b in base]}
+    results = _seq_results(per_model, {"clm": 10, "target-x": 10, "x": 8}, ["a", "b"])
+    # the source measured only the start of row r000 (its tokenizer's cut): less text, less NLL
+    seq = results["x"]["heldout_nll"]["sequences"]
+    seq["cut"] = [i == 0 for i in range(n)]
+    seq["nll"][0], seq["bytes"][0] = 2.0, 4
+    roles = {"clm": "clm", "merges": [], "targets": {"target-x": {"source": "x", "expert_domains": ["a"]}}}
+    rep = build_report("Run", results, tmp_path, roles=roles)
+    assert "; 1 sequences left out, cut to evaluate.max_length" in rep["markdown"]
+    g = json.loads((tmp_path / "report.json").read_text())["fusion"]["gap_closed"]["target-x"]
+    assert g["sequences"] == n - 1 and g["cut_left_out"] == 1
+    assert g["gap_closed"] == pytest.approx(1 / 3)  # by hand: 1 nat of 3 on every whole row
+    rows_a = [i for i in range(1, n) if i % 2 == 0]
+    assert g["per_domain"]["a"]["bpb"]["source"] == pytest.approx(
+        sum(base[i] - 3.0 for i in rows_a) / (len(rows_a) * 40 * math.log(2)))
+
+
 def test_the_gap_closed_is_no_share_where_the_baseline_already_matches_the_expert(tmp_path):
     """A share of the gap means something only where the source is better than the baseline.
     Domain a: the source is *worse* than clm (a ratio there, 1 / -2 = -50%, would say "moved

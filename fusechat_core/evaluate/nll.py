@@ -95,8 +95,9 @@ def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length:
                 progress: Callable[[str], None] | None = None,
                 on_count: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """``{"sources": {source: {nll, tokens, sequences, perplexity}}, "all": {...}, "sequences": {...}}``;
-    ``sequences`` holds columns ``id``, ``source``, ``nll`` (summed over the sequence), ``tokens``
-    and ``bytes``, one entry per measured sequence, in row-id order.
+    ``sequences`` holds columns ``id``, ``source``, ``nll`` (summed over the sequence), ``tokens``,
+    ``bytes`` and ``cut`` (cut to ``max_length``: what was measured of it depends on the
+    tokenizer), one entry per measured sequence, in row-id order.
     ``on_count(done, total)``: sequences measured so far, after each batch.
 
     Rows longer than ``max_length`` tokens are cut; rows with no supervised token
@@ -114,22 +115,23 @@ def heldout_nll(model: Any, formatter: Any, rows: Sequence[dict], *, max_length:
             skipped += 1
             continue
         encoded.append((r.get("source") or "unknown", enc.input_ids, enc.labels,
-                        supervised_bytes(enc.text, enc.labels, enc.offsets, enc.content), r.get("id")))
+                        supervised_bytes(enc.text, enc.labels, enc.offsets, enc.content), r.get("id"),
+                        enc.cut))
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
     encoded.sort(key=lambda e: -len(e[1]))
     per: dict[str, _Sum] = {}
     total = _Sum()
-    seqs: dict[str, list] = {"id": [], "source": [], "nll": [], "tokens": [], "bytes": []}
+    seqs: dict[str, list] = {"id": [], "source": [], "nll": [], "tokens": [], "bytes": [], "cut": []}
     t0 = time.time()
     for start in range(0, len(encoded), batch_size):
         stopping.check()
         chunk = encoded[start:start + batch_size]
-        for (src, _, _, nbytes, row_id), (nll, n) in zip(chunk, sequence_nll(model, [c[1] for c in chunk],
-                                                                             [c[2] for c in chunk], pad)):
+        for (src, _, _, nbytes, row_id, cut), (nll, n) in zip(chunk, sequence_nll(
+                model, [c[1] for c in chunk], [c[2] for c in chunk], pad)):
             if not math.isfinite(nll):
                 raise EvaluationError(f"held-out NLL is {nll} on row {row_id} of domain {src}: "
                                       f"the model's outputs are not finite")
-            for key, v in zip(seqs, (row_id, src, nll, n, nbytes)):
+            for key, v in zip(seqs, (row_id, src, nll, n, nbytes, cut)):
                 seqs[key].append(v)
             for acc in (per.setdefault(src, _Sum()), total):
                 acc.nll += nll

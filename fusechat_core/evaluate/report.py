@@ -180,17 +180,22 @@ def _nll(domains: Mapping[str, Mapping[str, dict]], model: str, src: str) -> flo
     return (domains.get(model) or {}).get(src, {}).get("nll")
 
 
-def sequence_columns(results: Mapping[str, dict], models: Sequence[str]) -> tuple[list[str], np.ndarray] | None:
+def sequence_columns(results: Mapping[str, dict], models: Sequence[str], *,
+                     whole_only: bool = False) -> tuple[list[str], np.ndarray] | None:
     """The held-out sequences every one of ``models`` was measured on, paired by row id:
     ``(data source per row, [n, 3·M] columns)``, model k's summed NLL, tokens and bytes in
-    columns 3k, 3k+1, 3k+2. None when a model has no per-sequence figures."""
+    columns 3k, 3k+1, 3k+2. None when a model has no per-sequence figures.
+    ``whole_only``: only sequences no model had cut to ``evaluate.max_length`` (models with
+    different tokenizers cut one row at different places: they measured different text)."""
     tables = []
     for m in models:
         seq = ((results.get(m) or {}).get("heldout_nll") or {}).get("sequences")
         if not seq:
             return None
-        tables.append({i: (s, n, t, b) for i, s, n, t, b in zip(seq["id"], seq["source"], seq["nll"],
-                                                                 seq["tokens"], seq["bytes"])})
+        cut = seq.get("cut") or [False] * len(seq["id"])  # an evaluation before version 3 did not say
+        tables.append({i: (s, n, t, b) for i, s, n, t, b, c in zip(seq["id"], seq["source"], seq["nll"],
+                                                                    seq["tokens"], seq["bytes"], cut)
+                       if not (whole_only and c)})
     common = sorted(set.intersection(*(set(t) for t in tables)), key=str)
     if not common:
         return None
@@ -202,10 +207,11 @@ def _interval(lo: Any, hi: Any) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def _columns_over(results: Mapping[str, dict], models: Sequence[str], over: Sequence[str]) -> tuple | None:
+def _columns_over(results: Mapping[str, dict], models: Sequence[str], over: Sequence[str], *,
+                  whole_only: bool = False) -> tuple | None:
     """``sequence_columns`` of ``models`` with the data sources' labels and the indices of
     ``over`` among them; None where a model lacks per-sequence figures or a data source."""
-    table = sequence_columns(results, list(models))
+    table = sequence_columns(results, list(models), whole_only=whole_only)
     if table is None:
         return None
     strata, values = table
@@ -262,10 +268,12 @@ def gap_closed(results: Mapping[str, dict], clm: str, target: str, source: str,
     the share can be read (``_share``): ``closed``, ``gap not distinguishable from 0`` (estimate,
     no interval) or ``no gap`` (the baseline is already at least as good as the expert: no share).
     """
-    found = _columns_over(results, [clm, target, source], over) if over else None
+    # Whole sequences only: the source's tokenizer cuts a long row elsewhere than the pivot's.
+    found = _columns_over(results, [clm, target, source], over, whole_only=True) if over else None
     if found is None:
         return None
     strata, values, _, idx = found
+    measured = len(sequence_columns(results, [clm, target, source])[0])  # type: ignore[index]
 
     def bpb(sums: np.ndarray, k: int) -> np.ndarray:
         return sums[..., idx, 3 * k] / (sums[..., idx, 3 * k + 2] * math.log(2))
@@ -290,7 +298,7 @@ def gap_closed(results: Mapping[str, dict], clm: str, target: str, source: str,
         at = 2 * (n + 1) + k
         return {"clm": float(est[at]), "target": float(est[at + n]), "source": float(est[at + 2 * n])}
 
-    return {"domains": list(over), **share(n),
+    return {"domains": list(over), **share(n), "sequences": len(strata), "cut_left_out": measured - len(strata),
             "per_domain": {d: {**share(k), "bpb": bpbs(k)} for k, d in enumerate(over)}}
 
 
@@ -412,7 +420,10 @@ def fusion_markdown(fusion: Mapping[str, Any] | None) -> list[str]:
             per = ", ".join(f"{d} {_share_text(x)} (BPB {clm} "
                             f"{x['bpb']['clm']:.3f}, target {x['bpb']['target']:.3f}, {g['source']} "
                             f"{x['bpb']['source']:.3f})" for d, x in g["per_domain"].items())
-            lines.append(f"- **{label}**: {_share_text(g)} of the gap to `{g['source']}` (per data source: {per})")
+            left = (f"; {g['cut_left_out']} sequences left out, cut to evaluate.max_length (each tokenizer "
+                    "cuts elsewhere)") if g.get("cut_left_out") else ""
+            lines.append(f"- **{label}**: {_share_text(g)} of the gap to `{g['source']}` (per data source: {per}"
+                         f"{left})")
         lines.append("")
     if fusion.get("ablation"):
         lines += ["### λ ablation: gap closed against λ", "",
