@@ -343,6 +343,21 @@ class ArtifactStore:
                 out[entry.path] = (int(info.get("size", -1)), str(info.get("created", info.get("mtime", ""))))
         return out
 
+    def _identity(self, address: str, rel: str) -> tuple | None:
+        """One file's stat identity, as ``_identities`` gives it; None when it is not there."""
+        path = self._path(address, rel)
+        try:
+            if self.scheme == "file":
+                st = os.stat(path)
+                return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            self.fs.invalidate_cache(path)
+            info = self.fs.info(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if self.scheme == "s3":
+            return (int(info.get("size", -1)), str(info.get("ETag", "")))
+        return (int(info.get("size", -1)), str(info.get("created", info.get("mtime", ""))))
+
     def _marker(self, address: str) -> dict[str, Any]:
         try:
             with self.fs.open(self._path(address, VERIFIED), "rb") as fh:
@@ -680,6 +695,7 @@ class ArtifactWriter:
         # what this writer is given is hashed and dropped, and ``commit`` returns that manifest
         self.kept = kept
         self._files: dict[str, FileEntry] = {}
+        self._written: dict[str, tuple | None] = {}
         self.manifest: Manifest | None = None
 
     def _may_write(self) -> None:
@@ -692,6 +708,9 @@ class ArtifactWriter:
         if rel in (MANIFEST, VERIFIED):
             raise StoreError(f"{rel} is reserved")
         self._files[rel] = FileEntry(rel, size, sha)
+        if self.kept is None:
+            # what this writer put there: at commit, a file that is no longer it was replaced
+            self._written[rel] = self.store._identity(self.address, rel)
         _failpoint(rel)
 
     @contextlib.contextmanager
@@ -778,6 +797,13 @@ class ArtifactWriter:
                        self.meta, time.time())
         path = self.store._path(self.address, MANIFEST)
         self._may_write()  # the lease, checked right before the manifest
+        # A writer that lost its lease while a file was in flight (frozen, then woken after a
+        # takeover) can still put that file in place, over this writer's: not committed over.
+        ids = self.store._identities(self.address, man)
+        replaced = sorted(rel for rel, written in self._written.items() if ids.get(rel) != written)
+        if replaced:
+            raise LeaseError(f"artifact {self.address!r}: {replaced[0]} was replaced after this writer wrote it "
+                             f"(another writer of the address); not committing")
         taken = False
         with self.store._wrap("commit", self.address):
             if self.store.scheme == "file":
@@ -806,10 +832,10 @@ class ArtifactWriter:
         if taken:
             raise LeaseError(f"artifact {self.address!r}: another writer committed it while this one wrote; "
                              f"not committing over it")
-        # Verified as written: the files were hashed on their way in; their identities now
-        # are what a later check compares against.
+        # Verified as written: the files were hashed on their way in, and are still what this
+        # writer put there (else a later check hashes them again).
         ids = self.store._identities(self.address, man)
-        if set(ids) == {f.path for f in man.files}:
+        if ids == self._written and set(ids) == {f.path for f in man.files}:
             self.store._mark_verified(self.address, man, ids)
         self.manifest = man
         return man

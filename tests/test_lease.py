@@ -264,3 +264,27 @@ def test_a_lease_file_without_a_record_holds_a_lifetime_from_when_it_was_written
         assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]  # the new record went in whole
     finally:
         lease.release()
+
+
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_a_file_replaced_after_it_was_written_is_not_committed_over(tmp_path, where, request):
+    """A writer that lost its lease mid-file (frozen, its lease taken over) can still put that
+    file in place when it wakes, over the new holder's. The new holder's commit must not
+    vouch for bytes it did not write."""
+    if where == "s3":
+        request.getfixturevalue("s3_env")
+        url = f"s3://fusechat-test/replaced-{uuid.uuid4().hex[:8]}"
+    else:
+        url = f"file://{tmp_path}/store"
+    store = ArtifactStore(url)
+    with pytest.raises(LeaseError, match=r"'x': f.bin was replaced after this writer wrote it"):
+        with store.writer("x") as w:
+            w.write_bytes("f.bin", b"the holder's bytes")
+            w.write_bytes("g.bin", b"untouched")
+            time.sleep(0.01)  # a later mtime, as a later write has
+            store.fs.pipe_file(store._path("x", "f.bin"), b"the zombie's bytes")  # the woken zombie's file
+    assert store.manifest("x") is None and not store.is_complete("x")
+    # the next writer redoes the artifact cleanly
+    with store.writer("x") as w:
+        w.write_bytes("f.bin", b"the holder's bytes")
+    assert store.is_complete("x", verify=True) and store.read_bytes("x", "f.bin") == b"the holder's bytes"
