@@ -903,9 +903,16 @@ def _holder_gone(record: dict[str, Any]) -> bool:
     machine takes it over at once instead of waiting out its lifetime. Assumes processes
     that share a host name share a PID namespace (true for a machine, a VM and a
     Kubernetes pod's containers restarted in place). A PID that exists again, reused by
-    another process, only makes the rerun wait for the expiry."""
+    another process, only makes the rerun wait for the expiry.
+
+    Same host name is not same PID namespace: pods with ``hostNetwork`` (usual for GPU pods
+    using RDMA) share the node's name, each with its own PIDs, where another pod's live
+    holder's PID is simply not there. So the holder's PID namespace must be ours too (a
+    record without one, from an older version, waits for its expiry)."""
     pid = record.get("pid")
     if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    if _PID_NAMESPACE is None or record.get("pid_ns") != _PID_NAMESPACE:
         return False
     try:
         os.kill(pid, 0)
@@ -914,6 +921,17 @@ def _holder_gone(record: dict[str, Any]) -> bool:
     except OSError:  # exists, but not ours to signal
         return False
     return False
+
+
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (``pid:[4026531836]``), or None where /proc does not say."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+_PID_NAMESPACE = _pid_namespace()
 
 
 def lease_ttl() -> float:
@@ -950,7 +968,7 @@ class Lease:
         now = time.time()
         self.expires = now + self.ttl
         return json.dumps({"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
-                           "renewed": now, "expires": self.expires}).encode()
+                           "pid_ns": _PID_NAMESPACE, "renewed": now, "expires": self.expires}).encode()
 
     def read(self) -> tuple[dict[str, Any] | None, str | None]:
         """The current record and its version (S3 ETag, read before the body), or (None, None)."""

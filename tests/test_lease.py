@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -156,6 +157,30 @@ def test_a_sigkilled_holder_on_this_host_is_taken_over_at_once(tmp_path):
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+@pytest.mark.parametrize("pid_ns", ["pid:[1]", None])
+def test_a_holder_in_another_pid_namespace_under_this_host_name_is_not_taken_for_dead(tmp_path, pid_ns):
+    """Pods with hostNetwork share the node's host name, each with its own PIDs: another pod's
+    live holder's PID is not in ours. Its lease stands until it expires; so does a record that
+    does not say its namespace (an older version's)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a PID that exists in no process here
+    store = ArtifactStore(f"file://{tmp_path}/store")
+    path = Path(store._path("x", LEASE))
+    path.parent.mkdir(parents=True)
+    record = {"holder": "other-pod", "host": socket.gethostname(), "pid": gone.pid, "renewed": time.time(),
+              "expires": time.time() + 300}
+    if pid_ns is not None:
+        record["pid_ns"] = pid_ns
+    path.write_text(json.dumps(record))
+    with pytest.raises(LeaseError, match="being written by other-pod"):
+        Lease(store, "x").acquire(wait=0.5)
+    # the same record from this namespace is a dead holder's: taken over at once
+    path.write_text(json.dumps({**record, "pid_ns": os.readlink("/proc/self/ns/pid")}))
+    lease = Lease(store, "x")
+    lease.acquire(wait=0.5)
+    lease.release()
 
 
 def _resend_first_put(store: ArtifactStore, suffix: str) -> list[int]:
