@@ -26,7 +26,7 @@ PIPELINE_STAGES = ("demo_models", "dataset", "represent", "align", "train", "mer
 # Bumped by hand when a stage's output format or semantics change.
 STAGE_VERSIONS: dict[str, int] = {
     "demo_models": 5,  # 5: fused AdamW
-    "dataset": 5,  # 5: held-out conversations over data.heldout_max train instead of being dropped
+    "dataset": 5,  # 5: held-out rows over heldout_max train, not dropped; stats name each skip's first row
     "represent": 2,
     "vocab_map": 1,
     "align": 3,

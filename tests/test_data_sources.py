@@ -268,10 +268,12 @@ def test_skipped_share_over_the_threshold_fails_with_one_line(tmp_path):
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith("data source evol_codealpaca: 3 of 10 rows skipped")
-    assert "most common reason: missing_output (2 rows)" in msg
+    assert "most common reason: missing_output (2 rows, the first: evol.json item 8)" in msg
     # the threshold is the source's own setting
     mix = _build([_preset_source("fusechat-mixture", "evol_codealpaca", path, max_skipped_fraction=0.3)])
     assert mix.stats["sources"]["evol_codealpaca"]["skipped"] == {"missing_output": 2, "non_text_value": 1}
+    assert mix.stats["sources"]["evol_codealpaca"]["first_skipped"] == {"missing_output": "evol.json item 8",
+                                                                        "non_text_value": "evol.json item 10"}
     assert len(mix.train) == 7
 
 
@@ -319,7 +321,7 @@ def test_all_malformed_source_fails_the_stage_exit_1_nothing_committed(tmp_path,
     assert code == 1
     lines = [ln for ln in err.splitlines() if ln.startswith("fusechat:")]
     assert lines == ["fusechat: run failed: data source orca: no usable row, all 7 rows skipped; "
-                     "most common reason: missing_conversations (7 rows)"], err
+                     "most common reason: missing_conversations (7 rows, the first: orca.parquet row 1)"], err
     address = RunPlan(load_config(path)).dataset
     store = ArtifactStore(store_url)
     assert store.manifest(address) is None and not store.is_complete(address)

@@ -101,6 +101,11 @@ def test_dataset_builds_skips_and_rebuilds(tmp_path, capsys):
     stats = store.read_json(first["address"], "stats.json")
     assert stats["sources"]["chat"]["skipped"] == _expected_skips(BROKEN_SHAREGPT)
     assert stats["sources"]["alpaca"]["skipped"] == _expected_skips(BROKEN_ALPACA)
+    # each reason's first row, by its line in the file: the broken lines follow the good ones
+    where = {}
+    for n, (reason, _) in enumerate(BROKEN_SHAREGPT, len(GOOD_SHAREGPT) + 1):
+        where.setdefault(reason, f"chat.jsonl line {n}")
+    assert stats["sources"]["chat"]["first_skipped"] == where
     assert stats["sources"]["chat"]["duplicates"] == 1
     assert stats["skipped_total"] == len(BROKEN_SHAREGPT) + len(BROKEN_ALPACA)
 

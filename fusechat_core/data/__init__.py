@@ -48,7 +48,9 @@ def stats_markdown(address: str, stats: dict[str, Any]) -> str:
              "| source | read | kept | sampled | held out | blocks | skipped (reasons) | cleaned out (reasons) |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
     for name, s in stats["sources"].items():
-        reasons = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items()) or "none"
+        first = s.get("first_skipped", {})  # a dataset of an older version does not say
+        reasons = ", ".join(f"{k}: {v}" + (f" (first: {first[k]})" if k in first else "")
+                            for k, v in s["skipped"].items()) or "none"
         cleaned = ", ".join(f"{k}: {v}" for k, v in s.get("cleaned", {}).items()) or "none"
         lines.append(f"| {name} | {s['rows_read']} | {s['kept']} | {s['sampled']} | {s['heldout']} "
                      f"| {s['blocks']} | {reasons} | {cleaned} |")

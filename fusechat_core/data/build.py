@@ -63,6 +63,7 @@ class SourceStats:
     rows_read: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
+    first_skipped: dict[str, str] = field(default_factory=dict)  # reason -> where its first row is
     cleaned: Counter = field(default_factory=Counter)  # dropped by data.clean, by reason
     duplicates: int = 0
     sampled: int = 0
@@ -75,6 +76,7 @@ class SourceStats:
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["skipped"] = dict(sorted(self.skipped.items()))
+        d["first_skipped"] = dict(sorted(self.first_skipped.items()))
         d["skipped_total"] = sum(self.skipped.values())
         d["cleaned"] = dict(sorted(self.cleaned.items()))
         return d
@@ -86,7 +88,7 @@ def check_source(label: str, st: SourceStats, max_skipped_fraction: float) -> No
     top = ""
     if st.skipped:
         reason, n = sorted(st.skipped.items(), key=lambda kv: (-kv[1], kv[0]))[0]
-        top = f"; most common reason: {reason} ({n} rows)"
+        top = f"; most common reason: {reason} ({n} rows, the first: {st.first_skipped.get(reason, '?')})"
     if st.rows_read == 0:
         raise DataError(f"data source {label}: no rows read")
     if skipped == st.rows_read:
@@ -120,7 +122,12 @@ def _local_files(path: Path, data_files: str | list[str] | None) -> list[Path]:
     return files
 
 
-def _iter_local(path: Path, data_files: str | list[str] | None = None) -> Iterator[dict | MalformedRow]:
+# A source's rows come with where each is: ``chat.jsonl line 12``, ``data.parquet row 7``,
+# ``split train index 3``: a skipped row's reason names the first place it was found.
+Located = tuple[str, "dict | MalformedRow"]
+
+
+def _iter_local(path: Path, data_files: str | list[str] | None = None) -> Iterator[Located]:
     files = _local_files(path, data_files)
     if not files:
         raise DataError(f"{path}: no .json, .jsonl or .parquet files")
@@ -133,12 +140,12 @@ _BOM = b"\xef\xbb\xbf"
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _iter_file(f: Path) -> Iterator[dict | MalformedRow]:
+def _iter_file(f: Path) -> Iterator[Located]:
     """Rows of one local file. A bad JSONL line is a skipped row with its reason
     (``invalid_utf8``, ``invalid_json``, ``too_deep``); a whole-JSON or Parquet file that
     cannot be read at all is a ``DataError`` naming the file."""
     if f.suffix == ".parquet":
-        yield from _iter_parquet(f)
+        yield from ((f"{f.name} row {i}", row) for i, row in enumerate(_iter_parquet(f), 1))
         return
     raw = f.read_bytes()
     raw = raw[len(_BOM):] if raw.startswith(_BOM) else raw
@@ -155,17 +162,19 @@ def _iter_file(f: Path) -> Iterator[dict | MalformedRow]:
         except RecursionError:
             raise DataError(f"{f}: JSON nested too deeply to read") from None
         escapes = _SURROGATE_ESCAPE.search(raw) is not None
-        for row in rows:
+        for i, row in enumerate(rows, 1):
+            where = f"{f.name} item {i}"
             if not isinstance(row, dict):
-                yield MalformedRow("row_not_an_object")
+                yield where, MalformedRow("row_not_an_object")
             elif escapes and not _is_text(row):
-                yield MalformedRow("invalid_utf8")
+                yield where, MalformedRow("invalid_utf8")
             else:
-                yield row
+                yield where, row
         return
-    for line in raw.split(b"\n"):  # not str.splitlines: U+2028 and friends may sit inside a JSON string
+    # not str.splitlines: U+2028 and friends may sit inside a JSON string
+    for n, line in enumerate(raw.split(b"\n"), 1):
         if line.strip():
-            yield _json_line(line)
+            yield f"{f.name} line {n}", _json_line(line)
 
 
 def _json_line(line: bytes) -> dict | MalformedRow:
@@ -222,11 +231,12 @@ def _iter_hub(spec: DataSourceSpec) -> Iterator[dict]:
                         f"({type(exc).__name__}: {first})".replace(": )", ")"))
         err.transient = is_transient(exc)  # a network error is still worth a retry
         raise err from exc
-    yield from ds
+    yield from ((f"split {spec.split} index {i}", row) for i, row in enumerate(ds))
 
 
-def iter_rows(spec: DataSourceSpec, seed: int) -> Iterator[dict | MalformedRow]:
-    """The source's raw rows; a source that cannot be read fails in one line naming it."""
+def iter_rows(spec: DataSourceSpec, seed: int) -> Iterator[Located]:
+    """The source's raw rows, each with where it is (``Located``); a source that cannot be
+    read fails in one line naming it."""
     try:
         yield from _iter_source(spec, seed)
     except DataError as exc:
@@ -236,10 +246,10 @@ def iter_rows(spec: DataSourceSpec, seed: int) -> Iterator[dict | MalformedRow]:
         raise err from exc.__cause__  # a Hub error's own traceback stays in the log
 
 
-def _iter_source(spec: DataSourceSpec, seed: int) -> Iterator[dict | MalformedRow]:
+def _iter_source(spec: DataSourceSpec, seed: int) -> Iterator[Located]:
     domain = demo_name(spec.path)
     if domain is not None:
-        yield from synthetic.generate(domain, spec.count or 1000, seed)
+        yield from ((f"row {i}", row) for i, row in enumerate(synthetic.generate(domain, spec.count or 1000, seed)))
     elif Path(spec.path).exists():
         yield from _iter_local(Path(spec.path), spec.data_files)
     else:
@@ -347,7 +357,7 @@ def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
             raise DataError(f"data source {label}: format {spec.format!r} unknown "
                             f"(known: auto, {', '.join(LOADERS.names())})")
         convs: list[list[dict[str, str]]] = []
-        for row in iter_rows(spec, seed):
+        for where, row in iter_rows(spec, seed):
             st.rows_read += 1
             try:
                 if isinstance(row, MalformedRow):
@@ -356,6 +366,7 @@ def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
                 conv = normalise(LOADERS.get(fmt)(row))
             except MalformedRow as bad:
                 st.skipped[bad.reason] += 1
+                st.first_skipped.setdefault(bad.reason, where)
                 continue
             dropped = clean(conv) if clean else None
             if dropped is not None:
@@ -369,7 +380,8 @@ def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
             convs.append(conv)
         st.kept = len(convs)
         for reason, n in sorted(st.skipped.items()):
-            log.warning("data source %s: skipped %d malformed rows (%s)", label, n, reason)
+            log.warning("data source %s: skipped %d malformed rows (%s; the first: %s)", label, n, reason,
+                        st.first_skipped[reason])
         for reason, n in sorted(st.cleaned.items()):
             log.info("data source %s: cleaning dropped %d conversations (%s)", label, n, reason)
         check_source(label, st, spec.max_skipped_fraction)
