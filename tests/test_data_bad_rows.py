@@ -97,3 +97,32 @@ def test_a_good_parquet_file_still_reads(tmp_path):
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.Table.from_pylist(GOOD), path)
     assert _build(path).stats["sources"]["hostile"]["kept"] == len(GOOD)
+
+
+def _conv(*turns: tuple[str, str]) -> dict:
+    return {"conversations": [{"from": f, "value": v} for f, v in turns]}
+
+
+def test_a_leading_greeting_and_a_reply_that_never_came_are_repaired_and_counted(tmp_path):
+    """Scraped chats (ShareGPT) often open with the assistant's greeting or end on an empty
+    reply: the rest of the conversation is good data. Kept without them (FastChat's training
+    code skips a leading assistant turn too), and counted; an empty turn mid-conversation
+    still makes the row malformed (what would the next answer be answering?)."""
+    rows = GOOD + [
+        _conv(("gpt", "Hello! How can I help?"), ("human", "Greeted Q?"), ("gpt", "Greeted A.")),
+        _conv(("human", "Unfinished Q1?"), ("gpt", "Unfinished A1."), ("human", "Unfinished Q2?"), ("gpt", " ")),
+        _conv(("gpt", "Hi!"), ("human", "Only a question?")),  # nothing answered once repaired
+        _conv(("human", "Gap Q1?"), ("gpt", ""), ("human", "Gap Q2?"), ("gpt", "Gap A2.")),
+    ]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mix = _build(path)
+    convs = {r["conversations"][0]["value"]: [(t["from"], t["value"]) for t in r["conversations"]]
+             for r in mix.train}
+    assert convs["Greeted Q?"] == [("human", "Greeted Q?"), ("gpt", "Greeted A.")]
+    assert convs["Unfinished Q1?"] == [("human", "Unfinished Q1?"), ("gpt", "Unfinished A1.")]
+    assert not any(q.startswith(("Only", "Gap")) for q in convs)
+    st = mix.stats["sources"]["hostile"]
+    assert st["repaired"] == {"leading_assistant_turn": 1, "trailing_empty_turn": 1}  # kept rows only
+    assert st["skipped"] == {"no_assistant_turn": 1, "empty_turn": 1}
+    assert st["first_skipped"] == {"no_assistant_turn": "chats.jsonl line 23", "empty_turn": "chats.jsonl line 24"}

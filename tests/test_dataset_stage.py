@@ -30,7 +30,8 @@ GOOD_SHAREGPT = [
 ]
 BROKEN_SHAREGPT = [
     ("invalid_json", '{"conversations": [ {"from": "human"'),
-    ("assistant_first",
+    # the greeting goes (a repair), and then nothing is answered
+    ("no_assistant_turn",
      json.dumps({"conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "?"}]})),
     ("empty_turn", json.dumps({"conversations": [{"from": "human", "value": "  "}, {"from": "gpt", "value": "x"}]})),
     ("non_alternating", json.dumps({"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"},

@@ -64,6 +64,7 @@ class SourceStats:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     first_skipped: dict[str, str] = field(default_factory=dict)  # reason -> where its first row is
+    repaired: Counter = field(default_factory=Counter)  # rows kept after a repair (normalise), by repair
     cleaned: Counter = field(default_factory=Counter)  # dropped by data.clean, by reason
     duplicates: int = 0
     sampled: int = 0
@@ -77,6 +78,7 @@ class SourceStats:
         d = dict(self.__dict__)
         d["skipped"] = dict(sorted(self.skipped.items()))
         d["first_skipped"] = dict(sorted(self.first_skipped.items()))
+        d["repaired"] = dict(sorted(self.repaired.items()))
         d["skipped_total"] = sum(self.skipped.values())
         d["cleaned"] = dict(sorted(self.cleaned.items()))
         return d
@@ -363,7 +365,9 @@ def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
                 if isinstance(row, MalformedRow):
                     raise row
                 fmt = spec.format if spec.format != "auto" else detect_format(row)
-                conv = normalise(LOADERS.get(fmt)(row))
+                fixes: Counter = Counter()
+                conv = normalise(LOADERS.get(fmt)(row), fixes)
+                st.repaired.update(fixes)  # only rows kept: a repaired row may still be malformed
             except MalformedRow as bad:
                 st.skipped[bad.reason] += 1
                 st.first_skipped.setdefault(bad.reason, where)
@@ -382,6 +386,8 @@ def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
         for reason, n in sorted(st.skipped.items()):
             log.warning("data source %s: skipped %d malformed rows (%s; the first: %s)", label, n, reason,
                         st.first_skipped[reason])
+        for repair, n in sorted(st.repaired.items()):
+            log.info("data source %s: repaired %d rows (%s)", label, n, repair)
         for reason, n in sorted(st.cleaned.items()):
             log.info("data source %s: cleaning dropped %d conversations (%s)", label, n, reason)
         check_source(label, st, spec.max_skipped_fraction)

@@ -8,6 +8,7 @@ reason, which the dataset stage counts and reports.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -44,8 +45,14 @@ def text(value: Any) -> str:
     return value
 
 
-def normalise(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
-    """Clean turns into alternating human/gpt, starting with human, ending with gpt."""
+def normalise(turns: list[tuple[str, str]], repairs: Counter | None = None) -> list[dict[str, str]]:
+    """Clean turns into alternating human/gpt, starting with human, ending with gpt.
+
+    Two shapes common in scraped chats (ShareGPT) are repaired, not dropped, and counted in
+    ``repairs``: an assistant turn before the first question (a greeting) goes, as FastChat's
+    training code skips it; empty turns at the end (a reply that never came) go, leaving the
+    conversation up to its last answer. An empty turn anywhere else makes the row malformed:
+    what it answers is unknown."""
     out: list[dict[str, str]] = []
     for role, value in turns:
         mapped = _ROLES.get(str(role).strip().lower())
@@ -55,18 +62,24 @@ def normalise(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
             # System prompts are not part of the fusion data: each model's own
             # chat template supplies its system prompt when the data is rendered.
             continue
-        value = text(value).strip()
-        if not value:
-            raise MalformedRow("empty_turn")
-        out.append({"from": mapped, "value": value})
+        out.append({"from": mapped, "value": text(value).strip()})
+    notes = repairs if repairs is not None else Counter()
+    if out and not out[-1]["value"]:
+        notes["trailing_empty_turn"] += 1
+        while out and not out[-1]["value"]:
+            out.pop()
     if not out:
         raise MalformedRow("empty_conversation")
     if out[0]["from"] != HUMAN:
-        raise MalformedRow("assistant_first")
+        notes["leading_assistant_turn"] += 1
+        while out and out[0]["from"] != HUMAN:
+            out.pop(0)
+    if any(not t["value"] for t in out):
+        raise MalformedRow("empty_turn")
     for prev, cur in zip(out, out[1:]):
         if prev["from"] == cur["from"]:
             raise MalformedRow("non_alternating")
-    if out[-1]["from"] == HUMAN:
+    if out and out[-1]["from"] == HUMAN:
         out.pop()  # an unanswered last question supervises nothing
     if not out:
         raise MalformedRow("no_assistant_turn")
