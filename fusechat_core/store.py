@@ -870,6 +870,44 @@ def _conditional_conflict(exc: BaseException) -> bool:
     return code == "ConditionalRequestConflict" or status == 409
 
 
+_HONOURS_CONDITIONS: set[tuple[str, str]] = set()  # (endpoint, bucket) found to honour them
+_HONOURS_LOCK = threading.Lock()
+
+
+def _require_conditional_writes(store: ArtifactStore) -> None:
+    """Once per process and bucket, before the first conditional write: the server must refuse a
+    PUT whose condition fails (``If-None-Match: *`` over an object, ``If-Match`` another ETag).
+    One that ignores conditions (some S3-compatible servers; AWS honours both since 2024)
+    accepts every lease and every manifest: two writers of one address would both hold it,
+    silently. Fails in one line instead, before anything is written."""
+    endpoint = str(store.fs.client_kwargs.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or "aws")
+    bucket = store.bucket
+    with _HONOURS_LOCK:
+        if (endpoint, bucket) in _HONOURS_CONDITIONS:
+            return
+        _, prefix, _ = store.fs.split_path(store.root)
+        key = "/".join(p for p in (prefix, "_fusechat-probe", uuid.uuid4().hex) if p)
+        ignored = []
+        with store._wrap("check conditional writes of", "_fusechat-probe"):
+            etag = store.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"1", IfNoneMatch="*")["ETag"]
+            try:
+                for header, condition in (("If-None-Match: *", {"IfNoneMatch": "*"}),
+                                          ("If-Match", {"IfMatch": '"not-' + etag.strip('"') + '"'})):
+                    try:
+                        store.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"2", **condition)
+                        ignored.append(header)
+                    except Exception as exc:
+                        if not _precondition_failed(exc):
+                            raise
+            finally:
+                store.fs.call_s3("delete_object", Bucket=bucket, Key=key)
+        if ignored:
+            raise StoreError(f"s3://{bucket} ({endpoint}): the S3 server ignores {' and '.join(ignored)} on PUT, so "
+                             f"leases cannot keep one writer per artifact; use a server that honours conditional "
+                             f"writes (AWS S3, SeaweedFS, MinIO)")
+        _HONOURS_CONDITIONS.add((endpoint, bucket))
+
+
 def _put_if(store: ArtifactStore, path: str, body: bytes, **condition: str) -> str | None:
     """PUT ``body`` at ``path`` under an S3 condition (``IfNoneMatch="*"`` or ``IfMatch=etag``):
     its ETag, or None when the condition failed because another writer's object is there.
@@ -879,6 +917,7 @@ def _put_if(store: ArtifactStore, path: str, body: bytes, **condition: str) -> s
     fails its own condition. The object then holds this very body, byte for byte (a lease
     record carries its writer and time, a manifest its creation time), so the write is ours. A 409 is
     retried as AWS says, a few times, then raised."""
+    _require_conditional_writes(store)
     bucket, key, _ = store.fs.split_path(path)
     for attempt in range(5):
         try:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fusechat_core.store import LEASE, MANIFEST, ArtifactStore, Lease, LeaseError
+from fusechat_core.store import LEASE, MANIFEST, ArtifactStore, Lease, LeaseError, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 TTL = 2.0
@@ -313,3 +313,35 @@ def test_a_file_replaced_after_it_was_written_is_not_committed_over(tmp_path, wh
     with store.writer("x") as w:
         w.write_bytes("f.bin", b"the holder's bytes")
     assert store.is_complete("x", verify=True) and store.read_bytes("x", "f.bin") == b"the holder's bytes"
+
+
+def test_a_server_that_ignores_conditional_writes_is_refused_before_anything_is_written(s3_env):
+    """Some S3-compatible servers ignore If-None-Match / If-Match on PUT: every writer would
+    get every lease. Shown here by SeaweedFS receiving the PUTs without their conditions
+    (dropped before signing, as a server ignoring them would read them)."""
+    from fusechat_core import store as store_module
+
+    url = f"s3://fusechat-test/unconditional-{uuid.uuid4().hex[:8]}"
+    store = ArtifactStore(url)
+    store.fs.connect()
+
+    def drop_conditions(request, **kwargs):
+        for header in ("If-None-Match", "If-Match"):
+            if header in request.headers:
+                del request.headers[header]
+
+    store.fs.s3.meta.events.register("before-sign.s3.PutObject", drop_conditions)
+    store_module._HONOURS_CONDITIONS.clear()  # checked again, by this client
+    with pytest.raises(StoreError, match=r"the S3 server ignores If-None-Match: \* and If-Match on PUT, so "
+                                         r"leases cannot keep one writer per artifact"):
+        with store.writer("x") as w:
+            w.write_bytes("f.bin", b"never")
+    bucket, prefix, _ = store.fs.split_path(store.root)
+    listed = store.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix + "/")
+    assert [o["Key"] for o in listed.get("Contents", [])] == []  # no lease, no file, no probe left behind
+    # the same server, conditions intact: accepted, and checked once per process and bucket
+    store_module._HONOURS_CONDITIONS.clear()
+    honest = ArtifactStore(url)
+    with honest.writer("x") as w:
+        w.write_bytes("f.bin", b"kept")
+    assert honest.is_complete("x") and len(store_module._HONOURS_CONDITIONS) == 1
