@@ -98,15 +98,17 @@ def test_zombie_and_retry_race_on_one_address_locally(tmp_path, monkeypatch):
     _race(tmp_path, f"file://{tmp_path}/store")
 
 
-@pytest.mark.parametrize("where", ["file", "s3"])
-def test_a_manifest_another_writer_committed_is_never_overwritten(tmp_path, where, request):
-    """The last guard: the manifest is written only where none is (S3 If-None-Match: *)."""
-    if where == "s3":
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path) -> ArtifactStore:
+    """A local store, and one on a real S3 server (SeaweedFS)."""
+    if request.param == "s3":
         request.getfixturevalue("s3_env")
-        url = f"s3://fusechat-test/commit-{uuid.uuid4().hex[:8]}"
-    else:
-        url = f"file://{tmp_path}/store"
-    store = ArtifactStore(url)
+        return ArtifactStore(f"s3://fusechat-test/lease-{uuid.uuid4().hex[:8]}")
+    return ArtifactStore(f"file://{tmp_path}/store")
+
+
+def test_a_manifest_another_writer_committed_is_never_overwritten(store):
+    """The last guard: the manifest is written only where none is (S3 If-None-Match: *)."""
     with store.writer("x") as first:
         first.write_bytes("f.bin", b"first")
     theirs = store.manifest("x").to_json()
@@ -291,17 +293,10 @@ def test_a_lease_file_without_a_record_holds_a_lifetime_from_when_it_was_written
         lease.release()
 
 
-@pytest.mark.parametrize("where", ["file", "s3"])
-def test_a_file_replaced_after_it_was_written_is_not_committed_over(tmp_path, where, request):
+def test_a_file_replaced_after_it_was_written_is_not_committed_over(store):
     """A writer that lost its lease mid-file (frozen, its lease taken over) can still put that
     file in place when it wakes, over the new holder's. The new holder's commit must not
     vouch for bytes it did not write."""
-    if where == "s3":
-        request.getfixturevalue("s3_env")
-        url = f"s3://fusechat-test/replaced-{uuid.uuid4().hex[:8]}"
-    else:
-        url = f"file://{tmp_path}/store"
-    store = ArtifactStore(url)
     with pytest.raises(LeaseError, match=r"'x': f.bin was replaced after this writer wrote it"):
         with store.writer("x") as w:
             w.write_bytes("f.bin", b"the holder's bytes")
