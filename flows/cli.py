@@ -111,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
                                         "(default: the model's own)")
     ev.add_argument("--chat-template", help="a registered chat template (default: the tokenizer's own)")
     ev.add_argument("--device", choices=("auto", "cpu", "cuda"), help=f"where the model runs (default: {d.device})")
+    ev.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help=f"the precision the model is evaluated in (default: {d.dtype})")
     ev.add_argument("--json", action="store_true", help="print the results as JSON as the last line")
 
     mg = sub.add_parser("merge", help="merge targets (folders or hub ids) onto their pivot outside a run")
@@ -379,7 +381,7 @@ def _eval(args: argparse.Namespace) -> int:
               "judge_api_key_env": args.judge_api_key_env, "judge_concurrency": args.judge_concurrency,
               "judge_timeout_s": args.judge_timeout_s, "judge_max_retries": args.judge_max_retries,
               "judge_max_retry_after_s": args.judge_max_retry_after_s, "judge_deadline_s": args.judge_deadline_s,
-              "max_new_tokens": args.max_new_tokens, "device": args.device}
+              "max_new_tokens": args.max_new_tokens, "device": args.device, "dtype": args.dtype}
     if args.mt_bench not in (None, "fastchat"):
         fields["mt_bench_data"] = args.mt_bench
     if args.heldout is None:

@@ -76,6 +76,7 @@ def test_fusechat_eval_end_to_end(tiny_models, mt_subset, tmp_path, monkeypatch,
         assert mt["average"] == 6.0 and mt["categories"]["reasoning"] == 6.0
         assert set(res["results"]["heldout_nll"]["sources"]) == {"markov", "arithmetic", "facts"}
         assert res["results"]["heldout_nll"]["all"]["tokens"] > 0
+        assert res["results"]["dtype"] == "float32"  # evaluate.dtype's default, whatever the files hold
         assert set(res["results"]["exact_match"]["sources"]) == {"arithmetic", "facts"}
         assert res["results"]["exact_match"]["all"]["n"] == 8
         # the printed report table has one row: this model
