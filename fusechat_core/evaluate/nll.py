@@ -50,11 +50,14 @@ def supervised_bytes(text: str, labels: Sequence[int], offsets: Sequence[tuple[i
     that whole character's offsets. Words only: the template's markers (``</s>``,
     ``<|im_end|>``) differ per model. So a text has one byte count whatever the tokenizer
     and template, and bits per byte compare models that share neither."""
-    covered = bytearray(len(text))
-    for t, ((a, b), y) in enumerate(zip(offsets, labels)):
-        if t >= 1 and y != IGNORE:
-            covered[a:b] = b"\x01" * (b - a)
-    return sum(len(text[i].encode()) for a, b in content for i in range(a, min(b, len(text))) if covered[i])
+    merged: list[list[int]] = []  # the scored tokens' character spans, overlaps joined
+    for a, b in sorted(o for t, (o, y) in enumerate(zip(offsets, labels)) if t >= 1 and y != IGNORE and o[1] > o[0]):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return sum(len(text[max(a, c0):min(b, c1)].encode()) for a, b in merged for c0, c1 in content
+               if max(a, c0) < min(b, c1))
 
 
 def sequence_nll(model: Any, batch_ids: Sequence[Sequence[int]], batch_labels: Sequence[Sequence[int]],
