@@ -799,6 +799,8 @@ class ArtifactWriter:
         self._may_write()  # the lease, checked right before the manifest
         # A writer that lost its lease while a file was in flight (frozen, then woken after a
         # takeover) can still put that file in place, over this writer's: not committed over.
+        if self.store.scheme != "file":
+            self.store.fs.invalidate_cache(self.store._path(self.address))  # another process's write
         ids = self.store._identities(self.address, man)
         replaced = sorted(rel for rel, written in self._written.items() if ids.get(rel) != written)
         if replaced:
