@@ -194,6 +194,20 @@ class AlignConfig(_Section):
     mined_threshold: float | None = None  # max normalised edit distance; None: no limit
 
 
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+
+
+def s3_bucket_problem(url: str) -> str | None:
+    """Why the bucket of an ``s3://`` URL is not an S3 bucket name (None: it is one). Never
+    echoes the URL: the usual bad bucket is credentials pasted in front of it (``key:secret@``,
+    where a secret holding ``/`` hides the ``@`` from a simpler check)."""
+    bucket = url[len("s3://"):].split("/", 1)[0]
+    if _S3_BUCKET.fullmatch(bucket) and ".." not in bucket:
+        return None
+    return ("s3 URL: the bucket is not an S3 bucket name (3-63 lowercase letters, digits, dots, hyphens); "
+            "credentials do not belong in the URL: use AWS_* variables")
+
+
 class TrainConfig(_Section):
     fusion_function: str = "mince"
     temperature: float = Field(default=1.0, gt=0)
@@ -204,6 +218,13 @@ class TrainConfig(_Section):
     learning_rate: float = Field(default=5e-6, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+        return value
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     epochs: float = Field(default=3, gt=0)
     max_steps: int | None = Field(default=None, ge=1)
@@ -337,6 +358,16 @@ class EvaluateConfig(_Section):
     judge_deadline_s: float | None = Field(default=4 * 3600.0, gt=0)
     judge_max_failures: int = Field(default=0, ge=0)  # judge requests allowed to fail before the stage fails
 
+    @field_validator("judge_base_url", "mt_bench_data")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        # The config is a flow parameter (the Prefect database) and these URLs appear in logs
+        # and errors: a key in one would be stored and printed. Never echoed here either.
+        if value is not None and re.search(r"://[^/?#]*@", value):
+            raise ValueError("credentials do not belong in the URL; the judge's key goes in the environment "
+                             "variable judge_api_key_env names")
+        return value
+
 
 class RunnerConfig(_Section):
     task_runner: Literal["threads", "dask"] = "threads"
@@ -407,6 +438,8 @@ class RunConfig(_Section):
             raise ValueError("s3 URL needs a bucket: s3://bucket/prefix")
         if re.search(r"://[^/]*:[^/]*@", value):
             raise ValueError("credentials do not belong in the store URL; use AWS_* variables")
+        if scheme == "s3" and (problem := s3_bucket_problem(value)):
+            raise ValueError(problem)
         return value
 
     @model_validator(mode="after")
@@ -556,7 +589,12 @@ def load_config(path: str | Path, *, store: str | None = None) -> RunConfig:
         path = Path(text_path[len("file://"):] if text_path.startswith("file://") else text_path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
-        raw = path.read_text()
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
         base = path.parent.resolve()
     data = load_yaml(raw, text_path)
     if store is not None and isinstance(data, dict):

@@ -143,8 +143,29 @@ def check_config(cfg: RunConfig) -> None:
         for i, name in enumerate(ev.models):
             if name not in known:
                 raise ConfigError(f"evaluate.models[{i}]: unknown model {name!r} (known: {', '.join(known)})")
-    if cfg.train.accelerate_config is not None and not Path(cfg.train.accelerate_config).expanduser().is_file():
-        raise ConfigError(f"train.accelerate_config: no such file: {cfg.train.accelerate_config}")
+    if cfg.train.accelerate_config is not None:
+        _check_processes(cfg)
+
+
+def _check_processes(cfg: RunConfig) -> None:
+    """The global batch splits evenly over accelerate's processes: found now, not when
+    training starts, after the dataset, representations and alignments."""
+    import yaml
+
+    t = cfg.train
+    path = Path(t.accelerate_config).expanduser()  # type: ignore[arg-type]
+    if not path.is_file():
+        raise ConfigError(f"train.accelerate_config: no such file: {t.accelerate_config}")
+    try:
+        launch = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        n = int(launch.get("num_processes", 1)) if isinstance(launch, dict) else None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError, TypeError, ValueError):
+        n = None
+    if n is None or n < 1:
+        raise ConfigError(f"train.accelerate_config: {path}: not an accelerate config with a whole num_processes")
+    if t.batch_size % (t.micro_batch_size * n):
+        raise ConfigError(f"train.batch_size: {t.batch_size} is not a multiple of micro_batch_size "
+                          f"{t.micro_batch_size} × {n} processes (num_processes in {path})")
 
 
 def _to_make(cfg: RunConfig, addresses: list[str]) -> bool:

@@ -253,6 +253,10 @@ class ArtifactStore:
             self.root = str(Path(self.url[len("file://"):]).expanduser().resolve())
             self.fs = fsspec.filesystem("file", auto_mkdir=True)
         elif self.scheme == "s3":
+            from fusechat_core.config import s3_bucket_problem
+
+            if problem := s3_bucket_problem(self.url):
+                raise StoreError(problem)
             self.root = self.url[len("s3://"):]
             opts = {**s3_storage_options(), **(storage_options or {})}
             # No listing cache: another process (a worker, a rerun) may have

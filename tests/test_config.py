@@ -50,6 +50,14 @@ BAD = [
     (("train", {"batch_size": 10, "micro_batch_size": 4}), "train: batch_size must be a multiple"),
     (("store", "ftp://host/x"), "store: unsupported scheme"),
     (("store", "s3://AKIAXXX:supersecret@bucket/p"), "store: credentials do not belong"),
+    # an AWS secret holding "/" hides the "@" from a userinfo pattern: the bucket name gives it away
+    (("store", "s3://AKIAIOSFODNN7EXAMPLE:wJalrX/supersecret/bPxRfiCY@mybucket/runs"),
+     "store: s3 URL: the bucket is not an S3 bucket name"),
+    (("evaluate", {"judge_base_url": "https://judge:supersecret@judge.internal/v1"}),
+     "evaluate.judge_base_url: credentials do not belong in the URL"),
+    (("evaluate", {"mt_bench_data": "https://me:supersecret@files.internal/mt-bench"}),
+     "evaluate.mt_bench_data: credentials do not belong in the URL"),
+    (("train", {"adam_betas": [0.9, 1.5]}), "train.adam_betas: each beta must be in [0, 1)"),
     (("data", {"sources": []}), "data: give a preset or at least one"),
     (("sources.1.name", "a"), "sources[1].name: duplicate model name"),
     (("data.sources.0.path", "./missing.jsonl"), "data.sources[0].path: no such file"),
@@ -91,6 +99,10 @@ def test_invalid_yaml_and_missing_file(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "none.yaml")]) == 2
     assert "no such config file" in capsys.readouterr().err
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert main(["run", str(latin1)]) == 2
+    assert capsys.readouterr().err.strip() == f"fusechat: config error: {latin1}: not UTF-8 text (byte 9)"
 
 
 def test_console_script_exit_code_is_2(tmp_path):

@@ -76,10 +76,21 @@ def _cases(tmp: Path) -> list[tuple[dict, str]]:
         (_with("evaluate", {"models": ["pivot", "nobody"]}), "evaluate.models[1]: unknown model 'nobody'"),
         (_with("pivot.chat_template", "klingon"), "pivot.chat_template: unknown 'klingon'"),
         (_with("train", {"accelerate_config": str(tmp / "none.yaml")}), "train.accelerate_config: no such file"),
+        # 8 processes (as configs/accelerate-fsdp-8gpu.yaml) of 4 sequences each do not split 120
+        (_with("train", {"accelerate_config": _accelerate(tmp / "eight.yaml", 8), "batch_size": 120,
+                         "micro_batch_size": 4}),
+         "train.batch_size: 120 is not a multiple of micro_batch_size 4 × 8 processes"),
+        (_with("train", {"accelerate_config": _accelerate(tmp / "eight-ok.yaml", 8), "batch_size": 128,
+                         "micro_batch_size": 4}), None),
         (_with("store", ""), "store: empty URL"),
         # hub ids cannot be checked offline: they pass
         (_with("sources.1", {"name": "b", "path": "org/model-b", "revision": "v2"}), None),
     ]
+
+
+def _accelerate(path, processes: int) -> str:
+    path.write_text(yaml.safe_dump({"distributed_type": "MULTI_GPU", "num_processes": processes}))
+    return str(path)
 
 
 def test_each_preflight_failure_exits_2_with_one_line_naming_the_field(tmp_path, capsys):
