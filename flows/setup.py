@@ -40,8 +40,14 @@ def zombie_automation(within_s: int) -> Any:
                     f"state within {within_s} s died with its node: mark it Crashed so it can be retried.",
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
+            # A heartbeat, a final state, or a state that waits for another process: a run
+            # rescheduled on SIGTERM (AwaitingRetry, as deployments/README.md advises) gets no
+            # heartbeat until a new pod runs it, often minutes on Kubernetes, and must stay
+            # Scheduled for a worker to pick it up: marked Crashed, it would never resume.
             expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed", "prefect.flow-run.AwaitingRetry",
+                    "prefect.flow-run.Scheduled", "prefect.flow-run.Late", "prefect.flow-run.Pending",
+                    "prefect.flow-run.Paused", "prefect.flow-run.Suspended", "prefect.flow-run.Cancelling"},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,

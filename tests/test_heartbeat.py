@@ -41,6 +41,20 @@ def silent():
 quick()
 silent()
 '''
+# A run the worker rescheduled on SIGTERM (AwaitingRetry) before its node went away: it waits for
+# a new pod and must not be marked Crashed meanwhile. The test moves it to AwaitingRetry itself.
+PARKED = '''
+import time
+from prefect import flow
+from prefect.runtime import flow_run
+
+@flow(name="heartbeat-parked")
+def parked():
+    print("parked", flow_run.id, flush=True)
+    time.sleep(600)
+
+parked()
+'''
 
 
 def _apply_setup(server: PrefectServer, **kwargs) -> list[str]:
@@ -67,10 +81,22 @@ def test_a_killed_flow_run_is_marked_crashed_when_its_heartbeats_stop(tmp_path, 
 
     script = tmp_path / "flows.py"
     script.write_text(FLOWS)
-    log = tmp_path / "flows.log"
+    (tmp_path / "parked.py").write_text(PARKED)
+    log, parked_log = tmp_path / "flows.log", tmp_path / "parked.log"
     env = {**server.client_env(tmp_path / "prefect-home"), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
     proc = spawn([sys.executable, str(script)], env, log)
+    parked_proc = spawn([sys.executable, str(tmp_path / "parked.py")], env, parked_log)
     try:
+        parked_id = wait_until("the parked flow run to start", lambda: (re.findall(
+            r"^parked ([0-9a-f-]{36})$", parked_log.read_text(), re.M) or [None])[0], 90, log=parked_log)
+        parked = f"prefect.flow-run.{parked_id}"
+        wait_until("the parked run's first heartbeat",
+                   lambda: server.events("prefect.flow-run.heartbeat", resource=parked), 30, log=parked_log)
+        # rescheduled on SIGTERM, then its node gone
+        server.post(f"/flow_runs/{parked_id}/set_state",
+                    {"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True})
+        os.killpg(parked_proc.pid, signal.SIGKILL)
+        parked_proc.wait(10)
         ids = wait_until("the silent flow run to start", lambda: _flow_run_ids(log), 90, log=log)
         silent = f"prefect.flow-run.{ids['silent']}"
         heartbeat = wait_until("the silent run's first heartbeat",
@@ -100,9 +126,14 @@ def test_a_killed_flow_run_is_marked_crashed_when_its_heartbeats_stop(tmp_path, 
         assert {e["resource"]["prefect.resource.name"] for e in executed} == {ZOMBIE_AUTOMATION}
         assert not server.events("prefect.automation.action.triggered", related=f"prefect.flow-run.{ids['quick']}")
         assert server.get(f"/flow_runs/{ids['quick']}")["state"]["type"] == "COMPLETED"
+        # the parked run, silent as long (its heartbeat came first), still waits for its new pod
+        assert not server.events("prefect.automation.action.triggered", related=parked)
+        state = server.get(f"/flow_runs/{parked_id}")["state"]
+        assert (state["type"], state["name"]) == ("SCHEDULED", "AwaitingRetry"), state
     finally:
-        if proc.poll() is None:
-            stop(proc)
+        for p in (proc, parked_proc):
+            if p.poll() is None:
+                stop(p)
         _delete_automation(server)
 
 
