@@ -209,8 +209,12 @@ def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str
         return results
 
     targets = {s.name: plan.train(s.name) for s in cfg.sources}
-    merged = {m: merge_targets.with_options(**opts).submit(config, m, targets, plan.merge(m), store)
-              for m in plan.merge_methods()}
+    # One merge at a time in-process (mergekit seeds torch's process-wide generator, which DARE
+    # draws from): the later ones wait Pending on the dashboard, not Running behind a lock.
+    merged: dict[str, PrefectFuture] = {}
+    for m in plan.merge_methods():
+        merged[m] = merge_targets.with_options(**opts).submit(config, m, targets, plan.merge(m), store,
+                                                              wait_for=one_at_a_time(list(merged.values())))
     _settle(results, {f"merge[{m}]": f for m, f in merged.items()})
     if stop <= STAGES.index("merge"):
         return results

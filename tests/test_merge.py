@@ -595,3 +595,60 @@ def test_a_run_merge_replays_from_its_store_with_fusechat_mergekit_yaml(known, t
     assert _safetensors_bytes(out) == _safetensors_bytes(folder)
     replayed = yaml.safe_load((out / "mergekit_config.yml").read_text())
     assert {m["model"] for m in replayed["models"]} == {str(Path(store.root, RunPlan(cfg).train(t))) for t in "ab"}
+
+
+def test_a_random_merge_gives_the_same_bytes_whatever_runs_beside_it(known, tmp_path):
+    """DARE drops at random from torch's process-wide generator, which mergekit seeds when a
+    merge starts: a merge started meanwhile in another thread (the pipeline's merges run
+    side by side) must not re-seed it mid-merge. The second merge is started right after the
+    DARE merge wrote its first tensor, while DARE waits a moment there."""
+    import hashlib
+    import threading
+    import time
+
+    from fusechat_core.merge import merge_models
+
+    targets = {"a": str(known["a"]), "b": str(known["b"])}
+
+    def digest(out: Path) -> str:
+        return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(out.glob("*.safetensors")))).hexdigest()
+
+    merge_models("dare_linear", str(known["pivot"]), targets, tmp_path / "alone", device="cpu")
+    first_tensor, errors = threading.Event(), []
+
+    def pause_after_the_first(done: int, total: int) -> None:
+        if done == 1:
+            first_tensor.set()
+            time.sleep(1.0)  # the other merge starts now
+
+    def other() -> None:
+        first_tensor.wait(60)
+        try:
+            merge_models("ties", str(known["pivot"]), targets, tmp_path / "ties", device="cpu")
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    beside = threading.Thread(target=other)
+    beside.start()
+    merge_models("dare_linear", str(known["pivot"]), targets, tmp_path / "beside", device="cpu",
+                 on_tensor=pause_after_the_first)
+    beside.join(120)
+    assert not errors, errors
+    assert digest(tmp_path / "beside") == digest(tmp_path / "alone")
+
+
+def test_a_corrupt_weights_file_fails_in_one_line_and_leaves_the_given_folder_empty(known, tmp_path):
+    from fusechat_core.merge import MergeError, merge_models
+
+    broken = tmp_path / "broken"
+    shutil.copytree(known["a"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut mid-header, as a killed copy leaves it
+    for granularity in ("matrix", "layer"):
+        out = tmp_path / f"out-{granularity}"
+        out.mkdir()  # the user's own, empty folder
+        with pytest.raises(MergeError) as err:
+            merge_models("varm", str(known["pivot"]), {"a": str(broken), "b": str(known["b"])}, out,
+                         device="cpu", granularity=granularity)
+        assert "\n" not in str(err.value) and str(err.value).startswith("merge (varm"), str(err.value)
+        assert out.is_dir() and not any(out.iterdir())

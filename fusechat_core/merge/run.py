@@ -32,6 +32,31 @@ from fusechat_core.merge.varm import recording
 WEIGHTS_JSON = "varm_weights.json"
 WEIGHTS_MD = "varm_weights.md"
 _TOKENIZER_EXTRA = ("generation_config.json",)
+# mergekit seeds torch's process-wide generator when a merge starts (run_merge's random_seed)
+# and the random methods (DARE) draw from it as they go: a second merge starting meanwhile, in
+# another thread, would re-seed it mid-merge and change the first one's bytes. One at a time.
+_RUN_MERGE = threading.Lock()
+
+
+def _errors_reading_weights() -> tuple[type[BaseException], ...]:
+    """What reading the inputs' weights raises for a bad file: a corrupt safetensors file's
+    own error is none of the builtin ones."""
+    from safetensors import SafetensorError
+
+    return (ValueError, RuntimeError, KeyError, OSError, SafetensorError)
+
+
+def _clear(out: Path, created: bool) -> None:
+    """Nothing of a failed merge stays to pass for a model: the folder it made, or what it
+    wrote into the (empty) folder it was given."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _check_ref(label: str, ref: str) -> str:
@@ -118,7 +143,11 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
         weights = None
         if spec.mergekit_method == "varm" and granularity != "matrix":
             say(f"VaRM: {granularity}-level statistics over {len(targets)} targets")
-            groups = statistics.group_weights(pivot, list(targets.values()), granularity, say)
+            try:
+                groups = statistics.group_weights(pivot, list(targets.values()), granularity, say)
+            except _errors_reading_weights() as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise MergeError(f"merge (varm, {granularity} statistics) failed: {first}") from exc
             weights = [statistics.weight_parameter(groups, j) for j in range(len(targets))]
         config = build_configuration(method, pivot, targets, parameters=parameters, dtype=dtype,
                                      target_weights=weights, granularity=granularity)
@@ -134,16 +163,15 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
     inputs = ([str(m.model) for m in config.models] if config.models
               else sorted(str(m) for m in config.referenced_models()))
     try:
-        with counting_tensors(on_tensor):
+        with _RUN_MERGE, counting_tensors(on_tensor):
             if is_varm:
                 with recording(base, [i for i in inputs if i != base]) as raw_table:
                     run_merge(config, str(out), options, config_source=config_yaml)
             else:
                 raw_table = None
                 run_merge(config, str(out), options, config_source=config_yaml)
-    except (ValueError, RuntimeError, KeyError, OSError) as exc:
-        if created:  # half-written shards must not pass for a model
-            shutil.rmtree(out, ignore_errors=True)
+    except _errors_reading_weights() as exc:
+        _clear(out, created)  # half-written shards must not pass for a model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MergeError(f"merge ({config.merge_method}) failed: {first}") from exc
     finally:
@@ -152,8 +180,7 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
         named = {"the pivot": pivot, **{f"target {n}": p for n, p in targets.items()}}
         _require_finite(out, config.merge_method, named)
     except MergeError:
-        if created:  # a model of NaNs must not pass for a merge either
-            shutil.rmtree(out, ignore_errors=True)
+        _clear(out, created)  # a model of NaNs must not pass for a merge either
         raise
 
     _save_pivot_tokenizer(out, pivot, pivot_tokenizer)
