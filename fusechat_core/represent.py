@@ -54,6 +54,7 @@ import numpy as np
 from fusechat_core import stopping
 from fusechat_core.chat import IGNORE, ChatFormatter
 from fusechat_core.config import ModelSpec, RepresentConfig, RunConfig
+from fusechat_core.data.build import split_table
 from fusechat_core.determinism import pin_compute
 from fusechat_core.models import (
     formatter_for,
@@ -533,17 +534,6 @@ def release_model(spec: ModelSpec | None = None) -> None:
     release_memory(*dropped)
 
 
-def _train_table(store: ArtifactStore, dataset_address: str, columns: list[str] | None = None) -> Any:
-    """The dataset's training split as an Arrow table (rows become Python objects only
-    for the shard at hand: at 95k+ conversations, all of them would cost gigabytes per task)."""
-    import pyarrow.parquet as pq
-
-    from fusechat_core.data.build import TRAIN_FILE
-
-    with store.open(dataset_address, TRAIN_FILE) as fh:
-        return pq.read_table(fh, columns=columns)
-
-
 def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: ModelSpec,
                     shard_index: int | None = None, *, progress: Progress | None = None,
                     rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -565,7 +555,7 @@ def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: Model
            for i in indices if i not in todo]
     if not todo:
         return out
-    table = _train_table(store, plan.dataset) if rows is None else None
+    table = split_table(store, plan.dataset) if rows is None else None
     n_rows = table.num_rows if table is not None else len(rows)  # type: ignore[arg-type]
     device = pick_device(cfg.represent.device)
     formatter = formatter_for(spec)
@@ -612,7 +602,7 @@ def commit_representation(cfg: RunConfig, store: ArtifactStore, plan: Any, spec:
     missing = [i for i in range(shards) if not store.is_complete(plan.represent_shard(spec, i))]
     if missing:
         raise RepresentError(f"represent {spec.name}: shards {missing} of {shards} are not complete")
-    row_ids = _train_table(store, plan.dataset, ["id"]).column("id").to_pylist()
+    row_ids = split_table(store, plan.dataset, columns=["id"]).column("id").to_pylist()
     entries, vocab_fp, vocab_size = [], set(), set()
     for i in range(shards):
         shard_address = plan.represent_shard(spec, i)

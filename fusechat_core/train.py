@@ -496,9 +496,9 @@ def train_from_config(cfg: RunConfig, target: str, *,
     data = FusionData(pivot_dirs, aligned_dirs, max_length=cfg.train.max_length)
     domains = None  # each training sequence's data source, for the training log's teacher summary
     if lam < 1.0 and store.is_complete(plan.dataset):  # (a store holding only shards has none)
-        from fusechat_core.represent import _train_table
+        from fusechat_core.data.build import split_table
 
-        domains = _train_table(store, plan.dataset, ["source"]).column("source").to_pylist()
+        domains = split_table(store, plan.dataset, columns=["source"]).column("source").to_pylist()
     materialise(plan, store)  # a demo: pivot loads from its built artifact
     # torch's generator is process-wide and set_seed reseeds it: two targets trained at
     # once in one process's worker threads would draw from each other's stream. One at a

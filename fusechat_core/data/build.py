@@ -457,16 +457,27 @@ def _to_dataset(rows: list[dict[str, Any]]):
     return datasets.Dataset.from_list(rows, features=features)
 
 
-def read_split(store: ArtifactStore, address: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a built dataset artifact, in their stored order."""
+def split_table(store: ArtifactStore, address: str, split: str = "train", columns: list[str] | None = None) -> Any:
+    """A split of a built dataset artifact as an Arrow table, in its stored order. Rows become
+    Python objects only where a caller slices them (a shard's): at 95k+ conversations, all of
+    them would cost over a gigabyte in every shard's task."""
     import pyarrow.parquet as pq
 
     name = {"train": TRAIN_FILE, "heldout": HELDOUT_FILE}[split]
     with store.open(address, name) as fh:
-        return pq.read_table(fh).to_pylist()
+        return pq.read_table(fh, columns=columns)
+
+
+def read_split(store: ArtifactStore, address: str, split: str = "train", rows: range | None = None
+               ) -> list[dict[str, Any]]:
+    """Rows of a built dataset artifact, in their stored order; ``rows``: only these (a span)."""
+    table = split_table(store, address, split)
+    if rows is not None:
+        table = table.slice(rows.start, len(rows))
+    return table.to_pylist()
 
 
 __all__ = [
-    "GPT", "HUMAN", "DataError", "Mixture", "build_mixture", "read_split", "split_blocks",
+    "GPT", "HUMAN", "DataError", "Mixture", "build_mixture", "read_split", "split_blocks", "split_table",
     "token_counter", "write_mixture", "sources_of",
 ]
