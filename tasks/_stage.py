@@ -403,24 +403,59 @@ def run_config(config: dict) -> Any:
 
 
 def ensure_gpu_limit(tag: str, limit: int) -> list[str]:
-    """Make the GPU tag's concurrency limit exist with the configured size; returns the tags.
+    """Make the GPU tag's concurrency limit exist; returns the tags.
 
     Tasks that hold a model carry the tag, so a pool of N GPUs never runs N+1 of them.
-    An operator's own limit on the tag (set with ``prefect concurrency-limit create``)
-    is respected when it is smaller.
+    A limit the tag already has on a Prefect server is the server's (``fusechat setup
+    --gpu-limit``, or an operator's ``prefect concurrency-limit create``), shared by every
+    run on it: a run does not change it, and says so when its ``runner.gpu_concurrency``
+    differs. Without a server the run's setting is the limit.
     """
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
 
     with get_client(sync_client=True) as client:
         try:
             current = client.read_concurrency_limit_by_tag(tag).concurrency_limit
         except ObjectNotFound:
             current = None
-        if current is None or current > limit:
+        if current is None or (current != limit and not PREFECT_API_URL.value()):
             client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
+        elif current != limit:
+            logging.getLogger("fusechat").warning(
+                "the server limits tag %r to %d task runs at once; runner.gpu_concurrency %d is not applied "
+                "(the limit is the server's, shared by its runs: fusechat setup --gpu-limit changes it)",
+                tag, current, limit)
         _release_dead_slots(client, tag)
     return [tag]
+
+
+# Held (shared) by every run on the local ephemeral API for its lifetime: a run that can take it
+# alone knows no other run on this machine is alive, so any GPU slot still held is a dead one's.
+_LIVE_RUNS_LOCK: Any = None
+
+
+def _no_other_live_run() -> bool:
+    """Whether no other run shares this machine's local API (see ``_LIVE_RUNS_LOCK``); from
+    the first call on, this process counts as a live run itself."""
+    import fcntl
+
+    from prefect.settings import PREFECT_HOME
+
+    global _LIVE_RUNS_LOCK
+    if _LIVE_RUNS_LOCK is None:
+        home = Path(PREFECT_HOME.value()).expanduser()
+        home.mkdir(parents=True, exist_ok=True)
+        _LIVE_RUNS_LOCK = open(home / "fusechat-live-runs.lock", "a+b")  # noqa: SIM115 (the process's lifetime)
+    fd = _LIVE_RUNS_LOCK.fileno()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    fcntl.flock(fd, fcntl.LOCK_SH)  # from an exclusive lock: turned shared, never let go
+    return alone
 
 
 def _release_dead_slots(client: Any, tag: str) -> None:
@@ -431,8 +466,9 @@ def _release_dead_slots(client: Any, tag: str) -> None:
     takes 60-second leases; the server's repossessor looks every 15 s, so a killed run's
     slot is back within about 75 s);
     the ephemeral API has no such service, so a slot held when a run was killed
-    would hang every later run (SPEC §5). Without a server no other process holds
-    slots when a flow starts, so every held slot there is a dead run's.
+    would hang every later run (SPEC §5). Runs on one machine share that API's database:
+    the slots are freed only when no other run is alive (``_no_other_live_run``), else
+    they may be a live run's, and a dead run's slot waits for the next run started alone.
     """
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
     from prefect.exceptions import ObjectNotFound
@@ -440,6 +476,8 @@ def _release_dead_slots(client: Any, tag: str) -> None:
 
     if PREFECT_API_URL.value():
         return  # a server's lease repossessor frees dead holders' slots
+    if not _no_other_live_run():
+        return
     try:
         held = client.read_global_concurrency_limit_by_name(f"tag:{tag}")
     except ObjectNotFound:

@@ -211,3 +211,60 @@ def _peek(proc: subprocess.Popen) -> str:
         buf += chunk
     proc._peeked = buf  # type: ignore[attr-defined]
     return buf
+
+
+_HOLDS_THE_LIVE_RUNS_LOCK = r'''
+import fcntl, sys, time
+fh = open(sys.argv[1], "a+b")
+fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+print("holding", flush=True)
+time.sleep(600)
+'''
+
+
+def test_gpu_slots_are_freed_as_dead_only_when_no_other_run_on_this_machine_is_alive(tmp_path, monkeypatch):
+    """Without a server, runs on one machine share the local API's database; a run freeing
+    'dead' GPU slots at its start must not free a live run's. A live run holds a shared lock
+    for its lifetime, which goes with its process, SIGKILL included."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    import tasks._stage as stage
+
+    monkeypatch.setattr(stage, "_LIVE_RUNS_LOCK", None)
+    with temporary_settings(updates={PREFECT_HOME: str(tmp_path)}):
+        assert stage._no_other_live_run()  # the first run here
+        other = subprocess.Popen([sys.executable, "-c", _HOLDS_THE_LIVE_RUNS_LOCK,
+                                  str(tmp_path / "fusechat-live-runs.lock")], stdout=subprocess.PIPE, text=True)
+        try:
+            assert other.stdout.readline().strip() == "holding"
+            assert not stage._no_other_live_run()
+        finally:
+            other.kill()  # as a preempted node: no clean-up
+            other.wait()
+        assert stage._no_other_live_run()
+    stage._LIVE_RUNS_LOCK.close()
+
+
+def test_a_run_leaves_the_servers_gpu_limit_as_it_is(prefect_server, caplog):
+    """One team's run with gpu_concurrency 1 must not shrink the GPU pool every run on the
+    server shares (`fusechat setup --gpu-limit 8`); a tag without a limit gets the run's."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks._stage import ensure_gpu_limit
+
+    shared, fresh = f"gpu-{uuid.uuid4().hex[:8]}", f"gpu-{uuid.uuid4().hex[:8]}"
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api}), get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=shared, concurrency_limit=8)
+        with caplog.at_level("WARNING", logger="fusechat"):
+            assert ensure_gpu_limit(shared, 1) == [shared]
+            ensure_gpu_limit(fresh, 2)
+        assert client.read_concurrency_limit_by_tag(shared).concurrency_limit == 8
+        assert client.read_concurrency_limit_by_tag(fresh).concurrency_limit == 2
+        for tag in (shared, fresh):
+            client.delete_concurrency_limit_by_tag(tag)
+    assert [r.getMessage() for r in caplog.records if r.name == "fusechat"] == [
+        f"the server limits tag {shared!r} to 8 task runs at once; runner.gpu_concurrency 1 is not applied "
+        "(the limit is the server's, shared by its runs: fusechat setup --gpu-limit changes it)"]
