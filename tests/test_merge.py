@@ -652,3 +652,20 @@ def test_a_corrupt_weights_file_fails_in_one_line_and_leaves_the_given_folder_em
                          device="cpu", granularity=granularity)
         assert "\n" not in str(err.value) and str(err.value).startswith("merge (varm"), str(err.value)
         assert out.is_dir() and not any(out.iterdir())
+
+
+def test_a_merge_killed_mid_write_leaves_nothing_the_next_attempt_keeps(known, tmp_path, monkeypatch):
+    """A merge SIGKILLed while writing leaves its staging folder (a whole model: ~28 GB at 7B in
+    float32). The next attempt of that merge on the machine removes it, and leaves none of its own."""
+    from fusechat_core.merge.stage import merge_staging_dir
+
+    monkeypatch.setenv("FUSECHAT_CACHE", str(tmp_path / "cache"))
+    cfg = _run_config(tmp_path, known, "linear")
+    address = RunPlan(cfg).merge("linear")
+    killed = merge_staging_dir(address)
+    assert str(killed).startswith(str(tmp_path / "cache"))
+    (killed / "model").mkdir(parents=True)
+    (killed / "model" / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 1_000_000)
+    _stage(cfg, {"a": known["a"], "b": known["b"]})
+    assert not killed.exists()
+    assert not any((tmp_path / "cache").glob("merge*/**/*.safetensors"))

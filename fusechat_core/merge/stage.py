@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,37 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
     local cache first; the merged folder is uploaded with its manifest last.
     Returns the summary (and the VaRM weights table for VaRM).
     """
-    m = cfg.merge
     if store.is_complete(address):
-        table = store.read_json(address, WEIGHTS_JSON) if _has(store, address, WEIGHTS_JSON) else None
-        return {"address": address, "method": method, "table": table, "cached": True}
+        return _cached(store, address, method)
+    # Held from the start, as training holds its target's: a second writer of this merge waits
+    # instead of merging too, and this machine's staging folder for the address is this one's.
+    with store.lease(address):
+        if store.is_complete(address):  # the writer waited for finished it
+            return _cached(store, address, method)
+        staging = merge_staging_dir(address)
+        shutil.rmtree(staging, ignore_errors=True)  # a killed merge's half-written model (GBs at 7B)
+        staging.mkdir(parents=True)
+        try:
+            return _merge(cfg, store, address, method, targets, staging, progress, on_tensor)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def merge_staging_dir(address: str) -> Path:
+    """Where the merged model of ``address`` is written before its upload: one folder per
+    address, so a merge killed mid-write leaves nothing the next attempt does not remove."""
+    return Path(cache_dir()) / "merge-staging" / hashlib.sha256(address.encode()).hexdigest()[:16]
+
+
+def _cached(store: ArtifactStore, address: str, method: str) -> dict[str, Any]:
+    table = store.read_json(address, WEIGHTS_JSON) if _has(store, address, WEIGHTS_JSON) else None
+    return {"address": address, "method": method, "table": table, "cached": True}
+
+
+def _merge(cfg: RunConfig, store: ArtifactStore, address: str, method: str, targets: Mapping[str, str],
+           staging: Path, progress: Callable[[str], None] | None,
+           on_tensor: Callable[[int, int], None] | None) -> dict[str, Any]:
+    m = cfg.merge
     local_targets = {name: str(store.fetch(addr)) for name, addr in targets.items()}
     pivot = cfg.pivot
     folder = model_dir(pivot)
@@ -39,30 +66,26 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
     # mergekit's way of naming a hub revision
     pivot_ref = f"{folder}@{pivot.revision}" if pivot.revision else folder
     is_main = method == m.method
-    staging = Path(tempfile.mkdtemp(prefix="merge-", dir=cache_dir()))
-    try:
-        out = staging / "model"
-        result = merge_models(
-            method, pivot_ref, local_targets, out,
-            parameters=method_parameters(m, method), granularity=m.granularity if method == "varm" else "matrix",
-            dtype=m.dtype, mergekit_yaml=m.mergekit_yaml if is_main else None, shard_size=m.shard_size,
-            device=m.device, seed=0, tokenizer=tokenizer, chat_template=pivot.chat_template,
-            sources=[s.name for s in cfg.sources], name=f"{cfg.name}-merge-{method}", progress=progress,
-            training=_training(cfg, targets), on_tensor=on_tensor)
-        # The folder names where inputs were cached on this machine; what it records must
-        # name the inputs themselves, or the same merge would differ from store to store.
-        # A demo pivot is an artifact too: named by its address, as the targets are, so
-        # `fusechat-mergekit-yaml --store URL` replays the saved mergekit_config.yml.
-        pivot_label = RunPlan(cfg).demo_model(pivot) if pivot.path.startswith("demo:") else pivot.path
-        _relabel(out, {folder: pivot_label, **{local_targets[n]: addr for n, addr in targets.items()}})
-        meta = {"method": method, "mergekit_method": result["mergekit_method"], "targets": dict(targets),
-                "pivot": pivot.name, "granularity": m.granularity if method == "varm" else None}
-        if result["table"] is not None:
-            meta["varm_summary"] = {k: result["table"]["summary"][k]
-                                    for k in ("matrices", "unchanged_matrices", "dominated", "mean_weight")}
-        store.put_dir(address, out, meta=meta)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    out = staging / "model"
+    result = merge_models(
+        method, pivot_ref, local_targets, out,
+        parameters=method_parameters(m, method), granularity=m.granularity if method == "varm" else "matrix",
+        dtype=m.dtype, mergekit_yaml=m.mergekit_yaml if is_main else None, shard_size=m.shard_size,
+        device=m.device, seed=0, tokenizer=tokenizer, chat_template=pivot.chat_template,
+        sources=[s.name for s in cfg.sources], name=f"{cfg.name}-merge-{method}", progress=progress,
+        training=_training(cfg, targets), on_tensor=on_tensor)
+    # The folder names where inputs were cached on this machine; what it records must
+    # name the inputs themselves, or the same merge would differ from store to store.
+    # A demo pivot is an artifact too: named by its address, as the targets are, so
+    # `fusechat-mergekit-yaml --store URL` replays the saved mergekit_config.yml.
+    pivot_label = RunPlan(cfg).demo_model(pivot) if pivot.path.startswith("demo:") else pivot.path
+    _relabel(out, {folder: pivot_label, **{local_targets[n]: addr for n, addr in targets.items()}})
+    meta = {"method": method, "mergekit_method": result["mergekit_method"], "targets": dict(targets),
+            "pivot": pivot.name, "granularity": m.granularity if method == "varm" else None}
+    if result["table"] is not None:
+        meta["varm_summary"] = {k: result["table"]["summary"][k]
+                                for k in ("matrices", "unchanged_matrices", "dominated", "mean_weight")}
+    store.put_dir(address, out, meta=meta)
     return {"address": address, "method": method, "table": result["table"], "cached": False}
 
 
