@@ -18,8 +18,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, wait
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from fusechat_core.config import RunConfig, load_config
+from fusechat_core.config import RunConfig, RunnerConfig, load_config
 from fusechat_core.plan import CLM, RunPlan
 from fusechat_core.preflight import preflight
 from fusechat_core.stages import PIPELINE_STAGES
@@ -47,8 +48,6 @@ def task_runner_for(cfg: RunConfig) -> Any:
             return DaskTaskRunner(address=cfg.runner.dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.runner.max_workers, "threads_per_worker": 1,
                                               "processes": True})
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     return ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers)
 
 
@@ -75,7 +74,6 @@ def one_at_a_time(futures: list[PrefectFuture]) -> list[Any] | None:
     (demo pre-training, training) wait *Pending* on the dashboard, not Running behind a lock.
     Under Dask each task has a process of its own and nothing waits."""
     from prefect.context import FlowRunContext
-    from prefect.task_runners import ThreadPoolTaskRunner
     from prefect.utilities.annotations import allow_failure
 
     ctx = FlowRunContext.get()
@@ -100,7 +98,27 @@ def _settle(results: dict[str, Any], futures: dict[str, PrefectFuture],
         results[label] = {**fut.result(), "state": fut.state.name}
 
 
-@flow(name="fusechat-pipeline", flow_run_name=run_name, validate_parameters=True)
+def runner_mismatch(cfg: RunConfig, runner: Any) -> str | None:
+    """What of ``cfg.runner`` the flow's active task runner does not do (None: all of it).
+
+    ``fusechat run`` starts the flow with ``task_runner_for(cfg)``; a deployment runs the flow
+    as decorated (Prefect fixes a flow's runner before its parameters are known), with
+    ``runner.max_workers``' default number of threads."""
+    want = cfg.runner
+    if want.task_runner == "dask" and type(runner).__name__ != "DaskTaskRunner":
+        return (f"runner.task_runner: dask is not applied here: this run uses {type(runner).__name__} "
+                f"(a deployment runs the flow's own runner; `fusechat run` applies the config's)")
+    workers = getattr(runner, "_max_workers", None)
+    if want.task_runner == "threads" and isinstance(workers, int) and workers != want.max_workers:
+        return (f"runner.max_workers: {want.max_workers} is not applied here: this run has {workers} worker "
+                f"threads (a deployment runs the flow's own runner; `fusechat run` applies the config's)")
+    return None
+
+
+# A deployment's runs get this runner (threads, RunnerConfig's default count): unbounded, every
+# align shard of a 95k-conversation run would hold its rows at once.
+@flow(name="fusechat-pipeline", flow_run_name=run_name, validate_parameters=True,
+      task_runner=ThreadPoolTaskRunner(max_workers=RunnerConfig().max_workers))
 def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | None = None,
                       until: str = STAGES[-1]) -> dict[str, Any]:
     """Run (or resume) a fusion run. Give the config itself, or the path/URL of its YAML file."""
@@ -146,6 +164,10 @@ def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str
         raise ValueError(f"until: unknown stage {until!r} (stages: {', '.join(STAGES)})")
     cfg = load_config(config_path) if config_path else RunConfig.model_validate(config)
     preflight(cfg, until)
+    from prefect.context import FlowRunContext
+
+    if problem := runner_mismatch(cfg, getattr(FlowRunContext.get(), "task_runner", None)):
+        get_run_logger().warning(problem)
     # Preflight has imported torch, transformers and mergekit: millions of long-lived objects
     # that every later full collection would walk again (0.6 s each, set off by each large
     # tokenizer file parsed: 4 of a tiny run's 30 CPU seconds). Only refcounts free them

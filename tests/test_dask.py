@@ -24,7 +24,7 @@ import yaml
 
 from flows.cli import main
 from flows.pipeline import flow_run_name
-from fusechat_core.config import load_config
+from fusechat_core.config import load_config, parse_config
 from fusechat_core.plan import RunPlan
 from fusechat_core.stages import shard_address
 from fusechat_core.store import MANIFEST, ArtifactStore
@@ -295,3 +295,30 @@ def _sigterm_stops_the_run_s_tasks_on_a_cluster_it_did_not_start(tmp_path: Path,
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     _nothing_half_committed(store, targets)
+
+
+def test_a_run_says_which_runner_settings_it_cannot_apply(tmp_path):
+    """A deployment runs the flow with its decorated runner (bounded threads): a config asking
+    for Dask, or another thread count, is told in a warning rather than ignored silently."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.pipeline import fusechat_pipeline, runner_mismatch, task_runner_for
+    from fusechat_core.config import RunnerConfig
+
+    base = parse_config(yaml.safe_load(tiny_run_config(tmp_path, f"file://{tmp_path}/store").read_text()))
+
+    def cfg(**runner):
+        return base.model_copy(update={"runner": RunnerConfig(**runner)})
+
+    deployed = fusechat_pipeline.task_runner
+    assert isinstance(deployed, ThreadPoolTaskRunner) and deployed._max_workers == RunnerConfig().max_workers
+    assert runner_mismatch(cfg(), deployed) is None
+    assert runner_mismatch(cfg(max_workers=16), deployed).startswith(
+        "runner.max_workers: 16 is not applied here: this run has 4 worker threads")
+    assert runner_mismatch(cfg(task_runner="dask"), deployed).startswith(
+        "runner.task_runner: dask is not applied here: this run uses ThreadPoolTaskRunner")
+    # what `fusechat run` starts the flow with does what the config says
+    for runner in ({}, {"max_workers": 16}, {"task_runner": "dask"}):
+        assert runner_mismatch(cfg(**runner), task_runner_for(cfg(**runner))) is None
+    assert isinstance(task_runner_for(cfg(task_runner="dask")), DaskTaskRunner)
