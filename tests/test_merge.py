@@ -447,6 +447,11 @@ def test_cli_usage_errors_exit_2_with_one_line(known, tmp_path, capsys):
     assert main(["merge", "--method", "varm", "--pivot", str(tmp_path / "nope"), "--targets", str(known["a"]),
                  "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == f"fusechat: error: --pivot: no such directory: {tmp_path / 'nope'}"
+    # a path holding "merge." is named as given, not turned into a flag
+    missing = tmp_path / "merge.v2" / "b_ft"
+    assert main(["merge", "--method", "varm", "--pivot", str(known["pivot"]), "--targets", str(known["a"]),
+                 str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == f"fusechat: error: --targets (b_ft): no such directory: {missing}"
     assert not (tmp_path / "bad").exists()
 
 

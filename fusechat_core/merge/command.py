@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def merge_command(args: argparse.Namespace) -> int:
             _check_ref(f"--targets ({name})", path)
         check_merge_config(merge_cfg, list(targets))
     except MergeError as exc:
-        return _error(str(exc).replace("merge.parameters.", "--param ").replace("merge.", "--"))
+        return _error(_as_flags(str(exc)))
     try:
         out = merge_models(args.method, args.pivot, targets, args.out, parameters=params,
                            granularity=args.granularity, dtype=args.dtype, mergekit_yaml=yaml_text,
@@ -123,3 +124,11 @@ def merge_command(args: argparse.Namespace) -> int:
             summary["varm_summary"] = out["table"]["summary"]
         print(json.dumps(summary))
     return EXIT_OK
+
+
+def _as_flags(message: str) -> str:
+    """A run config's field names in ``message`` as this command's flags (``merge.granularity``
+    as ``--granularity``, ``merge.parameters.density`` as ``--param density``); a path that
+    happens to hold ``merge.`` (``./merge.v2/b``) is left as it is."""
+    message = re.sub(r"(?<![\w./~-])merge\.parameters\.", "--param ", message)
+    return re.sub(r"(?<![\w./~-])merge\.(?=[a-z_])", "--", message)
