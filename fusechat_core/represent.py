@@ -461,21 +461,27 @@ def open_shard(folder: str | Path, where: str | None = None) -> Representation:
     return rep
 
 
-def bad_logprob(logprobs: np.ndarray) -> tuple[int, float] | None:
-    """(row, value) of the first top-k log-prob that is NaN or +inf, or None.
+def bad_logprob(logprobs: np.ndarray) -> tuple[int, str] | None:
+    """(row, what is wrong with it) for the first top-k row that is no teacher, or None.
 
     A log-prob is finite or -inf (padding, probability 0); NaN or +inf is a damaged teacher
-    (+inf would pass every other check and turn the fused distribution into NaN). Readers
-    check the rows they read (align the source's shard it projects, training each batch's
-    rows) and refuse them with one line naming the shard and the row.
+    (+inf would pass every other check and turn the fused distribution into NaN), and so is a
+    row of nothing but -inf (no candidate has any probability: a softmax's top-k always has
+    a finite first entry). Readers check the rows they read (align the source's shard it
+    projects, training each batch's rows) and refuse them with one line naming the shard
+    and the row.
     """
     rows = np.asarray(logprobs)
-    bad = np.isnan(rows) | np.isposinf(rows)
-    if not bad.any():
+    flat = rows.reshape(len(rows), -1) if rows.size else rows.reshape(len(rows), 0)
+    bad = np.isnan(flat) | np.isposinf(flat)
+    empty = np.isneginf(flat).all(axis=1) & (flat.shape[1] > 0)
+    hit = bad.any(axis=1) | empty
+    if not hit.any():
         return None
-    bad = bad.reshape(len(rows), -1)
-    r = int(np.nonzero(bad.any(axis=1))[0][0])
-    return r, float(rows.reshape(len(rows), -1)[r][bad[r]][0])
+    r = int(np.nonzero(hit)[0][0])
+    if bad[r].any():
+        return r, f"{float(flat[r][bad[r]][0])}, not a log-prob (finite or -inf)"
+    return r, "-inf everywhere: no candidate has any probability"
 
 
 def read_shard(store: ArtifactStore, address: str) -> Representation:

@@ -478,7 +478,7 @@ def test_fp16_overflow_in_every_step_is_divergence(fusion_inputs, tmp_path, cpu_
     assert not store.is_complete("train/fp16-bad")
 
 
-@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), None])
 def test_a_poisoned_teacher_is_refused_when_its_rows_are_read(fusion_inputs, tmp_path, value):
     """A +inf (or NaN) in one aligned shard's log-probs is no log-prob (+inf would turn the
     teacher's distribution into NaN): training stops at the first step that reads that
@@ -490,7 +490,10 @@ def test_a_poisoned_teacher_is_refused_when_its_rows_are_read(fusion_inputs, tmp
     assert all(poisoned_seq not in global_batch(N_ROWS, cfg.batch_size, cfg.seed, s) for s in (0, 1))
     outs = [dict(o) for o in fusion_inputs["source_out"]]
     outs[poisoned_seq]["top_lp"] = outs[poisoned_seq]["top_lp"].clone()
-    outs[poisoned_seq]["top_lp"][1, 0] = value
+    if value is None:  # a row with no candidate at all
+        outs[poisoned_seq]["top_lp"][1, :] = float("-inf")
+    else:
+        outs[poisoned_seq]["top_lp"][1, 0] = value
     outs[poisoned_seq]["ce"] = 0.0  # the best teacher by its metric: MinCE picks it
     aligned = _write_shards(store, "align/poisoned", outs, _rows(), aligned=True)
     data = FusionData(fusion_inputs["pivot_dirs"], aligned, max_length=MAX_LEN)
@@ -502,8 +505,10 @@ def test_a_poisoned_teacher_is_refused_when_its_rows_are_read(fusion_inputs, tmp
         train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/src-p",
                      on_event=events.append, name="target-src")
     msg = str(err.value)
+    what = ("-inf everywhere: no candidate has any probability" if value is None
+            else f"{value}, not a log-prob (finite or -inf)")
     assert "\n" not in msg and msg == (f"{aligned[shard] / 'aligned.safetensors'}: topk_logprobs row {row} "
-                                       f"(sequence {per_shard}) is {value}, not a log-prob (finite or -inf)")
+                                       f"(sequence {per_shard}) is {what}")
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
     assert [s for s, _ in complete_checkpoints(store, "train/src-p")] == [2]
     assert not store.is_complete("train/src-p")

@@ -266,8 +266,7 @@ def align_shard_artifact(cfg: RunConfig, store: ArtifactStore, source: ModelSpec
     pivot_rep = read_representation(store, plan.represent_shard(cfg.pivot, index))
     source_rep = read_representation(store, plan.represent_shard(source, index))
     if (bad := bad_logprob(source_rep.topk_logprobs)) is not None:  # the rows projected are the source's
-        raise AlignError(f"{plan.represent_shard(source, index)}: topk_logprobs row {bad[0]} is {bad[1]}, "
-                         f"not a log-prob (finite or -inf)")
+        raise AlignError(f"{plan.represent_shard(source, index)}: topk_logprobs row {bad[0]} is {bad[1]}")
     vmap = read_vocab_map(store, plan.vocab_map(source))
     table = split_table(store, plan.dataset, "train")
     span = shard_rows(table.num_rows, index, shards)

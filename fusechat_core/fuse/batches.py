@@ -199,7 +199,7 @@ class FusionData:
                     if (bad := bad_logprob(lp.numpy())) is not None:
                         path = self.pivot_paths[i] if j == 0 else self.aligned_paths[i]  # type: ignore[index]
                         raise ContractError(f"{path}: topk_logprobs row {r0 + bad[0]} (sequence {s}) is "
-                                            f"{bad[1]}, not a log-prob (finite or -inf)")
+                                            f"{bad[1]}")
                     t_lps[j].append(lp[keep])
                 ce = torch.tensor([self._ce[i][0][s], self._ce[i][1][s]], dtype=torch.float32)
                 ces.append(ce.expand(len(pos), 2))
