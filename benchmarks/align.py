@@ -205,6 +205,8 @@ def main() -> None:
     ap.add_argument("--stage-top-k", type=int, default=10)
     ap.add_argument("--stage-shards", type=int, default=2)
     ap.add_argument("--stage-only", action="store_true", help="only the whole-stage timing")
+    ap.add_argument("--project-rows", type=int, default=800_000,
+                    help="supervised rows of the projection memory figure (0: skip it)")
     args = ap.parse_args()
     if args.stage_only:
         stage_timing(args)
@@ -291,8 +293,47 @@ def main() -> None:
           f"{main_r['verify'] * 1e3:.1f} ms against {main_r['off'] * 1e3:.1f} ms of sequence alignment alone "
           f"(an upper bound: the stage also projects every distribution)")
     print(f"verify_share_of_align: {share:.4f}")
+    if args.project_rows:
+        projection_memory(args.project_rows)
     if args.stage_seqs:
         stage_timing(args)
+
+
+def projection_memory(rows: int, k: int = 10, seq_len: int = 400, vocab: int = 32000) -> None:
+    """Peak memory ``project`` allocates beyond its inputs, per supervised row: random top-k
+    rows of a shard of ``rows`` rows, every row paired, every id mapped (one more than the
+    pivot's id: no identity shortcut). Rows are merged in chunks, so the figure per row falls
+    as shards grow instead of staying at the [rows, k, k] temporaries' ~1.1 kB."""
+    import tracemalloc
+
+    from fusechat_core.align.project import project
+    from fusechat_core.align.vocab import EXACT, VocabMap
+    from fusechat_core.represent import Representation
+
+    rng = np.random.default_rng(0)
+    n_seq = max(1, rows // (seq_len - 1))
+    ids = rng.integers(0, vocab, n_seq * seq_len).astype(np.uint16)
+    seq_offsets = np.arange(n_seq + 1, dtype=np.int64) * seq_len
+    positions = np.tile(np.arange(1, seq_len, dtype=np.uint16), n_seq)
+    sup_offsets = np.arange(n_seq + 1, dtype=np.int64) * (seq_len - 1)
+
+    def representation() -> Representation:
+        lp = np.sort(np.log(rng.dirichlet(np.ones(k), len(positions)) * 0.9), axis=1)[:, ::-1]
+        return Representation(ids, seq_offsets, positions, sup_offsets,
+                              rng.integers(0, vocab, (len(positions), k)).astype(np.uint16),
+                              np.ascontiguousarray(lp.astype(np.float16)), np.ones(n_seq, np.float32),
+                              meta={"vocab_size": vocab})
+
+    pivot, source = representation(), representation()
+    shifted = VocabMap(np.roll(np.arange(vocab, dtype=np.int32), 1), np.full(vocab, EXACT, np.uint8),
+                       np.zeros(vocab, np.int32))
+    pairing = [np.arange(seq_len, dtype=np.int64) for _ in range(n_seq)]
+    tracemalloc.start()
+    project(pivot, source, pairing, shifted)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(f"\nprojection of {len(positions)} rows (top-{k}): {peak / 2**20:.0f} MiB allocated at peak")
+    print(f"project_peak_bytes_per_row: {peak / len(positions):.0f}")
 
 
 def _synthetic_shard(spec, rows, index: int, shards: int, max_length: int, k: int):

@@ -40,9 +40,10 @@ RUNS = {
                  ["judge_seconds_c4", "judge_efficiency_c4", "answer_tokens_per_s_b1", "answer_tokens_per_s_b8",
                   "answer_batch_speedup", "resume_ms_per_question", "nll_supervised_tokens_per_s_b1",
                   "nll_supervised_tokens_per_s_b8"]),
-    "align": (["--pairs", "4", "--tokens", "64", "--long-pairs", "1", "--stage-seqs", "8", "--stage-tokens", "64"],
+    "align": (["--pairs", "4", "--tokens", "64", "--long-pairs", "1", "--stage-seqs", "8", "--stage-tokens", "64",
+               "--project-rows", "2000"],
               ["align_speedup_vs_naive_dtw", "agreement_with_dtw", "mined_map_seconds", "verify_share_of_align",
-               "verify_share_of_align_stage"]),
+               "project_peak_bytes_per_row", "verify_share_of_align_stage"]),
     "demo_floor": (["--samples", "300"],
                    ["markov_floor_bpb", "markov_floor_bpb_stderr", "ballad_floor_bpb", "ballad_floor_bpb_stderr"]),
 }

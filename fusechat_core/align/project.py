@@ -152,6 +152,39 @@ def cut_sequences(rep: Representation) -> np.ndarray:
     return np.asarray((rep.meta or {}).get("cut_rows", []), dtype=np.int64)
 
 
+PROJECT_CHUNK_ROWS = 1 << 16  # paired rows merged at once (``project``)
+
+
+def _merge_candidates(topk_ids: np.ndarray, topk_lp: np.ndarray, vmap: VocabMap
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Paired rows' source candidates on pivot ids: (ids, log-probs, rows left empty, the mass
+    that mapped exactly, by minimum edit distance, by prefix, and in all)."""
+    k = topk_ids.shape[1]
+    raw_ids = topk_ids.astype(np.int64)
+    raw_lp = topk_lp.astype(np.float32)
+    # Descending log-prob first, so "first occurrence of an id" is "its larger log-prob".
+    order = np.argsort(-raw_lp, axis=1, kind="stable")
+    raw_ids = np.take_along_axis(raw_ids, order, axis=1)
+    raw_lp = np.take_along_axis(raw_lp, order, axis=1)
+    kind = vmap.kind[raw_ids]
+    mapped = vmap.ids[raw_ids].astype(np.int64)
+    mass = np.exp(raw_lp)
+    masses = np.array([mass[kind == EXACT].sum(), mass[kind == MINED].sum(), mass[kind == PREFIX].sum(),
+                       mass.sum()], dtype=np.float64)
+    same = (mapped[:, :, None] == mapped[:, None, :]) & (mapped[:, :, None] >= 0)
+    earlier_same = same & np.tri(k, k, -1, dtype=bool)[None]
+    valid = (mapped >= 0) & ~earlier_same.any(axis=2)
+    # Candidates landing on one pivot id merge into one entry holding their summed probability.
+    with np.errstate(divide="ignore"):
+        merged_lp = np.log((same * mass[:, None, :]).sum(axis=2)).astype(np.float32)
+    # Kept entries to the front, in descending merged log-prob (ties: the source's order).
+    pack = np.argsort(np.where(valid, -merged_lp, np.inf), axis=1, kind="stable")
+    valid = np.take_along_axis(valid, pack, axis=1)
+    out_ids = np.where(valid, np.take_along_axis(mapped, pack, axis=1), 0)
+    out_lp = np.where(valid, np.take_along_axis(merged_lp, pack, axis=1), -np.inf)
+    return out_ids, out_lp, ~valid.any(axis=1), masses
+
+
 def project(pivot: Representation, source: Representation, pairing: Sequence[np.ndarray] | None,
             vmap: VocabMap) -> Aligned:
     """Map ``source``'s distributions onto ``pivot``'s supervised rows.
@@ -197,34 +230,17 @@ def project(pivot: Representation, source: Representation, pairing: Sequence[np.
 
     ids = np.zeros((n_rows, k), np.int32)
     lps = np.full((n_rows, k), -np.inf, np.float32)
-    raw_ids = source.topk_ids[src_row[paired]].astype(np.int64)
-    raw_lp = source.topk_logprobs[src_row[paired]].astype(np.float32)
-    # Descending log-prob first, so "first occurrence of an id" is "its larger log-prob".
-    order = np.argsort(-raw_lp, axis=1, kind="stable")
-    raw_ids = np.take_along_axis(raw_ids, order, axis=1)
-    raw_lp = np.take_along_axis(raw_lp, order, axis=1)
-    kind = vmap.kind[raw_ids]
-    mapped = vmap.ids[raw_ids].astype(np.int64)
-    mass = np.exp(raw_lp)
-    exact_mass = float(mass[kind == EXACT].sum())
-    mined_mass = float(mass[kind == MINED].sum())
-    prefix_mass = float(mass[kind == PREFIX].sum())
-    total_mass = float(mass.sum())
-    same = (mapped[:, :, None] == mapped[:, None, :]) & (mapped[:, :, None] >= 0)
-    earlier_same = same & np.tri(k, k, -1, dtype=bool)[None]
-    valid = (mapped >= 0) & ~earlier_same.any(axis=2)
-    # Candidates landing on one pivot id merge into one entry holding their summed probability.
-    with np.errstate(divide="ignore"):
-        merged_lp = np.log((same * mass[:, None, :]).sum(axis=2)).astype(np.float32)
-    # Kept entries to the front, in descending merged log-prob (ties: the source's order).
-    pack = np.argsort(np.where(valid, -merged_lp, np.inf), axis=1, kind="stable")
-    valid = np.take_along_axis(valid, pack, axis=1)
-    out_ids = np.where(valid, np.take_along_axis(mapped, pack, axis=1), 0)
-    out_lp = np.where(valid, np.take_along_axis(merged_lp, pack, axis=1), -np.inf)
-    ids[paired] = out_ids
-    lps[paired] = out_lp
     empty = np.zeros(n_rows, bool)
-    empty[paired] = ~valid.any(axis=1)
+    masses = np.zeros(4)  # exact, mined, prefix, all
+    rows = np.nonzero(paired)[0]
+    # In chunks: merging builds [rows, k, k] temporaries (~1.1 kB a row at k = 10), tens of GB
+    # for a whole 95k-conversation shard at once.
+    for start in range(0, len(rows), PROJECT_CHUNK_ROWS):
+        chunk = rows[start:start + PROJECT_CHUNK_ROWS]
+        ids[chunk], lps[chunk], empty[chunk], chunk_masses = _merge_candidates(
+            source.topk_ids[src_row[chunk]], source.topk_logprobs[src_row[chunk]], vmap)
+        masses += chunk_masses
+    exact_mass, mined_mass, prefix_mass, total_mass = (float(m) for m in masses)
     fallback = ~paired | empty
 
     labels = pivot.input_ids[pivot.seq_offsets[row_seq].astype(np.int64) + t].astype(np.int32)
