@@ -489,7 +489,8 @@ class ArtifactStore:
         is copied. Readers then map or load the files as they are.
 
         Remote artifacts are copied into a local cache keyed by manifest digest,
-        so a second fetch of the same content copies nothing (it re-verifies the copy).
+        so a second fetch of the same content copies nothing (it re-verifies the copy), and
+        a copy cut short copies only the files it had not finished.
         """
         man = self.require(address)
         if self.scheme == "file" and dest is None:
@@ -511,6 +512,11 @@ class ArtifactStore:
         with self._wrap("fetch", address):
             for entry in man.files:
                 target = dest / entry.path
+                # a copy cut short (a preempted node) keeps the files it finished: a 7B target's
+                # 28 GB are not fetched again for the one file it was writing
+                if target.is_file() and target.stat().st_size == entry.size \
+                        and verify_local_file(target, entry.sha256):
+                    continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = Path(f"{target}.tmp-{_HOST}-{os.getpid()}-{threading.get_ident()}")
                 try:

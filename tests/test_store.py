@@ -405,3 +405,24 @@ def test_replace_rewrites_a_complete_artifact_its_caller_found_stale(store):
         w.write_bytes("f", b"new answer")
     assert store.read_bytes("s/stale", "f") == b"new answer" and store.manifest("s/stale").meta == {"v": 2}
     assert w.manifest == store.manifest("s/stale")
+
+
+def test_a_fetch_cut_short_copies_only_what_it_had_not_finished(s3_env, tmp_path):
+    """A preempted node's copy of a remote artifact (a 7B target: 28 GB) keeps the files it
+    finished; the next fetch copies the others again, and a local file that does not match
+    its manifest (half written, damaged) is copied again."""
+    store = ArtifactStore(f"s3://fusechat-test/{uuid.uuid4().hex}")
+    files = {"model-1.safetensors": b"\x01" * 4096, "model-2.safetensors": b"\x02" * 4096, "config.json": b"{}"}
+    with store.writer("train/t") as w:
+        for rel, data in files.items():
+            w.write_bytes(rel, data)
+    dest = tmp_path / "copy"
+    store.fetch("train/t", dest)
+    (dest / ".complete").unlink()  # cut short: not marked complete
+    kept = (dest / "model-1.safetensors").stat().st_ino
+    (dest / "model-2.safetensors").write_bytes(b"\x02" * 100)  # the file being written when it died
+    (dest / "config.json").unlink()
+    assert store.fetch("train/t", dest) == dest
+    assert (dest / "model-1.safetensors").stat().st_ino == kept  # finished: not copied again
+    assert {rel: (dest / rel).read_bytes() for rel in files} == files
+    assert (dest / ".complete").exists()
