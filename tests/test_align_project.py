@@ -112,6 +112,10 @@ def test_identity_passes_distributions_through(case):
     assert np.array_equal(out.topk_ids, pivot.topk_ids.astype(np.int32))
     assert np.array_equal(out.topk_logprobs, pivot.topk_logprobs)
     assert not out.fallback.any()
+    # an embedding padded past the tokenizer (64 tokens, 128 rows): still the identity
+    padded = Representation(**{**pivot.arrays(), "meta": {**pivot.meta, "vocab_size": 128}})
+    again = project(padded, padded, None, ident)
+    assert again.stats["identity"] is True and np.array_equal(again.topk_ids, out.topk_ids)
 
 
 def test_identical_sequences_with_renumbered_vocabulary_still_map_ids(case):

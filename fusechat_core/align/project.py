@@ -201,9 +201,13 @@ def project(pivot: Representation, source: Representation, pairing: Sequence[np.
     sup_offsets = pivot.sup_offsets.astype(np.int64)
     metric_ce = comparable_metric_ce(pivot, source)
     top_id = int(source.topk_ids.max()) if source.topk_ids.size else -1
+    # Identity over the tokenizer's ids, which every candidate is: the embedding rows past the
+    # tokenizer (a model padded to a multiple of 64, as Qwen2.5's 151,665 tokens in 152,064
+    # rows) map nowhere, but no candidate is one of them.
+    identity = vmap.is_identity and top_id < len(vmap.ids)
     vmap = vmap.padded(max(int(source.meta.get("vocab_size") or 0), top_id + 1))
 
-    if pairing is None and vmap.is_identity and np.array_equal(pivot.sup_offsets, source.sup_offsets) \
+    if pairing is None and identity and np.array_equal(pivot.sup_offsets, source.sup_offsets) \
             and np.array_equal(pivot.sup_positions, source.sup_positions):
         # Identity: same tokens, same vocabulary, same rows. Nothing to compute.
         ids = source.topk_ids.astype(np.int32)
