@@ -240,6 +240,17 @@ def test_a_cut_source_view_falls_back_to_the_label_beyond_its_prefix(case):
     assert out.stats["source_cut_sequences"] == 1
 
 
+def test_a_sequence_the_pivot_saw_cut_ranks_the_source_as_the_pivot(case):
+    """The pivot saw only a prefix of sequence 0 (its ``cut_rows``), the source all of it: the
+    two cross-entropies are of different text (here the source's 1.5 would beat the pivot's
+    2.0 on a comparison that means nothing), so the sequence is a tie: the pivot's value."""
+    pivot, source, vmap, pairing = case
+    pivot.meta["cut_rows"] = [0]
+    out = project(pivot, source, pairing, vmap)
+    # sequence 0: the pivot's own 2.0; sequence 1, whole in both: 0.5 · 1 / 2 as before
+    assert out.metric_ce.tolist() == pytest.approx([2.0, 0.25])
+
+
 def test_projection_in_row_chunks_is_the_projection_in_one_piece(case, monkeypatch):
     """A long shard is merged a chunk of rows at a time (memory): any chunk size gives the
     same rows and the same mass figures as one piece."""

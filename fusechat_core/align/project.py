@@ -128,10 +128,11 @@ def comparable_metric_ce(pivot: Representation, source: Representation) -> np.nd
     two models' likelihoods of that text do. With one tokenization (the paper's case)
     the counts are equal and this is ``metric_ce`` itself.
 
-    A sequence whose source view was cut (``meta.cut_rows`` of the representation: the
-    source saw only its first ``represent.max_length`` tokens) has no source likelihood of
-    the whole text; it is ranked as good as the pivot, no better: its value is the pivot's
-    own ``metric_ce`` (MinCE keeps the pivot on ties, AvgCE weighs the two alike).
+    A sequence that either view cut (``meta.cut_rows`` of a representation: the model saw
+    only its first ``represent.max_length`` tokens) has no two likelihoods of one text (the
+    source's whole answer over the pivot's prefix count, or the other way round); it is
+    ranked as good as the pivot, no better: its value is the pivot's own ``metric_ce``
+    (MinCE keeps the pivot on ties, AvgCE weighs the two alike).
     """
     ce = source.metric_ce.astype(np.float64)
     n_source = np.diff(source.sup_offsets.astype(np.int64))
@@ -141,7 +142,7 @@ def comparable_metric_ce(pivot: Representation, source: Representation) -> np.nd
     else:
         with np.errstate(divide="ignore", invalid="ignore"):
             scaled = np.where(n_pivot > 0, ce * n_source / np.maximum(n_pivot, 1), np.nan).astype(np.float32)
-    cut = cut_sequences(source)
+    cut = np.union1d(cut_sequences(source), cut_sequences(pivot))
     if len(cut):
         scaled[cut] = np.asarray(pivot.metric_ce, dtype=np.float32)[cut]
     return scaled
