@@ -29,7 +29,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "dataset": 5,  # 5: held-out rows over heldout_max train, not dropped; stats name each skip's first row
     "represent": 2,
     "vocab_map": 1,
-    "align": 3,
+    "align": 4,  # 4: a sequence the pivot's view cut is a MinCE tie, as a source-cut one was
     "train": 3,  # 2: the training log says what the source gave (coverage, MinCE choices); 3: fused AdamW
     "merge": 1,
     "mt_bench_answers": 1,
