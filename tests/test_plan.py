@@ -183,8 +183,9 @@ def _snapshot(plan: RunPlan) -> dict[str, str]:
 def test_first_versions_move_no_address_of_an_existing_run():
     """The paper's 7B config's addresses (first derived before registry versions existed,
     commit b8a0af7; moved since only by stage versions that change what that config makes:
-    dataset 5, align 4, evaluate 3 and evaluate.dtype): every entry at version 1 must leave them where they are, or a user's
-    finished week of GPU work would be recomputed by an upgrade."""
+    dataset 5, align 4, evaluate 3 and evaluate.dtype): every entry at version 1 must leave
+    them where they are, or a user's finished week of GPU work would be recomputed by an
+    upgrade."""
     from fusechat_core.config import load_config
 
     plan = RunPlan(load_config("configs/fusechat-7b-varm.yaml", store="file:///x"))
