@@ -60,7 +60,7 @@ def mt_bench_answers_inputs(model_ref: dict, evaluate: EvaluateConfig) -> tuple[
     """(section, upstream) of a model's MT-Bench answers: only what changes the answers is an
     input, so judging them again with another judge (a new evaluate address) reuses them."""
     section = {"questions": evaluate.mt_bench_data, "max_new_tokens": evaluate.max_new_tokens,
-               "seed": evaluate.seed}
+               "seed": evaluate.seed, "dtype": evaluate.dtype}
     return section, {k: str(v) for k, v in model_ref.items()}
 
 

@@ -204,3 +204,20 @@ def test_every_model_is_evaluated_in_float32_unless_told_so_a_small_update_is_se
             nll[dtype, name] = heldout_nll(m, f, rows, max_length=512)["all"]["nll"]
     assert nll["float32", "pivot"] != nll["float32", "nudged"]
     assert nll["bfloat16", "pivot"] == nll["bfloat16", "nudged"]
+
+
+def test_a_model_whose_config_names_its_dtype_keeps_it_and_answers_depend_on_the_dtype(tiny_models):
+    """evaluate.dtype is for models that name none (targets, merges): a source such as
+    Mixtral-8x7B named bfloat16 in its config fits one GPU only so. MT-Bench answers are
+    generated in the evaluation's dtype, so it is part of their address."""
+    from fusechat_core.config import EvaluateConfig
+    from fusechat_core.evaluate.loading import resolve_model
+    from fusechat_core.plan import mt_bench_answers_address
+
+    named = resolve_model(None, "src", {"model": {"path": str(tiny_models["pivot"]), "dtype": "bfloat16"}})
+    unnamed = resolve_model(None, "piv", {"model": {"path": str(tiny_models["pivot"]), "dtype": "auto"}})
+    assert {p.dtype for p in load_for_eval(named, "cpu")[0].parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_for_eval(unnamed, "cpu")[0].parameters()} == {torch.float32}
+    ref = {"model": {"path": "org/m"}}
+    assert mt_bench_answers_address("m", ref, EvaluateConfig(dtype="float32")) != \
+        mt_bench_answers_address("m", ref, EvaluateConfig(dtype="bfloat16"))

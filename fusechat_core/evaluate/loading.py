@@ -30,6 +30,7 @@ class EvalModel:
     tokenizer: str | None = None
     chat_template: str | None = None
     trust_remote_code: bool = False
+    dtype: str | None = None  # the model's own precision where its config names one
 
     @property
     def tokenizer_ref(self) -> str:
@@ -50,7 +51,8 @@ def resolve_model(store: ArtifactStore, name: str, ref: dict[str, Any]) -> EvalM
                               f"pass its artifact address instead")
     return EvalModel(name=name, path=resolve_ref(path), revision=spec.get("revision"),
                      tokenizer=spec.get("tokenizer"), chat_template=spec.get("chat_template"),
-                     trust_remote_code=bool(spec.get("trust_remote_code")))
+                     trust_remote_code=bool(spec.get("trust_remote_code")),
+                     dtype=spec.get("dtype") if spec.get("dtype") not in (None, "auto") else None)
 
 
 def load_for_eval(model: EvalModel, device: str = "auto",
@@ -64,7 +66,10 @@ def load_for_eval(model: EvalModel, device: str = "auto",
     a target rounds back towards its pivot and the fusion measured shrinks."""
     warm_imports()
     device = pick_device(device)
-    lm = load_causal_lm(model, device, dtype=dtype)
+    # A model whose config names its precision keeps it: a source such as Mixtral-8x7B (47B
+    # parameters) fits one GPU in bf16, not in float32. Targets and merges (artifacts) and the
+    # models that name none are evaluated in ``dtype``.
+    lm = load_causal_lm(model, device, dtype=model.dtype or dtype)
     tok = load_tokenizer(model.tokenizer_ref, model.revision)
     return lm, tok, ChatFormatter(tok, model.chat_template), device
 

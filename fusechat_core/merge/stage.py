@@ -35,7 +35,7 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
     with store.lease(address):
         if store.is_complete(address):  # the writer waited for finished it
             return _cached(store, address, method)
-        staging = merge_staging_dir(address)
+        staging = merge_staging_dir(store, address)
         shutil.rmtree(staging, ignore_errors=True)  # a killed merge's half-written model (GBs at 7B)
         staging.mkdir(parents=True)
         try:
@@ -44,10 +44,13 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def merge_staging_dir(address: str) -> Path:
-    """Where the merged model of ``address`` is written before its upload: one folder per
-    address, so a merge killed mid-write leaves nothing the next attempt does not remove."""
-    return Path(cache_dir()) / "merge-staging" / hashlib.sha256(address.encode()).hexdigest()[:16]
+def merge_staging_dir(store: ArtifactStore, address: str) -> Path:
+    """Where the merged model of ``address`` in ``store`` is written before its upload: one
+    folder per artifact, so a merge killed mid-write leaves nothing the next attempt does not
+    remove. The store is part of the key: one config run into two stores on a machine holds
+    two leases, and must not share a folder."""
+    key = f"{store.url}\n{address}".encode()
+    return Path(cache_dir()) / "merge-staging" / hashlib.sha256(key).hexdigest()[:16]
 
 
 def _cached(store: ArtifactStore, address: str, method: str) -> dict[str, Any]:
