@@ -106,6 +106,13 @@ def _stat_key(path: str | Path) -> tuple:
     return (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _info_identity(scheme: str, info: dict[str, Any]) -> tuple:
+    """A file's identity from fsspec's info: size and ETag on S3, size and time elsewhere."""
+    if scheme == "s3":
+        return (int(info.get("size", -1)), str(info.get("ETag", "")))
+    return (int(info.get("size", -1)), str(info.get("created", info.get("mtime", ""))))
+
+
 def sha256_file(path: str | Path) -> str:
     """sha256 of a local file, read in chunks; the time goes to ``VERIFY_SECONDS``."""
     t0 = time.perf_counter()
@@ -323,44 +330,29 @@ class ArtifactStore:
         return self._read_manifest(address)[0]
 
     def _identities(self, address: str, man: Manifest) -> dict[str, tuple]:
-        """Each present file's stat identity: (size, ...) whose change means its bytes may have."""
-        if self.scheme == "file":
-            out = {}
-            for entry in man.files:
-                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                    st = os.stat(self._path(address, entry.path))
-                    out[entry.path] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            return out
-        base = self._path(address)
+        """Each present file's stat identity (``_identity``); on S3 from one listing."""
         if self.scheme == "s3":  # one listing: sizes and ETags of every object of the artifact
+            base = self._path(address)
             try:
                 found = self.fs.find(base, detail=True)
             except FileNotFoundError:
                 found = {}
             wanted = {f"{base}/{e.path}" for e in man.files}
-            return {p[len(base) + 1:]: (int(info.get("size", -1)), str(info.get("ETag", "")))
-                    for p, info in found.items() if p in wanted}
-        out = {}
-        for entry in man.files:
-            with contextlib.suppress(FileNotFoundError):
-                info = self.fs.info(self._path(address, entry.path))
-                out[entry.path] = (int(info.get("size", -1)), str(info.get("created", info.get("mtime", ""))))
-        return out
+            return {p[len(base) + 1:]: _info_identity(self.scheme, info) for p, info in found.items() if p in wanted}
+        ids = {entry.path: self._identity(address, entry.path) for entry in man.files}
+        return {rel: ident for rel, ident in ids.items() if ident is not None}
 
     def _identity(self, address: str, rel: str) -> tuple | None:
-        """One file's stat identity, as ``_identities`` gives it; None when it is not there."""
+        """One file's stat identity, (size, ...) whose change means its bytes may have; None
+        when it is not there."""
         path = self._path(address, rel)
         try:
             if self.scheme == "file":
                 st = os.stat(path)
                 return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            self.fs.invalidate_cache(path)
-            info = self.fs.info(path)
+            return _info_identity(self.scheme, self.fs.info(path))
         except (FileNotFoundError, NotADirectoryError):
             return None
-        if self.scheme == "s3":
-            return (int(info.get("size", -1)), str(info.get("ETag", "")))
-        return (int(info.get("size", -1)), str(info.get("created", info.get("mtime", ""))))
 
     def _marker(self, address: str) -> dict[str, Any]:
         try:
@@ -809,8 +801,6 @@ class ArtifactWriter:
         self._may_write()  # the lease, checked right before the manifest
         # A writer that lost its lease while a file was in flight (frozen, then woken after a
         # takeover) can still put that file in place, over this writer's: not committed over.
-        if self.store.scheme != "file":
-            self.store.fs.invalidate_cache(self.store._path(self.address))  # another process's write
         ids = self.store._identities(self.address, man)
         replaced = sorted(rel for rel, written in self._written.items() if ids.get(rel) != written)
         if replaced:
