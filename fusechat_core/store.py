@@ -561,27 +561,48 @@ class ArtifactStore:
                 self.fs.rm(self._path(address, MANIFEST))
             self._forget_verified(address)
 
-    def remove_stale_temporaries(self, address: str) -> list[str]:
-        """Remove what killed writers left under the artifact's folder. On a local store,
-        temporary files: those of a process of this machine that is gone, or untouched for
-        ``STALE_TMP_S``; a live writer's are kept. On S3, unfinished multipart uploads (below).
-        Returns their paths."""
-        if self.scheme == "s3":
-            return self._abort_unfinished_uploads(address)
-        if self.scheme != "file":
-            return []
-        removed = []
-        for dirpath, _, names in os.walk(self._path(address)):
-            for name in names:
-                m = _TMP.search(name)
-                if m is None:
-                    continue
-                path = os.path.join(dirpath, name)
+    def remove_leftovers(self, address: str) -> list[str]:
+        """Remove what earlier writers of the address left under its folder, so that it then
+        holds only what the next writer writes: a local store hands its folder to readers
+        as it is (``fetch``), and a loader that lists a folder (a model's shards, its
+        index) must not find a file an older write of the address left there (a 7B target
+        once saved in 4 shards, then in 3, kept its old 4th). Kept: the lease (held by the
+        caller), a sub-artifact's folder (one with a manifest or a lease of its own: a
+        shard, an MT-Bench question, written by its own writer) and, on a local store, a
+        live writer's temporary files (a process of this machine still alive, touched within
+        ``STALE_TMP_S``). On S3, unfinished multipart uploads are aborted too (below).
+        Returns the paths removed."""
+        removed = self._abort_unfinished_uploads(address) if self.scheme == "s3" else []
+        base = self._path(address).rstrip("/")
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return removed
+        files = []
+        for p in found:
+            p = p if p.startswith("/") or self.scheme != "file" else "/" + p
+            if p.startswith(base + "/"):
+                files.append(p[len(base) + 1:])
+        own = {LEASE, LEASE + ".takeover"}
+        # a folder below the address with its own manifest or lease is another artifact
+        subs = {rel.rsplit("/", 1)[0] for rel in files
+                if "/" in rel and rel.rsplit("/", 1)[1] in (MANIFEST, LEASE)}
+        for rel in files:
+            if rel in own or _TMP.search(rel) and rel.split(".tmp-")[0] in own:
+                continue
+            if any(rel.startswith(d + "/") for d in subs):
+                continue
+            path = f"{base}/{rel}"
+            m = _TMP.search(rel)
+            if m is not None and self.scheme == "file":
                 with contextlib.suppress(FileNotFoundError):
-                    dead = m["host"] == _HOST and not _alive(int(m["pid"]))
-                    if dead or time.time() - os.stat(path).st_mtime > STALE_TMP_S:
-                        os.unlink(path)
-                        removed.append(path)
+                    live = (m["host"] != _HOST or _alive(int(m["pid"]))) \
+                        and time.time() - os.stat(path).st_mtime <= STALE_TMP_S
+                    if live:
+                        continue
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+                removed.append(path)
         return removed
 
     def _abort_unfinished_uploads(self, address: str) -> list[str]:
@@ -650,7 +671,7 @@ class ArtifactStore:
     def writer(self, address: str, *, meta: dict[str, Any] | None = None,
                replace: bool = False) -> Iterator[ArtifactWriter]:
         """Write an artifact under its lease; the manifest is committed only if the block succeeds.
-        What a killed writer of this address left behind (its temporary files) is removed first.
+        What earlier writers of this address left under it is removed first (``remove_leftovers``).
 
         An artifact that is complete once the lease is held is kept, and the block's writes
         are discarded (``ArtifactWriter.kept``): another writer of the same address (the same
@@ -665,7 +686,7 @@ class ArtifactStore:
             if not kept.ok:
                 self.invalidate(address, what="write")
                 with self._wrap("write", address):
-                    self.remove_stale_temporaries(address)
+                    self.remove_leftovers(address)
             w = ArtifactWriter(self, address, dict(meta or {}), lease, kept=kept.manifest if kept.ok else None)
             if w.kept is not None:
                 log.info("artifact %s was committed by another writer while this one computed; it is kept "

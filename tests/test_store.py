@@ -407,6 +407,32 @@ def test_replace_rewrites_a_complete_artifact_its_caller_found_stale(store):
     assert w.manifest == store.manifest("s/stale")
 
 
+def test_a_rewrite_leaves_no_file_of_the_older_write_beside_its_own(store, tmp_path):
+    """A 7B target saved in 4 shards, damaged, then saved in 3: a loader listing the folder
+    (a local store hands it out as it is) must not find the old 4th shard; a sub-artifact
+    under the address (a shard, an MT-Bench question, with its own manifest) stays."""
+    with store.writer("t/model/q-1") as w:
+        w.write_bytes("answer.json", b"{}")
+    with store.writer("t/model") as w:
+        for i in range(4):
+            w.write_bytes(f"model-{i}-of-4.safetensors", b"old %d" % i)
+        w.write_bytes("nested/extra.bin", b"old")
+    with store.fs.open(store._path("t/model", "model-0-of-4.safetensors"), "wb") as fh:
+        fh.write(b"rot")  # damage: the artifact is written again
+    assert store.check("t/model").state == "damaged"
+    with store.writer("t/model") as w:
+        for i in range(3):
+            w.write_bytes(f"model-{i}-of-3.safetensors", b"new %d" % i)
+    folder = store.fetch("t/model", tmp_path / "copy") if store.scheme == "s3" else store.fetch("t/model")
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    own = [n for n in names if not n.startswith("q-1/") and n not in (MANIFEST, ".verified.json", ".complete")]
+    assert own == [f"model-{i}-of-3.safetensors" for i in range(3)]
+    if store.scheme == "s3":  # nothing left in the bucket either
+        left = [p.rsplit("/t/model/", 1)[1] for p in store.fs.find(store._path("t/model"))]
+        assert sorted(n for n in left if not n.startswith("q-1/") and n not in (MANIFEST, ".verified.json")) == own
+    assert store.is_complete("t/model/q-1") and store.read_bytes("t/model/q-1", "answer.json") == b"{}"
+
+
 def test_a_fetch_cut_short_copies_only_what_it_had_not_finished(s3_env, tmp_path):
     """A preempted node's copy of a remote artifact (a 7B target: 28 GB) keeps the files it
     finished; the next fetch copies the others again, and a local file that does not match
