@@ -255,6 +255,26 @@ def test_the_gap_closed_leaves_out_rows_a_tokenizer_cut(tmp_path):
         sum(base[i] - 3.0 for i in rows_a) / (len(rows_a) * 40 * math.log(2)))
 
 
+def test_a_gap_closed_measured_on_nothing_says_every_sequence_was_cut(tmp_path):
+    """An expert domain of long answers under a short evaluate.max_length: the source's
+    tokenizer cut every one of its rows. The report says the share was not measured and why,
+    instead of leaving the target out of the section as if it had no source."""
+    n = 40
+    base = [20.0 + (i * 7 % 11) for i in range(n)]
+    per_model = {"clm": base, "target-x": [b - 1.0 for b in base], "x": [b - 3.0 for b in base]}
+    results = _seq_results(per_model, {"clm": 10, "target-x": 10, "x": 8}, ["a", "b"])
+    seq = results["x"]["heldout_nll"]["sequences"]
+    seq["cut"] = [s == "a" for s in seq["source"]]  # every row of the expert domain
+    roles = {"clm": "clm", "merges": [], "targets": {"target-x": {"source": "x", "expert_domains": ["a"]}}}
+    rep = build_report("Run", results, tmp_path, roles=roles)
+    g = json.loads((tmp_path / "report.json").read_text())["fusion"]["gap_closed"]["target-x"]
+    assert g["gap_closed"] is None and g["status"] == "every sequence cut" and g["cut_domains"] == ["a"]
+    assert g["cut_left_out"] == n // 2 and g["sequences"] == n // 2  # b's rows were whole
+    assert ("**target-x** against `x`: not measured: every held-out sequence of a was cut to "
+            "evaluate.max_length") in rep["markdown"]
+    assert "plots/gap_closed.png" not in rep["plots"]  # no bar to draw
+
+
 def test_the_gap_closed_is_no_share_where_the_baseline_already_matches_the_expert(tmp_path):
     """A share of the gap means something only where the source is better than the baseline.
     Domain a: the source is *worse* than clm (a ratio there, 1 / -2 = -50%, would say "moved

@@ -271,7 +271,7 @@ def gap_closed(results: Mapping[str, dict], clm: str, target: str, source: str,
     # Whole sequences only: the source's tokenizer cuts a long row elsewhere than the pivot's.
     found = _columns_over(results, [clm, target, source], over, whole_only=True) if over else None
     if found is None:
-        return None
+        return _all_cut(results, [clm, target, source], over)
     strata, values, _, idx = found
     measured = len(sequence_columns(results, [clm, target, source])[0])  # type: ignore[index]
 
@@ -300,6 +300,22 @@ def gap_closed(results: Mapping[str, dict], clm: str, target: str, source: str,
 
     return {"domains": list(over), **share(n), "sequences": len(strata), "cut_left_out": measured - len(strata),
             "per_domain": {d: {**share(k), "bpb": bpbs(k)} for k, d in enumerate(over)}}
+
+
+def _all_cut(results: Mapping[str, dict], models: Sequence[str], over: Sequence[str]) -> dict[str, Any] | None:
+    """The share measured on nothing: every held-out sequence of a data source of ``over`` was
+    cut by some model (an expert domain of long answers under a short ``evaluate.max_length``).
+    Said so, naming the data sources, instead of leaving the target out of the report as if
+    it had no source to compare with. None where the models lack the figures altogether."""
+    every = _columns_over(results, models, over) if over else None
+    if every is None:
+        return None
+    whole = sequence_columns(results, list(models), whole_only=True)
+    have = set(whole[0]) if whole else set()
+    return {"domains": list(over), "gap": None, "gap_closed": None, "interval": None,
+            "status": "every sequence cut", "cut_domains": [d for d in over if d not in have],
+            "sequences": len(whole[0]) if whole else 0, "cut_left_out": len(every[0]) - (len(whole[0]) if whole else 0),
+            "per_domain": {}}
 
 
 def fusion_vs_clm(domains: Mapping[str, Mapping[str, dict]], roles: Mapping[str, Any],
@@ -379,6 +395,9 @@ def _ci(iv: Sequence[float] | None, digits: int = 4, pct: bool = False) -> str:
 def _share_text(x: Mapping[str, Any]) -> str:
     """A share of the gap closed in words, as far as ``x['status']`` lets it be read."""
     gap = x.get("gap") or {}
+    if x.get("status") == "every sequence cut":
+        return (f"not measured: every held-out sequence of {', '.join(x['cut_domains'])} was cut to "
+                f"evaluate.max_length by a model's tokenizer (raise evaluate.max_length)")
     if x.get("gap_closed") is None:
         return f"no gap to close (the baseline is at least as good as the source: {gap.get('bpb', 0.0):+.3f} BPB)"
     if x.get("interval") is None:
@@ -417,6 +436,9 @@ def fusion_markdown(fusion: Mapping[str, Any] | None) -> list[str]:
                   "other tokens) on the source's expert data: 0 is plain fine-tuning, 1 the expert itself. "
                   "Intervals: the same paired bootstrap, the three models on the same sequences.", ""]
         for label, g in fusion["gap_closed"].items():
+            if g.get("status") == "every sequence cut":
+                lines.append(f"- **{label}** against `{g['source']}`: {_share_text(g)}")
+                continue
             per = ", ".join(f"{d} {_share_text(x)} (BPB {clm} "
                             f"{x['bpb']['clm']:.3f}, target {x['bpb']['target']:.3f}, {g['source']} "
                             f"{x['bpb']['source']:.3f})" for d, x in g["per_domain"].items())
@@ -530,7 +552,7 @@ def plot_gap_closed(fusion: Mapping[str, Any], out_dir: str | Path) -> Path:
                 # a λ whose share has no interval (no gap, or one that reaches 0) is not drawn as
                 # a point with a bar it does not have
                 pts = [(float(lam), x["gap_closed"], x["interval"]) for lam in lams
-                       for x in [by_lam[lam]["per_domain"][d]] if x["interval"] is not None]
+                       for x in [by_lam[lam]["per_domain"].get(d)] if x and x["interval"] is not None]
                 if not pts:
                     continue
                 err = [[max(y - iv[0], 0.0) for _, y, iv in pts], [max(iv[1] - y, 0.0) for _, y, iv in pts]]
@@ -625,7 +647,7 @@ def build_report(title: str, results: Mapping[str, dict], out_dir: str | Path,
     fusion = fusion_vs_clm(domains, roles, results) if roles else None
     if fusion and (fusion["targets"] or fusion["merges"]):
         plots.insert(0, plot_fusion(domains, fusion, out / "plots"))
-        if fusion["gap_closed"]:
+        if any(g["per_domain"] for g in fusion["gap_closed"].values()):
             plots.insert(1, plot_gap_closed(fusion, out / "plots"))
     rel = [p.relative_to(out).as_posix() for p in plots]
     md = render_markdown(title, results, rel, notes, fusion, fusion_stats)
