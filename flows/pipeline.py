@@ -13,6 +13,7 @@ invalidated. Tasks exchange small references, never data.
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,27 +99,54 @@ def _settle(results: dict[str, Any], futures: dict[str, PrefectFuture],
         results[label] = {**fut.result(), "state": fut.state.name}
 
 
-def runner_mismatch(cfg: RunConfig, runner: Any) -> str | None:
-    """What of ``cfg.runner`` the flow's active task runner does not do (None: all of it).
+def runner_mismatch(cfg: RunConfig, runner: Any) -> list[str]:
+    """What of ``cfg.runner`` the flow's active task runner does not do (empty: all of it).
 
     ``fusechat run`` starts the flow with ``task_runner_for(cfg)``; a deployment runs the flow
     as decorated (Prefect fixes a flow's runner before its parameters are known), with
-    ``runner.max_workers``' default number of threads."""
-    want = cfg.runner
+    ``FUSECHAT_MAX_WORKERS`` threads (``deployed_max_workers``)."""
+    want, problems = cfg.runner, []
     if want.task_runner == "dask" and type(runner).__name__ != "DaskTaskRunner":
-        return (f"runner.task_runner: dask is not applied here: this run uses {type(runner).__name__} "
-                f"(a deployment runs the flow's own runner; `fusechat run` applies the config's)")
+        problems.append(f"runner.task_runner: dask is not applied here: this run uses {type(runner).__name__} "
+                        f"(a deployment runs the flow's own runner; `fusechat run` applies the config's)")
     workers = getattr(runner, "_max_workers", None)
     if want.task_runner == "threads" and isinstance(workers, int) and workers != want.max_workers:
-        return (f"runner.max_workers: {want.max_workers} is not applied here: this run has {workers} worker "
-                f"threads (a deployment runs the flow's own runner; `fusechat run` applies the config's)")
-    return None
+        problems.append(f"runner.max_workers: {want.max_workers} is not applied here: this run has {workers} "
+                        f"worker threads (a deployment runs the flow's own runner, {MAX_WORKERS_ENV} threads "
+                        f"in its job's env; `fusechat run` applies the config's)")
+    if isinstance(runner, ThreadPoolTaskRunner) and isinstance(workers, int) and want.gpu_tag \
+            and workers < want.gpu_concurrency:
+        # an 8-GPU node would hold 4 of its GPUs idle through a represent stage
+        problems.append(f"runner.gpu_concurrency: {want.gpu_concurrency} GPU slots, but this run has {workers} "
+                        f"worker threads: at most {workers} model-holding tasks run at once (set "
+                        f"runner.max_workers, or {MAX_WORKERS_ENV} in a deployment's env, to at least "
+                        f"{want.gpu_concurrency})")
+    return problems
 
 
-# A deployment's runs get this runner (threads, RunnerConfig's default count): unbounded, every
-# align shard of a 95k-conversation run would hold its rows at once.
+MAX_WORKERS_ENV = "FUSECHAT_MAX_WORKERS"
+
+
+def deployed_max_workers() -> int:
+    """A deployment's thread count: ``FUSECHAT_MAX_WORKERS`` from the worker's job env (the
+    flow's runner is fixed when the flow is loaded, before the config is read), else
+    ``runner.max_workers``' default."""
+    raw = os.environ.get(MAX_WORKERS_ENV, "").strip()
+    if not raw:
+        return RunnerConfig().max_workers
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{MAX_WORKERS_ENV}: {raw!r} is not a positive whole number of worker threads")
+    return n
+
+
+# A deployment's runs get this runner (threads, bounded): unbounded, every align shard of a
+# 95k-conversation run would hold its rows at once.
 @flow(name="fusechat-pipeline", flow_run_name=run_name, validate_parameters=True,
-      task_runner=ThreadPoolTaskRunner(max_workers=RunnerConfig().max_workers))
+      task_runner=ThreadPoolTaskRunner(max_workers=deployed_max_workers()))
 def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | None = None,
                       until: str = STAGES[-1]) -> dict[str, Any]:
     """Run (or resume) a fusion run. Give the config itself, or the path/URL of its YAML file."""
@@ -166,7 +194,7 @@ def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str
     preflight(cfg, until)
     from prefect.context import FlowRunContext
 
-    if problem := runner_mismatch(cfg, getattr(FlowRunContext.get(), "task_runner", None)):
+    for problem in runner_mismatch(cfg, getattr(FlowRunContext.get(), "task_runner", None)):
         get_run_logger().warning(problem)
     # Preflight has imported torch, transformers and mergekit: millions of long-lived objects
     # that every later full collection would walk again (0.6 s each, set off by each large

@@ -313,12 +313,33 @@ def test_a_run_says_which_runner_settings_it_cannot_apply(tmp_path):
 
     deployed = fusechat_pipeline.task_runner
     assert isinstance(deployed, ThreadPoolTaskRunner) and deployed._max_workers == RunnerConfig().max_workers
-    assert runner_mismatch(cfg(), deployed) is None
-    assert runner_mismatch(cfg(max_workers=16), deployed).startswith(
-        "runner.max_workers: 16 is not applied here: this run has 4 worker threads")
-    assert runner_mismatch(cfg(task_runner="dask"), deployed).startswith(
-        "runner.task_runner: dask is not applied here: this run uses ThreadPoolTaskRunner")
+    assert runner_mismatch(cfg(), deployed) == []
+    [problem] = runner_mismatch(cfg(max_workers=16), deployed)
+    assert problem.startswith("runner.max_workers: 16 is not applied here: this run has 4 worker threads")
+    [problem] = runner_mismatch(cfg(task_runner="dask"), deployed)
+    assert problem.startswith("runner.task_runner: dask is not applied here: this run uses ThreadPoolTaskRunner")
+    # the 7B config's 8 GPU slots under 4 threads: half the node's GPUs would wait
+    [problem] = runner_mismatch(cfg(gpu_concurrency=8), deployed)
+    assert problem.startswith("runner.gpu_concurrency: 8 GPU slots, but this run has 4 worker threads")
+    assert runner_mismatch(cfg(gpu_concurrency=8, gpu_tag=None), deployed) == []  # no GPU slots to fill
     # what `fusechat run` starts the flow with does what the config says
-    for runner in ({}, {"max_workers": 16}, {"task_runner": "dask"}):
-        assert runner_mismatch(cfg(**runner), task_runner_for(cfg(**runner))) is None
+    for runner in ({}, {"max_workers": 16}, {"task_runner": "dask"}, {"max_workers": 8, "gpu_concurrency": 8}):
+        assert runner_mismatch(cfg(**runner), task_runner_for(cfg(**runner))) == []
+    assert len(runner_mismatch(cfg(gpu_concurrency=8), task_runner_for(cfg(gpu_concurrency=8)))) == 1
     assert isinstance(task_runner_for(cfg(task_runner="dask")), DaskTaskRunner)
+
+
+
+def test_a_deployment_takes_its_thread_count_from_its_job_env(tmp_path):
+    """Prefect fixes a deployed flow's runner when the flow is loaded, before the config is
+    read: the job's env sets the thread count (an 8-GPU pod wants 8), checked in one line."""
+    code = "from flows.pipeline import fusechat_pipeline as f; print(f.task_runner._max_workers)"
+    env = {k: v for k, v in os.environ.items() if k != "FUSECHAT_MAX_WORKERS"}
+    for value, want in (("8", "8"), ("", "4")):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "FUSECHAT_MAX_WORKERS": value},
+                             capture_output=True, text=True, cwd=Path(__file__).parents[1], check=True)
+        assert out.stdout.split()[-1] == want
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, "FUSECHAT_MAX_WORKERS": "eight"},
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert bad.returncode != 0
+    assert "FUSECHAT_MAX_WORKERS: 'eight' is not a positive whole number of worker threads" in bad.stderr
