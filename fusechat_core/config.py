@@ -194,17 +194,20 @@ class AlignConfig(_Section):
     mined_threshold: float | None = None  # max normalised edit distance; None: no limit
 
 
-_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+# Every name S3 ever allowed: today's (3-63 lowercase letters, digits, dots, hyphens) and the
+# legacy us-east-1 ones (up to 255, uppercase and "_" too), which still exist and still work.
+_S3_BUCKET = re.compile(r"[A-Za-z0-9._\-]{3,255}")
 
 
 def s3_bucket_problem(url: str) -> str | None:
     """Why the bucket of an ``s3://`` URL is not an S3 bucket name (None: it is one). Never
     echoes the URL: the usual bad bucket is credentials pasted in front of it (``key:secret@``,
-    where a secret holding ``/`` hides the ``@`` from a simpler check)."""
+    where a secret holding ``/`` hides the ``@`` from a simpler check): a ``:`` or ``@`` is in
+    no bucket name, legacy ones included."""
     bucket = url[len("s3://"):].split("/", 1)[0]
-    if _S3_BUCKET.fullmatch(bucket) and ".." not in bucket:
+    if _S3_BUCKET.fullmatch(bucket):
         return None
-    return ("s3 URL: the bucket is not an S3 bucket name (3-63 lowercase letters, digits, dots, hyphens); "
+    return ("s3 URL: the bucket is not an S3 bucket name (3-255 letters, digits, dots, hyphens, underscores); "
             "credentials do not belong in the URL: use AWS_* variables")
 
 

@@ -113,6 +113,18 @@ def test_console_script_exit_code_is_2(tmp_path):
     assert proc.stderr.strip() == "fusechat: config error: bogus: unknown key"
 
 
+def test_an_s3_bucket_name_is_any_name_s3_allows_and_never_credentials():
+    from fusechat_core.config import s3_bucket_problem
+
+    # today's rule and the legacy us-east-1 one (uppercase, "_", up to 255): both still work
+    for ok in ("s3://fusechat/runs", "s3://my.bucket-1", "s3://Legacy_Team_Bucket/x", "s3://" + "b" * 255):
+        assert s3_bucket_problem(ok) is None, ok
+    for bad in ("s3://AKIAXXX:supersecret@bucket/p", "s3://ab/x", "s3://" + "b" * 256,
+                "s3://AKIAIOSFODNN7EXAMPLE:wJalrX/supersecret/bPxRfiCY@mybucket/runs"):
+        problem = s3_bucket_problem(bad)
+        assert problem is not None and "supersecret" not in problem and "AKIA" not in problem, bad
+
+
 def test_relative_paths_resolve_against_the_config_folder(tmp_path):
     (tmp_path / "models" / "m").mkdir(parents=True)
     (tmp_path / "data.jsonl").write_text("")
