@@ -26,9 +26,12 @@ import hashlib
 import logging
 import os
 import re
+import socket
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -431,8 +434,10 @@ def ensure_gpu_limit(tag: str, limit: int) -> list[str]:
     return [tag]
 
 
-# Held (shared) by every run on the local ephemeral API for its lifetime: a run that can take it
-# alone knows no other run on this machine is alive, so any GPU slot still held is a dead one's.
+# This process's mark as a live run on the local ephemeral API: a file of its own under
+# PREFECT_HOME, exclusively locked for the process's lifetime (the lock goes with the process,
+# SIGKILL included). One lock per run, never converted: flock turns a shared lock exclusive by
+# dropping it first, and a run probing twice opened a window where another run saw none.
 _LIVE_RUNS_LOCK: Any = None
 
 
@@ -444,17 +449,33 @@ def _no_other_live_run() -> bool:
     from prefect.settings import PREFECT_HOME
 
     global _LIVE_RUNS_LOCK
+    runs = Path(PREFECT_HOME.value()).expanduser() / "fusechat-live-runs"
     if _LIVE_RUNS_LOCK is None:
-        home = Path(PREFECT_HOME.value()).expanduser()
-        home.mkdir(parents=True, exist_ok=True)
-        _LIVE_RUNS_LOCK = open(home / "fusechat-live-runs.lock", "a+b")  # noqa: SIM115 (the process's lifetime)
-    fd = _LIVE_RUNS_LOCK.fileno()
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        alone = True
-    except BlockingIOError:
-        alone = False
-    fcntl.flock(fd, fcntl.LOCK_SH)  # from an exclusive lock: turned shared, never let go
+        runs.mkdir(parents=True, exist_ok=True)
+        # locked before it is linked in: a mark anyone can see is already held
+        fd, tmp = tempfile.mkstemp(dir=runs, prefix=".new-")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        mine = runs / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.lock"
+        os.link(tmp, mine)
+        os.unlink(tmp)
+        _LIVE_RUNS_LOCK = (os.fdopen(fd, "r+b"), mine)  # the process's lifetime
+    alone = True
+    for mark in runs.glob("*.lock"):
+        if mark == _LIVE_RUNS_LOCK[1]:
+            continue
+        try:
+            fd = os.open(mark, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            alone = False  # its run is alive
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                mark.unlink()  # a dead run's: taken while locked, so no live run loses it
+        finally:
+            os.close(fd)
     return alone
 
 

@@ -213,19 +213,26 @@ def _peek(proc: subprocess.Popen) -> str:
     return buf
 
 
-_HOLDS_THE_LIVE_RUNS_LOCK = r'''
-import fcntl, sys, time
-fh = open(sys.argv[1], "a+b")
-fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
-print("holding", flush=True)
-time.sleep(600)
+_ANOTHER_LIVE_RUN = r'''
+import sys, time
+from prefect.settings import PREFECT_HOME, temporary_settings
+import tasks._stage as stage
+with temporary_settings(updates={PREFECT_HOME: sys.argv[1]}):
+    stage._no_other_live_run()
+    print("holding", flush=True)
+    end = time.time() + float(sys.argv[2])
+    while time.time() < end:  # a process starting run after run: it probes again and again
+        stage._no_other_live_run()
+    time.sleep(600)
 '''
 
 
 def test_gpu_slots_are_freed_as_dead_only_when_no_other_run_on_this_machine_is_alive(tmp_path, monkeypatch):
     """Without a server, runs on one machine share the local API's database; a run freeing
-    'dead' GPU slots at its start must not free a live run's. A live run holds a shared lock
-    for its lifetime, which goes with its process, SIGKILL included."""
+    'dead' GPU slots at its start must not free a live run's. A live run holds a lock for its
+    lifetime, which goes with its process, SIGKILL included. Both runs probing at once (the
+    other in a loop) never see each other gone: a shared lock turned exclusive to probe was
+    dropped first, and a fifth of the probes here then read a live run as gone."""
     from prefect.settings import PREFECT_HOME, temporary_settings
 
     import tasks._stage as stage
@@ -233,16 +240,20 @@ def test_gpu_slots_are_freed_as_dead_only_when_no_other_run_on_this_machine_is_a
     monkeypatch.setattr(stage, "_LIVE_RUNS_LOCK", None)
     with temporary_settings(updates={PREFECT_HOME: str(tmp_path)}):
         assert stage._no_other_live_run()  # the first run here
-        other = subprocess.Popen([sys.executable, "-c", _HOLDS_THE_LIVE_RUNS_LOCK,
-                                  str(tmp_path / "fusechat-live-runs.lock")], stdout=subprocess.PIPE, text=True)
+        other = subprocess.Popen([sys.executable, "-c", _ANOTHER_LIVE_RUN, str(tmp_path), "3"],
+                                 stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
         try:
             assert other.stdout.readline().strip() == "holding"
-            assert not stage._no_other_live_run()
+            end, probes = time.time() + 2, 0
+            while time.time() < end:
+                assert not stage._no_other_live_run(), f"a live run read as gone after {probes} probes"
+                probes += 1
         finally:
             other.kill()  # as a preempted node: no clean-up
             other.wait()
         assert stage._no_other_live_run()
-    stage._LIVE_RUNS_LOCK.close()
+        assert [p.name for p in (tmp_path / "fusechat-live-runs").iterdir()] == [stage._LIVE_RUNS_LOCK[1].name]
+    stage._LIVE_RUNS_LOCK[0].close()
 
 
 def test_a_run_leaves_the_servers_gpu_limit_as_it_is(prefect_server, caplog):
