@@ -44,6 +44,7 @@ RUNS = {
                "--project-rows", "2000"],
               ["align_speedup_vs_naive_dtw", "agreement_with_dtw", "mined_map_seconds", "verify_share_of_align",
                "project_peak_bytes_per_row", "verify_share_of_align_stage"]),
+    "dataset": (["--rows", "500"], ["reader_peak_vs_file", "build_rows_per_s", "build_peak_bytes_per_row"]),
     "demo_floor": (["--samples", "300"],
                    ["markov_floor_bpb", "markov_floor_bpb_stderr", "ballad_floor_bpb", "ballad_floor_bpb_stderr"]),
 }
@@ -88,6 +89,9 @@ def test_benchmark_prints_its_figures(script):
         assert rows["prefix_precision"]["tekken→v1"] == 1.0, rows
         assert rows["coverage"]["tekken→v1"] == rows["ceiling"]["tekken→v1"] < 1.0, rows
         assert rows["coverage"]["v3→v1"] == rows["prefix_precision"]["v3→v1"] == 1.0, rows
+    if script == "dataset":
+        # the reader holds a line, not the file (it held the file and its lines: 2x)
+        assert figures["reader_peak_vs_file"] < 0.25, figures
     if script == "demo_floor":
         # a floor in bits per byte is positive and below 8 (a byte's whole information)
         assert 0 < figures["markov_floor_bpb"] < 8 and 0 < figures["ballad_floor_bpb"] < 8, figures

@@ -53,6 +53,23 @@ def test_deep_nesting_and_bad_utf8_lines_are_skipped_under_their_own_reasons(tmp
     assert not any("Caf" in t for t in texts)
 
 
+def test_json_lines_read_line_by_line_keep_their_numbers_bom_and_crlf(tmp_path):
+    """Read a line at a time (a multi-GB dump is never held whole): a byte-order mark on the
+    first line, Windows line ends, blank lines and a .json file of JSON lines behind a long
+    run of blank space read as before, and a bad row still names its line."""
+    lines = [json.dumps(r).encode() for r in GOOD[:5]]
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines[:3] + [b"", b"{broken"] + lines[3:]) + b"\r\n")
+    mix = _build(path, "windows")
+    st = mix.stats["sources"]["windows"]
+    assert st["kept"] == 5 and st["skipped"] == {"invalid_json": 1}
+    assert st["first_skipped"] == {"invalid_json": "windows.jsonl line 5"}
+    spaced = tmp_path / "spaced.json"
+    spaced.write_bytes(b"\n" * 70_000 + b"\n".join(lines))
+    assert _build(spaced, "spaced").stats["sources"]["spaced"]["kept"] == 5
+    assert _texts(_build(spaced, "spaced")) == {t["value"] for r in GOOD[:5] for t in r["conversations"]}
+
+
 def test_a_whole_json_file_with_bad_bytes_or_deep_nesting_fails_naming_the_file(tmp_path):
     rows = json.dumps(GOOD, ensure_ascii=False).encode()
     bad = tmp_path / "latin.json"

@@ -149,9 +149,9 @@ def _iter_file(f: Path) -> Iterator[Located]:
     if f.suffix == ".parquet":
         yield from ((f"{f.name} row {i}", row) for i, row in enumerate(_iter_parquet(f), 1))
         return
-    raw = f.read_bytes()
-    raw = raw[len(_BOM):] if raw.startswith(_BOM) else raw
-    if f.suffix == ".json" and raw.lstrip().startswith(b"["):
+    if f.suffix == ".json" and _starts_an_array(f):
+        raw = f.read_bytes()
+        raw = raw[len(_BOM):] if raw.startswith(_BOM) else raw
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -173,10 +173,26 @@ def _iter_file(f: Path) -> Iterator[Located]:
             else:
                 yield where, row
         return
-    # not str.splitlines: U+2028 and friends may sit inside a JSON string
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        if line.strip():
-            yield f"{f.name} line {n}", _json_line(line)
+    # Line by line, never the whole file (a multi-GB ShareGPT dump); a binary file splits at
+    # b"\n" only, not at U+2028 and friends, which may sit inside a JSON string
+    with open(f, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            if n == 1 and line.startswith(_BOM):
+                line = line[len(_BOM):]
+            if line.strip():
+                yield f"{f.name} line {n}", _json_line(line)
+
+
+def _starts_an_array(f: Path) -> bool:
+    """Whether a .json file holds one JSON array (read whole) rather than JSON lines."""
+    with open(f, "rb") as fh:
+        head = fh.read(len(_BOM))
+        if head != _BOM:
+            fh.seek(0)
+        while chunk := fh.read(1 << 16):
+            if chunk := chunk.lstrip():
+                return chunk.startswith(b"[")
+    return False
 
 
 def _json_line(line: bytes) -> dict | MalformedRow:
