@@ -54,7 +54,7 @@ import numpy as np
 from fusechat_core import stopping
 from fusechat_core.chat import IGNORE, ChatFormatter
 from fusechat_core.config import ModelSpec, RepresentConfig, RunConfig
-from fusechat_core.data.build import split_table
+from fusechat_core.data.build import split_size, split_table
 from fusechat_core.determinism import pin_compute
 from fusechat_core.models import (
     formatter_for,
@@ -561,8 +561,7 @@ def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: Model
            for i in indices if i not in todo]
     if not todo:
         return out
-    table = split_table(store, plan.dataset) if rows is None else None
-    n_rows = table.num_rows if table is not None else len(rows)  # type: ignore[arg-type]
+    n_rows = split_size(store, plan.dataset) if rows is None else len(rows)
     device = pick_device(cfg.represent.device)
     formatter = formatter_for(spec)
     tok = formatter.tokenizer
@@ -570,8 +569,8 @@ def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: Model
     for i in todo:
         address = plan.represent_shard(spec, i)
         span = shard_rows(n_rows, i, shards)
-        if table is not None:
-            part = table.slice(span.start, len(span)).to_pylist()
+        if rows is None:
+            part = split_table(store, plan.dataset, rows=span).to_pylist()
         else:
             part = [rows[j] for j in span]  # type: ignore[index]
 

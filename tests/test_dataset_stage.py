@@ -212,3 +212,38 @@ def test_dataset_stage_on_s3(tmp_path, capsys, s3_env):
     second = _run(cfg_path, capsys)
     assert (first["state"], second["state"]) == ("Completed", "Cached")
     assert ArtifactStore(store_url).is_complete(first["address"], verify=True)
+
+
+@pytest.mark.parametrize("scheme", ["file", "s3"])
+def test_a_shard_reads_only_the_row_groups_its_rows_are_in(scheme, tmp_path, request, monkeypatch):
+    """Each of 64 shard tasks held the whole 95k-conversation split to slice its rows out of
+    it (and on S3 streamed all of it): a span now reads the row groups it overlaps, and is
+    the same rows as the whole split sliced, across group boundaries and empty."""
+    import pyarrow.parquet as pq_mod
+
+    from fusechat_core.data.build import ROW_GROUP_ROWS, Mixture, split_size, split_table, write_mixture
+
+    if scheme == "s3":
+        request.getfixturevalue("s3_env")
+        store = ArtifactStore(f"s3://fusechat-test/{os.urandom(6).hex()}")
+        monkeypatch.setenv("FUSECHAT_CACHE", str(tmp_path / "cache"))
+    else:
+        store = ArtifactStore(f"file://{tmp_path}/store")
+    n = 2 * ROW_GROUP_ROWS + 100
+    rows = [{"id": f"s-{i:06d}", "source": "s", "conversations": [{"from": "human", "value": f"q{i}"},
+                                                                  {"from": "gpt", "value": f"a{i}"}]}
+            for i in range(n)]
+    with store.writer("dataset/x") as w:
+        write_mixture(w, Mixture(rows, [], {}))
+    assert split_size(store, "dataset/x") == n
+    read: list[list[int]] = []
+    real = pq_mod.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq_mod.ParquetFile, "read_row_groups",
+                        lambda self, groups, **kw: read.append(list(groups)) or real(self, groups, **kw))
+    for span, groups in ((range(0, 10), [0]), (range(ROW_GROUP_ROWS - 5, ROW_GROUP_ROWS + 5), [0, 1]),
+                         (range(2 * ROW_GROUP_ROWS, n), [2]), (range(n, n), None)):
+        read.clear()
+        assert split_table(store, "dataset/x", rows=span).to_pylist() == rows[span.start:span.stop]
+        assert read == ([groups] if groups else [])
+    assert split_table(store, "dataset/x", columns=["id"], rows=range(5, 7)).to_pylist() == [
+        {"id": "s-000005"}, {"id": "s-000006"}]

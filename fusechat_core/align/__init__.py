@@ -256,7 +256,7 @@ def align_shard(cfg: RunConfig, source: ModelSpec, pivot_rep: Representation, so
 def align_shard_artifact(cfg: RunConfig, store: ArtifactStore, source: ModelSpec, index: int,
                          progress: Progress | None = None) -> dict[str, Any]:
     """Align shard ``index`` of ``source`` and write it under ``plan.align_shard(source, index)``."""
-    from fusechat_core.data.build import split_table
+    from fusechat_core.data.build import split_size, split_table
     from fusechat_core.plan import RunPlan
     from fusechat_core.represent import shard_rows
 
@@ -268,9 +268,8 @@ def align_shard_artifact(cfg: RunConfig, store: ArtifactStore, source: ModelSpec
     if (bad := bad_logprob(source_rep.topk_logprobs)) is not None:  # the rows projected are the source's
         raise AlignError(f"{plan.represent_shard(source, index)}: topk_logprobs row {bad[0]} is {bad[1]}")
     vmap = read_vocab_map(store, plan.vocab_map(source))
-    table = split_table(store, plan.dataset, "train")
-    span = shard_rows(table.num_rows, index, shards)
-    rows = table.slice(span.start, len(span)).to_pylist()  # this shard's rows only
+    span = shard_rows(split_size(store, plan.dataset, "train"), index, shards)
+    rows = split_table(store, plan.dataset, "train", rows=span).to_pylist()  # this shard's rows only
     row_ids = [r["id"] for r in rows]
     if "row_ids" in pivot_rep.meta and list(pivot_rep.meta["row_ids"]) != row_ids:
         raise AlignError(f"align {source.name} shard {index}: the pivot's shard rows are not dataset rows "
