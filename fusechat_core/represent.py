@@ -245,7 +245,10 @@ class _Scorer:
         with torch.inference_mode():
             if self.head_only:
                 hidden = self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                states = hidden[b_idx, t_idx - 1]
+                # Under ``device_map: auto`` (Mixtral over 8 GPUs) the decoder's output is on its
+                # last layer's GPU and the head on its own: only the whole model's forward moves
+                # its output back to the input's device, so indices and targets follow the tensors.
+                states = hidden[b_idx.to(hidden.device), (t_idx - 1).to(hidden.device)]
                 del hidden
                 project = self.head
             else:
@@ -263,7 +266,7 @@ class _Scorer:
                 top = logits.topk(self.top_k, dim=-1, sorted=True)
                 ids_out.append(top.indices)
                 lp_out.append(top.values - lse[:, None])
-                tgt_out.append(logits.gather(1, targets[a:a + _HEAD_CHUNK, None])[:, 0] - lse)
+                tgt_out.append(logits.gather(1, targets[a:a + _HEAD_CHUNK, None].to(logits.device))[:, 0] - lse)
             if not ids_out:
                 empty = torch.empty((0, self.top_k), device=states.device)
                 return empty.long(), empty, torch.empty((0,), device=states.device)
