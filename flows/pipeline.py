@@ -247,13 +247,14 @@ def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str
     if stop <= STAGES.index("align"):
         return results
 
-    # One target per source (and the CLM baseline), independent: each may run on its own GPU worker.
-    # In-process training runs one target at a time (torch's generator is process-wide).
+    # One target per source (and the CLM baseline), independent: each may run on its own Dask
+    # worker. Under threads they share this node, one at a time: in-process training draws on
+    # torch's process-wide generator, and an accelerate config takes the node's GPUs (the 7B
+    # config's 8 each): three launches at once would share them, and OOM.
     trained: dict[str, PrefectFuture] = {}
     for t in plan.target_names():
-        wait = None if cfg.train.accelerate_config else one_at_a_time(list(trained.values()))
         trained[t] = train_target.with_options(tags=gpu(plan.train(t)), **opts).submit(
-            config, t, plan.train(t), store, wait_for=wait)
+            config, t, plan.train(t), store, wait_for=one_at_a_time(list(trained.values())))
     _settle(results, {f"train[{t}]": f for t, f in trained.items()})
     if stop <= STAGES.index("train"):
         return results

@@ -101,8 +101,33 @@ def test_dask_cluster_and_threads_write_identical_artifacts(tmp_path, capsys, pr
     a, b = _digests(threads), _digests(dask)
     assert len(a) > 10 and a == b, {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
 
+    _launched_targets_take_turns_under_threads(tmp_path, raw)
     _sigterm_stops_the_dask_run_and_its_accelerate_children(tmp_path, raw, prefect_server)
     _sigterm_stops_the_run_s_tasks_on_a_cluster_it_did_not_start(tmp_path, raw, prefect_server)
+
+
+def _launched_targets_take_turns_under_threads(tmp_path: Path, raw: dict) -> None:
+    """Under the thread runner, targets trained under ``accelerate launch`` share the node:
+    one at a time, with no GPU slot limit to keep them apart (the 7B config's 8 slots let
+    three 8-GPU launches start at once on one 8-GPU node). Upstream stages are the thread
+    run's above (Cached); two short targets."""
+    from prefect import get_client
+
+    accel = tmp_path / "turns-accelerate.yaml"
+    accel.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\n"
+                     "mixed_precision: 'no'\nuse_cpu: true\n")
+    path = tmp_path / "turns.yaml"
+    path.write_text(yaml.safe_dump({
+        **raw, "name": "tiny-turns", "store": f"file://{tmp_path}/threads",
+        "runner": {**raw["runner"], "task_runner": "threads", "max_workers": 2, "gpu_tag": None},
+        "train": {**raw["train"], "max_steps": 2, "accelerate_config": str(accel)}}))
+    assert main(["run", str(path), "--until", UNTIL]) == 0
+    with get_client(sync_client=True) as client:
+        run = latest_flow_run(client, flow_run_name("tiny-turns", UNTIL))
+        spans = sorted((t.start_time, t.end_time, t.name) for t in final_task_runs(client, run.id)
+                       if t.name.startswith("train[") and t.state.name == "Completed")
+    assert len(spans) == 2, spans
+    assert spans[0][1] <= spans[1][0], f"{spans[0][2]} and {spans[1][2]} trained at once"
 
 
 def _gpu_tasks_took_turns(tag: str) -> None:
