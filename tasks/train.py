@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -126,6 +127,23 @@ def train_target(config: dict, target: str, address: str, store: str) -> dict:
     return stage_done(st, address, f"Training of target `{target}`", started, computed=computed, target=target)
 
 
+def launch_command(accel: Path, config_file: Path, target: str) -> list[str]:
+    """``accelerate launch`` of one target. On one machine, with no port in the accelerate
+    config, the processes meet on a free port of this node rather than accelerate's fixed
+    29500, which another job's launch on the node (a second run, another team's) may hold:
+    a rank then fails to bind, or joins the other job's group."""
+    import yaml
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accel)]
+    settings = yaml.safe_load(accel.read_text())
+    settings = settings if isinstance(settings, dict) else {}
+    if int(settings.get("num_machines") or 1) == 1 and not settings.get("main_process_port"):
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            cmd += ["--main_process_port", str(sock.getsockname()[1])]
+    return cmd + ["-m", "fusechat_core.train", str(config_file), "--target", target]
+
+
 def _launch(cfg: RunConfig, target: str, report: _Reporter, logger: Any) -> None:
     """``accelerate launch -m fusechat_core.train`` in a child; its JSON event lines drive the report."""
     accel = Path(cfg.train.accelerate_config or "")
@@ -134,8 +152,7 @@ def _launch(cfg: RunConfig, target: str, report: _Reporter, logger: Any) -> None
     with tempfile.TemporaryDirectory(prefix="fusechat-train-") as tmp:
         config_file = Path(tmp) / "run.json"
         config_file.write_text(json.dumps(cfg.model_dump(mode="json")))
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accel),
-               "-m", "fusechat_core.train", str(config_file), "--target", target]
+        cmd = launch_command(accel, config_file, target)
         logger.info("target %s: %s", target, " ".join(cmd))
         tail: deque[str] = deque(maxlen=20)
         # credentials stay in the inherited environment, never on the command line

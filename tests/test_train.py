@@ -707,3 +707,49 @@ def test_two_processes_train_the_same_target_as_one(run_setup, tmp_path):
         # summation order differs between one and two processes; the update itself must not
         delta = (w1[name] - pivot[name]).abs().max()
         assert torch.allclose(w1[name], w2[name], atol=1e-4 * max(float(delta), 1e-3)), name
+
+
+_MEET = """
+import os
+import torch.distributed as dist
+os.environ.setdefault("RANK", "0")  # accelerate's simple launcher starts rank 0 of its group
+os.environ.setdefault("WORLD_SIZE", "1")
+dist.init_process_group("gloo")  # rank 0 serves the group's store at MASTER_ADDR:MASTER_PORT
+print("met on port", os.environ["MASTER_PORT"], flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_launch_meets_on_a_free_port_when_another_job_holds_accelerates_default(tmp_path):
+    """Two runs on one node (or another team's job) each launch training: accelerate's fixed
+    port 29500 is then taken, and rank 0 could not serve its group's store there (or the
+    ranks met the other job's). The launch command gives its group a free port of its own:
+    shown with 29500 held and rank 0 of a two-process CPU launch setting up its group."""
+    import socket
+
+    from tasks.train import launch_command
+
+    accel = tmp_path / "accelerate.yaml"
+    accel.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n"
+                     "num_machines: 1\nmixed_precision: 'no'\nuse_cpu: true\n")
+    script = tmp_path / "meet.py"
+    script.write_text(_MEET)
+    cmd = launch_command(accel, tmp_path / "run.json", "src")
+    assert cmd[-4:] == ["fusechat_core.train", str(tmp_path / "run.json"), "--target", "src"]
+    launch = cmd[:cmd.index("-m", 3)] + [str(script)]  # the same launch, a few lines instead of training
+    with socket.socket() as held:
+        try:
+            held.bind(("", 29500))
+            held.listen()
+        except OSError:
+            pass  # already held by something else on this machine: all the better
+        out = subprocess.run(launch, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    [line] = [x for x in out.stdout.splitlines() if x.startswith("met on port")]
+    assert line != "met on port 29500"
+    # a config that names its port (or spans machines, where every node must agree) keeps it
+    accel.write_text(accel.read_text() + "main_process_port: 29612\n")
+    assert "--main_process_port" not in launch_command(accel, tmp_path / "run.json", "src")
+    accel.write_text(accel.read_text().replace("num_machines: 1", "num_machines: 2").replace(
+        "main_process_port: 29612\n", ""))
+    assert "--main_process_port" not in launch_command(accel, tmp_path / "run.json", "src")
