@@ -224,6 +224,40 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+# GPUs of this process handed to model-holding work (a represent shard, an evaluation) by
+# ``claim_gpu``: index -> how many hold it now.
+_GPU_CLAIMS: dict[int, int] = {}
+_GPU_CLAIMS_LOCK = threading.Lock()
+
+
+@contextmanager
+def claim_gpu(device: str, count: int | None = None) -> Iterator[str]:
+    """The device one model-holding task runs on, for the block: ``cuda`` becomes the visible
+    GPU fewest tasks of this process hold (the lowest such index), so the thread runner's
+    tasks under a GPU slot limit of 8 spread over an 8-GPU node instead of all loading onto
+    ``cuda:0``. Any other device (``cpu``, an explicit ``cuda:3``) is kept as given.
+    ``count``: the number of visible GPUs (default: torch's). A Dask worker holds its own
+    claims: give each worker its own GPUs (dask-cuda's ``CUDA_VISIBLE_DEVICES`` per worker)."""
+    if device != "cuda":
+        yield device
+        return
+    if count is None:
+        import torch
+
+        count = torch.cuda.device_count()
+    if count <= 1:
+        yield device
+        return
+    with _GPU_CLAIMS_LOCK:
+        index = min(range(count), key=lambda i: (_GPU_CLAIMS.get(i, 0), i))
+        _GPU_CLAIMS[index] = _GPU_CLAIMS.get(index, 0) + 1
+    try:
+        yield f"cuda:{index}"
+    finally:
+        with _GPU_CLAIMS_LOCK:
+            _GPU_CLAIMS[index] -= 1
+
+
 def resolve_mixed_precision(value: str) -> str:
     """``train.mixed_precision`` as training runs it: ``auto`` is ``bf16`` where a CUDA GPU
     with bf16 is visible to this process, else ``no`` (CPU autocast in bf16 is slower than

@@ -57,6 +57,7 @@ from fusechat_core.config import ModelSpec, RepresentConfig, RunConfig
 from fusechat_core.data.build import split_size, split_table
 from fusechat_core.determinism import pin_compute
 from fusechat_core.models import (
+    claim_gpu,
     formatter_for,
     load_causal_lm,
     pick_device,
@@ -518,28 +519,29 @@ def same_tokenization(a: Any, b: Any) -> bool:
 # -- the stage ---------------------------------------------------------------------------------------
 
 _MODEL_LOCK = threading.Lock()
-_MODEL_SLOT: dict[tuple, Any] = {}
+_MODEL_SLOT: dict[str, tuple[str, Any]] = {}  # device -> (model spec, model)
 
 
 def _cached_model(spec: ModelSpec, device: str) -> Any:
-    """One model kept per process: consecutive shards of a model on one worker load it once."""
-    key = (spec.model_dump_json(), device)
+    """One model kept per device: consecutive shards of a model on one GPU (or the CPU) load it
+    once, and a shard on another GPU does not evict it."""
+    key = spec.model_dump_json()
     with _MODEL_LOCK:
-        if key not in _MODEL_SLOT:
-            _MODEL_SLOT.clear()  # free the previous model before loading the next
-            _MODEL_SLOT[key] = load_causal_lm(spec, device)
-        return _MODEL_SLOT[key]
+        held = _MODEL_SLOT.get(device)
+        if held is None or held[0] != key:
+            _MODEL_SLOT.pop(device, None)  # free the device's previous model before loading the next
+            _MODEL_SLOT[device] = (key, load_causal_lm(spec, device))
+        return _MODEL_SLOT[device][1]
 
 
 def release_model(spec: ModelSpec | None = None) -> None:
-    """Drop the kept model (only if it is ``spec``'s, when given), so the stages after this
-    one find the GPU free in a process that runs them all."""
+    """Drop the kept models (only ``spec``'s, when given), so the stages after this one find
+    the GPUs free in a process that runs them all."""
     with _MODEL_LOCK:
-        if spec is None or any(key[0] == spec.model_dump_json() for key in _MODEL_SLOT):
-            dropped = [weakref.ref(m) for m in _MODEL_SLOT.values()]
-            _MODEL_SLOT.clear()
-        else:
+        mine = [d for d, (key, _) in _MODEL_SLOT.items() if spec is None or key == spec.model_dump_json()]
+        if not mine:
             return
+        dropped = [weakref.ref(_MODEL_SLOT.pop(d)[1]) for d in mine]
     release_memory(*dropped)
 
 
@@ -565,37 +567,38 @@ def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: Model
     if not todo:
         return out
     n_rows = split_size(store, plan.dataset) if rows is None else len(rows)
-    device = pick_device(cfg.represent.device)
-    formatter = formatter_for(spec)
-    tok = formatter.tokenizer
-    model = _cached_model(spec, device)
-    for i in todo:
-        address = plan.represent_shard(spec, i)
-        span = shard_rows(n_rows, i, shards)
-        if rows is None:
-            part = split_table(store, plan.dataset, rows=span).to_pylist()
-        else:
-            part = [rows[j] for j in span]  # type: ignore[index]
+    # a GPU of its own among this process's represent tasks (an 8-GPU node, 8 threads)
+    with claim_gpu(pick_device(cfg.represent.device)) as device:
+        formatter = formatter_for(spec)
+        tok = formatter.tokenizer
+        model = _cached_model(spec, device)
+        for i in todo:
+            address = plan.represent_shard(spec, i)
+            span = shard_rows(n_rows, i, shards)
+            if rows is None:
+                part = split_table(store, plan.dataset, rows=span).to_pylist()
+            else:
+                part = [rows[j] for j in span]  # type: ignore[index]
 
-        def report(event: dict[str, Any], i: int = i) -> None:
-            if progress is not None:
-                progress({**event, "model": spec.name, "shard": i, "shards": shards})
+            def report(event: dict[str, Any], i: int = i) -> None:
+                if progress is not None:
+                    progress({**event, "model": spec.name, "shard": i, "shards": shards})
 
-        rep = collect_shard(model, tok, formatter, part, cfg.represent, device, progress=report,
-                            meta={"model": spec.name, "tokenizer": tokenizer_ref(spec)[0], "shard": i,
-                                  "shards": shards, "dataset": plan.dataset})
-        summary = {k: rep.meta[k] for k in ("n_seq", "n_tokens", "n_supervised", "n_cut", "ids_sha256",
-                                            "vocab_fingerprint")}
-        with store.writer(address, meta={"stage": "represent", "model": spec.name, "shard": i,
-                                         "shards": shards, **summary}) as w:
-            write_shard(w, rep)
-        secs = rep.seconds
-        rate = rep.meta["n_tokens"] / secs if secs > 0 else 0.0
-        log.info("represent %s shard %d/%d: %d sequences (%d cut to represent.max_length), %d tokens "
-                 "in %.1f s (%.0f tokens/s)", spec.name, i + 1, shards, rep.meta["n_seq"], rep.meta["n_cut"],
-                 rep.meta["n_tokens"], secs, rate)
-        report({"event": "shard_done", "tokens_per_s": rate, **summary})
-        out.append({"shard": i, "address": address, "computed": True, "seconds": secs, **summary})
+            rep = collect_shard(model, tok, formatter, part, cfg.represent, device, progress=report,
+                                meta={"model": spec.name, "tokenizer": tokenizer_ref(spec)[0], "shard": i,
+                                      "shards": shards, "dataset": plan.dataset})
+            summary = {k: rep.meta[k] for k in ("n_seq", "n_tokens", "n_supervised", "n_cut", "ids_sha256",
+                                                "vocab_fingerprint")}
+            with store.writer(address, meta={"stage": "represent", "model": spec.name, "shard": i,
+                                             "shards": shards, **summary}) as w:
+                write_shard(w, rep)
+            secs = rep.seconds
+            rate = rep.meta["n_tokens"] / secs if secs > 0 else 0.0
+            log.info("represent %s shard %d/%d: %d sequences (%d cut to represent.max_length), %d tokens "
+                     "in %.1f s (%.0f tokens/s)", spec.name, i + 1, shards, rep.meta["n_seq"], rep.meta["n_cut"],
+                     rep.meta["n_tokens"], secs, rate)
+            report({"event": "shard_done", "tokens_per_s": rate, **summary})
+            out.append({"shard": i, "address": address, "computed": True, "seconds": secs, **summary})
     return sorted(out, key=lambda s: s["shard"])
 
 

@@ -126,3 +126,42 @@ def test_tokenizer_files_are_what_transformers_saves_and_repeat_without_a_reload
     assert loaded.chat_template == tok.chat_template != AutoTokenizer.from_pretrained(
         models.resolve_ref("builtin:mistral-v3")).chat_template
     assert len(loaded) == 32768
+
+
+def test_model_holding_tasks_of_one_process_spread_over_its_gpus():
+    """Eight represent shards on an 8-GPU node under eight threads: each gets a GPU of its
+    own (all of them loaded onto cuda:0 before, and ran out of its memory), a ninth shares
+    the least held one, a freed GPU is given again; anything but plain ``cuda`` is kept."""
+    import contextlib
+    import threading
+
+    from fusechat_core.models import claim_gpu
+
+    with contextlib.ExitStack() as held:
+        got = [held.enter_context(claim_gpu("cuda", count=8)) for _ in range(8)]
+        assert sorted(got) == [f"cuda:{i}" for i in range(8)]
+        with claim_gpu("cuda", count=8) as ninth:
+            assert ninth == "cuda:0"  # every GPU held once: the lowest index takes a second
+            with claim_gpu("cuda", count=8) as tenth:
+                assert tenth == "cuda:1"
+    with claim_gpu("cuda", count=8) as a, claim_gpu("cuda", count=8) as b:
+        assert (a, b) == ("cuda:0", "cuda:1")  # every claim above was given back
+    for kept in ("cpu", "cuda:3", "mps"):
+        with claim_gpu(kept, count=8) as device:
+            assert device == kept
+    with claim_gpu("cuda", count=1) as device:
+        assert device == "cuda"  # one GPU: nothing to choose
+    # from threads at once, as the task runner's workers claim them
+    seen, barrier = [], threading.Barrier(4)
+
+    def task():
+        with claim_gpu("cuda", count=4) as device:
+            seen.append(device)
+            barrier.wait(timeout=10)  # all four hold theirs at the same time
+
+    workers = [threading.Thread(target=task) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert sorted(seen) == [f"cuda:{i}" for i in range(4)]

@@ -28,7 +28,7 @@ from fusechat_core.evaluate.mt_bench import (
 )
 from fusechat_core.evaluate.nll import exact_match, heldout_nll
 from fusechat_core.evaluate.report import RESULTS_FILE, build_report
-from fusechat_core.models import release_memory
+from fusechat_core.models import claim_gpu, pick_device, release_memory
 from fusechat_core.store import ArtifactStore
 
 log = logging.getLogger("fusechat.evaluate")
@@ -63,38 +63,41 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
     need_answers = data is not None and not _answers_current(store, answers_address, data)
     need_model = need_answers or (dataset is not None and (cfg.heldout_nll or cfg.exact_match_sources))
     if need_model:
-        model = resolve_model(store, name, model_ref)
-        lm, tok, fmt, device = load_for_eval(model, cfg.device, cfg.dtype)
-        results["device"], results["dtype"] = device, cfg.dtype
-        say(f"{name}: evaluating {model.path} on {device}")
-        if need_answers:
-            recs = answer_questions(store, answers_address, name, lm, tok, fmt, data.questions,
-                                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                    seed=cfg.seed, progress=say,
-                                    on_count=None if on_count is None else lambda d, t: on_count("mt_bench", d, t))
-            write_answers_artifact(store, answers_address, name, recs, data)
-        if dataset is not None:
-            from fusechat_core.data import read_split
+        # a GPU of its own among this process's evaluations (an 8-GPU node, 8 threads)
+        with claim_gpu(pick_device(cfg.device)) as on:
+            model = resolve_model(store, name, model_ref)
+            lm, tok, fmt, device = load_for_eval(model, on, cfg.dtype)
+            # the kind, not the index: which GPU it was given is no part of what it measured
+            results["device"], results["dtype"] = device.split(":")[0], cfg.dtype
+            say(f"{name}: evaluating {model.path} on {device}")
+            if need_answers:
+                recs = answer_questions(store, answers_address, name, lm, tok, fmt, data.questions,
+                                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                        seed=cfg.seed, progress=say,
+                                        on_count=None if on_count is None else lambda d, t: on_count("mt_bench", d, t))
+                write_answers_artifact(store, answers_address, name, recs, data)
+            if dataset is not None:
+                from fusechat_core.data import read_split
 
-            rows = read_split(store, dataset, "heldout")
-            if not rows:
-                say(f"{name}: dataset {dataset} has no held-out rows; no offline measures")
-            if rows and cfg.heldout_nll:
-                try:
-                    results["heldout_nll"] = heldout_nll(lm, fmt, rows, max_length=cfg.max_length,
-                                                         batch_size=cfg.batch_size, progress=say,
-                                                         on_count=None if on_count is None
-                                                         else lambda d, t: on_count("heldout", d, t))
-                except EvaluationError as exc:  # a NaN is a failed evaluation, never a figure in the report
-                    raise EvaluationError(f"evaluate[{name}]: {exc}") from None
-            if rows and cfg.exact_match_sources:
-                em = exact_match(lm, tok, fmt, rows, cfg.exact_match_sources,
-                                 max_new_tokens=cfg.exact_match_max_new_tokens, batch_size=cfg.batch_size)
-                if em["all"]["n"]:
-                    results["exact_match"] = em
-        dropped = weakref.ref(lm)
-        del lm
-        release_memory(dropped)
+                rows = read_split(store, dataset, "heldout")
+                if not rows:
+                    say(f"{name}: dataset {dataset} has no held-out rows; no offline measures")
+                if rows and cfg.heldout_nll:
+                    try:
+                        results["heldout_nll"] = heldout_nll(lm, fmt, rows, max_length=cfg.max_length,
+                                                             batch_size=cfg.batch_size, progress=say,
+                                                             on_count=None if on_count is None
+                                                             else lambda d, t: on_count("heldout", d, t))
+                    except EvaluationError as exc:  # a NaN is a failed evaluation, never a figure in the report
+                        raise EvaluationError(f"evaluate[{name}]: {exc}") from None
+                if rows and cfg.exact_match_sources:
+                    em = exact_match(lm, tok, fmt, rows, cfg.exact_match_sources,
+                                     max_new_tokens=cfg.exact_match_max_new_tokens, batch_size=cfg.batch_size)
+                    if em["all"]["n"]:
+                        results["exact_match"] = em
+            dropped = weakref.ref(lm)
+            del lm
+            release_memory(dropped)
     judgments = []
     if data is not None:
         answers = read_answers(store, answers_address)
