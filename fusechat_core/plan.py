@@ -68,6 +68,17 @@ def mt_bench_answers_address(name: str, model_ref: dict, evaluate: EvaluateConfi
     return stage_address("mt_bench_answers", *mt_bench_answers_inputs(model_ref, evaluate), key=name)
 
 
+def mt_bench_judgments_address(name: str, answers_address: str, evaluate: EvaluateConfig) -> str:
+    """Where a model's MT-Bench verdicts are kept (one artifact per question under it). Only
+    what changes a verdict is an input: the answers graded, the questions and references, the
+    judge and how long it may answer. Changing anything else an evaluation measures (held-out
+    NLL, batch size, the allowed failures, another model in ``evaluate.models``) reuses every
+    verdict paid for, where keeping them under the evaluation's address bought them again."""
+    section = {"questions": evaluate.mt_bench_data, "judge_model": evaluate.judge_model,
+               "judge_base_url": evaluate.judge_base_url, "judge_max_tokens": evaluate.judge_max_tokens}
+    return stage_address("mt_bench_judgments", section, {"answers": answers_address}, key=name)
+
+
 # How long and how often the judge is asked never changes a verdict it gives, so
 # changing the budget must not start a paid grading over (as train.checkpoint_every).
 JUDGE_BUDGET = ("judge_concurrency", "judge_timeout_s", "judge_max_retries", "judge_max_retry_after_s",

@@ -99,6 +99,14 @@ def test_fusechat_eval_end_to_end(tiny_models, mt_subset, tmp_path, monkeypatch,
         assert main(argv + budget) == 0
         again = _last_json(capsys.readouterr().out)
         assert again["address"] == res["address"] and len(judge.log) == 2 * len(QIDS)
+        # what else an evaluation measures moves its address, never its verdicts: a paid judge
+        # is not asked again when the held-out measures go (or the batch size, the allowed failures)
+        lean = [a for a in argv if a not in ("--heldout", dataset)]
+        assert main(lean) == 0
+        lean_res = _last_json(capsys.readouterr().out)
+        assert lean_res["address"] != res["address"] and len(judge.log) == 2 * len(QIDS)
+        assert lean_res["results"]["mt_bench"]["average"] == mt["average"] and "heldout_nll" not in lean_res["results"]
+        assert lean_res["results"]["mt_bench"]["judgments"] == mt["judgments"]
 
         # another judge: a new evaluation, but the answers are reused, not generated again.
         # It asks for Retry-After 100000 s once: the flag caps the wait, and the wait is announced.

@@ -307,8 +307,8 @@ def answer_digest(answer: dict) -> str:
     return hashlib.sha256(json.dumps(answer["choices"][0]["turns"]).encode()).hexdigest()[:16]
 
 
-def judgment_address(evaluate_address: str, qid: int) -> str:
-    return f"{evaluate_address}/judgment-{qid:04d}"
+def judgment_address(judgments_address: str, qid: int) -> str:
+    return f"{judgments_address}/judgment-{qid:04d}"
 
 
 def judgment_file(qid: int) -> str:
@@ -334,11 +334,12 @@ async def _grade_question(client: JudgeClient, data: MTBenchData, q: Question, a
     return list(await asyncio.gather(one(1), one(2)))
 
 
-def grade_answers(store: ArtifactStore, evaluate_address: str, data: MTBenchData, answers: Sequence[dict],
+def grade_answers(store: ArtifactStore, judgments_address: str, data: MTBenchData, answers: Sequence[dict],
                   settings: JudgeSettings, *, max_failures: int = 0,
                   progress: Callable[[str], None] | None = None,
                   on_count: Callable[[int, int], None] | None = None) -> list[Judgment]:
-    """Grade every answer (both turns), reusing judgments saved by an earlier attempt.
+    """Grade every answer (both turns), reusing judgments saved under ``judgments_address``
+    (``plan.mt_bench_judgments_address``) by an earlier attempt or evaluation.
 
     A question whose two judgments came back (scored or unparsable) is saved at
     once; one with a failed request is not, so the next attempt asks again. More
@@ -347,7 +348,7 @@ def grade_answers(store: ArtifactStore, evaluate_address: str, data: MTBenchData
     after every retry) of all, called from a thread of its own with the caller's context and no event loop running,
     as a synchronous caller's callback expects (a Prefect progress artifact needs both).
     """
-    return _run(_grade_all(store, evaluate_address, data, answers, settings, max_failures, progress, on_count))
+    return _run(_grade_all(store, judgments_address, data, answers, settings, max_failures, progress, on_count))
 
 
 async def _grade_all(store: ArtifactStore, address: str, data: MTBenchData, answers: Sequence[dict],

@@ -29,6 +29,7 @@ from fusechat_core.evaluate.mt_bench import (
 from fusechat_core.evaluate.nll import exact_match, heldout_nll
 from fusechat_core.evaluate.report import RESULTS_FILE, build_report
 from fusechat_core.models import claim_gpu, pick_device, release_memory
+from fusechat_core.plan import mt_bench_judgments_address
 from fusechat_core.store import ArtifactStore
 
 log = logging.getLogger("fusechat.evaluate")
@@ -102,12 +103,13 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
     if data is not None:
         answers = read_answers(store, answers_address)
         settings = JudgeSettings.from_config(cfg)
-        judgments = grade_answers(store, address, data, answers, settings,
-                                  max_failures=cfg.judge_max_failures, progress=say,
+        verdicts = mt_bench_judgments_address(name, answers_address, cfg)
+        judgments = grade_answers(store, verdicts, data, answers, settings, max_failures=cfg.judge_max_failures,
+                                  progress=say,
                                   on_count=None if on_count is None else lambda d, t: on_count("judge", d, t))
         results["mt_bench"] = {**summarise(judgments), "judge_model": cfg.judge_model,
                                "judge_base_url": _public_url(cfg.judge_base_url),
-                               "answers": answers_address, "data_sources": data.sources,
+                               "answers": answers_address, "judgments": verdicts, "data_sources": data.sources,
                                "data_digests": data.digests}
     with store.writer(address, meta={"stage": "evaluate", "model": name}) as w:
         w.write_json(RESULTS_FILE, results)
