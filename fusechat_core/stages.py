@@ -34,7 +34,9 @@ STAGE_VERSIONS: dict[str, int] = {
     "merge": 1,
     "mt_bench_answers": 2,  # 2: the evaluation's dtype is an input (answers generated in it)
     "mt_bench_judgments": 1,
-    "evaluate": 3,  # 2: held-out NLL per sequence, for the report's bootstrap; 3: bytes of the words, once; rows cut
+    # 2: held-out NLL per sequence, for the report's bootstrap; 3: bytes of the words, once; rows cut;
+    # 4: MT-Bench results keep per-question scores (the report's intervals)
+    "evaluate": 4,
     "report": 4,  # 3: intervals, gap closed, the λ ablation, the why table; 4: no share without a gap
 }
 

@@ -328,3 +328,71 @@ def test_the_terminal_summary_reads_any_report_json_it_is_given():
     del fusion["targets"]["target-a"]["verdict"], fusion["targets"]["target-a"]["interval"]
     assert fusion_summary(fusion)[1] == "  target-a    None                 +0.0123  on a's expert data (x, y)"
     assert fusion_summary(None) == fusion_summary({}) == fusion_summary({"targets": {}, "merges": {}}) == []
+
+
+def _mt(scores: dict[int, tuple[str, list[float]]]) -> dict:
+    """A model's mt_bench results from per-question (category, [turn scores]), as summarise makes them."""
+    from fusechat_core.evaluate.judge import Judgment, summarise
+
+    js = [Judgment(q, cat, t + 1, "single-v1", "judge", "ok", score=s)
+          for q, (cat, turns) in scores.items() for t, s in enumerate(turns)]
+    return {**summarise(js), "judge_model": "judge"}
+
+
+def test_mt_bench_averages_carry_a_bootstrap_interval_over_questions_and_paired_margins(tmp_path):
+    """80 questions, 10 per category. The CLM baseline's scores vary a lot from question to
+    question; the target scores exactly one more on every turn, the merge the same as the
+    baseline give or take 1 (alternating). Paired, the target's margin is +0.5 with no spread
+    at all (every resample gives +0.5) while each average alone has a wide interval; the
+    merge is not distinguishable from the baseline."""
+    import statistics
+
+    cats = CATEGORIES
+    base = {q: (cats[q // 10], [float(1 + (q * 7) % 9), float(1 + (q * 5) % 9)]) for q in range(80)}
+    per_model = {"clm": _mt(base),
+                 "target-x": _mt({q: (c, [s + 0.5 for s in t]) for q, (c, t) in base.items()}),
+                 "merge-varm": _mt({q: (c, [s + (1 if q % 2 else -1) for s in t]) for q, (c, t) in base.items()})}
+    results = {n: {"model": n, "mt_bench": m} for n, m in per_model.items()}
+    roles = {"clm": "clm", "merges": ["merge-varm"], "targets": {"target-x": {"source": "x"}}}
+    rep = build_report("Run", results, tmp_path, roles=roles)
+    data = json.loads((tmp_path / "report.json").read_text())["mt_bench"]
+    clm = data["models"]["clm"]
+    turns = [s for _, t in base.values() for s in t]
+    assert clm["average"] == pytest.approx(statistics.mean(turns)) and clm["questions"] == 80
+    # the interval's half-width against the normal approximation, by hand: per-question means,
+    # ±1.96·sd/√n (stratification only narrows it)
+    per_q = [statistics.mean(t) for _, t in base.values()]
+    half = 1.96 * statistics.stdev(per_q) / math.sqrt(80)
+    lo, hi = clm["interval"]
+    assert lo < clm["average"] < hi and 0.5 * half < (hi - lo) / 2 < 1.2 * half
+    t = data["vs_clm"]["target-x"]
+    assert t["margin"] == pytest.approx(0.5) and t["interval"] == pytest.approx([0.5, 0.5])
+    assert t["verdict"] == "yes" and t["questions"] == 80
+    tgt_lo, tgt_hi = data["models"]["target-x"]["interval"]
+    assert tgt_lo < hi  # unpaired, the two averages' intervals overlap: pairing is what decides
+    m = data["vs_clm"]["merge-varm"]
+    assert m["margin"] == pytest.approx(0.0) and m["interval"][0] < 0 < m["interval"][1]
+    assert m["verdict"] == "not distinguishable"
+    md = rep["markdown"]
+    assert f"- clm: average {clm['average']:.2f} [{lo:+.2f}, {hi:+.2f}] over 80 questions" in md
+    assert "- **target-x** vs `clm` on MT-Bench: yes, margin +0.50 [+0.50, +0.50] over 80 questions" in md
+    # the per-question columns stay in the evaluate artifacts, not in the report's results
+    assert "questions" not in json.loads((tmp_path / "report.json").read_text())["results"]["clm"]["mt_bench"]
+
+
+def test_an_unscored_turn_counts_in_no_questions_mean_and_old_results_have_no_interval(tmp_path):
+    from fusechat_core.evaluate.judge import Judgment, summarise
+
+    js = [Judgment(1, "writing", 1, "p", "j", "ok", score=8.0), Judgment(1, "writing", 2, "p", "j", "unparsable"),
+          Judgment(2, "math", 1, "p", "j", "ok", score=2.0), Judgment(2, "math", 2, "p", "j", "ok", score=4.0),
+          Judgment(3, "math", 1, "p", "j", "failed"), Judgment(3, "math", 2, "p", "j", "failed")]
+    q = summarise(js)["questions"]
+    assert q == {"id": [1, 2, 3], "category": ["writing", "math", "math"], "score_sum": [8.0, 6.0, 0.0],
+                 "scored": [1, 2, 0]}
+    old = {k: v for k, v in summarise(js).items() if k != "questions"}  # an evaluation before version 4
+    rep = build_report("Run", {"a": {"model": "a", "mt_bench": {**summarise(js), "judge_model": "j"}},
+                               "b": {"model": "b", "mt_bench": {**old, "judge_model": "j"}}}, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())["mt_bench"]
+    assert data["models"]["a"]["average"] == pytest.approx(14 / 3) and data["models"]["a"]["questions"] == 2
+    assert "b" not in data["models"]
+    assert "- b: average without an interval (no per-question scores)" in rep["markdown"]

@@ -183,7 +183,7 @@ def _snapshot(plan: RunPlan) -> dict[str, str]:
 def test_first_versions_move_no_address_of_an_existing_run():
     """The paper's 7B config's addresses (first derived before registry versions existed,
     commit b8a0af7; moved since only by stage versions that change what that config makes:
-    dataset 5, align 4, evaluate 3 and evaluate.dtype): every entry at version 1 must leave
+    dataset 5, align 4, evaluate 3 and 4, evaluate.dtype): every entry at version 1 must leave
     them where they are, or a user's finished week of GPU work would be recomputed by an
     upgrade."""
     from fusechat_core.config import load_config
@@ -191,7 +191,7 @@ def test_first_versions_move_no_address_of_an_existing_run():
     plan = RunPlan(load_config("configs/fusechat-7b-varm.yaml", store="file:///x"))
     assert plan.dataset == "dataset/15eafc0f086b4d0ce15c"
     assert plan.align(plan.model("mixtral")) == "align/mixtral-33f9214aa39b9d81944f"
-    assert plan.report() == "report/7a5a1f1f79c11d0b14bd"  # and so everything upstream of it
+    assert plan.report() == "report/71f1d900c594baaee08d"  # and so everything upstream of it
 
 
 def test_a_domain_version_moves_the_demo_artifacts_that_read_it_and_nothing_else(tmp_path, monkeypatch):

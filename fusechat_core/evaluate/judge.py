@@ -453,7 +453,22 @@ def summarise(judgments: Sequence[Judgment]) -> dict[str, Any]:
         "scored": len(scored),
         "unparsable": sum(j.status == "unparsable" for j in judgments),
         "failed": sum(j.status == "failed" for j in judgments),
+        # per question, both turns together: the unit the report's intervals resample
+        "questions": _per_question(judgments),
     }
+
+
+def _per_question(judgments: Sequence[Judgment]) -> dict[str, list]:
+    """Columns over questions (in first-seen order): id, category, the sum of the scored
+    turns' scores and how many turns were scored."""
+    order: dict[int, list] = {}
+    for j in judgments:
+        row = order.setdefault(j.question_id, [j.category, 0.0, 0])
+        if j.status == "ok":
+            row[1] += float(j.score)  # type: ignore[arg-type]
+            row[2] += 1
+    return {"id": list(order), "category": [r[0] for r in order.values()],
+            "score_sum": [r[1] for r in order.values()], "scored": [r[2] for r in order.values()]}
 
 
 def judgments_jsonl(judgments: Sequence[Judgment]) -> bytes:

@@ -384,6 +384,62 @@ def fusion_vs_clm(domains: Mapping[str, Mapping[str, dict]], roles: Mapping[str,
                                   "for every model compared (paired)"}}
 
 
+def _question_columns(results: Mapping[str, dict], models: Sequence[str]) -> tuple[list[str], np.ndarray] | None:
+    """The MT-Bench questions every one of ``models`` had a scored turn on, paired by question
+    id: ``(category per question, [n, 2·M])``, model k's score sum and scored turns in columns
+    2k, 2k+1. None when a model has no per-question scores (an evaluation before version 4)."""
+    tables = []
+    for m in models:
+        q = ((results.get(m) or {}).get("mt_bench") or {}).get("questions")
+        if not q:
+            return None
+        tables.append({i: (c, s, n) for i, c, s, n in zip(q["id"], q["category"], q["score_sum"], q["scored"])
+                       if n})
+    common = sorted(set.intersection(*(set(t) for t in tables)), key=str)
+    if not common:
+        return None
+    return ([str(tables[0][i][0]) for i in common],
+            np.array([[x for t in tables for x in t[i][1:]] for i in common], dtype=np.float64))
+
+
+def mt_bench_intervals(results: Mapping[str, dict], roles: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """MT-Bench with its uncertainty: each model's average (over scored turns, as FastChat's)
+    with a bootstrap interval over questions, both turns of a question together and drawn
+    within their category; and, where ``roles`` names the CLM baseline, each target's and
+    merge's margin over it, paired (the same questions drawn for both) with a verdict. At 80
+    questions an average moves by about ±0.1-0.2: the paper's gaps between methods are often
+    smaller. Only the questions drawn vary, not the answers' sampling or the judge's."""
+    names = [n for n, r in results.items() if (r.get("mt_bench") or {}).get("questions")]
+    if not names:
+        return None
+
+    def mean(sums: np.ndarray, k: int) -> np.ndarray:
+        return sums[..., :, 2 * k].sum(-1) / sums[..., :, 2 * k + 1].sum(-1)
+
+    models = {}
+    for n in names:
+        strata, values = _question_columns(results, [n])  # type: ignore[misc]
+        est, lo, hi = paired_bootstrap(strata, values, lambda s: mean(s, 0)[..., None],
+                                       n_resamples=N_RESAMPLES, seed=SEED, level=LEVEL)
+        models[n] = {"average": float(est[0]), "interval": _interval(lo[0], hi[0]), "questions": len(strata)}
+    vs: dict[str, Any] = {}
+    clm = (roles or {}).get("clm")
+    compared = [*((roles or {}).get("targets") or {}), *((roles or {}).get("merges") or [])]
+    for label in compared if clm in models else []:
+        found = _question_columns(results, [clm, label]) if label in models else None
+        if found is None:
+            continue
+        strata, values = found
+        est, lo, hi = paired_bootstrap(strata, values, lambda s: (mean(s, 1) - mean(s, 0))[..., None],
+                                       n_resamples=N_RESAMPLES, seed=SEED, level=LEVEL)
+        vs[label] = {"margin": float(est[0]), "interval": _interval(lo[0], hi[0]),
+                     "verdict": verdict(lo[0], hi[0]), "questions": len(strata)}
+    return {"models": models, "clm": clm if vs else None, "vs_clm": vs,
+            "bootstrap": {"resamples": N_RESAMPLES, "seed": SEED, "level": LEVEL,
+                          "unit": "MT-Bench question (both turns), resampled within its category, the same "
+                                  "draw for every model compared (paired)"}}
+
+
 def _ci(iv: Sequence[float] | None, digits: int = 4, pct: bool = False) -> str:
     if not iv:
         return ""
@@ -592,18 +648,31 @@ def why_markdown(fusion_stats: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 def render_markdown(title: str, results: Mapping[str, dict], plots: Sequence[str] = (),
                     notes: Sequence[str] = (), fusion: Mapping[str, Any] | None = None,
-                    fusion_stats: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+                    fusion_stats: Mapping[str, Mapping[str, Any]] | None = None,
+                    mt_bench: Mapping[str, Any] | None = None) -> str:
     lines = [f"# {title}", "", markdown_table(results), ""]
     lines += fusion_markdown(fusion)
     lines += why_markdown(fusion_stats or {})
     mt = {n: r["mt_bench"] for n, r in results.items() if r.get("mt_bench")}
     if mt:
+        ivs = mt_bench or {}
+        bs = ivs.get("bootstrap") or {}
+        level, resamples = bs.get("level", LEVEL), bs.get("resamples", N_RESAMPLES)
         lines.append("MT-Bench: mean judge score (1-10) over both turns; unparsable verdicts are counted, "
-                     "not scored.")
+                     f"not scored. In brackets: the {level:.0%} interval of a bootstrap over questions ({resamples} "
+                     "resamples, both turns of a question together, drawn within their category; the same draw "
+                     "for both models of a comparison). It counts which questions were asked, not the answers' "
+                     "sampling or the judge's.")
         for n, m in mt.items():
-            lines.append(f"- {n}: turn 1 {_fmt(m.get('turn_1'))}, turn 2 {_fmt(m.get('turn_2'))}, "
+            own = (ivs.get("models") or {}).get(n)
+            avg = (f"average {own['average']:.2f}{_ci(own['interval'], digits=2)} over {own['questions']} "
+                   "questions, " if own else "average without an interval (no per-question scores), ")
+            lines.append(f"- {n}: {avg}turn 1 {_fmt(m.get('turn_1'))}, turn 2 {_fmt(m.get('turn_2'))}, "
                          f"{m.get('scored')} scored, {m.get('unparsable')} unparsable, {m.get('failed')} failed "
                          f"(judge {m.get('judge_model')})")
+        for label, c in (ivs.get("vs_clm") or {}).items():
+            lines.append(f"- **{label}** vs `{ivs['clm']}` on MT-Bench: {c['verdict']}, margin "
+                         f"{c['margin']:+.2f}{_ci(c['interval'], digits=2)} over {c['questions']} questions")
         lines.append("")
     if any(r.get("heldout_nll") for r in results.values()):
         lines.append("Held-out NLL: mean negative log-likelihood per supervised (assistant) token; lower is "
@@ -628,6 +697,17 @@ def inline_images(markdown: str, read: Callable[[str], bytes]) -> str:
     return _IMAGE.sub(sub, markdown)
 
 
+def _slim(r: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's results without the per-sequence and per-question figures the intervals were
+    computed from (they stay in the evaluate artifacts)."""
+    out = dict(r)
+    if isinstance(r.get("heldout_nll"), dict):
+        out["heldout_nll"] = {k: v for k, v in r["heldout_nll"].items() if k != "sequences"}
+    if isinstance(r.get("mt_bench"), dict):
+        out["mt_bench"] = {k: v for k, v in r["mt_bench"].items() if k != "questions"}
+    return out
+
+
 def build_report(title: str, results: Mapping[str, dict], out_dir: str | Path,
                  loss_histories: Mapping[str, Sequence[dict]] | None = None,
                  notes: Sequence[str] = (), roles: Mapping[str, Any] | None = None,
@@ -650,11 +730,11 @@ def build_report(title: str, results: Mapping[str, dict], out_dir: str | Path,
         if any(g["per_domain"] for g in fusion["gap_closed"].values()):
             plots.insert(1, plot_gap_closed(fusion, out / "plots"))
     rel = [p.relative_to(out).as_posix() for p in plots]
-    md = render_markdown(title, results, rel, notes, fusion, fusion_stats)
+    mt_bench = mt_bench_intervals(results, roles)
+    md = render_markdown(title, results, rel, notes, fusion, fusion_stats, mt_bench)
     (out / "report.md").write_text(md)
-    slim = {name: {**r, "heldout_nll": {k: v for k, v in r["heldout_nll"].items() if k != "sequences"}}
-            if isinstance(r.get("heldout_nll"), dict) else r for name, r in results.items()}
-    report = {"title": title, "models": list(results), "domains": domains, "fusion": fusion,
+    slim = {name: _slim(r) for name, r in results.items()}
+    report = {"title": title, "models": list(results), "domains": domains, "fusion": fusion, "mt_bench": mt_bench,
               "why": dict(fusion_stats or {}), "results": slim,
               "columns": [h for _, h, _ in columns(results)], "plots": rel,
               "loss_histories": {k: list(v) for k, v in (loss_histories or {}).items()}}
