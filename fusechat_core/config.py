@@ -243,6 +243,11 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
     checkpoint_every: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)  # newest complete ones kept; older deleted
+    # How long a rank waits at a collective (a barrier) before the group gives up. The main
+    # process uploads each checkpoint while the others wait at one: at 7B, ~84 GB to S3,
+    # longer than NCCL's default 10 minutes at under 140 MB/s, and every rank then died at
+    # its first checkpoint, on every retry.
+    collective_timeout_s: float = Field(default=4 * 3600.0, gt=0)
     gradient_checkpointing: bool = False  # recompute activations: what lets 7B × 2048 fit
     # An `accelerate config` file (multi-GPU, FSDP): training then runs under
     # `accelerate launch` in a child process; None trains in the task's process.

@@ -283,9 +283,11 @@ class RunPlan:
         return target if target == CLM else f"target-{target}"
 
     def train(self, target: str) -> str:
-        # How often checkpoints are written and kept never changes the weights (resumption
-        # is bit-exact), so changing it must not restart a week of training.
-        train = self.cfg.train.model_dump(exclude={"clm_baseline", "checkpoint_every", "keep_checkpoints"})
+        # How often checkpoints are written and kept, and how long ranks wait for each other,
+        # never change the weights (resumption is bit-exact): changing them must not restart
+        # a week of training.
+        train = self.cfg.train.model_dump(exclude={"clm_baseline", "checkpoint_every", "keep_checkpoints",
+                                                   "collective_timeout_s"})
         # What runs, not what was asked: ``auto`` is bf16 on a GPU and no precision change on
         # the CPU, different weights under one address unless resolved here (the train task
         # re-derives the address where it runs and refuses a disagreement).

@@ -163,6 +163,14 @@ def _check_processes(cfg: RunConfig) -> None:
         n = None
     if n is None or n < 1:
         raise ConfigError(f"train.accelerate_config: {path}: not an accelerate config with a whole num_processes")
+    machines = launch.get("num_machines", 1) if isinstance(launch, dict) else 1
+    if machines not in (None, 1):
+        # the main process stages each checkpoint on its own node and uploads that folder: the
+        # other nodes' ranks' files (FSDP shards, RNG states) would never reach the store, and
+        # the checkpoint would read as complete without them
+        raise ConfigError(f"train.accelerate_config: num_machines {machines} in {path}: one target trains on one "
+                          f"node (its checkpoints are staged on the main process's node); give each target a "
+                          f"node of its own")
     if t.batch_size % (t.micro_batch_size * n):
         raise ConfigError(f"train.batch_size: {t.batch_size} is not a multiple of micro_batch_size "
                           f"{t.micro_batch_size} × {n} processes (num_processes in {path})")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -200,7 +201,7 @@ def train_target(
     where a rerun (with other settings) starts.
     """
     pin_compute()
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
@@ -215,7 +216,9 @@ def train_target(
         raise TrainError(f"λ = {lam} < 1 needs the source's aligned shards; only the pivot's were given")
     fusion = FUSION_FUNCTIONS.get(cfg.fusion_function) if use_teachers else None
 
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+    # the ranks wait at barriers while the main process uploads a checkpoint or the target
+    group = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision), kwargs_handlers=[group])
     try:
         world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
         if cfg.batch_size % (cfg.micro_batch_size * world):

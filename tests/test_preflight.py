@@ -82,14 +82,18 @@ def _cases(tmp: Path) -> list[tuple[dict, str]]:
          "train.batch_size: 120 is not a multiple of micro_batch_size 4 × 8 processes"),
         (_with("train", {"accelerate_config": _accelerate(tmp / "eight-ok.yaml", 8), "batch_size": 128,
                          "micro_batch_size": 4}), None),
+        # a second node's ranks' checkpoint files would never reach the store
+        (_with("train", {"accelerate_config": _accelerate(tmp / "two-nodes.yaml", 16, num_machines=2),
+                         "batch_size": 128, "micro_batch_size": 4}),
+         "train.accelerate_config: num_machines 2 in "),
         (_with("store", ""), "store: empty URL"),
         # hub ids cannot be checked offline: they pass
         (_with("sources.1", {"name": "b", "path": "org/model-b", "revision": "v2"}), None),
     ]
 
 
-def _accelerate(path, processes: int) -> str:
-    path.write_text(yaml.safe_dump({"distributed_type": "MULTI_GPU", "num_processes": processes}))
+def _accelerate(path, processes: int, **more) -> str:
+    path.write_text(yaml.safe_dump({"distributed_type": "MULTI_GPU", "num_processes": processes, **more}))
     return str(path)
 
 

@@ -753,3 +753,49 @@ def test_a_launch_meets_on_a_free_port_when_another_job_holds_accelerates_defaul
     accel.write_text(accel.read_text().replace("num_machines: 1", "num_machines: 2").replace(
         "main_process_port: 29612\n", ""))
     assert "--main_process_port" not in launch_command(accel, tmp_path / "run.json", "src")
+
+
+_SLOW_CHECKPOINT_UPLOAD = """
+import os, sys, time
+from fusechat_core import store
+real = store.ArtifactStore.put_dir
+def slow(self, address, local, **kw):
+    if ".checkpoints/" in address:
+        time.sleep(float(os.environ["UPLOAD_S"]))  # ~84 GB to S3 from one process, at 7B
+    return real(self, address, local, **kw)
+store.ArtifactStore.put_dir = slow
+from fusechat_core.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ranks_wait_for_a_slow_checkpoint_upload_as_long_as_the_config_says(run_setup, tmp_path):
+    """The main process uploads each checkpoint while the other ranks wait at a barrier: a
+    7B checkpoint takes longer than NCCL's default 10 minutes to reach S3, and every rank
+    died at the first checkpoint. The wait is ``train.collective_timeout_s``: an upload of
+    4 s under a 1.5 s limit fails the group (the setting reaches it), under 60 s it trains."""
+    import shutil
+
+    import yaml
+
+    script = tmp_path / "slow_upload.py"
+    script.write_text(_SLOW_CHECKPOINT_UPLOAD)
+    src_root = Path(run_setup["store"].root)
+    outcomes = {}
+    for limit in (1.5, 60.0):
+        root = tmp_path / f"limit-{limit}"
+        for stage in ("represent", "align"):
+            shutil.copytree(src_root / stage, root / stage)
+        config = {**run_setup["config"], "store": f"file://{root}",
+                  "train": {**run_setup["config"]["train"], "collective_timeout_s": limit}}
+        path = tmp_path / f"limit-{limit}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1", "UPLOAD_S": "4"}
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               str(script), str(path), "--target", "src"], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        outcomes[limit] = (proc.returncode, proc.stderr)
+        done = ArtifactStore(f"file://{root}").is_complete(run_setup["plan"].train("src"))
+        assert done == (proc.returncode == 0), proc.stderr[-2000:]
+    assert outcomes[1.5][0] != 0 and "timed out" in outcomes[1.5][1].lower(), outcomes[1.5][1][-2000:]
+    assert outcomes[60.0][0] == 0, outcomes[60.0][1][-3000:]
