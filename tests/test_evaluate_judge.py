@@ -408,13 +408,14 @@ def test_retry_after_is_capped_and_the_wait_announced(judge_server):
     assert reply == "Rating: [[7]]" and took < 5  # not 100000 s, nor the old 600 s cap
     first, second = s.log
     assert second["t"] - first["t"] >= 0.29  # the capped wait was still honoured
-    assert lines == ["judge: HTTP 429 (Retry-After 100000 s, capped at 0.3 s); waiting 0.3 s for judge "
-                     "(Retry-After), attempt 2/4 (retry 1/3)"]
+    assert lines == ["judge: HTTP 429 (asked to wait 100000 s, capped at 0.3 s); waiting 0.3 s for judge "
+                     "(the server's wait), rate limited (1), no retry used"]
     # an HTTP-date Retry-After a day ahead is capped the same way
     s.log.clear()
     s.scripts[(-1, 1)] = [(503, {"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"}, {"error": "x"}), "[[8]]"]
     reply, took, _ = _ask(_settings(s, api_key_env=None, retry_after_max_s=0.2), lines)
-    assert reply == "[[8]]" and took < 5 and "waiting 0.2 s for judge (Retry-After)" in lines[-1]
+    assert reply == "[[8]]" and took < 5 and lines[-1].endswith(
+        "waiting 0.2 s for judge (the server's wait), attempt 2/4 (retry 1/3)")
 
 
 def test_a_hanging_judge_is_cut_by_the_timeout(judge_server):
@@ -464,3 +465,61 @@ def test_budget_settings_come_from_the_config():
     default = JudgeSettings.from_config(EvaluateConfig())
     assert default.retry_after_max_s == 60 and default.deadline_s == 4 * 3600
     assert JudgeSettings.from_config(EvaluateConfig(judge_deadline_s=None)).deadline_s is None
+
+
+RATE_LIMITED = {"error": {"message": "Rate limit reached for gpt-4 on tokens per min", "code": "rate_limit_exceeded"}}
+
+
+def test_a_rate_limit_uses_no_retry_and_pauses_every_request_of_the_client(judge_server, mt_data):
+    """A GPT-4 tokens-per-minute limit lasts minutes: six 429s in about a minute failed the
+    evaluation. A 429 uses up no retry while the deadline lasts, its wait comes from the
+    server (retry-after-ms, or OpenAI's x-ratelimit-reset-*), and the client's other
+    requests wait it out too instead of asking on."""
+    s = judge_server
+    other = [{"role": "system", "content": HELPFUL}, {"role": "user", "content": mt_data.questions[0].turns[0]}]
+    s.scripts[(-1, 1)] = [(429, {"retry-after-ms": "300"}, RATE_LIMITED)] * 5 + ["Rating: [[7]]"]
+    lines: list[str] = []
+
+    async def both() -> tuple[str, str]:
+        async with JudgeClient(_settings(s, api_key_env=None, max_retries=1, deadline_s=60),
+                               progress=lines.append) as client:
+            first = asyncio.ensure_future(client.complete(MESSAGES))
+            await asyncio.sleep(0.1)  # the first 429 is in: the client is paused
+            second = asyncio.ensure_future(client.complete(other))
+            return await first, await second
+
+    reply, later = asyncio.run(both())
+    assert reply == "Rating: [[7]]" and later == s.default
+    mine = [r["t"] for r in s.log if r["qid"] == -1]
+    assert len(mine) == 6  # five 429s and the reply: none failed on max_retries 1
+    waits = [b - a for a, b in zip(mine, mine[1:])]
+    assert all(w >= 0.29 for w in waits), waits  # each 300 ms wait honoured
+    [theirs] = [r["t"] for r in s.log if r["qid"] != -1]
+    assert theirs >= mine[0] + 0.29  # asked 0.1 s after the first 429, it waited the pause out
+    assert lines[0].endswith("waiting 0.3 s for judge (the server's wait), rate limited (1), no retry used")
+
+    # no Retry-After: OpenAI's reset headers say how long (the later of the two)
+    s.log.clear()
+    s.scripts[(-1, 1)] = [(429, {"x-ratelimit-reset-requests": "20ms", "x-ratelimit-reset-tokens": "400ms"},
+                           RATE_LIMITED), "[[6]]"]
+    reply, _, _ = _ask(_settings(s, api_key_env=None), lines)
+    assert reply == "[[6]]" and s.log[1]["t"] - s.log[0]["t"] >= 0.39
+    assert "waiting 0.4 s for judge (the server's wait)" in lines[-1]
+
+
+def test_a_spent_quota_fails_at_once_and_a_key_with_its_newline_still_works(judge_server, monkeypatch):
+    from fusechat_core.evaluate.judge import _duration
+
+    s = judge_server
+    s.default = (429, {}, {"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}})
+    reply, _, client = _ask(_settings(s, api_key_env=None, deadline_s=60), [])
+    assert isinstance(reply, JudgeError) and not reply.transient and len(s.log) == 1
+    assert "the quota is spent" in str(reply) and client.refusals == 1
+    # a secret mounted from a file keeps its newline: the same key, not an illegal header retried
+    s.log.clear()
+    s.default = "[[5]]"
+    monkeypatch.setenv("FUSECHAT_TEST_JUDGE_KEY", SECRET + "\n")
+    reply, _, _ = _ask(_settings(s), [])
+    assert reply == "[[5]]" and s.log[0]["auth"] == f"Bearer {SECRET}"
+    assert [_duration(v) for v in ("6m0s", "1h2m3.5s", "20ms", "1s", "soon", "")] == [
+        360.0, 3723.5, 0.02, 1.0, None, None]

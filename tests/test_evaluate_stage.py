@@ -114,7 +114,7 @@ def test_fusechat_eval_end_to_end(tiny_models, mt_subset, tmp_path, monkeypatch,
         assert main(argv[:-3] + ["--judge-model", "judge-2", "--max-new-tokens", "3", "--json"] + budget) == 0
         out = capsys.readouterr()
         other = _last_json(out.out)
-        assert "waiting 0.2 s for judge (Retry-After), attempt 2/3" in out.err
+        assert "waiting 0.2 s for judge (the server's wait), rate limited (1), no retry used" in out.err
         asked = judge.requests(81, 1)
         assert [r["body"]["model"] for r in asked] == ["judge-1", "judge-2", "judge-2"]
         assert asked[2]["t"] - asked[1]["t"] < 5

@@ -65,6 +65,38 @@ def parse_rating(text: str) -> float | None:
     return value if 1.0 <= value <= 10.0 else None
 
 
+# Without a deadline, how many 429s a request may meet per retry it has (``complete``).
+RATE_LIMIT_RETRIES_PER_RETRY = 10
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def _duration(value: str | None) -> float | None:
+    """Seconds of an OpenAI ``x-ratelimit-reset-*`` value (``1s``, ``6m0s``, ``20ms``, ``1h2m3.5s``)."""
+    if not value:
+        return None
+    parts = _DURATION.findall(value.strip())
+    if not parts or "".join(n + u for n, u in parts) != value.strip():
+        return None
+    scale = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def _server_wait(headers: Any, rate_limited: bool) -> float | None:
+    """How long the server asks to wait: ``retry-after-ms``, else ``Retry-After``, else on a 429
+    the later of OpenAI's ``x-ratelimit-reset-requests`` and ``-tokens``; None: not said."""
+    try:
+        ms = float(headers.get("retry-after-ms") or "")
+        return max(0.0, ms / 1000)
+    except ValueError:
+        pass
+    wait = _retry_after(headers.get("retry-after"))
+    if wait is not None or not rate_limited:
+        return wait
+    resets = [d for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+              if (d := _duration(headers.get(h))) is not None]
+    return max(resets) if resets else None
+
+
 def _retry_after(value: str | None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
     if not value:
@@ -119,7 +151,9 @@ class JudgeClient:
         self._say = progress or log.info
         self._deadline: float | None = None
         self.url = settings.base_url.rstrip("/") + "/chat/completions"
-        key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+        # a secret stored with its trailing newline is the same key; sent as is, it was refused
+        # by httpx as an illegal header, retried as a network error, and shown in a debug log
+        key = (os.environ.get(settings.api_key_env) or "").strip() if settings.api_key_env else None
         if settings.api_key_env and not key:
             # A local server often needs no key; OpenAI will answer 401, reported as such.
             log.warning("judge: environment variable %s is not set; sending no API key", settings.api_key_env)
@@ -128,6 +162,7 @@ class JudgeClient:
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
         self._sem = asyncio.Semaphore(settings.concurrency)
+        self._resume_at = 0.0  # monotonic time before which no request is sent (a rate limit's wait)
         self._client: Any = None
         # OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...) refuse ``max_tokens`` and take the
         # same limit as ``max_completion_tokens``; the first such 400 switches this client over.
@@ -170,15 +205,27 @@ class JudgeClient:
                                       f"(evaluate.judge_deadline_s) passed; last: {last}"))
 
     async def complete(self, messages: Sequence[dict[str, str]]) -> str:
-        """The judge's reply text; retries 429/5xx/timeouts with backoff, honouring Retry-After."""
+        """The judge's reply text; retries 429/5xx/timeouts with backoff, honouring the server's
+        wait (``retry-after-ms``, ``Retry-After``, on a 429 OpenAI's ``x-ratelimit-reset-*``).
+
+        A rate limit (429) is the API asking for patience, not a failure: it uses up no retry
+        while ``deadline_s`` lasts (without one, at most ``RATE_LIMIT_RETRIES_PER_RETRY`` times
+        ``max_retries``), and pauses every request of this client until the wait is over, so
+        the others stop asking too. A GPT-4 tokens-per-minute limit lasts minutes: counted
+        as failures, six 429s in about a minute failed the evaluation and the run. A 429 for
+        an exhausted quota (``insufficient_quota``) is an answer no wait changes."""
         import httpx
 
         s = self.settings
         last = "no attempt"
+        attempt = limited = 0
         attempts = s.max_retries + 1
-        for attempt in range(attempts):
+        while True:
             wait: float | None = None
+            rate_limited = False
             async with self._sem:
+                if (pause := self._resume_at - time.monotonic()) > 0:
+                    await asyncio.sleep(min(pause, max(self._left(), 0.0)))
                 if self._left() <= 0:
                     raise self._past_deadline(last)
                 try:
@@ -192,6 +239,11 @@ class JudgeClient:
                     if self._left() <= 0:
                         raise self._past_deadline(f"no reply in {s.timeout_s:g} s") from None
                     last = f"no reply in {s.timeout_s:g} s (evaluate.judge_timeout_s)"
+                except httpx.LocalProtocolError as exc:  # the request itself cannot be sent
+                    self.refusals += 1
+                    raise JudgeError(self._scrub(f"judge {self.url}: the request cannot be sent "
+                                                 f"({type(exc).__name__}): is {s.api_key_env}'s value a "
+                                                 f"well-formed key?")) from None
                 except httpx.TransportError as exc:  # connection refused, reset, timeout
                     last = f"{type(exc).__name__}"
                 else:
@@ -200,25 +252,39 @@ class JudgeClient:
                             return _reply_text(resp.json())
                         except (ValueError, KeyError, IndexError, TypeError):
                             last = "HTTP 200 with a body that is not a chat completion"
+                    elif resp.status_code == 429 and _error_code(resp) == "insufficient_quota":
+                        self.refusals += 1
+                        raise JudgeError(self._scrub(
+                            f"judge {self.url}: HTTP 429: {_error_message(resp)} (the quota is spent: no wait "
+                            f"changes that)"))
                     elif resp.status_code in RETRY_STATUS:
                         last = f"HTTP {resp.status_code}"
-                        wait = _retry_after(resp.headers.get("retry-after"))
+                        rate_limited = resp.status_code == 429
+                        wait = _server_wait(resp.headers, rate_limited)
                         if wait is not None and wait > s.retry_after_max_s:
-                            last += f" (Retry-After {wait:g} s, capped at {s.retry_after_max_s:g} s)"
+                            last += f" (asked to wait {wait:g} s, capped at {s.retry_after_max_s:g} s)"
                             wait = s.retry_after_max_s
                     else:
                         self.refusals += 1
                         raise JudgeError(self._scrub(
                             f"judge {self.url}: HTTP {resp.status_code}: {_error_message(resp)}"))
-            if attempt == s.max_retries:
-                break
+            if rate_limited and (self._deadline is not None or limited < RATE_LIMIT_RETRIES_PER_RETRY * attempts):
+                limited += 1
+                delay = wait if wait is not None else self._backoff(min(limited - 1, 16))
+                counted = f"rate limited ({limited}), no retry used"
+            else:
+                if attempt == s.max_retries:
+                    break
+                attempt += 1
+                delay = wait if wait is not None else self._backoff(attempt - 1)
+                counted = f"attempt {attempt + 1}/{attempts} (retry {attempt}/{s.max_retries})"
             self.retries += 1
-            why = "Retry-After" if wait is not None else "backoff"
-            delay = wait if wait is not None else self._backoff(attempt)
             if delay >= self._left():
                 raise self._past_deadline(last)
-            self._say(self._scrub(f"judge: {last}; waiting {delay:.1f} s for judge ({why}), "
-                                  f"attempt {attempt + 2}/{attempts} (retry {attempt + 1}/{s.max_retries})"))
+            if rate_limited:  # every request of this client waits it out, not this one alone
+                self._resume_at = max(self._resume_at, time.monotonic() + delay)
+            why = "the server's wait" if wait is not None else "backoff"
+            self._say(self._scrub(f"judge: {last}; waiting {delay:.1f} s for judge ({why}), {counted}"))
             await asyncio.sleep(delay)
         raise JudgeError(self._scrub(f"judge {self.url}: {last} after {attempts} attempts"), transient=True)
 
@@ -260,6 +326,15 @@ def _error_message(resp: Any) -> str:
         msg = None
     text = str(msg or resp.text or "").strip().replace("\n", " ")
     return text[:200] or "(empty body)"
+
+
+def _error_code(resp: Any) -> str | None:
+    """OpenAI's ``error.code`` (``insufficient_quota``, ``rate_limit_exceeded``), if any."""
+    try:
+        err = resp.json().get("error")
+        return err.get("code") if isinstance(err, dict) else None
+    except (ValueError, AttributeError):
+        return None
 
 
 # -- grading ---------------------------------------------------------------------
