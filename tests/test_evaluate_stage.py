@@ -270,3 +270,20 @@ def test_the_evaluate_task_posts_grading_progress(tiny_models, mt_bench_dir, pre
         assert len(judge.log) == 2 * len(qids)
         bars = asyncio.run(progress_bars(state.state_details.flow_run_id))
     assert bars == {"MT-Bench questions answered": 100.0, "MT-Bench questions graded": 100.0}, bars
+
+
+def test_an_evaluation_records_the_precision_the_model_ran_in(tiny_models, tmp_path):
+    """A source whose spec names bfloat16 keeps it (Mixtral fits one GPU so); the results say
+    bfloat16, not evaluate.dtype, or comparisons across precision read as same-precision ones."""
+    from fusechat_core.config import EvaluateConfig
+    from fusechat_core.evaluate.stage import evaluate_model
+
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    dataset = _dataset(store)
+    cfg = EvaluateConfig(mt_bench=False, exact_match_sources=[], dtype="float32")
+    named = evaluate_model(store, "evaluate/named", "src", {"model": {"path": str(tiny_models["pivot"]),
+                                                                     "dtype": "bfloat16"}}, cfg, dataset=dataset)
+    plain = evaluate_model(store, "evaluate/plain", "pivot", {"model": {"path": str(tiny_models["pivot"])}}, cfg,
+                           dataset=dataset)
+    assert (named["dtype"], plain["dtype"]) == ("bfloat16", "float32")
+    assert named["device"] == plain["device"] == "cpu"

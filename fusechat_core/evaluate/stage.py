@@ -69,7 +69,8 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
             model = resolve_model(store, name, model_ref)
             lm, tok, fmt, device = load_for_eval(model, on, cfg.dtype)
             # the kind, not the index: which GPU it was given is no part of what it measured
-            results["device"], results["dtype"] = device.split(":")[0], cfg.dtype
+            results["device"] = device.split(":")[0]
+            results["dtype"] = model.dtype or cfg.dtype  # what it ran in: a model naming its own keeps it
             say(f"{name}: evaluating {model.path} on {device}")
             if need_answers:
                 recs = answer_questions(store, answers_address, name, lm, tok, fmt, data.questions,
