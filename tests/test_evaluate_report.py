@@ -396,3 +396,27 @@ def test_an_unscored_turn_counts_in_no_questions_mean_and_old_results_have_no_in
     assert data["models"]["a"]["average"] == pytest.approx(14 / 3) and data["models"]["a"]["questions"] == 2
     assert "b" not in data["models"]
     assert "- b: average without an interval (no per-question scores)" in rep["markdown"]
+
+
+def test_models_judged_apart_are_said_not_comparable(tmp_path):
+    """A model evaluated later, after FastChat's main branch moved a reference answer, or by
+    another judge: its MT-Bench figures are no comparison with the cached ones."""
+    base = {q: (CATEGORIES[q // 10], [5.0, 6.0]) for q in range(20)}
+    results = {n: {"model": n, "mt_bench": {**_mt(base), "data_digests": {"questions": "a", "references": ref},
+                                             "judge_model": judge}}
+               for n, ref, judge in (("clm", "r1", "gpt-4"), ("target-x", "r2", "gpt-4"),
+                                     ("merge-varm", "r1", "gpt-4o"))}
+    roles = {"clm": "clm", "merges": ["merge-varm"], "targets": {"target-x": {"source": "x"}}}
+    rep = build_report("Run", results, tmp_path, roles=roles)
+    mt = json.loads((tmp_path / "report.json").read_text())["mt_bench"]
+    assert mt["vs_clm"]["target-x"]["verdict"] == "not comparable"
+    assert mt["vs_clm"]["target-x"]["why"] == "different question or reference files (clm; target-x)"
+    assert mt["vs_clm"]["merge-varm"]["why"] == "different judges (clm; merge-varm)"
+    assert "**Not comparable as measured**: the models were judged with different judges" in rep["markdown"]
+    # the same judge and files: no warning
+    same = {n: {"model": n, "mt_bench": {**_mt(base), "data_digests": {"q": "a"}, "judge_model": "gpt-4"}}
+            for n in ("clm", "target-x")}
+    rep = build_report("Run", same, tmp_path / "same", roles={"clm": "clm", "targets": {"target-x": {}}})
+    mt = json.loads((tmp_path / "same" / "report.json").read_text())["mt_bench"]
+    assert mt["judged_apart"] is None and mt["vs_clm"]["target-x"]["verdict"] == "not distinguishable"
+    assert "Not comparable" not in rep["markdown"]

@@ -402,6 +402,25 @@ def _question_columns(results: Mapping[str, dict], models: Sequence[str]) -> tup
             np.array([[x for t in tables for x in t[i][1:]] for i in common], dtype=np.float64))
 
 
+def _judged_apart(results: Mapping[str, dict], names: Sequence[str]) -> str | None:
+    """What differs in how ``names`` were judged (the judge, the questions' and references'
+    content), or None. A model evaluated later against a moved ``mt_bench_data`` location
+    (FastChat's main branch) or by another judge is not comparable to cached ones."""
+    def seen(key: str) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for n in names:
+            v = (results[n].get("mt_bench") or {}).get(key)
+            out.setdefault(json.dumps(v, sort_keys=True), []).append(n)
+        return out
+
+    parts = []
+    for key, what in (("judge_model", "judges"), ("data_digests", "question or reference files")):
+        groups = seen(key)
+        if len(groups) > 1:
+            parts.append(f"different {what} (" + "; ".join(", ".join(ns) for ns in groups.values()) + ")")
+    return " and ".join(parts) or None
+
+
 def mt_bench_intervals(results: Mapping[str, dict], roles: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """MT-Bench with its uncertainty: each model's average (over scored turns, as FastChat's)
     with a bootstrap interval over questions, both turns of a question together and drawn
@@ -434,7 +453,9 @@ def mt_bench_intervals(results: Mapping[str, dict], roles: Mapping[str, Any] | N
                                        n_resamples=N_RESAMPLES, seed=SEED, level=LEVEL)
         vs[label] = {"margin": float(est[0]), "interval": _interval(lo[0], hi[0]),
                      "verdict": verdict(lo[0], hi[0]), "questions": len(strata)}
-    return {"models": models, "clm": clm if vs else None, "vs_clm": vs,
+        if differs := _judged_apart(results, [clm, label]):
+            vs[label].update(verdict="not comparable", why=differs)
+    return {"models": models, "clm": clm if vs else None, "vs_clm": vs, "judged_apart": _judged_apart(results, names),
             "bootstrap": {"resamples": N_RESAMPLES, "seed": SEED, "level": LEVEL,
                           "unit": "MT-Bench question (both turns), resampled within its category, the same "
                                   "draw for every model compared (paired)"}}
@@ -670,8 +691,11 @@ def render_markdown(title: str, results: Mapping[str, dict], plots: Sequence[str
             lines.append(f"- {n}: {avg}turn 1 {_fmt(m.get('turn_1'))}, turn 2 {_fmt(m.get('turn_2'))}, "
                          f"{m.get('scored')} scored, {m.get('unparsable')} unparsable, {m.get('failed')} failed "
                          f"(judge {m.get('judge_model')})")
+        if ivs.get("judged_apart"):
+            lines.append(f"- **Not comparable as measured**: the models were judged with {ivs['judged_apart']}.")
         for label, c in (ivs.get("vs_clm") or {}).items():
-            lines.append(f"- **{label}** vs `{ivs['clm']}` on MT-Bench: {c['verdict']}, margin "
+            why = f" ({c['why']})" if c.get("why") else ""
+            lines.append(f"- **{label}** vs `{ivs['clm']}` on MT-Bench: {c['verdict']}{why}, margin "
                          f"{c['margin']:+.2f}{_ci(c['interval'], digits=2)} over {c['questions']} questions")
         lines.append("")
     if any(r.get("heldout_nll") for r in results.values()):
