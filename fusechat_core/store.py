@@ -486,15 +486,12 @@ class ArtifactStore:
         """
         man = self.require(address)
         if self.scheme == "file" and dest is None:
-            folder = Path(self._path(address))
+            folder = self.fetched_path(address, man)
             for entry in man.files:
                 if not verify_local_file(folder / entry.path, entry.sha256):
                     raise self.damaged(address, f"{entry.path} does not match its manifest's sha256")
             return folder
-        if dest is None:
-            cache = Path(os.environ.get("FUSECHAT_CACHE", Path(tempfile.gettempdir()) / "fusechat-cache"))
-            dest = cache / man.digest[:24]
-        dest = Path(dest)
+        dest = Path(dest) if dest is not None else self.fetched_path(address, man)
         done = dest / ".complete"
         if done.exists() and done.read_text() == man.digest:
             if all((dest / e.path).is_file() and verify_local_file(dest / e.path, e.sha256) for e in man.files):
@@ -526,6 +523,17 @@ class ArtifactStore:
                     _VERIFIED_READS.add(_stat_key(target) + (entry.sha256,))
         done.write_text(man.digest)
         return dest
+
+    def fetched_path(self, address: str, man: Manifest | None = None) -> Path:
+        """The local folder ``fetch`` hands out for the artifact: the store's own on file://,
+        else its copy in the fetch cache (``FUSECHAT_CACHE``), keyed by manifest digest. For
+        the processes of a node whose one process fetched it (training ranks), and for
+        removing a copy nobody needs again; nothing is copied or verified here."""
+        if self.scheme == "file":
+            return Path(self._path(address))
+        man = man or self.require(address)
+        cache = Path(os.environ.get("FUSECHAT_CACHE", Path(tempfile.gettempdir()) / "fusechat-cache"))
+        return cache / man.digest[:24]
 
     def list(self, prefix: str = "") -> list[str]:
         """Addresses of complete artifacts under a prefix (a stage name, say)."""

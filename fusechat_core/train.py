@@ -273,9 +273,17 @@ def train_target(
         found = complete_checkpoints(store, address)
         if found:
             step0, ck_address = found[-1]
-            local = store.fetch(ck_address)
+            # One copy per node: its first process fetches and verifies (at 7B ~84 GB from S3),
+            # the node's other ranks then read that folder instead of copying and hashing it again.
+            with accelerator.local_main_process_first():
+                local = store.fetch(ck_address) if accelerator.is_local_main_process else store.fetched_path(ck_address)
             accelerator.load_state(str(local))
             state = json.loads((Path(local) / STATE_FILE).read_text())
+            accelerator.wait_for_everyone()
+            if store.scheme != "file" and accelerator.is_local_main_process:
+                # a copy in the node's fetch cache resumes nothing more (the next resume starts from a
+                # newer checkpoint): kept, each in-pod retry would fill the disk with another 84 GB
+                shutil.rmtree(local, ignore_errors=True)
             if state.get("data") != _data_fingerprint(data, cfg):
                 raise TrainError(f"checkpoint {ck_address} was made from other training data or batch settings")
             start, history = int(state["step"]), list(state.get("history", []))

@@ -799,3 +799,40 @@ def test_ranks_wait_for_a_slow_checkpoint_upload_as_long_as_the_config_says(run_
         assert done == (proc.returncode == 0), proc.stderr[-2000:]
     assert outcomes[1.5][0] != 0 and "timed out" in outcomes[1.5][1].lower(), outcomes[1.5][1][-2000:]
     assert outcomes[60.0][0] == 0, outcomes[60.0][1][-3000:]
+
+
+def test_a_resume_from_s3_leaves_no_copy_of_its_checkpoint_on_the_node(fusion_inputs, tmp_path, s3_env, monkeypatch):
+    """A resume copies its checkpoint from S3 into the node's fetch cache (~84 GB at 7B) and
+    reads it once: the copy is removed after loading, or each in-pod retry left another
+    one. The resumed run ends as the uninterrupted one, bit for bit."""
+    import uuid
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FUSECHAT_CACHE", str(cache))
+    cfg = _cfg(max_steps=6, checkpoint_every=2, lam=0.9)
+    pivot = ModelSpec(name="pivot", path=fusion_inputs["pivot"].path)
+
+    def data() -> FusionData:
+        return FusionData(fusion_inputs["pivot_dirs"], fusion_inputs["aligned_dirs"], max_length=MAX_LEN)
+
+    class Preempted(Exception):
+        pass
+
+    def preempt(event: dict) -> None:
+        if event["event"] == "step" and event["step"] == 3:
+            raise Preempted
+
+    store = ArtifactStore(f"s3://fusechat-test/{uuid.uuid4().hex}")
+    with pytest.raises(Preempted):
+        train_target(cfg, pivot=pivot, data=data(), store=store, address="train/s3", on_event=preempt)
+    [(step, ck)] = complete_checkpoints(store, "train/s3")
+    assert step == 2
+    copy = store.fetched_path(ck)
+    events: list[dict] = []
+    train_target(cfg, pivot=pivot, data=data(), store=store, address="train/s3", on_event=events.append)
+    assert events[0] == {**events[0], "event": "resume", "step": 2}
+    assert not copy.exists() and copy.parent == cache  # read, then removed
+    ref = ArtifactStore(f"file://{tmp_path / 'ref'}")
+    train_target(cfg, pivot=pivot, data=data(), store=ref, address="train/s3")
+    ours = store.read_bytes("train/s3", "model.safetensors")
+    assert ours == (Path(ref.root) / "train/s3/model.safetensors").read_bytes()
