@@ -35,6 +35,12 @@ UNSUPPORTED_MAX_TOKENS = {"error": {
     "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}}
 
 
+UNSUPPORTED_TEMPERATURE = {"error": {
+    "message": "Unsupported value: 'temperature' does not support 0.0 with this model. Only the default (1) "
+               "value is supported.", "type": "invalid_request_error", "param": "temperature",
+    "code": "unsupported_value"}}
+
+
 class JudgeServer:
     """An OpenAI-compatible /v1/chat/completions endpoint with per-(question, turn) scripts.
 
@@ -89,6 +95,8 @@ class JudgeServer:
                              "qid": qid, "turn": turn, "body": body})
             if self.reasoning and "max_tokens" in body:
                 return 400, {}, UNSUPPORTED_MAX_TOKENS
+            if self.reasoning and body.get("temperature", 1) != 1:
+                return 400, {}, UNSUPPORTED_TEMPERATURE
             script = self.scripts.get((qid, turn))
             item = (script.pop(0) if len(script) > 1 else script[0]) if script else self.default
         if isinstance(item, str):
@@ -309,17 +317,25 @@ def test_reasoning_model_gets_max_completion_tokens_after_its_400(judge_server, 
 
     replies, client = asyncio.run(ask(3))
     assert replies == ["The answer is fine. Rating: [[5]]"] * 3
-    # one refused request, asked again at once (not a retry); the client then sends the new name only
+    # refused for max_tokens, then for its temperature of 0, each asked again at once (no retry);
+    # the client then sends the new name and no temperature only
     sent = [r["body"] for r in s.log]
-    assert [("max_tokens" in b, b.get("max_completion_tokens")) for b in sent] == [(True, None)] + [(False, 777)] * 3
-    assert (client.requests, client.retries, client.max_tokens_field) == (4, 0, "max_completion_tokens")
+    assert [("max_tokens" in b, b.get("max_completion_tokens"), b.get("temperature")) for b in sent] == [
+        (True, None, 0.0), (False, 777, 0.0)] + [(False, 777, None)] * 3
+    assert (client.requests, client.retries, client.max_tokens_field) == (5, 0, "max_completion_tokens")
+    assert client.send_temperature is False
 
     # end to end with concurrent requests: every answer is graded, each at most one 400 away
     js = grade_answers(ArtifactStore(str(tmp_path / "store")), "evaluate/o3", mt_data, _answers([81, 82, 101]),
                        _settings(s, model="o3-mini"))
     assert [(j.status, j.score) for j in js] == [("ok", 5.0)] * 6
-    refused = sum("max_tokens" in r["body"] for r in s.log[len(sent):])
+    graded = s.log[len(sent):]
+    refused = sum("max_tokens" in r["body"] for r in graded)
     assert 1 <= refused <= 3  # at most one per request in flight when the first 400 came back
+    # every request that carried a refused parameter was refused; the six verdicts came from
+    # requests with neither, and each request in flight met each refusal at most once
+    carried = sum("max_tokens" in r["body"] or "temperature" in r["body"] for r in graded)
+    assert len(graded) - carried == 6 and carried <= 2 * 3
 
 
 def test_other_400s_about_max_tokens_still_fail_fast(judge_server, monkeypatch):

@@ -167,6 +167,8 @@ class JudgeClient:
         # OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...) refuse ``max_tokens`` and take the
         # same limit as ``max_completion_tokens``; the first such 400 switches this client over.
         self.max_tokens_field = "max_tokens"
+        # and refuse any temperature but their own (1): the first such 400 stops sending it
+        self.send_temperature = True
         self.requests = 0
         self.retries = 0
         self.refusals = 0  # answers no retry changes (401, 404, a bad request)
@@ -229,12 +231,20 @@ class JudgeClient:
                 if self._left() <= 0:
                     raise self._past_deadline(last)
                 try:
-                    resp, field = await self._post(messages)
-                    if field == "max_tokens" and _rejects_max_tokens(resp):
-                        if self.max_tokens_field == field:
-                            log.info("judge: %s refuses max_tokens; sending max_completion_tokens", s.model)
-                        self.max_tokens_field = "max_completion_tokens"
-                        resp, _ = await self._post(messages)  # at once: a renamed field, not a retry
+                    resp, body = await self._post(messages)
+                    for _ in range(2):  # a refused parameter is renamed or dropped, asked at once: no retry
+                        if "max_tokens" in body and _rejects_max_tokens(resp):
+                            if self.max_tokens_field == "max_tokens":
+                                log.info("judge: %s refuses max_tokens; sending max_completion_tokens", s.model)
+                            self.max_tokens_field = "max_completion_tokens"
+                        elif "temperature" in body and _rejects_temperature(resp):
+                            if self.send_temperature:
+                                log.warning("judge: %s takes no temperature but its own: verdicts are sampled, "
+                                            "not greedy", s.model)
+                            self.send_temperature = False
+                        else:
+                            break
+                        resp, body = await self._post(messages)
                 except TimeoutError:
                     if self._left() <= 0:
                         raise self._past_deadline(f"no reply in {s.timeout_s:g} s") from None
@@ -288,16 +298,18 @@ class JudgeClient:
             await asyncio.sleep(delay)
         raise JudgeError(self._scrub(f"judge {self.url}: {last} after {attempts} attempts"), transient=True)
 
-    async def _post(self, messages: Sequence[dict[str, str]]) -> tuple[Any, str]:
-        """One request; also the name the token limit was sent under."""
+    async def _post(self, messages: Sequence[dict[str, str]]) -> tuple[Any, dict[str, Any]]:
+        """One request; also the body it sent."""
         s, field = self.settings, self.max_tokens_field
-        body = {"model": s.model, "messages": list(messages), "temperature": s.temperature, field: s.max_tokens}
+        body = {"model": s.model, "messages": list(messages), field: s.max_tokens}
+        if self.send_temperature:
+            body["temperature"] = s.temperature
         self.requests += 1
         # The whole exchange, not httpx's per-read timeout: a judge that sends a byte a
         # minute would never trip that one. The deadline cuts a request short as well.
         limit = min(s.timeout_s, max(self._left(), 0.0))
         post = self._client.post(self.url, json=body, headers=self._headers)
-        return await asyncio.wait_for(post, limit), field
+        return await asyncio.wait_for(post, limit), body
 
 
 def _rejects_max_tokens(resp: Any) -> bool:
@@ -309,6 +321,15 @@ def _rejects_max_tokens(resp: Any) -> bool:
     said = text.lower()
     return "max_tokens" in text and ("max_completion_tokens" in text or "unsupported" in said
                                      or "not supported" in said)
+
+
+def _rejects_temperature(resp: Any) -> bool:
+    """A 400 saying the model takes no other temperature (OpenAI: "Unsupported value:
+    'temperature' does not support 0.0 with this model. Only the default (1) value is supported.")."""
+    if resp.status_code != 400:
+        return False
+    said = _error_message(resp).lower()
+    return "temperature" in said and ("unsupported" in said or "not support" in said or "only the default" in said)
 
 
 def _reply_text(payload: dict) -> str:
