@@ -350,16 +350,16 @@ def _run(cfg: RunConfig, until: str | None, as_json: bool) -> int:
         print(f"{stage:<{width}}  {ref['state']:<10} {ref['address']}  {human_size(ref.get('size'))}")
     print(f"done in {time.time() - t0:.1f} s; artifacts in {cfg.store}")
     if "report" in results:  # the run's answer, where a user looks first
-        from fusechat_core.evaluate.report import fusion_summary
+        from fusechat_core.evaluate.report import fusion_summary, mt_bench_summary
 
         store, address = ArtifactStore(cfg.store), results["report"]["address"]
         print(f"report: {store.uri(address, 'report.md')}")
         try:
-            fusion = store.read_json(address, "report.json").get("fusion")
+            report = store.read_json(address, "report.json")
         except StoreError as exc:  # the run succeeded; only its summary here is missing
             print(f"fusechat: warning: the report's summary could not be read: {exc}", file=sys.stderr)
-            fusion = None
-        for line in fusion_summary(fusion):
+            report = {}
+        for line in fusion_summary(report.get("fusion")) + mt_bench_summary(report.get("mt_bench")):
             print(line)
     if as_json:
         out: dict = {"store": cfg.store}

@@ -330,6 +330,10 @@ def test_the_terminal_summary_reads_any_report_json_it_is_given():
     assert fusion_summary(None) == fusion_summary({}) == fusion_summary({"targets": {}, "merges": {}}) == []
 
 
+def _ci_text(iv: list[float]) -> str:
+    return f" [{iv[0]:+.2f}, {iv[1]:+.2f}]"
+
+
 def _mt(scores: dict[int, tuple[str, list[float]]]) -> dict:
     """A model's mt_bench results from per-question (category, [turn scores]), as summarise makes them."""
     from fusechat_core.evaluate.judge import Judgment, summarise
@@ -373,6 +377,13 @@ def test_mt_bench_averages_carry_a_bootstrap_interval_over_questions_and_paired_
     m = data["vs_clm"]["merge-varm"]
     assert m["margin"] == pytest.approx(0.0) and m["interval"][0] < 0 < m["interval"][1]
     assert m["verdict"] == "not distinguishable"
+    from fusechat_core.evaluate.report import mt_bench_summary
+
+    assert mt_bench_summary(data) == [
+        "On MT-Bench, against `clm` (judge score margin, 95% interval over questions):",
+        f"  merge-varm  not distinguishable  {m['margin']:+.2f}{_ci_text(m['interval'])}  80 questions",
+        "  target-x    yes                  +0.50 [+0.50, +0.50]  80 questions"]  # as report.json keeps them
+    assert mt_bench_summary(None) == [] and mt_bench_summary({"vs_clm": {}}) == []
     md = rep["markdown"]
     assert f"- clm: average {clm['average']:.2f} [{lo:+.2f}, {hi:+.2f}] over 80 questions" in md
     assert "- **target-x** vs `clm` on MT-Bench: yes, margin +0.50 [+0.50, +0.50] over 80 questions" in md

@@ -555,6 +555,21 @@ def fusion_summary(fusion: Mapping[str, Any] | None) -> list[str]:
         for label, what, r in rows]
 
 
+def mt_bench_summary(mt_bench: Mapping[str, Any] | None) -> list[str]:
+    """The MT-Bench answer for a terminal: each target's and merge's paired margin over the CLM
+    baseline (the 7B config measures MT-Bench alone: without these lines a run ended silent)."""
+    rows = [(label, c) for label, c in ((mt_bench or {}).get("vs_clm") or {}).items()
+            if isinstance(c.get("margin"), (int, float))]
+    if not rows:
+        return []
+    name, verdict = max(len(label) for label, _ in rows), max(len(str(c.get("verdict"))) for _, c in rows)
+    level = ((mt_bench or {}).get("bootstrap") or {}).get("level", LEVEL)
+    return [f"On MT-Bench, against `{mt_bench.get('clm')}` (judge score margin, {level:.0%} interval over "  # type: ignore[union-attr]
+            f"questions):"] + [
+        f"  {label:<{name}}  {c.get('verdict')!s:<{verdict}}  {c['margin']:+.2f}{_ci(c.get('interval'), digits=2)}"
+        f"  {c.get('questions')} questions" for label, c in rows]
+
+
 def plot_fusion(domains: Mapping[str, Mapping[str, dict]], fusion: Mapping[str, Any], out_dir: str | Path) -> Path:
     """Held-out NLL margin over the CLM baseline, per data source, for every target and merge,
     with its bootstrap interval: the differences are a few thousandths of a nat, invisible on
