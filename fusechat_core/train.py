@@ -297,7 +297,9 @@ def train_target(
 
         # -- optimizer steps ------------------------------------------------------------
         model.train()
-        overflows = 0  # fp16 updates skipped in a row (below)
+        # fp16 updates skipped in a row (below), counted on from the checkpoint's history: a
+        # resume must stop a divergent run where an uninterrupted one stops, not commit it
+        overflows = next((k for k, r in enumerate(reversed(history)) if "update_skipped" not in r), len(history))
         for step in range(start, n_steps):
             stopping.check()
             t0 = time.perf_counter()

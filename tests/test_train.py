@@ -478,6 +478,38 @@ def test_fp16_overflow_in_every_step_is_divergence(fusion_inputs, tmp_path, cpu_
     assert not store.is_complete("train/fp16-bad")
 
 
+def test_a_resume_counts_fp16_overflows_on_from_its_checkpoint(fusion_inputs, tmp_path, cpu_loss_scaler):
+    """Overflow after overflow, interrupted after a checkpoint at step 10: the resumed run stops
+    at the same step as an uninterrupted one (26), where counting from 0 again trained on to
+    step 30 and committed a target whose every update was skipped."""
+    from fusechat_core.train import MAX_SCALER_OVERFLOWS
+
+    cpu_loss_scaler.update(init_scale=2.0 ** 127, backoff_factor=0.999)
+    cfg = _cfg(mixed_precision="fp16", max_steps=MAX_SCALER_OVERFLOWS + 5, warmup_ratio=0.0, checkpoint_every=10)
+    store = ArtifactStore(f"file://{tmp_path}")
+
+    class Preempted(Exception):
+        pass
+
+    def preempt(event: dict) -> None:
+        if event["event"] == "step" and event["step"] == 12:
+            raise Preempted
+
+    def train(**kw):
+        data = FusionData(fusion_inputs["pivot_dirs"], max_length=MAX_LEN)
+        return train_target(cfg, pivot=fusion_inputs["pivot"], data=data, store=store, address="train/fp16-resume",
+                            lam=1.0, name="clm", **kw)
+
+    with pytest.raises(Preempted):
+        train(on_event=preempt)
+    assert [s for s, _ in complete_checkpoints(store, "train/fp16-resume")] == [10]
+    with pytest.raises(RuntimeError) as err:
+        train()
+    assert str(err.value).startswith(f"train[clm]: the fp16 gradient overflowed in {MAX_SCALER_OVERFLOWS + 1} "
+                                     f"steps in a row, up to step {MAX_SCALER_OVERFLOWS + 1}")
+    assert not store.is_complete("train/fp16-resume")
+
+
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), None])
 def test_a_poisoned_teacher_is_refused_when_its_rows_are_read(fusion_inputs, tmp_path, value):
     """A +inf (or NaN) in one aligned shard's log-probs is no log-prob (+inf would turn the
