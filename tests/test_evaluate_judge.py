@@ -261,19 +261,21 @@ def test_failures_are_counted_and_resumed(judge_server, mt_data, tmp_path, monke
         grade_answers(store, "evaluate/m-2", mt_data, _answers([81, 83, 84]), settings)
     assert len(s.requests(83, 2)) == 3
     assert store.is_complete(judgment_address("evaluate/m-2", 81))
-    assert not store.is_complete(judgment_address("evaluate/m-2", 83))
+    # question 83 is kept with its graded turn and its failed one (a paid verdict is not lost)
+    saved = store.read_json(judgment_address("evaluate/m-2", 83), "judgment-0083.json")
+    assert [(j["turn"], j["status"]) for j in saved] == [(1, "ok"), (2, "failed")]
     # tolerated failures are reported, not hidden
     js = grade_answers(store, "evaluate/m-2", mt_data, _answers([81, 83, 84]), settings, max_failures=1)
     assert summarise(js)["failed"] == 1 and summarise(js)["scored"] == 5
-    # once the judge recovers, only the question that failed is asked again; progress starts
-    # from the questions already graded
+    # once the judge recovers, only the turn that failed is asked again (its question's other
+    # turn was paid for already); progress starts from the questions already graded
     s.scripts[(83, 2)] = ["Rating: [[6]]"]
     before = {(q, t): len(s.requests(q, t)) for q in (81, 83, 84) for t in (1, 2)}
     counts = _Counts()
     js = grade_answers(store, "evaluate/m-2", mt_data, _answers([81, 83, 84]), settings, on_count=counts)
     assert [c[:2] for c in counts.seen] == [(2, 3), (3, 3)]
     after = {(q, t): len(s.requests(q, t)) for q in (81, 83, 84) for t in (1, 2)}
-    assert {k: after[k] - before[k] for k in after} == {(81, 1): 0, (81, 2): 0, (83, 1): 1, (83, 2): 1,
+    assert {k: after[k] - before[k] for k in after} == {(81, 1): 0, (81, 2): 0, (83, 1): 0, (83, 2): 1,
                                                         (84, 1): 0, (84, 2): 0}
     assert summarise(js)["failed"] == 0 and summarise(js)["scored"] == 6
     # a changed answer (its question was answered again) is graded again; the others are not

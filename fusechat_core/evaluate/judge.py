@@ -411,10 +411,14 @@ def judgment_file(qid: int) -> str:
     return f"judgment-{qid:04d}.json"
 
 
-async def _grade_question(client: JudgeClient, data: MTBenchData, q: Question, answer: dict) -> list[Judgment]:
+async def _grade_question(client: JudgeClient, data: MTBenchData, q: Question, answer: dict,
+                          kept: dict[int, Judgment] | None = None) -> list[Judgment]:
+    """Both turns' judgments; a turn in ``kept`` (graded by an earlier attempt) is not asked again."""
     turns = answer["choices"][0]["turns"]
 
     async def one(turn: int) -> Judgment:
+        if kept and turn in kept:
+            return kept[turn]
         name, messages = judge_messages(data, q, turns, turn)
         j = Judgment(q.question_id, q.category, turn, name, client.settings.model, "failed",
                      answer_digest=answer_digest(answer))
@@ -437,8 +441,9 @@ def grade_answers(store: ArtifactStore, judgments_address: str, data: MTBenchDat
     """Grade every answer (both turns), reusing judgments saved under ``judgments_address``
     (``plan.mt_bench_judgments_address``) by an earlier attempt or evaluation.
 
-    A question whose two judgments came back (scored or unparsable) is saved at
-    once; one with a failed request is not, so the next attempt asks again. More
+    A question is saved as soon as one of its judgments came back (scored or unparsable);
+    a turn whose request failed is saved as failed, and the next attempt asks for it
+    alone (a graded turn is never bought twice). More
     than ``max_failures`` failed requests fail the call after the rest are saved.
     ``on_count(done, total)``: questions done (graded now or by an earlier attempt, or failed
     after every retry) of all, called from a thread of its own with the caller's context and no event loop running,
@@ -453,6 +458,7 @@ async def _grade_all(store: ArtifactStore, address: str, data: MTBenchData, answ
                      on_count: Callable[[int, int], None] | None = None) -> list[Judgment]:
     say = progress or log.info
     found: dict[int, list[Judgment]] = {}
+    kept: dict[int, dict[int, Judgment]] = {}  # a question's turns graded, where another one failed
     todo = []
     for ans in answers:
         qid = ans["question_id"]
@@ -460,8 +466,10 @@ async def _grade_all(store: ArtifactStore, address: str, data: MTBenchData, answ
         if store.is_complete(addr):
             saved = [Judgment(**r) for r in store.read_json(addr, judgment_file(qid))]
             if all(j.answer_digest == answer_digest(ans) for j in saved):
-                found[qid] = saved
-                continue
+                if all(j.status != "failed" for j in saved):
+                    found[qid] = saved
+                    continue
+                kept[qid] = {j.turn: j for j in saved if j.status != "failed"}
         todo.append(ans)
     if found:
         say(f"judge: {len(found)} questions already graded, {len(todo)} to grade")
@@ -479,9 +487,12 @@ async def _grade_all(store: ArtifactStore, address: str, data: MTBenchData, answ
     async with JudgeClient(settings, progress=say) as client:
         async def grade(ans: dict) -> None:
             q = data.question(ans["question_id"])
-            js = await _grade_question(client, data, q, ans)
+            before = kept.get(q.question_id, {})
+            js = await _grade_question(client, data, q, ans, before)
             found[q.question_id] = js
-            if all(j.status != "failed" for j in js):
+            # saved as soon as one turn came back: a turn graded is never bought again, only
+            # the one whose request failed is asked on the next attempt
+            if any(j.status != "failed" and j.turn not in before for j in js):
                 await asyncio.to_thread(_save, store, address, q.question_id, js)
             await count(1)
 
