@@ -55,6 +55,7 @@ class JudgeServer:
         self.default: Any = "The answer is fine. Rating: [[5]]"
         self.reasoning = False  # answer as OpenAI's o-series do to a request that sends max_tokens
         self.log: list[dict[str, Any]] = []
+        self.in_flight = self.max_in_flight = 0  # requests being answered now, and the most at once
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         server = self
@@ -67,6 +68,16 @@ class JudgeServer:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._answer(body)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+            def _answer(self, body: dict) -> None:
                 reply = server._reply(self.path, dict(self.headers), body)
                 if isinstance(reply, float):
                     if server._stopping.wait(reply):
@@ -541,3 +552,31 @@ def test_a_spent_quota_fails_at_once_and_a_key_with_its_newline_still_works(judg
     assert reply == "[[5]]" and s.log[0]["auth"] == f"Bearer {SECRET}"
     assert [_duration(v) for v in ("6m0s", "1h2m3.5s", "20ms", "1s", "soon", "")] == [
         360.0, 3723.5, 0.02, 1.0, None, None]
+
+
+def test_evaluations_side_by_side_share_the_judges_concurrency(judge_server, mt_data, tmp_path):
+    """The 7B config evaluates eight models at once, each grading in a thread of its own with its
+    own event loop: judge_concurrency 2 meant 16 requests in flight at one API key. Now every
+    client of the process asking one judge shares its slots (and a rate limit's wait)."""
+    s = judge_server
+    for q in (81, 82):
+        for t in (1, 2):
+            s.scripts[(q, t)] = [0.2]  # each verdict takes 0.2 s: requests overlap
+    store = ArtifactStore(str(tmp_path / "store"))
+    errors: list[BaseException] = []
+
+    def evaluation(k: int) -> None:
+        try:
+            js = grade_answers(store, f"evaluate/side-{k}", mt_data, _answers([81, 82]),
+                               _settings(s, api_key_env=None, concurrency=2))
+            assert [j.status for j in js] == ["ok"] * 4
+        except BaseException as exc:  # noqa: BLE001 (reported below, in the test's thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=evaluation, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(s.log) == 12 and s.max_in_flight == 2

@@ -21,6 +21,7 @@ run asks the judge only about the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import email.utils
 import hashlib
@@ -135,6 +136,46 @@ class JudgeSettings:
                    retry_after_max_s=cfg.judge_max_retry_after_s, deadline_s=cfg.judge_deadline_s)
 
 
+class _SharedJudge:
+    """One judge endpoint (URL and model) as this process's clients share it: at most
+    ``concurrency`` requests in flight among all of them, and a rate limit's wait for all.
+    Slots are threading primitives (each evaluation's client runs its own event loop in its
+    own thread), taken by polling so that a cancelled request never holds one."""
+
+    def __init__(self, concurrency: int):
+        self.concurrency = concurrency
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._lock = threading.Lock()
+        self.resume_at = 0.0  # monotonic time before which no request is sent
+
+    def pause_until(self, when: float) -> None:
+        with self._lock:
+            self.resume_at = max(self.resume_at, when)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> Any:
+        while not self._slots.acquire(blocking=False):
+            await asyncio.sleep(0.02)
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
+_JUDGES: dict[tuple[str, str], _SharedJudge] = {}
+_JUDGES_LOCK = threading.Lock()
+
+
+def _shared_judge(url: str, model: str, concurrency: int) -> _SharedJudge:
+    """This process's ``_SharedJudge`` of an endpoint; its concurrency is the latest client's
+    (one run gives every evaluation the same ``judge_concurrency``)."""
+    with _JUDGES_LOCK:
+        judge = _JUDGES.get((url, model))
+        if judge is None or judge.concurrency != concurrency:
+            judge = _JUDGES[(url, model)] = _SharedJudge(concurrency)
+        return judge
+
+
 class JudgeClient:
     """An async chat-completions client with a concurrency limit and retries.
 
@@ -161,8 +202,9 @@ class JudgeClient:
         self._headers = {"Content-Type": "application/json"}
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
-        self._sem = asyncio.Semaphore(settings.concurrency)
-        self._resume_at = 0.0  # monotonic time before which no request is sent (a rate limit's wait)
+        # shared by every client of this process asking the same judge (evaluations run side by
+        # side, one event loop each): the API's limits are the key's, not one evaluation's
+        self._judge = _shared_judge(self.url, settings.model, settings.concurrency)
         self._client: Any = None
         # OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...) refuse ``max_tokens`` and take the
         # same limit as ``max_completion_tokens``; the first such 400 switches this client over.
@@ -225,8 +267,8 @@ class JudgeClient:
         while True:
             wait: float | None = None
             rate_limited = False
-            async with self._sem:
-                if (pause := self._resume_at - time.monotonic()) > 0:
+            async with self._judge.slot():
+                if (pause := self._judge.resume_at - time.monotonic()) > 0:
                     await asyncio.sleep(min(pause, max(self._left(), 0.0)))
                 if self._left() <= 0:
                     raise self._past_deadline(last)
@@ -292,7 +334,7 @@ class JudgeClient:
             if delay >= self._left():
                 raise self._past_deadline(last)
             if rate_limited:  # every request of this client waits it out, not this one alone
-                self._resume_at = max(self._resume_at, time.monotonic() + delay)
+                self._judge.pause_until(time.monotonic() + delay)
             why = "the server's wait" if wait is not None else "backoff"
             self._say(self._scrub(f"judge: {last}; waiting {delay:.1f} s for judge ({why}), {counted}"))
             await asyncio.sleep(delay)
