@@ -231,14 +231,16 @@ _GPU_CLAIMS_LOCK = threading.Lock()
 
 
 @contextmanager
-def claim_gpu(device: str, count: int | None = None) -> Iterator[str]:
+def claim_gpu(device: str, count: int | None = None, *, spread: bool = False) -> Iterator[str]:
     """The device one model-holding task runs on, for the block: ``cuda`` becomes the visible
     GPU fewest tasks of this process hold (the lowest such index), so the thread runner's
     tasks under a GPU slot limit of 8 spread over an 8-GPU node instead of all loading onto
     ``cuda:0``. Any other device (``cpu``, an explicit ``cuda:3``) is kept as given.
     ``count``: the number of visible GPUs (default: torch's). A Dask worker holds its own
-    claims: give each worker its own GPUs (dask-cuda's ``CUDA_VISIBLE_DEVICES`` per worker)."""
-    if device != "cuda":
+    claims: give each worker its own GPUs (dask-cuda's ``CUDA_VISIBLE_DEVICES`` per worker).
+    ``spread``: a model with a ``device_map`` (over every GPU) claims none and keeps ``cuda``, so
+    that its tasks share the one copy kept for ``cuda`` instead of loading one per GPU index."""
+    if device != "cuda" or spread:
         yield device
         return
     if count is None:

@@ -568,7 +568,7 @@ def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: Model
         return out
     n_rows = split_size(store, plan.dataset) if rows is None else len(rows)
     # a GPU of its own among this process's represent tasks (an 8-GPU node, 8 threads)
-    with claim_gpu(pick_device(cfg.represent.device)) as device:
+    with claim_gpu(pick_device(cfg.represent.device), spread=bool(spec.device_map)) as device:
         formatter = formatter_for(spec)
         tok = formatter.tokenizer
         model = _cached_model(spec, device)

@@ -196,7 +196,7 @@ def test_run_models_resolve_for_loading(tiny_models, tmp_path):
 
     run = parse_config({
         "pivot": {"name": "pivot", "path": str(tiny_models["pivot"]), "chat_template": "chatml"},
-        "sources": [{"name": "mixtral", "path": str(tiny_models["mixtral"])}],
+        "sources": [{"name": "mixtral", "path": str(tiny_models["mixtral"]), "device_map": "auto"}],
         "data": {"sources": [{"name": "arithmetic", "path": "demo:arithmetic", "count": 4}]},
     })
     plan = RunPlan(run)
@@ -212,6 +212,9 @@ def test_run_models_resolve_for_loading(tiny_models, tmp_path):
     # a source keeps its own spec (and its tokenizer's own template)
     src = run_model_ref(run, "mixtral", plan.model_ref("mixtral"), store)
     assert src["model"]["path"] == str(tiny_models["mixtral"]) and src["model"]["chat_template"] is None
+    # and is spread over the GPUs as its spec says (Mixtral-8x7B fits no 80 GB GPU alone)
+    assert resolve_model(store, "mixtral", src).device_map == "auto"
+    assert resolve_model(store, "target-mixtral", ref).device_map is None
 
 
 def test_fusechat_eval_of_a_store_artifact(tiny_models, tmp_path, capsys):

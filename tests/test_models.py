@@ -151,6 +151,12 @@ def test_model_holding_tasks_of_one_process_spread_over_its_gpus():
             assert device == kept
     with claim_gpu("cuda", count=1) as device:
         assert device == "cuda"  # one GPU: nothing to choose
+    # a model spread over every GPU (device_map) claims none: its tasks share one copy under
+    # "cuda" (one per claimed index was 8 copies of Mixtral's 94 GB)
+    with claim_gpu("cuda", count=8, spread=True) as a, claim_gpu("cuda", count=8, spread=True) as b:
+        assert a == b == "cuda"
+        with claim_gpu("cuda", count=8) as c:
+            assert c == "cuda:0"  # the spread ones held no index
     # from threads at once, as the task runner's workers claim them
     seen, barrier = [], threading.Barrier(4)
 

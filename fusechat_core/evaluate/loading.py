@@ -31,6 +31,9 @@ class EvalModel:
     chat_template: str | None = None
     trust_remote_code: bool = False
     dtype: str | None = None  # the model's own precision where its config names one
+    # spread over every visible GPU (a source's ``device_map``): Mixtral-8x7B in bf16 (~94 GB)
+    # fits no 80 GB GPU alone; it was evaluated on one
+    device_map: str | None = None
 
     @property
     def tokenizer_ref(self) -> str:
@@ -52,7 +55,8 @@ def resolve_model(store: ArtifactStore, name: str, ref: dict[str, Any]) -> EvalM
     return EvalModel(name=name, path=resolve_ref(path), revision=spec.get("revision"),
                      tokenizer=spec.get("tokenizer"), chat_template=spec.get("chat_template"),
                      trust_remote_code=bool(spec.get("trust_remote_code")),
-                     dtype=spec.get("dtype") if spec.get("dtype") not in (None, "auto") else None)
+                     dtype=spec.get("dtype") if spec.get("dtype") not in (None, "auto") else None,
+                     device_map=spec.get("device_map"))
 
 
 def load_for_eval(model: EvalModel, device: str = "auto",

@@ -65,8 +65,8 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
     need_model = need_answers or (dataset is not None and (cfg.heldout_nll or cfg.exact_match_sources))
     if need_model:
         # a GPU of its own among this process's evaluations (an 8-GPU node, 8 threads)
-        with claim_gpu(pick_device(cfg.device)) as on:
-            model = resolve_model(store, name, model_ref)
+        model = resolve_model(store, name, model_ref)
+        with claim_gpu(pick_device(cfg.device), spread=bool(model.device_map)) as on:
             lm, tok, fmt, device = load_for_eval(model, on, cfg.dtype)
             # the kind, not the index: which GPU it was given is no part of what it measured
             results["device"] = device.split(":")[0]
