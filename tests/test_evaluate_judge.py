@@ -535,6 +535,14 @@ def test_a_rate_limit_uses_no_retry_and_pauses_every_request_of_the_client(judge
     assert reply == "[[6]]" and s.log[1]["t"] - s.log[0]["t"] >= 0.39
     assert "waiting 0.4 s for judge (the server's wait)" in lines[-1]
 
+    # a proxy that says "wait 0" to every 429 is not asked in a tight loop: the waits grow
+    s.log.clear()
+    s.scripts[(-1, 1)] = [(429, {"Retry-After": "0"}, RATE_LIMITED)] * 6 + ["[[4]]"]
+    reply, _, _ = _ask(_settings(s, api_key_env=None, backoff_base_s=0.05, backoff_max_s=1.0, deadline_s=60), lines)
+    gaps = [b["t"] - a["t"] for a, b in zip(s.log, s.log[1:])]
+    assert reply == "[[4]]" and len(s.log) == 7
+    assert all(g >= min(1.0, 0.05 * 2 ** k) / 2 - 0.01 for k, g in enumerate(gaps)), gaps  # 0.025 ... 0.5 s
+
 
 def test_a_spent_quota_fails_at_once_and_a_key_with_its_newline_still_works(judge_server, monkeypatch):
     from fusechat_core.evaluate.judge import _duration

@@ -401,6 +401,11 @@ def test_an_unscored_turn_counts_in_no_questions_mean_and_old_results_have_no_in
     assert q == {"id": [1, 2, 3], "category": ["writing", "math", "math"], "score_sum": [8.0, 6.0, 0.0],
                  "scored": [1, 2, 0]}
     old = {k: v for k, v in summarise(js).items() if k != "questions"}  # an evaluation before version 4
+    # a judge that never gave a rating: no average, no interval, and the report is still made
+    silent = [Judgment(1, "writing", t, "p", "j", "unparsable") for t in (1, 2)]
+    build_report("Run", {"c": {"model": "c", "mt_bench": {**summarise(silent), "judge_model": "j"}}},
+                 tmp_path / "silent")
+    assert json.loads((tmp_path / "silent" / "report.json").read_text())["mt_bench"] is None
     rep = build_report("Run", {"a": {"model": "a", "mt_bench": {**summarise(js), "judge_model": "j"}},
                                "b": {"model": "b", "mt_bench": {**old, "judge_model": "j"}}}, tmp_path)
     data = json.loads((tmp_path / "report.json").read_text())["mt_bench"]

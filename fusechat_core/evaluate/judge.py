@@ -322,7 +322,10 @@ class JudgeClient:
                             f"judge {self.url}: HTTP {resp.status_code}: {_error_message(resp)}"))
             if rate_limited and (self._deadline is not None or limited < RATE_LIMIT_RETRIES_PER_RETRY * attempts):
                 limited += 1
-                delay = wait if wait is not None else self._backoff(min(limited - 1, 16))
+                # the server's wait, but never less than half the backoff so far: a proxy saying
+                # "Retry-After: 0" to every request would otherwise be asked in a tight loop
+                floor = min(s.backoff_max_s, s.backoff_base_s * 2 ** min(limited - 1, 16)) / 2
+                delay = max(wait, floor) if wait is not None else self._backoff(min(limited - 1, 16))
                 counted = f"rate limited ({limited}), no retry used"
             else:
                 if attempt == s.max_retries:

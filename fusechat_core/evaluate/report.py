@@ -428,7 +428,8 @@ def mt_bench_intervals(results: Mapping[str, dict], roles: Mapping[str, Any] | N
     merge's margin over it, paired (the same questions drawn for both) with a verdict. At 80
     questions an average moves by about ±0.1-0.2: the paper's gaps between methods are often
     smaller. Only the questions drawn vary, not the answers' sampling or the judge's."""
-    names = [n for n, r in results.items() if (r.get("mt_bench") or {}).get("questions")]
+    # a model none of whose turns was scored (a judge that never gave a rating) has no average
+    names = [n for n in results if _question_columns(results, [n]) is not None]
     if not names:
         return None
 
