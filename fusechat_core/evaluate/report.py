@@ -105,7 +105,8 @@ def _grouped_bars(ax: Any, groups: list[str], series: Mapping[str, list[float | 
     ax.set_xticklabels(groups, rotation=20, ha="right")
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small", ncol=min(n, 4))
+    if ax.get_legend_handles_labels()[0]:  # every value missing (no verdict scored): no bar, no legend
+        ax.legend(fontsize="small", ncol=min(n, 4))
 
 
 def _figure() -> tuple[Any, Any]:
