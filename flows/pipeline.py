@@ -13,6 +13,7 @@ invalidated. Tasks exchange small references, never data.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -132,14 +133,19 @@ def deployed_max_workers() -> int:
     flow's runner is fixed when the flow is loaded, before the config is read), else
     ``runner.max_workers``' default."""
     raw = os.environ.get(MAX_WORKERS_ENV, "").strip()
+    default = RunnerConfig().max_workers
     if not raw:
-        return RunnerConfig().max_workers
+        return default
     try:
         n = int(raw)
     except ValueError:
         n = 0
     if n < 1:
-        raise ValueError(f"{MAX_WORKERS_ENV}: {raw!r} is not a positive whole number of worker threads")
+        # read when this module is imported, by `fusechat run` too (which never uses it): a
+        # warning, not an error that would stop every command of the CLI
+        logging.getLogger("fusechat").warning("%s: %r is not a positive whole number of worker threads; "
+                                              "a deployed run uses %d", MAX_WORKERS_ENV, raw, default)
+        return default
     return n
 
 
