@@ -79,6 +79,13 @@ def mt_bench_judgments_address(name: str, answers_address: str, evaluate: Evalua
     return stage_address("mt_bench_judgments", section, {"answers": answers_address}, key=name)
 
 
+def earlier_judgments(name: str, model_ref: dict, evaluate: EvaluateConfig, dataset: str | None) -> list[str]:
+    """Where versions before ``mt_bench_judgments`` kept a model's verdicts: under its
+    evaluation's address at evaluate stage version 3 (160 paid GPT-4 verdicts a model, found
+    there and copied rather than bought again after an upgrade)."""
+    return [stage_address("evaluate", *evaluate_inputs(model_ref, evaluate, dataset), key=name, version=3)]
+
+
 # How long and how often the judge is asked never changes a verdict it gives, so
 # changing the budget must not start a paid grading over (as train.checkpoint_every).
 JUDGE_BUDGET = ("judge_concurrency", "judge_timeout_s", "judge_max_retries", "judge_max_retry_after_s",

@@ -21,6 +21,7 @@ def evaluate_model(config: dict, name: str, model: dict, address: str, store: st
     from fusechat_core.config import EvaluateConfig, RunConfig
     from fusechat_core.evaluate import evaluate_model as _evaluate_model
     from fusechat_core.evaluate.loading import run_model_ref
+    from fusechat_core.plan import earlier_judgments
 
     started = time.monotonic()
     logger = get_run_logger()
@@ -29,15 +30,19 @@ def evaluate_model(config: dict, name: str, model: dict, address: str, store: st
     if "pivot" in config:  # a whole run config: resolve demo models and the pivot's template
         run = RunConfig.model_validate(config)
         cfg = run.evaluate
+        # from the plan's model reference, as the evaluation's address was (before resolving it)
+        earlier = earlier_judgments(name, model, cfg, dataset)
         if computed:
             model = run_model_ref(run, name, model, st)
     else:
         cfg = EvaluateConfig.model_validate(config.get("evaluate", config))
+        earlier = earlier_judgments(name, model, cfg, dataset)
     bars = {"mt_bench": ProgressArtifact(f"Evaluation of {name}: MT-Bench questions answered"),
             "heldout": ProgressArtifact(f"Evaluation of {name}: held-out sequences measured"),
             "judge": ProgressArtifact(f"Evaluation of {name}: MT-Bench questions graded")}
     results = _evaluate_model(st, address, name, model, cfg, dataset=dataset, answers_address=answers,
-                              progress=logger.info, on_count=lambda what, done, total: bars[what](done, total))
+                              progress=logger.info, on_count=lambda what, done, total: bars[what](done, total),
+                              earlier=earlier)
     summary = {k: results[k]["all"] for k in ("heldout_nll", "exact_match") if k in results}
     if "mt_bench" in results:
         mt = results["mt_bench"]

@@ -114,7 +114,9 @@ def test_fusechat_eval_end_to_end(tiny_models, mt_subset, tmp_path, monkeypatch,
         assert main(argv[:-3] + ["--judge-model", "judge-2", "--max-new-tokens", "3", "--json"] + budget) == 0
         out = capsys.readouterr()
         other = _last_json(out.out)
-        assert "waiting 0.2 s for judge (the server's wait), rate limited (1), no retry used" in out.err
+        # the server's 100000 s capped at 0.2 s, then raised to the first 429's floor (half the 1 s backoff)
+        assert "HTTP 429 (asked to wait 100000 s, capped at 0.2 s); waiting 0.5 s for judge (the server's wait), " \
+               "rate limited (1), no retry used" in out.err
         asked = judge.requests(81, 1)
         assert [r["body"]["model"] for r in asked] == ["judge-1", "judge-2", "judge-2"]
         assert asked[2]["t"] - asked[1]["t"] < 5
@@ -290,3 +292,36 @@ def test_an_evaluation_records_the_precision_the_model_ran_in(tiny_models, tmp_p
                            dataset=dataset)
     assert (named["dtype"], plain["dtype"]) == ("bfloat16", "float32")
     assert named["device"] == plain["device"] == "cpu"
+
+
+def test_verdicts_an_earlier_version_kept_are_not_bought_again(tiny_models, mt_subset, tmp_path):
+    """Before their own address, verdicts lived under the evaluation's (evaluate version 3):
+    after an upgrade they are found there and copied, not bought again (160 GPT-4 requests
+    a model)."""
+    from fusechat_core.config import EvaluateConfig
+    from fusechat_core.evaluate.judge import judgment_address
+    from fusechat_core.evaluate.stage import evaluate_model
+    from fusechat_core.plan import earlier_judgments, mt_bench_answers_address, mt_bench_judgments_address
+
+    mt_url, _ = mt_subset
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    ref = {"model": {"path": str(tiny_models["pivot"])}}
+    with JudgeServer({q.turns[0]: q.question_id for q in load_mt_bench(mt_url).questions}) as judge:
+        judge.default = "Fine. Rating: [[7]]"
+        cfg = EvaluateConfig(mt_bench=True, mt_bench_data=mt_url, judge_base_url=judge.url, judge_model="judge-1",
+                             judge_api_key_env="FUSECHAT_NO_SUCH_KEY", max_new_tokens=3, heldout_nll=False,
+                             exact_match_sources=[])
+        answers = mt_bench_answers_address("pivot", ref, cfg)
+        [old] = earlier_judgments("pivot", ref, cfg, None)
+        first = evaluate_model(store, "evaluate/now", "pivot", ref, cfg, answers_address=answers, earlier=[old])
+        assert len(judge.log) == 2 * len(QIDS)
+        # the store as an older version left it: the verdicts under the old evaluation's address
+        new = mt_bench_judgments_address("pivot", answers, cfg)
+        for q in QIDS:
+            store.put_dir(judgment_address(old, q), store.fetch(judgment_address(new, q)))
+            store.delete(judgment_address(new, q))
+        store.delete("evaluate/now")
+        again = evaluate_model(store, "evaluate/now", "pivot", ref, cfg, answers_address=answers, earlier=[old])
+        assert len(judge.log) == 2 * len(QIDS)  # nothing bought again
+        assert again["mt_bench"]["average"] == first["mt_bench"]["average"] == 7.0
+        assert all(store.is_complete(judgment_address(new, q)) for q in QIDS)  # kept at their place now

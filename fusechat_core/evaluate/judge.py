@@ -482,7 +482,8 @@ async def _grade_question(client: JudgeClient, data: MTBenchData, q: Question, a
 def grade_answers(store: ArtifactStore, judgments_address: str, data: MTBenchData, answers: Sequence[dict],
                   settings: JudgeSettings, *, max_failures: int = 0,
                   progress: Callable[[str], None] | None = None,
-                  on_count: Callable[[int, int], None] | None = None) -> list[Judgment]:
+                  on_count: Callable[[int, int], None] | None = None,
+                  earlier: Sequence[str] = ()) -> list[Judgment]:
     """Grade every answer (both turns), reusing judgments saved under ``judgments_address``
     (``plan.mt_bench_judgments_address``) by an earlier attempt or evaluation.
 
@@ -493,29 +494,43 @@ def grade_answers(store: ArtifactStore, judgments_address: str, data: MTBenchDat
     ``on_count(done, total)``: questions done (graded now or by an earlier attempt, or failed
     after every retry) of all, called from a thread of its own with the caller's context and no event loop running,
     as a synchronous caller's callback expects (a Prefect progress artifact needs both).
+    ``earlier``: where older versions kept a question's verdicts (``plan.earlier_judgments``):
+    one found there for the same answer is copied here instead of being bought again.
     """
-    return _run(_grade_all(store, judgments_address, data, answers, settings, max_failures, progress, on_count))
+    return _run(_grade_all(store, judgments_address, data, answers, settings, max_failures, progress, on_count,
+                           earlier))
 
 
 async def _grade_all(store: ArtifactStore, address: str, data: MTBenchData, answers: Sequence[dict],
                      settings: JudgeSettings, max_failures: int,
                      progress: Callable[[str], None] | None,
-                     on_count: Callable[[int, int], None] | None = None) -> list[Judgment]:
+                     on_count: Callable[[int, int], None] | None = None,
+                     earlier: Sequence[str] = ()) -> list[Judgment]:
     say = progress or log.info
     found: dict[int, list[Judgment]] = {}
     kept: dict[int, dict[int, Judgment]] = {}  # a question's turns graded, where another one failed
-    todo = []
+    todo, moved = [], 0
     for ans in answers:
         qid = ans["question_id"]
-        addr = judgment_address(address, qid)
-        if store.is_complete(addr):
+        for at, prefix in enumerate([address, *earlier]):
+            addr = judgment_address(prefix, qid)
+            if not store.is_complete(addr):
+                continue
             saved = [Judgment(**r) for r in store.read_json(addr, judgment_file(qid))]
-            if all(j.answer_digest == answer_digest(ans) for j in saved):
-                if all(j.status != "failed" for j in saved):
-                    found[qid] = saved
-                    continue
+            if any(j.answer_digest != answer_digest(ans) for j in saved):
+                continue
+            if at:  # an older version's place: kept here from now on
+                await asyncio.to_thread(_save, store, address, qid, saved)
+                moved += 1
+            if all(j.status != "failed" for j in saved):
+                found[qid] = saved
+            else:
                 kept[qid] = {j.turn: j for j in saved if j.status != "failed"}
-        todo.append(ans)
+            break
+        if qid not in found:
+            todo.append(ans)
+    if moved:
+        say(f"judge: {moved} questions' verdicts found where an earlier version kept them; not bought again")
     if found:
         say(f"judge: {len(found)} questions already graded, {len(todo)} to grade")
     done, total = len(found), len(answers)

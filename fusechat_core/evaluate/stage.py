@@ -13,7 +13,7 @@ import logging
 import re
 import tempfile
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fusechat_core.config import EvaluateConfig
@@ -46,13 +46,15 @@ def _public_url(url: str) -> str:
 def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dict[str, Any],
                    cfg: EvaluateConfig, *, dataset: str | None = None, answers_address: str | None = None,
                    progress: Callable[[str], None] | None = None,
-                   on_count: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+                   on_count: Callable[[str, int, int], None] | None = None,
+                   earlier: Sequence[str] = ()) -> dict[str, Any]:
     """Evaluate one model into the artifact at ``address``; returns its results.
 
     ``on_count(what, done, total)``: ``mt_bench`` questions answered, ``heldout`` sequences measured,
     ``judge`` questions graded.
     ``answers_address`` is where the MT-Bench answers live (``RunPlan.mt_bench_answers``);
-    ``dataset`` the dataset artifact whose held-out split is measured.
+    ``dataset`` the dataset artifact whose held-out split is measured; ``earlier``: where older
+    versions kept this model's verdicts (``plan.earlier_judgments``), reused from there.
     """
     say = progress or log.info
     if store.is_complete(address):
@@ -106,7 +108,7 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
         settings = JudgeSettings.from_config(cfg)
         verdicts = mt_bench_judgments_address(name, answers_address, cfg)
         judgments = grade_answers(store, verdicts, data, answers, settings, max_failures=cfg.judge_max_failures,
-                                  progress=say,
+                                  progress=say, earlier=earlier,
                                   on_count=None if on_count is None else lambda d, t: on_count("judge", d, t))
         results["mt_bench"] = {**summarise(judgments), "judge_model": cfg.judge_model,
                                "judge_base_url": _public_url(cfg.judge_base_url),
@@ -212,7 +214,7 @@ def evaluate_standalone(store: ArtifactStore, model: str, cfg: EvaluateConfig, *
     from pathlib import Path
 
     from fusechat_core.config import _HUB_ID
-    from fusechat_core.plan import mt_bench_answers_address, standalone_evaluate_address
+    from fusechat_core.plan import earlier_judgments, mt_bench_answers_address, standalone_evaluate_address
 
     local = Path(model).expanduser()
     extra = {k: v for k, v in (("tokenizer", tokenizer), ("chat_template", chat_template)) if v}
@@ -234,6 +236,7 @@ def evaluate_standalone(store: ArtifactStore, model: str, cfg: EvaluateConfig, *
     answers = mt_bench_answers_address(name, ref, cfg) if cfg.mt_bench else None
     address = standalone_evaluate_address(name, ref, cfg, dataset)
     results = evaluate_model(store, address, name, ref, cfg, dataset=dataset, answers_address=answers,
+                             earlier=earlier_judgments(name, ref, cfg, dataset),
                              progress=progress)
     report_address = f"{address}/report"
     if not store.is_complete(report_address):
