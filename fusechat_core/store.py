@@ -73,6 +73,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # A writer's temporary file: ``<file>.tmp-<host>-<pid>-<thread>``.
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 _TMP = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-(?P<tid>\d+)$")
+_FETCH_LOCKS: dict[str, threading.Lock] = {}  # a fetch's destination folder -> its lock (``fetch``)
+_FETCH_LOCKS_LOCK = threading.Lock()
 _UPLOADS_UNLISTED: set[str] = set()  # buckets where listing multipart uploads is refused (warned once)
 STALE_TMP_S = 3600  # a temporary file nobody has written for this long belongs to a dead writer
 
@@ -485,13 +487,20 @@ class ArtifactStore:
         a copy cut short copies only the files it had not finished.
         """
         man = self.require(address)
-        if self.scheme == "file" and dest is None:
-            folder = self.fetched_path(address, man)
-            for entry in man.files:
-                if not verify_local_file(folder / entry.path, entry.sha256):
-                    raise self.damaged(address, f"{entry.path} does not match its manifest's sha256")
-            return folder
         dest = Path(dest) if dest is not None else self.fetched_path(address, man)
+        # one copy (or hash) at a time per folder in this process: the first shard tasks of a
+        # run, started together, each copied the whole dataset split from S3 into one folder
+        with _FETCH_LOCKS_LOCK:
+            lock = _FETCH_LOCKS.setdefault(str(dest), threading.Lock())
+        with lock:
+            if self.scheme == "file" and dest == self.fetched_path(address, man):
+                for entry in man.files:
+                    if not verify_local_file(dest / entry.path, entry.sha256):
+                        raise self.damaged(address, f"{entry.path} does not match its manifest's sha256")
+                return dest
+            return self._fetch_into(address, man, dest)
+
+    def _fetch_into(self, address: str, man: Manifest, dest: Path) -> Path:
         done = dest / ".complete"
         if done.exists() and done.read_text() == man.digest:
             if all((dest / e.path).is_file() and verify_local_file(dest / e.path, e.sha256) for e in man.files):

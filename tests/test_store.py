@@ -452,3 +452,35 @@ def test_a_fetch_cut_short_copies_only_what_it_had_not_finished(s3_env, tmp_path
     assert (dest / "model-1.safetensors").stat().st_ino == kept  # finished: not copied again
     assert {rel: (dest / rel).read_bytes() for rel in files} == files
     assert (dest / ".complete").exists()
+
+
+def test_tasks_fetching_one_artifact_at_once_copy_it_once(s3_env, tmp_path, monkeypatch):
+    """The first shard tasks of a run start together and each fetch the dataset split: one of
+    them copies it from S3, the others find the copy (each copied all of it before)."""
+    import threading
+
+    monkeypatch.setenv("FUSECHAT_CACHE", str(tmp_path / "cache"))
+    store = ArtifactStore(f"s3://fusechat-test/{uuid.uuid4().hex}")
+    with store.writer("dataset/x") as w:
+        w.write_bytes("train.parquet", os.urandom(1 << 20))
+    opened = []
+    real = store.fs.open
+
+    def counting(path, mode="rb", **kw):
+        if "train.parquet" in str(path) and "r" in mode:
+            opened.append(path)
+        return real(path, mode, **kw)
+
+    monkeypatch.setattr(store.fs, "open", counting)
+    got, start = [], threading.Barrier(4)
+
+    def task():
+        start.wait(timeout=10)
+        got.append(store.fetch("dataset/x"))
+
+    threads = [threading.Thread(target=task) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(got)) == 1 and len(got) == 4 and len(opened) == 1
