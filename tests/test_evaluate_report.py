@@ -248,7 +248,7 @@ def test_the_gap_closed_leaves_out_rows_a_tokenizer_cut(tmp_path):
     rep = build_report("Run", results, tmp_path, roles=roles)
     assert "; 1 sequences left out, cut to evaluate.max_length" in rep["markdown"]
     g = json.loads((tmp_path / "report.json").read_text())["fusion"]["gap_closed"]["target-x"]
-    assert g["sequences"] == n - 1 and g["cut_left_out"] == 1
+    assert g["sequences"] == n // 2 - 1 and g["cut_left_out"] == 1  # of data source a's rows: the share's
     assert g["gap_closed"] == pytest.approx(1 / 3)  # by hand: 1 nat of 3 on every whole row
     rows_a = [i for i in range(1, n) if i % 2 == 0]
     assert g["per_domain"]["a"]["bpb"]["source"] == pytest.approx(
@@ -269,7 +269,7 @@ def test_a_gap_closed_measured_on_nothing_says_every_sequence_was_cut(tmp_path):
     rep = build_report("Run", results, tmp_path, roles=roles)
     g = json.loads((tmp_path / "report.json").read_text())["fusion"]["gap_closed"]["target-x"]
     assert g["gap_closed"] is None and g["status"] == "every sequence cut" and g["cut_domains"] == ["a"]
-    assert g["cut_left_out"] == n // 2 and g["sequences"] == n // 2  # b's rows were whole
+    assert g["cut_left_out"] == n // 2 and g["sequences"] == 0  # a's rows; b's, whole, are not compared
     assert ("**target-x** against `x`: not measured: every held-out sequence of a was cut to "
             "evaluate.max_length") in rep["markdown"]
     assert "plots/gap_closed.png" not in rep["plots"]  # no bar to draw

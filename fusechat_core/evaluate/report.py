@@ -274,7 +274,9 @@ def gap_closed(results: Mapping[str, dict], clm: str, target: str, source: str,
     if found is None:
         return _all_cut(results, [clm, target, source], over)
     strata, values, _, idx = found
-    measured = len(sequence_columns(results, [clm, target, source])[0])  # type: ignore[index]
+    # of the compared data sources only: rows of the others were never part of the share
+    measured = sum(s in over for s in sequence_columns(results, [clm, target, source])[0])  # type: ignore[index]
+    whole = sum(s in over for s in strata)
 
     def bpb(sums: np.ndarray, k: int) -> np.ndarray:
         return sums[..., idx, 3 * k] / (sums[..., idx, 3 * k + 2] * math.log(2))
@@ -299,7 +301,7 @@ def gap_closed(results: Mapping[str, dict], clm: str, target: str, source: str,
         at = 2 * (n + 1) + k
         return {"clm": float(est[at]), "target": float(est[at + n]), "source": float(est[at + 2 * n])}
 
-    return {"domains": list(over), **share(n), "sequences": len(strata), "cut_left_out": measured - len(strata),
+    return {"domains": list(over), **share(n), "sequences": whole, "cut_left_out": measured - whole,
             "per_domain": {d: {**share(k), "bpb": bpbs(k)} for k, d in enumerate(over)}}
 
 
@@ -313,10 +315,10 @@ def _all_cut(results: Mapping[str, dict], models: Sequence[str], over: Sequence[
         return None
     whole = sequence_columns(results, list(models), whole_only=True)
     have = set(whole[0]) if whole else set()
+    n_whole = sum(s in over for s in whole[0]) if whole else 0
     return {"domains": list(over), "gap": None, "gap_closed": None, "interval": None,
             "status": "every sequence cut", "cut_domains": [d for d in over if d not in have],
-            "sequences": len(whole[0]) if whole else 0, "cut_left_out": len(every[0]) - (len(whole[0]) if whole else 0),
-            "per_domain": {}}
+            "sequences": n_whole, "cut_left_out": sum(s in over for s in every[0]) - n_whole, "per_domain": {}}
 
 
 def fusion_vs_clm(domains: Mapping[str, Mapping[str, dict]], roles: Mapping[str, Any],
