@@ -34,7 +34,9 @@ BUILTIN_TOKENIZERS = {
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("FUSECHAT_CACHE", Path(tempfile.gettempdir()) / "fusechat-cache"))
+    from fusechat_core.store import cache_root
+
+    root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     return root
 

@@ -115,6 +115,12 @@ def _info_identity(scheme: str, info: dict[str, Any]) -> tuple:
     return (int(info.get("size", -1)), str(info.get("created", info.get("mtime", ""))))
 
 
+def cache_root() -> Path:
+    """This node's local cache (``FUSECHAT_CACHE``): fetched artifacts by manifest digest, and
+    the tokenizers ``models.cache_dir`` builds."""
+    return Path(os.environ.get("FUSECHAT_CACHE", Path(tempfile.gettempdir()) / "fusechat-cache"))
+
+
 def sha256_file(path: str | Path) -> str:
     """sha256 of a local file, read in chunks; the time goes to ``VERIFY_SECONDS``."""
     t0 = time.perf_counter()
@@ -487,13 +493,14 @@ class ArtifactStore:
         a copy cut short copies only the files it had not finished.
         """
         man = self.require(address)
+        in_place = self.scheme == "file" and dest is None  # the store's own folder, handed out as it is
         dest = Path(dest) if dest is not None else self.fetched_path(address, man)
         # one copy (or hash) at a time per folder in this process: the first shard tasks of a
         # run, started together, each copied the whole dataset split from S3 into one folder
         with _FETCH_LOCKS_LOCK:
             lock = _FETCH_LOCKS.setdefault(str(dest), threading.Lock())
         with lock:
-            if self.scheme == "file" and dest == self.fetched_path(address, man):
+            if in_place:
                 for entry in man.files:
                     if not verify_local_file(dest / entry.path, entry.sha256):
                         raise self.damaged(address, f"{entry.path} does not match its manifest's sha256")
@@ -541,8 +548,12 @@ class ArtifactStore:
         if self.scheme == "file":
             return Path(self._path(address))
         man = man or self.require(address)
-        cache = Path(os.environ.get("FUSECHAT_CACHE", Path(tempfile.gettempdir()) / "fusechat-cache"))
-        return cache / man.digest[:24]
+        return cache_root() / man.digest[:24]
+
+    def _found(self, path: str) -> str:
+        """A path as fsspec's glob/find give it, as ``_path`` makes them: the local filesystem
+        gives them without their leading slash."""
+        return path if path.startswith("/") or self.scheme != "file" else "/" + path
 
     def list(self, prefix: str = "") -> list[str]:
         """Addresses of complete artifacts under a prefix (a stage name, say)."""
@@ -554,8 +565,7 @@ class ArtifactStore:
                 return []
         root = self.root.rstrip("/") + "/"
         out = []
-        for p in found:
-            p = p if p.startswith("/") or self.scheme != "file" else "/" + p
+        for p in map(self._found, found):
             rel = p[len(root):] if p.startswith(root) else p.split(self.root.lstrip("/") + "/", 1)[-1]
             out.append(rel[: -len(MANIFEST) - 1])
         return sorted(out)
@@ -595,22 +605,16 @@ class ArtifactStore:
             found = self.fs.find(base)
         except FileNotFoundError:
             return removed
-        files = []
-        for p in found:
-            p = p if p.startswith("/") or self.scheme != "file" else "/" + p
-            if p.startswith(base + "/"):
-                files.append(p[len(base) + 1:])
+        files = [p[len(base) + 1:] for p in map(self._found, found) if p.startswith(base + "/")]
         own = {LEASE, LEASE + ".takeover"}
         # a folder below the address with its own manifest or lease is another artifact
         subs = {rel.rsplit("/", 1)[0] for rel in files
                 if "/" in rel and rel.rsplit("/", 1)[1] in (MANIFEST, LEASE)}
         for rel in files:
-            if rel in own or _TMP.search(rel) and rel.split(".tmp-")[0] in own:
-                continue
-            if any(rel.startswith(d + "/") for d in subs):
+            m = _TMP.search(rel)
+            if (rel[:m.start()] if m else rel) in own or any(rel.startswith(d + "/") for d in subs):
                 continue
             path = f"{base}/{rel}"
-            m = _TMP.search(rel)
             if m is not None and self.scheme == "file":
                 with contextlib.suppress(FileNotFoundError):
                     live = (m["host"] != _HOST or _alive(int(m["pid"]))) \
