@@ -254,9 +254,10 @@ class JudgeClient:
 
         A rate limit (429) is the API asking for patience, not a failure: it uses up no retry
         while ``deadline_s`` lasts (without one, at most ``RATE_LIMIT_RETRIES_PER_RETRY`` times
-        ``max_retries``), and pauses every request of this client until the wait is over, so
-        the others stop asking too. A GPT-4 tokens-per-minute limit lasts minutes: counted
-        as failures, six 429s in about a minute failed the evaluation and the run. A 429 for
+        ``max_retries``), and pauses every request this process sends that judge until the
+        wait is over (``_SharedJudge``), so the others stop asking too. A GPT-4 tokens-per-minute
+        limit lasts minutes: counted as failures, six 429s in about a minute failed the
+        evaluation and the run. A 429 for
         an exhausted quota (``insufficient_quota``) is an answer no wait changes."""
         import httpx
 
@@ -336,7 +337,7 @@ class JudgeClient:
             self.retries += 1
             if delay >= self._left():
                 raise self._past_deadline(last)
-            if rate_limited:  # every request of this client waits it out, not this one alone
+            if rate_limited:  # every request to this judge waits it out, not this one alone
                 self._judge.pause_until(time.monotonic() + delay)
             why = "the server's wait" if wait is not None else "backoff"
             self._say(self._scrub(f"judge: {last}; waiting {delay:.1f} s for judge ({why}), {counted}"))
@@ -384,23 +385,26 @@ def _reply_text(payload: dict) -> str:
     return content
 
 
-def _error_message(resp: Any) -> str:
+def _error(resp: Any) -> Any:
+    """The body's ``error`` (OpenAI's: a dict with ``message`` and ``code``; some servers: a
+    string), or None."""
     try:
-        err = resp.json().get("error")
-        msg = err.get("message") if isinstance(err, dict) else err
+        return resp.json().get("error")
     except (ValueError, AttributeError):
-        msg = None
+        return None
+
+
+def _error_message(resp: Any) -> str:
+    err = _error(resp)
+    msg = err.get("message") if isinstance(err, dict) else err
     text = str(msg or resp.text or "").strip().replace("\n", " ")
     return text[:200] or "(empty body)"
 
 
 def _error_code(resp: Any) -> str | None:
     """OpenAI's ``error.code`` (``insufficient_quota``, ``rate_limit_exceeded``), if any."""
-    try:
-        err = resp.json().get("error")
-        return err.get("code") if isinstance(err, dict) else None
-    except (ValueError, AttributeError):
-        return None
+    err = _error(resp)
+    return err.get("code") if isinstance(err, dict) else None
 
 
 # -- grading ---------------------------------------------------------------------

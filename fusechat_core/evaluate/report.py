@@ -197,6 +197,12 @@ def sequence_columns(results: Mapping[str, dict], models: Sequence[str], *,
         tables.append({i: (s, n, t, b) for i, s, n, t, b, c in zip(seq["id"], seq["source"], seq["nll"],
                                                                     seq["tokens"], seq["bytes"], cut)
                        if not (whole_only and c)})
+    return _paired(tables)
+
+
+def _paired(tables: Sequence[Mapping[Any, tuple]]) -> tuple[list[str], np.ndarray] | None:
+    """Rows every model's table has, paired by id: ``(stratum per row, [n, Σ columns])`` from
+    tables ``{id: (stratum, *columns)}``, one per model, ids in sorted order; None if none."""
     common = sorted(set.intersection(*(set(t) for t in tables)), key=str)
     if not common:
         return None
@@ -398,11 +404,7 @@ def _question_columns(results: Mapping[str, dict], models: Sequence[str]) -> tup
             return None
         tables.append({i: (c, s, n) for i, c, s, n in zip(q["id"], q["category"], q["score_sum"], q["scored"])
                        if n})
-    common = sorted(set.intersection(*(set(t) for t in tables)), key=str)
-    if not common:
-        return None
-    return ([str(tables[0][i][0]) for i in common],
-            np.array([[x for t in tables for x in t[i][1:]] for i in common], dtype=np.float64))
+    return _paired(tables)
 
 
 def _judged_apart(results: Mapping[str, dict], names: Sequence[str]) -> str | None:
@@ -432,7 +434,8 @@ def mt_bench_intervals(results: Mapping[str, dict], roles: Mapping[str, Any] | N
     questions an average moves by about ±0.1-0.2: the paper's gaps between methods are often
     smaller. Only the questions drawn vary, not the answers' sampling or the judge's."""
     # a model none of whose turns was scored (a judge that never gave a rating) has no average
-    names = [n for n in results if _question_columns(results, [n]) is not None]
+    own = {n: cols for n in results if (cols := _question_columns(results, [n])) is not None}
+    names = list(own)
     if not names:
         return None
 
@@ -440,8 +443,7 @@ def mt_bench_intervals(results: Mapping[str, dict], roles: Mapping[str, Any] | N
         return sums[..., :, 2 * k].sum(-1) / sums[..., :, 2 * k + 1].sum(-1)
 
     models = {}
-    for n in names:
-        strata, values = _question_columns(results, [n])  # type: ignore[misc]
+    for n, (strata, values) in own.items():
         est, lo, hi = paired_bootstrap(strata, values, lambda s: mean(s, 0)[..., None],
                                        n_resamples=N_RESAMPLES, seed=SEED, level=LEVEL)
         models[n] = {"average": float(est[0]), "interval": _interval(lo[0], hi[0]), "questions": len(strata)}
