@@ -274,3 +274,23 @@ def test_only_registries_whose_versions_enter_addresses_take_one():
     addressed.register("b", version=3)(object())
     assert addressed.versions(["a", "b", "b", "unknown"]) == {"b": 3}
     assert addressed.version("a") == 1
+
+
+def test_earlier_judgments_name_the_evaluation_addresses_version_3_gave(monkeypatch):
+    """Verdicts bought before they had an address of their own lived under the evaluation's
+    address at evaluate version 3: the plan itself, set back to that version, must give the
+    very places ``earlier_judgments`` looks in (a run's models and ``fusechat eval``'s)."""
+    from fusechat_core.config import load_config
+    from fusechat_core.plan import earlier_judgments, standalone_evaluate_address
+    from fusechat_core.stages import STAGE_VERSIONS
+
+    cfg = load_config("configs/fusechat-7b-varm.yaml", store="file:///x")
+    plan = RunPlan(cfg)
+    names = plan.evaluated_models()
+    looked = {n: earlier_judgments(n, plan.model_ref(n), cfg.evaluate, plan.dataset) for n in names}
+    ref = {"model": {"path": "/models/m"}}
+    standalone = earlier_judgments("m", ref, cfg.evaluate, None)
+    monkeypatch.setitem(STAGE_VERSIONS, "evaluate", 3)
+    then = RunPlan(cfg)
+    assert {n: [then.evaluate(n)] for n in names} == looked and len(names) > 5
+    assert standalone == [standalone_evaluate_address("m", ref, cfg.evaluate, None)]

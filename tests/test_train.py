@@ -859,11 +859,22 @@ def test_a_resume_from_s3_leaves_no_copy_of_its_checkpoint_on_the_node(fusion_in
         train_target(cfg, pivot=pivot, data=data(), store=store, address="train/s3", on_event=preempt)
     [(step, ck)] = complete_checkpoints(store, "train/s3")
     assert step == 2
-    copy = store.fetched_path(ck)
+    expected = store.fetched_path(ck)  # the node's cache, by the checkpoint's digest
+    fetched: list[tuple[str, Path, bool]] = []  # (address, folder, its files there when handed out)
+    real_fetch = ArtifactStore.fetch
+
+    def recording(self, address, dest=None):
+        folder = real_fetch(self, address, dest)
+        fetched.append((address, folder, (folder / "trainer_state.json").is_file()))
+        return folder
+
+    monkeypatch.setattr(ArtifactStore, "fetch", recording)
     events: list[dict] = []
     train_target(cfg, pivot=pivot, data=data(), store=store, address="train/s3", on_event=events.append)
     assert events[0] == {**events[0], "event": "resume", "step": 2}
-    assert not copy.exists() and copy.parent == cache  # read, then removed
+    [(address, copy, whole)] = [f for f in fetched if f[0] == ck]  # fetched once, into the cache, whole
+    assert whole and copy == expected and copy.parent == cache
+    assert not copy.exists()  # read, then removed
     ref = ArtifactStore(f"file://{tmp_path / 'ref'}")
     train_target(cfg, pivot=pivot, data=data(), store=ref, address="train/s3")
     ours = store.read_bytes("train/s3", "model.safetensors")
