@@ -162,11 +162,13 @@ def _stage_names() -> tuple[str, ...]:
 def status_rows(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
     """Every artifact of the run, with its shards: ``done``, ``damaged`` (committed, but a
     file is missing, short or fails its hash, or its manifest is malformed; ``reason`` says
-    which), ``k/N`` shards done, ``partial`` (started, not committed) or ``missing``, and its
+    which), ``k/N`` shards done, ``partial`` (started, not committed), ``skipped`` (held-out
+    measures of an evaluation done without them) or ``missing``, and its
     true size (its files and its shards'). ``verify``: re-hash every file."""
     store = ArtifactStore(cfg.store)
     rows = []
-    for node in RunPlan(cfg).nodes():
+    plan = RunPlan(cfg)
+    for node in plan.nodes():
         parts = [node.address] + [shard_address(node.address, i, node.shards) for i in range(node.shards)]
         checks = {a: store.check(a, verify=verify) for a in parts}
         own, done = checks[node.address], sum(checks[a].ok for a in parts[1:])
@@ -179,6 +181,9 @@ def status_rows(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
             state, reason = f"{done}/{node.shards}", ""
         elif own.ok or store.fs.exists(store._path(node.address)):
             state, reason = "partial", ""
+        elif node.stage == "heldout_measures" and store.is_complete(plan.evaluate(node.key)):
+            # an evaluation made before the measures had an address of their own: never needed
+            state, reason = "skipped", f"evaluate[{node.key}] is done without it"
         else:
             state, reason = "missing", ""
         sizes = [c.manifest.size for c in checks.values() if c.manifest is not None]

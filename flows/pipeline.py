@@ -2,7 +2,8 @@
 
     demo models ─► dataset ─► represent[model × shard] ─► align[source × shard] ─► train[target]
                                                                                        │
-                  report ◄─ evaluate[model] ◄──────────────── merge[method] ◄──────────┘
+        report ◄─ evaluate[model] ◄─ measure[model] ◄──── merge[method] ◄──────────┘
+                  (the judge)        (GPU: answers, held-out measures)
 
 Every task is keyed by its artifact address (``fusechat_core.plan``): running
 the flow again skips what is finished, resumes what is not (shards, training
@@ -31,7 +32,7 @@ from tasks._stage import ensure_gpu_limit, open_store, result_storage_for, tell_
 from tasks.align import align_shard, build_vocab_map, finish_align
 from tasks.dataset import build_dataset
 from tasks.demo import build_demo_model
-from tasks.evaluate import build_run_report, evaluate_model
+from tasks.evaluate import build_run_report, evaluate_model, measure_model
 from tasks.merge import merge_targets
 from tasks.represent import submit_represent
 from tasks.train import train_target
@@ -214,9 +215,9 @@ def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str
     gpu_tags = ensure_gpu_limit(cfg.runner.gpu_tag, cfg.runner.gpu_concurrency) if cfg.runner.gpu_tag else []
     st = open_store(store)
 
-    def gpu(address: str) -> list[str]:
+    def gpu(*addresses: str) -> list[str]:
         # A finished stage needs no GPU: it must not queue for a GPU slot just to report Cached.
-        return [] if st.is_complete(address) else gpu_tags
+        return [] if all(map(st.is_complete, addresses)) else gpu_tags
     results: dict[str, Any] = {}
     stop = STAGES.index(until)
 
@@ -276,11 +277,27 @@ def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str
     if stop <= STAGES.index("merge"):
         return results
 
-    evaluated = {n: evaluate_model.with_options(tags=gpu(plan.evaluate(n)), **opts).submit(
-        config, n, plan.model_ref(n), plan.evaluate(n), store, dataset=plan.dataset,
-        answers=plan.mt_bench_answers(n) if cfg.evaluate.mt_bench else None)
+    # Each evaluation in two steps: answers and held-out measures hold the model and a GPU
+    # slot; the judge's grading (hours of a paid API at 7B) holds neither. Every GPU step is
+    # submitted before any grading: the runner's threads go to them first, so gradings
+    # waiting on a judge never hold every thread while a GPU step waits for one.
+    answers = {n: plan.mt_bench_answers(n) if cfg.evaluate.mt_bench else None for n in plan.evaluated_models()}
+    measures = {n: plan.heldout_measures(n) for n in plan.evaluated_models()}
+    made = {n: [a for a in (measures[n], answers[n]) if a] for n in plan.evaluated_models()}
+    measured = {n: measure_model.with_options(tags=gpu(*made[n]), **opts).submit(
+        config, n, plan.model_ref(n), made[n][0], store, dataset=plan.dataset, answers=answers[n])
+        for n in plan.evaluated_models()
+        # an evaluation finished before its measures had an address of their own needs none
+        if made[n] and not (st.is_complete(plan.evaluate(n)) and not all(map(st.is_complete, made[n])))}
+    evaluated = {n: evaluate_model.with_options(**opts).submit(
+        config, n, plan.model_ref(n), plan.evaluate(n), store, dataset=plan.dataset, answers=answers[n],
+        measures=measures[n], measured=n in measured, wait_for=[measured[n]] if n in measured else None)
         for n in plan.evaluated_models()}
-    _settle(results, {f"evaluate[{n}]": f for n, f in evaluated.items()})
+    wait([*measured.values(), *evaluated.values()])  # every model's grading ends before a failure is raised
+    # under the label of the artifact each step is keyed by, as in the plan
+    _settle(results, {f"{'heldout_measures' if measures[n] else 'mt_bench_answers'}[{n}]": f
+                      for n, f in measured.items()})
+    _settle(results, {f"evaluate[{n}]": f for n, f in evaluated.items()}, upstream=list(measured.values()))
     if stop <= STAGES.index("evaluate"):
         return results
 

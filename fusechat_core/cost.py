@@ -52,7 +52,7 @@ H100_BF16_DENSE_TFLOPS = 989.0
 DEFAULT_UTILISATION = 0.4
 
 MT_BENCH_TURNS = 160  # 80 questions × 2 turns
-GPU_STAGES = ("represent", "train", "mt_bench_answers", "evaluate")
+GPU_STAGES = ("represent", "train", "mt_bench_answers", "heldout_measures")
 # Rows of a published data file whose size its source does not say (``count: null``):
 # the paper's 95,000 conversations of FuseChat-Mixture (SPEC §1.1).
 PUBLISHED_ROWS = {("FuseAI/FuseChat-Mixture", "fusechat_v1_clean_split_2048_filter_wrong.json"): 95_000}
@@ -374,8 +374,8 @@ class Costing:
             model, passes = _evaluated_model(self.plan, node.key), 2  # type: ignore[arg-type]
             t = MT_BENCH_TURNS * self.cfg.evaluate.max_new_tokens
             work = Work(MT_BENCH_TURNS, t, None, "bound")
-        elif node.stage == "evaluate":
-            if self.cfg.evaluate.heldout_nll:  # else it only grades answers: no GPU work here
+        elif node.stage == "heldout_measures":
+            if self.cfg.evaluate.heldout_nll:  # exact match alone: a few short generations, not counted
                 model, passes = _evaluated_model(self.plan, node.key), 2  # type: ignore[arg-type]
                 work = self.dataset_work("heldout", self.cfg.evaluate.max_length)
         # stages whose bytes are estimated at all (the small ones: vocab maps, evaluations, the report, not)
@@ -428,7 +428,7 @@ def _evaluated_model(plan: RunPlan, name: str) -> str:
 
 def _state_word(status: str, shards: int) -> tuple[str, int]:
     """``status_rows``' state in the plan's words: cached / to run / partial (n of m shards)."""
-    if status == "done":
+    if status in ("done", "skipped"):  # skipped: what used it is done, nothing will make it
         return "cached", shards
     if "/" in status:
         n = int(status.split("/")[0])

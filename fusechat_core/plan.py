@@ -15,7 +15,9 @@ Addresses depend only on what a stage reads (incremental fusion):
   one λ it is trained at: a λ ablation (``train.lam`` a list) adds targets and recomputes nothing
   upstream, its first λ's targets being those of a run with that λ alone;
 - ``merge[method]``: every source's target, the method and its parameters;
-- ``evaluate[n]``: model ``n`` and the evaluate section; ``report``: every evaluation.
+- ``mt_bench_answers[n]``, ``heldout_measures[n]``: model ``n`` and the evaluate fields each
+  reads (the GPU part of an evaluation); ``evaluate[n]``: model ``n`` and the evaluate section
+  (its judge grades the answers); ``report``: every evaluation.
 
 So adding or removing a source leaves the dataset, the pivot's and the other
 sources' representations, vocab maps, alignments and targets at their addresses
@@ -96,6 +98,28 @@ def evaluate_inputs(model_ref: dict, evaluate: EvaluateConfig, dataset: str | No
     """(section, upstream) of an evaluation: what it measures, of which model, on which dataset."""
     upstream = {"dataset": dataset or "", **{k: str(v) for k, v in model_ref.items()}}
     return evaluate.model_dump(mode="json", exclude=set(JUDGE_BUDGET)), upstream
+
+
+# What the held-out measures read of the evaluate section: the judge and MT-Bench are no part
+# of them, so a new judge (or answers) keeps them and never needs the model again.
+HELDOUT_FIELDS = ("heldout_nll", "exact_match_sources", "exact_match_max_new_tokens", "max_length", "batch_size",
+                  "device", "dtype")
+
+
+def heldout_measures_inputs(model_ref: dict, evaluate: EvaluateConfig, dataset: str | None
+                            ) -> tuple[dict, dict] | None:
+    """(section, upstream) of a model's held-out measures (NLL, exact match); None when the
+    evaluation measures nothing offline (no dataset, or both measures off)."""
+    if dataset is None or not (evaluate.heldout_nll or evaluate.exact_match_sources):
+        return None
+    section = {k: getattr(evaluate, k) for k in HELDOUT_FIELDS}
+    return section, {"dataset": dataset, **{k: str(v) for k, v in model_ref.items()}}
+
+
+def heldout_measures_address(name: str, model_ref: dict, evaluate: EvaluateConfig,
+                             dataset: str | None) -> str | None:
+    inputs = heldout_measures_inputs(model_ref, evaluate, dataset)
+    return None if inputs is None else stage_address("heldout_measures", *inputs, key=name)
 
 
 def evaluate_address(name: str, model_ref: dict, evaluate: EvaluateConfig, dataset: str | None) -> str:
@@ -354,6 +378,11 @@ class RunPlan:
         section, upstream = mt_bench_answers_inputs(self.model_ref(name), self.cfg.evaluate)
         return self._address("mt_bench_answers", section, upstream, key=name, root="evaluate")
 
+    def heldout_measures(self, name: str) -> str | None:
+        """Where model ``name``'s held-out measures are kept (None: the run measures none)."""
+        inputs = heldout_measures_inputs(self.model_ref(name), self.cfg.evaluate, self.dataset)
+        return None if inputs is None else self._address("heldout_measures", *inputs, key=name, root="evaluate")
+
     def evaluate(self, name: str) -> str:
         section, upstream = evaluate_inputs(self.model_ref(name), self.cfg.evaluate, self.dataset)
         return self._address("evaluate", section, upstream, key=name, root="evaluate")
@@ -433,6 +462,7 @@ class RunPlan:
         out += [Node("merge", m, self.merge(m)) for m in self.merge_methods()]
         if self.cfg.evaluate.mt_bench:
             out += [Node("mt_bench_answers", n, self.mt_bench_answers(n)) for n in self.evaluated_models()]
+        out += [Node("heldout_measures", n, a) for n in self.evaluated_models() if (a := self.heldout_measures(n))]
         out += [Node("evaluate", n, self.evaluate(n)) for n in self.evaluated_models()]
         out.append(Node("report", None, self.report()))
         return out

@@ -34,6 +34,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "merge": 1,
     "mt_bench_answers": 2,  # 2: the evaluation's dtype is an input (answers generated in it)
     "mt_bench_judgments": 1,
+    "heldout_measures": 1,
     # 2: held-out NLL per sequence, for the report's bootstrap; 3: bytes of the words, once; rows cut;
     # 4: MT-Bench results keep per-question scores (the report's intervals)
     "evaluate": 4,

@@ -21,6 +21,7 @@ the marker, so the next run re-hashes, finds it and recomputes that artifact.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -91,16 +92,21 @@ def _drop_record(store: ArtifactStore, key: str) -> None:
             store.fs.rm(path)
 
 
+@dataclasses.dataclass
 class StageAddressPolicy(CachePolicy):
     """Cache key = the ``address`` argument of the task; valid only while the artifact's files
-    match their manifest (the rule in this module's docstring)."""
+    match their manifest (the rule in this module's docstring). ``also``: the task's other
+    arguments naming artifacts it makes (None: not made); each must be complete too."""
+
+    also: tuple[str, ...] = ()
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
         address = inputs["address"]
         store = open_store(inputs["store"])
         key = record_key(address)
-        if not store.is_complete(address):
+        made = [address, *(inputs[k] for k in self.also if inputs.get(k))]
+        if not all(store.is_complete(a) for a in made):
             _drop_record(store, key)
         return key
 
@@ -142,7 +148,7 @@ def stage_task(**options: Any) -> Callable[[Callable[..., Any]], Any]:
         def body(*args: Any, **kwargs: Any) -> Any:
             with stops_with_its_flow_run():
                 return fn(*args, **kwargs)
-        return task(**options, **STAGE_TASK_OPTIONS)(body)
+        return task(**{**STAGE_TASK_OPTIONS, **options})(body)
     return decorate
 
 

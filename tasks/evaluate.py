@@ -1,46 +1,84 @@
-"""Evaluation tasks: one model (MT-Bench answers + judge, held-out measures), and the run's report."""
+"""Evaluation tasks: one model's GPU step (MT-Bench answers, held-out measures), its grading
+by the judge and results, and the run's report."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prefect import get_run_logger
 
-from tasks._stage import ProgressArtifact, open_store, run_name, stage_done, stage_task
+from tasks._stage import ProgressArtifact, StageAddressPolicy, open_store, run_name, stage_done, stage_task
+
+
+def _evaluate_section(config: dict, name: str, model: dict, st: Any, resolve: bool) -> tuple[Any, dict]:
+    """The evaluate section of ``config`` (a whole run config, or just that section) and the
+    model to load: a run's demo models and the pivot's template resolved when ``resolve``."""
+    from fusechat_core.config import EvaluateConfig, RunConfig
+    from fusechat_core.evaluate.loading import run_model_ref
+
+    if "pivot" in config:
+        run = RunConfig.model_validate(config)
+        return run.evaluate, run_model_ref(run, name, model, st) if resolve else model
+    return EvaluateConfig.model_validate(config.get("evaluate", config)), model
+
+
+@stage_task(name="measure", task_run_name=run_name("measure", "name", label="model"), retries=1,
+            retry_delay_seconds=30, cache_policy=StageAddressPolicy(also=("answers",)))
+def measure_model(config: dict, name: str, model: dict, address: str, store: str, dataset: str | None = None,
+                  answers: str | None = None) -> dict:
+    """An evaluation's GPU step: model ``name``'s MT-Bench answers (at ``answers``) and held-out
+    measures on ``dataset`` (at ``address``, when the run measures any; else ``address`` is the
+    answers'). The judge grades them in the evaluate task, which holds no GPU slot."""
+    from fusechat_core.evaluate.stage import MEASURES_FILE
+    from fusechat_core.evaluate.stage import measure_model as _measure_model
+
+    started = time.monotonic()
+    logger = get_run_logger()
+    st = open_store(store)
+    measures = None if address == answers else address
+    cfg, ref = _evaluate_section(config, name, model, st, resolve=True)
+    bars = {"mt_bench": ProgressArtifact(f"Evaluation of {name}: MT-Bench questions answered"),
+            "heldout": ProgressArtifact(f"Evaluation of {name}: held-out sequences measured")}
+    computed = _measure_model(st, name, ref, cfg, answers_address=answers, measures_address=measures,
+                              dataset=dataset, progress=logger.info,
+                              on_count=lambda what, done, total: bars[what](done, total))
+    figures = {}
+    if measures is not None:
+        found = st.read_json(measures, MEASURES_FILE)
+        figures = {k: found[k]["all"] for k in ("heldout_nll", "exact_match") if k in found}
+    return stage_done(st, address, f"Answers and held-out measures of `{name}`", started, computed=computed,
+                      figures=figures, model=name, answers=answers)
 
 
 @stage_task(name="evaluate", task_run_name=run_name("evaluate", "name", label="model"), retries=1,
             retry_delay_seconds=30)
 def evaluate_model(config: dict, name: str, model: dict, address: str, store: str,
-                   dataset: str | None = None, answers: str | None = None) -> dict:
-    """Evaluate one model of the run (``model``: ``RunPlan.model_ref(name)``).
+                   dataset: str | None = None, answers: str | None = None, measures: str | None = None,
+                   measured: bool = False) -> dict:
+    """Evaluate one model of the run (``model``: ``RunPlan.model_ref(name)``): the judge grades
+    its answers, and its results join the held-out measures.
 
-    ``config`` is the run config (or just its ``evaluate`` section); ``answers`` the
-    MT-Bench answers address (``RunPlan.mt_bench_answers(name)``).
+    ``config`` is the run config (or just its ``evaluate`` section); ``answers`` the MT-Bench
+    answers address (``RunPlan.mt_bench_answers(name)``), ``measures`` the held-out measures'
+    (``RunPlan.heldout_measures(name)``); ``measured``: the GPU step (:func:`measure_model`)
+    ran before this one, so nothing here should need the model.
     """
-    from fusechat_core.config import EvaluateConfig, RunConfig
     from fusechat_core.evaluate import evaluate_model as _evaluate_model
-    from fusechat_core.evaluate.loading import run_model_ref
     from fusechat_core.plan import earlier_judgments
 
     started = time.monotonic()
     logger = get_run_logger()
     st = open_store(store)
     computed = not st.is_complete(address)
-    if "pivot" in config:  # a whole run config: resolve demo models and the pivot's template
-        run = RunConfig.model_validate(config)
-        cfg = run.evaluate
-        # from the plan's model reference, as the evaluation's address was (before resolving it)
-        earlier = earlier_judgments(name, model, cfg, dataset)
-        if computed:
-            model = run_model_ref(run, name, model, st)
-    else:
-        cfg = EvaluateConfig.model_validate(config.get("evaluate", config))
-        earlier = earlier_judgments(name, model, cfg, dataset)
+    cfg, ref = _evaluate_section(config, name, model, st, resolve=computed)
+    # from the plan's model reference, as the evaluation's address was (before resolving it)
+    earlier = earlier_judgments(name, model, cfg, dataset)
     bars = {"mt_bench": ProgressArtifact(f"Evaluation of {name}: MT-Bench questions answered"),
             "heldout": ProgressArtifact(f"Evaluation of {name}: held-out sequences measured"),
             "judge": ProgressArtifact(f"Evaluation of {name}: MT-Bench questions graded")}
-    results = _evaluate_model(st, address, name, model, cfg, dataset=dataset, answers_address=answers,
+    results = _evaluate_model(st, address, name, ref, cfg, dataset=dataset, answers_address=answers,
+                              measures_address=measures, expect_measured=measured,
                               progress=logger.info, on_count=lambda what, done, total: bars[what](done, total),
                               earlier=earlier)
     summary = {k: results[k]["all"] for k in ("heldout_nll", "exact_match") if k in results}

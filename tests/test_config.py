@@ -163,7 +163,8 @@ def test_demo_ablation_is_the_demo_with_a_lambda_list_and_shares_every_upstream_
     mine = {n.label: n.address for n in abl.nodes()}
     assert all(mine[k] == v for k, v in shared.items()), [k for k, v in shared.items() if mine.get(k) != v]
     extra = sorted(set(mine) - set(shared) - {"report"})
-    assert extra == [f"{stage}[{p}{s}-lam{lam}]" for stage, p in (("evaluate", "target-"), ("train", ""))
+    assert extra == [f"{stage}[{p}{s}-lam{lam}]" for stage, p in (("evaluate", "target-"),
+                                                                  ("heldout_measures", "target-"), ("train", ""))
                      for s in ("llama", "mixtral") for lam in ("0.5", "0")]
     assert abl.target_lam("mixtral-lam0") == 0.0 and abl.target_source("mixtral-lam0") == "mixtral"
     # an ablation target differs from its run-λ sibling by λ alone: same upstream artifacts

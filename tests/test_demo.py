@@ -224,6 +224,7 @@ def expected_task_run_names(plan: RunPlan) -> list[str]:
         names += [f"align[source={s.name}, shard={i}/{n}]" for i in range(1, n + 1)]
     names += [f"train[target={t}]" for t in plan.target_names()]
     names += [f"merge[method={m}]" for m in plan.merge_methods()]
+    names += [f"measure[model={m}]" for m in plan.evaluated_models()]
     names += [f"evaluate[model={m}]" for m in plan.evaluated_models()] + ["report"]
     return names
 
@@ -306,3 +307,73 @@ def test_rerun_is_all_cached_identical_and_imports_no_torch(demo, tmp_path):
     assert {k: r["state"] for k, r in second.items()} == {k: "Cached" for k in first}
     assert {k: r["digest"] for k, r in second.items()} == {k: r["digest"] for k, r in first.items()}
     assert {r["state"] for r in status} == {"done"}, [r for r in status if r["state"] != "done"]
+
+
+def test_grading_holds_no_gpu_slot(demo, tmp_path, monkeypatch):
+    """An evaluation's GPU step (answers, held-out measures) carries the GPU tag; its grading
+    does not. With one GPU slot and a judge that answers nothing until every model has its
+    MT-Bench answers, the run finishes: a grading that held the slot (as the evaluate task
+    did before the split) would keep the other models from answering until the judge gave up.
+    The demo's upstream stages and held-out measures are Cached (MT-Bench is no input of them)."""
+    import threading
+    import time
+    import uuid
+
+    from prefect import get_client
+
+    from flows.pipeline import flow_run_name
+    from fusechat_core.evaluate.mt_bench import load_mt_bench
+    from tests.corpus import write_mt_bench
+    from tests.test_evaluate_judge import SECRET, JudgeServer
+
+    started = time.time()
+    monkeypatch.setenv("FUSECHAT_TEST_JUDGE_KEY", SECRET)
+    questions = write_mt_bench(tmp_path / "mt-bench-2", qids=[81, 101])
+    models, tag = ["pivot", "clm", "merge-varm"], f"gpu-{uuid.uuid4().hex[:8]}"
+    raw = demo["cfg"].model_dump(mode="json", exclude_unset=True)
+    raw.update(name="demo-judged", runner={**raw.get("runner", {}), "max_workers": 3, "gpu_tag": tag,
+                                           "gpu_concurrency": 1})
+    data = load_mt_bench(str(questions))
+    store = demo["store"]
+    with JudgeServer({q.turns[0]: q.question_id for q in data.questions}) as judge:
+        raw["evaluate"] = {**raw.get("evaluate", {}), "models": models, "mt_bench": True,
+                           "mt_bench_data": str(questions), "max_new_tokens": 2, "judge_model": "judge-1",
+                           "judge_base_url": judge.url, "judge_api_key_env": "FUSECHAT_TEST_JUDGE_KEY"}
+        path = tmp_path / "judged.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        plan = RunPlan(load_config(path))
+        judge.gate, stop = threading.Event(), threading.Event()
+
+        def open_when_every_model_answered() -> None:
+            while not stop.wait(0.2):
+                if all(store.is_complete(plan.mt_bench_answers(m)) for m in models):
+                    judge.gate.set()
+                    return
+
+        watcher = threading.Thread(target=open_when_every_model_answered, daemon=True)
+        watcher.start()
+        try:
+            assert main(["run", str(path), "--store", demo["store_url"]]) == 0
+        finally:
+            stop.set()
+    assert judge.gate.is_set() and judge.gate_timeouts == 0
+    assert len(judge.log) == 2 * 2 * len(models)
+    with get_client(sync_client=True) as client:
+        runs = final_task_runs(client, latest_flow_run(client, flow_run_name("demo-judged")).id)
+    steps = {r.name: r for r in runs if r.name.startswith(("measure[", "evaluate["))}
+    assert sorted(steps) == sorted(f"{s}[model={m}]" for m in models for s in ("measure", "evaluate"))
+    assert all((tag in r.tags) == r.name.startswith("measure[") for r in steps.values()), \
+        {n: r.tags for n, r in steps.items()}
+    for m in models:  # the held-out measures were the demo's own, not taken again
+        assert plan.heldout_measures(m) == demo["plan"].heldout_measures(m)
+        assert store.manifest(plan.heldout_measures(m)).created < started
+    # a finished evaluation whose measures are gone (as after the upgrade that gave them an
+    # address): nothing to measure again, every stage Cached (the judge is gone: asked, it
+    # would fail the run)
+    store.delete(plan.heldout_measures("pivot"))
+    assert main(["run", str(path), "--store", demo["store_url"]]) == 0
+    with get_client(sync_client=True) as client:
+        again = final_task_runs(client, latest_flow_run(client, flow_run_name("demo-judged")).id)
+    assert not store.is_complete(plan.heldout_measures("pivot"))
+    assert "measure[model=pivot]" not in {r.name for r in again}
+    assert {r.state.name for r in again} == {"Cached"}

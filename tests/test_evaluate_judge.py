@@ -56,6 +56,10 @@ class JudgeServer:
         self.reasoning = False  # answer as OpenAI's o-series do to a request that sends max_tokens
         self.log: list[dict[str, Any]] = []
         self.in_flight = self.max_in_flight = 0  # requests being answered now, and the most at once
+        # set: every request waits for it (up to gate_timeout s, then a 503) before its answer
+        self.gate: threading.Event | None = None
+        self.gate_timeout = 120.0
+        self.gate_timeouts = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         server = self
@@ -79,6 +83,10 @@ class JudgeServer:
 
             def _answer(self, body: dict) -> None:
                 reply = server._reply(self.path, dict(self.headers), body)
+                if server.gate is not None and not server.gate.wait(server.gate_timeout):
+                    with server._lock:
+                        server.gate_timeouts += 1
+                    reply = (503, {}, {"error": {"message": "the test's gate never opened"}})
                 if isinstance(reply, float):
                     if server._stopping.wait(reply):
                         return  # the server stops: the connection closes unanswered

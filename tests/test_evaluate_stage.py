@@ -287,9 +287,10 @@ def test_an_evaluation_records_the_precision_the_model_ran_in(tiny_models, tmp_p
     dataset = _dataset(store)
     cfg = EvaluateConfig(mt_bench=False, exact_match_sources=[], dtype="float32")
     named = evaluate_model(store, "evaluate/named", "src", {"model": {"path": str(tiny_models["pivot"]),
-                                                                     "dtype": "bfloat16"}}, cfg, dataset=dataset)
+                                                                     "dtype": "bfloat16"}}, cfg, dataset=dataset,
+                           measures_address="heldout_measures/named")
     plain = evaluate_model(store, "evaluate/plain", "pivot", {"model": {"path": str(tiny_models["pivot"])}}, cfg,
-                           dataset=dataset)
+                           dataset=dataset, measures_address="heldout_measures/plain")
     assert (named["dtype"], plain["dtype"]) == ("bfloat16", "float32")
     assert named["device"] == plain["device"] == "cpu"
 
@@ -325,3 +326,80 @@ def test_verdicts_an_earlier_version_kept_are_not_bought_again(tiny_models, mt_s
         assert len(judge.log) == 2 * len(QIDS)  # nothing bought again
         assert again["mt_bench"]["average"] == first["mt_bench"]["average"] == 7.0
         assert all(store.is_complete(judgment_address(new, q)) for q in QIDS)  # kept at their place now
+
+
+def test_grading_needs_neither_the_model_nor_its_measures_again(tiny_models, mt_subset, tmp_path):
+    """The GPU step stores a model's answers and held-out measures at their own addresses; the
+    grading step then reads them and never loads the model (the folder is gone by then). A
+    new judge is a new evaluation with the same measures and answers: nothing of the GPU
+    step is done again."""
+    import shutil
+
+    from fusechat_core.config import EvaluateConfig
+    from fusechat_core.evaluate.stage import MEASURES_FILE, evaluate_model, measure_model
+    from fusechat_core.plan import evaluate_address, heldout_measures_address, mt_bench_answers_address
+
+    mt_url, _ = mt_subset
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    dataset = _dataset(store)
+    folder = tmp_path / "pivot-copy"
+    shutil.copytree(tiny_models["pivot"], folder)
+    ref = {"model": {"path": str(folder)}}
+    with JudgeServer({q.turns[0]: q.question_id for q in load_mt_bench(mt_url).questions}) as judge:
+        judge.default = "Fine. Rating: [[7]]"
+        cfg = EvaluateConfig(mt_bench=True, mt_bench_data=mt_url, judge_base_url=judge.url, judge_model="judge-1",
+                             judge_api_key_env="FUSECHAT_NO_SUCH_KEY", max_new_tokens=3, exact_match_sources=["facts"])
+        answers = mt_bench_answers_address("pivot", ref, cfg)
+        measures = heldout_measures_address("pivot", ref, cfg, dataset)
+        assert measure_model(store, "pivot", ref, cfg, answers_address=answers, measures_address=measures,
+                             dataset=dataset) is True
+        assert measure_model(store, "pivot", ref, cfg, answers_address=answers, measures_address=measures,
+                             dataset=dataset) is False  # both stored: nothing loaded
+        measured = store.read_json(measures, MEASURES_FILE)
+        assert measured["heldout_nll"]["all"]["tokens"] > 0 and measured["exact_match"]["all"]["n"] == 4
+        shutil.rmtree(folder)
+        for judge_model in ("judge-1", "judge-2"):
+            graded = cfg.model_copy(update={"judge_model": judge_model})
+            assert heldout_measures_address("pivot", ref, graded, dataset) == measures
+            assert mt_bench_answers_address("pivot", ref, graded) == answers
+            res = evaluate_model(store, evaluate_address("pivot", ref, graded, dataset), "pivot", ref, graded,
+                                 dataset=dataset, answers_address=answers, measures_address=measures,
+                                 expect_measured=True)
+            assert res["heldout_nll"] == measured["heldout_nll"] and res["exact_match"] == measured["exact_match"]
+            assert (res["device"], res["dtype"]) == ("cpu", "float32")
+            assert res["mt_bench"]["judge_model"] == judge_model and res["mt_bench"]["average"] == 7.0
+        assert len(judge.log) == 2 * 2 * len(QIDS)  # each judge graded every turn once
+        # the precision and device of answers alone (no held-out measure) come from the answers
+        alone = cfg.model_copy(update={"judge_model": "judge-3", "heldout_nll": False, "exact_match_sources": []})
+        res = evaluate_model(store, evaluate_address("pivot", ref, alone, None), "pivot", ref, alone,
+                             answers_address=answers, expect_measured=True)
+        assert (res["device"], res["dtype"]) == ("cpu", "float32") and "heldout_nll" not in res
+
+
+def test_an_evaluation_made_before_its_measures_had_an_address_needs_none(tmp_path, capsys):
+    """After the upgrade that split evaluation, a finished evaluation has no held-out measures
+    artifact of its own: `status` says its measures were skipped (not missing, which `--plan`
+    would count as GPU work to do)."""
+    from fusechat_core.config import load_config
+    from fusechat_core.plan import RunPlan
+    from tests.tiny_config import tiny_run_config
+
+    path = tiny_run_config(tmp_path, f"file://{tmp_path / 'store'}")
+    cfg = load_config(path)
+    plan, store = RunPlan(cfg), ArtifactStore(cfg.store)
+    done, todo = plan.evaluated_models()[:2]
+    store.put_dir(plan.evaluate(done), _results_folder(tmp_path, done))
+    assert main(["status", str(path), "--json"]) == 0
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[f"heldout_measures[{done}]"]["state"] == "skipped"
+    assert rows[f"heldout_measures[{todo}]"]["state"] == "missing"
+    assert main(["run", str(path), "--plan", "--json"]) == 0
+    costs = {r["stage"]: r for r in json.loads(capsys.readouterr().out)["stages"]}
+    assert costs[f"heldout_measures[{done}]"]["remaining"] == 0 and costs[f"heldout_measures[{todo}]"]["remaining"] == 1
+
+
+def _results_folder(tmp_path: Path, name: str) -> Path:
+    folder = tmp_path / f"results-{name}"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({"model": name}))
+    return folder

@@ -129,28 +129,34 @@ def _changed(a: RunPlan, b: RunPlan) -> set[str]:
     return {n.label for n in b.nodes() if n.address not in old}
 
 
+def _evaluations(*models: str) -> list[str]:
+    """The nodes of each model's evaluation in the tiny run (held-out measures on, MT-Bench off)."""
+    return [f"{stage}[{m}]" for m in models for stage in ("heldout_measures", "evaluate")]
+
+
 def test_adding_a_source_adds_only_its_chain_the_merges_and_the_report(tmp_path):
     a = _tiny(tmp_path)
     b = _tiny(tmp_path, add=_add_wide)
     assert _changed(a, b) == {
         "demo_models[wide]", "represent[wide]", "vocab_map[wide]", "align[wide]", "train[wide]",
-        "merge[varm]", "merge[linear]", "evaluate[wide]", "evaluate[target-wide]", "evaluate[merge-varm]",
-        "evaluate[merge-linear]", "report"}
+        "merge[varm]", "merge[linear]", *_evaluations("wide", "target-wide", "merge-varm", "merge-linear"),
+        "report"}
     # removing it again is the first run, address for address
-    assert _changed(b, a) == {"merge[varm]", "merge[linear]", "evaluate[merge-varm]", "evaluate[merge-linear]",
-                              "report"}
+    assert _changed(b, a) == {"merge[varm]", "merge[linear]", *_evaluations("merge-varm", "merge-linear"), "report"}
     # removing another source: the rest of the run is untouched
     c = _tiny(tmp_path, add=_add_wide, drop=lambda raw: raw["sources"].pop(1))
-    assert _changed(b, c) == {"merge[varm]", "merge[linear]", "evaluate[merge-varm]", "evaluate[merge-linear]",
-                              "report"}
+    assert _changed(b, c) == {"merge[varm]", "merge[linear]", *_evaluations("merge-varm", "merge-linear"), "report"}
 
 
 def test_a_merge_method_or_evaluation_settings_change_only_what_reads_them(tmp_path):
     a = _tiny(tmp_path)
     m = _tiny(tmp_path, m=lambda raw: raw["merge"]["methods_extra"].append("ties"))
-    assert _changed(a, m) == {"merge[ties]", "evaluate[merge-ties]", "report"}
+    assert _changed(a, m) == {"merge[ties]", *_evaluations("merge-ties"), "report"}
     e = _tiny(tmp_path, e=lambda raw: raw["evaluate"].update(batch_size=4))
-    assert _changed(a, e) == {n.label for n in a.nodes() if n.stage in ("evaluate", "report")}
+    assert _changed(a, e) == {n.label for n in a.nodes() if n.stage in ("heldout_measures", "evaluate", "report")}
+    # another judge grades the same answers: the held-out measures (the model, a GPU) stay
+    j = _tiny(tmp_path, j=lambda raw: raw["evaluate"].update(judge_model="gpt-4o"))
+    assert _changed(a, j) == {n.label for n in a.nodes() if n.stage in ("evaluate", "report")}
 
 
 def test_the_pivot_and_the_data_still_change_everything_downstream(tmp_path):
@@ -251,10 +257,10 @@ def test_an_aligner_or_merge_method_version_moves_only_what_it_made(tmp_path, mo
     offsets = lambda raw: raw.update(align={"method": "offsets"})  # noqa: E731
     a, a_offsets = _snapshot(_tiny(tmp_path)), _snapshot(_tiny(tmp_path, o=offsets))
     _bump(monkeypatch, MERGE_METHODS, "linear")
-    assert _moved(a, _tiny(tmp_path)) == {"merge[linear]", "evaluate[merge-linear]", "report"}
+    assert _moved(a, _tiny(tmp_path)) == {"merge[linear]", *_evaluations("merge-linear"), "report"}
     _bump(monkeypatch, SEQUENCE_ALIGNERS, "dtw")
     # ``auto`` may fall back to DTW (a tokenizer without offsets); ``offsets`` never does
-    assert _moved(a_offsets, _tiny(tmp_path, o=offsets)) == {"merge[linear]", "evaluate[merge-linear]", "report"}
+    assert _moved(a_offsets, _tiny(tmp_path, o=offsets)) == {"merge[linear]", *_evaluations("merge-linear"), "report"}
     changed = _moved(a, _tiny(tmp_path))
     assert {"align[moe]", "align[deep]", "train[moe]", "train[deep]"} <= changed
     assert not {n for n in changed if n.split("[")[0] in ("dataset", "represent", "vocab_map", "demo_models")}

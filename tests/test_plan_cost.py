@@ -175,7 +175,7 @@ def test_plan_offline_with_a_hub_model_prints_question_marks_and_how_to_fill(tin
     total = next(x for x in out.splitlines() if x.startswith("total whole run:"))
     assert " FLOPs + ?, " in total and " GPU-hours + ?, " in total
     # solar's representation and held-out evaluation: the only GPU work whose N is unknown
-    assert "  ? : N unknown for 2 stage instances (represent[solar], evaluate[solar])" in out
+    assert "  ? : N unknown for 2 stage instances (represent[solar], heldout_measures[solar])" in out
 
 
 # -- --against: which instances a change invalidates, and why ---------------------------------------

@@ -383,11 +383,13 @@ def answer_questions(store: ArtifactStore, answers_address: str, model_name: str
 
 
 def write_answers_artifact(store: ArtifactStore, answers_address: str, model_name: str, records: list[dict],
-                           data: MTBenchData) -> None:
-    """The answers artifact proper: every answer in one FastChat-format file, manifest last."""
+                           data: MTBenchData, ran: dict[str, str] | None = None) -> None:
+    """The answers artifact proper: every answer in one FastChat-format file, manifest last.
+    ``ran``: the device kind and precision the model answered in (the evaluation's results
+    say it when no held-out measure does)."""
     body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
     meta = {"stage": "mt_bench_answers", "model": model_name, "questions": len(records),
-            "data_sources": data.sources, "data_digests": data.digests}
+            "data_sources": data.sources, "data_digests": data.digests, **(ran or {})}
     # replace: the answers of an earlier version of the questions (their location changed) go
     with store.writer(answers_address, meta=meta, replace=True) as w:
         w.write_bytes(ANSWERS_FILE, body.encode())

@@ -1,9 +1,11 @@
 """The evaluation stage for one model, and the run's report.
 
 Order matters for a week-long run: answers (resumable per question) and the
-offline measures need the model; judging does not, so the model is released
-before the judge is asked. The evaluate artifact (``results.json`` and the
-detail files) is committed last, after every judgment has been saved.
+held-out measures need the model and a GPU, each stored at an address of its
+own (:func:`measure_model`); judging needs neither, so in a run it is a step
+of its own that holds no GPU slot while a paid judge answers (:func:`evaluate_model`).
+The evaluate artifact (``results.json`` and the detail files) is committed
+last, after every judgment has been saved.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fusechat_core.evaluate.judge import JudgeSettings, grade_answers, judgments
 from fusechat_core.evaluate.loading import EvaluationError, load_for_eval, resolve_model
 from fusechat_core.evaluate.mt_bench import (
     ANSWERS_FILE,
+    MTBenchData,
     answer_questions,
     load_mt_bench,
     read_answers,
@@ -43,65 +46,137 @@ def _public_url(url: str) -> str:
     return re.sub(r"://[^/@]*@", "://", url)
 
 
+MEASURES_FILE = "measures.json"
+
+
+def gpu_work_left(store: ArtifactStore, cfg: EvaluateConfig, answers_address: str | None,
+                  measures_address: str | None, data: Any = None) -> bool:
+    """Whether an evaluation still needs its model: answers to generate (``data``: the
+    MT-Bench questions, checked against the stored answers; None: a complete answers artifact
+    counts) or held-out measures to take."""
+    if measures_address is not None and not store.is_complete(measures_address):
+        return True
+    if not cfg.mt_bench or answers_address is None:
+        return False
+    if data is None:
+        return not store.is_complete(answers_address)
+    return not _answers_current(store, answers_address, data)
+
+
+def measure_model(store: ArtifactStore, name: str, model_ref: dict[str, Any], cfg: EvaluateConfig, *,
+                  answers_address: str | None = None, measures_address: str | None = None,
+                  dataset: str | None = None, data: MTBenchData | None = None,
+                  progress: Callable[[str], None] | None = None,
+                  on_count: Callable[[str, int, int], None] | None = None) -> bool:
+    """An evaluation's GPU part: the model's MT-Bench answers (at ``answers_address``) and its
+    held-out measures (at ``measures_address``, on ``dataset``'s held-out split), each only if
+    not yet stored; returns whether the model was loaded. Judging needs neither the model nor
+    a GPU, so it is a step of its own (:func:`evaluate_model`), and a GPU slot is not held
+    through hours of a paid judge's answers.
+
+    ``data``: the MT-Bench questions, when the caller has read them (else read here).
+    ``on_count(what, done, total)``: ``mt_bench`` questions answered, ``heldout`` sequences measured.
+    """
+    say = progress or log.info
+    if cfg.mt_bench and not answers_address:
+        raise EvaluationError(f"model {name!r}: MT-Bench is on but no answers address was given")
+    if cfg.mt_bench and data is None:
+        data = load_mt_bench(cfg.mt_bench_data)
+    data = data if cfg.mt_bench else None
+    need_answers = data is not None and not _answers_current(store, answers_address, data)
+    need_measures = measures_address is not None and not store.is_complete(measures_address)
+    if need_measures and dataset is None:
+        raise EvaluationError(f"model {name!r}: held-out measures asked for, but no dataset was given")
+    if not (need_answers or need_measures):
+        return False
+    # a GPU of its own among this process's evaluations (an 8-GPU node, 8 threads)
+    model = resolve_model(store, name, model_ref)
+    with claim_gpu(pick_device(cfg.device), spread=bool(model.device_map)) as on:
+        lm, tok, fmt, device = load_for_eval(model, on, cfg.dtype)
+        # the kind, not the index: which GPU it was given is no part of what it measured
+        ran = {"device": device.split(":")[0],
+               "dtype": model.dtype or cfg.dtype}  # what it ran in: a model naming its own keeps it
+        say(f"{name}: evaluating {model.path} on {device}")
+        if need_answers:
+            recs = answer_questions(store, answers_address, name, lm, tok, fmt, data.questions,
+                                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                    seed=cfg.seed, progress=say,
+                                    on_count=None if on_count is None else lambda d, t: on_count("mt_bench", d, t))
+            write_answers_artifact(store, answers_address, name, recs, data, ran=ran)
+        if need_measures:
+            measures = {**ran, **_heldout_measures(store, name, dataset, lm, tok, fmt, cfg, say, on_count)}
+            with store.writer(measures_address, meta={"stage": "heldout_measures", "model": name,
+                                                      "dataset": dataset}) as w:
+                w.write_json(MEASURES_FILE, measures)
+        dropped = weakref.ref(lm)
+        del lm
+        release_memory(dropped)
+    return True
+
+
+def _heldout_measures(store: ArtifactStore, name: str, dataset: str, lm: Any, tok: Any, fmt: Any,
+                      cfg: EvaluateConfig, say: Callable[[str], None],
+                      on_count: Callable[[str, int, int], None] | None) -> dict[str, Any]:
+    from fusechat_core.data import read_split
+
+    out: dict[str, Any] = {}
+    rows = read_split(store, dataset, "heldout")
+    if not rows:
+        say(f"{name}: dataset {dataset} has no held-out rows; no offline measures")
+    if rows and cfg.heldout_nll:
+        try:
+            out["heldout_nll"] = heldout_nll(lm, fmt, rows, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                                             progress=say, on_count=None if on_count is None
+                                             else lambda d, t: on_count("heldout", d, t))
+        except EvaluationError as exc:  # a NaN is a failed evaluation, never a figure in the report
+            raise EvaluationError(f"evaluate[{name}]: {exc}") from None
+    if rows and cfg.exact_match_sources:
+        em = exact_match(lm, tok, fmt, rows, cfg.exact_match_sources,
+                         max_new_tokens=cfg.exact_match_max_new_tokens, batch_size=cfg.batch_size)
+        if em["all"]["n"]:
+            out["exact_match"] = em
+    return out
+
+
 def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dict[str, Any],
                    cfg: EvaluateConfig, *, dataset: str | None = None, answers_address: str | None = None,
+                   measures_address: str | None = None, expect_measured: bool = False,
                    progress: Callable[[str], None] | None = None,
                    on_count: Callable[[str, int, int], None] | None = None,
                    earlier: Sequence[str] = ()) -> dict[str, Any]:
     """Evaluate one model into the artifact at ``address``; returns its results.
 
-    ``on_count(what, done, total)``: ``mt_bench`` questions answered, ``heldout`` sequences measured,
-    ``judge`` questions graded.
-    ``answers_address`` is where the MT-Bench answers live (``RunPlan.mt_bench_answers``);
-    ``dataset`` the dataset artifact whose held-out split is measured; ``earlier``: where older
+    ``answers_address`` is where the MT-Bench answers live (``RunPlan.mt_bench_answers``),
+    ``measures_address`` the held-out measures (``RunPlan.heldout_measures``: None measures
+    none) on ``dataset``'s held-out split; what of them is missing is made first
+    (:func:`measure_model`): in a run, the GPU step before this one made them
+    (``expect_measured``: a missing part is then said in a warning). ``earlier``: where older
     versions kept this model's verdicts (``plan.earlier_judgments``), reused from there.
+    ``on_count(what, done, total)``: ``mt_bench`` questions answered, ``heldout`` sequences
+    measured, ``judge`` questions graded.
     """
     say = progress or log.info
     if store.is_complete(address):
         return store.read_json(address, RESULTS_FILE)
     if cfg.mt_bench and not answers_address:
         raise EvaluationError(f"model {name!r}: MT-Bench is on but no answers address was given")
-    results: dict[str, Any] = {"model": name, "model_ref": model_ref}
+    if dataset is not None and (cfg.heldout_nll or cfg.exact_match_sources) and not measures_address:
+        raise EvaluationError(f"model {name!r}: held-out measures are on but no measures address was given")
     data = load_mt_bench(cfg.mt_bench_data) if cfg.mt_bench else None
-    need_answers = data is not None and not _answers_current(store, answers_address, data)
-    need_model = need_answers or (dataset is not None and (cfg.heldout_nll or cfg.exact_match_sources))
-    if need_model:
-        # a GPU of its own among this process's evaluations (an 8-GPU node, 8 threads)
-        model = resolve_model(store, name, model_ref)
-        with claim_gpu(pick_device(cfg.device), spread=bool(model.device_map)) as on:
-            lm, tok, fmt, device = load_for_eval(model, on, cfg.dtype)
-            # the kind, not the index: which GPU it was given is no part of what it measured
-            results["device"] = device.split(":")[0]
-            results["dtype"] = model.dtype or cfg.dtype  # what it ran in: a model naming its own keeps it
-            say(f"{name}: evaluating {model.path} on {device}")
-            if need_answers:
-                recs = answer_questions(store, answers_address, name, lm, tok, fmt, data.questions,
-                                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                        seed=cfg.seed, progress=say,
-                                        on_count=None if on_count is None else lambda d, t: on_count("mt_bench", d, t))
-                write_answers_artifact(store, answers_address, name, recs, data)
-            if dataset is not None:
-                from fusechat_core.data import read_split
-
-                rows = read_split(store, dataset, "heldout")
-                if not rows:
-                    say(f"{name}: dataset {dataset} has no held-out rows; no offline measures")
-                if rows and cfg.heldout_nll:
-                    try:
-                        results["heldout_nll"] = heldout_nll(lm, fmt, rows, max_length=cfg.max_length,
-                                                             batch_size=cfg.batch_size, progress=say,
-                                                             on_count=None if on_count is None
-                                                             else lambda d, t: on_count("heldout", d, t))
-                    except EvaluationError as exc:  # a NaN is a failed evaluation, never a figure in the report
-                        raise EvaluationError(f"evaluate[{name}]: {exc}") from None
-                if rows and cfg.exact_match_sources:
-                    em = exact_match(lm, tok, fmt, rows, cfg.exact_match_sources,
-                                     max_new_tokens=cfg.exact_match_max_new_tokens, batch_size=cfg.batch_size)
-                    if em["all"]["n"]:
-                        results["exact_match"] = em
-            dropped = weakref.ref(lm)
-            del lm
-            release_memory(dropped)
+    if expect_measured and gpu_work_left(store, cfg, answers_address, measures_address, data):
+        # the questions at a moving location (FastChat's main branch) changed since the GPU step
+        # found its answers stored: answered again here, rather than a run that cannot finish
+        log.warning("evaluate[%s]: answers or held-out measures the GPU step should have made are missing or "
+                    "out of date (%s, %s): made here, outside the run's GPU limit", name, answers_address or "-",
+                    measures_address or "-")
+    measure_model(store, name, model_ref, cfg, answers_address=answers_address, measures_address=measures_address,
+                  dataset=dataset, data=data, progress=say, on_count=on_count)
+    results: dict[str, Any] = {"model": name, "model_ref": model_ref}
+    if measures_address is not None:
+        results.update(store.read_json(measures_address, MEASURES_FILE))
+    elif data is not None:
+        man = store.manifest(answers_address)
+        results.update({k: man.meta[k] for k in ("device", "dtype") if k in man.meta})
     judgments = []
     if data is not None:
         answers = read_answers(store, answers_address)
@@ -214,7 +289,12 @@ def evaluate_standalone(store: ArtifactStore, model: str, cfg: EvaluateConfig, *
     from pathlib import Path
 
     from fusechat_core.config import _HUB_ID
-    from fusechat_core.plan import earlier_judgments, mt_bench_answers_address, standalone_evaluate_address
+    from fusechat_core.plan import (
+        earlier_judgments,
+        heldout_measures_address,
+        mt_bench_answers_address,
+        standalone_evaluate_address,
+    )
 
     local = Path(model).expanduser()
     extra = {k: v for k, v in (("tokenizer", tokenizer), ("chat_template", chat_template)) if v}
@@ -236,6 +316,7 @@ def evaluate_standalone(store: ArtifactStore, model: str, cfg: EvaluateConfig, *
     answers = mt_bench_answers_address(name, ref, cfg) if cfg.mt_bench else None
     address = standalone_evaluate_address(name, ref, cfg, dataset)
     results = evaluate_model(store, address, name, ref, cfg, dataset=dataset, answers_address=answers,
+                             measures_address=heldout_measures_address(name, ref, cfg, dataset),
                              earlier=earlier_judgments(name, ref, cfg, dataset),
                              progress=progress)
     report_address = f"{address}/report"
