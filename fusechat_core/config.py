@@ -131,6 +131,12 @@ class DataSourceSpec(_Section):
             value = data["path"]
             if value.startswith(_SCHEMES):
                 return data
+            if info.context and info.context.get("hub_ids"):
+                # a preset names hub repositories: a folder that happens to have the same
+                # name under the current directory is not them
+                if not _HUB_ID.match(value):
+                    raise _FieldError("path", "not a hub id")
+                return data
             path = Path(value).expanduser()
             if not path.is_absolute() and base is not None:
                 path = base / path
@@ -143,6 +149,25 @@ class DataSourceSpec(_Section):
             elif not _HUB_ID.match(value):
                 raise _FieldError("path", "neither a local file nor a hub id")
         return data
+
+    @model_validator(mode="after")
+    def _pins_fit_the_path(self) -> DataSourceSpec:
+        # A local path is absolute once validated; a hub id never is. A pin that does not
+        # apply to a local file would enter the dataset's address and change nothing read.
+        if not Path(self.path).is_absolute():
+            return self
+        for key in ("subset", "revision"):
+            if getattr(self, key) is not None:
+                raise _FieldError(key, f"{self.path} is a local path: {key} pins a hub repository")
+        if Path(self.path).is_file() and self.split != "train":
+            raise _FieldError("split", f"{self.path} is one file, which has no splits (give its folder, "
+                                       f"or data_files)")
+        return self
+
+    @property
+    def local(self) -> bool:
+        """Read from a local file or folder (else from the Hugging Face Hub)."""
+        return demo_name(self.path) is None and Path(self.path).is_absolute()
 
     @property
     def label(self) -> str:

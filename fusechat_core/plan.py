@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from fusechat_core.align.sequence import SEQUENCE_ALIGNERS
@@ -434,7 +433,7 @@ class RunPlan:
             for s in sources_of(self.cfg.data):
                 pins = [f"{k}={json.dumps(getattr(s, k))}" for k in ("data_files", "split", "subset", "revision")
                         if getattr(s, k) is not None]
-                if s.revision is None and not s.path.startswith("demo:") and not Path(s.path).exists():
+                if s.revision is None and not s.path.startswith("demo:") and not s.local:
                     pins.append("(revision not pinned)")
                 out.append(f"source {s.label}: {s.path} format={s.format} count={s.count or 'all'} {' '.join(pins)}")
             if self.cfg.data.clean:

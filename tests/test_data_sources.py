@@ -189,7 +189,7 @@ def _preset_source(preset: str, name: str, path: Path, **extra) -> DataSourceSpe
 
 
 def _build(sources: list[DataSourceSpec], **data):
-    cfg = DataConfig(sources=sources, heldout_fraction=0.0, max_length=4096, **data)
+    cfg = DataConfig(sources=sources, **{"heldout_fraction": 0.0, "max_length": 4096, **data})
     return build_mixture(cfg, 0, token_counter([]))
 
 
@@ -237,6 +237,90 @@ def test_data_files_pins_one_file_of_a_folder(tmp_path):
 
     with pytest.raises(DataError, match="data_files 'missing.jsonl' matches no file"):
         _build([_preset_source("fusechat-mixture", "sharegpt_gpt4", repo, data_files="missing.jsonl")])
+
+
+def test_a_local_copy_of_a_hub_dataset_reads_the_split_it_names(tmp_path, caplog):
+    """A folder laid out as a Hub repository (``data/train-00000-of-00001.parquet``, its test
+    split beside it, the Hub's metadata files) reads as ``datasets`` reads it: the test split
+    never joins the training rows and the metadata is no row. Before, every .json/.jsonl/
+    .parquet file under the folder was read: 3 test rows trained, dataset_infos.json a
+    malformed row."""
+    repo = tmp_path / "no_robots"
+    train = [{"conversations": _conv(f"train question {i}", f"answer {i}")} for i in range(6)]
+    test = [{"conversations": _conv(f"test question {i}", f"answer {i}")} for i in range(3)]
+    _write(repo / "data", "train-00000-of-00001", train, "parquet")
+    _write(repo / "data", "test-00000-of-00001", test, "parquet")
+    (repo / "dataset_infos.json").write_text(json.dumps({"default": {"splits": {}}}))
+    (repo / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n")
+    spec = DataSourceSpec(name="nr", path=str(repo), format="sharegpt")
+    got = _build([spec])
+    assert sorted(r["conversations"][0]["value"] for r in got.train) == sorted(f"train question {i}" for i in range(6))
+    assert got.stats["sources"]["nr"]["skipped"] == {}
+    tested = _build([spec.model_copy(update={"split": "test"})])
+    assert sorted(r["conversations"][0]["value"] for r in tested.train) == [f"test question {i}" for i in range(3)]
+    with pytest.raises(DataError, match=r"no files of split 'validation' \(its files name the splits test, train\)"):
+        _build([spec.model_copy(update={"split": "validation"})])
+    # a folder that names no split is all train; a file it cannot read is said, not passed over
+    flat = tmp_path / "flat"
+    _write(flat, "chats", train, "jsonl")
+    (flat / "more.jsonl.gz").write_bytes(b"\x1f\x8b")
+    with caplog.at_level("WARNING", logger="fusechat.data"):
+        assert len(_build([DataSourceSpec(name="flat", path=str(flat), format="sharegpt")]).train) == 6
+    assert "1 files of split 'train' not read (only .json/.jsonl/.parquet files are): more.jsonl.gz" in caplog.text
+
+
+def test_a_source_whose_every_exchange_is_too_long_fails_naming_it(tmp_path, caplog):
+    """Exchanges longer than data.max_length leave training: said per source in the log, and a
+    source left without one training block fails the stage (it succeeded with the source's
+    share silently gone). The byte estimate (no tokenizer) is len(bytes) // 3 + 1 per turn."""
+    short = [{"conversations": _conv(f"question {i}", "yes")} for i in range(4)]
+    long_ = [{"conversations": _conv(f"question {i}", "x" * 600)} for i in range(4)]
+    mixed = [{"conversations": _conv(f"other question {i}", "no")} for i in range(2)]
+    mixed.append({"conversations": _conv("long one", "y" * 600)})
+    sources = [DataSourceSpec(name=n, path=str(_write(tmp_path, n, rows, "jsonl")), format="sharegpt")
+               for n, rows in (("short", short), ("mixed", mixed))]
+    with caplog.at_level("WARNING", logger="fusechat.data"):
+        mix = _build(sources, max_length=64)
+    assert mix.stats["sources"]["mixed"]["too_long"] == 1 and mix.stats["sources"]["mixed"]["blocks"] == 2
+    assert ("data source mixed: 1 exchanges (a user turn and its answer) longer than data.max_length "
+            "(64 pivot tokens) left out of training") in caplog.text
+    assert "data source short" not in caplog.text
+    sources.append(DataSourceSpec(name="long", path=str(_write(tmp_path, "long", long_, "jsonl")), format="sharegpt"))
+    with pytest.raises(DataError, match=r"^data source long: no training block: all 4 exchanges of its 4 training "
+                                        r"conversations are longer than data.max_length \(64 pivot tokens\)$"):
+        _build(sources, max_length=64)
+    assert len(_build(sources, max_length=4096).train) == 4 + 3 + 4  # long enough: every one trains
+
+
+def test_a_pin_that_does_not_apply_to_a_local_path_is_refused(tmp_path):
+    """subset and revision pin a Hub repository; a single file has no splits. Given for a local
+    path, they entered the dataset's address and changed nothing that was read."""
+    from pydantic import ValidationError
+
+    path = _write(tmp_path, "chats", [{"conversations": _conv("q", "a")}], "jsonl")
+    for field, value in (("revision", "v1"), ("subset", "en")):
+        with pytest.raises(ValidationError, match=rf"{field}: \S+ is a local path: {field} pins a hub repository"):
+            DataSourceSpec(name="x", path=str(tmp_path), **{field: value})
+    with pytest.raises(ValidationError, match=r"split: \S+ is one file, which has no splits"):
+        DataSourceSpec(name="x", path=str(path), split="test")
+    assert DataSourceSpec(name="x", path="org/set", revision="v1", subset="en", split="test").local is False
+
+
+def test_a_preset_names_hub_repositories_whatever_the_current_folder_holds(tmp_path, monkeypatch):
+    """A folder under the current directory named like a preset's repository (a download with
+    ``--local-dir HuggingFaceH4/no_robots``) was read instead of the pinned Hub dataset, and
+    the dataset's address took its absolute path."""
+    from fusechat_core.data.presets import sources_of
+
+    monkeypatch.chdir(tmp_path)
+    hub_ids = [s["path"] for s in PRESETS["fusechat-mixture"]]
+    for hub_id in hub_ids:
+        _write(tmp_path / hub_id, "train", [{"conversations": _conv("q", "a")}], "jsonl")
+    specs = sources_of(DataConfig(preset="fusechat-mixture"))
+    assert [s.path for s in specs] == hub_ids and not any(s.local for s in specs)
+    # a source of the config's own naming a folder is that folder
+    own = DataConfig(sources=[{"name": "mine", "path": hub_ids[0]}]).sources[0]
+    assert own.local and own.path == str((tmp_path / hub_ids[0]).resolve())
 
 
 def test_the_dataset_address_includes_every_pin(tmp_path, monkeypatch):

@@ -45,9 +45,9 @@ def stats_markdown(address: str, stats: dict[str, Any]) -> str:
              f"{stats['train']} training blocks, {stats['heldout']} held-out conversations, "
              f"{stats['skipped_total']} malformed rows skipped, {stats.get('cleaned_total', 0)} cleaned out, "
              f"{stats['duplicates_total']} duplicates.", "",
-             "| source | read | kept | sampled | held out | blocks | skipped (reasons) | repaired | "
+             "| source | read | kept | sampled | held out | blocks | too long | skipped (reasons) | repaired | "
              "cleaned out (reasons) |",
-             "|---|---:|---:|---:|---:|---:|---|---|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for name, s in stats["sources"].items():
         first = s.get("first_skipped", {})  # a dataset of an older version does not say
         reasons = ", ".join(f"{k}: {v}" + (f" (first: {first[k]})" if k in first else "")
@@ -55,7 +55,7 @@ def stats_markdown(address: str, stats: dict[str, Any]) -> str:
         cleaned = ", ".join(f"{k}: {v}" for k, v in s.get("cleaned", {}).items()) or "none"
         repaired = ", ".join(f"{k}: {v}" for k, v in s.get("repaired", {}).items()) or "none"
         lines.append(f"| {name} | {s['rows_read']} | {s['kept']} | {s['sampled']} | {s['heldout']} "
-                     f"| {s['blocks']} | {reasons} | {repaired} | {cleaned} |")
+                     f"| {s['blocks']} | {s.get('too_long', 0)} | {reasons} | {repaired} | {cleaned} |")
     return "\n".join(lines)
 
 

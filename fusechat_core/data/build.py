@@ -108,11 +108,38 @@ def check_source(label: str, st: SourceStats, max_skipped_fraction: float) -> No
 
 # -- reading raw rows ----------------------------------------------------------
 
-def _local_files(path: Path, data_files: str | list[str] | None) -> list[Path]:
+_READ = (".json", ".jsonl", ".parquet")
+# what a dataset folder holds besides its rows (the Hub's and ``datasets``' own files)
+_NOT_ROWS = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"}
+
+
+def _split_files(path: Path, split: str) -> list[Path]:
+    """The files of ``split`` in a dataset folder, by ``datasets``' own rule (the rule a Hub
+    repository's files are read by: ``data/train-00000-of-00002.parquet``, ``test.jsonl``,
+    ``train/…``; a folder that names no split is all ``train``): a local copy of a Hub dataset
+    reads as the Hub would read it, and its test split never joins the training rows."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+    from datasets.exceptions import DataFilesNotFoundError
+
+    try:
+        found = {str(k): v for k, v in DataFilesDict.from_patterns(get_data_patterns(str(path)),
+                                                                   base_path=str(path)).items()}
+    except (DataFilesNotFoundError, FileNotFoundError):
+        found = {}
+    if split not in found:
+        named = f"its files name the splits {', '.join(sorted(found))}" if found else "it holds no files"
+        raise DataError(f"{path}: no files of split {split!r} ({named}); set split, or data_files")
+    files = [Path(f) for f in found[split]]
+    unread = [f for f in files if f.suffix not in _READ and f.name != "README.md"]
+    if unread:
+        log.warning("%s: %d files of split %r not read (only %s files are): %s", path, len(unread), split,
+                    "/".join(_READ), ", ".join(str(f.relative_to(path)) for f in unread[:5]))
+    return sorted(f for f in files if f.suffix in _READ and f.name not in _NOT_ROWS)
+
+
+def _local_files(path: Path, data_files: str | list[str] | None, split: str = "train") -> list[Path]:
     if data_files is None:
-        if path.is_dir():
-            return sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".parquet"))
-        return [path]
+        return _split_files(path, split) if path.is_dir() else [path]
     if not path.is_dir():
         raise DataError(f"{path}: data_files selects files inside a folder or hub repository, not a file")
     files: list[Path] = []
@@ -129,8 +156,8 @@ def _local_files(path: Path, data_files: str | list[str] | None) -> list[Path]:
 Located = tuple[str, "dict | MalformedRow"]
 
 
-def _iter_local(path: Path, data_files: str | list[str] | None = None) -> Iterator[Located]:
-    files = _local_files(path, data_files)
+def _iter_local(path: Path, data_files: str | list[str] | None = None, split: str = "train") -> Iterator[Located]:
+    files = _local_files(path, data_files, split)
     if not files:
         raise DataError(f"{path}: no .json, .jsonl or .parquet files")
     for f in files:
@@ -268,8 +295,8 @@ def _iter_source(spec: DataSourceSpec, seed: int) -> Iterator[Located]:
     domain = demo_name(spec.path)
     if domain is not None:
         yield from ((f"row {i}", row) for i, row in enumerate(synthetic.generate(domain, spec.count or 1000, seed)))
-    elif Path(spec.path).exists():
-        yield from _iter_local(Path(spec.path), spec.data_files)
+    elif spec.local:
+        yield from _iter_local(Path(spec.path), spec.data_files, spec.split)
     else:
         yield from _iter_hub(spec)
 
@@ -436,6 +463,8 @@ def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
                 _add_training_blocks(train, st, h["source"], int(h["id"].rsplit("-", 1)[1]), h["conversations"],
                                      cfg, count)
         heldout = [h for j, h in enumerate(heldout) if j in keep]
+    for label, st in per_source.items():
+        _check_lengths(label, st, cfg.max_length)
     # A fixed, seeded order: training reads rows in this order, so it is part of the result.
     _seeded(seed, "shuffle").shuffle(train)
     stats = {
@@ -447,8 +476,21 @@ def build_mixture(cfg: DataConfig, seed: int, count: TokenCounter,
         "sources": {k: v.as_dict() for k, v in per_source.items()},
     }
     if not train:
-        raise DataError("the mixture is empty after cleaning: every row was skipped (see the log)")
+        raise DataError("the mixture has no training block: every conversation was held out")
     return Mixture(train, heldout, stats)
+
+
+def _check_lengths(label: str, st: SourceStats, max_length: int) -> None:
+    """Say what ``data.max_length`` cost a source; fail one it left without a training block
+    (a source of long answers under a short ``max_length`` read as a success before)."""
+    if st.too_long:
+        log.warning("data source %s: %d exchanges (a user turn and its answer) longer than data.max_length "
+                    "(%d pivot tokens) left out of training; %d conversations split into blocks", label,
+                    st.too_long, max_length, st.split_conversations)
+    if st.blocks == 0 and st.too_long:
+        raise DataError(f"data source {label}: no training block: all {st.too_long} exchanges of its "
+                        f"{st.sampled - st.heldout} training conversations are longer than data.max_length "
+                        f"({max_length} pivot tokens)")
 
 
 def write_mixture(writer: ArtifactWriter, mix: Mixture) -> None:

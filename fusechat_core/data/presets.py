@@ -56,5 +56,6 @@ PRESETS = {"fusechat-mixture": FUSECHAT_MIXTURE, "fusechat-mixture-released": FU
 
 def sources_of(cfg: DataConfig) -> list[DataSourceSpec]:
     """The run's data sources: the preset's, then the config's own."""
-    specs = [DataSourceSpec(**s) for s in PRESETS[cfg.preset]] if cfg.preset else []
+    specs = [DataSourceSpec.model_validate(s, context={"hub_ids": True}) for s in PRESETS[cfg.preset]] \
+        if cfg.preset else []
     return specs + list(cfg.sources)
