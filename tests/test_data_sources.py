@@ -260,6 +260,13 @@ def test_a_local_copy_of_a_hub_dataset_reads_the_split_it_names(tmp_path, caplog
     assert sorted(r["conversations"][0]["value"] for r in tested.train) == [f"test question {i}" for i in range(3)]
     with pytest.raises(DataError, match=r"no files of split 'validation' \(its files name the splits test, train\)"):
         _build([spec.model_copy(update={"split": "validation"})])
+    # datasets read from a folder before this rule are made again; those of a file or a Hub id are not
+    from fusechat_core.data.build import reader_versions
+
+    assert reader_versions([spec], None)["folder"] == {"files of a split": 2}
+    for other in (DataSourceSpec(name="f", path=str(repo / "dataset_infos.json")), DataSourceSpec(path="org/set"),
+                  spec.model_copy(update={"data_files": "data/*.parquet"})):
+        assert "folder" not in reader_versions([other], None)
     # a folder that names no split is all train; a file it cannot read is said, not passed over
     flat = tmp_path / "flat"
     _write(flat, "chats", train, "jsonl")

@@ -301,17 +301,27 @@ def _iter_source(spec: DataSourceSpec, seed: int) -> Iterator[Located]:
         yield from _iter_hub(spec)
 
 
+# How the files of a local folder without data_files are chosen: 2, those of the source's
+# split by ``datasets``' rule (1: every .json/.jsonl/.parquet file, a test split included).
+# Only datasets read from such a folder carry it, so only they are made again.
+FOLDER_READER_VERSION = 2
+
+
 def reader_versions(specs: Iterable[DataSourceSpec], clean: str | None) -> dict[str, dict[str, int]]:
     """The versions (past the first) of the code that turns these sources into rows, by kind:
     the synthetic domain of a ``demo:`` source, the loader of any other (for ``format: auto``,
-    every loader it may choose), the cleaner. The dataset's address carries them
+    every loader it may choose), the cleaner, the choice of a local folder's files. The dataset's address carries them
     (``RunPlan.dataset``): a change to one of them moves only the datasets it reads."""
     specs = list(specs)
     demo = [name for s in specs if (name := demo_name(s.path)) is not None]
     formats = [f for s in specs if demo_name(s.path) is None
                for f in (AUTO_FORMATS if s.format == "auto" else (s.format,))]
-    return {"domain": synthetic.DOMAINS.versions(demo), "loader": LOADERS.versions(formats),
-            "cleaner": CLEANERS.versions([clean] if clean else [])}
+    out = {"domain": synthetic.DOMAINS.versions(demo), "loader": LOADERS.versions(formats),
+           "cleaner": CLEANERS.versions([clean] if clean else [])}
+    if any(s.local and s.data_files is None and Path(s.path).is_dir() for s in specs):
+        out["folder"] = {"files of a split": FOLDER_READER_VERSION}
+    return out
+
 
 
 def conversation_key(conv: list[dict[str, str]]) -> str:
