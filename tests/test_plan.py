@@ -188,16 +188,19 @@ def _snapshot(plan: RunPlan) -> dict[str, str]:
 
 def test_first_versions_move_no_address_of_an_existing_run():
     """The paper's 7B config's addresses (first derived before registry versions existed,
-    commit b8a0af7; moved since only by stage versions that change what that config makes:
-    dataset 5, align 4, evaluate 3 and 4, evaluate.dtype): every entry at version 1 must leave
-    them where they are, or a user's finished week of GPU work would be recomputed by an
-    upgrade."""
+    commit b8a0af7; moved since only by versions that change what that config makes:
+    dataset 5, align 4, evaluate 3 and 4, evaluate.dtype, the varm merge method 2): every
+    entry at version 1 must leave them where they are, or a user's finished week of GPU work
+    would be recomputed by an upgrade. The varm method's version moves its merge and what
+    reads it, never the targets."""
     from fusechat_core.config import load_config
 
     plan = RunPlan(load_config("configs/fusechat-7b-varm.yaml", store="file:///x"))
     assert plan.dataset == "dataset/15eafc0f086b4d0ce15c"
     assert plan.align(plan.model("mixtral")) == "align/mixtral-33f9214aa39b9d81944f"
-    assert plan.report() == "report/71f1d900c594baaee08d"  # and so everything upstream of it
+    assert plan.train("mixtral") == "train/mixtral-5cc24823c3c646d51c48"
+    assert plan.merge("varm") == "merge/varm-dc59e1e066218d92c9fc"
+    assert plan.report() == "report/16e904dd1d32c7fff274"  # and so everything upstream of it
 
 
 def test_a_domain_version_moves_the_demo_artifacts_that_read_it_and_nothing_else(tmp_path, monkeypatch):

@@ -36,9 +36,10 @@ def _add(spec: MethodSpec, *, version: int = 1) -> None:
     MERGE_METHODS.register(spec.name, version=version)(spec)
 
 
+# varm 2: θ_pivot + Σ W·Δ as written, in float32 at least (bfloat16 inputs are widened first)
 _add(MethodSpec(
     "varm", "varm", pivot_is_base=True, reserved=("weight", "granularity"),
-    note="per-matrix weights from each target's mean squared change against the pivot"))
+    note="per-matrix weights from each target's mean squared change against the pivot"), version=2)
 # The paper's baselines merge the targets; the pivot is their common base where the
 # method works on task vectors.
 _add(MethodSpec(

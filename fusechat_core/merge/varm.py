@@ -88,29 +88,45 @@ _CHUNK = 1 << 22
 
 
 def _combine(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """θ_pivot + Σ_j W_j·Δ_j, computed as (1 − Σ W)·θ_pivot + Σ_j W_j·θ_j.
-
-    The two are the same sum; the second needs no Δ and no copy of the pivot, so it
-    costs what a linear merge costs. With the VaRM weights Σ W = 1 and the pivot term
-    vanishes; with all weights zero the result is the pivot's tensor itself.
+    """θ_pivot + Σ_j W_j·Δ_j, as the formula says it: an entry no target changed is the
+    pivot's, bit for bit, and the update is added to it, not rebuilt from Σ_j W_j·θ_j (which
+    moved 3% of a float32 matrix's untouched entries by an ulp). Computed in float32 at least
+    (float64 stays): bfloat16 targets are widened before the subtraction, where bfloat16
+    arithmetic lost updates of the size fine-tuning makes; mergekit casts the result to the
+    merge's dtype. Δ is formed a slice at a time: merging costs what a linear merge costs.
     """
-    used = [(t, w) for t, w in zip(tensors, weights) if w != 0.0]
+    used = [(t.reshape(-1), w) for t, w in zip(tensors, weights) if w != 0.0]
     if not used:
         return base
-    first, w0 = used[0]
-    merged = torch.mul(first, w0)
-    for t, w in used[1:]:
-        merged.add_(t, alpha=w)
-    rest = 1.0 - sum(w for _, w in used)
-    if abs(rest) > 1e-12:  # 1 − Σ W of normalised weights is rounding, not a pivot share
-        merged.add_(base, alpha=rest)
+    work = base.dtype if base.dtype in (torch.float32, torch.float64) else torch.float32
+    merged = torch.empty(base.shape, dtype=work, device=base.device)
+    b, out = base.reshape(-1), merged.view(-1)
+    n = min(_CHUNK, b.numel())
+    d = torch.empty(n, dtype=work, device=base.device)
+    # narrow inputs are widened a slice at a time into buffers of their own
+    b_wide = torch.empty(n, dtype=work, device=base.device) if b.dtype != work else None
+    t_wide = torch.empty(n, dtype=work, device=base.device) if any(t.dtype != work for t, _ in used) else None
+    for lo in range(0, b.numel(), _CHUNK):
+        b_c, o_c = b[lo:lo + _CHUNK], out[lo:lo + _CHUNK]
+        if b_wide is not None:
+            b_c = b_wide[:b_c.numel()].copy_(b_c)
+        for j, (t, w) in enumerate(used):
+            t_c = t[lo:lo + _CHUNK]
+            if t_c.dtype != work:
+                t_c = t_wide[:t_c.numel()].copy_(t_c)
+            if j == 0:  # θ_p + W·(θ_j − θ_p) in one pass; exactly θ_p where θ_j = θ_p
+                torch.lerp(b_c, t_c, w, out=o_c)
+            else:
+                dc = torch.sub(t_c, b_c, out=d[:t_c.numel()])
+                o_c.add_(dc, alpha=w)
     return merged
 
 
 def _sum_sq_deltas(base: torch.Tensor, tensors: list[torch.Tensor]) -> list[float]:
     """[Σ (θ_j − θ_pivot)² for each j], in one sweep over the pivot: each slice of the pivot
-    is read once for all targets. Slices are summed in float64 (fine-tuning deltas are
-    small and a matrix can hold ~1e9 elements; one float32 sum would lose digits)."""
+    is read once for all targets. Each Δ is formed in float32 at least (bfloat16 inputs are
+    widened first) and slices are summed in float64 (fine-tuning deltas are small and a
+    matrix can hold ~1e9 elements; one float32 sum would lose digits)."""
     b = base.reshape(-1)
     flat = [t.reshape(-1) for t in tensors]
     work = torch.float32 if b.dtype not in (torch.float32, torch.float64) else b.dtype
@@ -121,7 +137,12 @@ def _sum_sq_deltas(base: torch.Tensor, tensors: list[torch.Tensor]) -> list[floa
         b_c = b[lo:lo + _CHUNK]
         d = buf[:b_c.numel()]
         for j, t in enumerate(flat):
-            torch.sub(t[lo:lo + _CHUNK], b_c, out=d)
+            t_c = t[lo:lo + _CHUNK]
+            if t_c.dtype == b_c.dtype == work:
+                torch.sub(t_c, b_c, out=d)
+            else:  # widened first: bfloat16 arithmetic would round the difference
+                d.copy_(t_c)
+                d.sub_(b_c)
             totals[j] += torch.dot(d, d).double()
     return totals.tolist()
 
