@@ -342,7 +342,9 @@ class RunPlan:
         section = {
             "method": method,
             "parameters": method_parameters(m, method),
-            "granularity": m.granularity,
+            # VaRM's alone (the stage passes it to no other method): the default stands in for
+            # the others, so changing it moves only VaRM's merge, and no address that was
+            "granularity": m.granularity if method == "varm" else "matrix",
             "dtype": m.dtype,
             "mergekit_yaml": m.mergekit_yaml if method == m.method else None,
             "pivot": self.identity(self.cfg.pivot),

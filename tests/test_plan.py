@@ -159,6 +159,14 @@ def test_a_merge_method_or_evaluation_settings_change_only_what_reads_them(tmp_p
     assert _changed(a, j) == {n.label for n in a.nodes() if n.stage in ("evaluate", "report")}
 
 
+def test_varm_granularity_moves_only_the_varm_merge(tmp_path):
+    """merge.granularity is VaRM's setting: switching it recomputed every other method's merge
+    and evaluation (paid MT-Bench verdicts included) for the same output."""
+    a = _tiny(tmp_path)
+    layer = _tiny(tmp_path, g=lambda raw: raw["merge"].update(granularity="layer"))
+    assert _changed(a, layer) == {"merge[varm]", *_evaluations("merge-varm"), "report"}
+
+
 def test_the_pivot_and_the_data_still_change_everything_downstream(tmp_path):
     a = _tiny(tmp_path)
     every = {n.label for n in a.nodes() if n.stage not in ("demo_models", "vocab_map")}
