@@ -709,3 +709,33 @@ def test_varm_adds_the_update_to_the_pivot_in_float32_at_least(dtype):
     # 14% of untouched float32 entries moved under Σ W·θ
     thirds = _combine(base, [*targets, targets[0]], [1 / 3] * 3)
     assert torch.equal(thirds[untouched], base.float()[untouched])
+
+
+def test_a_hub_pivot_merges_offline_from_the_local_cache(known, tmp_path, monkeypatch):
+    """A GPU node with HF_HUB_OFFLINE=1 loads a Hub pivot from its cache in every stage; the
+    merge gave it to mergekit as a hub id, which lists the repository's files online and
+    failed. Now it reads the cached snapshot, and what it writes names the Hub model."""
+    import huggingface_hub.constants as hub
+
+    from fusechat_core.merge import MergeError, merge_models
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "models--fakeorg--pivot"
+    shutil.copytree(known["pivot"], repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    targets = {"a": str(known["a"]), "b": str(known["b"])}
+    local = merge_models("varm", str(known["pivot"]), targets, tmp_path / "local", device="cpu")
+    for ref in ("fakeorg/pivot", f"fakeorg/pivot@{sha}"):
+        out = tmp_path / ref.replace("/", "_")
+        res = merge_models("varm", ref, targets, out, device="cpu")
+        assert _safetensors_bytes(out) == _safetensors_bytes(tmp_path / "local")
+        written = (out / "mergekit_config.yml").read_text()
+        assert f"base_model: {ref}" in written and str(tmp_path / "hf") not in written
+        assert str(tmp_path / "hf") not in (out / "README.md").read_text() + (out / "varm_weights.json").read_text()
+        assert res["table"]["pivot"] == ref and res["table"]["tensors"] == local["table"]["tensors"]
+    with pytest.raises(MergeError, match=r"^pivot: fakeorg/none: cannot be read from the Hugging Face Hub or its "
+                                         r"local cache \("):
+        merge_models("varm", "fakeorg/none", targets, tmp_path / "none", device="cpu")

@@ -91,6 +91,40 @@ def _same_architecture(pivot: str, targets: Mapping[str, str]) -> None:
                              f"layers {got} vs {want}); targets are fine-tunes of the pivot")
 
 
+# What a merge reads of a Hub model: its weights (safetensors; .bin only where a repository
+# has none), config, tokenizer and generation config; never a second copy of the weights.
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def _on_disk(label: str, ref: str, hub_refs: dict[str, str]) -> str:
+    """A Hub model (``id`` or ``id@revision``, as mergekit names it) as its snapshot folder in
+    this machine's Hugging Face cache, fetched if need be; a local folder as it is. mergekit
+    lists a Hub repository's files on every access, which fails on a node with
+    ``HF_HUB_OFFLINE=1`` where the other stages load the same model from the cache. Records
+    folder → ref in ``hub_refs``, so what the merge writes names the model, not the folder."""
+    if Path(ref).is_absolute():
+        return ref
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = ref.partition("@")
+    try:
+        folder = snapshot_download(repo, revision=revision or None, allow_patterns=_HUB_FILES)
+        if not any(Path(folder).glob("*.safetensors")):  # an older repository: PyTorch pickles
+            folder = snapshot_download(repo, revision=revision or None, allow_patterns=[*_HUB_FILES, "*.bin"])
+    except Exception as exc:  # huggingface_hub's errors name the URL at best, never our input
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MergeError(f"{label}: {ref}: cannot be read from the Hugging Face Hub or its local cache "
+                         f"({type(exc).__name__}: {first})") from exc
+    hub_refs[folder] = ref
+    return folder
+
+
+def _named(text: str, hub_refs: Mapping[str, str]) -> str:
+    for folder, ref in sorted(hub_refs.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(folder, ref)
+    return text
+
+
 def _local_dir(ref: str) -> Path:
     from mergekit.common import ModelReference
 
@@ -129,6 +163,10 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
             # mergekit would fold a repeated input into one (or into the base) without a word
             raise MergeError(f"target {n}: {p} is already {seen[p]}")
         seen[p] = f"target {n}"
+    hub_refs: dict[str, str] = {}  # snapshot folder -> the Hub model it is
+    pivot_ref = pivot
+    pivot = _on_disk("pivot", pivot, hub_refs)
+    targets = {n: _on_disk(f"target {n}", p, hub_refs) for n, p in targets.items()}
     _same_architecture(pivot, targets)
     # before any tensor is read: a merge that cannot get its tokenizer is refused up front
     pivot_tokenizer = _pivot_tokenizer_files(pivot, tokenizer, chat_template)
@@ -153,6 +191,7 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
                                      target_weights=weights, granularity=granularity)
     config_yaml = config.to_yaml()
     is_varm = config.merge_method == "varm"
+    named_yaml = _named(config_yaml, hub_refs)
 
     options = MergeOptions(device=pick_device(device), out_shard_size=int(shard_size), copy_tokenizer=False,
                            write_model_card=False, quiet=True, random_seed=seed, safe_serialization=True)
@@ -184,13 +223,13 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
         raise
 
     _save_pivot_tokenizer(out, pivot, pivot_tokenizer)
-    (out / "mergekit_config.yml").write_text(config_yaml + "\n")
+    (out / "mergekit_config.yml").write_text(named_yaml + "\n")
 
     table = None
     if is_varm:
         by_path = {p: n for n, p in targets.items()}
         names = [by_path.get(i, i) for i in inputs if i != base]
-        table = {"method": "varm", "granularity": granularity, "pivot": pivot, "targets": names,
+        table = {"method": "varm", "granularity": granularity, "pivot": pivot_ref, "targets": names,
                  "tensors": {k: {key: ({by_path.get(m, m): v for m, v in val.items()}
                                        if isinstance(val, dict) else val)
                                  for key, val in row.items()}
@@ -202,13 +241,14 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
         (out / WEIGHTS_MD).write_text(weights_markdown(table))
 
     card = model_card(name=name or out.name, method=method if mergekit_yaml is None else config.merge_method,
-                      pivot=pivot, targets=targets, sources=sources, parameters=dict(parameters or {}),
-                      granularity=granularity, dtype=dtype, mergekit_yaml=config_yaml, table=table,
+                      pivot=pivot_ref, targets={n: hub_refs.get(p, p) for n, p in targets.items()},
+                      sources=sources, parameters=dict(parameters or {}),
+                      granularity=granularity, dtype=dtype, mergekit_yaml=named_yaml, table=table,
                       method_note=spec.note if mergekit_yaml is None else "", training=dict(training or {}))
     (out / "README.md").write_text(card)
     say(f"merged model in {out}")
     return {"out_dir": str(out), "method": method, "mergekit_method": config.merge_method,
-            "mergekit_config": config_yaml, "table": table}
+            "mergekit_config": named_yaml, "table": table}
 
 
 def _require_finite(out: Path, method: str, inputs: Mapping[str, str]) -> None:
