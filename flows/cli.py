@@ -122,9 +122,12 @@ def _parser() -> argparse.ArgumentParser:
 
     setup = sub.add_parser("setup", help="prepare a Prefect server: GPU concurrency limit, crash detection, work pool")
     setup.add_argument("--gpu-tag", default="gpu", help="the tag GPU tasks carry (runner.gpu_tag)")
-    setup.add_argument("--gpu-limit", type=int, default=1, help="GPUs in the pool: at most this many GPU tasks at once")
-    setup.add_argument("--heartbeat-timeout", type=int, default=90,
-                       help="seconds without a heartbeat before a flow run is marked Crashed")
+    setup.add_argument("--gpu-limit", type=int, default=None,
+                       help="GPUs in the pool: at most this many GPU tasks at once (default: keep the server's, "
+                            "or 1 where it has none)")
+    setup.add_argument("--heartbeat-timeout", type=int, default=None,
+                       help="seconds without a heartbeat before a flow run is marked Crashed (default: keep the "
+                            "server's, or 90)")
     setup.add_argument("--work-pool", default="fusechat-local", help="process work pool to create ('' for none)")
     setup.add_argument("--gpu-work-pool", default="fusechat-gpu",
                        help="Kubernetes GPU work pool to create, with deployments/kubernetes-gpu.json as its base "
@@ -428,12 +431,13 @@ def _setup(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from flows.setup import MIN_HEARTBEAT_TIMEOUT_S, setup_server
 
-    if args.gpu_limit < 1 or args.heartbeat_timeout < MIN_HEARTBEAT_TIMEOUT_S:
+    if (args.gpu_limit is not None and args.gpu_limit < 1) or \
+            (args.heartbeat_timeout is not None and args.heartbeat_timeout < MIN_HEARTBEAT_TIMEOUT_S):
         print(f"fusechat: error: --gpu-limit must be >= 1 and --heartbeat-timeout >= {MIN_HEARTBEAT_TIMEOUT_S}",
               file=sys.stderr)
         return EXIT_USAGE
     beat = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"))
-    if args.heartbeat_timeout < 2 * beat:
+    if args.heartbeat_timeout is not None and args.heartbeat_timeout < 2 * beat:
         print(f"fusechat: warning: --heartbeat-timeout {args.heartbeat_timeout} s is under two heartbeat periods "
               f"({beat} s): a live run that misses one heartbeat will be marked Crashed", file=sys.stderr)
 

@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.setup import PIPELINE_FLOW
 from fusechat_core.config import RunConfig, RunnerConfig, load_config
 from fusechat_core.plan import CLM, RunPlan
 from fusechat_core.preflight import preflight
@@ -152,7 +153,7 @@ def deployed_max_workers() -> int:
 
 # A deployment's runs get this runner (threads, bounded): unbounded, every align shard of a
 # 95k-conversation run would hold its rows at once.
-@flow(name="fusechat-pipeline", flow_run_name=run_name, validate_parameters=True,
+@flow(name=PIPELINE_FLOW, flow_run_name=run_name, validate_parameters=True,
       task_runner=ThreadPoolTaskRunner(max_workers=deployed_max_workers()))
 def fusechat_pipeline(config: dict[str, Any] | None = None, config_path: str | None = None,
                       until: str = STAGES[-1]) -> dict[str, Any]:

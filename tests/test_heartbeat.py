@@ -28,12 +28,12 @@ import time
 from prefect import flow
 from prefect.runtime import flow_run
 
-@flow(name="heartbeat-quick")
+@flow(name="fusechat-pipeline")
 def quick():
     print("quick", flow_run.id, flush=True)
     time.sleep(1)  # its first heartbeat goes out before it finishes
 
-@flow(name="heartbeat-silent")
+@flow(name="fusechat-pipeline")
 def silent():
     print("silent", flow_run.id, flush=True)
     time.sleep(600)
@@ -48,12 +48,25 @@ import time
 from prefect import flow
 from prefect.runtime import flow_run
 
-@flow(name="heartbeat-parked")
+@flow(name="fusechat-pipeline")
 def parked():
     print("parked", flow_run.id, flush=True)
     time.sleep(600)
 
 parked()
+'''
+# Another team's flow on the same server, silent as long after its heartbeat: not ours to crash.
+OTHER = '''
+import time
+from prefect import flow
+from prefect.runtime import flow_run
+
+@flow(name="someone-elses-flow")
+def other():
+    print("other", flow_run.id, flush=True)
+    time.sleep(600)
+
+other()
 '''
 
 
@@ -82,11 +95,20 @@ def test_a_killed_flow_run_is_marked_crashed_when_its_heartbeats_stop(tmp_path, 
     script = tmp_path / "flows.py"
     script.write_text(FLOWS)
     (tmp_path / "parked.py").write_text(PARKED)
-    log, parked_log = tmp_path / "flows.log", tmp_path / "parked.log"
+    (tmp_path / "other.py").write_text(OTHER)
+    log, parked_log, other_log = tmp_path / "flows.log", tmp_path / "parked.log", tmp_path / "other.log"
     env = {**server.client_env(tmp_path / "prefect-home"), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
     proc = spawn([sys.executable, str(script)], env, log)
     parked_proc = spawn([sys.executable, str(tmp_path / "parked.py")], env, parked_log)
+    other_proc = spawn([sys.executable, str(tmp_path / "other.py")], env, other_log)
     try:
+        other_id = wait_until("the other team's flow run to start", lambda: (re.findall(
+            r"^other ([0-9a-f-]{36})$", other_log.read_text(), re.M) or [None])[0], 90, log=other_log)
+        other = f"prefect.flow-run.{other_id}"
+        wait_until("the other run's first heartbeat",
+                   lambda: server.events("prefect.flow-run.heartbeat", resource=other), 30, log=other_log)
+        os.killpg(other_proc.pid, signal.SIGKILL)
+        other_proc.wait(10)
         parked_id = wait_until("the parked flow run to start", lambda: (re.findall(
             r"^parked ([0-9a-f-]{36})$", parked_log.read_text(), re.M) or [None])[0], 90, log=parked_log)
         parked = f"prefect.flow-run.{parked_id}"
@@ -130,8 +152,11 @@ def test_a_killed_flow_run_is_marked_crashed_when_its_heartbeats_stop(tmp_path, 
         assert not server.events("prefect.automation.action.triggered", related=parked)
         state = server.get(f"/flow_runs/{parked_id}")["state"]
         assert (state["type"], state["name"]) == ("SCHEDULED", "AwaitingRetry"), state
+        # another flow's run, killed before ours: left as it is
+        assert not server.events("prefect.automation.action.triggered", related=other)
+        assert server.get(f"/flow_runs/{other_id}")["state"]["type"] == "RUNNING"
     finally:
-        for p in (proc, parked_proc):
+        for p in (proc, parked_proc, other_proc):
             if p.poll() is None:
                 stop(p)
         _delete_automation(server)
@@ -160,4 +185,13 @@ def test_setup_refuses_a_timeout_prefect_cannot_watch_and_warns_below_two_heartb
     short = setup("--heartbeat-timeout", "45")
     assert short.returncode == 0, short.stderr
     assert "warning: --heartbeat-timeout 45 s is under two heartbeat periods (30 s)" in short.stderr
-    assert setup().returncode == 0  # back to the default 90 s, as a production server has it
+    # run again as after an upgrade, nothing given: the server's settings stay (they went back to
+    # 1 GPU slot and 90 s, so a cluster's 8 GPUs took turns one task at a time)
+    assert setup("--gpu-limit", "8", "--gpu-tag", "gpu-setup-test").returncode == 0
+    again = setup("--gpu-tag", "gpu-setup-test")
+    assert again.returncode == 0, again.stderr
+    assert "tag 'gpu-setup-test' at most 8 task runs (kept; --gpu-limit changes it)" in again.stdout
+    assert "Crashed after 45 s without a heartbeat (kept; --heartbeat-timeout changes it)" in again.stdout
+    restored = setup("--heartbeat-timeout", "90", "--gpu-tag", "gpu-setup-test", "--gpu-limit", "2")
+    assert "tag 'gpu-setup-test' at most 2 task runs (was 8)" in restored.stdout
+    assert "Crashed after 90 s without a heartbeat\n" in restored.stdout  # as a production server has it
