@@ -102,8 +102,9 @@ def _settle(results: dict[str, Any], futures: dict[str, PrefectFuture],
         results[label] = {**fut.result(), "state": fut.state.name}
 
 
-def runner_mismatch(cfg: RunConfig, runner: Any) -> list[str]:
+def runner_mismatch(cfg: RunConfig, runner: Any, gpus: int | None = None) -> list[str]:
     """What of ``cfg.runner`` the flow's active task runner does not do (empty: all of it).
+    ``gpus``: the GPUs this process sees (None: not known), which bound what threads can fill.
 
     ``fusechat run`` starts the flow with ``task_runner_for(cfg)``; a deployment runs the flow
     as decorated (Prefect fixes a flow's runner before its parameters are known), with
@@ -117,13 +118,16 @@ def runner_mismatch(cfg: RunConfig, runner: Any) -> list[str]:
         problems.append(f"runner.max_workers: {want.max_workers} is not applied here: this run has {workers} "
                         f"worker threads (a deployment runs the flow's own runner, {MAX_WORKERS_ENV} threads "
                         f"in its job's env; `fusechat run` applies the config's)")
+    # the slots this node can fill: a 1-GPU pod of the 8-slot cluster runs one model at a time
+    # (models.claim_gpu), whatever its thread count
+    fillable = want.gpu_concurrency if gpus is None else min(want.gpu_concurrency, gpus)
     if isinstance(runner, ThreadPoolTaskRunner) and isinstance(workers, int) and want.gpu_tag \
-            and workers < want.gpu_concurrency:
+            and workers < fillable:
         # an 8-GPU node would hold 4 of its GPUs idle through a represent stage
         problems.append(f"runner.gpu_concurrency: {want.gpu_concurrency} GPU slots, but this run has {workers} "
                         f"worker threads: at most {workers} model-holding tasks run at once (set "
                         f"runner.max_workers, or {MAX_WORKERS_ENV} in a deployment's env, to at least "
-                        f"{want.gpu_concurrency})")
+                        f"{fillable})")
     return problems
 
 
@@ -193,6 +197,14 @@ def _let_go_of_the_task_runner() -> None:
             close_gracefully(reason="fusechat-stop")
 
 
+def _visible_gpus() -> int | None:
+    """The CUDA GPUs this process sees (None when torch was not imported to ask: not known)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return None if torch is None else torch.cuda.device_count()
+
+
 def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str) -> dict[str, Any]:
     if (config is None) == (config_path is None):
         raise ValueError("give exactly one of config and config_path")
@@ -202,7 +214,7 @@ def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str
     preflight(cfg, until)
     from prefect.context import FlowRunContext
 
-    for problem in runner_mismatch(cfg, getattr(FlowRunContext.get(), "task_runner", None)):
+    for problem in runner_mismatch(cfg, getattr(FlowRunContext.get(), "task_runner", None), _visible_gpus()):
         get_run_logger().warning(problem)
     # Preflight has imported torch, transformers and mergekit: millions of long-lived objects
     # that every later full collection would walk again (0.6 s each, set off by each large

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -23,6 +24,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from fusechat_core import stopping
 
 _IMPORT_LOCK = threading.Lock()
 
@@ -227,17 +230,20 @@ def pick_device(device: str = "auto") -> str:
 
 
 # GPUs of this process handed to model-holding work (a represent shard, an evaluation) by
-# ``claim_gpu``: index -> how many hold it now.
-_GPU_CLAIMS: dict[int, int] = {}
-_GPU_CLAIMS_LOCK = threading.Lock()
+# ``claim_gpu``: the indices held now.
+_GPU_CLAIMS: set[int] = set()
+_GPU_FREED = threading.Condition()
 
 
 @contextmanager
 def claim_gpu(device: str, count: int | None = None, *, spread: bool = False) -> Iterator[str]:
-    """The device one model-holding task runs on, for the block: ``cuda`` becomes the visible
-    GPU fewest tasks of this process hold (the lowest such index), so the thread runner's
-    tasks under a GPU slot limit of 8 spread over an 8-GPU node instead of all loading onto
-    ``cuda:0``. Any other device (``cpu``, an explicit ``cuda:3``) is kept as given.
+    """The device one model-holding task runs on, for the block: ``cuda`` becomes a visible GPU
+    no other task of this process holds (the lowest such index), waiting for one to be freed
+    when every one is held. So the thread runner's tasks under a GPU slot limit of 8 spread
+    over an 8-GPU node instead of all loading onto ``cuda:0``, and a pod with one GPU runs one
+    model at a time however many threads it has (the GPU tag's limit is the cluster's, not
+    the pod's: four 7B models loaded at once onto one GPU before). Any other device (``cpu``,
+    an explicit ``cuda:3``) is kept as given; a process with one GPU gets ``cuda``.
     ``count``: the number of visible GPUs (default: torch's). A Dask worker holds its own
     claims: give each worker its own GPUs (dask-cuda's ``CUDA_VISIBLE_DEVICES`` per worker).
     ``spread``: a model with a ``device_map`` (over every GPU) claims none and keeps ``cuda``, so
@@ -249,17 +255,22 @@ def claim_gpu(device: str, count: int | None = None, *, spread: bool = False) ->
         import torch
 
         count = torch.cuda.device_count()
-    if count <= 1:
-        yield device
-        return
-    with _GPU_CLAIMS_LOCK:
-        index = min(range(count), key=lambda i: (_GPU_CLAIMS.get(i, 0), i))
-        _GPU_CLAIMS[index] = _GPU_CLAIMS.get(index, 0) + 1
+    count = max(count, 1)
+    with _GPU_FREED:
+        if len(_GPU_CLAIMS) >= count:
+            logging.getLogger("fusechat").info("waiting for one of this process's %d GPUs: every one holds "
+                                               "a model", count)
+        while len(_GPU_CLAIMS) >= count:
+            _GPU_FREED.wait(timeout=5.0)
+            stopping.check()  # a run told to stop does not wait on
+        index = min(i for i in range(count) if i not in _GPU_CLAIMS)
+        _GPU_CLAIMS.add(index)
     try:
-        yield f"cuda:{index}"
+        yield f"cuda:{index}" if count > 1 else device
     finally:
-        with _GPU_CLAIMS_LOCK:
-            _GPU_CLAIMS[index] -= 1
+        with _GPU_FREED:
+            _GPU_CLAIMS.discard(index)
+            _GPU_FREED.notify()
 
 
 def resolve_mixed_precision(value: str) -> str:

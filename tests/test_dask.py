@@ -347,6 +347,12 @@ def test_a_run_says_which_runner_settings_it_cannot_apply(tmp_path):
     [problem] = runner_mismatch(cfg(gpu_concurrency=8), deployed)
     assert problem.startswith("runner.gpu_concurrency: 8 GPU slots, but this run has 4 worker threads")
     assert runner_mismatch(cfg(gpu_concurrency=8, gpu_tag=None), deployed) == []  # no GPU slots to fill
+    # a pod of the 8-slot cluster with one GPU (evaluate-gpu): one model at a time whatever its
+    # threads (models.claim_gpu); it was told to run 8 threads, which loaded 4 models on its GPU
+    assert runner_mismatch(cfg(gpu_concurrency=8), deployed, gpus=1) == []
+    assert runner_mismatch(cfg(gpu_concurrency=8), deployed, gpus=0) == []
+    [problem] = runner_mismatch(cfg(gpu_concurrency=8), deployed, gpus=6)
+    assert problem.endswith("to at least 6)")
     # what `fusechat run` starts the flow with does what the config says
     for runner in ({}, {"max_workers": 16}, {"task_runner": "dask"}, {"max_workers": 8, "gpu_concurrency": 8}):
         assert runner_mismatch(cfg(**runner), task_runner_for(cfg(**runner))) == []

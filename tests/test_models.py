@@ -130,27 +130,56 @@ def test_tokenizer_files_are_what_transformers_saves_and_repeat_without_a_reload
 
 def test_model_holding_tasks_of_one_process_spread_over_its_gpus():
     """Eight represent shards on an 8-GPU node under eight threads: each gets a GPU of its
-    own (all of them loaded onto cuda:0 before, and ran out of its memory), a ninth shares
-    the least held one, a freed GPU is given again; anything but plain ``cuda`` is kept."""
+    own (all of them loaded onto cuda:0 before, and ran out of its memory); a ninth waits for
+    one to be freed and gets that one (it shared one before: two 7B models on one GPU, and a
+    pod with one GPU and four threads loaded four); anything but plain ``cuda`` is kept."""
     import contextlib
     import threading
 
     from fusechat_core.models import claim_gpu
 
-    with contextlib.ExitStack() as held:
-        got = [held.enter_context(claim_gpu("cuda", count=8)) for _ in range(8)]
-        assert sorted(got) == [f"cuda:{i}" for i in range(8)]
-        with claim_gpu("cuda", count=8) as ninth:
-            assert ninth == "cuda:0"  # every GPU held once: the lowest index takes a second
-            with claim_gpu("cuda", count=8) as tenth:
-                assert tenth == "cuda:1"
+    def claim_in_a_thread(count: int) -> tuple[threading.Thread, list[str], threading.Event]:
+        got, release = [], threading.Event()
+
+        def hold() -> None:
+            with claim_gpu("cuda", count=count) as device:
+                got.append(device)
+                release.wait(10)
+        t = threading.Thread(target=hold)
+        t.start()
+        return t, got, release
+
+    stacks = [contextlib.ExitStack() for _ in range(8)]
+    got = [st.enter_context(claim_gpu("cuda", count=8)) for st in stacks]
+    assert got == [f"cuda:{i}" for i in range(8)]
+    ninth, ninth_got, ninth_done = claim_in_a_thread(8)
+    ninth.join(0.5)
+    assert ninth.is_alive() and ninth_got == []  # every GPU held: it waits
+    stacks[5].close()  # the task on cuda:5 ends
+    for _ in range(200):
+        if ninth_got:
+            break
+        ninth.join(0.05)
+    assert ninth_got == ["cuda:5"]
+    ninth_done.set()
+    ninth.join(10)
+    for st in stacks:
+        st.close()
+    # one GPU, two threads: one model at a time, the second given "cuda" once the first is done
+    first, first_got, first_done = claim_in_a_thread(1)
+    second, second_got, second_done = claim_in_a_thread(1)
+    second.join(0.5)
+    assert first_got == ["cuda"] and second_got == []
+    first_done.set()
+    first.join(10)
+    second_done.set()
+    second.join(10)
+    assert second_got == ["cuda"]
     with claim_gpu("cuda", count=8) as a, claim_gpu("cuda", count=8) as b:
         assert (a, b) == ("cuda:0", "cuda:1")  # every claim above was given back
     for kept in ("cpu", "cuda:3", "mps"):
         with claim_gpu(kept, count=8) as device:
             assert device == kept
-    with claim_gpu("cuda", count=1) as device:
-        assert device == "cuda"  # one GPU: nothing to choose
     # a model spread over every GPU (device_map) claims none: its tasks share one copy under
     # "cuda" (one per claimed index was 8 copies of Mixtral's 94 GB)
     with claim_gpu("cuda", count=8, spread=True) as a, claim_gpu("cuda", count=8, spread=True) as b:
