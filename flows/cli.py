@@ -337,8 +337,13 @@ def _run(cfg: RunConfig, until: str | None, as_json: bool) -> int:
         print(f"fusechat: error: --until: unknown stage {until!r} (stages: {', '.join(stages)})", file=sys.stderr)
         return EXIT_USAGE
     from flows.ephemeral import guard_ephemeral_server
-    from flows.pipeline import fusechat_pipeline, task_runner_for
+    from flows.pipeline import fusechat_pipeline, judge_can_answer, task_runner_for
 
+    try:  # the flow checks it too (a deployed run); here it is a config error, before any server starts
+        judge_can_answer(cfg, RunPlan(cfg), until or stages[-1])
+    except ConfigError as exc:
+        print(f"fusechat: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     guard_ephemeral_server()
     signal.signal(signal.SIGTERM, _on_sigterm)
     on_sigint = signal.signal(signal.SIGINT, _on_sigterm)

@@ -197,6 +197,19 @@ def _let_go_of_the_task_runner() -> None:
             close_gracefully(reason="fusechat-stop")
 
 
+def judge_can_answer(cfg: RunConfig, plan: RunPlan, until: str) -> None:
+    """A run with evaluations still to grade by OpenAI's API and no key for it stops before
+    its first stage (a ``ConfigError`` naming the variable), not after a week's stages."""
+    from fusechat_core.config import ConfigError
+    from fusechat_core.evaluate.judge import missing_key
+
+    if STAGES.index(until) < STAGES.index("evaluate") or (problem := missing_key(cfg.evaluate)) is None:
+        return
+    st = open_store(cfg.store)
+    if any(not st.is_complete(plan.evaluate(n)) for n in plan.evaluated_models()):
+        raise ConfigError(problem)
+
+
 def _visible_gpus() -> int | None:
     """The CUDA GPUs this process sees (None when torch was not imported to ask: not known)."""
     import sys
@@ -222,6 +235,7 @@ def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str
     # once frozen, and module-level objects are never freed anyway.
     gc.freeze()
     plan = RunPlan(cfg)
+    judge_can_answer(cfg, plan, until)
     config = unwalked(cfg.model_dump(mode="json"))
     store = cfg.store
     opts = {"result_storage": result_storage_for(store)}

@@ -396,7 +396,11 @@ class EvaluateConfig(_Section):
     def _no_credentials(cls, value: str | None) -> str | None:
         # The config is a flow parameter (the Prefect database) and these URLs appear in logs
         # and errors: a key in one would be stored and printed. Never echoed here either.
-        if value is not None and re.search(r"://[^/?#]*@", value):
+        # user:password@ before the path, or a key, token or signature in the query (a presigned
+        # URL): refused without repeating the value
+        # (a password may hold "/": "https://user:pa/ss@host" parses as host "user", path "/ss@host")
+        if value is not None and (re.search(r"://[^/?#]*@|://[^@/?#]*:[^@?#]*@", value) or re.search(
+                r"[?&][^=&#]*(key|token|sig|signature|credential|secret|password)[^=&#]*=", value, re.I)):
             raise ValueError("credentials do not belong in the URL; the judge's key goes in the environment "
                              "variable judge_api_key_env names")
         return value

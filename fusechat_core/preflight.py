@@ -32,14 +32,17 @@ def _model_field(i: int) -> str:
 
 
 def http_url_problem(value: str) -> str | None:
-    """Why ``value`` is not an http(s) URL with a host (None: it is one)."""
+    """Why ``value`` is not an http(s) URL with a host (None: it is one). The URL itself is
+    not repeated: one that does not parse may hold a key where its port or host should be,
+    and this message reaches logs and the Prefect database."""
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018  (raises ValueError on a bad port)
-    except ValueError as exc:
-        return f"not a valid URL: {value!r} ({exc})"
+    except ValueError:
+        return "not a valid URL (its host or port cannot be read)"
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
-        return f"not an http(s) URL: {value!r}"
+        return f"not an http(s) URL (scheme {parts.scheme or 'none'!r})" if parts.scheme not in ("http", "https") \
+            else "not an http(s) URL with a host"
     return None
 
 

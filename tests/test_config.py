@@ -57,6 +57,13 @@ BAD = [
      "evaluate.judge_base_url: credentials do not belong in the URL"),
     (("evaluate", {"mt_bench_data": "https://me:supersecret@files.internal/mt-bench"}),
      "evaluate.mt_bench_data: credentials do not belong in the URL"),
+    # a password holding "/" parses as a host and a path; a key in the query; a presigned URL
+    (("evaluate", {"judge_base_url": "https://u:super/secret@judge.internal/v1"}),
+     "evaluate.judge_base_url: credentials do not belong in the URL"),
+    (("evaluate", {"judge_base_url": "https://judge.internal/v1?api_key=supersecret"}),
+     "evaluate.judge_base_url: credentials do not belong in the URL"),
+    (("evaluate", {"mt_bench_data": "https://b.s3.amazonaws.com/mt?X-Amz-Credential=AKIA&X-Amz-Signature=supersecret"}),
+     "evaluate.mt_bench_data: credentials do not belong in the URL"),
     (("train", {"adam_betas": [0.9, 1.5]}), "train.adam_betas: each beta must be in [0, 1)"),
     (("data", {"sources": []}), "data: give a preset or at least one"),
     (("sources.1.name", "a"), "sources[1].name: duplicate model name"),
@@ -222,7 +229,7 @@ def test_every_cli_option_has_help_and_shows_its_default():
     run_help = subs.choices["run"].format_help()
     for stage in ("dataset", "represent", "align", "train", "merge", "evaluate", "report"):
         assert stage in run_help  # --until lists the stages
-    assert "(default: 90)" in subs.choices["setup"].format_help()
+    assert "(default: keep the server's, or 90)" in " ".join(subs.choices["setup"].format_help().split())
 
 
 def test_third_party_progress_bars_are_off_where_stages_run():

@@ -67,6 +67,9 @@ def _cases(tmp: Path) -> list[tuple[dict, str]]:
         (_with("evaluate", {"judge_base_url": "not a url"}), "evaluate.judge_base_url: not an http(s) URL"),
         (_with("evaluate", {"judge_base_url": "http://127.0.0.1:99999/v1"}),
          "evaluate.judge_base_url: not a valid URL"),
+        # a URL that does not parse is not repeated: what sits where its port should be may be a key
+        (_with("evaluate", {"judge_base_url": "https://judge.internal:supersecret/v1"}),
+         "evaluate.judge_base_url: not a valid URL (its host or port cannot be read)"),
         (_with("evaluate", {"mt_bench": True, "mt_bench_data": str(tmp / "no-such-folder")}),
          "evaluate.mt_bench_data: no such folder"),
         (_with("evaluate", {"mt_bench_data": "ftp://host/mt_bench"}), "evaluate.mt_bench_data: "),
@@ -110,6 +113,7 @@ def test_each_preflight_failure_exits_2_with_one_line_naming_the_field(tmp_path,
         assert main(["run", str(path), "--plan"]) == 2, expected
         line = _one_error_line(capsys)
         assert line.startswith("fusechat: config error: " + expected), (expected, line)
+        assert "supersecret" not in line
 
 
 def test_known_formats_come_from_the_loader_registry(tmp_path, capsys):
@@ -141,7 +145,7 @@ def test_an_empty_store_is_an_error_not_the_working_folder(tmp_path, capsys, mon
 
 def test_eval_refuses_a_judge_url_that_is_not_one(capsys):
     assert main(["eval", "some/model", "--mt-bench", "--judge-base-url", "not a url"]) == 2
-    assert _one_error_line(capsys) == "fusechat: error: --judge-base-url: not an http(s) URL: 'not a url'"
+    assert _one_error_line(capsys) == "fusechat: error: --judge-base-url: not an http(s) URL (scheme 'none')"
 
 
 def test_duplicate_yaml_keys_are_refused_naming_the_key(tmp_path, capsys):
@@ -227,3 +231,45 @@ def test_a_reader_that_goes_away_gets_no_traceback(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(120) == 1, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_run_to_grade_by_openai_without_its_key_stops_before_its_first_stage(tmp_path, capsys, monkeypatch,
+                                                                                tiny_models):
+    """OpenAI's API answers a request without a key with 401: found after a week's stages and
+    hours of answers on the GPU before. A run that still has evaluations to grade there stops
+    at once, naming the variable; a local judge (which may need no key) and a run that ends
+    before evaluation go on."""
+    from fusechat_core.config import load_config
+    from fusechat_core.plan import RunPlan
+    from flows.pipeline import fusechat_pipeline, judge_can_answer
+    from tests.tiny_config import tiny_run_config
+
+    monkeypatch.delenv("FUSECHAT_TEST_ABSENT_KEY", raising=False)
+    path = tiny_run_config(tmp_path, f"file://{tmp_path / 'store'}")
+    raw = yaml.safe_load(path.read_text())
+    raw["evaluate"] = {**raw.get("evaluate", {}), "mt_bench": True, "judge_base_url": "https://api.openai.com/v1",
+                       "judge_api_key_env": "FUSECHAT_TEST_ABSENT_KEY"}
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path)]) == 2
+    assert _one_error_line(capsys).startswith("fusechat: config error: evaluate.judge_api_key_env: "
+                                              "FUSECHAT_TEST_ABSENT_KEY is not set in this process's environment")
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+    cfg = load_config(path)
+    plan = RunPlan(cfg)
+    judge_can_answer(cfg, plan, "train")  # no grading in this run
+    monkeypatch.setenv("FUSECHAT_TEST_ABSENT_KEY", "sk-test\n")
+    judge_can_answer(cfg, plan, "report")
+    monkeypatch.delenv("FUSECHAT_TEST_ABSENT_KEY")
+    local = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
+        update={"judge_base_url": "http://127.0.0.1:8000/v1"})})
+    judge_can_answer(local, RunPlan(local), "report")
+    # a deployed run: the flow itself refuses, before its first task
+    with pytest.raises(Exception, match="evaluate.judge_api_key_env: FUSECHAT_TEST_ABSENT_KEY is not set"):
+        fusechat_pipeline(config=cfg.model_dump(mode="json"))
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+    capsys.readouterr()  # the flow run's own log lines
+    # `fusechat eval` of a model not yet evaluated
+    assert main(["eval", str(tiny_models["pivot"]), "--store", f"file://{tmp_path / 'eval-store'}", "--mt-bench",
+                 "--judge-base-url", "https://api.openai.com/v1", "--judge-api-key-env",
+                 "FUSECHAT_TEST_ABSENT_KEY"]) != 0
+    assert "FUSECHAT_TEST_ABSENT_KEY is not set" in _one_error_line(capsys)

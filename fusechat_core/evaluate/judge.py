@@ -176,6 +176,26 @@ def _shared_judge(url: str, model: str, concurrency: int) -> _SharedJudge:
         return judge
 
 
+def missing_key(cfg: Any) -> str | None:
+    """Why grading under evaluate section ``cfg`` would fail at its first request: OpenAI's
+    API with no key in the environment variable the config names (a local judge may need
+    none: not said). Checked when a run starts, not after hours of answers on the GPU."""
+    from urllib.parse import urlsplit
+
+    if not cfg.mt_bench or not cfg.judge_api_key_env:
+        return None
+    try:
+        host = urlsplit(cfg.judge_base_url).hostname or ""
+    except ValueError:
+        return None
+    openai = host == "openai.com" or host.endswith(".openai.com")
+    if not openai or (os.environ.get(cfg.judge_api_key_env) or "").strip():
+        return None
+    return (f"evaluate.judge_api_key_env: {cfg.judge_api_key_env} is not set in this process's environment, and "
+            f"{host} answers a request without a key with 401 (set it where the run runs: a worker's "
+            f"environment, a Kubernetes secret)")
+
+
 class JudgeClient:
     """An async chat-completions client with a concurrency limit and retries.
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fusechat_core.config import EvaluateConfig
-from fusechat_core.evaluate.judge import JudgeSettings, grade_answers, judgments_jsonl, summarise
+from fusechat_core.evaluate.judge import JudgeSettings, grade_answers, judgments_jsonl, missing_key, summarise
 from fusechat_core.evaluate.loading import EvaluationError, load_for_eval, resolve_model
 from fusechat_core.evaluate.mt_bench import (
     ANSWERS_FILE,
@@ -315,6 +315,8 @@ def evaluate_standalone(store: ArtifactStore, model: str, cfg: EvaluateConfig, *
         raise EvaluationError(f"--heldout {dataset!r}: no complete dataset artifact in {store.url}")
     answers = mt_bench_answers_address(name, ref, cfg) if cfg.mt_bench else None
     address = standalone_evaluate_address(name, ref, cfg, dataset)
+    if not store.is_complete(address) and (problem := missing_key(cfg)):
+        raise EvaluationError(problem)
     results = evaluate_model(store, address, name, ref, cfg, dataset=dataset, answers_address=answers,
                              measures_address=heldout_measures_address(name, ref, cfg, dataset),
                              earlier=earlier_judgments(name, ref, cfg, dataset),
