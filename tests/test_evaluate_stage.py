@@ -148,7 +148,8 @@ def test_fusechat_eval_end_to_end(tiny_models, mt_subset, tmp_path, monkeypatch,
             assert SECRET.encode() not in f.read_bytes(), f
 
 
-def test_fusechat_eval_bad_input(tiny_models, tmp_path, capsys):
+def test_fusechat_eval_bad_input(tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")  # not a missing key: the errors below come first
     store_url = f"file://{tmp_path / 'store'}"
     assert main(["eval", str(tmp_path / "no-such-model"), "--store", store_url, "--mt-bench"]) == 1
     err = capsys.readouterr().err.strip()
