@@ -21,7 +21,7 @@ from fusechat_core.config import ConfigError, RunConfig, load_config
 from fusechat_core.cost import DEFAULT_UTILISATION, H100_BF16_DENSE_TFLOPS
 from fusechat_core.plan import RunPlan
 from fusechat_core.preflight import preflight
-from fusechat_core.stages import shard_address
+from fusechat_core.stages import complete_checkpoints, shard_address
 from fusechat_core.store import ArtifactStore, StoreError, human_size
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -190,7 +190,13 @@ def status_rows(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
         else:
             state, reason = "missing", ""
         sizes = [c.manifest.size for c in checks.values() if c.manifest is not None]
+        kept = complete_checkpoints(store, node.address) if node.stage == "train" and state != "done" else []
+        if kept:  # a preempted training resumes from its last checkpoint (its weights: GBs at 7B)
+            state, reason = "partial", f"checkpoint at step {kept[-1][0]}"
+            sizes += [m.size for _, a in kept if (m := store.manifest(a)) is not None]
         row = {"stage": node.label, "state": state, "address": node.address, "size": sum(sizes) if sizes else None}
+        if kept:
+            row["checkpoint_step"] = kept[-1][0]
         if reason:
             row["reason"] = reason
         rows.append(row)

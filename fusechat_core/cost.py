@@ -391,6 +391,11 @@ class Costing:
         remaining = 0.0 if state == "cached" else 1.0
         if state.startswith("partial") and node.shards:
             remaining = (node.shards - done_shards) / node.shards
+        checkpoint = st.get("checkpoint_step")
+        if checkpoint and state != "cached" and extra.get("steps"):
+            # a preempted training resumes from its last checkpoint: only the steps after it are to run
+            state = f"partial (checkpoint at step {checkpoint} of {extra['steps']})"
+            remaining = max(0.0, 1.0 - checkpoint / extra["steps"])
         row = {"stage": node.label, "kind": node.stage, "address": node.address, "state": state,
                "shards": node.shards or None, "shards_done": done_shards if node.shards else None,
                "remaining": remaining, "sequences": work.sequences, "tokens": work.tokens,

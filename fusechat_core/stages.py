@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,3 +98,28 @@ def stage_address(
 def shard_address(address: str, index: int, count: int) -> str:
     """Shards are artifacts of their own, each with its own manifest."""
     return f"{address}/shard-{index:05d}-of-{count:05d}"
+
+
+# -- a target's training checkpoints: sub-artifacts beside it -------------------------
+_CHECKPOINT = re.compile(r"/checkpoint-(\d{7})$")
+
+
+def checkpoints_prefix(target_address: str) -> str:
+    """Where a target's checkpoints live: a sibling of the target's folder, not inside it
+    (optimizer state and pickles have no place in a model folder that is uploaded)."""
+    return f"{target_address.rstrip('/')}.checkpoints"
+
+
+def checkpoint_address(target_address: str, step: int) -> str:
+    return f"{checkpoints_prefix(target_address)}/checkpoint-{step:07d}"
+
+
+def complete_checkpoints(store: Any, target_address: str) -> list[tuple[int, str]]:
+    """(step, address) of every complete checkpoint of a target in ``store``, oldest first (a
+    damaged one is passed over: training resumes from an older one, or from the start)."""
+    found = []
+    for address in store.list(checkpoints_prefix(target_address)):
+        m = _CHECKPOINT.search(address)
+        if m and address == checkpoint_address(target_address, int(m.group(1))) and store.is_complete(address):
+            found.append((int(m.group(1)), address))
+    return sorted(found)

@@ -35,7 +35,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -64,11 +63,11 @@ from fusechat_core.models import (
     tokenizer_ref,
     write_files,
 )
+from fusechat_core.stages import checkpoint_address, checkpoints_prefix, complete_checkpoints
 from fusechat_core.store import ArtifactStore, StoreError
 
 STATE_FILE = "trainer_state.json"
 TRAINING_LOG = "fusechat_training.json"
-_CHECKPOINT = re.compile(r"/checkpoint-(\d{7})$")
 
 Event = dict[str, Any]
 
@@ -115,28 +114,7 @@ def micro_batches(batch: list[int], lengths: np.ndarray, micro: int, rank: int =
     return [mine[i:i + micro] for i in range(0, len(mine), micro)]
 
 
-# -- checkpoints in the store ---------------------------------------------------
-def checkpoints_prefix(target_address: str) -> str:
-    """Where a target's checkpoints live: a sibling of the target's folder, not inside it
-    (optimizer state and pickles have no place in a model folder that is uploaded)."""
-    return f"{target_address.rstrip('/')}.checkpoints"
-
-
-def checkpoint_address(target_address: str, step: int) -> str:
-    return f"{checkpoints_prefix(target_address)}/checkpoint-{step:07d}"
-
-
-def complete_checkpoints(store: ArtifactStore, target_address: str) -> list[tuple[int, str]]:
-    """(step, address) of every complete checkpoint of a target, oldest first (a damaged
-    one is passed over: training resumes from an older one, or from the start)."""
-    found = []
-    for address in store.list(checkpoints_prefix(target_address)):
-        m = _CHECKPOINT.search(address)
-        if m and address == checkpoint_address(target_address, int(m.group(1))) and store.is_complete(address):
-            found.append((int(m.group(1)), address))
-    return sorted(found)
-
-
+# -- checkpoints in the store (addresses: fusechat_core.stages) ------------------
 def drop_checkpoints(store: ArtifactStore, target_address: str) -> None:
     """Delete a committed target's checkpoints (torn ones too): nothing resumes from them."""
     for _, address in complete_checkpoints(store, target_address):

@@ -148,6 +148,20 @@ def test_the_cost_view_follows_the_store_and_its_estimates_hold(tiny_models, tmp
     train = _row(_costs(cfg), "train[mixtral]")
     assert train["steps"] == 6 and train["sequences"] == 24  # ceil(12/4) × 2 epochs, batch 4
     assert train["flops"] == 6 * n_pivot * round(man["n_tokens"] * 2)
+    # preempted after its checkpoint at step 2: status says partial (it said missing, its
+    # checkpoints' GBs unseen), and the plan counts the 4 steps left, not all 6
+    from flows.cli import status_rows
+    from fusechat_core.stages import checkpoint_address
+
+    weights = tmp_path / "checkpoint"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"\0" * 4096)
+    store.put_dir(checkpoint_address(plan.train("mixtral"), 2), weights)
+    [row] = [r for r in status_rows(cfg) if r["stage"] == "train[mixtral]"]
+    assert (row["state"], row["reason"], row["checkpoint_step"]) == ("partial", "checkpoint at step 2", 2)
+    assert row["size"] >= 4096
+    train = _row(_costs(cfg), "train[mixtral]")
+    assert train["state"] == "partial (checkpoint at step 2 of 6)" and train["remaining"] == pytest.approx(4 / 6)
 
 
 def test_plan_offline_with_a_hub_model_prints_question_marks_and_how_to_fill(tiny_models, tmp_path, capsys,

@@ -239,9 +239,9 @@ def test_a_run_to_grade_by_openai_without_its_key_stops_before_its_first_stage(t
     hours of answers on the GPU before. A run that still has evaluations to grade there stops
     at once, naming the variable; a local judge (which may need no key) and a run that ends
     before evaluation go on."""
+    from flows.pipeline import fusechat_pipeline, judge_can_answer
     from fusechat_core.config import load_config
     from fusechat_core.plan import RunPlan
-    from flows.pipeline import fusechat_pipeline, judge_can_answer
     from tests.tiny_config import tiny_run_config
 
     monkeypatch.delenv("FUSECHAT_TEST_ABSENT_KEY", raising=False)
