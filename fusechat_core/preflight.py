@@ -146,8 +146,6 @@ def check_config(cfg: RunConfig) -> None:
         for i, name in enumerate(ev.models):
             if name not in known:
                 raise ConfigError(f"evaluate.models[{i}]: unknown model {name!r} (known: {', '.join(known)})")
-    if cfg.train.accelerate_config is not None:
-        _check_processes(cfg)
 
 
 def _check_processes(cfg: RunConfig) -> None:
@@ -209,6 +207,10 @@ def preflight(cfg: RunConfig, until: str | None = "report") -> None:
 
     plan = RunPlan(cfg)
     if runs("train") and _to_make(cfg, [plan.train(t) for t in plan.target_names()]):
+        # only where training is still to run: `status`, or a run whose targets are done, may
+        # be on a machine without the GPU node's accelerate file
+        if cfg.train.accelerate_config is not None:
+            _check_processes(cfg)
         with collection_paused():
             from fusechat_core.fuse import FUSION_FUNCTIONS
 

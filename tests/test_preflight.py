@@ -273,3 +273,18 @@ def test_a_run_to_grade_by_openai_without_its_key_stops_before_its_first_stage(t
                  "--judge-base-url", "https://api.openai.com/v1", "--judge-api-key-env",
                  "FUSECHAT_TEST_ABSENT_KEY"]) != 0
     assert "FUSECHAT_TEST_ABSENT_KEY is not set" in _one_error_line(capsys)
+
+
+def test_status_reads_a_run_whose_accelerate_file_is_on_the_gpu_node_only(tmp_path, capsys):
+    """`status` makes nothing: it refused a 7B config whose accelerate file exists only where
+    the training runs. A run that trains still refuses it, naming the field."""
+    from tests.tiny_config import tiny_run_config
+
+    path = tiny_run_config(tmp_path, f"file://{tmp_path / 'store'}")
+    raw = yaml.safe_load(path.read_text())
+    raw["train"] = {**raw["train"], "accelerate_config": str(tmp_path / "on-the-gpu-node.yaml")}
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["status", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(path), "--plan"]) == 2
+    assert _one_error_line(capsys).startswith("fusechat: config error: train.accelerate_config: no such file")
