@@ -739,3 +739,37 @@ def test_a_hub_pivot_merges_offline_from_the_local_cache(known, tmp_path, monkey
     with pytest.raises(MergeError, match=r"^pivot: fakeorg/none: cannot be read from the Hugging Face Hub or its "
                                          r"local cache \("):
         merge_models("varm", "fakeorg/none", targets, tmp_path / "none", device="cpu")
+
+
+def test_a_merge_stopped_midway_leaves_nothing_in_the_folder_it_was_given(known, tmp_path):
+    """SIGTERM inside the kernel or Ctrl-C raised through the merge after shards were written:
+    they stayed, a rerun refused the folder as not empty, or a folder of shards without a
+    card passed for a model. Only a read error cleared them before."""
+    from fusechat_core.merge import merge_models
+
+    def stop_after_two(done: int, total: int) -> None:
+        if done >= 2:
+            raise KeyboardInterrupt
+
+    given, made = tmp_path / "given", tmp_path / "made"
+    given.mkdir()
+    for out in (given, made):
+        with pytest.raises(KeyboardInterrupt):
+            merge_models("linear", str(known["pivot"]), {"a": str(known["a"]), "b": str(known["b"])}, out,
+                         device="cpu", shard_size=100_000, on_tensor=stop_after_two)
+    assert given.is_dir() and list(given.iterdir()) == [] and not made.exists()
+
+
+def test_a_mergekit_yaml_s_card_says_the_precision_and_parameters_it_ran_with(known, tmp_path):
+    """The YAML decides dtype and parameters: the card said "saved as: float32" of bfloat16
+    weights, and listed parameters the YAML had replaced."""
+    from fusechat_core.merge import merge_models
+
+    text = ("merge_method: linear\ndtype: bfloat16\nmodels:\n  - model: ${a}\n    parameters: {weight: 1.0}\n"
+            "  - model: ${b}\n    parameters: {weight: 1.0}\n")
+    out = tmp_path / "yaml"
+    merge_models("linear", str(known["pivot"]), {"a": str(known["a"]), "b": str(known["b"])}, out, device="cpu",
+                 mergekit_yaml=text, parameters={"weight": [5.0, 1.0]})
+    card = (out / "README.md").read_text()
+    assert "- saved as: bfloat16" in card and "weight=" not in card.split("## mergekit configuration")[0]
+    assert {t.dtype for t in _load_folder(out).values()} == {torch.bfloat16}

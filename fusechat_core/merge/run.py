@@ -197,55 +197,59 @@ def merge_models(method: str, pivot: str, targets: Mapping[str, str], out_dir: s
                            write_model_card=False, quiet=True, random_seed=seed, safe_serialization=True)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    say(f"merging {len(targets)} targets with {config.merge_method} on {options.device}")
-    base = str(config.base_model) if config.base_model else ""
-    inputs = ([str(m.model) for m in config.models] if config.models
-              else sorted(str(m) for m in config.referenced_models()))
+    # Nothing of a merge that did not finish stays to pass for a model, whatever stopped it
+    # (a read error, NaNs, SIGTERM inside the kernel, Ctrl-C): the card is written last.
     try:
-        with _RUN_MERGE, counting_tensors(on_tensor):
-            if is_varm:
-                with recording(base, [i for i in inputs if i != base]) as raw_table:
+        say(f"merging {len(targets)} targets with {config.merge_method} on {options.device}")
+        base = str(config.base_model) if config.base_model else ""
+        inputs = ([str(m.model) for m in config.models] if config.models
+                  else sorted(str(m) for m in config.referenced_models()))
+        try:
+            with _RUN_MERGE, counting_tensors(on_tensor):
+                if is_varm:
+                    with recording(base, [i for i in inputs if i != base]) as raw_table:
+                        run_merge(config, str(out), options, config_source=config_yaml)
+                else:
+                    raw_table = None
                     run_merge(config, str(out), options, config_source=config_yaml)
-            else:
-                raw_table = None
-                run_merge(config, str(out), options, config_source=config_yaml)
-    except _errors_reading_weights() as exc:
-        _clear(out, created)  # half-written shards must not pass for a model
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MergeError(f"merge ({config.merge_method}) failed: {first}") from exc
-    finally:
-        _forget_loaders(config)
-    try:
+        except _errors_reading_weights() as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MergeError(f"merge ({config.merge_method}) failed: {first}") from exc
+        finally:
+            _forget_loaders(config)
         named = {"the pivot": pivot, **{f"target {n}": p for n, p in targets.items()}}
-        _require_finite(out, config.merge_method, named)
-    except MergeError:
-        _clear(out, created)  # a model of NaNs must not pass for a merge either
+        _require_finite(out, config.merge_method, named)  # a model of NaNs must not pass for a merge
+
+        _save_pivot_tokenizer(out, pivot, pivot_tokenizer)
+        (out / "mergekit_config.yml").write_text(named_yaml + "\n")
+
+        table = None
+        if is_varm:
+            by_path = {p: n for n, p in targets.items()}
+            names = [by_path.get(i, i) for i in inputs if i != base]
+            table = {"method": "varm", "granularity": granularity, "pivot": pivot_ref, "targets": names,
+                     "tensors": {k: {key: ({by_path.get(m, m): v for m, v in val.items()}
+                                           if isinstance(val, dict) else val)
+                                     for key, val in row.items()}
+                                 for k, row in sorted(raw_table.items())}}
+            if not table["tensors"]:
+                raise MergeError("merge (varm): the kernel recorded no weights; nothing was merged by VaRM")
+            table["summary"] = weights_summary(table)
+            (out / WEIGHTS_JSON).write_text(json.dumps(table, indent=1, sort_keys=True))
+            (out / WEIGHTS_MD).write_text(weights_markdown(table))
+
+        # a user's mergekit YAML decides the precision and the parameters: the card says what it ran
+        saved_as = dtype if mergekit_yaml is None else \
+            str(config.out_dtype or config.dtype or "the inputs' own precision")
+        card = model_card(name=name or out.name, method=method if mergekit_yaml is None else config.merge_method,
+                          pivot=pivot_ref, targets={n: hub_refs.get(p, p) for n, p in targets.items()},
+                          sources=sources, parameters=dict(parameters or {}) if mergekit_yaml is None else {},
+                          granularity=granularity, dtype=saved_as, mergekit_yaml=named_yaml, table=table,
+                          method_note=spec.note if mergekit_yaml is None else "", training=dict(training or {}))
+        (out / "README.md").write_text(card)
+    except BaseException:
+        _clear(out, created)
         raise
-
-    _save_pivot_tokenizer(out, pivot, pivot_tokenizer)
-    (out / "mergekit_config.yml").write_text(named_yaml + "\n")
-
-    table = None
-    if is_varm:
-        by_path = {p: n for n, p in targets.items()}
-        names = [by_path.get(i, i) for i in inputs if i != base]
-        table = {"method": "varm", "granularity": granularity, "pivot": pivot_ref, "targets": names,
-                 "tensors": {k: {key: ({by_path.get(m, m): v for m, v in val.items()}
-                                       if isinstance(val, dict) else val)
-                                 for key, val in row.items()}
-                             for k, row in sorted(raw_table.items())}}
-        if not table["tensors"]:
-            raise MergeError("merge (varm): the kernel recorded no weights; nothing was merged by VaRM")
-        table["summary"] = weights_summary(table)
-        (out / WEIGHTS_JSON).write_text(json.dumps(table, indent=1, sort_keys=True))
-        (out / WEIGHTS_MD).write_text(weights_markdown(table))
-
-    card = model_card(name=name or out.name, method=method if mergekit_yaml is None else config.merge_method,
-                      pivot=pivot_ref, targets={n: hub_refs.get(p, p) for n, p in targets.items()},
-                      sources=sources, parameters=dict(parameters or {}),
-                      granularity=granularity, dtype=dtype, mergekit_yaml=named_yaml, table=table,
-                      method_note=spec.note if mergekit_yaml is None else "", training=dict(training or {}))
-    (out / "README.md").write_text(card)
     say(f"merged model in {out}")
     return {"out_dir": str(out), "method": method, "mergekit_method": config.merge_method,
             "mergekit_config": named_yaml, "table": table}
