@@ -165,42 +165,61 @@ def _stage_names() -> tuple[str, ...]:
 def status_rows(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
     """Every artifact of the run, with its shards: ``done``, ``damaged`` (committed, but a
     file is missing, short or fails its hash, or its manifest is malformed; ``reason`` says
-    which), ``k/N`` shards done, ``partial`` (started, not committed), ``skipped`` (held-out
-    measures of an evaluation done without them) or ``missing``, and its
-    true size (its files and its shards'). ``verify``: re-hash every file."""
+    which), ``k/N`` shards done, ``partial`` (started, not committed; a training with a
+    checkpoint), ``skipped`` (held-out measures of an evaluation done without them) or
+    ``missing``, and its true size (its files and its shards'). ``verify``: re-hash every file.
+
+    ``train.mixed_precision: auto`` resolves where the run runs (bf16 on a GPU, no on a CPU),
+    and the targets' addresses with it: read on a laptop, a run made on GPUs would show every
+    target and what follows missing. An artifact missing here but done under the other
+    resolution is shown done, at that address, saying so."""
     store = ArtifactStore(cfg.store)
-    rows = []
     plan = RunPlan(cfg)
-    for node in plan.nodes():
-        parts = [node.address] + [shard_address(node.address, i, node.shards) for i in range(node.shards)]
-        checks = {a: store.check(a, verify=verify) for a in parts}
-        own, done = checks[node.address], sum(checks[a].ok for a in parts[1:])
-        damaged = [a for a in parts if checks[a].state == "damaged"]
-        if damaged:
-            state, reason = "damaged", f"{damaged[0]}: {checks[damaged[0]].reason}"
-        elif own.ok and done == node.shards:
-            state, reason = "done", ""
-        elif done:
-            state, reason = f"{done}/{node.shards}", ""
-        elif own.ok or store.fs.exists(store._path(node.address)):
-            state, reason = "partial", ""
-        elif node.stage == "heldout_measures" and store.is_complete(plan.evaluate(node.key)):
-            # an evaluation made before the measures had an address of their own: never needed
-            state, reason = "skipped", f"evaluate[{node.key}] is done without it"
-        else:
-            state, reason = "missing", ""
-        sizes = [c.manifest.size for c in checks.values() if c.manifest is not None]
-        kept = complete_checkpoints(store, node.address) if node.stage == "train" and state != "done" else []
-        if kept:  # a preempted training resumes from its last checkpoint (its weights: GBs at 7B)
-            state, reason = "partial", f"checkpoint at step {kept[-1][0]}"
-            sizes += [m.size for _, a in kept if (m := store.manifest(a)) is not None]
-        row = {"stage": node.label, "state": state, "address": node.address, "size": sum(sizes) if sizes else None}
-        if kept:
-            row["checkpoint_step"] = kept[-1][0]
-        if reason:
-            row["reason"] = reason
-        rows.append(row)
+    rows = [_status_row(store, plan, node, verify) for node in plan.nodes()]
+    if cfg.train.mixed_precision == "auto":
+        from fusechat_core.models import resolve_mixed_precision
+
+        other = "no" if resolve_mixed_precision("auto") == "bf16" else "bf16"
+        alt = RunPlan(cfg.model_copy(update={"train": cfg.train.model_copy(update={"mixed_precision": other})}))
+        elsewhere = {n.label: n for n in alt.nodes()}
+        for i, row in enumerate(rows):
+            node = elsewhere.get(row["stage"])
+            if row["state"] == "missing" and node is not None and node.address != row["address"]:
+                found = _status_row(store, alt, node, verify)
+                if found["state"] == "done":
+                    rows[i] = {**found, "reason": f"made where train.mixed_precision auto was {other}"}
     return rows
+
+
+def _status_row(store: ArtifactStore, plan: RunPlan, node: Any, verify: bool) -> dict[str, Any]:
+    parts = [node.address] + [shard_address(node.address, i, node.shards) for i in range(node.shards)]
+    checks = {a: store.check(a, verify=verify) for a in parts}
+    own, done = checks[node.address], sum(checks[a].ok for a in parts[1:])
+    damaged = [a for a in parts if checks[a].state == "damaged"]
+    if damaged:
+        state, reason = "damaged", f"{damaged[0]}: {checks[damaged[0]].reason}"
+    elif own.ok and done == node.shards:
+        state, reason = "done", ""
+    elif done:
+        state, reason = f"{done}/{node.shards}", ""
+    elif own.ok or store.fs.exists(store._path(node.address)):
+        state, reason = "partial", ""
+    elif node.stage == "heldout_measures" and store.is_complete(plan.evaluate(node.key)):
+        # an evaluation made before the measures had an address of their own: never needed
+        state, reason = "skipped", f"evaluate[{node.key}] is done without it"
+    else:
+        state, reason = "missing", ""
+    sizes = [c.manifest.size for c in checks.values() if c.manifest is not None]
+    kept = complete_checkpoints(store, node.address) if node.stage == "train" and state != "done" else []
+    if kept:  # a preempted training resumes from its last checkpoint (its weights: GBs at 7B)
+        state, reason = "partial", f"checkpoint at step {kept[-1][0]}"
+        sizes += [m.size for _, a in kept if (m := store.manifest(a)) is not None]
+    row = {"stage": node.label, "state": state, "address": node.address, "size": sum(sizes) if sizes else None}
+    if kept:
+        row["checkpoint_step"] = kept[-1][0]
+    if reason:
+        row["reason"] = reason
+    return row
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:

@@ -264,3 +264,36 @@ def test_counts_made_with_a_tokenizer_folder_edited_since_are_made_again(tiny_mo
     assert after.sequences == before.sequences and after.tokens > before.tokens + 20 * before.sequences, \
         (before, after)
     assert len(list((tmp_path / "cache" / "plan-counts").iterdir())) == 2
+
+
+def test_status_on_a_cpu_machine_finds_what_a_gpu_made_under_mixed_precision_auto(tmp_path, capsys):
+    """`auto` is bf16 on a GPU and no on a CPU, and a target's address says which: `status` on
+    a laptop showed a run finished on GPUs as every target, merge and evaluation missing. An
+    artifact missing here but done under the other resolution is shown done, saying where."""
+    from flows.cli import main, status_rows
+    from fusechat_core.config import load_config
+    from fusechat_core.models import resolve_mixed_precision
+    from tests.tiny_config import tiny_run_config
+
+    path = tiny_run_config(tmp_path, f"file://{tmp_path / 'store'}")
+    raw = yaml.safe_load(path.read_text())
+    raw["train"] = {**raw["train"], "mixed_precision": "auto"}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    other = "no" if resolve_mixed_precision("auto") == "bf16" else "bf16"
+    gpu = RunPlan(cfg.model_copy(update={"train": cfg.train.model_copy(update={"mixed_precision": other})}))
+    here = RunPlan(cfg)
+    target = cfg.sources[0].name
+    assert gpu.train(target) != here.train(target) and gpu.dataset == here.dataset
+    weights = tmp_path / "target"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"\0" * 64)
+    store = ArtifactStore(cfg.store)
+    store.put_dir(gpu.train(target), weights)
+    rows = {r["stage"]: r for r in status_rows(cfg)}
+    row = rows[f"train[{target}]"]
+    assert (row["state"], row["address"]) == ("done", gpu.train(target))
+    assert row["reason"] == f"made where train.mixed_precision auto was {other}"
+    assert rows["dataset"]["state"] == "missing" and "reason" not in rows["dataset"]  # the same address either way
+    assert main(["status", str(path)]) == 0
+    assert f"made where train.mixed_precision auto was {other}" in capsys.readouterr().out
