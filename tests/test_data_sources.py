@@ -496,3 +496,38 @@ def test_a_hub_source_that_cannot_be_loaded_fails_in_one_line_naming_it():
                                      "the Hugging Face Hub (ConnectionError: "), got
     assert "\n" not in got["message"]
     assert got["transient"] is True  # a network error keeps its retry
+
+
+def test_a_local_source_edited_in_place_is_another_dataset(tmp_path, monkeypatch):
+    """A local file is known by its bytes, not only its path: a re-exported chats.jsonl kept the
+    old dataset's address, and the run reused it (and every stage after it) as Cached. Touching
+    the file changes nothing; each file is hashed once while it stays the same (a stat after)."""
+    import time
+
+    from fusechat_core.data import build
+
+    monkeypatch.setenv("FUSECHAT_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "fusechat-7b-varm.yaml")
+    data = tmp_path / "chats.jsonl"
+    rows = [{"conversations": _conv(f"question {i}", f"answer {i}")} for i in range(3)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def address() -> str:
+        src = DataSourceSpec(name="mine", path=str(data), format="sharegpt")
+        return RunPlan(cfg.model_copy(update={"data": DataConfig(sources=[src])})).dataset
+
+    reads = []
+    real = build.sha256_file
+    monkeypatch.setattr(build, "sha256_file", lambda p: reads.append(p) or real(p))
+    first = address()
+    assert address() == first and len(reads) == 1  # remembered in this process
+    build._DIGESTS.clear()
+    assert address() == first and len(reads) == 1  # and in the node's cache
+    time.sleep(0.01)
+    os.utime(data)  # touched, the same bytes: hashed again, the same dataset
+    assert address() == first and len(reads) == 2
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))  # re-exported with a row less
+    assert address() != first
+    # Hub and demo sources carry no files: their datasets keep their addresses (test_plan pins one)
+    assert build.local_source_files(DataSourceSpec(name="x", path="org/set")) is None
+    assert build.local_source_files(DataSourceSpec(name="m", path="demo:markov")) is None

@@ -45,7 +45,7 @@ from fusechat_core.data.conversation import (
 )
 from fusechat_core.data.presets import sources_of
 from fusechat_core.errors import is_transient
-from fusechat_core.store import ArtifactStore, ArtifactWriter
+from fusechat_core.store import ArtifactStore, ArtifactWriter, cache_root, sha256_file
 
 log = logging.getLogger("fusechat.data")
 
@@ -299,6 +299,56 @@ def _iter_source(spec: DataSourceSpec, seed: int) -> Iterator[Located]:
         yield from _iter_local(Path(spec.path), spec.data_files, spec.split)
     else:
         yield from _iter_hub(spec)
+
+
+# -- what a local source is: its files' bytes ------------------------------------
+
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns, ctime_ns) -> sha256, this process
+
+
+def file_sha256(path: Path) -> str:
+    """A local file's sha256, hashed once while the file is unchanged: remembered by its stat
+    identity in this process and in the node's cache (``store.cache_root``), so a plan made
+    again (every ``status``, every task) costs a stat, not a read of gigabytes."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    note = cache_root() / "file-digests" / hashlib.sha256(key[0].encode()).hexdigest()[:32]
+    try:
+        found = json.loads(note.read_text())
+        if tuple(found["key"]) == key:
+            _DIGESTS[key] = found["sha256"]
+            return found["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = sha256_file(path)
+    _DIGESTS[key] = digest
+    try:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=note.parent, prefix=".new-")
+        with open(fd, "w") as fh:
+            json.dump({"key": list(key), "sha256": digest}, fh)
+        Path(tmp).replace(note)
+    except OSError as exc:  # a read-only cache: hashed again next time, nothing wrong with the digest
+        log.debug("file digest of %s not remembered: %s", path, exc)
+    return digest
+
+
+def local_source_files(spec: DataSourceSpec) -> list[list] | None:
+    """What a local source is, for the dataset's address: each file it reads (its path under
+    the source's, its size, its sha256). A file edited or replaced in place is another
+    dataset, where the path alone kept the old one (and everything after it) as Cached.
+    None for a Hub or demo source, or one whose files cannot be listed (the stage says why)."""
+    if not spec.local:
+        return None
+    path = Path(spec.path)
+    try:
+        files = _local_files(path, spec.data_files, spec.split)
+    except (DataError, OSError):
+        return None
+    return [[str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size, file_sha256(f)]
+            for f in files]
 
 
 # How the files of a local folder without data_files are chosen: 2, those of the source's
