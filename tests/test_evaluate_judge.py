@@ -357,6 +357,19 @@ def test_reasoning_model_gets_max_completion_tokens_after_its_400(judge_server, 
     # requests with neither, and each request in flight met each refusal at most once
     carried = sum("max_tokens" in r["body"] or "temperature" in r["body"] for r in graded)
     assert len(graded) - carried == 6 and carried <= 2 * 3
+    # the verdicts say they were sampled (no temperature 0), stored and summed so; a greedy
+    # judge's are stored as before the field existed
+    from fusechat_core.evaluate.judge import judgment_address, judgment_file, summarise
+
+    assert all(j.sampled for j in js) and summarise(js)["sampled"] == 6
+    stored = ArtifactStore(str(tmp_path / "store")).read_json(judgment_address("evaluate/o3", 81), judgment_file(81))
+    assert [r["sampled"] for r in stored] == [True, True]
+    s.reasoning = False
+    greedy = grade_answers(ArtifactStore(str(tmp_path / "store")), "evaluate/gpt-4", mt_data, _answers([81]),
+                           _settings(s, model="gpt-4"))
+    assert not any(j.sampled for j in greedy) and "sampled" not in summarise(greedy)
+    kept = ArtifactStore(str(tmp_path / "store")).read_json(judgment_address("evaluate/gpt-4", 81), judgment_file(81))
+    assert all("sampled" not in r for r in kept)
 
 
 def test_other_400s_about_max_tokens_still_fail_fast(judge_server, monkeypatch):

@@ -412,6 +412,14 @@ def test_an_unscored_turn_counts_in_no_questions_mean_and_old_results_have_no_in
     assert data["models"]["a"]["average"] == pytest.approx(14 / 3) and data["models"]["a"]["questions"] == 2
     assert "b" not in data["models"]
     assert "- b: average without an interval (no per-question scores)" in rep["markdown"]
+    assert "sampled" not in rep["markdown"]
+    # a judge that took no temperature 0: its verdicts are sampled, and the report says how many
+    for j in js:
+        j.sampled = j.status == "ok"
+    rep = build_report("Run", {"a": {"model": "a", "mt_bench": {**summarise(js), "judge_model": "o3"}}},
+                       tmp_path / "sampled")
+    assert "3 scored, 1 unparsable, 2 failed (judge o3; 3 verdicts sampled: the judge took no temperature 0)" \
+        in rep["markdown"]
 
 
 def test_models_judged_apart_are_said_not_comparable(tmp_path):

@@ -466,6 +466,14 @@ class Judgment:
     verdict: str | None = None
     error: str | None = None
     answer_digest: str | None = None  # which answer was graded: a changed answer is graded again
+    # given by a judge that refused temperature 0 (o-series, gpt-5): sampled, not greedy
+    sampled: bool = False
+
+
+def _record(j: Judgment) -> dict[str, Any]:
+    """A judgment as stored: ``sampled`` only where true, so a greedy verdict is stored as
+    before the field existed."""
+    return {k: v for k, v in asdict(j).items() if k != "sampled" or v}
 
 
 def answer_digest(answer: dict) -> str:
@@ -496,6 +504,8 @@ async def _grade_question(client: JudgeClient, data: MTBenchData, q: Question, a
         except JudgeError as exc:
             j.error = str(exc)
             return j
+        # once the judge refused a temperature, no request of this client carries one
+        j.sampled = not client.send_temperature
         j.score = parse_rating(j.verdict)
         j.status = "ok" if j.score is not None else "unparsable"
         return j
@@ -601,7 +611,7 @@ def _save(store: ArtifactStore, address: str, qid: int, js: list[Judgment]) -> N
     # replace: a question's stored verdicts are graded again when its answer changed
     with store.writer(judgment_address(address, qid), meta={"stage": "evaluate", "question_id": qid},
                       replace=True) as w:
-        w.write_json(judgment_file(qid), [asdict(j) for j in js])
+        w.write_json(judgment_file(qid), [_record(j) for j in js])
 
 
 def _run(coro: Coroutine) -> Any:
@@ -635,7 +645,10 @@ def summarise(judgments: Sequence[Judgment]) -> dict[str, Any]:
         return sum(xs) / len(xs) if xs else None
 
     cats = sorted({j.category for j in judgments})
+    sampled = sum(j.sampled for j in scored)
     return {
+        # verdicts of a judge that took no temperature 0: said, where there are any
+        **({"sampled": sampled} if sampled else {}),
         "average": mean([j.score for j in scored]),
         "turn_1": mean([j.score for j in scored if j.turn == 1]),
         "turn_2": mean([j.score for j in scored if j.turn == 2]),
@@ -663,4 +676,4 @@ def _per_question(judgments: Sequence[Judgment]) -> dict[str, list]:
 
 
 def judgments_jsonl(judgments: Sequence[Judgment]) -> bytes:
-    return "".join(json.dumps(asdict(j), ensure_ascii=False, sort_keys=True) + "\n" for j in judgments).encode()
+    return "".join(json.dumps(_record(j), ensure_ascii=False, sort_keys=True) + "\n" for j in judgments).encode()

@@ -709,9 +709,10 @@ def render_markdown(title: str, results: Mapping[str, dict], plots: Sequence[str
             own = (ivs.get("models") or {}).get(n)
             avg = (f"average {own['average']:.2f}{_ci(own['interval'], digits=2)} over {own['questions']} "
                    "questions, " if own else "average without an interval (no per-question scores), ")
+            sampled = f"; {m['sampled']} verdicts sampled: the judge took no temperature 0" if m.get("sampled") else ""
             lines.append(f"- {n}: {avg}turn 1 {_fmt(m.get('turn_1'))}, turn 2 {_fmt(m.get('turn_2'))}, "
                          f"{m.get('scored')} scored, {m.get('unparsable')} unparsable, {m.get('failed')} failed "
-                         f"(judge {m.get('judge_model')})")
+                         f"(judge {m.get('judge_model')}{sampled})")
         if ivs.get("judged_apart"):
             lines.append(f"- **Not comparable as measured**: the models were judged with {ivs['judged_apart']}.")
         for label, c in (ivs.get("vs_clm") or {}).items():
