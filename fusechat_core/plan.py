@@ -36,6 +36,7 @@ domains), an alignment, a merge. Changing one of them moves only what was made w
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -519,10 +520,18 @@ def _why(old: Derivation, new: Derivation, labels: dict[str, str]) -> list[str]:
     """Which inputs of an address differ between two derivations of it, in words."""
     why = []
     a, b = _leaves(old.section), _leaves(new.section)
+    said = set()  # (field under a source, old, new) said under data.sources
     for path in sorted(set(a) | set(b)):
         va, vb = a.get(path, _MISSING), b.get(path, _MISSING)
         if va != vb:
             name = f"{new.root}.{path}" if new.root and path else (new.root or path)
+            # a dataset's "sources" are the preset's then data.sources, as read: a change to one
+            # of the config's own sources is said once, under data.sources
+            field = re.sub(r"^(data\.)?sources\[\d+\]", "", path), repr(va), repr(vb)
+            if path.startswith("data.sources["):
+                said.add(field)
+            elif path.startswith("sources[") and new.stage == "dataset" and field in said:
+                continue
             why.append(f"{name}: {_short(va)} → {_short(vb)}")
     for name in sorted(set(old.upstream) | set(new.upstream)):
         ua, ub = old.upstream.get(name, _MISSING), new.upstream.get(name, _MISSING)

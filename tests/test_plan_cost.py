@@ -213,7 +213,9 @@ def test_against_names_the_input_that_changed(tiny_models, tmp_path, capsys):
     raw["data"]["sources"][1]["count"] = 8
     raw["sources"].append({"name": "llama", "path": str(tiny_models["llama"])})
     d = _diff(old, parse_config(raw))
-    assert "data.sources[1].count: 7 → 8" in d["dataset"]["why"]
+    # said once: the dataset's "sources as read" (preset's, then the config's) repeated it as
+    # "sources[1].count", the name of a model source
+    assert d["dataset"]["why"] == ["data.sources[1].count: 7 → 8"]
     assert d["represent[pivot]"]["why"] == ["dataset changed"]
     assert d["represent[llama]"]["change"] == "new"
     # the data reaches every stage but the vocabulary maps, which read only the two tokenizers
