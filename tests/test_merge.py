@@ -677,6 +677,30 @@ def test_a_merge_killed_mid_write_leaves_nothing_the_next_attempt_keeps(known, t
     assert not any((tmp_path / "cache").glob("merge*/**/*.safetensors"))
 
 
+def test_a_staging_folder_no_merge_will_come_back_to_is_removed_by_the_next_merge(known, tmp_path, monkeypatch):
+    """A merge killed and then never retried (its config changed, so its address) left its
+    staging folder, a whole model, for good. The next merge on the machine removes the
+    folders nothing has written to for a day; a live one's (written a minute ago) stays."""
+    import os
+    import time
+
+    from fusechat_core.merge.stage import ABANDONED_AFTER_S, merge_staging_dir
+
+    monkeypatch.setenv("FUSECHAT_CACHE", str(tmp_path / "cache"))
+    cfg = _run_config(tmp_path, known, "linear")
+    root = merge_staging_dir(ArtifactStore(cfg.store), RunPlan(cfg).merge("linear")).parent
+    old, live = root / "0123456789abcdef", root / "fedcba9876543210"
+    for folder, age in ((old, ABANDONED_AFTER_S + 60), (live, 60)):
+        (folder / "model").mkdir(parents=True)
+        shard = folder / "model" / "model-00001-of-00002.safetensors"
+        shard.write_bytes(b"\0" * 1000)
+        then = time.time() - age
+        for p in (shard, folder / "model", folder):
+            os.utime(p, (then, then))
+    _stage(cfg, {"a": known["a"], "b": known["b"]})
+    assert not old.exists() and live.is_dir()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_varm_adds_the_update_to_the_pivot_in_float32_at_least(dtype):
     """θ_pivot + Σ W·Δ, as written: an entry no target changed is the pivot's bit for bit, and

@@ -37,6 +37,7 @@ def merge_stage(cfg: RunConfig, store: ArtifactStore, address: str, method: str,
             return _cached(store, address, method)
         staging = merge_staging_dir(store, address)
         shutil.rmtree(staging, ignore_errors=True)  # a killed merge's half-written model (GBs at 7B)
+        remove_abandoned_staging(staging.parent)
         staging.mkdir(parents=True)
         try:
             return _merge(cfg, store, address, method, targets, staging, progress, on_tensor)
@@ -51,6 +52,31 @@ def merge_staging_dir(store: ArtifactStore, address: str) -> Path:
     two leases, and must not share a folder."""
     key = f"{store.url}\n{address}".encode()
     return Path(cache_dir()) / "merge-staging" / hashlib.sha256(key).hexdigest()[:16]
+
+
+# A staging folder untouched this long is no live merge's: a 7B merge writes a shard every
+# few minutes, and a merge of this machine that is alive holds its folder under its lease.
+ABANDONED_AFTER_S = 24 * 3600
+
+
+def remove_abandoned_staging(root: Path, now: float | None = None) -> list[Path]:
+    """Remove the staging folders of merges killed and never retried on this machine (the
+    config changed after a SIGKILL: its address, so its folder, is never seen again), each a
+    whole merged model (~28 GB at 7B in float32): those with nothing written for
+    ``ABANDONED_AFTER_S``. Returns what was removed."""
+    import time
+
+    now = time.time() if now is None else now
+    gone = []
+    for folder in root.iterdir() if root.is_dir() else ():
+        try:
+            newest = max([folder.stat().st_mtime] + [p.stat().st_mtime for p in folder.rglob("*")])
+        except OSError:  # removed meanwhile by its own merge
+            continue
+        if now - newest > ABANDONED_AFTER_S:
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder)
+    return gone
 
 
 def _cached(store: ArtifactStore, address: str, method: str) -> dict[str, Any]:
