@@ -166,8 +166,9 @@ def status_rows(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
     """Every artifact of the run, with its shards: ``done``, ``damaged`` (committed, but a
     file is missing, short or fails its hash, or its manifest is malformed; ``reason`` says
     which), ``k/N`` shards done, ``partial`` (started, not committed; a training with a
-    checkpoint), ``skipped`` (held-out measures of an evaluation done without them) or
-    ``missing``, and its true size (its files and its shards'). ``verify``: re-hash every file.
+    checkpoint), ``skipped`` (held-out measures of an evaluation done without them), ``stale``
+    (a dataset whose local files changed since: a run refuses to start) or ``missing``, and
+    its true size (its files and its shards'). ``verify``: re-hash every file.
 
     ``train.mixed_precision: auto`` resolves where the run runs (bf16 on a GPU, no on a CPU),
     and the targets' addresses with it: read on a laptop, a run made on GPUs would show every
@@ -176,6 +177,12 @@ def status_rows(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
     store = ArtifactStore(cfg.store)
     plan = RunPlan(cfg)
     rows = [_status_row(store, plan, node, verify) for node in plan.nodes()]
+    from fusechat_core.data import changed_local_sources
+
+    for row in rows:
+        if row["stage"] == "dataset" and row["state"] == "done" and \
+                (changed := changed_local_sources(cfg, store, plan.dataset)):
+            row.update(state="stale", reason=changed[0])
     if cfg.train.mixed_precision == "auto":
         from fusechat_core.models import resolve_mixed_precision
 
@@ -362,10 +369,10 @@ def _run(cfg: RunConfig, until: str | None, as_json: bool) -> int:
         print(f"fusechat: error: --until: unknown stage {until!r} (stages: {', '.join(stages)})", file=sys.stderr)
         return EXIT_USAGE
     from flows.ephemeral import guard_ephemeral_server
-    from flows.pipeline import fusechat_pipeline, judge_can_answer, task_runner_for
+    from flows.pipeline import fusechat_pipeline, run_can_start, task_runner_for
 
     try:  # the flow checks it too (a deployed run); here it is a config error, before any server starts
-        judge_can_answer(cfg, RunPlan(cfg), until or stages[-1])
+        run_can_start(cfg, RunPlan(cfg), until or stages[-1])
     except ConfigError as exc:
         print(f"fusechat: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE

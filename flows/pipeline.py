@@ -197,16 +197,25 @@ def _let_go_of_the_task_runner() -> None:
             close_gracefully(reason="fusechat-stop")
 
 
-def judge_can_answer(cfg: RunConfig, plan: RunPlan, until: str) -> None:
-    """A run with evaluations still to grade by OpenAI's API and no key for it stops before
-    its first stage (a ``ConfigError`` naming the variable), not after a week's stages."""
+def run_can_start(cfg: RunConfig, plan: RunPlan, until: str) -> None:
+    """What would make a run wrong or fail late, found in the store before its first stage
+    (a ``ConfigError``, one line): a local data file changed since its dataset was built (the
+    run would reuse that dataset); evaluations still to grade by OpenAI's API with no key for
+    it (a 401 after a week's stages). Under Dask the grading runs on the workers, whose
+    environment this process cannot see: a missing key is a warning there."""
     from fusechat_core.config import ConfigError
+    from fusechat_core.data import changed_local_sources
     from fusechat_core.evaluate.judge import missing_key
 
+    st = open_store(cfg.store)
+    if STAGES.index(until) > STAGES.index("dataset") and (changed := changed_local_sources(cfg, st, plan.dataset)):
+        raise ConfigError(changed[0])
     if STAGES.index(until) < STAGES.index("evaluate") or (problem := missing_key(cfg.evaluate)) is None:
         return
-    st = open_store(cfg.store)
     if any(not st.is_complete(plan.evaluate(n)) for n in plan.evaluated_models()):
+        if cfg.runner.task_runner == "dask":
+            logging.getLogger("fusechat").warning("%s (if the Dask workers have it, ignore this)", problem)
+            return
         raise ConfigError(problem)
 
 
@@ -235,7 +244,7 @@ def _pipeline(config: dict[str, Any] | None, config_path: str | None, until: str
     # once frozen, and module-level objects are never freed anyway.
     gc.freeze()
     plan = RunPlan(cfg)
-    judge_can_answer(cfg, plan, until)
+    run_can_start(cfg, plan, until)
     config = unwalked(cfg.model_dump(mode="json"))
     store = cfg.store
     opts = {"result_storage": result_storage_for(store)}

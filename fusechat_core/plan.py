@@ -6,9 +6,10 @@ exactly the config fields and upstream addresses its stage depends on.
 
 Addresses depend only on what a stage reads (incremental fusion):
 
-- ``dataset``: the data section, the sources as read (a local source's files by their
-  bytes), the seed and the pivot's tokenizer (blocks are cut to fit the pivot, never the
-  sources);
+- ``dataset``: the data section, the sources as read, the seed and the pivot's tokenizer
+  (blocks are cut to fit the pivot, never the sources). A local source is known by its path:
+  the dataset records its files' bytes, and a run whose file changed since refuses to start
+  (``data.changed_local_sources``) rather than reuse the old dataset;
 - ``represent[m]``: model ``m`` itself, the represent section, the dataset;
 - ``vocab_map[s]``: the pivot's and ``s``'s tokenizers, the mapping settings;
 - ``align[s]``: the pivot's and ``s``'s representations, ``s``'s vocab map, the align section;
@@ -44,7 +45,7 @@ from typing import Any
 from fusechat_core.align.sequence import SEQUENCE_ALIGNERS
 from fusechat_core.config import EvaluateConfig, ModelSpec, RunConfig, demo_name
 from fusechat_core.data import synthetic
-from fusechat_core.data.build import local_source_files, reader_versions
+from fusechat_core.data.build import reader_versions
 from fusechat_core.data.presets import sources_of
 from fusechat_core.merge.methods import MERGE_METHODS, method_parameters
 from fusechat_core.models import resolve_mixed_precision
@@ -236,11 +237,6 @@ class RunPlan:
             # with it every address that does not read the new source.
             "pivot_tokenizer": self.pivot_tokenizer(),
         }
-        # A local source by its files' bytes too (a Hub source is pinned by its revision); only
-        # where there is one, so a dataset of Hub and demo sources keeps its address.
-        local = {s.label: files for s in section["sources"] if (files := local_source_files(s)) is not None}
-        if local:
-            section["local_files"] = local
         # the loaders, synthetic domains and cleaner that read these sources, where one has changed
         used = reader_versions(section["sources"], self.cfg.data.clean)
         return self._address("dataset", section, implementations=used)

@@ -498,36 +498,50 @@ def test_a_hub_source_that_cannot_be_loaded_fails_in_one_line_naming_it():
     assert got["transient"] is True  # a network error keeps its retry
 
 
-def test_a_local_source_edited_in_place_is_another_dataset(tmp_path, monkeypatch):
-    """A local file is known by its bytes, not only its path: a re-exported chats.jsonl kept the
-    old dataset's address, and the run reused it (and every stage after it) as Cached. Touching
-    the file changes nothing; each file is hashed once while it stays the same (a stat after)."""
+def test_a_local_source_edited_since_its_dataset_was_built_stops_the_run(tmp_path, monkeypatch, capsys):
+    """A local source is known by its path in the dataset's address (its bytes would move every
+    existing run's addresses and hash gigabytes into every plan): a chats.jsonl re-exported in
+    place reused the old dataset, and every stage after it, as Cached. The dataset records its
+    files' bytes; a run whose file changed since refuses to start, naming it, and `status` says
+    the dataset is stale. Touching the file changes nothing; each file is hashed once while it
+    stays the same (a stat after, in this process and from the node's cache)."""
     import time
 
-    from fusechat_core.data import build
+    from fusechat_core.data import build, build_dataset_artifact, changed_local_sources
+    from tests.tiny_config import tiny_run_config
 
     monkeypatch.setenv("FUSECHAT_CACHE", str(tmp_path / "cache"))
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "fusechat-7b-varm.yaml")
     data = tmp_path / "chats.jsonl"
-    rows = [{"conversations": _conv(f"question {i}", f"answer {i}")} for i in range(3)]
+    rows = [{"conversations": _conv(f"question {i}", f"answer {i}")} for i in range(6)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    def address() -> str:
-        src = DataSourceSpec(name="mine", path=str(data), format="sharegpt")
-        return RunPlan(cfg.model_copy(update={"data": DataConfig(sources=[src])})).dataset
-
+    path = tiny_run_config(tmp_path, f"file://{tmp_path / 'store'}")
+    raw = yaml.safe_load(path.read_text())
+    raw["data"] = {**raw["data"], "sources": [{"name": "mine", "path": str(data), "format": "sharegpt"}]}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    plan, store = RunPlan(cfg), ArtifactStore(cfg.store)
     reads = []
     real = build.sha256_file
     monkeypatch.setattr(build, "sha256_file", lambda p: reads.append(p) or real(p))
-    first = address()
-    assert address() == first and len(reads) == 1  # remembered in this process
+    build_dataset_artifact(cfg, store, plan.dataset)
+    assert store.manifest(plan.dataset).meta["local_files"]["mine"][0][:2] == ["chats.jsonl", data.stat().st_size]
+    assert changed_local_sources(cfg, store, plan.dataset) == [] and len(reads) == 1  # remembered
     build._DIGESTS.clear()
-    assert address() == first and len(reads) == 1  # and in the node's cache
+    assert changed_local_sources(cfg, store, plan.dataset) == [] and len(reads) == 1  # from the node's cache
     time.sleep(0.01)
-    os.utime(data)  # touched, the same bytes: hashed again, the same dataset
-    assert address() == first and len(reads) == 2
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))  # re-exported with a row less
-    assert address() != first
-    # Hub and demo sources carry no files: their datasets keep their addresses (test_plan pins one)
+    os.utime(data)  # touched, the same bytes: hashed again, nothing changed
+    assert changed_local_sources(cfg, store, plan.dataset) == [] and len(reads) == 2
+
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))  # re-exported with a row less
+    assert RunPlan(load_config(path)).dataset == plan.dataset  # the address is the path's
+    [line] = changed_local_sources(cfg, store, plan.dataset)
+    assert line.startswith(f"data source mine: chats.jsonl changed since dataset {plan.dataset} was built from it")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"fusechat: config error: {line}"
+    assert main(["status", str(path), "--json"]) == 0
+    [row] = [r for r in json.loads(capsys.readouterr().out) if r["stage"] == "dataset"]
+    assert (row["state"], row["reason"]) == ("stale", line)
+    # Hub and demo sources carry no files to check
     assert build.local_source_files(DataSourceSpec(name="x", path="org/set")) is None
     assert build.local_source_files(DataSourceSpec(name="m", path="demo:markov")) is None

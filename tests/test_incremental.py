@@ -86,13 +86,13 @@ def test_adding_a_source_runs_only_its_chain_and_keeps_rows_aligned(tmp_path, ca
 
     old = r"(represent|vocab_map|align|train)\[(model|source|target)=(pivot|moe|deep)(, shard=\d/\d)?\]"
     kept = _of(second, old, r"dataset", r"demo_model\[(pivot|moe|deep)\]",
-               r"evaluate\[model=(pivot|moe|deep|target-moe|target-deep)\]")
-    assert len(kept) == 1 + 3 + 3 * 3 + 2 * (1 + 3) + 2 + 5, sorted(kept)  # every old task is there
+               r"(measure|evaluate)\[model=(pivot|moe|deep|target-moe|target-deep)\]")
+    assert len(kept) == 1 + 3 + 3 * 3 + 2 * (1 + 3) + 2 + 2 * 5, sorted(kept)  # every old task is there
     assert set(kept.values()) == {"Cached"}, {n: s for n, s in kept.items() if s != "Cached"}
     new = _of(second, r"(represent|vocab_map|align|train)\[(model|source|target)=wide(, shard=\d/\d)?\]",
-              r"demo_model\[wide\]", r"merge\[method=varm\]", r"evaluate\[model=(wide|target-wide|merge-varm)\]",
-              r"report")
-    assert len(new) == 1 + 3 + 1 + 3 + 1 + 1 + 3 + 1, sorted(new)
+              r"demo_model\[wide\]", r"merge\[method=varm\]",
+              r"(measure|evaluate)\[model=(wide|target-wide|merge-varm)\]", r"report")
+    assert len(new) == 1 + 3 + 1 + 3 + 1 + 1 + 2 * 3 + 1, sorted(new)
     assert set(new.values()) == {"Completed"}, {n: s for n, s in new.items() if s != "Completed"}
     assert set(second) == set(kept) | set(new), sorted(set(second) - set(kept) - set(new))
 

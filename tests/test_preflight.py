@@ -234,12 +234,12 @@ def test_a_reader_that_goes_away_gets_no_traceback(tmp_path):
 
 
 def test_a_run_to_grade_by_openai_without_its_key_stops_before_its_first_stage(tmp_path, capsys, monkeypatch,
-                                                                                tiny_models):
+                                                                                tiny_models, caplog):
     """OpenAI's API answers a request without a key with 401: found after a week's stages and
     hours of answers on the GPU before. A run that still has evaluations to grade there stops
     at once, naming the variable; a local judge (which may need no key) and a run that ends
     before evaluation go on."""
-    from flows.pipeline import fusechat_pipeline, judge_can_answer
+    from flows.pipeline import fusechat_pipeline, run_can_start
     from fusechat_core.config import load_config
     from fusechat_core.plan import RunPlan
     from tests.tiny_config import tiny_run_config
@@ -256,13 +256,24 @@ def test_a_run_to_grade_by_openai_without_its_key_stops_before_its_first_stage(t
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
     cfg = load_config(path)
     plan = RunPlan(cfg)
-    judge_can_answer(cfg, plan, "train")  # no grading in this run
+    run_can_start(cfg, plan, "train")  # no grading in this run
     monkeypatch.setenv("FUSECHAT_TEST_ABSENT_KEY", "sk-test\n")
-    judge_can_answer(cfg, plan, "report")
+    run_can_start(cfg, plan, "report")
     monkeypatch.delenv("FUSECHAT_TEST_ABSENT_KEY")
     local = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
         update={"judge_base_url": "http://127.0.0.1:8000/v1"})})
-    judge_can_answer(local, RunPlan(local), "report")
+    run_can_start(local, RunPlan(local), "report")
+    # under Dask the grading runs on the workers, whose environment this process cannot see
+    dask = cfg.model_copy(update={"runner": cfg.runner.model_copy(update={"task_runner": "dask"})})
+    import logging
+
+    said = logging.getLogger("fusechat")
+    said.addHandler(caplog.handler)  # the CLI above set the logger up to print, not to propagate
+    try:
+        run_can_start(dask, RunPlan(dask), "report")
+    finally:
+        said.removeHandler(caplog.handler)
+    assert "FUSECHAT_TEST_ABSENT_KEY is not set" in caplog.text and "Dask workers" in caplog.text
     # a deployed run: the flow itself refuses, before its first task
     with pytest.raises(Exception, match="evaluate.judge_api_key_env: FUSECHAT_TEST_ABSENT_KEY is not set"):
         fusechat_pipeline(config=cfg.model_dump(mode="json"))
