@@ -162,7 +162,7 @@ def _stage_names() -> tuple[str, ...]:
     return PIPELINE_STAGES
 
 
-def status_rows(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
+def status_rows(cfg: RunConfig, verify: bool = False, *, elsewhere: bool = False) -> list[dict[str, Any]]:
     """Every artifact of the run, with its shards: ``done``, ``damaged`` (committed, but a
     file is missing, short or fails its hash, or its manifest is malformed; ``reason`` says
     which), ``k/N`` shards done, ``partial`` (started, not committed; a training with a
@@ -172,8 +172,9 @@ def status_rows(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
 
     ``train.mixed_precision: auto`` resolves where the run runs (bf16 on a GPU, no on a CPU),
     and the targets' addresses with it: read on a laptop, a run made on GPUs would show every
-    target and what follows missing. An artifact missing here but done under the other
-    resolution is shown done, at that address, saying so."""
+    target and what follows missing. ``elsewhere`` (``fusechat status``): an artifact missing
+    here but done under the other resolution is shown done, at that address, saying so. Not
+    for ``--plan``: a run started here would make it again."""
     store = ArtifactStore(cfg.store)
     plan = RunPlan(cfg)
     rows = [_status_row(store, plan, node, verify) for node in plan.nodes()]
@@ -183,7 +184,7 @@ def status_rows(cfg: RunConfig, verify: bool = False) -> list[dict[str, Any]]:
         if row["stage"] == "dataset" and row["state"] == "done" and \
                 (changed := changed_local_sources(cfg, store, plan.dataset)):
             row.update(state="stale", reason=changed[0])
-    if cfg.train.mixed_precision == "auto":
+    if elsewhere and cfg.train.mixed_precision == "auto":
         from fusechat_core.models import resolve_mixed_precision
 
         other = "no" if resolve_mixed_precision("auto") == "bf16" else "bf16"
@@ -534,7 +535,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.command == "status":
-            rows = status_rows(cfg, verify=args.verify)
+            rows = status_rows(cfg, verify=args.verify, elsewhere=True)
             print(json.dumps(rows) if args.json else "", end="\n" if args.json else "")
             if not args.json:
                 _print_rows(rows)

@@ -722,17 +722,20 @@ def test_varm_adds_the_update_to_the_pivot_in_float32_at_least(dtype):
     assert sums == pytest.approx([d.pow(2).sum().item() for d in deltas], rel=1e-6)
     w = varm_weights([s / base.numel() for s in sums])
     merged = _combine(base, targets, w)
-    assert merged.dtype == torch.float32
+    assert merged.dtype == dtype  # the inputs' precision: a mergekit YAML loading bf16 writes bf16
     untouched = torch.stack([d == 0 for d in deltas]).all(0)
     assert untouched.sum() > 0.3 * base.numel()
-    assert torch.equal(merged[untouched], base.float()[untouched])
+    assert torch.equal(merged[untouched], base[untouched])
     expected = base.double() + sum(wj * d for wj, d in zip(w, deltas))
-    err = (merged.double() - expected).abs().max().item()
-    assert err <= 2 * torch.finfo(torch.float32).eps * expected.abs().max().item(), err
+    if dtype == torch.float32:
+        err = (merged.double() - expected).abs().max().item()
+        assert err <= 2 * torch.finfo(torch.float32).eps * expected.abs().max().item(), err
+    else:  # the exact sum rounded once: every entry (bf16 arithmetic got 81% of them)
+        assert torch.equal(merged, expected.to(torch.bfloat16))
     # weights given from outside (layer or model granularity), thirds among three targets:
     # 14% of untouched float32 entries moved under Σ W·θ
     thirds = _combine(base, [*targets, targets[0]], [1 / 3] * 3)
-    assert torch.equal(thirds[untouched], base.float()[untouched])
+    assert torch.equal(thirds[untouched], base[untouched])
 
 
 def test_a_hub_pivot_merges_offline_from_the_local_cache(known, tmp_path, monkeypatch):

@@ -292,10 +292,13 @@ def test_status_on_a_cpu_machine_finds_what_a_gpu_made_under_mixed_precision_aut
     (weights / "model.safetensors").write_bytes(b"\0" * 64)
     store = ArtifactStore(cfg.store)
     store.put_dir(gpu.train(target), weights)
-    rows = {r["stage"]: r for r in status_rows(cfg)}
+    rows = {r["stage"]: r for r in status_rows(cfg, elsewhere=True)}
     row = rows[f"train[{target}]"]
     assert (row["state"], row["address"]) == ("done", gpu.train(target))
     assert row["reason"] == f"made where train.mixed_precision auto was {other}"
     assert rows["dataset"]["state"] == "missing" and "reason" not in rows["dataset"]  # the same address either way
     assert main(["status", str(path)]) == 0
     assert f"made where train.mixed_precision auto was {other}" in capsys.readouterr().out
+    # the plan counts what a run started here makes: that target, at this machine's address
+    train = _row(_costs(cfg), f"train[{target}]")
+    assert (train["state"], train["address"], train["remaining"]) == ("to run", here.train(target), 1)

@@ -92,8 +92,8 @@ def _combine(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[floa
     pivot's, bit for bit, and the update is added to it, not rebuilt from Σ_j W_j·θ_j (which
     moved 3% of a float32 matrix's untouched entries by an ulp). Computed in float32 at least
     (float64 stays): bfloat16 targets are widened before the subtraction, where bfloat16
-    arithmetic lost updates of the size fine-tuning makes; mergekit casts the result to the
-    merge's dtype. Δ is formed a slice at a time: merging costs what a linear merge costs.
+    arithmetic lost updates of the size fine-tuning makes; the sum is rounded once to the
+    inputs' precision. Δ is formed a slice at a time: merging costs what a linear merge costs.
     """
     used = [(t.reshape(-1), w) for t, w in zip(tensors, weights) if w != 0.0]
     if not used:
@@ -119,7 +119,9 @@ def _combine(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[floa
             else:
                 dc = torch.sub(t_c, b_c, out=d[:t_c.numel()])
                 o_c.add_(dc, alpha=w)
-    return merged
+    # in the inputs' precision again (rounded once, from the wide sum): mergekit casts only to
+    # out_dtype, and a user's YAML loading bfloat16 wrote float32 tensors beside bf16 ones
+    return merged if merged.dtype == base.dtype else merged.to(base.dtype)
 
 
 def _sum_sq_deltas(base: torch.Tensor, tensors: list[torch.Tensor]) -> list[float]:
