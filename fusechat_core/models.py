@@ -246,9 +246,10 @@ def claim_gpu(device: str, count: int | None = None, *, spread: bool = False) ->
     an explicit ``cuda:3``) is kept as given; a process with one GPU gets ``cuda``.
     ``count``: the number of visible GPUs (default: torch's). A Dask worker holds its own
     claims: give each worker its own GPUs (dask-cuda's ``CUDA_VISIBLE_DEVICES`` per worker).
-    ``spread``: a model with a ``device_map`` (over every GPU) claims none and keeps ``cuda``, so
-    that its tasks share the one copy kept for ``cuda`` instead of loading one per GPU index."""
-    if device != "cuda" or spread:
+    ``spread``: a model with a ``device_map`` (over every GPU: Mixtral's 94 GB) claims them all,
+    waiting until none is held, and keeps ``cuda``: its tasks take turns with one copy, and no
+    other model is loaded beside it (it ran beside the single-GPU models before)."""
+    if device != "cuda":
         yield device
         return
     if count is None:
@@ -256,21 +257,25 @@ def claim_gpu(device: str, count: int | None = None, *, spread: bool = False) ->
 
         count = torch.cuda.device_count()
     count = max(count, 1)
+
+    def free() -> list[int]:
+        return [i for i in range(count) if i not in _GPU_CLAIMS]
+
     with _GPU_FREED:
-        if len(_GPU_CLAIMS) >= count:
-            logging.getLogger("fusechat").info("waiting for one of this process's %d GPUs: every one holds "
-                                               "a model", count)
-        while len(_GPU_CLAIMS) >= count:
+        if len(free()) < (count if spread else 1):
+            logging.getLogger("fusechat").info("waiting for %s of this process's %d GPUs: held by its other "
+                                               "models", "all" if spread else "one", count)
+        while len(free()) < (count if spread else 1):
             _GPU_FREED.wait(timeout=5.0)
             stopping.check()  # a run told to stop does not wait on
-        index = min(i for i in range(count) if i not in _GPU_CLAIMS)
-        _GPU_CLAIMS.add(index)
+        taken = free() if spread else free()[:1]
+        _GPU_CLAIMS.update(taken)
     try:
-        yield f"cuda:{index}" if count > 1 else device
+        yield device if spread or count == 1 else f"cuda:{taken[0]}"
     finally:
         with _GPU_FREED:
-            _GPU_CLAIMS.discard(index)
-            _GPU_FREED.notify()
+            _GPU_CLAIMS.difference_update(taken)
+            _GPU_FREED.notify_all()
 
 
 def resolve_mixed_precision(value: str) -> str:

@@ -180,12 +180,36 @@ def test_model_holding_tasks_of_one_process_spread_over_its_gpus():
     for kept in ("cpu", "cuda:3", "mps"):
         with claim_gpu(kept, count=8) as device:
             assert device == kept
-    # a model spread over every GPU (device_map) claims none: its tasks share one copy under
-    # "cuda" (one per claimed index was 8 copies of Mixtral's 94 GB)
-    with claim_gpu("cuda", count=8, spread=True) as a, claim_gpu("cuda", count=8, spread=True) as b:
-        assert a == b == "cuda"
-        with claim_gpu("cuda", count=8) as c:
-            assert c == "cuda:0"  # the spread ones held no index
+    # a model spread over every GPU (device_map) claims them all, as "cuda" (one per claimed
+    # index was 8 copies of Mixtral's 94 GB): another model waits until it is done, and it
+    # waits until every GPU is free (it ran beside single-GPU models before)
+    with claim_gpu("cuda", count=8, spread=True) as a:
+        assert a == "cuda"
+        single, single_got, single_done = claim_in_a_thread(8)
+        single.join(0.5)
+        assert single.is_alive() and single_got == []
+    for _ in range(200):
+        if single_got:
+            break
+        single.join(0.05)
+    assert single_got == ["cuda:0"]
+
+    def spread_in_a_thread() -> tuple[threading.Thread, list[str]]:
+        got: list[str] = []
+
+        def hold() -> None:
+            with claim_gpu("cuda", count=8, spread=True) as device:
+                got.append(device)
+        t = threading.Thread(target=hold)
+        t.start()
+        return t, got
+
+    mixtral, mixtral_got = spread_in_a_thread()
+    mixtral.join(0.5)
+    assert mixtral.is_alive() and mixtral_got == []  # cuda:0 is still held
+    single_done.set()
+    mixtral.join(10)
+    assert mixtral_got == ["cuda"]
     # from threads at once, as the task runner's workers claim them
     seen, barrier = [], threading.Barrier(4)
 
