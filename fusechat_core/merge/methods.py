@@ -59,12 +59,13 @@ _add(MethodSpec(
     "dare_linear", "dare_linear", pivot_is_base=True,
     target_defaults={"weight": lambda n: 1.0 / n, "density": 0.5},
     note="drop 50% of each Δ at random, rescale the rest, weighted sum"))
-# sce 2: the card's note says what mergekit's SCE does with a full fine-tune's small deltas
+# The note is the card's text only: not a version (the weights are the same, and a version
+# would buy an sce merge's paid evaluation again)
 _add(MethodSpec(
     "sce", "sce", pivot_is_base=True,
     note="mergekit's SCE: keep the select_topk share of entries by variance (default 1.0: all), weight "
          "targets by mean squared change (uniform where the targets' sum of it is under 1e-6, as for "
-         "most matrices of a full fine-tune at a small learning rate), erase minority signs"), version=2)
+         "most matrices of a full fine-tune at a small learning rate), erase minority signs"))
 
 
 # The paper's baselines (Table 1), as released with FuseChat: the mergekit configs in
