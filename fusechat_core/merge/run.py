@@ -91,9 +91,10 @@ def _same_architecture(pivot: str, targets: Mapping[str, str]) -> None:
                              f"layers {got} vs {want}); targets are fine-tunes of the pivot")
 
 
-# What a merge reads of a Hub model: its weights (safetensors; .bin only where a repository
-# has none), config, tokenizer and generation config; never a second copy of the weights.
-_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+# What a merge reads of a Hub model besides its weights: config, tokenizer, generation config,
+# and the weights' index, which names the shards to fetch (a mistralai repository also holds
+# consolidated.safetensors, the same 14 GB again in another layout).
+_HUB_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 
 def _on_disk(label: str, ref: str, hub_refs: dict[str, str]) -> str:
@@ -109,8 +110,13 @@ def _on_disk(label: str, ref: str, hub_refs: dict[str, str]) -> str:
     repo, _, revision = ref.partition("@")
     try:
         folder = snapshot_download(repo, revision=revision or None, allow_patterns=_HUB_FILES)
+        index = Path(folder) / "model.safetensors.index.json"
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+        folder = snapshot_download(repo, revision=revision or None, allow_patterns=[*_HUB_FILES, *shards])
         if not any(Path(folder).glob("*.safetensors")):  # an older repository: PyTorch pickles
-            folder = snapshot_download(repo, revision=revision or None, allow_patterns=[*_HUB_FILES, "*.bin"])
+            folder = snapshot_download(repo, revision=revision or None,
+                                       allow_patterns=[*_HUB_FILES, "pytorch_model*.bin"])
     except Exception as exc:  # huggingface_hub's errors name the URL at best, never our input
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MergeError(f"{label}: {ref}: cannot be read from the Hugging Face Hub or its local cache "
