@@ -41,33 +41,29 @@ def silent():
 quick()
 silent()
 '''
+
+
+def _sleeper(flow_name: str, label: str) -> str:
+    """A script whose one flow run prints ``label`` and its id, then sleeps until killed."""
+    return f'''
+import time
+from prefect import flow
+from prefect.runtime import flow_run
+
+@flow(name="{flow_name}")
+def {label}():
+    print("{label}", flow_run.id, flush=True)
+    time.sleep(600)
+
+{label}()
+'''
+
+
 # A run the worker rescheduled on SIGTERM (AwaitingRetry) before its node went away: it waits for
 # a new pod and must not be marked Crashed meanwhile. The test moves it to AwaitingRetry itself.
-PARKED = '''
-import time
-from prefect import flow
-from prefect.runtime import flow_run
-
-@flow(name="fusechat-pipeline")
-def parked():
-    print("parked", flow_run.id, flush=True)
-    time.sleep(600)
-
-parked()
-'''
+PARKED = _sleeper("fusechat-pipeline", "parked")
 # Another team's flow on the same server, silent as long after its heartbeat: not ours to crash.
-OTHER = '''
-import time
-from prefect import flow
-from prefect.runtime import flow_run
-
-@flow(name="someone-elses-flow")
-def other():
-    print("other", flow_run.id, flush=True)
-    time.sleep(600)
-
-other()
-'''
+OTHER = _sleeper("someone-elses-flow", "other")
 
 
 def _apply_setup(server: PrefectServer, **kwargs) -> list[str]:
