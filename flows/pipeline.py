@@ -13,6 +13,7 @@ invalidated. Tasks exchange small references, never data.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -62,7 +63,16 @@ def run_name() -> str:
 
     params = flow_run.parameters or {}
     cfg, path = params.get("config"), params.get("config_path")
-    name = (cfg or {}).get("name") or (Path(str(path).rstrip("/")).stem if path else "fusechat")
+    if cfg is None and path:
+        # a deployment gives the file: named after the run it holds, not the file (two runs'
+        # config.yaml were one name on the dashboard); a file that cannot be read fails the run
+        # with its own error, under the file's name
+        from fusechat_core.config import ConfigError, read_config_data
+
+        with contextlib.suppress(ConfigError):
+            cfg, _ = read_config_data(path)
+    name = (cfg if isinstance(cfg, dict) else {}).get("name") or \
+        (Path(str(path).rstrip("/")).stem if path else "fusechat")
     return flow_run_name(name, params.get("until"))
 
 

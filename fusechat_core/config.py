@@ -606,6 +606,16 @@ def load_config(path: str | Path, *, store: str | None = None) -> RunConfig:
 
     Relative paths in a local config are relative to its folder.
     """
+    data, base = read_config_data(path)
+    if store is not None and isinstance(data, dict):
+        data = {**data, "store": store}
+    cfg = parse_config(data, base_dir=base)
+    return _resolve_local_store(cfg, base or Path.cwd())
+
+
+def read_config_data(path: str | Path) -> tuple[Any, Path | None]:
+    """A config file's YAML, not yet validated, and the folder its relative paths start from
+    (None for a URL); ``ConfigError`` in one line naming the file."""
     text_path = str(path)
     remote = "://" in text_path and not text_path.startswith("file://")
     if remote:
@@ -633,11 +643,7 @@ def load_config(path: str | Path, *, store: str | None = None) -> RunConfig:
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
         base = path.parent.resolve()
-    data = load_yaml(raw, text_path)
-    if store is not None and isinstance(data, dict):
-        data = {**data, "store": store}
-    cfg = parse_config(data, base_dir=base)
-    return _resolve_local_store(cfg, base or Path.cwd())
+    return load_yaml(raw, text_path), base
 
 
 def _resolve_local_store(cfg: RunConfig, base: Path) -> RunConfig:

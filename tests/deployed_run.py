@@ -82,13 +82,13 @@ def run_deployment(folder: Path, server, s3) -> DeployedRun:
         for key, value in s3.env().items():
             mp.setenv(key, value)
         fs = fsspec.filesystem("s3", **s3_storage_options(), skip_instance_cache=True)
-        fs.pipe_file(f"{prefix}/tiny.yaml", local_cfg.read_bytes())
+        fs.pipe_file(f"{prefix}/run.yaml", local_cfg.read_bytes())  # named unlike the run it holds
 
     log = folder / "worker.log"
     worker = deploy_and_start_worker(env, log)
     try:
         started = cli([str(BIN / "prefect"), "deployment", "run", "fusechat-pipeline/pipeline",
-                       "--param", f"config_path={prefix}/tiny.yaml"], env)
+                       "--param", f"config_path={prefix}/run.yaml"], env)
         assert started.returncode == 0, started.stdout + started.stderr
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
         deadline = time.time() + 900

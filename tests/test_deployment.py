@@ -70,6 +70,9 @@ def test_deployment_runs_the_pipeline_on_server_worker_and_s3(tmp_path, s3_env, 
     # the run sent heartbeats every 30 s (prefect.yaml's env job variable; Prefect's own
     # default is 180 s, beyond the crash automation's window)
     flow_run = server.get(f"/flow_runs/{flow_run_id}")
+    # named after the run its config holds (`name: tiny`), not the file it was given (run.yaml):
+    # two runs' config.yaml were one name on the dashboard
+    assert flow_run["name"] == "tiny", flow_run["name"]
     deployment = server.get(f"/deployments/{flow_run['deployment_id']}")
     assert deployment["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30", deployment
     beats = server.events("prefect.flow-run.heartbeat", resource=f"prefect.flow-run.{flow_run_id}")
