@@ -484,3 +484,46 @@ def test_tasks_fetching_one_artifact_at_once_copy_it_once(s3_env, tmp_path, monk
     for t in threads:
         t.join()
     assert len(set(got)) == 1 and len(got) == 4 and len(opened) == 1
+
+
+FETCH_IN_A_PROCESS = """
+import json, sys
+from fusechat_core import store as S
+st = S.ArtifactStore(sys.argv[1])
+opened, hashed = [], []
+real_open, real_sha = st.fs.open, S.sha256_file
+st.fs.open = lambda path, mode="rb", **kw: (opened.append(path) if "shard-" in str(path) else None) or \\
+    real_open(path, mode, **kw)
+S.sha256_file = lambda path: hashed.append(str(path)) or real_sha(path)
+sys.stdin.readline()  # every process started: fetch at once
+print(json.dumps({"dest": str(st.fetch("train/t")), "opened": len(opened), "hashed": len(hashed)}))
+"""
+
+
+def test_processes_of_a_node_fetching_one_artifact_copy_it_once_and_hash_it_once(s3_env, tmp_path, monkeypatch):
+    """A training's ranks (one process each) all fetched the pivot's 64 representation shards
+    and the source's aligned shards: each copied them from S3 into the one cache folder, or
+    found the copy and hashed all of it again. One copies and verifies; the others wait for it
+    and trust each file the copy recorded as verified (unchanged since: same size and times)."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("FUSECHAT_CACHE", str(tmp_path / "cache"))
+    store = ArtifactStore(f"s3://fusechat-test/{uuid.uuid4().hex}")
+    with store.writer("train/t") as w:
+        for i in range(3):
+            w.write_bytes(f"shard-{i}.bin", os.urandom(1 << 20))
+    procs = [subprocess.Popen([sys.executable, "-c", FETCH_IN_A_PROCESS, store.url], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+             for _ in range(3)]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    got = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+    assert len({g["dest"] for g in got}) == 1
+    assert sorted(g["opened"] for g in got) == [0, 0, 3], got  # one copied the three files
+    assert [g["hashed"] for g in got] == [0, 0, 0], got  # verified as copied, trusted by the others
+    # a file changed in the copy since is hashed, found wrong, and copied again
+    dest = Path(got[0]["dest"])
+    (dest / "shard-1.bin").write_bytes(b"not what the manifest says")
+    assert store.fetch("train/t") == dest and (dest / "shard-1.bin").stat().st_size == 1 << 20
