@@ -524,14 +524,25 @@ _MODEL_SLOT: dict[str, tuple[str, Any]] = {}  # device -> (model spec, model)
 
 def _cached_model(spec: ModelSpec, device: str) -> Any:
     """One model kept per device: consecutive shards of a model on one GPU (or the CPU) load it
-    once, and a shard on another GPU does not evict it."""
+    once, and a shard on another GPU does not evict it. ``cuda`` (a model spread over every GPU,
+    or the one GPU of a process) overlaps every ``cuda:k``: loading onto one frees the other's
+    models first (models.claim_gpu gives a device to one task at a time, so none is in use);
+    the single-GPU models kept before stayed beside Mixtral's 94 GB."""
     key = spec.model_dump_json()
     with _MODEL_LOCK:
         held = _MODEL_SLOT.get(device)
         if held is None or held[0] != key:
-            _MODEL_SLOT.pop(device, None)  # free the device's previous model before loading the next
+            overlapping = [d for d in _MODEL_SLOT if d == device or _overlap(d, device)]
+            dropped = [weakref.ref(_MODEL_SLOT.pop(d)[1]) for d in overlapping]
+            if dropped:
+                release_memory(*dropped)  # free the device's previous models before loading the next
             _MODEL_SLOT[device] = (key, load_causal_lm(spec, device))
         return _MODEL_SLOT[device][1]
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two devices share memory: plain ``cuda`` (all of them) and any ``cuda:k``."""
+    return a.startswith("cuda") and b.startswith("cuda") and "cuda" in (a, b)
 
 
 def release_model(spec: ModelSpec | None = None) -> None:

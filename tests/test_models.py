@@ -60,6 +60,37 @@ def test_the_represent_stage_lets_go_of_its_kept_model_without_a_collection(tiny
     assert gc_collections == []
 
 
+def test_a_model_spread_over_every_gpu_is_never_kept_beside_single_gpu_ones(monkeypatch):
+    """The represent stage keeps one model per device. ``cuda`` (a model spread over every GPU
+    with device_map, or a one-GPU process's) overlaps every ``cuda:k``: the pivot and SOLAR
+    kept on cuda:0 and cuda:1 stayed beside Mixtral's 94 GB. The loader is replaced by a
+    stand-in: this machine has no GPU to load onto, and what is tested is which are kept."""
+    from fusechat_core import represent
+    from fusechat_core.config import ModelSpec
+
+    class Loaded:
+        def __init__(self, spec, device):
+            self.name, self.device = spec.name, device
+
+    monkeypatch.setattr(represent, "load_causal_lm", Loaded)
+    monkeypatch.setattr(represent, "_MODEL_SLOT", {})
+    pivot, solar, mixtral = (ModelSpec(name=n, path=f"org/{n}") for n in ("pivot", "solar", "mixtral"))
+
+    def kept() -> dict[str, str]:
+        return {d: m.name for d, (_, m) in represent._MODEL_SLOT.items()}
+
+    represent._cached_model(pivot, "cuda:0")
+    represent._cached_model(solar, "cuda:1")
+    represent._cached_model(pivot, "cuda:0")  # kept: loaded once
+    assert kept() == {"cuda:0": "pivot", "cuda:1": "solar"}
+    represent._cached_model(mixtral, "cuda")
+    assert kept() == {"cuda": "mixtral"}
+    represent._cached_model(solar, "cuda:1")
+    assert kept() == {"cuda:1": "solar"}
+    represent._cached_model(pivot, "cpu")  # the CPU shares nothing with the GPUs
+    assert kept() == {"cuda:1": "solar", "cpu": "pivot"}
+
+
 def _holders(obj: object) -> str:
     """What still refers to ``obj``, for the failure message: once, in a full suite on two
     workers, the model survived a collection. It was an earlier file's (the slot held the
