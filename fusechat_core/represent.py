@@ -595,9 +595,12 @@ def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: Model
                 if progress is not None:
                     progress({**event, "model": spec.name, "shard": i, "shards": shards})
 
-            rep = collect_shard(model, tok, formatter, part, cfg.represent, device, progress=report,
-                                meta={"model": spec.name, "tokenizer": tokenizer_ref(spec)[0], "shard": i,
-                                      "shards": shards, "dataset": plan.dataset})
+            try:
+                rep = collect_shard(model, tok, formatter, part, cfg.represent, device, progress=report,
+                                    meta={"model": spec.name, "tokenizer": tokenizer_ref(spec)[0], "shard": i,
+                                          "shards": shards, "dataset": plan.dataset})
+            except (RepresentError, ValueError) as exc:  # a row, a budget, a token id: of which model, shard
+                raise RepresentError(f"represent {spec.name} shard {i + 1}/{shards}: {exc}") from exc
             summary = {k: rep.meta[k] for k in ("n_seq", "n_tokens", "n_supervised", "n_cut", "ids_sha256",
                                                 "vocab_fingerprint")}
             with store.writer(address, meta={"stage": "represent", "model": spec.name, "shard": i,

@@ -322,6 +322,16 @@ def test_killed_stage_reruns_only_missing_shards(tiny_models, tmp_path):
         assert store.read_json(a, META_FILE)["row_ids"] == [train[j]["id"] for j in shard_rows(len(train), i, 4)]
 
 
+def test_a_shard_s_error_names_the_model_and_the_shard(tiny_models, tmp_path):
+    """An error inside a shard (a budget, a row, a token id) said neither which model nor which
+    of 64 shards at paper scale: the task's one line now does."""
+    raw, cfg, store, plan = _setup(tiny_models, tmp_path, shards=2)
+    pivot = plan.model("pivot")
+    big = cfg.model_copy(update={"represent": cfg.represent.model_copy(update={"top_k": 10**6})})
+    with pytest.raises(RepresentError, match=r"^represent pivot shard 2/2: .*represent\.top_k"):
+        represent_model(big, store, plan, pivot, 1)
+
+
 def test_commit_refuses_missing_shards_and_same_tokenization(tiny_models, tmp_path):
     twin = {"name": "twin", "path": str(tiny_models["pivot"])}
     other_template = {"name": "chatml", "path": str(tiny_models["pivot"]), "chat_template": "chatml"}

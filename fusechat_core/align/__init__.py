@@ -274,8 +274,12 @@ def align_shard_artifact(cfg: RunConfig, store: ArtifactStore, source: ModelSpec
     if "row_ids" in pivot_rep.meta and list(pivot_rep.meta["row_ids"]) != row_ids:
         raise AlignError(f"align {source.name} shard {index}: the pivot's shard rows are not dataset rows "
                          f"[{index}*n/{shards}, {index + 1}*n/{shards})")
-    aligned = align_shard(cfg, source, pivot_rep, source_rep, vmap, [r["conversations"] for r in rows], row_ids,
-                          lambda: (model_tokenizer(cfg.pivot), model_tokenizer(source)))
+    try:
+        aligned = align_shard(cfg, source, pivot_rep, source_rep, vmap, [r["conversations"] for r in rows], row_ids,
+                              lambda: (model_tokenizer(cfg.pivot), model_tokenizer(source)))
+    except ValueError as exc:  # AlignError and the projection's checks: which source and shard, first
+        said = str(exc).removeprefix("align: ")
+        raise AlignError(f"align {source.name} shard {index + 1}/{shards}: {said}") from exc
     meta = {"source": source.name, "pivot": cfg.pivot.name, "shard": index, "shards": shards,
             "n_seq": pivot_rep.n_seq, "row_ids": row_ids, "top_k": int(aligned.topk_ids.shape[1]),
             "vocab_size": int(pivot_rep.meta.get("vocab_size", 0)) or None,
