@@ -603,8 +603,10 @@ def represent_model(cfg: RunConfig, store: ArtifactStore, plan: Any, spec: Model
                 raise RepresentError(f"represent {spec.name} shard {i + 1}/{shards}: {exc}") from exc
             summary = {k: rep.meta[k] for k in ("n_seq", "n_tokens", "n_supervised", "n_cut", "ids_sha256",
                                                 "vocab_fingerprint")}
+            # where it ran, in the manifest (not the shard's files): `device: auto` on a pod that
+            # sees no GPU runs on the CPU, and commit refuses to join its bytes with GPU shards'
             with store.writer(address, meta={"stage": "represent", "model": spec.name, "shard": i,
-                                             "shards": shards, **summary}) as w:
+                                             "shards": shards, "device": device.split(":")[0], **summary}) as w:
                 write_shard(w, rep)
             secs = rep.seconds
             rate = rep.meta["n_tokens"] / secs if secs > 0 else 0.0
@@ -629,9 +631,12 @@ def commit_representation(cfg: RunConfig, store: ArtifactStore, plan: Any, spec:
         raise RepresentError(f"represent {spec.name}: shards {missing} of {shards} are not complete")
     row_ids = split_table(store, plan.dataset, columns=["id"]).column("id").to_pylist()
     entries, vocab_fp, vocab_size = [], set(), set()
+    ran_on: dict[str, list[int]] = {}  # device kind -> shards (an older shard does not say)
     for i in range(shards):
         shard_address = plan.represent_shard(spec, i)
         man = store.require(shard_address)
+        if man.meta.get("device"):
+            ran_on.setdefault(man.meta["device"], []).append(i)
         meta = store.read_json(shard_address, META_FILE)
         span = shard_rows(len(row_ids), i, shards)
         if meta["row_ids"] != row_ids[span.start:span.stop]:
@@ -644,6 +649,12 @@ def commit_representation(cfg: RunConfig, store: ArtifactStore, plan: Any, spec:
                         "n_cut": len(meta.get("cut_rows", []))})
     if len(vocab_fp) != 1 or len(vocab_size) != 1:
         raise RepresentError(f"represent {spec.name}: shards were made with different tokenizers or models")
+    if len(ran_on) > 1:
+        # a pod without its GPU (represent.device: auto) ran some on the CPU: other last bits, one address
+        where = "; ".join(f"{d}: shards {v[:8]}" for d, v in sorted(ran_on.items()))
+        raise RepresentError(f"represent {spec.name}: shards were computed on different devices ({where}); "
+                             f"delete the odd ones' artifacts to compute them again where the others ran, or "
+                             f"set represent.device")
     meta = {"stage": "represent", "model": spec.name, "dataset": plan.dataset, "top_k": cfg.represent.top_k,
             "vocab_size": vocab_size.pop(), "vocab_fingerprint": vocab_fp.pop(), "shards": entries,
             **{k: sum(e[k] for e in entries) for k in ("n_seq", "n_tokens", "n_supervised", "n_cut")}}

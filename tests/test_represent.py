@@ -332,6 +332,29 @@ def test_a_shard_s_error_names_the_model_and_the_shard(tiny_models, tmp_path):
         represent_model(big, store, plan, pivot, 1)
 
 
+def test_commit_refuses_shards_computed_on_different_devices(tiny_models, tmp_path):
+    """`represent.device: auto` on a pod that sees no GPU (a missing GPU limit) computes its
+    shards on the CPU: other last bits than the GPU shards beside them, under one address, and
+    they were committed as one artifact. The shard's manifest says where it ran; commit refuses
+    a mixture, naming the devices and shards. (The GPU shard here is a CPU one that says cuda:
+    this machine has no GPU; what is tested is the refusal.)"""
+    import shutil
+
+    raw, cfg, store, plan = _setup(tiny_models, tmp_path, shards=2)
+    pivot = plan.model("pivot")
+    represent_model(cfg, store, plan, pivot)
+    assert {store.manifest(plan.represent_shard(pivot, i)).meta["device"] for i in range(2)} == {"cpu"}
+    second = plan.represent_shard(pivot, 1)
+    folder = tmp_path / "gpu-shard"
+    shutil.copytree(store.fetch(second), folder, ignore=shutil.ignore_patterns(".*", MANIFEST))
+    store.delete(second)
+    store.put_dir(second, folder, meta={**store.manifest(plan.represent_shard(pivot, 0)).meta, "device": "cuda",
+                                        "shard": 1})
+    with pytest.raises(RepresentError, match=r"^represent pivot: shards were computed on different devices "
+                                             r"\(cpu: shards \[0\]; cuda: shards \[1\]\)"):
+        commit_representation(cfg, store, plan, pivot)
+
+
 def test_commit_refuses_missing_shards_and_same_tokenization(tiny_models, tmp_path):
     twin = {"name": "twin", "path": str(tiny_models["pivot"])}
     other_template = {"name": "chatml", "path": str(tiny_models["pivot"]), "chat_template": "chatml"}
