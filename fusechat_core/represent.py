@@ -417,6 +417,9 @@ def map_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             raise ValueError(f"header of {n} bytes in a {size}-byte file")
         header = json.loads(fh.read(n))
     arrays: dict[str, np.ndarray] = {}
+    # the file mapped once, every array a view of it: a mapping holds a file descriptor, and a
+    # training rank holding 64 shards × 12 arrays as mappings of their own held 768 of them
+    whole = np.memmap(path, dtype=np.uint8, mode="r") if size > 8 + n else None
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -427,7 +430,7 @@ def map_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         if stop - start != dtype.itemsize * int(np.prod(shape)) or 8 + n + stop > size:
             raise ValueError(f"tensor {name!r}: data_offsets do not fit its shape or the file")
         # mmap cannot map zero bytes; an empty array holds nothing to map anyway
-        arrays[name] = (np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape) if stop > start
+        arrays[name] = (whole[8 + n + start:8 + n + stop].view(dtype).reshape(shape) if stop > start
                         else np.zeros(shape, dtype))
     return arrays
 

@@ -152,6 +152,16 @@ def test_the_one_reader_maps_the_file_and_reads_back_what_was_written(tmp_path):
         assert not arr.flags.writeable and not arr.flags.owndata, name
     # a batch's rows are a view of the mapping, not a copy of the table
     assert np.shares_memory(rep.topk_ids[rep.rows(2)], rep.topk_ids)
+    # one mapping of the file, each array a view of it: a file descriptor per file, not per
+    # array (a training rank held 64 shards × 12 arrays: 768 descriptors, over a common 1024 limit)
+    import gc
+
+    del got, arr
+    del rep
+    gc.collect()
+    fds = len(os.listdir("/proc/self/fd"))
+    held = [read_shard(store, "represent/x/shard-00000-of-00001") for _ in range(5)]
+    assert len(os.listdir("/proc/self/fd")) - fds == 5 and len(held) == 5
 
 
 def test_the_one_reader_refuses_broken_shards(tmp_path):
