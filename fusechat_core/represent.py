@@ -37,6 +37,7 @@ batch × length × vocabulary logits a plain forward pass does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -521,8 +522,9 @@ def same_tokenization(a: Any, b: Any) -> bool:
 
 # -- the stage ---------------------------------------------------------------------------------------
 
-_MODEL_LOCK = threading.Lock()
+_MODEL_LOCK = threading.Lock()  # the slots below
 _MODEL_SLOT: dict[str, tuple[str, Any]] = {}  # device -> (model spec, model)
+_CPU_LOADS = threading.Lock()  # the CPU is no task's alone (claim_gpu claims GPUs): its loads take turns
 
 
 def _cached_model(spec: ModelSpec, device: str) -> Any:
@@ -532,15 +534,22 @@ def _cached_model(spec: ModelSpec, device: str) -> Any:
     models first (models.claim_gpu gives a device to one task at a time, so none is in use);
     the single-GPU models kept before stayed beside Mixtral's 94 GB."""
     key = spec.model_dump_json()
-    with _MODEL_LOCK:
-        held = _MODEL_SLOT.get(device)
-        if held is None or held[0] != key:
+    # A GPU is one task's at a time (claim_gpu): its load runs beside the other GPUs' loads. Under
+    # one lock for every load, an 8-GPU node loaded its eight 7B models one after another, and
+    # every shard waited on Mixtral's 94 GB.
+    with _CPU_LOADS if not device.startswith("cuda") else contextlib.nullcontext():
+        with _MODEL_LOCK:
+            held = _MODEL_SLOT.get(device)
+            if held is not None and held[0] == key:
+                return held[1]
             overlapping = [d for d in _MODEL_SLOT if d == device or _overlap(d, device)]
             dropped = [weakref.ref(_MODEL_SLOT.pop(d)[1]) for d in overlapping]
-            if dropped:
-                release_memory(*dropped)  # free the device's previous models before loading the next
-            _MODEL_SLOT[device] = (key, load_causal_lm(spec, device))
-        return _MODEL_SLOT[device][1]
+        if dropped:
+            release_memory(*dropped)  # free the device's previous models before loading the next
+        model = load_causal_lm(spec, device)
+        with _MODEL_LOCK:
+            _MODEL_SLOT[device] = (key, model)
+        return model
 
 
 def _overlap(a: str, b: str) -> bool:

@@ -91,6 +91,43 @@ def test_a_model_spread_over_every_gpu_is_never_kept_beside_single_gpu_ones(monk
     assert kept() == {"cuda:1": "solar", "cpu": "pivot"}
 
 
+def test_models_load_onto_several_gpus_side_by_side(monkeypatch):
+    """One lock held through every load made an 8-GPU node load its eight 7B models one after
+    another (a minute or two each), and every shard waited on Mixtral's. GPUs' loads now run
+    side by side (each GPU is one task's, models.claim_gpu); the CPU's take turns. The loader
+    is a stand-in that takes 0.6 s, on a machine with no GPU."""
+    import threading
+    import time
+
+    from fusechat_core import represent
+    from fusechat_core.config import ModelSpec
+
+    class Loaded:  # weakly referable, as a model is
+        def __init__(self, spec, device):
+            time.sleep(0.6)
+            self.name = spec.name
+
+    slow = Loaded
+
+    monkeypatch.setattr(represent, "load_causal_lm", slow)
+    monkeypatch.setattr(represent, "_MODEL_SLOT", {})
+
+    def load_at_once(devices: list[str]) -> float:
+        start = time.monotonic()
+        threads = [threading.Thread(target=represent._cached_model, args=(ModelSpec(name=f"m{i}", path=f"org/m{i}"), d))
+                   for i, d in enumerate(devices)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.monotonic() - start
+
+    assert load_at_once(["cuda:0", "cuda:1", "cuda:2", "cuda:3"]) < 1.5  # side by side, not 2.4 s
+    assert {d: m.name for d, (_, m) in represent._MODEL_SLOT.items()} == {f"cuda:{i}": f"m{i}" for i in range(4)}
+    monkeypatch.setattr(represent, "_MODEL_SLOT", {})
+    assert load_at_once(["cpu", "cpu"]) >= 1.2  # the CPU's loads take turns
+
+
 def _holders(obj: object) -> str:
     """What still refers to ``obj``, for the failure message: once, in a full suite on two
     workers, the model survived a collection. It was an earlier file's (the slot held the
