@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 
 from fusechat_core.config import ConfigError, ModelSpec, RunConfig
 
-_DATA_SUFFIXES = (".json", ".jsonl", ".parquet")  # what the dataset stage reads from a local folder
 # Files one of which a folder holds when transformers can load a tokenizer from it.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tekken.json")
 
@@ -99,7 +98,7 @@ def check_config(cfg: RunConfig) -> None:
         if other != spec.name:
             raise ConfigError(f"{field}.path: the same model and tokenizer as {other!r}, under another name")
 
-    from fusechat_core.data.build import LOADERS  # with every loader registered
+    from fusechat_core.data.build import LOADERS, DataError, _local_files  # with every loader registered
     from fusechat_core.data.presets import sources_of
 
     preset = len(sources_of(cfg.data)) - len(cfg.data.sources)
@@ -113,17 +112,11 @@ def check_config(cfg: RunConfig) -> None:
             raise ConfigError(f"{field}.name: duplicate source name {src.label!r} "
                               f"(also {labels[src.label]}); give each source its own name")
         labels[src.label] = field
-        local = Path(src.path)
-        patterns = [src.data_files] if isinstance(src.data_files, str) else src.data_files
-        if patterns is not None and local.is_file():
-            raise ConfigError(f"{field}.data_files: selects files inside a folder or hub repository, "
-                              f"not in the file {local}")
-        if local.is_dir():
-            for pattern in patterns or []:
-                if not any(p.is_file() for p in local.glob(pattern)):
-                    raise ConfigError(f"{field}.data_files: {pattern!r} matches no file in {local}")
-            if patterns is None and next((f for f in local.rglob("*") if f.suffix in _DATA_SUFFIXES), None) is None:
-                raise ConfigError(f"{field}.path: {local} holds no {', '.join(_DATA_SUFFIXES)} files")
+        if src.local:
+            try:  # the dataset stage's own rule for which files a local source reads
+                _local_files(Path(src.path), src.data_files, src.split)
+            except DataError as exc:
+                raise ConfigError(f"{field}.{getattr(exc, 'field', 'path')}: {exc}") from None
 
     ev = cfg.evaluate
     if problem := http_url_problem(ev.judge_base_url):

@@ -171,6 +171,37 @@ def _copy_is_whole(dest: Path, done: Path, man: Manifest) -> bool:
     return True
 
 
+_DIGESTS: dict[tuple, str] = {}  # stat identity -> sha256, this process
+
+
+def remembered_sha256(path: str | Path) -> str:
+    """A local file's sha256, hashed once while the file is unchanged (its ``_stat_key``):
+    remembered in this process and in the node's cache (``cache_root``), so asking again (every
+    ``status``, every run's start) costs a stat, not a read of gigabytes."""
+    key = _stat_key(Path(path).resolve())
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    note = cache_root() / "file-digests" / hashlib.sha256(key[0].encode()).hexdigest()[:32]
+    try:
+        found = json.loads(note.read_text())
+        if tuple(found["key"]) == key:
+            _DIGESTS[key] = found["sha256"]
+            return found["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = sha256_file(path)
+    _DIGESTS[key] = digest
+    try:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=note.parent, prefix=".new-")
+        with open(fd, "w") as fh:
+            json.dump({"key": list(key), "sha256": digest}, fh)
+        Path(tmp).replace(note)
+    except OSError as exc:  # a read-only cache: hashed again next time, nothing wrong with the digest
+        log.debug("file digest of %s not remembered: %s", path, exc)
+    return digest
+
+
 def verify_local_file(path: str | Path, sha256: str) -> bool:
     """Whether a local file's bytes have this sha256 (remembered while the file is unchanged)."""
     key = _stat_key(path) + (sha256,)

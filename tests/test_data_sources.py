@@ -520,13 +520,16 @@ def test_a_local_source_edited_since_its_dataset_was_built_stops_the_run(tmp_pat
     path.write_text(yaml.safe_dump(raw))
     cfg = load_config(path)
     plan, store = RunPlan(cfg), ArtifactStore(cfg.store)
+    from fusechat_core import store as store_module
+
     reads = []
-    real = build.sha256_file
-    monkeypatch.setattr(build, "sha256_file", lambda p: reads.append(p) or real(p))
+    real = store_module.sha256_file
+    monkeypatch.setattr(store_module, "sha256_file",
+                        lambda p: (reads.append(p) if Path(p).name == "chats.jsonl" else None) or real(p))
     build_dataset_artifact(cfg, store, plan.dataset)
     assert store.manifest(plan.dataset).meta["local_files"]["mine"][0][:2] == ["chats.jsonl", data.stat().st_size]
     assert changed_local_sources(cfg, store, plan.dataset) == [] and len(reads) == 1  # remembered
-    build._DIGESTS.clear()
+    store_module._DIGESTS.clear()
     assert changed_local_sources(cfg, store, plan.dataset) == [] and len(reads) == 1  # from the node's cache
     time.sleep(0.01)
     os.utime(data)  # touched, the same bytes: hashed again, nothing changed

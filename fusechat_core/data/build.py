@@ -45,7 +45,7 @@ from fusechat_core.data.conversation import (
 )
 from fusechat_core.data.presets import sources_of
 from fusechat_core.errors import is_transient
-from fusechat_core.store import ArtifactStore, ArtifactWriter, cache_root, sha256_file
+from fusechat_core.store import ArtifactStore, ArtifactWriter, remembered_sha256
 
 log = logging.getLogger("fusechat.data")
 
@@ -128,25 +128,41 @@ def _split_files(path: Path, split: str) -> list[Path]:
         found = {}
     if split not in found:
         named = f"its files name the splits {', '.join(sorted(found))}" if found else "it holds no files"
-        raise DataError(f"{path}: no files of split {split!r} ({named}); set split, or data_files")
+        raise _field_error("split" if found else "path",
+                           f"{path}: no files of split {split!r} ({named}); set split, or data_files")
     files = [Path(f) for f in found[split]]
+    kept = sorted(f for f in files if f.suffix in _READ and f.name not in _NOT_ROWS)
     unread = [f for f in files if f.suffix not in _READ and f.name != "README.md"]
+    named = ", ".join(str(f.relative_to(path)) for f in unread[:5])
+    if not kept:
+        raise _field_error("path", f"{path}: no {', '.join(_READ)} files of split {split!r}"
+                           + (f" (not read: {named})" if unread else ""))
     if unread:
         log.warning("%s: %d files of split %r not read (only %s files are): %s", path, len(unread), split,
-                    "/".join(_READ), ", ".join(str(f.relative_to(path)) for f in unread[:5]))
-    return sorted(f for f in files if f.suffix in _READ and f.name not in _NOT_ROWS)
+                    "/".join(_READ), named)
+    return kept
+
+
+def _field_error(field: str, message: str) -> DataError:
+    """A DataError that says which field of the source it is about (preflight names it)."""
+    err = DataError(message)
+    err.field = field  # type: ignore[attr-defined]
+    return err
 
 
 def _local_files(path: Path, data_files: str | list[str] | None, split: str = "train") -> list[Path]:
+    """The files a local source reads: the one file, the folder's files of ``split``, or those
+    ``data_files`` matches. The one rule: the dataset stage and preflight both use it."""
     if data_files is None:
         return _split_files(path, split) if path.is_dir() else [path]
     if not path.is_dir():
-        raise DataError(f"{path}: data_files selects files inside a folder or hub repository, not a file")
-    files: list[Path] = []
+        raise _field_error("data_files", f"{path}: data_files selects files inside a folder or hub "
+                                         f"repository, not a file")
+    files = []
     for pattern in [data_files] if isinstance(data_files, str) else data_files:
         matched = sorted(p for p in path.glob(pattern) if p.is_file())
         if not matched:
-            raise DataError(f"{path}: data_files {pattern!r} matches no file")
+            raise _field_error("data_files", f"{path}: data_files {pattern!r} matches no file")
         files += [p for p in matched if p not in files]
     return files
 
@@ -157,10 +173,7 @@ Located = tuple[str, "dict | MalformedRow"]
 
 
 def _iter_local(path: Path, data_files: str | list[str] | None = None, split: str = "train") -> Iterator[Located]:
-    files = _local_files(path, data_files, split)
-    if not files:
-        raise DataError(f"{path}: no .json, .jsonl or .parquet files")
-    for f in files:
+    for f in _local_files(path, data_files, split):
         yield from _iter_file(f)
 
 
@@ -301,45 +314,13 @@ def _iter_source(spec: DataSourceSpec, seed: int) -> Iterator[Located]:
         yield from _iter_hub(spec)
 
 
-# -- what a local source is: its files' bytes ------------------------------------
-
-_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns, ctime_ns) -> sha256, this process
-
-
-def file_sha256(path: Path) -> str:
-    """A local file's sha256, hashed once while the file is unchanged: remembered by its stat
-    identity in this process and in the node's cache (``store.cache_root``), so a plan made
-    again (every ``status``, every task) costs a stat, not a read of gigabytes."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if key in _DIGESTS:
-        return _DIGESTS[key]
-    note = cache_root() / "file-digests" / hashlib.sha256(key[0].encode()).hexdigest()[:32]
-    try:
-        found = json.loads(note.read_text())
-        if tuple(found["key"]) == key:
-            _DIGESTS[key] = found["sha256"]
-            return found["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    digest = sha256_file(path)
-    _DIGESTS[key] = digest
-    try:
-        note.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=note.parent, prefix=".new-")
-        with open(fd, "w") as fh:
-            json.dump({"key": list(key), "sha256": digest}, fh)
-        Path(tmp).replace(note)
-    except OSError as exc:  # a read-only cache: hashed again next time, nothing wrong with the digest
-        log.debug("file digest of %s not remembered: %s", path, exc)
-    return digest
-
+# -- what a local source's files were: their bytes --------------------------------
 
 def local_source_files(spec: DataSourceSpec) -> list[list] | None:
-    """What a local source is, for the dataset's address: each file it reads (its path under
-    the source's, its size, its sha256). A file edited or replaced in place is another
-    dataset, where the path alone kept the old one (and everything after it) as Cached.
-    None for a Hub or demo source, or one whose files cannot be listed (the stage says why)."""
+    """Each file a local source reads (its path under the source's, its size, its sha256), as
+    the dataset records them: the address holds the source's path only, and a run whose files
+    changed since refuses to start (``data.changed_local_sources``). None for a Hub or demo
+    source, or one whose files cannot be listed (the stage says why)."""
     if not spec.local:
         return None
     path = Path(spec.path)
@@ -347,7 +328,7 @@ def local_source_files(spec: DataSourceSpec) -> list[list] | None:
         files = _local_files(path, spec.data_files, spec.split)
     except (DataError, OSError):
         return None
-    return [[str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size, file_sha256(f)]
+    return [[str(f.relative_to(path)) if path.is_dir() else f.name, f.stat().st_size, remembered_sha256(f)]
             for f in files]
 
 
