@@ -404,3 +404,32 @@ def _results_folder(tmp_path: Path, name: str) -> Path:
     folder.mkdir()
     (folder / "results.json").write_text(json.dumps({"model": name}))
     return folder
+
+
+def test_what_the_gpu_step_left_undone_is_made_by_the_grading_step_saying_so(tiny_models, tmp_path, caplog):
+    """The grading step of a run expects the GPU step's answers and measures; one missing (the
+    questions at a moving URL changed in between) is made there rather than failing the run,
+    and a warning says it ran outside the run's GPU limit. Nothing missing: no warning."""
+    import logging
+
+    from fusechat_core.config import EvaluateConfig
+    from fusechat_core.evaluate.stage import evaluate_model, measure_model
+
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    dataset = _dataset(store)
+    ref = {"model": {"path": str(tiny_models["pivot"])}}
+    cfg = EvaluateConfig(mt_bench=False, exact_match_sources=[])
+    said = logging.getLogger("fusechat.evaluate")
+    said.addHandler(caplog.handler)
+    try:
+        res = evaluate_model(store, "evaluate/a", "pivot", ref, cfg, dataset=dataset,
+                             measures_address="heldout_measures/a", expect_measured=True)
+        assert res["heldout_nll"]["all"]["tokens"] > 0 and store.is_complete("heldout_measures/a")
+        assert "made here, outside the run's GPU limit" in caplog.text
+        caplog.clear()
+        measure_model(store, "pivot", ref, cfg, measures_address="heldout_measures/b", dataset=dataset)
+        evaluate_model(store, "evaluate/b", "pivot", ref, cfg, dataset=dataset, measures_address="heldout_measures/b",
+                       expect_measured=True)
+        assert "outside the run's GPU limit" not in caplog.text
+    finally:
+        said.removeHandler(caplog.handler)

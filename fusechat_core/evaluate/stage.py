@@ -49,20 +49,6 @@ def _public_url(url: str) -> str:
 MEASURES_FILE = "measures.json"
 
 
-def gpu_work_left(store: ArtifactStore, cfg: EvaluateConfig, answers_address: str | None,
-                  measures_address: str | None, data: Any = None) -> bool:
-    """Whether an evaluation still needs its model: answers to generate (``data``: the
-    MT-Bench questions, checked against the stored answers; None: a complete answers artifact
-    counts) or held-out measures to take."""
-    if measures_address is not None and not store.is_complete(measures_address):
-        return True
-    if not cfg.mt_bench or answers_address is None:
-        return False
-    if data is None:
-        return not store.is_complete(answers_address)
-    return not _answers_current(store, answers_address, data)
-
-
 def measure_model(store: ArtifactStore, name: str, model_ref: dict[str, Any], cfg: EvaluateConfig, *,
                   answers_address: str | None = None, measures_address: str | None = None,
                   dataset: str | None = None, data: MTBenchData | None = None,
@@ -163,14 +149,15 @@ def evaluate_model(store: ArtifactStore, address: str, name: str, model_ref: dic
     if dataset is not None and (cfg.heldout_nll or cfg.exact_match_sources) and not measures_address:
         raise EvaluationError(f"model {name!r}: held-out measures are on but no measures address was given")
     data = load_mt_bench(cfg.mt_bench_data) if cfg.mt_bench else None
-    if expect_measured and gpu_work_left(store, cfg, answers_address, measures_address, data):
+    loaded = measure_model(store, name, model_ref, cfg, answers_address=answers_address,
+                           measures_address=measures_address, dataset=dataset, data=data, progress=say,
+                           on_count=on_count)
+    if loaded and expect_measured:
         # the questions at a moving location (FastChat's main branch) changed since the GPU step
         # found its answers stored: answered again here, rather than a run that cannot finish
-        log.warning("evaluate[%s]: answers or held-out measures the GPU step should have made are missing or "
+        log.warning("evaluate[%s]: answers or held-out measures the GPU step should have made were missing or "
                     "out of date (%s, %s): made here, outside the run's GPU limit", name, answers_address or "-",
                     measures_address or "-")
-    measure_model(store, name, model_ref, cfg, answers_address=answers_address, measures_address=measures_address,
-                  dataset=dataset, data=data, progress=say, on_count=on_count)
     results: dict[str, Any] = {"model": name, "model_ref": model_ref}
     if measures_address is not None:
         results.update(store.read_json(measures_address, MEASURES_FILE))
