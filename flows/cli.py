@@ -180,18 +180,17 @@ def status_rows(cfg: RunConfig, verify: bool = False, *, elsewhere: bool = False
     rows = [_status_row(store, plan, node, verify) for node in plan.nodes()]
     from fusechat_core.data import changed_local_sources
 
-    for row in rows:
-        if row["stage"] == "dataset" and row["state"] == "done" and \
-                (changed := changed_local_sources(cfg, store, plan.dataset)):
-            row.update(state="stale", reason=changed[0])
+    dataset = next(r for r in rows if r["stage"] == "dataset")
+    if dataset["state"] == "done" and (changed := changed_local_sources(cfg, store, plan.dataset)):
+        dataset.update(state="stale", reason=changed[0])
     if elsewhere and cfg.train.mixed_precision == "auto":
         from fusechat_core.models import resolve_mixed_precision
 
         other = "no" if resolve_mixed_precision("auto") == "bf16" else "bf16"
         alt = RunPlan(cfg.model_copy(update={"train": cfg.train.model_copy(update={"mixed_precision": other})}))
-        elsewhere = {n.label: n for n in alt.nodes()}
+        there = {n.label: n for n in alt.nodes()}
         for i, row in enumerate(rows):
-            node = elsewhere.get(row["stage"])
+            node = there.get(row["stage"])
             if row["state"] == "missing" and node is not None and node.address != row["address"]:
                 found = _status_row(store, alt, node, verify)
                 if found["state"] == "done":

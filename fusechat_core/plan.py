@@ -345,8 +345,9 @@ class RunPlan:
         section = {
             "method": method,
             "parameters": method_parameters(m, method),
-            # VaRM's alone (the stage passes it to no other method): the default stands in for
-            # the others, so changing it moves only VaRM's merge, and no address that was
+            # VaRM's alone (the stage passes it to no other method). The default stands in for
+            # the others, so changing it moves only VaRM's merge, and the others' addresses stay
+            # what they were when every method carried it
             "granularity": m.granularity if method == "varm" else "matrix",
             "dtype": m.dtype,
             "mergekit_yaml": m.mergekit_yaml if method == m.method else None,

@@ -132,6 +132,12 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _verified_record(man: Manifest, ids: dict[str, tuple]) -> str:
+    """What a verified marker holds (an artifact's ``.verified.json``, a fetched copy's
+    ``.complete``): the manifest's digest and each file's identity when it matched."""
+    return json.dumps({"digest": man.digest, "files": {k: list(v) for k, v in sorted(ids.items())}})
+
+
 @contextlib.contextmanager
 def _node_lock(dest: Path) -> Iterator[None]:
     """One process of this node at a time copies (or checks) the fetch-cache folder ``dest``."""
@@ -162,9 +168,10 @@ def _copy_is_whole(dest: Path, done: Path, man: Manifest) -> bool:
         path = dest / e.path
         if not path.is_file():
             return False
-        if seen.get(e.path) == list(_stat_key(path)[1:]):
+        key = _stat_key(path)
+        if seen.get(e.path) == list(key[1:]):
             with _VERIFIED_LOCK:
-                _VERIFIED_READS.add(_stat_key(path) + (e.sha256,))
+                _VERIFIED_READS.add(key + (e.sha256,))
             continue
         if not verify_local_file(path, e.sha256):
             return False
@@ -443,7 +450,7 @@ class ArtifactStore:
     def _mark_verified(self, address: str, man: Manifest, ids: dict[str, tuple]) -> None:
         """Record that these files, with these identities, matched the manifest (best effort:
         a store we may not write to just re-hashes next time)."""
-        text = json.dumps({"digest": man.digest, "files": {k: list(v) for k, v in sorted(ids.items())}})
+        text = _verified_record(man, ids)
         path = self._path(address, VERIFIED)
         with contextlib.suppress(Exception):
             if self.scheme == "file":
@@ -611,8 +618,7 @@ class ArtifactStore:
                     _VERIFIED_READS.add(_stat_key(target) + (entry.sha256,))
         # the manifest and each file's stat identity as verified: another process of the node
         # (a training's other ranks) trusts a file unchanged since, instead of hashing GBs again
-        done.write_text(json.dumps({"digest": man.digest,
-                                    "files": {e.path: list(_stat_key(dest / e.path)[1:]) for e in man.files}}))
+        done.write_text(_verified_record(man, {e.path: _stat_key(dest / e.path)[1:] for e in man.files}))
         return dest
 
     def fetched_path(self, address: str, man: Manifest | None = None) -> Path:
