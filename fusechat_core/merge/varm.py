@@ -87,38 +87,47 @@ def varm_merge(
 _CHUNK = 1 << 22
 
 
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 at least: float64 stays, narrower floats are widened."""
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _wide_slices(base: torch.Tensor, tensors: list[torch.Tensor]
+                 ) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
+    """(start, the pivot's slice, each target's slice) over the flattened tensors, in float32
+    at least (float64 stays): a bfloat16 slice is widened into a buffer of its own, so a Δ
+    formed from them keeps what bfloat16 arithmetic would round away. Slices, not whole
+    copies: a merge costs what a linear merge costs."""
+    work = _work_dtype(base)
+    flat = [base.reshape(-1), *(t.reshape(-1) for t in tensors)]
+    n = min(_CHUNK, flat[0].numel())
+    bufs = [None if x.dtype == work else torch.empty(n, dtype=work, device=x.device) for x in flat]
+    for lo in range(0, flat[0].numel(), _CHUNK):
+        parts = [x[lo:lo + _CHUNK] if buf is None else buf[:min(_CHUNK, x.numel() - lo)].copy_(x[lo:lo + _CHUNK])
+                 for x, buf in zip(flat, bufs)]
+        yield lo, parts[0], parts[1:]
+
+
 def _combine(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """θ_pivot + Σ_j W_j·Δ_j, as the formula says it: an entry no target changed is the
     pivot's, bit for bit, and the update is added to it, not rebuilt from Σ_j W_j·θ_j (which
     moved 3% of a float32 matrix's untouched entries by an ulp). Computed in float32 at least
-    (float64 stays): bfloat16 targets are widened before the subtraction, where bfloat16
-    arithmetic lost updates of the size fine-tuning makes; the sum is rounded once to the
-    inputs' precision. Δ is formed a slice at a time: merging costs what a linear merge costs.
+    (``_wide_slices``); the sum is rounded once to the inputs' precision.
     """
-    used = [(t.reshape(-1), w) for t, w in zip(tensors, weights) if w != 0.0]
+    used = [(t, w) for t, w in zip(tensors, weights) if w != 0.0]
     if not used:
         return base
-    work = base.dtype if base.dtype in (torch.float32, torch.float64) else torch.float32
+    work = _work_dtype(base)
     merged = torch.empty(base.shape, dtype=work, device=base.device)
-    b, out = base.reshape(-1), merged.view(-1)
-    n = min(_CHUNK, b.numel())
-    d = torch.empty(n, dtype=work, device=base.device)
-    # narrow inputs are widened a slice at a time into buffers of their own
-    b_wide = torch.empty(n, dtype=work, device=base.device) if b.dtype != work else None
-    t_wide = torch.empty(n, dtype=work, device=base.device) if any(t.dtype != work for t, _ in used) else None
-    for lo in range(0, b.numel(), _CHUNK):
-        b_c, o_c = b[lo:lo + _CHUNK], out[lo:lo + _CHUNK]
-        if b_wide is not None:
-            b_c = b_wide[:b_c.numel()].copy_(b_c)
-        for j, (t, w) in enumerate(used):
-            t_c = t[lo:lo + _CHUNK]
-            if t_c.dtype != work:
-                t_c = t_wide[:t_c.numel()].copy_(t_c)
+    out = merged.view(-1)
+    d = torch.empty(min(_CHUNK, out.numel()), dtype=work, device=base.device)
+    for lo, b_c, t_cs in _wide_slices(base, [t for t, _ in used]):
+        o_c = out[lo:lo + _CHUNK]
+        for j, (t_c, (_, w)) in enumerate(zip(t_cs, used)):
             if j == 0:  # θ_p + W·(θ_j − θ_p) in one pass; exactly θ_p where θ_j = θ_p
                 torch.lerp(b_c, t_c, w, out=o_c)
             else:
-                dc = torch.sub(t_c, b_c, out=d[:t_c.numel()])
-                o_c.add_(dc, alpha=w)
+                o_c.add_(torch.sub(t_c, b_c, out=d[:t_c.numel()]), alpha=w)
     # in the inputs' precision again (rounded once, from the wide sum): mergekit casts only to
     # out_dtype, and a user's YAML loading bfloat16 wrote float32 tensors beside bf16 ones
     return merged if merged.dtype == base.dtype else merged.to(base.dtype)
@@ -126,25 +135,17 @@ def _combine(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[floa
 
 def _sum_sq_deltas(base: torch.Tensor, tensors: list[torch.Tensor]) -> list[float]:
     """[Σ (θ_j − θ_pivot)² for each j], in one sweep over the pivot: each slice of the pivot
-    is read once for all targets. Each Δ is formed in float32 at least (bfloat16 inputs are
-    widened first) and slices are summed in float64 (fine-tuning deltas are small and a
-    matrix can hold ~1e9 elements; one float32 sum would lose digits)."""
-    b = base.reshape(-1)
-    flat = [t.reshape(-1) for t in tensors]
-    work = torch.float32 if b.dtype not in (torch.float32, torch.float64) else b.dtype
-    buf = torch.empty(min(_CHUNK, b.numel()), dtype=work, device=b.device)
+    is read once for all targets. Each Δ is formed in float32 at least (``_wide_slices``) and
+    slices are summed in float64 (fine-tuning deltas are small and a matrix can hold ~1e9
+    elements; one float32 sum would lose digits)."""
+    work = _work_dtype(base)
+    buf = torch.empty(min(_CHUNK, base.numel()), dtype=work, device=base.device)
     # accumulated on the tensors' device: one host sync per matrix, not per slice
-    totals = torch.zeros(len(flat), dtype=torch.float64, device=b.device)
-    for lo in range(0, b.numel(), _CHUNK):
-        b_c = b[lo:lo + _CHUNK]
+    totals = torch.zeros(len(tensors), dtype=torch.float64, device=base.device)
+    for _, b_c, t_cs in _wide_slices(base, tensors):
         d = buf[:b_c.numel()]
-        for j, t in enumerate(flat):
-            t_c = t[lo:lo + _CHUNK]
-            if t_c.dtype == b_c.dtype == work:
-                torch.sub(t_c, b_c, out=d)
-            else:  # widened first: bfloat16 arithmetic would round the difference
-                d.copy_(t_c)
-                d.sub_(b_c)
+        for j, t_c in enumerate(t_cs):
+            torch.sub(t_c, b_c, out=d)
             totals[j] += torch.dot(d, d).double()
     return totals.tolist()
 
