@@ -176,6 +176,13 @@ def _shared_judge(url: str, model: str, concurrency: int) -> _SharedJudge:
         return judge
 
 
+def api_key(env: str) -> str:
+    """The judge's key from environment variable ``env`` ("" when unset). A secret mounted with
+    its trailing newline is the same key: sent as is, httpx refused it as an illegal header,
+    it was retried as a network error, and a debug log showed it."""
+    return (os.environ.get(env) or "").strip()
+
+
 def missing_key(cfg: Any) -> str | None:
     """Why grading under evaluate section ``cfg`` would fail at its first request: OpenAI's
     API with no key in the environment variable the config names (a local judge may need
@@ -189,7 +196,7 @@ def missing_key(cfg: Any) -> str | None:
     except ValueError:
         return None
     openai = host == "openai.com" or host.endswith(".openai.com")
-    if not openai or (os.environ.get(cfg.judge_api_key_env) or "").strip():
+    if not openai or api_key(cfg.judge_api_key_env):
         return None
     return (f"evaluate.judge_api_key_env: {cfg.judge_api_key_env} is not set in this process's environment, and "
             f"{host} answers a request without a key with 401 (set it where the run runs: a worker's "
@@ -212,9 +219,7 @@ class JudgeClient:
         self._say = progress or log.info
         self._deadline: float | None = None
         self.url = settings.base_url.rstrip("/") + "/chat/completions"
-        # a secret stored with its trailing newline is the same key; sent as is, it was refused
-        # by httpx as an illegal header, retried as a network error, and shown in a debug log
-        key = (os.environ.get(settings.api_key_env) or "").strip() if settings.api_key_env else None
+        key = api_key(settings.api_key_env) if settings.api_key_env else None
         if settings.api_key_env and not key:
             # A local server often needs no key; OpenAI will answer 401, reported as such.
             log.warning("judge: environment variable %s is not set; sending no API key", settings.api_key_env)
